@@ -1,0 +1,133 @@
+"""Anatomical frames and sampling grids, in LPS physical space (mm).
+
+A *grid* is (origin, direction, spacing, size) exactly as in ITK: the physical point of index
+(i, j, k) is ``origin + direction @ (spacing * (i, j, k))``; ``direction`` columns are the unit
+vectors of the i, j, k axes in LPS. Numpy arrays on a grid are indexed (k, j, i).
+
+The *selection frame* used for sagittal slices has
+  i (array W, columns) : anterior -> posterior  (LPS +y)
+  j (array H, rows)    : superior -> inferior   (LPS -z)
+  k (array C, slices)  : right -> left          (LPS +x)
+so a slice shows the patient's profile facing left with the head up, whatever the acquisition
+(PSR, RAS, LPI storage; supine, prone or decubitus: DICOM patient coordinates follow the patient).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+# Columns: the i, j, k axes of the sagittal selection frame in LPS.
+SAGITTAL_FRAME = np.array(
+    [[0.0, 0.0, 1.0],
+     [1.0, 0.0, 0.0],
+     [0.0, -1.0, 0.0]]
+)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A regular sampling grid in LPS mm. size and spacing are in (i, j, k) order."""
+
+    origin: tuple[float, float, float]
+    direction: tuple[tuple[float, float, float], ...]  # 3x3, row-major, columns = axes
+    spacing: tuple[float, float, float]
+    size: tuple[int, int, int]
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=float)
+
+    def index_to_physical(self, ijk: np.ndarray) -> np.ndarray:
+        """(..., 3) continuous indices (i, j, k) -> (..., 3) LPS points in mm."""
+        m = self.direction_matrix * np.asarray(self.spacing)[None, :]
+        return np.asarray(ijk, dtype=float) @ m.T + np.asarray(self.origin)
+
+    def physical_to_index(self, xyz: np.ndarray) -> np.ndarray:
+        """(..., 3) LPS points in mm -> (..., 3) continuous indices (i, j, k)."""
+        m = self.direction_matrix * np.asarray(self.spacing)[None, :]
+        return (np.asarray(xyz, dtype=float) - np.asarray(self.origin)) @ np.linalg.inv(m).T
+
+    def reference_image(self, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
+        img = sitk.Image([int(s) for s in self.size], pixel_type)
+        apply_grid(img, self)
+        return img
+
+    def to_dict(self) -> dict:
+        return {"origin": list(self.origin), "direction": [list(r) for r in self.direction],
+                "spacing": list(self.spacing), "size": list(self.size)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Grid":
+        return cls(origin=tuple(map(float, d["origin"])),
+                   direction=tuple(tuple(map(float, r)) for r in d["direction"]),
+                   spacing=tuple(map(float, d["spacing"])), size=tuple(map(int, d["size"])))
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Grid":
+        """The grid of a 3D SimpleITK image."""
+        d = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+        return cls(origin=tuple(map(float, image.GetOrigin())),
+                   direction=tuple(tuple(map(float, r)) for r in d),
+                   spacing=tuple(map(float, image.GetSpacing())), size=tuple(map(int, image.GetSize())))
+
+
+def apply_grid(image: sitk.Image, grid: Grid) -> sitk.Image:
+    """Set origin / spacing / direction of ``image`` (in place) from ``grid``; returns it."""
+    image.SetOrigin([float(v) for v in grid.origin])
+    image.SetSpacing([float(v) for v in grid.spacing])
+    image.SetDirection([float(v) for v in grid.direction_matrix.ravel()])
+    return image
+
+
+def image_from_array(array: np.ndarray, grid: Grid) -> sitk.Image:
+    """A SimpleITK image from a (k, j, i) array on ``grid``."""
+    array = np.asarray(array)
+    if tuple(array.shape[::-1]) != tuple(grid.size):
+        raise ValueError(f"array shape {array.shape} (k, j, i) does not match grid size {grid.size} (i, j, k)")
+    return apply_grid(sitk.GetImageFromArray(array), grid)
+
+
+def voxel_center(image: sitk.Image) -> np.ndarray:
+    """Physical centre (LPS mm) of the box spanned by the voxel centres."""
+    size = np.asarray(image.GetSize(), dtype=float)
+    return np.asarray(image.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2).tolist()))
+
+
+def corners(image: sitk.Image) -> np.ndarray:
+    """(8, 3) LPS points of the outer voxel *edges* (half a voxel beyond the corner centres)."""
+    size = np.asarray(image.GetSize(), dtype=float)
+    pts = [np.asarray(image.TransformContinuousIndexToPhysicalPoint((np.array(c) * size - 0.5).tolist()))
+           for c in itertools.product((0, 1), repeat=3)]
+    return np.asarray(pts)
+
+
+def snap_frame(direction: np.ndarray, target: np.ndarray = SAGITTAL_FRAME) -> np.ndarray:
+    """The image's own axes, permuted and sign-flipped to be as close as possible to ``target``.
+
+    ``direction`` and ``target`` are 3x3 with axes as columns (LPS). For a non-oblique image the
+    result equals ``target`` exactly; for an oblique one it keeps the acquisition's obliquity, so
+    slices stay parallel to the acquired planes. Returns a 3x3 matrix with axes as columns.
+    """
+    direction = np.asarray(direction, dtype=float).reshape(3, 3)
+    dots = direction.T @ target  # [image axis a, target axis b]
+    best = max(itertools.permutations(range(3)), key=lambda p: sum(abs(dots[p[b], b]) for b in range(3)))
+    cols = []
+    for b in range(3):
+        a = best[b]
+        col = direction[:, a] * np.sign(dots[a, b] or 1.0)
+        cols.append(col)
+    frame = np.stack(cols, axis=1)
+    # Exact target when the image axes are the anatomical axes up to rounding (avoid 1e-7 noise).
+    if np.abs(frame - target).max() < 1e-6:
+        return target.copy()
+    return frame
+
+
+def obliquity_deg(direction: np.ndarray) -> float:
+    """Largest angle (degrees) between an image axis and its nearest LPS axis."""
+    d = np.abs(np.asarray(direction, dtype=float).reshape(3, 3))
+    return float(np.degrees(np.arccos(np.clip(d.max(axis=0).min(), -1, 1))))

@@ -1,0 +1,67 @@
+"""`rheumai slices`: write the task input of one study as NIfTI/NRRD with geometry + PNG montage."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from .atomic import atomic_path, write_json
+from .io import read_study
+from .montage import save_montage
+from .slices import SliceParams, select_slices
+
+
+def add_slice_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that selects slices."""
+    g = p.add_argument_group("slice selection (defaults: the paper's)")
+    g.add_argument("--n-slices", type=int, default=None, help="sagittal slices / channels (6)")
+    g.add_argument("--spacing", type=float, default=None, help="isotropic step in mm (1.0)")
+    g.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="in-plane size (512 512)")
+    g.add_argument("--center-lps", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="slab centre in LPS mm (default: volume centre)")
+    g.add_argument("--lr-mm", type=float, default=None,
+                   help="left-right centre only, as LPS x in mm (Slicer shows RAS: R = -x)")
+    g.add_argument("--frame", choices=["acquisition", "patient"], default=None)
+    g.add_argument("--norm", choices=["percentile", "zscore", "minmax", "none"], default=None)
+
+
+def params_from_args(args: argparse.Namespace, base: SliceParams | None = None) -> SliceParams:
+    d = (base or SliceParams()).to_dict()
+    for key, attr in (("n_slices", "n_slices"), ("spacing_mm", "spacing"), ("size", "size"),
+                      ("center_lps", "center_lps"), ("lr_mm", "lr_mm"), ("frame", "frame"), ("norm", "norm")):
+        v = getattr(args, attr, None)
+        if v is not None:
+            d[key] = v
+    return SliceParams.from_dict(d)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("slices", help="select the task input slices of one study",
+                       description="Write the selected slices as a volume with geometry, a JSON of the "
+                                   "grid and provenance, and a PNG montage.")
+    p.add_argument("study", help="NIfTI/NRRD/MHA file or DICOM folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--series-uid", default=None, help="SeriesInstanceUID when the folder holds several")
+    p.add_argument("--format", choices=["nii.gz", "nrrd"], default="nii.gz")
+    add_slice_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    study = read_study(args.study, series_uid=args.series_uid)
+    sel = select_slices(study, params_from_args(args))
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    vol = out / f"slices.{args.format}"
+    with atomic_path(vol) as tmp:
+        sitk.WriteImage(sel.grid_image(), str(tmp), useCompression=True)
+    sel.save(out / "slices")
+    write_json(out / "selection.json", {"grid": sel.grid.to_dict(), "source_grid": sel.source_grid.to_dict(),
+                                        "provenance": sel.provenance})
+    save_montage(out / "montage.png", sel.array,
+                 suptitle=f"{Path(args.study).name}: {sel.params.n_slices} sagittal slices, "
+                          f"{sel.params.spacing_mm} mm, right -> left")
+    print(f"wrote {vol}, {out / 'slices.npy'}, {out / 'montage.png'}")
+    return 0
