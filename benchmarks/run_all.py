@@ -51,7 +51,11 @@ def main() -> int:
             continue
         print(f"== {name} ==")
         rows = mod.run(quick=args.quick)
-        mod.print_rows(rows)
+        if hasattr(mod, "print_rows"):
+            mod.print_rows(rows)
+        else:
+            for r in rows:
+                print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
         print()
     return 0
 
