@@ -14,7 +14,12 @@ from .errors import RheumAIError
 
 # Sub-command modules, in help order.
 COMMAND_MODULES = [
+    "rheumai.demo",
     "rheumai.slices_cli",
+    "rheumai.dataset.cli",
+    "rheumai.train_cli",
+    "rheumai.predict_cli",
+    "rheumai.synth.cli",
 ]
 
 

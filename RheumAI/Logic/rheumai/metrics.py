@@ -72,7 +72,7 @@ def choose_threshold(y: Any, p: Any, rule: str | ThresholdRule) -> float:
     y, p = _check(y, p)
     if y.min() == y.max():
         raise ValueError(f"rule {r}: needs both classes in the labels")
-    fpr, tpr, thr = roc_curve(y, p)
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)  # every distinct score is a candidate
     if r.kind == "youden":
         idx = int(np.argmax(tpr - fpr))  # ties: the first, i.e. the highest threshold
     else:
@@ -119,6 +119,8 @@ def auc_ci(y: Any, p: Any, method: str = "delong", alpha: float = 0.05, n_boot: 
     auc = float(roc_auc_score(y, p))
     if method == "delong":
         _, var = delong_auc_variance(y, p)
+        if var == 0.0:
+            method = "delong (zero variance: the classes do not overlap)"
         z = stats.norm.ppf(1 - alpha / 2)
         lo, hi = auc - z * np.sqrt(var), auc + z * np.sqrt(var)
     elif method == "bootstrap":

@@ -1,0 +1,147 @@
+"""Classify a DICOM MR series from its header tags: slice orientation, sequence weighting, region.
+
+Orientation uses ImageOrientationPatient (IOP), six direction cosines in DICOM LPS patient space
+(row direction, then column direction). The slice normal is row x column; its dominant LPS axis
+gives the plane: L-R (x) -> sagittal, P-A (y) -> coronal, S-I (z) -> axial. A normal more than
+``oblique_deg`` degrees away from every axis is "oblique".
+
+The sequence guess is a documented heuristic (no library classifies MR weightings from tags):
+description keywords first (SeriesDescription, ProtocolName, SequenceName), then the timing tags
+(EchoTime / RepetitionTime / InversionTime in ms, ScanningSequence, ScanOptions). When the two
+disagree the series keeps the keyword guess and a problem is recorded.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+ORIENTATIONS = ("sagittal", "coronal", "axial", "oblique", "unknown")
+SEQUENCES = ("T1", "T2", "PD", "STIR", "FLAIR", "unknown")
+REGIONS = ("cervical", "thoracic", "lumbar", "brain", "hand", "unknown")
+
+
+def slice_normal(iop: Sequence[float]) -> tuple[float, float, float]:
+    """Unit normal (LPS) of a slice from its six IOP direction cosines."""
+    r = [float(v) for v in iop[:3]]
+    c = [float(v) for v in iop[3:6]]
+    n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    norm = math.sqrt(sum(v * v for v in n))
+    if norm < 1e-6:
+        raise ValueError(f"degenerate ImageOrientationPatient {list(iop)}")
+    return (n[0] / norm, n[1] / norm, n[2] / norm)
+
+
+def orientation_class(iop: Sequence[float] | None, oblique_deg: float = 30.0) -> str:
+    """'sagittal' | 'coronal' | 'axial' | 'oblique' from IOP; 'unknown' if IOP is absent/bad.
+
+    ``oblique_deg``: largest angle (degrees) between the slice normal and the nearest LPS axis
+    still counted as that axis's plane. 30 degrees admits the usual tilted spine acquisitions.
+    """
+    if iop is None or len(iop) != 6:
+        return "unknown"
+    try:
+        n = slice_normal(iop)
+    except (ValueError, TypeError):
+        return "unknown"
+    axis = max(range(3), key=lambda i: abs(n[i]))
+    if abs(n[axis]) < math.cos(math.radians(oblique_deg)):
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+# Keyword patterns, tested in this order on the lower-cased description text. The look-arounds
+# keep "t2" from matching inside "st2x" while accepting "t2_tse", "t2w", "sag-t2".
+_KEYWORDS: list[tuple[str, re.Pattern[str]]] = [
+    ("STIR", re.compile(r"(?<![a-z0-9])(stir|tirm|t2[ _-]?stir)(?![a-z])")),
+    ("FLAIR", re.compile(r"(?<![a-z0-9])(flair|dark[ _-]?fluid)")),
+    ("T2", re.compile(r"(?<![a-z0-9])t2(?![0-9])")),
+    ("T1", re.compile(r"(?<![a-z0-9])t1(?![0-9])|mprage|spgr|vibe")),
+    ("PD", re.compile(r"(?<![a-z0-9])pd(?![a-z0-9])|proton[ _-]?density")),
+]
+_FAT_SUPPRESSED = re.compile(r"(?<![a-z0-9])(fs|fatsat|fat[ _-]sat|spair|spir|dixon|stir|tirm|water)(?![a-z])")
+
+
+def _num(v: object) -> float | None:
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def sequence_from_tags(te: float | None, tr: float | None, ti: float | None, scanning_sequence: str) -> str:
+    """Weighting from timing (ms). Thresholds are the textbook 1.5/3 T spin-echo ranges."""
+    if "IR" in scanning_sequence.upper().split("\\") and ti is not None:
+        if ti < 300:
+            return "STIR"
+        if ti > 1500 and te is not None and te > 60:
+            return "FLAIR"
+    if te is None or tr is None:
+        return "unknown"
+    if tr < 1000 and te < 30:
+        return "T1"
+    if tr >= 1500 and te >= 60:
+        return "T2"
+    if tr >= 1500 and te < 40:
+        return "PD"
+    return "unknown"
+
+
+def guess_sequence(
+    description: str,
+    te: object = None,
+    tr: object = None,
+    ti: object = None,
+    scanning_sequence: str = "",
+    scan_options: str = "",
+) -> tuple[str, bool, str, list[str]]:
+    """Guess the weighting of a series.
+
+    Returns ``(sequence, fat_suppressed, source, problems)``: ``sequence`` in :data:`SEQUENCES`;
+    ``source`` is "description", "tags" or "none"; ``problems`` lists disagreements.
+    """
+    text = description.lower()
+    te_f, tr_f, ti_f = _num(te), _num(tr), _num(ti)
+    by_tags = sequence_from_tags(te_f, tr_f, ti_f, scanning_sequence or "")
+    by_words = next((name for name, pat in _KEYWORDS if pat.search(text)), "unknown")
+    options = (scan_options or "").upper().replace("\\", " ").split()
+    fat_sup = bool(_FAT_SUPPRESSED.search(text)) or "FS" in options or "SFS" in options
+    problems: list[str] = []
+    if by_words != "unknown":
+        seq, source = by_words, "description"
+        if by_tags not in ("unknown", by_words) and not (by_words == "STIR" and by_tags == "T2"):
+            problems.append(
+                f"description suggests {by_words} but TE {te_f} ms / TR {tr_f} ms suggest {by_tags}"
+            )
+    elif by_tags != "unknown":
+        seq, source = by_tags, "tags"
+    else:
+        seq, source = "unknown", "none"
+    if seq == "STIR":
+        fat_sup = True
+    return seq, fat_sup, source, problems
+
+
+_REGION_WORDS: list[tuple[str, re.Pattern[str]]] = [
+    ("cervical", re.compile(r"cervical|c[ _-]?spine|cspine|(?<![a-z])cwk(?![a-z])|(?<![a-z])hwk(?![a-z])|neck|(?<![a-z])hals|(?<![a-z])c[ _-]?wk")),
+    ("thoracic", re.compile(r"thoracic|t[ _-]?spine|tspine|(?<![a-z])twk(?![a-z])|(?<![a-z])bwk(?![a-z])")),
+    ("lumbar", re.compile(r"lumbar|l[ _-]?spine|lspine|(?<![a-z])lwk(?![a-z])")),
+    ("brain", re.compile(r"brain|head|(?<![a-z])cerebr|hersenen|(?<![a-z])schedel")),
+    ("hand", re.compile(r"(?<![a-z])hand|wrist|(?<![a-z])pols")),
+]
+
+
+def guess_region(body_part: str, *descriptions: str) -> str:
+    """Anatomical region from BodyPartExamined, then the study / series descriptions.
+
+    Keywords include the Dutch/German spine abbreviations (CWK/HWK cervical, BWK/TWK thoracic,
+    LWK lumbar) common in Dutch hospital exports.
+    """
+    for text in (body_part, *descriptions):
+        t = (text or "").lower()
+        for name, pat in _REGION_WORDS:
+            if pat.search(t):
+                return name
+    return "unknown"

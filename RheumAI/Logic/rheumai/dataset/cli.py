@@ -1,0 +1,86 @@
+"""`rheumai dataset index | build` sub-commands (registered by rheumai.cli)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("dataset", help="build a training dataset from a DICOM export and a label sheet",
+                              description="Index a DICOM export, then build a dataset (cohort, flow, split, cache, manifest).")
+    sub = p.add_subparsers(dest="dataset_command", metavar="STEP")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    pi = sub.add_parser("index", help="index DICOM headers under a folder (incremental)")
+    pi.add_argument("root", type=Path, help="archive folder (any nesting, any file names)")
+    pi.add_argument("--out", type=Path, required=True, help="index file (SQLite), created or updated")
+    pi.add_argument("--oblique-deg", type=float, default=30.0,
+                    help="max angle (deg) between slice normal and an axis still called sagittal/coronal/axial")
+    pi.add_argument("--unreadable-csv", type=Path, help="write every unreadable file with its reason here")
+    pi.set_defaults(func=_index)
+
+    pb = sub.add_parser("build", help="labels -> cohort -> flow report -> split -> cache -> manifest")
+    pb.add_argument("--index", type=Path, required=True, help="index from `rheumai dataset index`")
+    pb.add_argument("--labels", type=Path, required=True, help="label sheet CSV (see rheumai.dataset.labels)")
+    pb.add_argument("--out", type=Path, required=True, help="output folder")
+    g = pb.add_argument_group("cohort rules")
+    g.add_argument("--min-followup-days", type=int, default=1000)
+    g.add_argument("--intermediate", choices=("exclude", "negative", "positive"), default="exclude")
+    g.add_argument("--keep-baseline-deformity", action="store_true", help="do not exclude deformity at baseline")
+    g.add_argument("--min-slices", type=int, default=8, help="fewest slices for the baseline series")
+    g.add_argument("--date-tolerance-days", type=int, default=0, help="baseline study date tolerance (days)")
+    g.add_argument("--allow-fat-suppressed", action="store_true")
+    g.add_argument("--regions", nargs="+", default=["cervical"], help="accepted regions (unknown is accepted too)")
+    s = pb.add_argument_group("split")
+    s.add_argument("--split", type=float, default=0.6, help="train fraction, rest is test (default 0.6)")
+    s.add_argument("--val", type=float, default=0.0, help="fraction of train moved to val")
+    s.add_argument("--kfold", type=int, default=0, help="k folds over the train part")
+    s.add_argument("--test-site", action="append", default=[], help="external-site split: test site (repeatable)")
+    s.add_argument("--seed", type=int, default=0)
+    c = pb.add_argument_group("task input (SliceParams)")
+    c.add_argument("--slices", type=int, default=6)
+    c.add_argument("--spacing", type=float, default=1.0, help="mm")
+    c.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
+    c.add_argument("--workers", type=int, default=1, help="processes computing the cache")
+    c.add_argument("--flow-only", action="store_true", help="validate, report the flow and split; no cache/manifest")
+    pb.set_defaults(func=_build)
+
+
+def _index(args: argparse.Namespace) -> int:
+    from ..atomic import write_text
+    from .index import index_archive
+
+    summary = index_archive(args.root, args.out, oblique_deg=args.oblique_deg)
+    print(summary.text())
+    if args.unreadable_csv:
+        from .build import _csv_text
+
+        write_text(args.unreadable_csv, _csv_text(["path", "reason"], [list(r) for r in summary.unreadable]))
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from ..slices import SliceParams
+    from .build import build_dataset
+    from .cohort import CohortRules
+    from .split import SplitConfig
+
+    try:
+        rules = CohortRules(min_followup_days=args.min_followup_days, intermediate=args.intermediate,
+                            exclude_baseline_deformity=not args.keep_baseline_deformity, min_slices=args.min_slices,
+                            baseline_date_tolerance_days=args.date_tolerance_days,
+                            allow_fat_suppressed=args.allow_fat_suppressed, regions=tuple(args.regions))
+        split = SplitConfig(train_fraction=args.split, val_fraction=args.val, kfold=args.kfold,
+                            test_sites=tuple(args.test_site), seed=args.seed)
+        params = SliceParams(n_slices=args.slices, spacing_mm=args.spacing, size=tuple(args.size))
+    except ValueError as exc:
+        print(f"rheumai dataset build: error: {exc}")
+        return 2
+    res = build_dataset(args.index, args.labels, args.out, rules, split, params, workers=args.workers,
+                        compute_cache=not args.flow_only)
+    print(res.paths["txt"].read_text(), end="")
+    if res.cache is not None:
+        print(f"\ncache: {len(res.cache.computed)} computed, {len(res.cache.reused)} reused, {len(res.cache.failed)} failed")
+        print(f"manifest: {res.manifest} ({res.n_included} patients)")
+    return 0

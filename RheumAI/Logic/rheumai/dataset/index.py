@@ -1,0 +1,422 @@
+"""Index a hospital DICOM export: headers only, grouped into patient / study / series.
+
+Storage is one SQLite file (standard library, transactional, fine at 100k+ rows): table
+``files`` holds one row per file seen (path, size, mtime, status, header fields), and the tables
+``series`` / ``studies`` are rebuilt from it after every run. Re-running on a grown or changed
+archive reads only files whose (size, mtime) differ from the stored row; files that vanished are
+dropped. Reading commits every ``COMMIT_EVERY`` files, so an interrupted run resumes where it
+stopped. Unreadable files are recorded with the reason (status "unreadable" / "not_image"), never
+fatal.
+
+Positions are DICOM LPS millimetres; dates are ISO ``YYYY-MM-DD`` strings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pandas as pd
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from ..errors import InputError
+from .classify import guess_region, guess_sequence, orientation_class, slice_normal
+
+SCHEMA_VERSION = 1
+COMMIT_EVERY = 500
+
+# Header tags read from each file (pydicom keywords). Pixel data is never read.
+TAGS = [
+    "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "StudyDate",
+    "SeriesDate", "AcquisitionDate", "StudyDescription", "SeriesDescription", "ProtocolName",
+    "SeriesNumber", "Modality", "BodyPartExamined", "InstitutionName", "ScanningSequence",
+    "SequenceVariant", "ScanOptions", "SequenceName", "EchoTime", "RepetitionTime",
+    "InversionTime", "ImageOrientationPatient", "ImagePositionPatient", "InstanceNumber", "Rows",
+    "Columns", "PixelSpacing", "SliceThickness", "NumberOfFrames",
+]
+
+_FILE_COLUMNS = [
+    ("path", "TEXT PRIMARY KEY"), ("size", "INTEGER"), ("mtime_ns", "INTEGER"), ("status", "TEXT"),
+    ("error", "TEXT"), ("patient_id", "TEXT"), ("study_uid", "TEXT"), ("series_uid", "TEXT"),
+    ("sop_uid", "TEXT"), ("study_date", "TEXT"), ("study_description", "TEXT"),
+    ("series_description", "TEXT"), ("protocol_name", "TEXT"), ("series_number", "INTEGER"),
+    ("modality", "TEXT"), ("body_part", "TEXT"), ("institution", "TEXT"),
+    ("scanning_sequence", "TEXT"), ("sequence_variant", "TEXT"), ("scan_options", "TEXT"),
+    ("sequence_name", "TEXT"), ("echo_time", "REAL"), ("repetition_time", "REAL"),
+    ("inversion_time", "REAL"), ("iop", "TEXT"), ("ipp", "TEXT"), ("instance_number", "INTEGER"),
+    ("rows", "INTEGER"), ("cols", "INTEGER"), ("pixel_spacing", "TEXT"), ("slice_thickness", "REAL"),
+    ("n_frames", "INTEGER"),
+]
+FILE_FIELDS = [c for c, _ in _FILE_COLUMNS]
+
+SERIES_COLUMNS = [
+    "series_uid", "patient_id", "study_uid", "study_date", "series_number", "description",
+    "modality", "orientation", "sequence", "fat_suppressed", "sequence_source", "region",
+    "n_files", "n_slices", "rows", "cols", "folder", "n_folders", "institution", "problems",
+    "severe",
+]
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class IndexSummary:
+    """What one indexing run did (counts of files) and what the index now holds."""
+
+    index_path: str
+    root: str
+    files_seen: int = 0
+    files_read: int = 0
+    files_unchanged: int = 0
+    files_removed: int = 0
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this root
+    n_patients: int = 0
+    n_studies: int = 0
+    n_series: int = 0
+
+    def text(self, max_unreadable: int = 20) -> str:
+        lines = [
+            f"index {self.index_path} (root {self.root})",
+            f"  files: {self.files_seen} seen, {self.files_read} read, {self.files_unchanged} unchanged, "
+            f"{self.files_removed} removed, {len(self.unreadable)} unreadable or not images",
+            f"  holds {self.n_patients} patients, {self.n_studies} studies, {self.n_series} series",
+        ]
+        for p, why in self.unreadable[:max_unreadable]:
+            lines.append(f"  unreadable: {p}: {why}")
+        if len(self.unreadable) > max_unreadable:
+            lines.append(f"  ... and {len(self.unreadable) - max_unreadable} more unreadable files")
+        return "\n".join(lines)
+
+
+def _connect(index_path: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(str(index_path))
+    con.execute("PRAGMA journal_mode=WAL")
+    cols = ", ".join(f"{c} {t}" for c, t in _FILE_COLUMNS)
+    con.execute(f"CREATE TABLE IF NOT EXISTS files ({cols})")
+    con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+    row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    if row is None:
+        con.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    elif int(row[0]) != SCHEMA_VERSION:
+        con.close()
+        raise InputError(index_path, f"index schema version {row[0]}, this rheumai reads {SCHEMA_VERSION}; re-index into a new file")
+    con.commit()
+    return con
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """All regular files under root (sorted; hidden entries skipped; symlinked folders are not
+    followed, so a link loop cannot hang the walk)."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def _str(ds: pydicom.Dataset, key: str) -> str | None:
+    v = ds.get(key)
+    if v is None or v == "":
+        return None
+    if isinstance(v, pydicom.multival.MultiValue):
+        return "\\".join(str(x) for x in v)
+    return str(v).strip()
+
+
+def _float(ds: pydicom.Dataset, key: str) -> float | None:
+    v = ds.get(key)
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _int(ds: pydicom.Dataset, key: str) -> int | None:
+    f = _float(ds, key)
+    return None if f is None else int(f)
+
+
+def _date(ds: pydicom.Dataset, *keys: str) -> str | None:
+    for key in keys:
+        v = _str(ds, key)
+        if v and len(v) >= 8 and v[:8].isdigit():
+            return f"{v[:4]}-{v[4:6]}-{v[6:8]}"
+    return None
+
+
+def _vec(ds: pydicom.Dataset, key: str, n: int) -> str | None:
+    v = ds.get(key)
+    try:
+        vals = [float(x) for x in v]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    return json.dumps(vals) if len(vals) == n else None
+
+
+def read_header(path: Path) -> dict:
+    """One ``files`` row for ``path`` (status "ok", "unreadable" or "not_image")."""
+    st = path.stat()
+    row: dict = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=TAGS)
+    except InvalidDicomError:
+        try:  # some exports omit the 128-byte preamble; accept them only if they hold an image header
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=TAGS, force=True)
+            if "SeriesInstanceUID" not in ds or "SOPInstanceUID" not in ds:
+                return {**row, "status": "unreadable", "error": "not a DICOM file"}
+        except Exception as exc:  # noqa: BLE001 - any parse failure means "not DICOM"
+            return {**row, "status": "unreadable", "error": f"not a DICOM file ({type(exc).__name__})"}
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt files must not stop the walk
+        return {**row, "status": "unreadable", "error": f"{type(exc).__name__}: {exc}"[:300]}
+    try:
+        if not _str(ds, "SeriesInstanceUID") or not _str(ds, "SOPInstanceUID"):
+            return {**row, "status": "not_image", "error": "no SeriesInstanceUID/SOPInstanceUID in the header (truncated file, DICOMDIR or non-image object)"}
+        row.update(
+            status="ok", error=None, patient_id=_str(ds, "PatientID") or "",
+            study_uid=_str(ds, "StudyInstanceUID") or "", series_uid=_str(ds, "SeriesInstanceUID"),
+            sop_uid=_str(ds, "SOPInstanceUID"),
+            study_date=_date(ds, "StudyDate", "SeriesDate", "AcquisitionDate"),
+            study_description=_str(ds, "StudyDescription") or "",
+            series_description=_str(ds, "SeriesDescription") or "",
+            protocol_name=_str(ds, "ProtocolName") or "", series_number=_int(ds, "SeriesNumber"),
+            modality=_str(ds, "Modality") or "", body_part=_str(ds, "BodyPartExamined") or "",
+            institution=_str(ds, "InstitutionName") or "",
+            scanning_sequence=_str(ds, "ScanningSequence") or "",
+            sequence_variant=_str(ds, "SequenceVariant") or "",
+            scan_options=_str(ds, "ScanOptions") or "", sequence_name=_str(ds, "SequenceName") or "",
+            echo_time=_float(ds, "EchoTime"), repetition_time=_float(ds, "RepetitionTime"),
+            inversion_time=_float(ds, "InversionTime"), iop=_vec(ds, "ImageOrientationPatient", 6),
+            ipp=_vec(ds, "ImagePositionPatient", 3), instance_number=_int(ds, "InstanceNumber"),
+            rows=_int(ds, "Rows"), cols=_int(ds, "Columns"), pixel_spacing=_vec(ds, "PixelSpacing", 2),
+            slice_thickness=_float(ds, "SliceThickness"), n_frames=_int(ds, "NumberOfFrames"),
+        )
+    except Exception as exc:  # noqa: BLE001 - a malformed value in one header is that file's problem
+        return {**row, "status": "unreadable", "error": f"bad header value: {type(exc).__name__}: {exc}"[:300]}
+    return row
+
+
+def index_archive(
+    root: str | Path,
+    index_path: str | Path,
+    progress: ProgressFn | None = None,
+    oblique_deg: float = 30.0,
+) -> IndexSummary:
+    """Index (or update the index of) the DICOM files under ``root`` into ``index_path``.
+
+    Only new or changed files (by size and modification time) are read. One index may hold
+    several roots; files that vanished from under ``root`` are removed from it.
+    ``progress(stage, done, total)`` replaces the tqdm bar when given (for GUIs).
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise InputError(root, "archive root is not a folder")
+    index_path = Path(index_path)
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    con = _connect(index_path)
+    summary = IndexSummary(index_path=str(index_path), root=str(root))
+    try:
+        known = {
+            p: (s, m)
+            for p, s, m in con.execute(
+                "SELECT path, size, mtime_ns FROM files WHERE path >= ? AND path < ?",
+                (str(root) + os.sep, str(root) + chr(ord(os.sep) + 1)),
+            )
+        }
+        todo: list[Path] = []
+        seen: set[str] = set()
+        for p in _walk(root):
+            try:
+                st = p.stat()
+            except OSError as exc:
+                summary.unreadable.append((str(p), f"cannot stat: {exc}"))
+                continue
+            key = str(p)
+            seen.add(key)
+            if known.get(key) == (st.st_size, st.st_mtime_ns):
+                summary.files_unchanged += 1
+            else:
+                todo.append(p)
+        summary.files_seen = len(seen)
+        gone = [p for p in known if p not in seen]
+        con.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in gone])
+        summary.files_removed = len(gone)
+        con.commit()
+
+        sql = f"INSERT OR REPLACE INTO files ({', '.join(FILE_FIELDS)}) VALUES ({', '.join('?' * len(FILE_FIELDS))})"
+        bar = None
+        if progress is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc="reading DICOM headers", unit="file", disable=not todo)
+        batch: list[tuple] = []
+        for i, p in enumerate(todo, 1):
+            try:
+                row = read_header(p)
+            except OSError as exc:  # vanished between walk and read
+                row = {"path": str(p), "size": -1, "mtime_ns": -1, "status": "unreadable", "error": str(exc)}
+            batch.append(tuple(row.get(c) for c in FILE_FIELDS))
+            if len(batch) >= COMMIT_EVERY:
+                con.executemany(sql, batch)
+                con.commit()
+                batch.clear()
+            if bar is not None:
+                bar.update(1)
+            else:
+                progress("reading DICOM headers", i, len(todo))
+        con.executemany(sql, batch)
+        con.commit()
+        if bar is not None:
+            bar.close()
+        summary.files_read = len(todo)
+        summary.unreadable += [
+            (p, e or "")
+            for p, e in con.execute(
+                "SELECT path, error FROM files WHERE status != 'ok' AND path >= ? AND path < ? ORDER BY path",
+                (str(root) + os.sep, str(root) + chr(ord(os.sep) + 1)),
+            )
+        ]
+        _rebuild_series(con, oblique_deg)
+        summary.n_patients, summary.n_studies, summary.n_series = con.execute(
+            "SELECT COUNT(DISTINCT patient_id), COUNT(DISTINCT study_uid), COUNT(*) FROM series"
+        ).fetchone()
+    finally:
+        con.close()
+    return summary
+
+
+def _series_row(g: pd.DataFrame, oblique_deg: float) -> dict:
+    """Aggregate the ``files`` rows of one series into one ``series`` row."""
+    problems: list[str] = []
+    severe = False
+    first = g.iloc[0]
+
+    def one(col: str, what: str, is_severe: bool = False) -> object:
+        nonlocal severe
+        vals = g[col].dropna()
+        counts = Counter(vals)
+        if len(counts) > 1:
+            problems.append(f"{len(counts)} different {what} in one series")
+            severe = severe or is_severe
+        return counts.most_common(1)[0][0] if counts else None
+
+    patient = one("patient_id", "patient IDs", True)
+    study = one("study_uid", "study UIDs", True)
+    date = one("study_date", "study dates")
+    if date is None:
+        problems.append("no study date")
+    iop_txt = one("iop", "orientations", True)
+    rows = one("rows", "row counts", True)
+    cols = one("cols", "column counts", True)
+    orientation = orientation_class(json.loads(iop_txt) if iop_txt else None, oblique_deg)
+
+    n_slices = 0
+    n_frames = int(g["n_frames"].fillna(1).max())
+    ipps = [json.loads(v) for v in g["ipp"].dropna()]
+    if iop_txt is None or len(ipps) < len(g):
+        problems.append("missing ImageOrientationPatient/ImagePositionPatient")
+        severe = True
+        n_slices = len(g)
+    else:
+        n = slice_normal(json.loads(iop_txt))
+        dist = sorted({round(sum(a * b for a, b in zip(n, p)), 3) for p in ipps})
+        n_slices = len(dist)
+        if n_slices < len(g):
+            problems.append(f"{len(g) - n_slices} files repeat a slice position (multi-echo or duplicates)")
+            severe = True
+        if n_slices >= 3:
+            gaps = [b - a for a, b in zip(dist, dist[1:])]
+            med = sorted(gaps)[len(gaps) // 2]
+            if med > 0 and max(gaps) > 1.5 * med:
+                problems.append(f"uneven slice spacing (largest gap {max(gaps):.2f} mm, median {med:.2f} mm): missing slices?")
+    if n_frames > 1:
+        problems.append(f"multi-frame file ({n_frames} frames)")
+    if n_slices < 3 and n_frames <= 1:
+        problems.append(f"only {n_slices} slice(s)")
+    desc = str(first["series_description"] or first["protocol_name"] or "")
+    seq, fat, source, seq_problems = guess_sequence(
+        " ".join(str(x) for x in (first["series_description"], first["protocol_name"], first["sequence_name"]) if x),
+        first["echo_time"], first["repetition_time"], first["inversion_time"],
+        first["scanning_sequence"] or "", first["scan_options"] or "",
+    )
+    problems += seq_problems
+    folders = sorted({os.path.dirname(p) for p in g["path"]})
+    if len(folders) > 1:
+        problems.append(f"files spread over {len(folders)} folders")
+    region = guess_region(str(first["body_part"] or ""), str(first["study_description"] or ""), desc)
+    return {
+        "series_uid": first["series_uid"], "patient_id": patient, "study_uid": study,
+        "study_date": date, "series_number": None if pd.isna(first["series_number"]) else int(first["series_number"]),
+        "description": desc, "modality": first["modality"], "orientation": orientation,
+        "sequence": seq, "fat_suppressed": int(fat), "sequence_source": source, "region": region,
+        "n_files": len(g), "n_slices": n_slices, "rows": rows, "cols": cols, "folder": folders[0],
+        "n_folders": len(folders), "institution": first["institution"],
+        "problems": json.dumps(problems), "severe": int(severe),
+    }
+
+
+def _rebuild_series(con: sqlite3.Connection, oblique_deg: float) -> None:
+    files = pd.read_sql_query("SELECT * FROM files WHERE status = 'ok' ORDER BY path", con)
+    rows = [_series_row(g, oblique_deg) for _, g in files.groupby("series_uid", sort=True)]
+    series = pd.DataFrame(rows, columns=SERIES_COLUMNS)
+    con.execute("DROP TABLE IF EXISTS series")
+    con.execute("DROP TABLE IF EXISTS studies")
+    series.to_sql("series", con, index=False)
+    con.execute(
+        "CREATE TABLE studies AS SELECT study_uid, patient_id, MIN(study_date) AS study_date, "
+        "COUNT(*) AS n_series FROM series GROUP BY study_uid, patient_id ORDER BY patient_id, study_uid"
+    )
+    con.execute("CREATE INDEX IF NOT EXISTS files_series ON files(series_uid)")
+    con.commit()
+
+
+@dataclass
+class ArchiveIndex:
+    """Read-only view of an index: ``series`` and ``files`` as pandas frames (sorted)."""
+
+    path: str
+    series: pd.DataFrame
+
+    @classmethod
+    def open(cls, index_path: str | Path) -> "ArchiveIndex":
+        index_path = Path(index_path)
+        if not index_path.is_file():
+            raise InputError(index_path, "index file not found (run `rheumai dataset index` first)")
+        try:
+            con = sqlite3.connect(f"file:{index_path}?mode=ro", uri=True)
+            try:
+                series = pd.read_sql_query("SELECT * FROM series ORDER BY patient_id, study_uid, series_uid", con)
+            finally:
+                con.close()
+        except (sqlite3.Error, pd.errors.DatabaseError) as exc:
+            raise InputError(index_path, f"not a rheumai dataset index ({exc})") from exc
+        series["problems"] = series["problems"].map(json.loads)
+        return cls(path=str(index_path), series=series)
+
+    @property
+    def patients(self) -> set[str]:
+        return set(self.series["patient_id"].astype(str))
+
+    def series_files(self, series_uid: str) -> list[str]:
+        """Paths of the readable files of one series, sorted."""
+        con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        try:
+            return [r[0] for r in con.execute(
+                "SELECT path FROM files WHERE series_uid = ? AND status = 'ok' ORDER BY path", (series_uid,)
+            )]
+        finally:
+            con.close()
+
+    def unreadable(self) -> list[tuple[str, str]]:
+        con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        try:
+            return [(p, e or "") for p, e in con.execute("SELECT path, error FROM files WHERE status != 'ok' ORDER BY path")]
+        finally:
+            con.close()

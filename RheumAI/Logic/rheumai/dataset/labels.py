@@ -1,0 +1,202 @@
+"""Label sheet: read and validate strictly, naming every bad row.
+
+CSV (comma, semicolon or tab separated; UTF-8, Excel's BOM accepted), one row per patient:
+
+=====================  ========================================================================
+patient_id             required; must be a patient of the index
+baseline_date          YYYY-MM-DD, the date of the baseline MRI study  } at least one of the two
+baseline_study_uid     StudyInstanceUID of the baseline study          } per row
+followup_date          YYYY-MM-DD, required, after the baseline
+outcome                yes | no | intermediate (deformity at follow-up), required
+baseline_deformity     yes | no, optional (blank = not recorded)
+site                   optional (used by the external-site split)
+anything else          clinical variables, copied verbatim into the manifest
+=====================  ========================================================================
+
+Rows are numbered as a spreadsheet shows them (header = row 1). Values are compared after
+stripping spaces; yes/no/intermediate are case-insensitive.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+from .index import ArchiveIndex
+
+OUTCOMES = ("yes", "no", "intermediate")
+YES_NO = ("yes", "no")
+RESERVED = ("patient_id", "baseline_date", "baseline_study_uid", "followup_date", "outcome",
+            "baseline_deformity", "site")
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One valid label row. Dates are ``datetime.date``; ``baseline_date`` may be None when the
+    row names the baseline by ``baseline_study_uid`` (the date then comes from the index)."""
+
+    row: int
+    patient_id: str
+    baseline_date: dt.date | None
+    baseline_study_uid: str | None
+    followup_date: dt.date
+    outcome: str
+    baseline_deformity: str | None
+    site: str
+    clinical: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LabelSheet:
+    path: str
+    sha256: str
+    rows: list[LabelRow]
+    clinical_columns: list[str]
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    row: int
+    patient_id: str
+    problem: str
+
+    def __str__(self) -> str:
+        who = f" (patient {self.patient_id})" if self.patient_id else ""
+        return f"row {self.row}{who}: {self.problem}"
+
+
+class LabelSheetError(InputError):
+    """The label sheet has bad rows; ``problems`` lists every one."""
+
+    def __init__(self, path: str | Path, problems: list[RowProblem]):
+        self.problems = problems
+        lines = "\n  ".join(str(p) for p in problems)
+        super().__init__(path, f"{len(problems)} problem(s) in the label sheet:\n  {lines}")
+
+
+def _parse_date(text: str) -> dt.date:
+    """ISO date; raises ValueError with a readable reason (wrong format / no such day)."""
+    try:
+        d = dt.datetime.strptime(text, "%Y-%m-%d").date()
+    except ValueError:
+        if len(text) == 10 and text[4] == "-" and text[7] == "-" and text.replace("-", "").isdigit():
+            raise ValueError(f"impossible date '{text}' (no such day)") from None
+        raise ValueError(f"'{text}' is not a date in YYYY-MM-DD form") from None
+    if d.year < 1900:
+        raise ValueError(f"impossible date '{text}' (before 1900)")
+    return d
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(path, "label sheet not found") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(path, f"label sheet is not UTF-8 text ({exc})") from None
+    if not text.strip():
+        raise InputError(path, "label sheet is empty")
+    first = text.splitlines()[0]
+    # csv.Sniffer guesses badly on short files; the header line decides between the 3 usual separators.
+    delim = max((",", ";", "\t"), key=first.count)
+    rows = list(csv.reader(text.splitlines(), delimiter=delim))
+    header = [h.strip() for h in rows[0]]
+    return header, rows[1:]
+
+
+def read_labels(path: str | Path, index: ArchiveIndex | None = None) -> tuple[LabelSheet, list[RowProblem]]:
+    """Parse and validate a label sheet. Returns the valid rows and every problem found.
+
+    With ``index``, patients and baseline study UIDs are checked against it. Bad rows are left
+    out of ``LabelSheet.rows`` and described in the problem list; see :func:`load_labels`.
+    """
+    path = Path(path)
+    header, body = _read_csv(path)
+    if len(set(header)) != len(header):
+        dup = sorted({h for h in header if header.count(h) > 1})
+        raise InputError(path, f"duplicate column(s) in the header: {', '.join(dup)}")
+    missing = [c for c in ("patient_id", "followup_date", "outcome") if c not in header]
+    if "baseline_date" not in header and "baseline_study_uid" not in header:
+        missing.append("baseline_date or baseline_study_uid")
+    if missing:
+        raise InputError(path, f"missing column(s): {', '.join(missing)}; header is: {', '.join(header)}")
+    clinical = [h for h in header if h not in RESERVED]
+    known_patients = index.patients if index is not None else None
+    studies_of: dict[str, set[str]] = {}
+    if index is not None:
+        for p, s in zip(index.series["patient_id"], index.series["study_uid"]):
+            studies_of.setdefault(str(p), set()).add(str(s))
+
+    problems: list[RowProblem] = []
+    good: list[LabelRow] = []
+    first_row: dict[str, int] = {}
+    for n, raw in enumerate(body, start=2):
+        if not any(v.strip() for v in raw):
+            continue  # blank line (Excel often leaves some at the end)
+        if len(raw) != len(header):
+            problems.append(RowProblem(n, raw[0].strip() if raw else "", f"has {len(raw)} fields, the header has {len(header)}"))
+            continue
+        v = {h: x.strip() for h, x in zip(header, raw)}
+        pid = v["patient_id"]
+        errs: list[str] = []
+        if not pid:
+            errs.append("missing patient_id")
+        elif pid in first_row:
+            errs.append(f"duplicate patient_id (first on row {first_row[pid]})")
+        else:
+            first_row[pid] = n
+            if known_patients is not None and pid not in known_patients:
+                errs.append("unknown patient (not in the index)")
+        dates: dict[str, dt.date | None] = {}
+        for col in ("baseline_date", "followup_date"):
+            text = v.get(col, "")
+            dates[col] = None
+            if not text:
+                if col == "followup_date":
+                    errs.append("missing followup_date")
+                continue
+            try:
+                dates[col] = _parse_date(text)
+            except ValueError as exc:
+                errs.append(f"{col}: {exc}")
+        uid = v.get("baseline_study_uid", "") or None
+        if dates["baseline_date"] is None and uid is None and not v.get("baseline_date"):
+            errs.append("missing baseline (neither baseline_date nor baseline_study_uid)")
+        if uid is not None and pid and known_patients is not None and pid in known_patients \
+                and uid not in studies_of.get(pid, set()):
+            errs.append(f"baseline_study_uid {uid} is not a study of this patient in the index")
+        b, f = dates["baseline_date"], dates["followup_date"]
+        if b is not None and f is not None and f <= b:
+            errs.append(f"impossible dates: followup_date {f} is not after baseline_date {b}")
+        outcome = v["outcome"].lower()
+        if not outcome:
+            errs.append("missing outcome")
+        elif outcome not in OUTCOMES:
+            errs.append(f"outcome '{v['outcome']}' is not one of {', '.join(OUTCOMES)}")
+        deform = v.get("baseline_deformity", "").lower() or None
+        if deform is not None and deform not in YES_NO:
+            errs.append(f"baseline_deformity '{v['baseline_deformity']}' is not yes, no or blank")
+        if errs:
+            problems += [RowProblem(n, pid, e) for e in errs]
+            continue
+        good.append(LabelRow(
+            row=n, patient_id=pid, baseline_date=b, baseline_study_uid=uid, followup_date=f,  # type: ignore[arg-type]
+            outcome=outcome, baseline_deformity=deform, site=v.get("site", ""),
+            clinical={c: v[c] for c in clinical},
+        ))
+    if not good and not problems:
+        raise InputError(path, "label sheet has a header but no rows")
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    return LabelSheet(path=str(path), sha256=sha, rows=good, clinical_columns=clinical), problems
+
+
+def load_labels(path: str | Path, index: ArchiveIndex | None = None) -> LabelSheet:
+    """Like :func:`read_labels` but strict: any bad row raises :class:`LabelSheetError` listing all."""
+    sheet, problems = read_labels(path, index)
+    if problems:
+        raise LabelSheetError(path, problems)
+    return sheet

@@ -1,0 +1,263 @@
+"""Human-readable evaluation report: Markdown + HTML + CSV + PNG plots (ROC, confusion, calibration).
+
+The report is built as a list of blocks (heading, paragraph, table, image) rendered to both
+Markdown and HTML, so the two never disagree. Every threshold metric is derived from the
+confusion counts (``metrics.metrics_from_counts``); ``counts_report`` does the same for a
+published confusion matrix and lists where the publication disagrees with its own counts.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .atomic import atomic_path, write_text
+from .metrics import COUNT_METRICS, compare_with_reported, metrics_from_counts
+
+LABELS = {"sensitivity": "Sensitivity (recall)", "specificity": "Specificity", "ppv": "PPV (precision)",
+          "npv": "NPV", "accuracy": "Accuracy", "f1": "F1"}
+Block = tuple[str, Any]
+
+
+def _fmt(v: float, nd: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+def metrics_table(report: dict[str, Any]) -> pd.DataFrame:
+    """One row per metric: value, CI, numerator / denominator (for metrics.csv and the report)."""
+    rows = []
+    if "auc" in report:
+        a = report["auc"]
+        rows.append({"metric": "auc", "value": a["value"], "ci_low": a["lo"], "ci_high": a["hi"],
+                     "numerator": None, "denominator": None, "ci_method": a["method"]})
+    for name in COUNT_METRICS:
+        m = report["metrics"][name]
+        rows.append({"metric": name, "value": m["value"], "ci_low": m["lo"], "ci_high": m["hi"],
+                     "numerator": m["k"], "denominator": m["n"],
+                     "ci_method": "bootstrap (percentile)" if name == "f1" else "Wilson"})
+    if "calibration" in report:
+        rows.append({"metric": "brier", "value": report["calibration"]["brier"], "ci_low": None, "ci_high": None,
+                     "numerator": None, "denominator": None, "ci_method": ""})
+    return pd.DataFrame(rows)
+
+
+def _metric_rows(report: dict[str, Any]) -> list[list[str]]:
+    ci = int(round(100 * (1 - report.get("alpha", 0.05))))
+    rows = []
+    if "auc" in report:
+        a = report["auc"]
+        rows.append(["ROC AUC", _fmt(a["value"]), f"{_fmt(a['lo'])} – {_fmt(a['hi'])}", "", a["method"]])
+    for name in COUNT_METRICS:
+        m = report["metrics"][name]
+        rows.append([LABELS[name], _fmt(m["value"]), f"{_fmt(m['lo'])} – {_fmt(m['hi'])}", f"{m['k']}/{m['n']}",
+                     "bootstrap" if name == "f1" else "Wilson"])
+    return [["Metric", "Value", f"{ci}% CI", "Counts", "CI method"]] + rows
+
+
+def _confusion_rows(c: dict[str, int]) -> list[list[str]]:
+    return [["", "Predicted positive", "Predicted negative", "Total"],
+            ["**Actual positive**", f"TP {c['tp']}", f"FN {c['fn']}", str(c["tp"] + c["fn"])],
+            ["**Actual negative**", f"FP {c['fp']}", f"TN {c['tn']}", str(c["fp"] + c["tn"])],
+            ["**Total**", str(c["tp"] + c["fp"]), str(c["fn"] + c["tn"]), str(sum(c.values()))]]
+
+
+# ---------------------------------------------------------------- rendering
+
+def render_markdown(blocks: Sequence[Block]) -> str:
+    out: list[str] = []
+    for kind, content in blocks:
+        if kind == "h1":
+            out.append(f"# {content}\n")
+        elif kind == "h2":
+            out.append(f"## {content}\n")
+        elif kind == "p":
+            out.append(f"{content}\n")
+        elif kind == "list":
+            out.append("\n".join(f"- {x}" for x in content) + "\n")
+        elif kind == "table":
+            head, *body = content
+            out.append("| " + " | ".join(head) + " |\n|" + "|".join("---" for _ in head) + "|\n"
+                       + "\n".join("| " + " | ".join(r) + " |" for r in body) + "\n")
+        elif kind == "img":
+            out.append(f"![{content[1]}]({content[0]})\n")
+    return "\n".join(out)
+
+
+def render_html(blocks: Sequence[Block], title: str) -> str:
+    def inline(s: str) -> str:
+        s = html.escape(str(s))
+        parts = s.split("**")
+        return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+    body: list[str] = []
+    for kind, content in blocks:
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{inline(content)}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{inline(content)}</p>")
+        elif kind == "list":
+            body.append("<ul>" + "".join(f"<li>{inline(x)}</li>" for x in content) + "</ul>")
+        elif kind == "table":
+            head, *rows = content
+            body.append("<table><tr>" + "".join(f"<th>{inline(h)}</th>" for h in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                        + "</table>")
+        elif kind == "img":
+            body.append(f'<figure><img src="{html.escape(content[0])}" alt="{html.escape(content[1])}" width="480">'
+                        f"<figcaption>{inline(content[1])}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto;line-height:1.4}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;text-align:left}"
+             "th{background:#eee}figure{display:inline-block;margin:0 1em 1em 0}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+# ---------------------------------------------------------------- plots
+
+def _save_fig(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_roc(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot([0, 1], [0, 1], ls="--", c="0.6", lw=1)
+    if report.get("roc"):
+        a = report["auc"]
+        ax.plot(report["roc"]["fpr"], report["roc"]["tpr"], lw=2,
+                label=f"AUC {a['value']:.3f} ({a['lo']:.2f}–{a['hi']:.2f}, {a['method']})")
+    m = report["metrics"]
+    ax.plot(1 - m["specificity"]["value"], m["sensitivity"]["value"], "o", c="C3", ms=8,
+            label=f"threshold {report['threshold']:.3f}")
+    ax.set(xlabel="1 − specificity (false-positive rate)", ylabel="Sensitivity (true-positive rate)",
+           xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), title=f"ROC (n={report['n']}, {report['n_positive']} positive)")
+    ax.legend(loc="lower right", fontsize=8)
+    return _save_fig(fig, path)
+
+
+def plot_confusion(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    c = report["counts"]
+    cm = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ConfusionMatrixDisplay(cm, display_labels=["negative", "positive"]).plot(ax=ax, cmap="Blues", colorbar=False)
+    ax.set_title(f"Confusion matrix at threshold {report['threshold']:.3f}")
+    return _save_fig(fig, path)
+
+
+def plot_calibration(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cal = report["calibration"]
+    fig, (ax, hx) = plt.subplots(2, 1, figsize=(4.6, 5.2), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    ax.plot([0, 1], [0, 1], ls="--", c="0.6", lw=1, label="perfect calibration")
+    ax.plot(cal["prob_pred"], cal["prob_true"], "o-", label=f"model (Brier {cal['brier']:.3f})")
+    ax.set(ylabel="Observed fraction positive", ylim=(-0.02, 1.02), title="Reliability curve")
+    ax.legend(loc="upper left", fontsize=8)
+    edges = np.linspace(0, 1, len(cal["bin_counts"]) + 1)
+    hx.bar(edges[:-1], cal["bin_counts"], width=np.diff(edges), align="edge", color="0.6", edgecolor="k")
+    hx.set(xlabel="Predicted probability", ylabel="Cases", xlim=(0, 1))
+    return _save_fig(fig, path)
+
+
+# ---------------------------------------------------------------- reports
+
+def write_evaluation_report(out_dir: str | Path, report: dict[str, Any], context: dict[str, Any]) -> dict[str, Path]:
+    """Write report.md, report.html, metrics.csv and the three PNGs into ``out_dir``.
+
+    ``context``: {"title", "model_id", "split", "threshold_source", "card" (model card),
+    "warnings" (list of str)}. Returns the written paths by name.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"roc": plot_roc(report, out / "roc.png"), "confusion": plot_confusion(report, out / "confusion_matrix.png"),
+             "calibration": plot_calibration(report, out / "calibration.png")}
+    table = metrics_table(report)
+    paths["metrics_csv"] = write_text(out / "metrics.csv", table.to_csv(index=False))
+    card = context.get("card", {})
+    arch = card.get("architecture", {})
+    td = card.get("training_data", {})
+    title = context.get("title", "RheumAI evaluation")
+    blocks: list[Block] = [
+        ("h1", title),
+        ("p", f"Model **{context.get('model_id', card.get('model_id', '?'))}** "
+              f"(ResNet-{arch.get('depth', '?')}, {arch.get('in_channels', '?')} channels, input "
+              f"{'x'.join(str(s) for s in arch.get('input_size', []))}), split **{context.get('split', '?')}**: "
+              f"{report['n']} patients, {report['n_positive']} positive, {report['n_negative']} negative."),
+        ("p", f"Operating threshold **{report['threshold']:.4f}** (probability; positive when ≥ threshold): "
+              f"{context.get('threshold_source', '')}."),
+    ]
+    if context.get("warnings"):
+        blocks += [("h2", "Warnings"), ("list", context["warnings"])]
+    blocks += [("h2", "Discrimination and operating point"), ("table", _metric_rows(report)),
+               ("p", "Every threshold metric is computed from the confusion counts below (scikit-learn); "
+                     "proportions carry Wilson intervals, F1 a percentile bootstrap interval, the AUC a "
+                     f"{report['auc']['method']} interval."),
+               ("h2", "Confusion matrix"), ("table", _confusion_rows(report["counts"])),
+               ("h2", "Calibration"),
+               ("p", f"Brier score {report['calibration']['brier']:.4f} (0 is perfect; always predicting the "
+                     f"prevalence {report['n_positive'] / max(report['n'], 1):.3f} scores "
+                     f"{_prevalence_brier(report):.4f})."),
+               ("table", [["Mean predicted", "Observed positive fraction"]]
+                + [[_fmt(a), _fmt(b)] for a, b in zip(report["calibration"]["prob_pred"], report["calibration"]["prob_true"])]),
+               ("h2", "Plots"), ("img", ("roc.png", "ROC curve")), ("img", ("confusion_matrix.png", "Confusion matrix")),
+               ("img", ("calibration.png", "Reliability curve"))]
+    if td:
+        blocks += [("h2", "Training data (counts)"), ("list", [f"{k}: {v}" for k, v in td.items()])]
+    if card.get("software"):
+        blocks += [("h2", "Software"), ("list", [f"{k} {v}" for k, v in card["software"].items()])]
+    blocks.append(("p", "Files: predictions.csv (one row per patient), metrics.csv, metrics.json, roc.png, "
+                        "confusion_matrix.png, calibration.png."))
+    paths["markdown"] = write_text(out / "report.md", render_markdown(blocks))
+    paths["html"] = write_text(out / "report.html", render_html(blocks, title))
+    return paths
+
+
+def _prevalence_brier(report: dict[str, Any]) -> float:
+    prev = report["n_positive"] / max(report["n"], 1)
+    return prev * (1 - prev)
+
+
+def counts_report(counts: dict[str, int], reported: dict[str, float] | None = None,
+                  stated_positives: int | None = None, alpha: float = 0.05, title: str = "Confusion-matrix check",
+                  out_dir: str | Path | None = None, tol: float = 0.005) -> dict[str, Any]:
+    """Metrics derived from a confusion matrix alone (e.g. a paper's), compared with what the
+    paper reports. Returns {"metrics", "discrepancies", "markdown"}; writes ``counts_report.md``
+    and ``counts_metrics.csv`` into ``out_dir`` if given."""
+    derived = metrics_from_counts(counts["tp"], counts["fn"], counts["fp"], counts["tn"], alpha=alpha)
+    issues = compare_with_reported(counts, reported or {}, tol, stated_positives)
+    rep = {"metrics": derived, "alpha": alpha}
+    rows = _metric_rows(rep)
+    if reported:
+        rows = [rows[0] + ["Reported"]] + [r + [_fmt(reported.get(n, float("nan")), 2)]
+                                           for r, n in zip(rows[1:], COUNT_METRICS)]
+    blocks: list[Block] = [("h1", title), ("h2", "Confusion matrix"), ("table", _confusion_rows(counts)),
+                           ("h2", "Derived from the counts"), ("table", rows)]
+    blocks += [("h2", "Inconsistencies"), ("list", issues)] if issues else [("p", "The reported values match the counts.")]
+    md = render_markdown(blocks)
+    if out_dir is not None:
+        write_text(Path(out_dir) / "counts_report.md", md)
+        write_text(Path(out_dir) / "counts_metrics.csv", metrics_table(rep).to_csv(index=False))
+    return {"metrics": derived, "discrepancies": issues, "markdown": md}

@@ -1,0 +1,584 @@
+"""Generated cervical RA cohort with known truth, made from the real cervical T2 of the repository.
+
+Per subject (template: ``Testing/Data/cervical_t2_sag/t2.nii.gz``, 1 mm, LPS):
+
+1. positives (and "intermediate" / baseline-deformity subjects) get a planted lesion in template
+   space (:mod:`.lesions`: retro-axial T2-bright pannus with mass effect and/or axis erosion);
+2. a random smooth deformation (B-spline, control points every ~50-65 mm, ``deform_mm`` std) and a
+   small rigid jitter (flexion +-4 deg, other rotations +-3 deg, shifts +-4 mm AP, +-2.5 mm SI, +-1 mm LR) map
+   the subject's grid into the template; image and soft lesion mask are resampled through the very
+   same (dense) transform, so the mask stays truthful;
+3. the subject grid is a standard sagittal DICOM grid (rows anterior -> posterior along a row,
+   superior -> inferior down the rows, slices left -> right; direction columns (0,1,0), (0,0,-1),
+   (-1,0,0)) with a random field of view (AP 200-250 mm, SI 150-180 mm, 36-44 slices of 1 mm,
+   in-plane 0.90-1.10 mm, left-right slab centre +-1.5 mm off the midline), always holding the
+   craniocervical region at its top;
+4. intensity: gain, gamma, smooth multiplicative bias (2nd-order polynomial in the log domain) and
+   Rician noise; stored as unsigned 16 bit.
+
+The template's field of view ends ~13 mm above the C2/C3 disc (see :mod:`.lesions`), so the
+lesion sits at the upper axis, the highest part of the craniocervical region the real image holds.
+
+Cohort: exact counts per role (rounded rates): ``intermediate`` (small lesion, outcome
+"intermediate"), ``baseline_deformity`` (lesion, outcome yes, deformity at baseline),
+``short_followup`` (follow-up < 1000 days, outcome drawn at the prevalence), and ``included``
+(the rest), among which round(prevalence * n_included) are positives. Deterministic: everything
+a subject needs is drawn from ``numpy.random.default_rng([seed, subject_index])``, the cohort plan
+from ``default_rng([seed])``, UIDs are hashes of (seed, patient, series).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..atomic import atomic_path, write_json, write_text
+from ..errors import InputError
+from .dicom_writer import SeriesHeader, deterministic_uid, write_series
+from .lesions import AXIS_BODY_CENTRE, TEMPLATE_MIDLINE_X, TEMPLATE_TOP_Z, LesionSpec, plant_lesions, sample_lesions
+
+GENERATOR_VERSION = "1"
+# Repository checkout: RheumAI/Logic/rheumai/synth/cervical.py -> repo root is parents[4].
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[4] / "Testing" / "Data" / "cervical_t2_sag" / "t2.nii.gz"
+# Standard sagittal DICOM grid: i -> posterior (+y), j -> inferior (-z), k -> right (-x); row-major.
+SAGITTAL_DIRECTION = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
+AXIAL_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+STORE_SCALE = 2.0  # stored value = 2 x template-scaled signal (uses ~12 bits)
+LESION_MIXES = (("pannus",), ("pannus", "erosion"), ("erosion",))
+ROLES = ("included", "intermediate", "baseline_deformity", "short_followup")
+
+
+@dataclass(frozen=True)
+class CohortParams:
+    """All knobs of the generator (rates are fractions of ``n_subjects``, rounded to counts).
+
+    lesion_mix: probabilities of (pannus, pannus + erosion, erosion) for a positive.
+    deform_mm: std of the B-spline control-point displacements (AP/SI; LR gets 40 %).
+    noise: (low, high) Rician noise std as a fraction of the template's 99th percentile.
+    p_followup_series: share of patients whose follow-up study holds a small T2 SAG series.
+    p_axial_distractor: share of baseline studies that also hold a T2 axial series.
+    """
+
+    n_subjects: int = 60
+    prevalence: float = 0.15
+    seed: int = 0
+    p_intermediate: float = 0.05
+    p_baseline_deformity: float = 0.03
+    p_short_followup: float = 0.07
+    p_followup_series: float = 0.5
+    p_axial_distractor: float = 0.5
+    lesion_mix: tuple[float, float, float] = (0.5, 0.35, 0.15)
+    sites: tuple[str, ...] = ("A", "B", "C")
+    deform_mm: float = 2.5
+    noise: tuple[float, float] = (0.01, 0.025)
+
+    def __post_init__(self) -> None:
+        for name in ("lesion_mix", "sites", "noise"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.n_subjects < 1:
+            raise ValueError(f"n_subjects must be >= 1, got {self.n_subjects}")
+        for name in ("prevalence", "p_intermediate", "p_baseline_deformity", "p_short_followup",
+                     "p_followup_series", "p_axial_distractor"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {v}")
+        if self.p_intermediate + self.p_baseline_deformity + self.p_short_followup >= 1.0:
+            raise ValueError("the exclusion rates (intermediate, baseline deformity, short follow-up) sum to >= 1")
+        if len(self.lesion_mix) != 3 or min(self.lesion_mix) < 0 or sum(self.lesion_mix) <= 0:
+            raise ValueError(f"lesion_mix must be 3 non-negative weights, got {self.lesion_mix}")
+        if not self.sites:
+            raise ValueError("sites must not be empty")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+@dataclass(frozen=True)
+class SubjectPlan:
+    """What one subject is (drawn up front, before any image is made). Dates are ISO strings."""
+
+    index: int
+    patient_id: str
+    role: str
+    outcome: str  # yes | no | intermediate
+    baseline_deformity: bool
+    lesion_kinds: tuple[str, ...]  # () for no lesion
+    small_lesion: bool
+    site: str
+    baseline_date: str
+    followup_date: str
+    age: int
+    sex: str
+    disease_duration_years: float
+    rf_positive: bool
+    followup_series: bool
+    axial_distractor: bool
+
+    @property
+    def label(self) -> int | None:
+        return {"yes": 1, "no": 0}.get(self.outcome)
+
+    def uid(self, seed: int, *what: object) -> str:
+        return deterministic_uid("rheumai-synth", GENERATOR_VERSION, seed, self.patient_id, *what)
+
+
+@dataclass
+class SubjectVolumes:
+    """Generated images of one subject (stored-value scale) and its truth."""
+
+    plan: SubjectPlan
+    t2: sitk.Image  # float32, baseline sagittal T2 (LPS)
+    mask: sitk.Image  # uint8, same grid as t2: 1 inside the planted lesion
+    lesions: list[LesionSpec]  # in template space
+    t1: sitk.Image  # distractor sagittal T1 (3 mm slices)
+    t2_axial: sitk.Image | None
+    t2_followup: sitk.Image | None
+
+
+@dataclass
+class CohortInfo:
+    """What :func:`generate_cohort` wrote."""
+
+    out_dir: Path
+    dicom_dir: Path
+    labels_csv: Path
+    truth_csv: Path
+    masks_dir: Path
+    params: CohortParams
+    plans: list[SubjectPlan]
+    truth: list[dict] = field(default_factory=list)
+
+    @property
+    def n_subjects(self) -> int:
+        return len(self.plans)
+
+    @property
+    def n_included(self) -> int:
+        return sum(p.role == "included" for p in self.plans)
+
+    @property
+    def n_positive_included(self) -> int:
+        return sum(p.role == "included" and p.outcome == "yes" for p in self.plans)
+
+
+# --------------------------------------------------------------------------------------------
+# Cohort plan
+
+
+def _counts(n: int, params: CohortParams) -> dict[str, int]:
+    c = {
+        "intermediate": int(round(params.p_intermediate * n)),
+        "baseline_deformity": int(round(params.p_baseline_deformity * n)),
+        "short_followup": int(round(params.p_short_followup * n)),
+    }
+    while sum(c.values()) >= n and sum(c.values()) > 0:  # keep at least one included subject
+        c[max(c, key=c.get)] -= 1
+    c["included"] = n - sum(c.values())
+    return c
+
+
+def plan_cohort(params: CohortParams) -> list[SubjectPlan]:
+    """Draw every subject's role, outcome, lesion kinds, dates, site and clinical values."""
+    rng = np.random.default_rng([params.seed])
+    n = params.n_subjects
+    counts = _counts(n, params)
+    roles = np.array(sum(([r] * counts[r] for r in ROLES), []))
+    roles = roles[rng.permutation(n)]
+    included = np.flatnonzero(roles == "included")
+    n_pos = int(round(params.prevalence * len(included)))
+    if params.prevalence > 0 and len(included) >= 2:
+        n_pos = min(max(n_pos, 1), len(included) - 1)
+    positives = set(rng.choice(included, size=n_pos, replace=False).tolist()) if n_pos else set()
+    mix = np.array(params.lesion_mix, float) / sum(params.lesion_mix)
+    plans = []
+    start = dt.date(2006, 1, 1)
+    for i in range(n):
+        role = str(roles[i])
+        if role == "included":
+            outcome = "yes" if i in positives else "no"
+        elif role == "intermediate":
+            outcome = "intermediate"
+        elif role == "baseline_deformity":
+            outcome = "yes"
+        else:
+            outcome = "yes" if rng.random() < params.prevalence else "no"
+        kinds: tuple[str, ...] = ()
+        if outcome in ("yes", "intermediate"):
+            kinds = LESION_MIXES[int(rng.choice(3, p=mix))]
+        baseline = start + dt.timedelta(days=int(rng.integers(0, 2500)))
+        fu_days = int(rng.integers(250, 950)) if role == "short_followup" else int(rng.integers(1100, 2600))
+        followup = baseline + dt.timedelta(days=fu_days)
+        pos_like = outcome != "no"
+        plans.append(SubjectPlan(
+            index=i,
+            patient_id=f"SYN{i + 1:04d}",
+            role=role,
+            outcome=outcome,
+            baseline_deformity=role == "baseline_deformity",
+            lesion_kinds=kinds,
+            small_lesion=role == "intermediate",
+            site=str(params.sites[int(rng.integers(len(params.sites)))]),
+            baseline_date=baseline.isoformat(),
+            followup_date=followup.isoformat(),
+            age=int(np.clip(rng.normal(57, 12), 25, 85)),
+            sex="F" if rng.random() < 0.7 else "M",
+            disease_duration_years=round(float(rng.gamma(2.0, 3.0 if pos_like else 2.5)), 1),
+            rf_positive=bool(rng.random() < (0.75 if pos_like else 0.55)),
+            followup_series=bool(rng.random() < params.p_followup_series),
+            axial_distractor=bool(rng.random() < params.p_axial_distractor),
+        ))
+    return plans
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+@dataclass
+class Template:
+    """The real T2 (float32, LPS) and its 99th intensity percentile (signal reference)."""
+
+    image: sitk.Image
+    ref: float
+    path: Path
+
+
+def load_template(path: str | Path | None = None) -> Template:
+    """Read the template T2; raises InputError naming the file if it is missing or not 3D."""
+    path = Path(path) if path is not None else DEFAULT_TEMPLATE
+    if not path.is_file():
+        raise InputError(path, "template T2 not found (the real cervical T2 of Testing/Data; pass --template)")
+    try:
+        img = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)
+    except RuntimeError as exc:
+        raise InputError(path, f"cannot read the template image: {exc}") from exc
+    if img.GetDimension() != 3:
+        raise InputError(path, f"template must be a 3D image, got {img.GetDimension()}D")
+    lo = np.array(img.TransformIndexToPhysicalPoint((0, 0, 0)))
+    hi = np.array(img.TransformIndexToPhysicalPoint([s - 1 for s in img.GetSize()]))
+    box_lo, box_hi = np.minimum(lo, hi), np.maximum(lo, hi)
+    if not (np.all(np.array(AXIS_BODY_CENTRE) > box_lo) and np.all(np.array(AXIS_BODY_CENTRE) < box_hi)):
+        raise InputError(path, "template does not hold the craniocervical landmark "
+                               f"{AXIS_BODY_CENTRE} (LPS mm): not the expected cervical T2")
+    arr = sitk.GetArrayViewFromImage(img)
+    ref = float(np.percentile(arr[arr > 0], 99))
+    return Template(img, ref, path)
+
+
+def _subject_grid(rng: np.random.Generator) -> sitk.Image:
+    """Random sagittal field of view (see module docstring); origin / spacing rounded to 0.01 mm."""
+    s = round(float(rng.uniform(0.9, 1.1)), 2)
+    n_lr = int(rng.integers(36, 45))
+    x_c = TEMPLATE_MIDLINE_X + float(rng.uniform(-1.5, 1.5))
+    width_ap, height_si = rng.uniform(200, 250), rng.uniform(150, 180)
+    y_c = float(rng.uniform(-22, 2))
+    z_top = TEMPLATE_TOP_Z - float(rng.uniform(1.0, 2.5))
+    n_ap, n_si = int(round(width_ap / s)), int(round(height_si / s))
+    grid = sitk.Image([n_ap, n_si, n_lr], sitk.sitkUInt8)
+    grid.SetSpacing((s, s, 1.0))
+    grid.SetDirection(SAGITTAL_DIRECTION)
+    grid.SetOrigin((round(x_c + (n_lr - 1) / 2, 2), round(y_c - width_ap / 2, 2), round(z_top, 2)))
+    return grid
+
+
+def _random_transform(rng: np.random.Generator, template: sitk.Image, grid: sitk.Image,
+                      deform_mm: float) -> sitk.Transform:
+    """Subject -> template transform: rigid jitter + B-spline, baked into a dense field (4 mm).
+
+    The dense displacement field (linear interpolation) makes resampling ~6x faster than
+    evaluating the B-spline at every voxel; image and mask use this same field.
+    """
+    eu = sitk.Euler3DTransform()
+    eu.SetCenter(AXIS_BODY_CENTRE)
+    ang = [np.clip(rng.normal(0, 2.0), -4, 4), np.clip(rng.normal(0, 1.5), -3, 3), np.clip(rng.normal(0, 1.5), -3, 3)]
+    eu.SetRotation(*[float(np.deg2rad(a)) for a in ang])
+    eu.SetTranslation([float(np.clip(rng.normal(0, 0.5), -1, 1)), float(np.clip(rng.normal(0, 2), -4, 4)),
+                       float(np.clip(rng.normal(0, 1.5), -2.5, 2.5))])
+    bs = sitk.BSplineTransformInitializer(template, [2, 6, 4])  # template axes (AP, SI, LR) mesh
+    n = bs.GetNumberOfParameters() // 3
+    scale = np.array([0.4, 1.0, 1.0])[:, None] * deform_mm  # LPS x (LR) kept small: slab stays put
+    bs.SetParameters((rng.standard_normal((3, n)) * scale).ravel().tolist())
+    comp = sitk.CompositeTransform([eu, bs])
+    step = 4.0
+    size = [int(np.ceil(sz * sp / step)) + 3 for sz, sp in zip(grid.GetSize(), grid.GetSpacing())]
+    d = np.array(grid.GetDirection()).reshape(3, 3)
+    origin = np.array(grid.GetOrigin()) - d @ np.full(3, step)
+    f = sitk.TransformToDisplacementFieldFilter()
+    f.SetOutputPixelType(sitk.sitkVectorFloat64)
+    f.SetSize(size)
+    f.SetOutputSpacing([step] * 3)
+    f.SetOutputOrigin(origin.tolist())
+    f.SetOutputDirection(grid.GetDirection())
+    return sitk.DisplacementFieldTransform(f.Execute(comp))
+
+
+def _bias_field(rng: np.random.Generator, shape: tuple[int, int, int], amp: float = 0.15) -> np.ndarray:
+    """Smooth multiplicative bias (k, j, i): exp of a random 2nd-order polynomial on [-1, 1]^3."""
+    w, v, u = (np.linspace(-1, 1, n).astype(np.float32) for n in shape)
+    w, v, u = w[:, None, None], v[None, :, None], u[None, None, :]
+    c = rng.normal(0, amp, 6).astype(np.float32)
+    return np.exp(c[0] * u + c[1] * v + c[2] * w * 0.3 + c[3] * (u * u - 0.33) + c[4] * (v * v - 0.33) + c[5] * u * v)
+
+
+def _mri_intensity(rng: np.random.Generator, arr: np.ndarray, ref: float, params: CohortParams,
+                   gain: float, gamma: float, bias: np.ndarray | float) -> np.ndarray:
+    """gain * ref * (arr / ref) ** gamma * bias, plus Rician noise; returned in stored units."""
+    t = np.clip(arr / ref, 0, None) ** gamma
+    sig = ref * gain * t * bias
+    sigma = ref * gain * float(rng.uniform(*params.noise))
+    n1 = rng.standard_normal(arr.shape, dtype=np.float32)
+    n2 = rng.standard_normal(arr.shape, dtype=np.float32)
+    out = np.sqrt((sig + sigma * n1) ** 2 + (sigma * n2) ** 2)  # Rician magnitude
+    return (out * STORE_SCALE).astype(np.float32)
+
+
+def _image(arr: np.ndarray, like: sitk.Image, first_k: int = 0, k_step: float | None = None) -> sitk.Image:
+    """Image of ``arr`` (k, j, i) on ``like``'s grid, starting at its slice ``first_k``.
+
+    ``k_step``: slice spacing (mm) if it differs from ``like``'s (every n-th slice taken).
+    """
+    img = sitk.GetImageFromArray(arr)
+    sp = like.GetSpacing()
+    img.SetSpacing((sp[0], sp[1], sp[2] if k_step is None else k_step))
+    img.SetDirection(like.GetDirection())
+    img.SetOrigin(like.TransformIndexToPhysicalPoint((0, 0, int(first_k))))
+    return img
+
+
+def _t1_like(t2: np.ndarray, ref: float) -> np.ndarray:
+    """Crude T1 look for the distractor series: fluid dark, soft tissue / marrow mid-grey."""
+    v = np.clip(t2 / ref, 0, None)
+    return ref * 2.2 * v * np.exp(-1.8 * v)
+
+
+def synthesize_subject(template: Template, plan: SubjectPlan, params: CohortParams,
+                       plant: bool = True) -> SubjectVolumes:
+    """Make the images and truth mask of one subject (pure function of template, plan, params).
+
+    ``plant=False`` gives the counterfactual: the same subject (same random draws, deformation,
+    field of view, intensities, noise) with the lesion drawn and its mask kept but not painted in.
+    """
+    rng = np.random.default_rng([params.seed, plan.index])
+    lesions = sample_lesions(rng, plan.lesion_kinds, small=plan.small_lesion) if plan.lesion_kinds else []
+    src, soft = plant_lesions(template.image, lesions, rng)
+    if not plant:
+        src = template.image
+    grid = _subject_grid(rng)
+    tfm = _random_transform(rng, template.image, grid, params.deform_mm)
+    clean = sitk.Resample(src, grid, tfm, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    if lesions:
+        mask = sitk.Resample(soft, grid, tfm, sitk.sitkLinear, 0.0, sitk.sitkFloat32) >= 0.5
+    else:
+        mask = sitk.Image(grid.GetSize(), sitk.sitkUInt8)
+        mask.CopyInformation(grid)
+    mask = sitk.Cast(mask, sitk.sitkUInt8)
+    arr = sitk.GetArrayFromImage(clean)
+    gain, gamma = float(rng.uniform(0.7, 1.4)), float(rng.uniform(0.85, 1.2))
+    bias = _bias_field(rng, arr.shape)
+    t2 = _image(_mri_intensity(rng, arr, template.ref, params, gain, gamma, bias), grid)
+
+    # Distractor: sagittal T1, every third slice (3 mm) around the centre, same in-plane grid.
+    n_lr = arr.shape[0]
+    ks = np.arange((n_lr - 1) // 2 % 3, n_lr, 3)
+    t1_arr = _t1_like(arr[ks], template.ref)
+    t1 = _image(_mri_intensity(rng, t1_arr, template.ref, params, gain, 1.0, bias[ks]), grid,
+                first_k=int(ks[0]), k_step=3.0 * grid.GetSpacing()[2])
+
+    t2_ax = None
+    if plan.axial_distractor:
+        ax = sitk.Image([128, 128, 8], sitk.sitkFloat32)
+        ax.SetSpacing((1.0, 1.0, 5.0))
+        ax.SetDirection(AXIAL_DIRECTION)
+        x0 = grid.GetOrigin()[0] - (n_lr - 1) / 2
+        ax.SetOrigin((round(x0 - 63.5, 2), round(AXIS_BODY_CENTRE[1] - 50, 2), round(AXIS_BODY_CENTRE[2] - 45, 2)))
+        ax_arr = sitk.GetArrayFromImage(sitk.Resample(clean, ax, sitk.Transform(), sitk.sitkLinear, 0.0))
+        t2_ax = _image(_mri_intensity(rng, ax_arr, template.ref, params, gain, gamma, 1.0), ax)
+
+    t2_fu = None
+    if plan.followup_series:
+        lo = max(n_lr // 2 - 8, 0)
+        fu_arr = arr[lo:lo + 16]
+        t2_fu = _image(_mri_intensity(rng, fu_arr, template.ref, params, float(rng.uniform(0.7, 1.4)),
+                                      float(rng.uniform(0.85, 1.2)), bias[lo:lo + 16]), grid, first_k=lo)
+    return SubjectVolumes(plan, t2, mask, lesions, t1, t2_ax, t2_fu)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def mask_truth(mask: sitk.Image) -> dict:
+    """Centre (LPS mm, mean of the mask's voxel centres) and volume (mm^3) of a binary mask."""
+    arr = sitk.GetArrayViewFromImage(mask)
+    kji = np.argwhere(arr > 0)
+    if len(kji) == 0:
+        return {"lesion_centre_lps_x": "", "lesion_centre_lps_y": "", "lesion_centre_lps_z": "",
+                "lesion_volume_mm3": 0.0}
+    ijk = kji[:, ::-1].astype(float)
+    m = np.array(mask.GetDirection()).reshape(3, 3) * np.array(mask.GetSpacing())
+    c = m @ ijk.mean(0) + np.array(mask.GetOrigin())
+    vol = len(kji) * float(np.prod(mask.GetSpacing()))
+    return {"lesion_centre_lps_x": round(float(c[0]), 2), "lesion_centre_lps_y": round(float(c[1]), 2),
+            "lesion_centre_lps_z": round(float(c[2]), 2), "lesion_volume_mm3": round(vol, 1)}
+
+
+def _header(plan: SubjectPlan, seed: int, study: str, date: str, series_number: int, description: str,
+            sequence: str) -> SeriesHeader:
+    d = dt.date.fromisoformat(date)
+    birth = dt.date.fromisoformat(plan.baseline_date) - dt.timedelta(days=int(plan.age * 365.25 + 100))
+    age = (d - birth).days // 365
+    return SeriesHeader(
+        patient_id=plan.patient_id,
+        study_uid=plan.uid(seed, study),
+        series_uid=plan.uid(seed, study, series_number),
+        frame_uid=plan.uid(seed, study, "frame"),
+        study_date=d,
+        series_number=series_number,
+        series_description=description,
+        sequence=sequence,
+        accession_number=f"{plan.index + 1:04d}{1 if study == 'baseline' else 2}{seed % 1000:03d}",
+        patient_sex=plan.sex,
+        patient_age_years=age,
+        birth_date=birth,
+        institution=f"Site {plan.site}",
+    )
+
+
+def baseline_t2_series_uid(plan: SubjectPlan, seed: int) -> str:
+    """SeriesInstanceUID of the baseline sagittal T2 (the series the dataset builder should pick)."""
+    return plan.uid(seed, "baseline", 2)
+
+
+def write_subject(vols: SubjectVolumes, out_dir: Path, seed: int) -> None:
+    """Write one subject's DICOM studies, then (last, as the completion marker) its mask."""
+    plan = vols.plan
+    pdir = out_dir / "dicom" / plan.patient_id
+    if pdir.exists():
+        shutil.rmtree(pdir)  # a half-written earlier attempt (its mask is missing)
+    base = pdir / "ST1"
+    write_series(vols.t1, base / "SE1", _header(plan, seed, "baseline", plan.baseline_date, 1, "T1 SAG", "T1"))
+    write_series(vols.t2, base / "SE2", _header(plan, seed, "baseline", plan.baseline_date, 2, "T2 SAG", "T2"))
+    if vols.t2_axial is not None:
+        write_series(vols.t2_axial, base / "SE3",
+                     _header(plan, seed, "baseline", plan.baseline_date, 3, "T2 AX", "T2"))
+    if vols.t2_followup is not None:
+        write_series(vols.t2_followup, pdir / "ST2" / "SE1",
+                     _header(plan, seed, "followup", plan.followup_date, 1, "T2 SAG", "T2"))
+    with atomic_path(out_dir / "masks" / f"{plan.patient_id}.nii.gz") as tmp:
+        sitk.WriteImage(vols.mask, str(tmp), useCompression=True)
+
+
+LABEL_COLUMNS = ["patient_id", "baseline_date", "followup_date", "outcome", "baseline_deformity", "site",
+                 "age", "sex", "disease_duration_years", "rf_positive"]
+TRUTH_COLUMNS = ["patient_id", "label", "outcome", "role", "lesion_type", "lesion_centre_lps_x",
+                 "lesion_centre_lps_y", "lesion_centre_lps_z", "lesion_volume_mm3", "baseline_t2_series_uid"]
+
+
+def _csv(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: r.get(c, "") for c in columns})
+    return buf.getvalue()
+
+
+def label_row(plan: SubjectPlan) -> dict:
+    return {
+        "patient_id": plan.patient_id, "baseline_date": plan.baseline_date, "followup_date": plan.followup_date,
+        "outcome": plan.outcome, "baseline_deformity": "yes" if plan.baseline_deformity else "no",
+        "site": plan.site, "age": plan.age, "sex": plan.sex,
+        "disease_duration_years": plan.disease_duration_years, "rf_positive": "yes" if plan.rf_positive else "no",
+    }
+
+
+def generate_cohort(out_dir: str | Path, n_subjects: int = 60, prevalence: float = 0.15, seed: int = 0,
+                    template_path: str | Path | None = None, progress: bool = True,
+                    should_stop: Callable[[], bool] | None = None, **options) -> CohortInfo:
+    """Generate the cohort into ``out_dir`` (resumable) and return what was written.
+
+    Writes ``dicom/<patient>/ST1|ST2/SE<n>/IM<nnnn>.dcm``, ``labels.csv`` (the label sheet),
+    ``masks/<patient>.nii.gz`` (uint8 lesion mask in the baseline T2 SAG geometry, empty for
+    subjects without a lesion), ``truth.csv`` / ``truth.json`` (per-patient truth; the JSON also
+    holds the template-space lesion specs) and ``cohort.json`` (parameters). ``options`` are the
+    other :class:`CohortParams` fields. A subject whose mask exists is not generated again; a
+    different parameter set in an existing ``cohort.json`` is an error.
+    """
+    from tqdm import tqdm
+
+    params = CohortParams(n_subjects=n_subjects, prevalence=prevalence, seed=seed, **options)
+    out = Path(out_dir)
+    template = load_template(template_path)
+    record = {"generator": "rheumai.synth.cervical", "version": GENERATOR_VERSION, "params": params.to_dict(),
+              "template": template.path.name}
+    cfile = out / "cohort.json"
+    if cfile.exists():
+        try:
+            old = json.loads(cfile.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(cfile, f"unreadable cohort record: {exc}") from exc
+        if old.get("params") != record["params"] or old.get("version") != GENERATOR_VERSION:
+            raise InputError(cfile, "the folder holds a cohort made with other parameters; "
+                                    "choose a new --out folder or delete this one")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(cfile, record)
+    plans = plan_cohort(params)
+    truth, details = [], []
+    for plan in tqdm(plans, desc="synth cohort", unit="subject", disable=not progress):
+        if should_stop is not None and should_stop():
+            raise KeyboardInterrupt
+        mpath = out / "masks" / f"{plan.patient_id}.nii.gz"
+        lesions: list[dict] | None = None
+        if mpath.exists():
+            mask = sitk.ReadImage(str(mpath))
+        else:
+            vols = synthesize_subject(template, plan, params)
+            write_subject(vols, out, seed)
+            mask = vols.mask
+            lesions = [les.to_dict() for les in vols.lesions]
+        if lesions is None:  # resumed: the specs are a pure function of the seed; redraw them
+            rng = np.random.default_rng([params.seed, plan.index])
+            lesions = [les.to_dict() for les in sample_lesions(rng, plan.lesion_kinds, plan.small_lesion)] \
+                if plan.lesion_kinds else []
+        row = {"patient_id": plan.patient_id, "label": "" if plan.label is None else plan.label,
+               "outcome": plan.outcome, "role": plan.role,
+               "lesion_type": "+".join(plan.lesion_kinds) if plan.lesion_kinds else "none",
+               **mask_truth(mask), "baseline_t2_series_uid": baseline_t2_series_uid(plan, seed)}
+        truth.append(row)
+        details.append({**row, "plan": asdict(plan), "lesions_template_lps": lesions})
+    write_text(out / "labels.csv", _csv([label_row(p) for p in plans], LABEL_COLUMNS))
+    write_text(out / "truth.csv", _csv(truth, TRUTH_COLUMNS))
+    write_json(out / "truth.json", {"subjects": details})
+    return CohortInfo(out, out / "dicom", out / "labels.csv", out / "truth.csv", out / "masks", params, plans, truth)
+
+
+def subject_series_dir(out_dir: str | Path, patient_id: str) -> Path:
+    """Folder of a generated patient's baseline sagittal T2 series."""
+    return Path(out_dir) / "dicom" / patient_id / "ST1" / "SE2"
+
+
+def lesion_slab_coverage(mask: sitk.Image, n_slices: int = 6, spacing_mm: float = 1.0) -> list[int]:
+    """Mask voxel counts in the ``n_slices`` sagittal planes around the volume centre (LR).
+
+    The planes are those of the paper's input (``spacing_mm`` apart, centred on the volume centre
+    in LPS x); each count is the number of mask voxels of the nearest k slice.
+    """
+    arr = sitk.GetArrayViewFromImage(mask)
+    centre = mask.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in mask.GetSize()])
+    out = []
+    for c in range(n_slices):
+        x = centre[0] + (c - (n_slices - 1) / 2) * spacing_mm
+        k = int(round(mask.TransformPhysicalPointToContinuousIndex((x, centre[1], centre[2]))[2]))
+        out.append(int(arr[k].sum()) if 0 <= k < arr.shape[0] else 0)
+    return out
+

@@ -1,0 +1,179 @@
+"""Write a SimpleITK volume as a DICOM MR series (one file per slice), geometry preserved.
+
+Hand-written with pydicom because the archive tools of :mod:`rheumai.dataset.archive_tools` copy an
+existing DICOM series (their headers and pixels) while the generator creates new pixels and
+geometry; SimpleITK's own DICOM writer needs every tag passed as strings and cannot write the
+per-series MR tags in a form the archive indexer reads reliably.
+
+Geometry: the image's direction columns give ImageOrientationPatient (i = row direction along a
+row, j = column direction down the rows), the slice normal is i x j and must equal the k direction
+(right-handed grid), ImagePositionPatient of slice k is the LPS position (mm) of voxel (0, 0, k).
+Pixels are stored unsigned 16 bit with RescaleSlope 1 / RescaleIntercept 0, so the stored value is
+the image value (rounded, clipped to 0..65535). Reading the folder back with SimpleITK's
+ImageSeriesReader gives the same origin, spacing, direction and values.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import DSfloat
+
+from ..atomic import atomic_path
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+# Timing tags (ms) per weighting; the values the archive classifier reads as T1 / T2.
+SEQUENCE_TAGS: dict[str, dict[str, object]] = {
+    "T2": {"EchoTime": 100.0, "RepetitionTime": 3000.0, "ScanningSequence": "SE",
+           "SequenceVariant": ["SK", "SP"], "SequenceName": "*tse2d1_15"},
+    "T1": {"EchoTime": 10.0, "RepetitionTime": 500.0, "ScanningSequence": "SE",
+           "SequenceVariant": ["SK", "SP"], "SequenceName": "*tse2d1_3"},
+}
+
+
+def deterministic_uid(*parts: object) -> str:
+    """A DICOM UID derived from ``parts`` (same parts -> same UID; pydicom's root, hashed entropy)."""
+    return generate_uid(entropy_srcs=[str(p) for p in parts])
+
+
+def _ds(x: float) -> DSfloat:
+    return DSfloat(round(float(x), 6), auto_format=True)
+
+
+@dataclass
+class SeriesHeader:
+    """Identifiers and descriptive tags of one series (dates as ``datetime.date``)."""
+
+    patient_id: str
+    study_uid: str
+    series_uid: str
+    frame_uid: str
+    study_date: dt.date
+    series_number: int
+    series_description: str
+    sequence: str = "T2"  # key of SEQUENCE_TAGS
+    study_description: str = "MRI CWK"
+    study_time: str = "093000"
+    accession_number: str = ""
+    patient_sex: str = ""
+    patient_age_years: int | None = None
+    birth_date: dt.date | None = None
+    institution: str = ""
+    body_part: str = "CSPINE"
+    field_strength_t: float = 1.5
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def _base_dataset(h: SeriesHeader) -> Dataset:
+    ds = Dataset()
+    da = h.study_date.strftime("%Y%m%d")
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+    ds.SOPClassUID = MR_IMAGE_STORAGE
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = da
+    ds.StudyTime = h.study_time
+    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = f"{int(h.study_time[:2]) % 24:02d}{h.series_number % 60:02d}00"
+    ds.AccessionNumber = h.accession_number
+    ds.Modality = "MR"
+    ds.Manufacturer = "RheumAI synthetic"
+    ds.InstitutionName = h.institution
+    ds.StudyDescription = h.study_description
+    ds.SeriesDescription = h.series_description
+    ds.ProtocolName = h.series_description
+    ds.PatientName = h.patient_id
+    ds.PatientID = h.patient_id
+    ds.PatientBirthDate = h.birth_date.strftime("%Y%m%d") if h.birth_date else ""
+    ds.PatientSex = h.patient_sex
+    if h.patient_age_years is not None:
+        ds.PatientAge = f"{int(h.patient_age_years):03d}Y"
+    ds.BodyPartExamined = h.body_part
+    ds.MRAcquisitionType = "2D"
+    ds.MagneticFieldStrength = _ds(h.field_strength_t)
+    for k, v in SEQUENCE_TAGS[h.sequence].items():
+        setattr(ds, k, _ds(v) if isinstance(v, float) else v)
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = h.study_uid
+    ds.SeriesInstanceUID = h.series_uid
+    ds.StudyID = h.accession_number[-8:] if h.accession_number else "1"
+    ds.SeriesNumber = h.series_number
+    ds.FrameOfReferenceUID = h.frame_uid
+    ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = _ds(0.0)
+    ds.RescaleSlope = _ds(1.0)
+    ds.RescaleType = "US"
+    for k, v in h.extra.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def write_series(image: sitk.Image, folder: str | Path, header: SeriesHeader,
+                 file_pattern: str = "IM{index:04d}.dcm") -> list[Path]:
+    """Write ``image`` (3D, LPS, values 0..65535 after rounding) as one DICOM file per k slice.
+
+    Returns the written paths (InstanceNumber 1..n along k). Raises ValueError on a 2D image or a
+    left-handed / non-orthonormal direction (the slice normal must be i x j).
+    """
+    if image.GetDimension() != 3:
+        raise ValueError(f"write_series needs a 3D image, got {image.GetDimension()}D")
+    d = np.array(image.GetDirection()).reshape(3, 3)  # columns: i, j, k directions (LPS)
+    row, col, nrm = d[:, 0], d[:, 1], d[:, 2]
+    if not np.allclose(d.T @ d, np.eye(3), atol=1e-6) or np.dot(np.cross(row, col), nrm) < 0.999:
+        raise ValueError("write_series needs an orthonormal right-handed direction (normal = i x j)")
+    arr = sitk.GetArrayFromImage(image)  # (k, j, i)
+    arr = np.clip(np.rint(arr), 0, 65535).astype(np.uint16)
+    sx, sy, sz = image.GetSpacing()
+    base = _base_dataset(header)
+    base.ImageOrientationPatient = [_ds(v) for v in (*row, *col)]
+    base.PixelSpacing = [_ds(sy), _ds(sx)]  # (between rows, between columns)
+    base.SliceThickness = _ds(sz)
+    base.SpacingBetweenSlices = _ds(sz)
+    base.Rows, base.Columns = int(arr.shape[1]), int(arr.shape[2])
+    wl = np.percentile(arr, [1, 99.5]) if arr.size else (0, 1)
+    base.WindowCenter = _ds((wl[0] + wl[1]) / 2)
+    base.WindowWidth = _ds(max(wl[1] - wl[0], 1))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(arr.shape[0]):
+        ds = Dataset()
+        ds.update(base)
+        sop = deterministic_uid("sop", header.series_uid, k)
+        ds.SOPInstanceUID = sop
+        ds.InstanceNumber = k + 1
+        ipp = image.TransformIndexToPhysicalPoint((0, 0, k))
+        ds.ImagePositionPatient = [_ds(v) for v in ipp]
+        ds.SliceLocation = _ds(float(np.dot(nrm, ipp)))
+        ds.PixelData = arr[k].tobytes()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+        meta.MediaStorageSOPInstanceUID = sop
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+        ds.file_meta = meta
+        path = folder / file_pattern.format(index=k + 1)
+        with atomic_path(path) as tmp:
+            ds.save_as(tmp, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def read_series(folder: str | Path) -> sitk.Image:
+    """Read a series folder written by :func:`write_series` back with SimpleITK (for tests/preview)."""
+    reader = sitk.ImageSeriesReader()
+    files = reader.GetGDCMSeriesFileNames(str(folder))
+    reader.SetFileNames(files)
+    return reader.Execute()

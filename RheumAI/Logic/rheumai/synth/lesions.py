@@ -1,0 +1,190 @@
+"""Planted craniocervical lesions: T2-hyperintense retro-axial pannus and axis (C2) erosion.
+
+Everything here works in the *template's* LPS physical space (mm), on the real cervical T2 of
+``Testing/Data/cervical_t2_sag/t2.nii.gz``, before the per-subject deformation; the subject's image
+and its truth mask are then warped together by the same transform (see :mod:`.cervical`).
+
+Landmarks of the template (found by eye on mid-sagittal PNGs, x = 6.2 mm, and by intensity profiles
+along y at several heights; see the numbers below):
+
+* The template's superior edge is z = 45.7 mm. The C3 and C5 point labels of
+  ``Testing/Data/sct_t2_crop/labels.nii.gz`` (same subject, same physical space) lie at
+  z = 24.7 and z = -10.3 mm (x = 6.2, y = -0.8: in the cord). T2-bright intervertebral discs lie at
+  z ~ 33, 15, -3 and -22 mm, so C3 is the body between z 15 and 33 and the body above the
+  z ~ 33 disc is the axis (C2). Its upper part, up to the field-of-view edge at 45.7 mm, is the
+  highest bone in the volume: the dens tip, the atlas and the clivus lie some 25-30 mm above the
+  acquired field of view. The planted lesions therefore sit at the highest reachable part of the
+  craniocervical region, around the upper C2 body (the base of the dens), with the same relations
+  as in the paper's findings: pannus *behind* the axis, between its posterior wall and the
+  thecal sac / cord, and erosion of the axis' posterior-superior bone.
+* Midline (LR): the anterior CSF and the cord are centred at x = 6.0-6.8 mm over z 20-44 mm
+  (intensity-weighted centre of the bright CSF across x); volume centre x = 6.7 mm.
+* At z = 40 mm on the midline: C2 body marrow y = -27 .. -12 (T2 ~ 130-170), posterior cortex
+  y ~ -10 (dark), anterior CSF y = -8 .. -6 (~550-950), cord y = -4 .. +2 (~250-280), posterior
+  CSF y ~ +4 (~950).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+# --- template landmarks (LPS mm), see the module docstring for how they were found ---------------
+TEMPLATE_MIDLINE_X = 6.5
+TEMPLATE_TOP_Z = 45.7
+C2_C3_DISC_Z = 33.0
+C2_POSTERIOR_WALL_Y = -10.0
+AXIS_BODY_CENTRE = (6.5, -18.0, 40.0)
+# Mean T2 of CSF next to the upper cord in the template (raw template units), used to scale the
+# pannus signal (pannus: brighter than marrow and cord, darker than CSF).
+CSF_LEVEL = 900.0
+
+LESION_KINDS = ("pannus", "erosion")
+
+
+@dataclass(frozen=True)
+class LesionSpec:
+    """One planted lesion, in template LPS mm.
+
+    kind: "pannus" (T2-bright soft-tissue mass behind the axis, with mass effect pushing the thecal
+    sac posteriorly by ``push_mm``) or "erosion" (darkened notch of the axis' posterior-superior
+    bone). centre_lps: ellipsoid centre; semi_axes_mm: (x, y, z) = (LR, AP, SI) half-lengths.
+    level: pannus signal as a fraction of :data:`CSF_LEVEL`; erosion: remaining fraction of the
+    bone signal (0.1 = 90 % darker). irregularity: relative amplitude of the smooth boundary
+    perturbation.
+    """
+
+    kind: str
+    centre_lps: tuple[float, float, float]
+    semi_axes_mm: tuple[float, float, float]
+    level: float
+    push_mm: float = 0.0
+    irregularity: float = 0.15
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_lesions(rng: np.random.Generator, kinds: tuple[str, ...], small: bool = False) -> list[LesionSpec]:
+    """Random lesion(s) of the given kinds around the upper axis (template LPS mm).
+
+    ``small`` gives the "intermediate" grade: a thin, faint pannus and a shallow erosion, with no
+    mass effect. Sizes for the full grade: pannus 14-18 mm (LR) x 7-11 mm (AP) x 11-16 mm (SI)
+    at 42-58 % of the CSF signal (brighter than marrow and cord, below the CSF so it is not lost in
+    a 99th-percentile window), erosion 10-13 x 9-12 x 9-11 mm at 3-12 % of the bone signal.
+    """
+    out: list[LesionSpec] = []
+    for kind in kinds:
+        if kind not in LESION_KINDS:
+            raise ValueError(f"lesion kind must be one of {LESION_KINDS}, not {kind!r}")
+        x = TEMPLATE_MIDLINE_X + float(np.clip(rng.normal(0.0, 0.6), -1.2, 1.2))
+        if kind == "pannus":
+            centre = (x, C2_POSTERIOR_WALL_Y + 3.5 + rng.uniform(-1.0, 1.0), rng.uniform(32.5, 36.0))
+            axes = (rng.uniform(7.0, 9.0), rng.uniform(3.5, 5.5), rng.uniform(5.5, 8.0))
+            level, push = rng.uniform(0.42, 0.58), rng.uniform(2.0, 3.5)
+            if small:
+                axes = (axes[0] * 0.8, axes[1] * 0.55, axes[2] * 0.6)
+                level, push = level * 0.8, 0.0
+        else:
+            centre = (x, C2_POSTERIOR_WALL_Y - 3.0 + rng.uniform(-1.0, 1.0), rng.uniform(35.0, 38.0))
+            axes = (rng.uniform(5.0, 6.5), rng.uniform(4.5, 6.0), rng.uniform(4.5, 5.5))
+            level, push = rng.uniform(0.03, 0.12), 0.0
+            if small:
+                axes = (axes[0] * 0.8, axes[1] * 0.6, axes[2] * 0.6)
+                level = 0.5
+        out.append(LesionSpec(kind, tuple(float(c) for c in centre), tuple(float(a) for a in axes),
+                              float(level), float(push), float(rng.uniform(0.08, 0.2))))
+    return out
+
+
+def _roi(image: sitk.Image, lesions: list[LesionSpec], margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Index box (numpy (k, j, i) order, start and stop) covering all lesions plus a margin."""
+    pts = []
+    for les in lesions:
+        c, r = np.array(les.centre_lps), max(les.semi_axes_mm) * 1.4 + margin_mm
+        for dx in (-r, r):
+            for dy in (-r, r):
+                for dz in (-r, r):
+                    pts.append(image.TransformPhysicalPointToContinuousIndex((c + (dx, dy, dz)).tolist()))
+    ijk = np.array(pts)
+    size = np.array(image.GetSize())
+    lo = np.clip(np.floor(ijk.min(0)).astype(int), 0, size - 1)
+    hi = np.clip(np.ceil(ijk.max(0)).astype(int) + 1, 1, size)
+    return lo[::-1], hi[::-1]
+
+
+def _physical(image: sitk.Image, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """LPS coordinates (3, K, J, I) of the voxel centres in the (k, j, i) box [lo, hi)."""
+    kk, jj, ii = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij")
+    idx = np.stack([ii, jj, kk]).reshape(3, -1).astype(float)  # (i, j, k)
+    m = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
+    pts = m @ idx + np.array(image.GetOrigin())[:, None]
+    return pts.reshape((3,) + kk.shape)
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: float) -> np.ndarray:
+    """Zero-mean, unit-std Gaussian-smoothed white noise (organic texture / boundary wobble)."""
+    n = ndimage.gaussian_filter(rng.standard_normal(shape), sigma_vox, mode="reflect")
+    return (n / max(float(n.std()), 1e-6)).astype(np.float32)
+
+
+def _blob(pts: np.ndarray, les: LesionSpec, wobble: np.ndarray, edge: float = 0.2) -> np.ndarray:
+    """Soft ellipsoid weight in [0, 1]; 0.5 on the (perturbed) ellipsoid surface."""
+    d = (pts - np.array(les.centre_lps)[:, None, None, None]) / np.array(les.semi_axes_mm)[:, None, None, None]
+    r = np.sqrt((d * d).sum(0)) * (1.0 + les.irregularity * wobble)
+    return np.clip((1.0 - r) / edge + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def plant_lesions(template: sitk.Image, lesions: list[LesionSpec],
+                  rng: np.random.Generator) -> tuple[sitk.Image, sitk.Image]:
+    """Return (image with the lesions, soft lesion mask in [0, 1]), both in ``template``'s grid.
+
+    Works on a small box around the lesions (numpy / scipy). Pannus: the tissue posterior to the
+    pannus centre is displaced posteriorly (Gaussian-weighted, up to ``push_mm``: the thecal sac and
+    cord are pushed back), then the pannus signal is blended in with its own smooth texture.
+    Erosion: the signal inside the notch is scaled down to ``level``. The truth mask is
+    weight >= 0.5 of the returned soft mask (after any resampling).
+    """
+    if not lesions:
+        empty = sitk.Image(template.GetSize(), sitk.sitkFloat32)
+        empty.CopyInformation(template)
+        return template, empty
+    arr = sitk.GetArrayFromImage(template).astype(np.float32)
+    soft = np.zeros(arr.shape, np.float32)
+    lo, hi = _roi(template, lesions, margin_mm=8.0)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    roi = arr[box]
+    pts = _physical(template, lo, hi)
+    spacing = np.array(template.GetSpacing())
+    inv = np.linalg.inv(np.array(template.GetDirection()).reshape(3, 3) * spacing)
+    w_all = np.zeros(roi.shape, np.float32)
+    for les in lesions:
+        if les.kind == "pannus" and les.push_mm > 0:
+            c = np.array(les.centre_lps)[:, None, None, None]
+            d = pts - c
+            g = np.exp(-0.5 * ((d[0] / 9.0) ** 2 + (d[1] / 7.0) ** 2 + (d[2] / 9.0) ** 2))
+            side = 1.0 / (1.0 + np.exp(-d[1] / 1.5))  # only the posterior side moves
+            u_lps = np.zeros_like(pts)
+            u_lps[1] = les.push_mm * g * side  # +y = posterior
+            u_idx = np.tensordot(inv, u_lps, axes=1)  # displacement in (i, j, k) voxels
+            grid = np.indices(roi.shape).astype(np.float32)  # (k, j, i) voxel coordinates
+            src = grid - u_idx[::-1]
+            roi = ndimage.map_coordinates(roi, src, order=1, mode="nearest").astype(np.float32)
+        wobble = _smooth_noise(rng, roi.shape, sigma_vox=2.0)
+        w = _blob(pts, les, wobble)
+        if les.kind == "pannus":
+            texture = 1.0 + 0.15 * _smooth_noise(rng, roi.shape, sigma_vox=1.0)
+            roi = roi * (1.0 - w) + w * (les.level * CSF_LEVEL * texture)
+        else:
+            roi = roi * (1.0 - w * (1.0 - les.level))
+        w_all = np.maximum(w_all, w)
+    arr[box] = roi
+    soft[box] = w_all
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(template)
+    mask = sitk.GetImageFromArray(soft)
+    mask.CopyInformation(template)
+    return out, mask

@@ -1,0 +1,74 @@
+"""Task registry: the seed systems RheumAI knows, declared once and read by every layer.
+
+``list_tasks()`` / ``get_task(name)`` / ``register_task(task)``. Built-in tasks are named here as
+``"module:attribute"`` strings and imported on first use; other packages can add tasks through
+the ``rheumai.tasks`` entry-point group (each entry point loads a :class:`~rheumai.tasks.base.Task`)
+or by calling :func:`register_task`. See ``docs/ADDING_A_TASK.md``.
+
+The registry is the one piece of module state here: a name -> Task table that only grows, which
+is what a registry is; :func:`register_task` refuses to silently replace a different task.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib import metadata
+
+from .base import ClinicalVar, InputSpec, RoiSpec, Task
+
+__all__ = ["Task", "InputSpec", "ClinicalVar", "RoiSpec", "register_task", "get_task", "list_tasks",
+           "BUILTIN_TASKS", "ENTRY_POINT_GROUP"]
+
+# name -> "module:attribute" of the Task object (imported lazily).
+BUILTIN_TASKS = {
+    "cervical_ra": "rheumai.tasks.cervical:TASK",
+    "negspa": "rheumai.tasks.negspa.task:TASK",
+}
+ENTRY_POINT_GROUP = "rheumai.tasks"
+
+_REGISTRY: dict[str, Task] = {}
+
+
+def register_task(task: Task, replace: bool = False) -> Task:
+    """Add ``task`` to the registry; re-registering the same object is a no-op."""
+    if not isinstance(task, Task):
+        raise TypeError(f"expected a rheumai.tasks.Task, got {type(task).__name__}")
+    old = _REGISTRY.get(task.name)
+    if old is not None and old is not task and not replace:
+        raise ValueError(f"a different task named {task.name!r} is already registered (pass replace=True)")
+    _REGISTRY[task.name] = task
+    return task
+
+
+def _load(ref: str) -> Task:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _load_all() -> None:
+    for name, ref in BUILTIN_TASKS.items():
+        if name not in _REGISTRY:
+            register_task(_load(ref))
+    try:
+        eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    except TypeError:  # pragma: no cover - Python < 3.10 API
+        eps = metadata.entry_points().get(ENTRY_POINT_GROUP, [])
+    for ep in eps:
+        if ep.name not in _REGISTRY:
+            register_task(ep.load())
+
+
+def list_tasks() -> list[Task]:
+    """All known tasks, built-in first, in registration order."""
+    _load_all()
+    return list(_REGISTRY.values())
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``; KeyError listing the known names otherwise."""
+    if name not in _REGISTRY:
+        _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(_REGISTRY)}") from None

@@ -1,0 +1,58 @@
+"""The cervical RA task (Lebouille-Veldman et al. 2025), declared for the registry.
+
+Nothing is re-implemented here: preprocessing is :func:`rheumai.slices.select_slices`, the model
+:func:`rheumai.models.build_model`, training / evaluation / prediction the existing modules.
+Input: one sagittal T2 series; network input (C, H, W) = (6 slices right -> left,
+superior -> inferior, anterior -> posterior), 1 mm, 512 x 512; one logit (deformity at follow-up).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import SimpleITK as sitk
+
+from ..io import Study, read_study
+from ..models import build_model, default_architecture
+from ..slices import SliceParams, SliceSelection, select_slices
+from .base import InputSpec, Task
+
+ROLE = "t2_sag"
+
+
+def default_params() -> dict[str, Any]:
+    """The paper's slice parameters (:class:`rheumai.slices.SliceParams` defaults), JSON-able."""
+    return SliceParams().to_dict()
+
+
+def preprocess(study_inputs: Mapping[str, Any] | Study | sitk.Image | str, params: Mapping[str, Any] | SliceParams | None = None
+               ) -> SliceSelection:
+    """``select_slices`` on the sagittal T2: ``study_inputs`` is {"t2_sag": Study | image | path}
+    (or that one value); ``params`` a SliceParams or its dict. Returns the SliceSelection, whose
+    ``to_source`` maps (C, H, W) maps back into the series' grid."""
+    src = study_inputs[ROLE] if isinstance(study_inputs, Mapping) else study_inputs
+    if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__"):
+        src = read_study(src)
+    p = params if isinstance(params, SliceParams) else SliceParams.from_dict(dict(params or {}))
+    return select_slices(src, p)
+
+
+TASK = Task(
+    name="cervical_ra",
+    title="Cervical RA deformity (sagittal T2 MRI)",
+    description="Predicts development of cervical spine deformity (atlanto-axial / subaxial subluxation, "
+                "basilar invagination) at follow-up in rheumatoid arthritis from a baseline sagittal T2 MRI.",
+    reference="Lebouille-Veldman et al. 2025 (6 mid-sagittal slices, 1 mm, 512x512; ResNet-101; BCE; Adam 1e-4)",
+    inputs=(InputSpec(ROLE, "sagittal T2-weighted cervical spine", sequence="T2", orientation="sagittal"),),
+    head="binary",
+    preprocess=preprocess,
+    build_model=build_model,
+    default_architecture=default_architecture,
+    default_params=default_params,
+    saliency_targets={ROLE: "layer4"},
+    outputs=("probability", "label", "threshold", "saliency volume (source geometry)", "montage PNG", "scene"),
+    api={"train": "rheumai.train:train", "evaluate": "rheumai.evaluate:evaluate",
+         "predict": "rheumai.predict:Predictor", "predict_batch": "rheumai.predict:predict_batch",
+         "build_dataset": "rheumai.dataset.build:build_dataset"},
+    cli_modules=("rheumai.slices_cli", "rheumai.dataset.cli"),
+)

@@ -1,0 +1,36 @@
+"""NegSpA-AI (Lu et al., QIMS 2024): HLA-B27-negative axial SpA from sacroiliac MRI + clinical features.
+
+Console API (works in Slicer's Python console)::
+
+    from rheumai.tasks import negspa
+    cohort = negspa.make_cohort("/tmp/spa", n=24)                  # generated cohort with truth
+    manifest = negspa.build_dataset(cohort, "/tmp/spa/ds", {"size": (64, 64)})
+    run = negspa.train_negspa(manifest, "/tmp/spa/run", depth=18)  # ResNet-50 branches by default
+    negspa.evaluate_negspa(run.checkpoint, manifest, "/tmp/spa/eval")
+    res = negspa.predict_negspa({"t1": ..., "t2": ..., "stir": ..., "box": "box.json"}, run.checkpoint,
+                                "/tmp/spa/pred", clinical={"crp": 12, "inflammatory_back_pain": "yes"})
+
+Modules: preprocess (box, half grids), clinical (variables, missing-value encoding), model
+(tri-input ResNet + fusion), mixcut, train (dataset, two-stage training, evaluation), predict
+(Grad-CAM per sequence), synth (generated cohort), cli (`rheumai negspa ...`), task (declaration).
+Names below are imported on first use, so importing the package stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "make_cohort": "synth", "build_dataset": "train", "train_negspa": "train", "evaluate_negspa": "train",
+    "load_negspa_checkpoint": "train", "predict_negspa": "predict", "predict_cohort": "predict",
+    "NegSpaPredictor": "predict", "read_box": "preprocess", "Box": "preprocess",
+    "NegSpaParams": "preprocess", "TASK": "task",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,114 @@
+"""Tri-input ResNet with clinical fusion (NegSpA-AI).
+
+Input, packed into one tensor so that MONAI's Grad-CAM (which takes one input tensor) works:
+``x``: float32 (N, S * 2 * C, H, W), ordered sequence-major (t1, t2, stir), then joint half
+(right, left), then slice (A -> P); ``clinical``: float32 (N, D) from
+:class:`~rheumai.tasks.negspa.clinical.ClinicalEncoder` (values then missing flags).
+
+Per sequence, one MONAI ResNet branch (``spatial_dims=2``, ``n_input_channels=C``,
+``conv1_t_stride=2``, no classification layer) encodes each joint half (halves folded into the
+batch: branch batch = N * 2). Separate weights per sequence, as the issue asks (the published dump
+shares one backbone between the three sequences; ``shared_backbone=True`` reproduces that).
+
+Two heads, one logit per joint half:
+* ``image`` head (stage 1): linear on the concatenated sequence features;
+* ``fusion`` head (stage 2): MLP on [sequence features, MLP embedding of the clinical vector].
+The patient logit is the **max over the two halves** (a patient is positive when either joint is;
+the paper labels patients, so the loss is on the patient logit and the halves need no labels).
+``forward(x, clinical)`` returns (N, 1) patient logits; ``forward(..., output="halves")`` (N, 2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...models import RESNET_DEPTHS
+from .preprocess import ROLES
+
+FEATURES = {10: 512, 18: 512, 34: 512, 50: 2048, 101: 2048, 152: 2048, 200: 2048}
+
+
+def default_architecture(depth: int = 50, n_slices: int = 3, input_size: tuple[int, int] = (224, 224),
+                         clinical_dim: int = 26, clinical_embed: int = 32, conv1_t_stride: int = 2,
+                         shared_backbone: bool = False) -> dict[str, Any]:
+    """The model card's ``architecture`` entry (default: ResNet-50 branches, 3 slices, 224 x 224)."""
+    return {"family": "negspa_tri_resnet", "depth": int(depth), "roles": list(ROLES), "in_channels": int(n_slices),
+            "n_halves": 2, "input_size": [int(input_size[0]), int(input_size[1])], "spatial_dims": 2,
+            "conv1_t_stride": int(conv1_t_stride), "clinical_dim": int(clinical_dim),
+            "clinical_embed": int(clinical_embed), "shared_backbone": bool(shared_backbone), "num_outputs": 1}
+
+
+def _branch(depth: int, in_channels: int, stride: int) -> nn.Module:
+    from monai.networks.nets import resnet as monai_resnet
+
+    if depth not in RESNET_DEPTHS:
+        raise ValueError(f"ResNet depth {depth} not available; choose one of {RESNET_DEPTHS}")
+    return getattr(monai_resnet, f"resnet{depth}")(pretrained=False, spatial_dims=2, n_input_channels=in_channels,
+                                                     conv1_t_stride=stride, feed_forward=False)
+
+
+class TriInputResNet(nn.Module):
+    """See the module docstring. ``mode``: "image" (stage 1 head) or "fusion" (stage 2 head)."""
+
+    def __init__(self, architecture: dict[str, Any]):
+        super().__init__()
+        a = architecture
+        self.roles = tuple(a.get("roles", ROLES))
+        self.c = int(a.get("in_channels", 3))
+        self.n_halves = int(a.get("n_halves", 2))
+        depth = int(a.get("depth", 50))
+        stride = int(a.get("conv1_t_stride", 2))
+        feat = FEATURES[depth]
+        if a.get("shared_backbone"):
+            shared = _branch(depth, self.c, stride)
+            self.branches = nn.ModuleDict({r: shared for r in self.roles})
+        else:
+            self.branches = nn.ModuleDict({r: _branch(depth, self.c, stride) for r in self.roles})
+        d, e = int(a.get("clinical_dim", 26)), int(a.get("clinical_embed", 32))
+        self.clinical_dim = d
+        self.image_head = nn.Linear(feat * len(self.roles), 1)
+        self.clinical_mlp = nn.Sequential(nn.Linear(d, e), nn.ReLU(inplace=True), nn.Linear(e, e), nn.ReLU(inplace=True))
+        self.fusion_head = nn.Sequential(nn.Dropout(0.2), nn.Linear(feat * len(self.roles) + e, 64),
+                                         nn.ReLU(inplace=True), nn.Linear(64, 1))
+        self.mode = "fusion"
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, S*2*C, H, W) -> (N, 2, S * F) per-half concatenated sequence features."""
+        n, _, h, w = x.shape
+        s = len(self.roles)
+        x = x.view(n, s, self.n_halves, self.c, h, w)
+        feats = [self.branches[r](x[:, i].reshape(n * self.n_halves, self.c, h, w)) for i, r in enumerate(self.roles)]
+        return torch.cat(feats, dim=1).view(n, self.n_halves, -1)
+
+    def forward(self, x: torch.Tensor, clinical: torch.Tensor | None = None, output: str = "patient",
+                mode: str | None = None) -> torch.Tensor:
+        mode = mode or self.mode
+        f = self.features(x)
+        if mode == "image":
+            halves = self.image_head(f).squeeze(-1)
+        elif mode == "fusion":
+            if clinical is None:
+                raise ValueError("the fusion head needs the clinical vector")
+            emb = self.clinical_mlp(clinical).unsqueeze(1).expand(-1, self.n_halves, -1)
+            halves = self.fusion_head(torch.cat([f, emb], dim=-1)).squeeze(-1)
+        else:
+            raise ValueError(f"mode must be 'image' or 'fusion', not {mode!r}")
+        if output == "halves":
+            return halves
+        return halves.max(dim=1, keepdim=True).values
+
+
+def build_model(architecture: dict[str, Any]) -> TriInputResNet:
+    """The network of a NegSpA model card (random initialisation)."""
+    if architecture.get("family") != "negspa_tri_resnet":
+        raise ValueError(f"architecture family {architecture.get('family')!r} is not 'negspa_tri_resnet'")
+    return TriInputResNet(architecture)
+
+
+def pack(images: torch.Tensor) -> torch.Tensor:
+    """(N, S, 2, C, H, W) -> (N, S*2*C, H, W), the model's packed input."""
+    n, s, hv, c, h, w = images.shape
+    return images.reshape(n, s * hv * c, h, w)

@@ -1,0 +1,328 @@
+"""NegSpA-AI preprocessing: per sequence, sample the sacroiliac box, normalise, split into joint halves.
+
+Coordinates: LPS mm throughout (SimpleITK's convention); arrays are (k, j, i) = (slice, row, column).
+
+Choice of planes. Lu et al. read the sacroiliac joints on oblique-coronal slices (parallel to the
+sacrum's long axis), where each joint appears as a cleft between sacrum and ilium. We sample
+*coronal* slices in each series' own coronal-like frame (:func:`rheumai.geometry.snap_frame` onto
+:data:`CORONAL_FRAME`): an oblique-coronal acquisition keeps its obliquity, an axial or a pure
+coronal one gives true coronal planes. The published code feeds three slices per sequence as the
+three input channels; we do the same (``n_slices`` = 3, centred on the box, ``slice_spacing_mm``
+apart along anterior -> posterior).
+
+The box (both joints) is split at its centre along left-right into two halves. Each half is sampled
+on its own grid whose columns run **lateral -> medial** (the left half's column axis is mirrored),
+so both joints look alike to the network; its rows run superior -> inferior, its slices
+anterior -> posterior. Half 0 = patient right joint, half 1 = patient left joint. Each half keeps
+its :class:`~rheumai.geometry.Grid`, so a map on a half goes back into the series' own geometry
+with :meth:`SequenceSample.to_source` (``sitk.Resample`` onto the series' grid).
+
+Intensity: :func:`rheumai.normalize.normalize_intensity` per sequence over both halves together
+(one scaling, so left/right asymmetry survives), only over points inside the series' field of view.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from ...atomic import atomic_path, write_json
+from ...errors import InputError
+from ...geometry import Grid, image_from_array, snap_frame
+from ...io import Study, read_study
+from ...normalize import METHODS, normalize_intensity
+
+ROLES = ("t1", "t2", "stir")
+HALVES = ("right", "left")
+# Columns: i = patient right -> left (LPS +x), j = superior -> inferior (-z), k = anterior -> posterior (+y).
+CORONAL_FRAME = np.array([[1.0, 0.0, 0.0],
+                          [0.0, 0.0, 1.0],
+                          [0.0, -1.0, 0.0]])
+
+
+@dataclass(frozen=True)
+class Box:
+    """Axis-aligned box in LPS mm (both sacroiliac joints)."""
+
+    min_lps: tuple[float, float, float]
+    max_lps: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        lo, hi = np.asarray(self.min_lps, float), np.asarray(self.max_lps, float)
+        if lo.shape != (3,) or hi.shape != (3,) or np.any(hi <= lo):
+            raise ValueError(f"box needs 3 min and 3 max LPS coordinates with max > min, got {self.min_lps}, {self.max_lps}")
+        object.__setattr__(self, "min_lps", tuple(map(float, lo)))
+        object.__setattr__(self, "max_lps", tuple(map(float, hi)))
+
+    @property
+    def center(self) -> np.ndarray:
+        return (np.asarray(self.min_lps) + np.asarray(self.max_lps)) / 2
+
+    @property
+    def size(self) -> np.ndarray:
+        return np.asarray(self.max_lps) - np.asarray(self.min_lps)
+
+    def corners(self) -> np.ndarray:
+        lo, hi = np.asarray(self.min_lps), np.asarray(self.max_lps)
+        return np.array([[(lo, hi)[a][0], (lo, hi)[b][1], (lo, hi)[c][2]]
+                         for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_lps": list(self.min_lps), "max_lps": list(self.max_lps), "coordinate_system": "LPS", "unit": "mm"}
+
+    @classmethod
+    def from_center_size(cls, center_lps: Any, size_mm: Any) -> "Box":
+        c, s = np.asarray(center_lps, float), np.abs(np.asarray(size_mm, float))
+        return cls(tuple(c - s / 2), tuple(c + s / 2))
+
+
+def box_from_dict(d: Mapping[str, Any], source: str | Path | None = None) -> Box:
+    """Box from {"min_lps", "max_lps"}, {"center_lps", "size_mm"}, or a Slicer markups ROI (.mrk.json)."""
+    try:
+        if "min_lps" in d:
+            return Box(tuple(d["min_lps"]), tuple(d["max_lps"]))
+        if "center_lps" in d:
+            return Box.from_center_size(d["center_lps"], d["size_mm"])
+        if "markups" in d:
+            roi = next(m for m in d["markups"] if m.get("type") == "ROI")
+            center, size = np.asarray(roi["center"], float), np.asarray(roi["size"], float)
+            axes = np.asarray(roi.get("orientation", np.eye(3).ravel()), float).reshape(3, 3)
+            if roi.get("coordinateSystem", "LPS") == "RAS":  # RAS -> LPS: negate x and y
+                flip = np.diag([-1.0, -1.0, 1.0])
+                center, axes = flip @ center, flip @ axes
+            half = np.abs(axes) @ (size / 2)  # axis-aligned bounds of a possibly rotated ROI
+            return Box(tuple(center - half), tuple(center + half))
+    except (KeyError, TypeError, ValueError, StopIteration) as exc:
+        raise InputError(source, f"not a valid box ({exc})") from None
+    raise InputError(source, "box JSON needs min_lps + max_lps, center_lps + size_mm, or a markups ROI")
+
+
+def read_box(path: str | Path) -> Box:
+    """Read a box from JSON (see :func:`box_from_dict`) or a one-row CSV with columns
+    min_x,min_y,min_z,max_x,max_y,max_z (LPS mm) or center_x,center_y,center_z,size_x,size_y,size_z."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "box file not found")
+    if path.suffix.lower() == ".csv":
+        try:
+            row = pd.read_csv(path).iloc[0]
+            if "min_x" in row:
+                return Box(tuple(row[f"min_{a}"] for a in "xyz"), tuple(row[f"max_{a}"] for a in "xyz"))
+            return Box.from_center_size([row[f"center_{a}"] for a in "xyz"], [row[f"size_{a}"] for a in "xyz"])
+        except (KeyError, IndexError, ValueError, pd.errors.ParserError) as exc:
+            raise InputError(path, f"box CSV needs min_x..max_z or center_x..size_z columns in LPS mm ({exc})") from None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"box file is not valid JSON: {exc}") from None
+    return box_from_dict(d, path)
+
+
+def as_box(box: Box | Mapping[str, Any] | str | Path) -> Box:
+    if isinstance(box, Box):
+        return box
+    if isinstance(box, Mapping):
+        return box_from_dict(box)
+    return read_box(box)
+
+
+@dataclass(frozen=True)
+class NegSpaParams:
+    """Sampling parameters. size: (H, W) pixels per joint half; n_slices per sequence (channels);
+    slice_spacing_mm between slices (anterior -> posterior); pixel_mm: in-plane step (mm), None =
+    the smallest isotropic step that fits the half box; frame: "acquisition" (each series' own
+    coronal-like planes) or "patient" (pure LPS coronal); norm: see rheumai.normalize."""
+
+    size: tuple[int, int] = (224, 224)
+    n_slices: int = 3
+    slice_spacing_mm: float = 4.0
+    pixel_mm: float | None = None
+    frame: str = "acquisition"
+    norm: str = "percentile"
+    norm_lower: float = 1.0
+    norm_upper: float = 99.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", tuple(int(s) for s in self.size))
+        if len(self.size) != 2 or min(self.size) < 8 or self.n_slices < 1 or self.slice_spacing_mm <= 0:
+            raise ValueError(f"invalid NegSpA parameters: {self}")
+        if self.pixel_mm is not None and self.pixel_mm <= 0:
+            raise ValueError("pixel_mm must be positive")
+        if self.frame not in ("acquisition", "patient"):
+            raise ValueError(f"frame must be 'acquisition' or 'patient', not {self.frame!r}")
+        if self.norm not in METHODS:
+            raise ValueError(f"norm must be one of {METHODS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "NegSpaParams":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def half_grids(image: sitk.Image, box: Box, params: NegSpaParams) -> tuple[Grid, Grid]:
+    """The (right, left) half grids for one series; columns lateral -> medial (see module doc)."""
+    if params.frame == "acquisition":
+        frame = snap_frame(np.asarray(image.GetDirection()).reshape(3, 3), CORONAL_FRAME)
+    else:
+        frame = CORONAL_FRAME.copy()
+    u_i, u_j, u_k = frame[:, 0], frame[:, 1], frame[:, 2]
+    c = box.center
+    rel = box.corners() - c
+    ext_i = float(np.ptp(rel @ u_i))
+    ext_j = float(np.ptp(rel @ u_j))
+    h, w = params.size
+    px = float(params.pixel_mm) if params.pixel_mm else max(ext_i / 2 / w, ext_j / h)
+    spacing = np.array([px, px, float(params.slice_spacing_mm)])
+    size = np.array([w, h, params.n_slices])
+    grids = []
+    for sign in (-1.0, 1.0):  # right half (towards -x), then left half (towards +x)
+        centre = c + sign * u_i * (w * px / 2)  # halves meet at the box centre
+        d = np.stack([-sign * u_i, u_j, u_k], axis=1)  # columns lateral -> medial
+        origin = centre - d @ (spacing * (size - 1) / 2)
+        grids.append(Grid(origin=tuple(map(float, origin)), direction=tuple(tuple(map(float, r)) for r in d),
+                          spacing=tuple(map(float, spacing)), size=tuple(map(int, size))))
+    return grids[0], grids[1]
+
+
+def _resample(image: sitk.Image, grid: Grid, interpolator: int, default: float = 0.0) -> np.ndarray:
+    out = sitk.Resample(image, grid.reference_image(), sitk.Transform(), interpolator, default, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out)
+
+
+@dataclass
+class SequenceSample:
+    """One sequence's input. array/mask: (2, C, H, W) = (half right/left, slice A->P, row S->I,
+    column lateral->medial); grids: the two half grids; source_grid: the series' own grid."""
+
+    role: str
+    array: np.ndarray
+    mask: np.ndarray
+    grids: tuple[Grid, Grid]
+    source_grid: Grid
+    source_path: str | None = None
+
+    def half_image(self, half: int, arr: np.ndarray | None = None) -> sitk.Image:
+        """(C, H, W) ``arr`` (default: this half's input) as an image on half ``half``'s grid."""
+        a = self.array[half] if arr is None else np.asarray(arr, np.float32)
+        return image_from_array(np.ascontiguousarray(a, dtype=np.float32), self.grids[half])
+
+    def to_source(self, maps: np.ndarray, interpolator: int = sitk.sitkLinear) -> sitk.Image:
+        """(2, C, H, W) maps on the half grids -> one float32 image on the series' exact grid
+        (0 outside the sampled slab; the halves do not overlap, the max joins them)."""
+        maps = np.asarray(maps, np.float32)
+        if maps.shape != self.array.shape:
+            raise ValueError(f"maps shape {maps.shape} differs from the sample's {self.array.shape}")
+        ref = self.source_grid.reference_image()
+        out = None
+        for h in range(2):
+            r = sitk.Resample(self.half_image(h, maps[h]), ref, sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32)
+            out = r if out is None else sitk.Maximum(out, r)
+        return out
+
+
+def preprocess_sequence(image: sitk.Image, box: Box, params: NegSpaParams, role: str = "",
+                        source_path: str | None = None) -> SequenceSample:
+    """Sample, mask and normalise one series on its two half grids."""
+    if image.GetDimension() != 3:
+        raise InputError(source_path, f"{role} series is {image.GetDimension()}D; a 3D volume is needed")
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    grids = half_grids(image, box, params)
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    raw = np.stack([_resample(image, g, sitk.sitkLinear) for g in grids])
+    mask = np.stack([_resample(ones, g, sitk.sitkNearestNeighbor) > 0.5 for g in grids])
+    if not mask.any():
+        raise InputError(source_path, f"the sacroiliac box {box.to_dict()['min_lps']}..{box.to_dict()['max_lps']} "
+                                      f"(LPS mm) lies outside the {role} series")
+    arr = normalize_intensity(raw, mask, params.norm, params.norm_lower, params.norm_upper)
+    return SequenceSample(role=role, array=arr, mask=mask, grids=grids, source_grid=Grid.of(image),
+                          source_path=source_path)
+
+
+@dataclass
+class NegSpaSample:
+    """A study's network input: one :class:`SequenceSample` per role (:data:`ROLES` order)."""
+
+    sequences: dict[str, SequenceSample]
+    box: Box
+    params: NegSpaParams
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def stacked(self) -> np.ndarray:
+        """float32 (S, 2, C, H, W): sequence (t1, t2, stir), half, slice, row, column."""
+        return np.stack([self.sequences[r].array for r in ROLES]).astype(np.float32)
+
+    def save(self, stem: str | Path) -> tuple[Path, Path]:
+        """``stem.npy`` (the stacked array) + ``stem.json`` (grids, box, params, provenance)."""
+        stem = Path(stem)
+        npy, meta = stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".json")
+        with atomic_path(npy) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, self.stacked())
+        write_json(meta, {
+            "format": "rheumai-negspa-sample/1", "roles": list(ROLES), "box": self.box.to_dict(),
+            "params": self.params.to_dict(), "provenance": self.provenance,
+            "sequences": {r: {"grids": [g.to_dict() for g in s.grids], "source_grid": s.source_grid.to_dict(),
+                              "source_path": s.source_path, "inside_fraction": float(s.mask.mean())}
+                          for r, s in self.sequences.items()}})
+        return npy, meta
+
+    @classmethod
+    def load(cls, stem: str | Path) -> "NegSpaSample":
+        stem = Path(stem)
+        npy, meta_path = stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".json")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            arr = np.load(npy, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(stem, f"is not a readable NegSpA sample ({exc})") from None
+        seqs = {}
+        for s, r in enumerate(meta["roles"]):
+            m = meta["sequences"][r]
+            seqs[r] = SequenceSample(role=r, array=arr[s], mask=np.ones(arr[s].shape, bool),
+                                     grids=tuple(Grid.from_dict(g) for g in m["grids"]),
+                                     source_grid=Grid.from_dict(m["source_grid"]), source_path=m["source_path"])
+        return cls(sequences=seqs, box=box_from_dict(meta["box"], meta_path),
+                   params=NegSpaParams.from_dict(meta["params"]), provenance=meta.get("provenance", {}))
+
+
+def _as_image(src: Any, role: str) -> tuple[sitk.Image, str | None]:
+    if isinstance(src, Study):
+        return src.image, src.path
+    if isinstance(src, sitk.Image):
+        return src, None
+    if isinstance(src, (str, Path)):
+        st = read_study(src)
+        return st.image, st.path
+    raise InputError(None, f"{role}: expected a path, a Study or a SimpleITK image, got {type(src).__name__}")
+
+
+def preprocess(study_inputs: Mapping[str, Any], params: Mapping[str, Any] | NegSpaParams | None = None) -> NegSpaSample:
+    """The task's preprocessing. ``study_inputs``: {"t1", "t2", "stir": path | Study | image,
+    "box": Box | dict | path}; ``params``: NegSpaParams or its dict (defaults: 224 x 224, 3 slices)."""
+    p = params if isinstance(params, NegSpaParams) else NegSpaParams.from_dict(dict(params or {}))
+    missing = [r for r in (*ROLES, "box") if study_inputs.get(r) is None]
+    if missing:
+        raise InputError(None, f"NegSpA-AI needs the T1, T2 and fat-suppressed (STIR/SPAIR) series and a box; "
+                               f"missing: {', '.join(missing)}")
+    box = as_box(study_inputs["box"])
+    seqs = {}
+    for role in ROLES:
+        img, path = _as_image(study_inputs[role], role)
+        seqs[role] = preprocess_sequence(img, box, p, role=role, source_path=path)
+    return NegSpaSample(sequences=seqs, box=box, params=p,
+                        provenance={"sources": {r: s.source_path for r, s in seqs.items()}})
+
+
+def params_with(base: NegSpaParams | None = None, **overrides: Any) -> NegSpaParams:
+    return replace(base or NegSpaParams(), **{k: v for k, v in overrides.items() if v is not None})

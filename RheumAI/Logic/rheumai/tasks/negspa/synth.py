@@ -1,0 +1,226 @@
+"""Generated NegSpA cohort with known truth: three co-registered MRI series per subject.
+
+The phantom is an analytic pelvis defined in LPS mm (coronal cross-section: sacrum in the middle,
+the two sacroiliac joint clefts as thin bands, the iliac bones lateral to them, soft tissue
+around), tilted and warped per subject. Each series samples the *same* phantom on its own grid, so
+the series are co-registered by construction yet stored in different geometries:
+
+* ``t1``: oblique coronal (tilted about LPS x like the sacrum), in-plane ``spacing`` mm, 4 mm slices;
+* ``t2``: axial, in-plane 1.25 x ``spacing``, 4 mm slices;
+* ``stir``: oblique coronal, in-plane 1.5 x ``spacing``, 4 mm slices.
+
+Tissue signal per sequence follows the usual contrast: marrow bright on T1 and dark on STIR,
+joint fluid bright on T2 / STIR, oedema dark on T1 and bright on STIR. Positives carry one or two
+oedema-like ellipsoids in the subchondral bone next to a joint (the truth mask, written on the
+STIR grid). Clinical features are drawn with label-dependent prevalences (inflammatory back pain,
+CRP, NSAID response... higher in positives) and ~10 % of values are left empty (missing).
+
+Outputs in ``out_dir``: ``<id>/t1.nii.gz, t2.nii.gz, stir.nii.gz, box.json, truth_oedema.nii.gz``,
+``cohort.csv`` (patient_id, label, split, paths relative to out_dir, oedema side) and
+``clinical.csv``. Deterministic per ``seed``; existing complete subjects are kept (resumable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from ...atomic import atomic_path, write_json, write_text
+from ...geometry import Grid, image_from_array
+from .clinical import BINARY
+
+# Tissue classes and their signal per sequence (arbitrary MR units).
+BG, SOFT, BONE, CLEFT, OEDEMA = range(5)
+SIGNAL = {"t1": [0.0, 300.0, 620.0, 140.0, 260.0],
+          "t2": [0.0, 260.0, 380.0, 720.0, 560.0],
+          "stir": [0.0, 190.0, 90.0, 620.0, 760.0]}
+SLICE_MM = 4.0
+FOV_MM = (200.0, 150.0, 140.0)  # LR, AP, SI extent of every series (mm)
+
+
+@dataclass
+class Subject:
+    """Anatomy of one phantom (LPS mm)."""
+
+    centre: np.ndarray  # pelvis centre
+    tilt_rad: float  # sacral tilt about the LPS x axis
+    sacrum_half_width: float  # mm at the centre height
+    cleft_mm: float
+    warp_mm: float
+    warp_phase: float
+    lesions: list[tuple[np.ndarray, np.ndarray]]  # (centre offset in the pelvis frame, radii)
+
+
+def _rot_x(a: float) -> np.ndarray:
+    c, s = np.cos(a), np.sin(a)
+    return np.array([[1, 0, 0], [0, c, -s], [0, s, c]], float)
+
+
+def tissue(points: np.ndarray, sub: Subject) -> np.ndarray:
+    """Tissue class (int8) at (N, 3) LPS points."""
+    p = (points - sub.centre) @ _rot_x(sub.tilt_rad)  # pelvis frame: x LR, y AP, z SI (LPS axes)
+    x, y, z = p[:, 0], p[:, 1], p[:, 2]
+    x = x + sub.warp_mm * np.sin(z / 18.0 + sub.warp_phase)  # smooth deformation
+    out = np.zeros(len(p), np.int8)
+    out[(x / 95.0) ** 2 + (y / 70.0) ** 2 <= 1.0] = SOFT
+    in_slab = (np.abs(z) <= 50.0) & (np.abs(y) <= 28.0)
+    ws = sub.sacrum_half_width + 0.22 * z  # sacrum widens superiorly (LPS +z = superior)
+    ax = np.abs(x)
+    out[in_slab & (ax < ws)] = BONE
+    out[in_slab & (ax >= ws) & (ax < ws + sub.cleft_mm)] = CLEFT
+    out[in_slab & (ax >= ws + sub.cleft_mm) & (ax < ws + sub.cleft_mm + 42.0)] = BONE
+    for c, r in sub.lesions:
+        inside = (((p - c) / r) ** 2).sum(axis=1) <= 1.0
+        out[inside & (out == BONE)] = OEDEMA
+    return out
+
+
+def _series_grid(kind: str, centre: np.ndarray, spacing: float, tilt: float) -> Grid:
+    if kind == "axial":
+        d = np.eye(3)  # i: R->L, j: A->P, k: I->S
+        fov = np.array([FOV_MM[0], FOV_MM[1], FOV_MM[2]])
+    else:  # oblique coronal: i R->L, j S->I, k A->P, tilted about x
+        c, s = np.cos(tilt), np.sin(tilt)
+        d = np.array([[1, 0, 0], [0, s, c], [0, -c, s]], float)
+        fov = np.array([FOV_MM[0], FOV_MM[2], FOV_MM[1]])
+    sp = np.array([spacing, spacing, SLICE_MM])
+    size = np.maximum(np.round(fov / sp).astype(int), 4)
+    origin = centre - d @ (sp * (size - 1) / 2)
+    return Grid(tuple(map(float, origin)), tuple(tuple(map(float, r)) for r in d), tuple(map(float, sp)),
+                tuple(map(int, size)))
+
+
+def _points(grid: Grid) -> np.ndarray:
+    i, j, k = (np.arange(s, dtype=float) for s in grid.size)
+    kk, jj, ii = np.meshgrid(k, j, i, indexing="ij")
+    return grid.index_to_physical(np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1))
+
+
+def make_subject(rng: np.random.Generator, positive: bool) -> tuple[Subject, str]:
+    ws = float(rng.uniform(30, 38))
+    sub = Subject(centre=rng.normal(0, 4, 3), tilt_rad=float(np.radians(rng.uniform(10, 25))),
+                  sacrum_half_width=ws, cleft_mm=float(rng.uniform(2.5, 4.0)), warp_mm=float(rng.uniform(0, 3)),
+                  warp_phase=float(rng.uniform(0, 2 * np.pi)), lesions=[])
+    side = "none"
+    if positive:
+        side = str(rng.choice(["right", "left", "both"]))
+        for sgn, name in ((-1.0, "right"), (1.0, "left")):
+            if side in (name, "both"):
+                z = float(rng.uniform(-30, 30))
+                wz = ws + 0.22 * z
+                lateral = bool(rng.integers(2))  # iliac (lateral) or sacral (medial) side of the cleft
+                x = sgn * (wz + 3 + 8.0 if lateral else wz - 8.0)
+                sub.lesions.append((np.array([x, rng.uniform(-12, 12), z]),
+                                    np.array([rng.uniform(6, 9), rng.uniform(7, 11), rng.uniform(8, 12)])))
+    return sub, side
+
+
+def clinical_row(rng: np.random.Generator, positive: bool, missing_rate: float = 0.1) -> dict[str, str]:
+    """Raw clinical values (strings; empty = missing), prevalences depending on the label."""
+    prev_pos = {"inflammatory_back_pain": 0.85, "arthritis": 0.35, "heel_enthesitis": 0.3, "uveitis": 0.15,
+                "dactylitis": 0.1, "psoriasis": 0.12, "ibd": 0.1, "nsaid_response": 0.75, "family_history": 0.3}
+    prev_neg = {"inflammatory_back_pain": 0.35, "arthritis": 0.12, "heel_enthesitis": 0.08, "uveitis": 0.03,
+                "dactylitis": 0.03, "psoriasis": 0.05, "ibd": 0.03, "nsaid_response": 0.3, "family_history": 0.08}
+    prev = prev_pos if positive else prev_neg
+    row: dict[str, str] = {n: ("yes" if rng.random() < prev[n] else "no") for n, _ in BINARY}
+    row["crp"] = f"{float(np.exp(rng.normal(2.6 if positive else 1.2, 0.8))):.1f}"
+    row["age"] = f"{float(np.clip(rng.normal(31 if positive else 36, 8), 16, 70)):.0f}"
+    row["sex"] = "M" if rng.random() < (0.6 if positive else 0.45) else "F"
+    row["disease_duration"] = f"{float(np.clip(rng.gamma(2.0, 18 if positive else 12), 3, 400)):.0f}"
+    for k in row:
+        if rng.random() < missing_rate:
+            row[k] = ""
+    return row
+
+
+def _write(img: sitk.Image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+
+
+def make_cohort(out_dir: str | Path, n: int = 24, seed: int = 0, spacing: float = 1.0,
+                split: tuple[float, float, float] = (0.6, 0.2, 0.2), noise: float = 0.04,
+                show_progress: bool = True) -> Path:
+    """Write ``n`` subjects (half positive) and return the path of ``cohort.csv``.
+
+    spacing: T1 in-plane step (mm); T2 and STIR use 1.25x and 1.5x. Larger = smaller files (tests
+    use 3-4 mm). split: train/val/test fractions, stratified by label, assigned deterministically.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng0 = np.random.default_rng(seed)
+    labels = np.array([i % 2 for i in range(n)])
+    rng0.shuffle(labels)
+    splits = np.empty(n, dtype=object)
+    for lab in (0, 1):
+        idx = np.flatnonzero(labels == lab)
+        n_tr = int(round(split[0] * len(idx)))
+        n_va = int(round(split[1] * len(idx)))
+        splits[idx[:n_tr]] = "train"
+        splits[idx[n_tr:n_tr + n_va]] = "val"
+        splits[idx[n_tr + n_va:]] = "test"
+    rows, clin = [], []
+    for i in tqdm(range(n), desc="negspa synth", disable=not show_progress):
+        pid = f"SPA{i:04d}"
+        rng = np.random.default_rng([seed, i])
+        positive = bool(labels[i])
+        sub, side = make_subject(rng, positive)
+        folder = out / pid
+        files = {r: folder / f"{r}.nii.gz" for r in ("t1", "t2", "stir")}
+        box_path, truth_path = folder / "box.json", folder / "truth_oedema.nii.gz"
+        grids = {"t1": _series_grid("coronal", sub.centre, spacing, sub.tilt_rad),
+                 "t2": _series_grid("axial", sub.centre, spacing * 1.25, 0.0),
+                 "stir": _series_grid("coronal", sub.centre, spacing * 1.5, sub.tilt_rad)}
+        if not (box_path.is_file() and truth_path.is_file() and all(f.is_file() for f in files.values())):
+            for role, grid in grids.items():
+                t = tissue(_points(grid), sub).reshape(grid.size[::-1])
+                sig = np.asarray(SIGNAL[role], np.float32)[t] * float(rng.uniform(0.8, 1.2))
+                sig = sig + rng.normal(0, noise * 500.0, sig.shape).astype(np.float32)
+                _write(image_from_array(np.maximum(sig, 0).astype(np.float32), grid), files[role])
+                if role == "stir":
+                    _write(image_from_array((t == OEDEMA).astype(np.uint8), grid), truth_path)
+            ws = sub.sacrum_half_width
+            half = np.array([ws + 56.0, 34.0, 55.0])  # both joints with margin; LR, AP, SI (mm)
+            c = sub.centre + rng.normal(0, 2, 3)
+            write_json(box_path, {"min_lps": list(c - half), "max_lps": list(c + half), "coordinate_system": "LPS",
+                                  "unit": "mm", "description": "box around both sacroiliac joints"})
+        rows.append({"patient_id": pid, "label": int(positive), "split": splits[i],
+                     **{r: str(f.relative_to(out)) for r, f in files.items()},
+                     "box": str(box_path.relative_to(out)), "truth": str(truth_path.relative_to(out)),
+                     "oedema_side": side})
+        clin.append({"patient_id": pid, **clinical_row(rng, positive)})
+    write_text(out / "clinical.csv", pd.DataFrame(clin).to_csv(index=False))
+    cohort = out / "cohort.csv"
+    write_text(cohort, pd.DataFrame(rows).to_csv(index=False))
+    write_json(out / "synth.json", {"n": n, "seed": seed, "spacing_mm": spacing, "noise": noise,
+                                    "signal": SIGNAL, "fov_mm": FOV_MM, "slice_mm": SLICE_MM})
+    return cohort
+
+
+def read_cohort(path: str | Path) -> pd.DataFrame:
+    """cohort.csv with the image / box paths made absolute (relative to the CSV's folder)."""
+    from ...errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "cohort CSV not found")
+    df = pd.read_csv(path, dtype={"patient_id": str})
+    need = ["patient_id", "t1", "t2", "stir", "box"]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise InputError(path, f"cohort CSV lacks columns {missing} (needs {need}, optional label, split)")
+    for c in ("t1", "t2", "stir", "box", "truth"):
+        if c in df.columns:
+            df[c] = [str((path.parent / str(v)).resolve()) if isinstance(v, str) and v else v for v in df[c]]
+    return df
+
+
+def describe(cohort_csv: str | Path) -> dict[str, Any]:
+    df = pd.read_csv(cohort_csv)
+    return {"n": len(df), "positive": int(df["label"].sum()), "splits": df["split"].value_counts().to_dict()}

@@ -1,0 +1,46 @@
+"""The NegSpA-AI task declaration (Lu et al., QIMS 2024) for the registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..base import InputSpec, RoiSpec, Task
+from .clinical import CLINICAL_VARIABLES
+from .model import build_model, default_architecture
+from .preprocess import NegSpaParams, preprocess
+
+
+def default_params() -> dict[str, Any]:
+    return NegSpaParams().to_dict()
+
+
+TASK = Task(
+    name="negspa",
+    title="NegSpA-AI: HLA-B27-negative axial SpA (sacroiliac MRI + clinical)",
+    description="Classifies HLA-B27-negative axial spondyloarthritis from T1W, T2W and fat-suppressed sacroiliac "
+                "MRI (three ResNet branches, left/right joint halves, max over halves) fused with clinical SpA "
+                "features; MixCut augmentation; two-stage training.",
+    reference="Lu et al., Quant Imaging Med Surg 2024 (NegSpA-AI); code dump github.com/MedImgPro/ASMixCut",
+    inputs=(InputSpec("t1", "T1-weighted sacroiliac MRI", sequence="T1", orientation="any"),
+            InputSpec("t2", "T2-weighted sacroiliac MRI", sequence="T2", orientation="any"),
+            InputSpec("stir", "fat-suppressed T2 (STIR / SPAIR) sacroiliac MRI", sequence="STIR", orientation="any",
+                      accepts=("T2 fat-suppressed", "SPAIR", "SPIR", "Dixon water"))),
+    head="binary",
+    preprocess=preprocess,
+    build_model=build_model,
+    default_architecture=default_architecture,
+    default_params=default_params,
+    roi=RoiSpec("box", "axis-aligned box around both sacroiliac joints (LPS mm)",
+                formats=("JSON {min_lps, max_lps} or {center_lps, size_mm}", "Slicer markups ROI .mrk.json",
+                         "CSV min_x..max_z or center_x..size_z")),
+    clinical=CLINICAL_VARIABLES,
+    saliency_targets={"t1": "layer4", "t2": "layer4", "stir": "layer4"},
+    outputs=("probability", "label", "threshold", "probability per joint half (right, left)",
+             "Grad-CAM volume per sequence (each in its own series' geometry)", "montage PNG per sequence"),
+    api={"synth": "rheumai.tasks.negspa.synth:make_cohort", "build_dataset": "rheumai.tasks.negspa.train:build_dataset",
+         "train": "rheumai.tasks.negspa.train:train_negspa", "evaluate": "rheumai.tasks.negspa.train:evaluate_negspa",
+         "predict": "rheumai.tasks.negspa.predict:predict_negspa",
+         "predict_batch": "rheumai.tasks.negspa.predict:predict_cohort",
+         "predictor": "rheumai.tasks.negspa.predict:NegSpaPredictor"},
+    cli_modules=("rheumai.tasks.negspa.cli",),
+)

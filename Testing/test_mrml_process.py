@@ -1,0 +1,176 @@
+"""Background worker: protocol, real jobs in a real subprocess (sys.executable), cancel of the tree,
+and the console logic's dataset building / training on a small synthetic cohort."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rheumai_mrml.process import (EVENT_PREFIX, WorkerError, WorkerEvent, WorkerProcess, dataset_progress,
+                                  format_event, group_alive, parse_line, python_executable, stage_progress,
+                                  worker_command, worker_script, write_job)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_protocol_round_trip():
+    line = format_event("cache", 0.25, "3/12 done", pid=42, result=None)
+    assert line.startswith(EVENT_PREFIX)
+    ev = parse_line(line + "\n")
+    assert ev == WorkerEvent(stage="cache", progress=0.25, message="3/12 done", data={"pid": 42})
+    done = parse_line(format_event("done", 1.0, result={"rows": [1, 2]}))
+    assert done.result == {"rows": [1, 2]}
+    for other in ("plain log line", EVENT_PREFIX + "{not json", EVENT_PREFIX + '{"no_stage": 1}', ""):
+        assert parse_line(other) is None
+    assert stage_progress(1, 4, 5, 10) == pytest.approx(0.375)
+    assert stage_progress(3, 4, 10, 0) == 1.0
+    assert dataset_progress("index", 5, 10) == pytest.approx(0.15)
+    assert dataset_progress("computing task inputs", 10, 10) == pytest.approx(1.0)
+
+
+def test_command_line_and_job_file(tmp_path):
+    assert python_executable() == sys.executable  # no Slicer application here
+    assert worker_script().is_file() and worker_script().parent.name == "Scripts"
+    job = write_job(tmp_path, "select", {"inputs": ["a.nii.gz"]})
+    assert worker_command(job) == [sys.executable, "-u", str(worker_script()), str(job)]
+    with pytest.raises(ValueError, match="unknown worker job"):
+        write_job(tmp_path, "format_disk", {})
+
+
+def test_worker_select_job(tmp_path, t2_crop_path):
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"nope")
+    w = WorkerProcess("select", {"inputs": [str(t2_crop_path), str(bad)], "out_dir": str(tmp_path / "sel"),
+                                 "params": {"size": [40, 32]}}, work_dir=tmp_path / "job")
+    events, logs = [], []
+    result = w.wait(on_output=lambda x: (events if isinstance(x, WorkerEvent) else logs).append(x), timeout=120)
+    assert w.returncode == 0 and events[0].stage == "start" and events[-1].stage == "done"
+    progress = [e.progress for e in events if e.stage == "select"]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    assert result["n_ok"] == 1 and result["n_failed"] == 1  # the bad input is reported, not dropped
+    ok, failed = result["rows"]
+    assert str(bad) in failed["error"]
+    from rheumai.slices import SliceSelection
+
+    sel = SliceSelection.load(ok["stem"])
+    assert sel.array.shape == (6, 40, 32)
+    np.testing.assert_allclose(sel.slab_center, ok["slab_center_lps"])
+    assert (tmp_path / "job" / "result.json").is_file()
+
+
+def test_worker_failure_is_reported(tmp_path):
+    w = WorkerProcess("train", {"config": str(tmp_path / "missing.toml")}, work_dir=tmp_path / "job")
+    with pytest.raises(WorkerError, match="missing.toml"):
+        w.wait(timeout=120)
+    assert w.returncode == 2  # bad input
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process-group check uses POSIX /proc")
+def test_cancel_ends_the_whole_process_tree(tmp_path, t2_path):
+    w = WorkerProcess("select", {"inputs": [str(t2_path)] * 200, "out_dir": str(tmp_path / "sel"),
+                                 "params": {}, "workers": 2}, work_dir=tmp_path / "job").start()
+    pool_pids: list[int] = []
+    deadline = time.monotonic() + 120
+    first_done = False
+    while not first_done and time.monotonic() < deadline:
+        for item in w.poll():
+            if isinstance(item, WorkerEvent) and item.data.get("pids"):
+                pool_pids = item.data["pids"]
+            if isinstance(item, WorkerEvent) and item.stage == "select" and (item.progress or 0) > 0:
+                first_done = True
+        time.sleep(0.02)
+    assert first_done and len(pool_pids) == 2
+    pgid = os.getpgid(w.proc.pid)
+    assert pgid == w.proc.pid  # the worker leads its own group
+    assert all(_alive(p) for p in pool_pids) and group_alive(pgid)
+    w.cancel()
+    assert not group_alive(pgid)
+    assert not any(_alive(p) for p in pool_pids)
+    assert w.returncode is not None and w.returncode != 0
+    with pytest.raises(WorkerError, match="cancelled"):
+        w.outcome()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+# ----------------------------------------------------------------- dataset and training
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from rheumai.synth.cervical import generate_cohort
+
+    return generate_cohort(tmp_path_factory.mktemp("cohort"), n_subjects=6, prevalence=0.5, seed=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def dataset(cohort, tmp_path_factory):
+    """Built with the console logic in this process (what a script calls)."""
+    slicer = pytest.importorskip("slicer", reason="needs slicer-core")
+    from rheumai_mrml.logic import RheumAIConsoleLogic
+    from rheumai_mrml.scene import new_scene
+
+    ctx = new_scene()
+    seen: list[tuple[float, str]] = []
+    out = RheumAIConsoleLogic(ctx.scene).buildDataset(
+        cohort.dicom_dir, cohort.labels_csv, tmp_path_factory.mktemp("ds"),
+        progressCallback=lambda f, m: seen.append((f, m)), params={"size": [32, 32]},
+        rules={"min_followup_days": 0}, split={"train_fraction": 0.7})
+    ctx.close()
+    assert slicer is not None
+    return out, seen
+
+
+def test_build_dataset_console(dataset, cohort, tmp_path):
+    out, seen = dataset
+    assert out["index"]["n_patients"] == 6
+    assert out["n_included"] >= 4 and sum(out["split_counts"].values()) == out["n_included"]
+    assert Path(out["manifest"]).is_file() and Path(out["paths"]["txt"]).is_file()
+    assert seen[0][1].startswith("index") and seen[-1][0] == pytest.approx(1.0)
+    assert all(0.0 <= f <= 1.0 for f, _ in seen)
+    from rheumai_mrml.logic import RheumAIConsoleLogic
+
+    with pytest.raises(TypeError, match="unknown options"):
+        RheumAIConsoleLogic(None).buildDataset(cohort.dicom_dir, cohort.labels_csv, tmp_path, colour="red")
+
+
+def _tiny_config(tmp_path: Path) -> Path:
+    """configs/small_cpu.toml made smaller still: ResNet-10, 32 x 32, one epoch, CPU."""
+    text = (CONFIGS / "small_cpu.toml").read_text()
+    for key, value in (("depth", "10"), ("input_size", "[32, 32]"), ("epochs", "1"), ("device", '"cpu"'),
+                       ("n_bootstrap", "20")):
+        text, n = re.subn(rf"(?m)^{key}\s*=\s*[^#\n]*", f"{key} = {value} ", text)
+        assert n == 1, f"{key} not found in small_cpu.toml"
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    return path
+
+
+def test_worker_build_dataset_and_train(dataset, cohort, tmp_path):
+    """The panel's path: dataset building and training each in a background worker process."""
+    built = WorkerProcess("build_dataset", {"dicom_folder": str(cohort.dicom_dir),
+                                            "labels_csv": str(cohort.labels_csv), "out_dir": str(tmp_path / "ds"),
+                                            "params": {"size": [32, 32]}, "rules": {"min_followup_days": 0},
+                                            "split": {"train_fraction": 0.7}}).wait(timeout=300)
+    assert built["n_included"] == dataset[0]["n_included"]
+    assert Path(built["manifest"]).read_text() == Path(dataset[0]["manifest"]).read_text()  # same cohort
+
+    stages: list[str] = []
+    res = WorkerProcess("train", {"config": str(_tiny_config(tmp_path)), "manifest": built["manifest"],
+                                  "out_dir": str(tmp_path / "run")}).wait(
+        on_output=lambda x: stages.append(x.stage) if isinstance(x, WorkerEvent) else None, timeout=400)
+    assert res["epochs_run"] == 1 and not res["stopped"]
+    assert (Path(res["checkpoint"]) / "model_card.json").is_file()
+    assert "epoch" in stages and stages[-1] == "done"
