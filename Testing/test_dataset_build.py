@@ -177,6 +177,11 @@ def test_changed_and_broken_source_series(tmp_path, dicom_t1_dir):
     assert "P002" not in {r["patient_id"] for r in _manifest(second.manifest)}
     excluded = (tmp_path / "out" / "excluded.csv").read_text()
     assert "P002,input,series could not be read or sampled" in excluded
+    # An entry left half-written (its .json missing, e.g. a killed run) is computed again.
+    p3 = next(r for r in _manifest(second.manifest) if r["patient_id"] == "P003")
+    (tmp_path / "out" / (p3["cache_file"] + ".json")).unlink()
+    third = build_dataset(idx, labels, tmp_path / "out", CohortRules(), SplitConfig(), PARAMS, progress=QUIET)
+    assert third.cache.computed == ["P003"] and filecmp.cmp(third.manifest, second.manifest, shallow=False)
 
 
 def test_intermediate_policies_and_split_options(built, tmp_path):

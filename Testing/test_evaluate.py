@@ -23,7 +23,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     manifest = write_toy_cohort(root / "cohort", n_train=20, n_val=0, n_test=16, size=32,
                                 positive_fraction=0.4, seed=7)
     rc = main(["train", "--config", str(REPO / "configs" / "small_cpu.toml"), "--manifest", str(manifest),
-               "--out", str(root / "run"), "--epochs", "3", "--quiet"])
+               "--out", str(root / "run"), "--epochs", "2", "--quiet"])
     assert rc == 0
     return manifest, root / "run" / "model"
 
@@ -39,7 +39,7 @@ def test_train_cli_outputs(trained: tuple[Path, Path]) -> None:
     assert card["training_data"]["n_val"] == 4 and "carved" in card["training_data"]["val_source"]
     splits = pd.read_csv(run / "splits.csv")
     assert set(splits["used_as"]) == {"train", "val"} and splits["patient_id"].is_unique
-    assert "epochs = 3" in (run / "config.toml").read_text()
+    assert "epochs = 2" in (run / "config.toml").read_text()
 
 
 def test_evaluate_cli_report(trained: tuple[Path, Path], tmp_path: Path) -> None:

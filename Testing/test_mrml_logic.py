@@ -7,6 +7,7 @@ real T2 test studies. Dataset building and training: Testing/test_mrml_process.p
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +156,16 @@ def test_slice_params_and_bad_inputs(mrml):
         logic.selectSlices(mrml.scene.AddNewNodeByClass("vtkMRMLTableNode"))
     with pytest.raises(InputError):
         logic.predict("/nonexistent/t2.nii.gz", "/nonexistent/model")
+
+
+def test_missing_requirements_and_model_card_text(tmp_path, checkpoint):
+    from rheumai_mrml.logic import missing_requirements, model_card_text
+
+    req = tmp_path / "requirements.txt"
+    req.write_text("# comment\nnumpy>=1.0\nnumpy>=999\nSimpleITK>=999\nsurely-not-installed-pkg>=1.0\n"
+                   "scipy>=1.0; python_version < '3.0'\n-r other.txt\n")
+    assert missing_requirements(req, skip=["simpleitk"]) == ["numpy>=999", "surely-not-installed-pkg>=1.0"]
+    shipped = Path(__file__).resolve().parents[1] / "RheumAI" / "Resources" / "requirements.txt"
+    assert missing_requirements(shipped) == []  # this environment has them all
+    text = model_card_text(RheumAIConsoleLogic(None).modelCard(checkpoint))
+    assert "test-resnet10-32" in text and "resnet10" in text and "Threshold: 0.5 (fixed)" in text

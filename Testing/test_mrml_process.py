@@ -65,10 +65,15 @@ def test_worker_select_job(tmp_path, t2_crop_path):
 
 
 def test_worker_failure_is_reported(tmp_path):
-    w = WorkerProcess("train", {"config": str(tmp_path / "missing.toml")}, work_dir=tmp_path / "job")
-    with pytest.raises(WorkerError, match="missing.toml"):
+    w = WorkerProcess("select", {"inputs": []}, work_dir=tmp_path / "job")
+    w.job_file.write_text("{ truncated")  # e.g. a disk-full write
+    with pytest.raises(WorkerError, match=r"job\.json: not a valid job file"):
         w.wait(timeout=120)
-    assert w.returncode == 2  # bad input
+    assert w.returncode == 2  # bad input: the message names the file
+    w = WorkerProcess("select", {"out_dir": str(tmp_path / "o")}, work_dir=tmp_path / "job2")  # no inputs
+    with pytest.raises(WorkerError, match="inputs"):
+        w.wait(timeout=120)
+    assert w.returncode == 1
 
 
 @pytest.mark.skipif(os.name == "nt", reason="process-group check uses POSIX /proc")
@@ -115,35 +120,67 @@ def cohort(tmp_path_factory):
     return generate_cohort(tmp_path_factory.mktemp("cohort"), n_subjects=6, prevalence=0.5, seed=3, progress=False)
 
 
+def _load_worker():
+    """The worker script as a module, to run its job functions in this process (the subprocess
+    mechanics are covered above; this keeps torch / MONAI imports to one process)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rheumai_worker", worker_script())
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _events(text: str) -> list[WorkerEvent]:
+    return [ev for ev in map(parse_line, text.splitlines()) if ev is not None]
+
+
 @pytest.fixture(scope="module")
 def dataset(cohort, tmp_path_factory):
-    """Built with the console logic in this process (what a script calls)."""
-    slicer = pytest.importorskip("slicer", reason="needs slicer-core")
+    """Built by the worker's build_dataset job (the panel's path)."""
+    import contextlib
+    import io
+
+    out_dir = tmp_path_factory.mktemp("ds")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        built = _load_worker().job_build_dataset({
+            "dicom_folder": str(cohort.dicom_dir), "labels_csv": str(cohort.labels_csv), "out_dir": str(out_dir),
+            "params": {"size": [32, 32]}, "rules": {"min_followup_days": 0}, "split": {"train_fraction": 0.7}})
+    return built, _events(buf.getvalue())
+
+
+def test_worker_build_dataset(dataset):
+    built, events = dataset
+    assert built["index"]["n_patients"] == 6
+    assert built["n_included"] >= 4 and sum(built["split_counts"].values()) == built["n_included"]
+    assert Path(built["manifest"]).is_file() and Path(built["paths"]["txt"]).is_file()
+    progress = [e.progress for e in events if e.progress is not None]
+    assert progress[-1] == 1.0 and all(0.0 <= p <= 1.0 for p in progress)
+    assert any(e.stage == "index" for e in events)
+
+
+def test_build_dataset_console_resumes_to_the_same_files(dataset, cohort):
+    """The console logic in this process, into the same folder: incremental, byte-identical."""
+    pytest.importorskip("slicer", reason="needs slicer-core")
     from rheumai_mrml.logic import RheumAIConsoleLogic
     from rheumai_mrml.scene import new_scene
 
+    built, _ = dataset
+    before = Path(built["manifest"]).read_bytes()
     ctx = new_scene()
     seen: list[tuple[float, str]] = []
     out = RheumAIConsoleLogic(ctx.scene).buildDataset(
-        cohort.dicom_dir, cohort.labels_csv, tmp_path_factory.mktemp("ds"),
-        progressCallback=lambda f, m: seen.append((f, m)), params={"size": [32, 32]},
-        rules={"min_followup_days": 0}, split={"train_fraction": 0.7})
+        cohort.dicom_dir, cohort.labels_csv, built["out_dir"], progressCallback=lambda f, m: seen.append((f, m)),
+        params={"size": [32, 32]}, rules={"min_followup_days": 0}, split={"train_fraction": 0.7})
     ctx.close()
-    assert slicer is not None
-    return out, seen
-
-
-def test_build_dataset_console(dataset, cohort, tmp_path):
-    out, seen = dataset
-    assert out["index"]["n_patients"] == 6
-    assert out["n_included"] >= 4 and sum(out["split_counts"].values()) == out["n_included"]
-    assert Path(out["manifest"]).is_file() and Path(out["paths"]["txt"]).is_file()
-    assert seen[0][1].startswith("index") and seen[-1][0] == pytest.approx(1.0)
-    assert all(0.0 <= f <= 1.0 for f, _ in seen)
-    from rheumai_mrml.logic import RheumAIConsoleLogic
-
+    assert out["n_included"] == built["n_included"] and out["manifest"] == built["manifest"]
+    assert Path(out["manifest"]).read_bytes() == before
+    assert out["index"]["files_seen"] == built["index"]["files_seen"]
+    assert seen and seen[-1][0] == pytest.approx(1.0)  # index unchanged: later stages only
     with pytest.raises(TypeError, match="unknown options"):
-        RheumAIConsoleLogic(None).buildDataset(cohort.dicom_dir, cohort.labels_csv, tmp_path, colour="red")
+        RheumAIConsoleLogic(ctx.scene).buildDataset(cohort.dicom_dir, cohort.labels_csv, built["out_dir"],
+                                                    colour="red")
 
 
 def _tiny_config(tmp_path: Path) -> Path:
@@ -158,19 +195,20 @@ def _tiny_config(tmp_path: Path) -> Path:
     return path
 
 
-def test_worker_build_dataset_and_train(dataset, cohort, tmp_path):
-    """The panel's path: dataset building and training each in a background worker process."""
-    built = WorkerProcess("build_dataset", {"dicom_folder": str(cohort.dicom_dir),
-                                            "labels_csv": str(cohort.labels_csv), "out_dir": str(tmp_path / "ds"),
-                                            "params": {"size": [32, 32]}, "rules": {"min_followup_days": 0},
-                                            "split": {"train_fraction": 0.7}}).wait(timeout=300)
-    assert built["n_included"] == dataset[0]["n_included"]
-    assert Path(built["manifest"]).read_text() == Path(dataset[0]["manifest"]).read_text()  # same cohort
-
-    stages: list[str] = []
-    res = WorkerProcess("train", {"config": str(_tiny_config(tmp_path)), "manifest": built["manifest"],
-                                  "out_dir": str(tmp_path / "run")}).wait(
-        on_output=lambda x: stages.append(x.stage) if isinstance(x, WorkerEvent) else None, timeout=400)
+def test_train_worker_job_and_console(dataset, tmp_path, capsys):
+    """The worker's train job (progress lines on stdout), then the console logic resuming the
+    finished run (nothing left to train: same checkpoint)."""
+    config = _tiny_config(tmp_path)
+    res = _load_worker().job_train({"config": str(config), "manifest": dataset[0]["manifest"],
+                                    "out_dir": str(tmp_path / "run")})
+    stages = [e.stage for e in _events(capsys.readouterr().out)]
     assert res["epochs_run"] == 1 and not res["stopped"]
     assert (Path(res["checkpoint"]) / "model_card.json").is_file()
-    assert "epoch" in stages and stages[-1] == "done"
+    assert "step" in stages and "epoch" in stages
+
+    from rheumai_mrml.logic import RheumAIConsoleLogic
+
+    seen: list[float] = []
+    again = RheumAIConsoleLogic(None).train(config, dataset[0]["manifest"], tmp_path / "run", resume=True,
+                                            progressCallback=lambda f, m: seen.append(f))
+    assert again["checkpoint"] == res["checkpoint"] and again["best_epoch"] == res["best_epoch"]

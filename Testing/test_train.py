@@ -24,10 +24,10 @@ from rheumai.train import train
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(**train_overrides) -> TrainConfig:
+def tiny_config(size: int = 32, **train_overrides) -> TrainConfig:
     t = {"epochs": 4, "batch_size": 4, "lr": 1e-3, "seed": 3}
     t.update(train_overrides)
-    return TrainConfig.from_dict({"model": {"depth": 18, "input_size": [32, 32]}, "data": {"num_workers": 0},
+    return TrainConfig.from_dict({"model": {"depth": 18, "input_size": [size, size]}, "data": {"num_workers": 0},
                                   "train": t, "evaluate": {"n_bootstrap": 100}})
 
 
@@ -72,14 +72,14 @@ KILL_SCRIPT = textwrap.dedent("""
     from rheumai.train import train
     cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
     def progress(ev):
-        if ev["stage"] == "step" and ev["epoch"] == 3 and ev["step"] == 2:
+        if ev["stage"] == "step" and ev["epoch"] == 2 and ev["step"] == 2:
             os.kill(os.getpid(), signal.SIGKILL)   # a real kill, mid-epoch, no clean-up
     train(cfg, sys.argv[2], sys.argv[3], progress=progress, show_progress=False)
 """)
 
 
 def test_resume_after_kill_matches_uninterrupted_run(cohort: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(epochs=4, class_weighting="balanced")
+    cfg = tiny_config(16, epochs=3, class_weighting="balanced")
     ref = train(cfg, cohort, tmp_path / "ref", show_progress=False)
 
     run = tmp_path / "killed"
@@ -87,15 +87,15 @@ def test_resume_after_kill_matches_uninterrupted_run(cohort: Path, tmp_path: Pat
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     state = json.loads((run / "state" / "state.json").read_text())
-    assert state["epochs_completed"] == 2 and not (run / "model").exists()
+    assert state["epochs_completed"] == 1 and not (run / "model").exists()
     with pytest.raises(InputError, match="--resume"):
         train(cfg, cohort, run, show_progress=False)
-    changed = tiny_config(epochs=4, class_weighting="balanced", lr=5e-4)
+    changed = tiny_config(16, epochs=3, class_weighting="balanced", lr=5e-4)
     with pytest.raises(InputError, match="lr"):
         train(changed, cohort, run, resume=True, show_progress=False)
 
     res = train(cfg, cohort, run, resume=True, show_progress=False)
-    assert [h["epoch"] for h in res.history] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in res.history] == [1, 2, 3]
     for a, b in zip(res.history, ref.history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_auc"] == pytest.approx(b["val_auc"], abs=1e-9)
@@ -107,7 +107,7 @@ def test_resume_after_kill_matches_uninterrupted_run(cohort: Path, tmp_path: Pat
 
 
 def test_should_stop_then_resume(cohort: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(epochs=2)
+    cfg = tiny_config(16, epochs=2)
     calls = {"n": 0}
 
     def stop() -> bool:
@@ -182,8 +182,7 @@ def test_bad_manifest_is_reported(tmp_path: Path) -> None:
 
 def test_early_stopping_on_val_auc_and_workers(tmp_path: Path) -> None:
     m = write_toy_cohort(tmp_path / "c", n_train=8, n_val=6, n_test=0, size=16, seed=5)
-    cfg = tiny_config(epochs=5, early_stopping_patience=1)
-    cfg.model.input_size = [16, 16]
+    cfg = tiny_config(16, epochs=5, early_stopping_patience=1)
     cfg.data.num_workers = 2  # worker processes load and augment the cases
     res = train(cfg, m, tmp_path / "r", show_progress=False)
     h = res.history

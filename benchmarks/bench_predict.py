@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,8 +52,14 @@ def make_checkpoint(folder: Path, depth: int, size: int) -> Path:
     return save_checkpoint(folder, build_model(arch), card)
 
 
-def _variants(ckpt: Path, study: Path, workdir: Path) -> dict[str, Callable[[], Any]]:
-    """The four timed callables, sharing one loaded model."""
+def _variants(ckpt: Path, study: Path, workdir: Path, only: str | None = None) -> dict[str, Callable[[], Any]]:
+    """The timed callables (all four, or ``only`` one), sharing one loaded model.
+
+    MONAI's GradCAM gets its own copy of the model: its hooks are never removed and would
+    otherwise also run (and cost) in the forward and predict variants.
+    """
+    import copy
+
     import numpy as np
     import torch
 
@@ -63,6 +68,7 @@ def _variants(ckpt: Path, study: Path, workdir: Path) -> dict[str, Callable[[], 
     pred = Predictor(ckpt)
     model, size = pred.model, tuple(pred.params.size)
     x = torch.from_numpy(np.ascontiguousarray(pred.select(study)[0].array))[None]
+    fns: dict[str, Callable[[], Any]] = {}
 
     def forward() -> Any:
         with torch.inference_mode():
@@ -72,41 +78,54 @@ def _variants(ckpt: Path, study: Path, workdir: Path) -> dict[str, Callable[[], 
         res = pred.predict(study, saliency="gradcam")
         return write_outputs(res, workdir, "bench", montage=False)
 
-    from monai.visualize import GradCAM
+    fns["forward"], fns["predict"] = forward, predict
+    if only in (None, "monai", "naive"):
+        from monai.visualize import GradCAM
 
-    # Built once: MONAI's hooks are never removed, rebuilding would stack them.
-    gradcam = GradCAM(nn_module=model, target_layers="layer4", postprocessing=lambda m: m)
+        # Built once (rebuilding would stack hooks); identity post-processing.
+        gradcam = GradCAM(nn_module=copy.deepcopy(model) if only is None else model, target_layers="layer4",
+                          postprocessing=lambda m: m)
 
-    def monai() -> Any:
-        return gradcam(x)
+        def monai() -> Any:
+            return gradcam(x)
 
-    from monai.transforms import (Compose, LoadImage, Orientation, ResizeWithPadOrCrop,
-                                  ScaleIntensityRangePercentiles, Spacing)
+        from monai.transforms import (Compose, LoadImage, Orientation, ResizeWithPadOrCrop,
+                                      ScaleIntensityRangePercentiles, Spacing)
 
-    load = Compose([LoadImage(image_only=True, ensure_channel_first=True), Orientation(axcodes="RAS"),
-                    Spacing(pixdim=(1.0, 1.0, 1.0), mode="bilinear")])
-    scale = ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=False)
-    pad = ResizeWithPadOrCrop(spatial_size=size)
+        load = Compose([LoadImage(image_only=True, ensure_channel_first=True), Orientation(axcodes="RAS"),
+                        Spacing(pixdim=(1.0, 1.0, 1.0), mode="bilinear")])
+        scale = ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=False)
+        pad = ResizeWithPadOrCrop(spatial_size=size)
 
-    def naive() -> Any:
-        vol = load(str(study))[0]  # (R->L... as RAS: x, y, z) whole volume at 1 mm
-        mid = vol.shape[0] // 2
-        slab = vol[mid - 3: mid + 3]  # six middle sagittal slices (A-P, I-S)
-        slab = torch.flip(torch.as_tensor(slab).permute(0, 2, 1), dims=[1])  # (C, S->I, A->P)
-        inp = torch.as_tensor(np.asarray(scale(pad(slab))), dtype=torch.float32)[None]
-        return gradcam(inp)
+        def naive() -> Any:
+            vol = load(str(study))[0]  # whole volume at 1 mm, RAS axes (x: R->L is -, y: P->A, z: I->S)
+            mid = vol.shape[0] // 2
+            slab = vol[mid - 3: mid + 3]  # six middle sagittal slices (A-P, I-S)
+            slab = torch.flip(torch.as_tensor(slab).permute(0, 2, 1), dims=[1])  # (C, S->I, P->A)
+            inp = torch.as_tensor(np.asarray(scale(pad(slab))), dtype=torch.float32)[None]
+            return gradcam(inp)
 
-    return {"forward": forward, "predict": predict, "monai": monai, "naive": naive}
+        fns["monai"], fns["naive"] = monai, naive
+    return fns if only is None else {only: fns[only]}
+
+
+def _rss_mb(field: str) -> float:
+    """VmRSS / VmHWM of this process in MB (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _time(fn: Callable[[], Any], repeats: int) -> float:
+    """Best of ``repeats`` after a warm-up (the minimum: least disturbed by other processes)."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return min(times)
 
 
 def _peak_rss_child(variant: str, ckpt: Path, study: Path) -> dict[str, float]:
@@ -117,12 +136,22 @@ def _peak_rss_child(variant: str, ckpt: Path, study: Path) -> dict[str, float]:
 
 
 def _child(variant: str, ckpt: Path, study: Path) -> None:
+    """One variant in a fresh process: its process peak RSS, and the peak during the call alone.
+
+    The high-water mark is reset (Linux ``/proc/self/clear_refs`` = 5) after set-up, so
+    ``call_peak_mb`` is the peak while the variant runs, not the checkpoint loading's.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        fns = _variants(ckpt, study, Path(tmp))
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        fns[variant]()
+        fn = _variants(ckpt, study, Path(tmp), only=variant)[variant]
+        before = _rss_mb("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+        fn()
+        call_peak = _rss_mb("VmHWM")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mb": peak, "rss_before_mb": before}))
+    print(json.dumps({"peak_rss_mb": peak, "rss_before_mb": before, "call_peak_mb": call_peak}))
 
 
 def machine() -> str:
@@ -137,10 +166,11 @@ def machine() -> str:
     except OSError:
         pass
     return (f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__} with {torch.get_num_threads()} threads; "
-            f"Python {platform.python_version()}")
+            f"Python {platform.python_version()}; load average {os.getloadavg()[0]:.1f} at start "
+            "(other processes share these cores: compare ratios, not absolute times)")
 
 
-def run(quick: bool = False, repeats: int = 3, memory: bool = True) -> list[dict[str, Any]]:
+def run(quick: bool = False, repeats: int = 5, memory: bool = True) -> list[dict[str, Any]]:
     """Time the four variants; return one row per variant (seconds, ratio to forward, peak RSS)."""
     cfg = _config(quick)
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,17 +185,22 @@ def run(quick: bool = False, repeats: int = 3, memory: bool = True) -> list[dict
                      "ratio_to_forward": round(secs[name] / secs["forward"], 3),
                      "naive_over_this": round(secs["naive"] / secs[name], 3),
                      "peak_rss_mb": round(mem[name]["peak_rss_mb"], 1) if mem else None,
-                     "rss_before_mb": round(mem[name]["rss_before_mb"], 1) if mem else None})
+                     "rss_before_mb": round(mem[name]["rss_before_mb"], 1) if mem else None,
+                     "call_peak_rss_mb": round(mem[name]["call_peak_mb"], 1) if mem else None})
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"machine: {machine()}")
     print(f"study: {STUDY.relative_to(ROOT)}; model {rows[0]['model']}, input {rows[0]['input']}")
-    print(f"{'variant':<10}{'seconds':>10}{'x forward':>11}{'naive / this':>14}{'peak RSS MB':>13}{'RSS before':>12}")
+    print("seconds: best of the repeats; peak RSS: whole child process (imports + model + call); "
+          "during call: high-water mark reset after set-up")
+    print(f"{'variant':<10}{'seconds':>10}{'x forward':>11}{'naive / this':>14}{'peak RSS MB':>13}"
+          f"{'RSS before':>12}{'during call':>13}")
+    nan = float("nan")
     for r in rows:
         print(f"{r['variant']:<10}{r['seconds']:>10.3f}{r['ratio_to_forward']:>11.2f}{r['naive_over_this']:>14.2f}"
-              f"{(r['peak_rss_mb'] or float('nan')):>13.0f}{(r['rss_before_mb'] or float('nan')):>12.0f}")
+              f"{(r['peak_rss_mb'] or nan):>13.0f}{(r['rss_before_mb'] or nan):>12.0f}{(r['call_peak_rss_mb'] or nan):>13.0f}")
     d = {r["variant"]: r for r in rows}
     print(f"aims (full run, CPU): predict <= 1.3x forward: {d['predict']['ratio_to_forward']:.2f}x; "
           f"naive >= 3x predict: {d['predict']['naive_over_this']:.2f}x; "
@@ -175,7 +210,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="ResNet-18 at 256 x 256 (CI smoke run)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)

@@ -62,6 +62,55 @@ def slice_params(params: Any = None, **overrides: Any) -> Any:
     return params_from(base, **overrides)
 
 
+def missing_requirements(requirements_txt: str | Path, skip: Sequence[str] = ()) -> list[str]:
+    """Requirements of a requirements.txt that the running Python does not satisfy (not installed,
+    or installed at a version outside the specifier); names in ``skip`` are left out. Environment
+    markers are honoured. Uses ``packaging`` and ``importlib.metadata`` only (no pip call)."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    skipped = {canonicalize_name(s) for s in skip}
+    missing = []
+    for line in Path(requirements_txt).read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        req = Requirement(line)
+        if canonicalize_name(req.name) in skipped or (req.marker is not None and not req.marker.evaluate()):
+            continue
+        try:
+            version = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(line)
+            continue
+        if req.specifier and not req.specifier.contains(version, prereleases=True):
+            missing.append(line)
+    return missing
+
+
+def model_card_text(card: dict[str, Any]) -> str:
+    """A model card as a short human-readable summary (shown in the Predict panel)."""
+    arch = card.get("architecture", {})
+    prep = card.get("preprocessing", {})
+    data = card.get("training_data", {})
+    metrics = card.get("metrics", {})
+    lines = [f"Model: {card.get('model_id', 'unknown')}  (task {card.get('task', '?')})",
+             f"Network: {arch.get('family', '?')}{arch.get('depth', '')}, {arch.get('in_channels', '?')} channels, "
+             f"input {arch.get('input_size', prep.get('size'))}",
+             f"Input: {prep.get('n_slices', '?')} slices at {prep.get('spacing_mm', '?')} mm, "
+             f"size {prep.get('size', '?')}, normalisation {prep.get('norm', '?')}",
+             f"Threshold: {card.get('threshold')} ({card.get('threshold_rule', '?')})"]
+    if data:
+        lines.append("Training data: " + ", ".join(f"{k} {v}" for k, v in data.items()
+                                                   if isinstance(v, (int, float, str))))
+    scalar_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    if scalar_metrics:
+        lines.append("Metrics: " + ", ".join(f"{k} {v:.3g}" for k, v in scalar_metrics.items()))
+    return "\n".join(lines)
+
+
 class RheumAIConsoleLogic:
     """The module's logic on an explicit MRML scene. See the module docstring."""
 

@@ -175,8 +175,11 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 def save_training_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         meta: dict[str, Any], best_model: torch.nn.Module | dict[str, torch.Tensor] | None = None,
-                        scaler: Any = None) -> Path:
+                        scaler: Any = None, keep_best: bool = False) -> Path:
     """Save everything needed to resume at an epoch boundary, without pickle.
+
+    ``best_model``: weights to store as ``best_model.safetensors``; with ``keep_best`` and no
+    ``best_model`` the previous state's best weights are carried over (hard link, no copy).
 
     Written into ``<folder>.new`` and swapped in by renames, so a kill at any moment leaves either
     the previous complete state or the new one (``load_training_state`` looks at both).
@@ -189,6 +192,11 @@ def save_training_state(folder: str | Path, model: torch.nn.Module, optimizer: t
     if best_model is not None:
         best = best_model if isinstance(best_model, dict) else _plain_state_dict(best_model)
         save_file({k: v.contiguous() for k, v in best.items()}, str(new / "best_model.safetensors"))
+    elif keep_best and (folder / "best_model.safetensors").is_file():
+        try:  # unchanged: link instead of rewriting
+            os.link(folder / "best_model.safetensors", new / "best_model.safetensors")
+        except OSError:
+            shutil.copy2(folder / "best_model.safetensors", new / "best_model.safetensors")
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     save_file(opt_tensors, str(new / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}

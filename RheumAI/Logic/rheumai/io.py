@@ -65,6 +65,7 @@ class SeriesInfo:
     files: list[str]
     is_image: bool
     n_frames: int = 1
+    headers: list = field(default_factory=list, repr=False)  # pydicom headers, same order as files
 
     def describe(self) -> str:
         kind = "" if self.is_image else ", no image"
@@ -177,6 +178,7 @@ def list_series(folder: str | Path) -> list[SeriesInfo]:
                 n_frames=int(getattr(ds, "NumberOfFrames", 1) or 1),
             )
         info.files.append(str(f))
+        info.headers.append(ds)
         info.is_image = info.is_image or is_image
     if not groups:
         raise InputError(folder, "contains no DICOM files")
@@ -215,7 +217,7 @@ def _read_dicom_folder(folder: Path, series_uid: str | None, require_modality: s
 
 
 def _read_series(folder: Path, series: SeriesInfo) -> Study:
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
+    headers = series.headers or [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
     meta = {t: _plain(getattr(headers[0], t, None)) for t in META_TAGS if getattr(headers[0], t, None) not in (None, "")}
     if len(series.files) == 1 and series.n_frames > 1:
         # Enhanced / multi-frame: one file holds the volume; GDCM reads its per-frame geometry.

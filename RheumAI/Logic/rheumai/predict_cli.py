@@ -32,11 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .errors import RheumAIError
     from .predict import predict_batch
 
     saliency = None if args.saliency == "none" else args.saliency
     if args.sanity and saliency is None:
-        raise SystemExit("rheumai predict: --sanity needs a saliency method")
+        raise RheumAIError("--sanity needs a saliency method (not --saliency none)")
     rows = predict_batch(args.studies, args.model, args.out, saliency=saliency, target_layer=args.target_layer,
                          tta=args.tta, sanity=args.sanity, scene=args.scene, fmt=args.format,
                          write_volumes=not args.no_volumes, device=args.device)

@@ -312,7 +312,8 @@ def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: _Dist, device: t
         if d.main:
             meta = {"epochs_completed": epoch + 1, "best_val_auc": best_auc if math.isfinite(best_auc) else None,
                     "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history, "config": cfg.to_dict()}
-            save_training_state(state_dir, model, optimizer, meta, best_model=best_state, scaler=scaler)
+            save_training_state(state_dir, model, optimizer, meta, best_model=best_state if improved else None,
+                                scaler=scaler, keep_best=True)
             write_text(out / "history.csv", pd.DataFrame(history).to_csv(index=False))
         d.barrier()
         if tc.early_stopping_patience and bad_epochs >= tc.early_stopping_patience:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -19,6 +20,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="max angle (deg) between slice normal and an axis still called sagittal/coronal/axial")
     pi.add_argument("--unreadable-csv", type=Path, help="write every unreadable file with its reason here")
     pi.set_defaults(func=_index)
+
+    pd_ = sub.add_parser("make-demo", help="write a synthetic export + label sheet from a real DICOM series",
+                         description="Re-identified copies of SOURCE (a DICOM series folder) as a nested export of "
+                                     "N patients with a label sheet whose inclusion flow is known "
+                                     "(rheumai.dataset.archive_tools.DEMO_SCENARIOS).")
+    pd_.add_argument("source", type=Path, help="DICOM series folder to copy (e.g. Testing/Data/dicom_t1_sag_HFS)")
+    pd_.add_argument("root", type=Path, help="export folder to write")
+    pd_.add_argument("--labels", type=Path, required=True, help="label sheet CSV to write")
+    pd_.add_argument("--patients", type=int, default=44)
+    pd_.add_argument("--downsample", type=int, default=2, help="in-plane stride (smaller files)")
+    pd_.add_argument("--seed", type=int, default=0)
+    pd_.set_defaults(func=_make_demo)
 
     pb = sub.add_parser("build", help="labels -> cohort -> flow report -> split -> cache -> manifest")
     pb.add_argument("--index", type=Path, required=True, help="index from `rheumai dataset index`")
@@ -60,6 +73,15 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_demo(args: argparse.Namespace) -> int:
+    from .archive_tools import write_demo_archive
+
+    d = write_demo_archive(args.source, args.root, args.labels, n_patients=args.patients,
+                           downsample=args.downsample, seed=args.seed)
+    print(f"wrote {len(d.scenarios)} patients under {d.root} and the label sheet {d.labels_csv}")
+    return 0
+
+
 def _build(args: argparse.Namespace) -> int:
     from ..slices import SliceParams
     from .build import build_dataset
@@ -75,7 +97,7 @@ def _build(args: argparse.Namespace) -> int:
                             test_sites=tuple(args.test_site), seed=args.seed)
         params = SliceParams(n_slices=args.slices, spacing_mm=args.spacing, size=tuple(args.size))
     except ValueError as exc:
-        print(f"rheumai dataset build: error: {exc}")
+        print(f"rheumai dataset build: error: {exc}", file=sys.stderr)
         return 2
     res = build_dataset(args.index, args.labels, args.out, rules, split, params, workers=args.workers,
                         compute_cache=not args.flow_only)

@@ -17,6 +17,9 @@ from ..atomic import atomic_path, write_json, write_text
 from .cohort import CohortResult
 
 
+_ORDER = ("train", "val", "test")
+
+
 def flow_dict(cohort: CohortResult, split: dict[str, tuple[str, int]] | None = None,
               labels: dict[str, int] | None = None) -> dict[str, Any]:
     """JSON-able flow: start count, steps (remaining, excluded with reasons), split table."""
@@ -72,7 +75,7 @@ def flow_text(flow: dict[str, Any], header: str = "", split_desc: str = "") -> s
     if sp:
         out += ["", f"Split: {split_desc}" if split_desc else "Split",
                 f"  {'split':<8}{'patients':>10}{'positive':>10}{'negative':>10}"]
-        for k, v in sp.items():
+        for k, v in ((k, sp[k]) for k in _ORDER if k in sp):
             out.append(f"  {k:<8}{v['n']:>10}{v['positive']:>10}{v['negative']:>10}")
         if "folds" in flow:
             out.append("  folds: " + ", ".join(f"{k}: {n}" for k, n in flow["folds"].items()))
@@ -101,16 +104,15 @@ def excluded_csv(flow: dict[str, Any]) -> str:
 
 def flow_png(flow: dict[str, Any], path: str | Path) -> Path:
     """CONSORT-style diagram: the remaining counts down the left, exclusions to the right."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # A bare Figure renders with Agg and touches no pyplot state (safe inside Slicer's Qt process).
+    from matplotlib.figure import Figure
     from matplotlib.patches import FancyBboxPatch
 
     steps = flow["steps"]
     n = len(steps) + 1
     fig_h = 1.2 + 1.25 * n
-    fig, ax = plt.subplots(figsize=(9, fig_h), dpi=100)
+    fig = Figure(figsize=(9, fig_h), dpi=100)
+    ax = fig.subplots()
     ax.set_xlim(0, 10)
     ax.set_ylim(0, n * 1.25 + 0.4)
     ax.axis("off")
@@ -135,13 +137,12 @@ def flow_png(flow: dict[str, Any], path: str | Path) -> Path:
             box(5.3, y + 0.6, 4.3, 0.7, "\n".join(lines), "#f6dede" if s["n_excluded"] else "#eeeeee")
     sp = flow.get("split")
     if sp:
-        txt = "   ".join(f"{k}: {v['n']} (+{v['positive']}/-{v['negative']})" for k, v in sp.items())
+        txt = "   ".join(f"{k}: {sp[k]['n']} (+{sp[k]['positive']}/-{sp[k]['negative']})" for k in _ORDER if k in sp)
         ax.text(0.3, 0.05, f"Split: {txt}", fontsize=9, va="bottom")
     path = Path(path)
     with atomic_path(path) as tmp:
         # A fixed Software / no date metadata keeps the PNG byte-stable across runs.
         fig.savefig(tmp, format="png", metadata={"Software": None})
-    plt.close(fig)
     return path
 
 

@@ -54,5 +54,6 @@ TASK = Task(
     api={"train": "rheumai.train:train", "evaluate": "rheumai.evaluate:evaluate",
          "predict": "rheumai.predict:Predictor", "predict_batch": "rheumai.predict:predict_batch",
          "build_dataset": "rheumai.dataset.build:build_dataset"},
-    cli_modules=("rheumai.slices_cli", "rheumai.dataset.cli"),
+    cli_modules=("rheumai.slices_cli", "rheumai.dataset.cli", "rheumai.train_cli", "rheumai.predict_cli",
+                 "rheumai.synth.cli"),
 )

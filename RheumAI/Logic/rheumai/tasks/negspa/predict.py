@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ...atomic import atomic_path, write_json, write_text
-from ...errors import InputError, RheumAIError
+from ...errors import RheumAIError
 from ...saliency import gradcam_backward
 from .clinical import NAMES, ClinicalEncoder, parse_table
 from .model import pack

@@ -4,9 +4,11 @@ Coordinates: LPS mm throughout (SimpleITK's convention); arrays are (k, j, i) = 
 
 Choice of planes. Lu et al. read the sacroiliac joints on oblique-coronal slices (parallel to the
 sacrum's long axis), where each joint appears as a cleft between sacrum and ilium. We sample
-*coronal* slices in each series' own coronal-like frame (:func:`rheumai.geometry.snap_frame` onto
-:data:`CORONAL_FRAME`): an oblique-coronal acquisition keeps its obliquity, an axial or a pure
-coronal one gives true coronal planes. The published code feeds three slices per sequence as the
+*coronal* slices in the coronal-like frame of one reference series (default: the fat-suppressed
+one, :func:`rheumai.geometry.snap_frame` onto :data:`CORONAL_FRAME`): an oblique-coronal
+acquisition keeps its obliquity, an axial one gives true coronal planes. All three sequences are
+sampled on the *same* planes (identical half grids), so the network's three inputs are
+anatomically aligned whatever each series' own orientation and spacing (MixCut relies on that). The published code feeds three slices per sequence as the
 three input channels; we do the same (``n_slices`` = 3, centred on the box, ``slice_spacing_mm``
 apart along anterior -> posterior).
 
@@ -136,14 +138,16 @@ def as_box(box: Box | Mapping[str, Any] | str | Path) -> Box:
 class NegSpaParams:
     """Sampling parameters. size: (H, W) pixels per joint half; n_slices per sequence (channels);
     slice_spacing_mm between slices (anterior -> posterior); pixel_mm: in-plane step (mm), None =
-    the smallest isotropic step that fits the half box; frame: "acquisition" (each series' own
-    coronal-like planes) or "patient" (pure LPS coronal); norm: see rheumai.normalize."""
+    the smallest isotropic step that fits the half box; frame: "acquisition" (the coronal-like
+    planes of the ``frame_reference`` series, used for all sequences) or "patient" (pure LPS
+    coronal); norm: see rheumai.normalize."""
 
     size: tuple[int, int] = (224, 224)
     n_slices: int = 3
     slice_spacing_mm: float = 4.0
     pixel_mm: float | None = None
     frame: str = "acquisition"
+    frame_reference: str = "stir"
     norm: str = "percentile"
     norm_lower: float = 1.0
     norm_upper: float = 99.0
@@ -158,6 +162,8 @@ class NegSpaParams:
             raise ValueError(f"frame must be 'acquisition' or 'patient', not {self.frame!r}")
         if self.norm not in METHODS:
             raise ValueError(f"norm must be one of {METHODS}")
+        if self.frame_reference not in ROLES:
+            raise ValueError(f"frame_reference must be one of {ROLES}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -169,12 +175,15 @@ class NegSpaParams:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-def half_grids(image: sitk.Image, box: Box, params: NegSpaParams) -> tuple[Grid, Grid]:
-    """The (right, left) half grids for one series; columns lateral -> medial (see module doc)."""
-    if params.frame == "acquisition":
-        frame = snap_frame(np.asarray(image.GetDirection()).reshape(3, 3), CORONAL_FRAME)
-    else:
-        frame = CORONAL_FRAME.copy()
+def sampling_frame(reference: sitk.Image | None, params: NegSpaParams) -> np.ndarray:
+    """3x3 (axes as columns, LPS): the reference series' coronal-like axes, or pure coronal."""
+    if params.frame == "acquisition" and reference is not None:
+        return snap_frame(np.asarray(reference.GetDirection()).reshape(3, 3), CORONAL_FRAME)
+    return CORONAL_FRAME.copy()
+
+
+def half_grids(frame: np.ndarray, box: Box, params: NegSpaParams) -> tuple[Grid, Grid]:
+    """The (right, left) half grids in ``frame``; columns lateral -> medial (see module doc)."""
     u_i, u_j, u_k = frame[:, 0], frame[:, 1], frame[:, 2]
     c = box.center
     rel = box.corners() - c
@@ -231,12 +240,13 @@ class SequenceSample:
 
 
 def preprocess_sequence(image: sitk.Image, box: Box, params: NegSpaParams, role: str = "",
-                        source_path: str | None = None) -> SequenceSample:
-    """Sample, mask and normalise one series on its two half grids."""
+                        source_path: str | None = None, frame: np.ndarray | None = None) -> SequenceSample:
+    """Sample, mask and normalise one series on the two half grids (``frame``: default this
+    series' own, see :func:`sampling_frame`)."""
     if image.GetDimension() != 3:
         raise InputError(source_path, f"{role} series is {image.GetDimension()}D; a 3D volume is needed")
     image = sitk.Cast(image, sitk.sitkFloat32)
-    grids = half_grids(image, box, params)
+    grids = half_grids(sampling_frame(image, params) if frame is None else frame, box, params)
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(image)
     raw = np.stack([_resample(image, g, sitk.sitkLinear) for g in grids])
@@ -279,6 +289,8 @@ class NegSpaSample:
 
     @classmethod
     def load(cls, stem: str | Path) -> "NegSpaSample":
+        """Read a saved sample. The field-of-view masks are not stored (only their inside
+        fraction in the JSON): loaded samples have all-True masks."""
         stem = Path(stem)
         npy, meta_path = stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".json")
         try:
@@ -316,10 +328,10 @@ def preprocess(study_inputs: Mapping[str, Any], params: Mapping[str, Any] | NegS
         raise InputError(None, f"NegSpA-AI needs the T1, T2 and fat-suppressed (STIR/SPAIR) series and a box; "
                                f"missing: {', '.join(missing)}")
     box = as_box(study_inputs["box"])
-    seqs = {}
-    for role in ROLES:
-        img, path = _as_image(study_inputs[role], role)
-        seqs[role] = preprocess_sequence(img, box, p, role=role, source_path=path)
+    loaded = {role: _as_image(study_inputs[role], role) for role in ROLES}
+    frame = sampling_frame(loaded[p.frame_reference][0], p)
+    seqs = {role: preprocess_sequence(img, box, p, role=role, source_path=path, frame=frame)
+            for role, (img, path) in loaded.items()}
     return NegSpaSample(sequences=seqs, box=box, params=p,
                         provenance={"sources": {r: s.source_path for r, s in seqs.items()}})
 

@@ -19,7 +19,6 @@ every epoch end (``resume=True`` continues a killed run).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from ...metrics import binary_report, choose_threshold
 from .clinical import NAMES, ClinicalEncoder, parse_table, read_clinical_csv
 from .mixcut import mixcut
 from .model import build_model, default_architecture, pack
-from .preprocess import NegSpaParams, NegSpaSample, preprocess
+from .preprocess import NegSpaParams, preprocess
 from .synth import read_cohort
 
 TASK_NAME = "negspa"
@@ -202,8 +201,9 @@ def train_negspa(manifest: str | Path, out_dir: str | Path, depth: int = 50, epo
     manifest = Path(manifest)
     df = read_manifest(manifest)
     info = json.loads((manifest.parent / "dataset.json").read_text()) if (manifest.parent / "dataset.json").is_file() else {}
-    train_df = df[df["split"] == "train"]
-    val_df = df[df["split"] == "val"]
+    labelled = df[df["label"].isin([0, 1])]  # rows without a label (-1) cannot train or set a threshold
+    train_df = labelled[labelled["split"] == "train"]
+    val_df = labelled[labelled["split"] == "val"]
     if train_df.empty or train_df["label"].nunique() < 2:
         raise InputError(manifest, "training needs train rows of both classes")
     out = Path(out_dir)
@@ -324,8 +324,10 @@ def evaluate_negspa(checkpoint: str | Path, manifest: str | Path, out_dir: str |
     model, card = load_negspa_checkpoint(checkpoint, dev)
     df = read_manifest(manifest)
     rows = df if split == "all" else df[df["split"] == split]
+    rows = rows[rows["label"].isin([0, 1])]
     if rows.empty:
-        raise InputError(manifest, f"no rows with split == {split!r} (splits present: {sorted(df['split'].unique())})")
+        raise InputError(manifest, f"no labelled rows with split == {split!r} "
+                                   f"(splits present: {sorted(df['split'].unique())})")
     enc = ClinicalEncoder.from_dict(card["clinical_encoder"])
     ds = NegSpaDataset(rows, enc)
     p = predict_loader(model, ds, dev, "fusion", batch_size)

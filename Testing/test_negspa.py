@@ -1,0 +1,288 @@
+"""NegSpA-AI: clinical encoding, MixCut, box + geometry, generated cohort, two-stage training,
+checkpoint round trip, per-sequence saliency in each series' geometry, and the CLI end to end.
+
+Kept small (ResNet-18 branches, 32 px halves, 8-10 subjects at 4 mm) to stay well under two
+minutes; torch runs single-threaded here because the CI box has two shared cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+
+from rheumai.errors import InputError
+from rheumai.geometry import Grid
+from rheumai.tasks.negspa.clinical import NAMES, ClinicalEncoder, read_clinical_csv
+from rheumai.tasks.negspa.mixcut import mixcut
+from rheumai.tasks.negspa.preprocess import Box, NegSpaParams, preprocess, read_box
+from rheumai.tasks.negspa.synth import make_cohort, read_cohort
+
+SIZE = (32, 32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return make_cohort(tmp_path_factory.mktemp("spa") / "cohort", n=10, seed=5, spacing=4.0, show_progress=False)
+
+
+# ---------------------------------------------------------------- clinical
+
+def test_clinical_parsing_and_missing_encoding(tmp_path):
+    csv = tmp_path / "clin.csv"
+    csv.write_text("patient_id,inflammatory_back_pain,crp,sex,age\nA,yes,10,M,30\nB,,NA,F,\nC,0,2.5,,40\n")
+    df = read_clinical_csv(csv)
+    assert df.loc[0, "inflammatory_back_pain"] == 1 and math.isnan(df.loc[1, "crp"]) and df.loc[1, "sex"] == 0
+    assert df["uveitis"].isna().all()  # absent column = missing, not "absent"
+    enc = ClinicalEncoder.fit(df[list(NAMES)])
+    x = enc.encode(df[list(NAMES)])
+    n = len(NAMES)
+    assert x.shape == (3, 2 * n) and np.isfinite(x).all()
+    j = NAMES.index("crp")
+    assert x[1, n + j] == 1 and x[0, n + j] == 0  # explicit missing flag
+    assert x[1, j] == pytest.approx((enc.fill["crp"] - enc.mean["crp"]) / enc.std["crp"])  # imputed
+    assert np.array_equal(ClinicalEncoder.from_dict(json.loads(json.dumps(enc.to_dict()))).encode(df), x)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("patient_id,crp,uveitis\nA,lots,no\n")
+    with pytest.raises(InputError, match="bad.csv.*crp"):
+        read_clinical_csv(bad)
+    bad.write_text("patient_id,age\nA,250\n")
+    with pytest.raises(InputError, match="plausible range"):
+        read_clinical_csv(bad)
+
+
+# ---------------------------------------------------------------- MixCut
+
+def test_mixcut_box_shared_label_matches_pixel_mass_and_seeded():
+    n, h, w = 6, 40, 48
+    # each sample constant = its label-like value: the mixed mean must equal the mixed target
+    vals = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.3, 0.7])
+    imgs = vals.view(n, 1, 1, 1, 1, 1).expand(n, 3, 2, 3, h, w).clone()
+    seen_partial = False
+    for seed in range(20):
+        r = mixcut(imgs, vals, alpha=1.0, generator=torch.Generator().manual_seed(seed))
+        r0, r1, c0, c1 = r.box
+        area = (r1 - r0) * (c1 - c0) / (h * w)
+        assert r.weight == pytest.approx((1 - r.lam) * area)
+        # label weight == the partner's fraction of pixel mass, per sample, for every sequence / half / slice
+        np.testing.assert_allclose(r.images.mean(dim=(-1, -2)).numpy(),
+                                   r.targets.view(n, 1, 1, 1).expand(n, 3, 2, 3).numpy(), atol=1e-5)
+        changed = (r.images != imgs).any(dim=0)  # (3, 2, 3, H, W)
+        assert all(torch.equal(changed[s, hv, c], changed[0, 0, 0]) for s in range(3) for hv in range(2) for c in range(3))
+        if changed.any():
+            rows, cols = torch.nonzero(changed[0, 0, 0], as_tuple=True)
+            assert rows.min() >= r0 and rows.max() < r1 and cols.min() >= c0 and cols.max() < c1
+            seen_partial = seen_partial or 0 < area < 1
+    assert seen_partial
+    a = mixcut(imgs, vals, 1.0, torch.Generator().manual_seed(3))
+    b = mixcut(imgs, vals, 1.0, torch.Generator().manual_seed(3))
+    assert a.box == b.box and torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    off = mixcut(imgs, vals, alpha=0.0)
+    assert off.weight == 0 and torch.equal(off.images, imgs)
+
+
+# ---------------------------------------------------------------- box + geometry
+
+def test_box_formats(tmp_path):
+    b = Box((-80, -30, -50), (80, 30, 50))
+    (tmp_path / "a.json").write_text(json.dumps({"min_lps": [-80, -30, -50], "max_lps": [80, 30, 50]}))
+    (tmp_path / "b.json").write_text(json.dumps({"center_lps": [0, 0, 0], "size_mm": [160, 60, 100]}))
+    (tmp_path / "c.csv").write_text("min_x,min_y,min_z,max_x,max_y,max_z\n-80,-30,-50,80,30,50\n")
+    # Slicer markups ROI in RAS: centre (R=5, A=2, S=1) -> LPS (-5, -2, 1)
+    (tmp_path / "d.mrk.json").write_text(json.dumps({"markups": [{"type": "ROI", "coordinateSystem": "RAS",
+                                                                  "center": [5, 2, 1], "size": [160, 60, 100]}]}))
+    for name in ("a.json", "b.json", "c.csv"):
+        assert read_box(tmp_path / name) == b
+    np.testing.assert_allclose(read_box(tmp_path / "d.mrk.json").center, [-5, -2, 1])
+    (tmp_path / "e.json").write_text(json.dumps({"min_lps": [0, 0, 0], "max_lps": [0, 1, 1]}))
+    with pytest.raises(InputError, match="e.json"):
+        read_box(tmp_path / "e.json")
+
+
+def _centroid(arr: np.ndarray) -> np.ndarray:
+    idx = np.indices(arr.shape).reshape(3, -1).T[:, ::-1]  # (k, j, i) -> (i, j, k)
+    w = arr.reshape(-1).astype(float)
+    return (idx * w[:, None]).sum(0) / w.sum()
+
+
+def test_geometry_round_trip_per_sequence(cohort):
+    """A point marked in each series is found at the same LPS point on the half grids, and a map
+    on the half grids comes back at that point in the series' own grid."""
+    row = read_cohort(cohort).iloc[0]
+    box = read_box(row["box"])
+    target = box.center + np.array([-30.0, 0.0, 8.0])  # in the patient-right joint half
+    images = {}
+    for role in ("t1", "t2", "stir"):
+        src = sitk.ReadImage(row[role], sitk.sitkFloat32)
+        g = Grid.of(src)
+        idx = np.indices(src.GetSize()[::-1]).reshape(3, -1).T[:, ::-1]
+        d = np.linalg.norm(g.index_to_physical(idx) - target, axis=1).reshape(src.GetSize()[::-1])
+        blob = sitk.GetImageFromArray(np.exp(-0.5 * (d / 5.0) ** 2).astype(np.float32))
+        blob.CopyInformation(src)
+        images[role] = blob
+    sample = preprocess({**images, "box": box}, NegSpaParams(size=(48, 48), norm="none"))
+    for role, seq in sample.sequences.items():
+        assert seq.array[1].max() < 0.05 * seq.array[0].max()  # found in the right half only
+        found = seq.grids[0].index_to_physical(_centroid(seq.array[0]))
+        assert np.linalg.norm(found - target) < 1.5, role
+        back = seq.to_source(seq.array)
+        assert Grid.of(back) == Grid.of(images[role])  # exactly the series' geometry
+        arr = sitk.GetArrayFromImage(back)
+        assert np.linalg.norm(Grid.of(back).index_to_physical(_centroid(arr)) - target) < 2.0, role
+    # the three sequences are sampled on the same planes (aligned inputs), each mapped back to its own grid
+    assert sample.sequences["t1"].grids == sample.sequences["t2"].grids == sample.sequences["stir"].grids
+    # columns run lateral -> medial in both halves (the left half is mirrored)
+    gr, gl = sample.sequences["t2"].grids
+    assert gr.direction_matrix[0, 0] > 0.9 and gl.direction_matrix[0, 0] < -0.9
+
+
+def test_outside_box_and_missing_series_are_clear_errors(cohort):
+    row = read_cohort(cohort).iloc[0]
+    far = Box((900, 900, 900), (1000, 1000, 1000))
+    with pytest.raises(InputError, match="outside the t1 series"):
+        preprocess({"t1": row["t1"], "t2": row["t2"], "stir": row["stir"], "box": far})
+    with pytest.raises(InputError, match="missing: stir"):
+        preprocess({"t1": row["t1"], "t2": row["t2"], "box": far})
+
+
+def test_synth_deterministic_with_truth(cohort, tmp_path):
+    df = read_cohort(cohort)
+    assert df["label"].sum() == len(df) // 2 and set(df["split"]) == {"train", "val", "test"}
+    for _, r in df.iterrows():
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(r["truth"]))
+        assert (truth.sum() > 0) == bool(r["label"])
+        assert Grid.of(sitk.ReadImage(r["truth"])) == Grid.of(sitk.ReadImage(r["stir"]))
+    spacings = {sitk.ReadImage(df.iloc[0][k]).GetSpacing()[0] for k in ("t1", "t2", "stir")}
+    assert len(spacings) == 3  # each series its own geometry
+    again = make_cohort(tmp_path / "again", n=2, seed=5, spacing=4.0, show_progress=False)
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(read_cohort(again).iloc[1]["stir"])))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(df.iloc[1]["stir"])))
+    np.testing.assert_array_equal(a, b)
+    clin = pd.read_csv(cohort.parent / "clinical.csv", dtype=str, keep_default_na=False)
+    assert (clin == "").to_numpy().any()  # missing values present
+
+
+# ---------------------------------------------------------------- train / evaluate / predict
+
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory):
+    from rheumai.tasks.negspa.train import build_dataset, train_negspa
+
+    out = tmp_path_factory.mktemp("spa_run")
+    manifest = build_dataset(cohort, out / "ds", NegSpaParams(size=SIZE), show_progress=False)
+    res = train_negspa(manifest, out / "run", depth=18, epochs_stage1=3, epochs_stage2=12, batch_size=3,
+                       lr=1e-3, lr_fusion=3e-3, seed=0, device="cpu", state_every=0, show_progress=False)
+    return manifest, res
+
+
+def test_two_stage_training_lowers_loss_and_round_trips(trained):
+    from rheumai.checkpoint import read_card
+    from rheumai.tasks.negspa.train import NegSpaDataset, load_negspa_checkpoint, predict_loader, read_manifest
+    from rheumai.tasks.negspa.model import TriInputResNet
+
+    manifest, res = trained
+    stages = [h["stage"] for h in res.history]
+    assert stages == [1] * 3 + [2] * 12
+    s2 = [h["loss"] for h in res.history if h["stage"] == 2]
+    assert np.mean(s2[-3:]) < s2[0]
+    assert res.final_loss < res.initial_loss
+    card = read_card(res.checkpoint)
+    assert card["task"] == "negspa" and card["architecture"]["depth"] == 18
+    assert card["preprocessing"]["size"] == list(SIZE)
+    model, card2 = load_negspa_checkpoint(res.checkpoint)
+    assert isinstance(model, TriInputResNet) and card2 == card
+    df = read_manifest(manifest)
+    from rheumai.tasks.negspa.clinical import ClinicalEncoder
+
+    ds = NegSpaDataset(df[df["split"] == "train"], ClinicalEncoder.from_dict(card["clinical_encoder"]))
+    p = predict_loader(model, ds, torch.device("cpu"), "fusion")
+    loss = -np.mean(ds.labels * np.log(p) + (1 - ds.labels) * np.log(1 - p))
+    assert loss == pytest.approx(res.final_loss, rel=1e-4)  # the reloaded weights are the trained ones
+
+
+def test_resume_continues_from_saved_state(trained, tmp_path):
+    from rheumai.tasks.negspa.train import train_negspa
+
+    manifest, _ = trained
+    kw = dict(depth=18, epochs_stage1=1, epochs_stage2=1, batch_size=3, device="cpu", state_every=0, show_progress=False)
+    first = train_negspa(manifest, tmp_path, **kw)
+    again = train_negspa(manifest, tmp_path, resume=True, **kw)  # nothing left to do: same history
+    assert [h["epoch"] for h in again.history] == [h["epoch"] for h in first.history]
+    longer = train_negspa(manifest, tmp_path, resume=True, **dict(kw, epochs_stage2=2))
+    assert [(h["stage"], h["epoch"]) for h in longer.history] == [(1, 0), (2, 0), (2, 1)]
+
+
+def test_predict_saliency_in_each_series_geometry(trained, cohort, tmp_path):
+    from rheumai.tasks.negspa.predict import predict_negspa
+
+    _, res = trained
+    row = read_cohort(cohort).iloc[1]
+    out = predict_negspa({k: row[k] for k in ("t1", "t2", "stir", "box")}, res.checkpoint, tmp_path,
+                         clinical={"crp": "12.5", "inflammatory_back_pain": "yes"}, device="cpu")
+    assert 0 <= out.probability <= 1 and out.probability == pytest.approx(max(out.half_probabilities.values()))
+    assert "uveitis" in out.clinical_missing and "crp" not in out.clinical_missing
+    for role in ("t1", "t2", "stir"):
+        vol = sitk.ReadImage(str(tmp_path / f"saliency_{role}.nii.gz"))
+        src = sitk.ReadImage(row[role])
+        assert vol.GetSize() == src.GetSize()
+        np.testing.assert_allclose(vol.GetOrigin(), src.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(vol.GetSpacing(), src.GetSpacing(), atol=1e-6)
+        np.testing.assert_allclose(vol.GetDirection(), src.GetDirection(), atol=1e-6)
+        g = out.saliency_grids[role]
+        assert g.shape == (2, 3, *SIZE) and g.min() >= 0 and g.max() <= 1
+        assert (tmp_path / f"montage_{role}.png").is_file()
+    assert json.loads((tmp_path / "result.json").read_text())["probability"] == pytest.approx(out.probability)
+
+
+def test_evaluate_writes_report(trained, tmp_path):
+    from rheumai.tasks.negspa.train import evaluate_negspa
+
+    manifest, res = trained
+    rep = evaluate_negspa(res.checkpoint, manifest, tmp_path, split="all", n_bootstrap=50, device="cpu")
+    assert rep["n"] == 10 and 0 <= rep["auc"]["value"] <= 1
+    pred = pd.read_csv(tmp_path / "predictions.csv")
+    assert len(pred) == 10 and {"probability", "predicted"} <= set(pred.columns)
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "roc.png").is_file()
+
+
+def test_cli_end_to_end(tmp_path):
+    from rheumai.tasks.negspa import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+
+    def run(*argv):
+        a = parser.parse_args(["negspa", *map(str, argv)])
+        return a.func(a)
+
+    assert run("synth", tmp_path / "c", "--n", 8, "--seed", 2, "--spacing", 4) == 0
+    assert run("dataset", tmp_path / "c" / "cohort.csv", "--out", tmp_path / "ds", "--size", 32, 32) == 0
+    assert run("train", tmp_path / "ds" / "manifest.csv", "--out", tmp_path / "run", "--depth", 18,
+               "--epochs-stage1", 1, "--epochs-stage2", 1, "--batch-size", 3, "--device", "cpu", "--state-every", 0) == 0
+    ckpt = tmp_path / "run" / "model"
+    assert run("evaluate", ckpt, tmp_path / "ds" / "manifest.csv", "--out", tmp_path / "ev", "--split", "all",
+               "--n-bootstrap", 20, "--device", "cpu") == 0
+    d = tmp_path / "c" / "SPA0000"
+    assert run("predict", ckpt, "--out", tmp_path / "p1", "--t1", d / "t1.nii.gz", "--t2", d / "t2.nii.gz",
+               "--stir", d / "stir.nii.gz", "--box", d / "box.json", "--clinical", '{"crp": 3}', "--device", "cpu") == 0
+    assert (tmp_path / "p1" / "saliency_stir.nii.gz").is_file()
+    assert run("predict", ckpt, "--out", tmp_path / "p2", "--cohort", tmp_path / "c" / "cohort.csv",
+               "--no-saliency", "--device", "cpu") == 0
+    assert len(pd.read_csv(tmp_path / "p2" / "predictions.csv")) == 8
+    with pytest.raises(InputError, match="--box"):
+        run("predict", ckpt, "--out", tmp_path / "p3", "--t1", d / "t1.nii.gz", "--t2", d / "t2.nii.gz",
+            "--stir", d / "stir.nii.gz")
