@@ -243,7 +243,7 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._runningButton is not None:
             if button is self._runningButton:
                 self.logic.cancel()
-                self.addLog(_("Cancelled: the background process and its children were ended."))
+                self._onBackgroundDone(None, None, cancelled=True)
             return
         self._runningButton, self._runningText = button, button.text
         button.text = _("Cancel")
@@ -258,11 +258,15 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:
             self._onBackgroundDone(None, str(exc))
 
-    def _onBackgroundDone(self, result: Any, error: str | None) -> None:
+    def _onBackgroundDone(self, result: Any, error: str | None, cancelled: bool = False) -> None:
         button, self._runningButton = self._runningButton, None
         if button is not None:
             button.text = self._runningText
         self._updateButtons()
+        if cancelled:
+            self.ui.progressBar.value = 0
+            self.addLog(_("Cancelled: the background process and its children were ended."))
+            return
         if error:
             self.addLog(_("Failed: {error}").format(error=error))
             return
@@ -436,8 +440,9 @@ class RheumAILogic(ScriptedLoadableModuleLogic):
         except ImportError:
             packaging = None
         if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer 5.12+
+            # skip_in_testing: a self-test (askConfirmation=False) must install what it needs.
             packaging.pip_ensure(missing, skip_packages=NEVER_REINSTALL, prompt_install=askConfirmation,
-                                 requester="RheumAI")
+                                 requester="RheumAI", skip_in_testing=askConfirmation)
             return
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(
                 _("RheumAI needs additional Python packages. Install them now? (network needed, a few minutes)"),

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from rheumai.data import write_toy_cohort
@@ -17,13 +18,28 @@ from rheumai.train_cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on the shared 2-core box, 2 threads contending with other jobs run
+    several times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("e2e")
     manifest = write_toy_cohort(root / "cohort", n_train=20, n_val=0, n_test=16, size=32,
                                 positive_fraction=0.4, seed=7)
-    rc = main(["train", "--config", str(REPO / "configs" / "small_cpu.toml"), "--manifest", str(manifest),
-               "--out", str(root / "run"), "--epochs", "2", "--quiet"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = main(["train", "--config", str(REPO / "configs" / "small_cpu.toml"), "--manifest", str(manifest),
+                   "--out", str(root / "run"), "--epochs", "2", "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
     assert rc == 0
     return manifest, root / "run" / "model"
 

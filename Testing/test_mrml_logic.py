@@ -169,3 +169,36 @@ def test_missing_requirements_and_model_card_text(tmp_path, checkpoint):
     assert missing_requirements(shipped) == []  # this environment has them all
     text = model_card_text(RheumAIConsoleLogic(None).modelCard(checkpoint))
     assert "test-resnet10-32" in text and "resnet10" in text and "Threshold: 0.5 (fixed)" in text
+
+
+# The README's plain-Python console example, verbatim (the test below runs it on real files).
+README_EXAMPLE = '''from rheumai_mrml.scene import new_scene, save_scene
+from rheumai_mrml.logic import RheumAIConsoleLogic
+
+ctx = new_scene()                          # vtkMRMLScene + Slicer's logics, no Qt
+logic = RheumAIConsoleLogic(ctx.scene)
+volume = logic.loadVolume("/data/case7/t2.nii.gz")
+result = logic.predict(volume, "/models/cervical_ra", createNodes=True)
+save_scene(ctx.scene, "case7.mrb")         # open it in 3D Slicer
+'''
+
+
+def test_readme_plain_python_example_runs(tmp_path, t2_crop_path, checkpoint):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    if "from rheumai_mrml.logic import RheumAIConsoleLogic" in readme:
+        assert README_EXAMPLE in readme, "README's plain-Python example differs from README_EXAMPLE"
+    code = (README_EXAMPLE.replace("/data/case7/t2.nii.gz", str(t2_crop_path))
+            .replace("/models/cervical_ra", str(checkpoint)).replace('"case7.mrb"', repr(str(tmp_path / "case7.mrb"))))
+    ns: dict = {}
+    exec(compile(code, "README example", "exec"), ns)
+    assert 0.0 <= ns["result"]["probability"] <= 1.0
+    from rheumai_mrml.scene import load_scene
+
+    loaded = load_scene(tmp_path / "case7.mrb")
+    assert loaded.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2  # study + saliency
+    assert loaded.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode") == 1
+    assert loaded.scene.GetLastLoadedVersion() == "Slicer 5.12.4 34627"
+    red = loaded.scene.GetNodeByID("vtkMRMLSliceCompositeNodeRed")  # opens with the overlay
+    assert red.GetForegroundVolumeID() == loaded.scene.GetFirstNodeByName("t2 saliency").GetID()
+    loaded.close()
+    ns["ctx"].close()

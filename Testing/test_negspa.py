@@ -218,7 +218,7 @@ def test_resume_continues_from_saved_state(trained, tmp_path):
     from rheumai.tasks.negspa.train import train_negspa
 
     manifest, _ = trained
-    kw = dict(depth=18, epochs_stage1=1, epochs_stage2=1, batch_size=3, device="cpu", state_every=0, show_progress=False)
+    kw = dict(depth=10, epochs_stage1=1, epochs_stage2=1, batch_size=3, device="cpu", state_every=0, show_progress=False)
     first = train_negspa(manifest, tmp_path, **kw)
     again = train_negspa(manifest, tmp_path, resume=True, **kw)  # nothing left to do: same history
     assert [h["epoch"] for h in again.history] == [h["epoch"] for h in first.history]
@@ -271,7 +271,7 @@ def test_cli_end_to_end(tmp_path):
 
     assert run("synth", tmp_path / "c", "--n", 8, "--seed", 2, "--spacing", 4) == 0
     assert run("dataset", tmp_path / "c" / "cohort.csv", "--out", tmp_path / "ds", "--size", 32, 32) == 0
-    assert run("train", tmp_path / "ds" / "manifest.csv", "--out", tmp_path / "run", "--depth", 18,
+    assert run("train", tmp_path / "ds" / "manifest.csv", "--out", tmp_path / "run", "--depth", 10,
                "--epochs-stage1", 1, "--epochs-stage2", 1, "--batch-size", 3, "--device", "cpu", "--state-every", 0) == 0
     ckpt = tmp_path / "run" / "model"
     assert run("evaluate", ckpt, tmp_path / "ds" / "manifest.csv", "--out", tmp_path / "ev", "--split", "all",

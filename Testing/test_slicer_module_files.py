@@ -189,6 +189,7 @@ def _calls_on(tree: ast.AST, owner: str) -> list[tuple[str, set[str]]]:
 
 
 def test_slicer_logic_calls_the_console_logic_with_valid_arguments():
+    pytest.importorskip("slicer", reason="needs slicer-core (pip install rheumai[mrml])")
     from rheumai_mrml.logic import RheumAIConsoleLogic
 
     calls = _calls_on(_class(_module_ast(), "RheumAILogic"), "self.console")

@@ -4,6 +4,7 @@ config handling, validation carving and the batch sampler."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,16 @@ from rheumai.errors import InputError
 from rheumai.train import train
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on the shared 2-core box, 2 threads contending with other jobs run
+    several times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_config(size: int = 32, **train_overrides) -> TrainConfig:
@@ -84,7 +95,7 @@ def test_resume_after_kill_matches_uninterrupted_run(cohort: Path, tmp_path: Pat
 
     run = tmp_path / "killed"
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(cfg.to_dict()), str(cohort), str(run)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -9, proc.stderr[-2000:]
     state = json.loads((run / "state" / "state.json").read_text())
     assert state["epochs_completed"] == 1 and not (run / "model").exists()

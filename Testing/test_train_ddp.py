@@ -46,11 +46,12 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like each torchrun process (OMP_NUM_THREADS=1)
     try:
         single = train(_config(accumulate=2), manifest, tmp_path / "single", show_progress=False)
     finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(threads)
     a = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors"))
     b = load_file(str(single.checkpoint / "model.safetensors"))
     assert set(a) == set(b)

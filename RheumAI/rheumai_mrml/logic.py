@@ -229,7 +229,9 @@ class RheumAIConsoleLogic:
                                          node=self._child(node, "saliency"))
             sal.SetAttribute("RheumAI.Role", "saliency")
             sal.SetAttribute("RheumAI.SaliencyMethod", str(res.saliency_method))
-            shown = show_saliency(node, sal, opacity=opacity, lower_threshold=lowerThreshold)
+            # create_views: a scene without slice views (slicer-core) gets Slicer's three, so a saved
+            # scene opens with the overlay; inside Slicer the existing views are used.
+            shown = show_saliency(node, sal, opacity=opacity, lower_threshold=lowerThreshold, create_views=True)
             ids["saliency"], ids["color"] = sal.GetID(), shown["color"].GetID()
             if shown["legend"] is not None:
                 ids["legend"] = shown["legend"].GetID()

@@ -78,10 +78,14 @@ class MRMLContext:
             shutil.rmtree(self.cache_dir, ignore_errors=True)
 
 
-def new_scene(cache_dir: str | Path | None = None) -> MRMLContext:
+def new_scene(cache_dir: str | Path | None = None, slicer_version: str = DEFAULT_SLICER_VERSION) -> MRMLContext:
     """A vtkMRMLScene with application, colour, subject-hierarchy, volumes, markups and tables
-    logics and a data I/O cache (needed to read .mrb files), without any Qt application."""
+    logics and a data I/O cache (needed to read .mrb files), without any Qt application.
+
+    The scene's version string is set to ``slicer_version`` (slicer-core's own, "slicer-core
+    4.0.0 0", would make Slicer warn about another application and treat the scene as legacy)."""
     scene = slicer.vtkMRMLScene()
+    scene.SetVersion(scene_version_string(slicer_version))
     cache = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="rheumai-mrml-cache-"))
     cache_manager = slicer.vtkCacheManager()
     cache_manager.SetRemoteCacheDirectory(str(cache))
@@ -211,10 +215,8 @@ def write_result_scene(out_path: str | Path, source: sitk.Image, saliency: sitk.
     result: the prediction as a dict (``PredictionResult.to_dict()``), shown as a table.
     slicer_version: the Slicer release the scene declares (``Slicer 5.12.4 <revision>``).
     """
-    version = scene_version_string(slicer_version)
-    ctx = new_scene()
+    ctx = new_scene(slicer_version=slicer_version)
     try:
-        ctx.scene.SetVersion(version)
         build_result_scene(ctx.scene, source, saliency, result, opacity=opacity)
         return save_scene(ctx.scene, out_path)
     finally:

@@ -30,7 +30,10 @@ from rheumai_mrml.process import (dataset_progress, dataset_summary, format_even
 
 
 def emit(stage: str, progress: float | None = None, message: str = "", **extra: Any) -> None:
-    print(format_event(stage, progress, message, **extra), flush=True)
+    # One write call per line (print() writes the text and the newline separately): pool processes
+    # share this stdout pipe, and single writes below PIPE_BUF bytes do not interleave.
+    sys.stdout.write(format_event(stage, progress, message, **extra) + "\n")
+    sys.stdout.flush()
 
 
 # ------------------------------------------------------------------------------------- jobs
@@ -49,6 +52,11 @@ def _select_one(item: tuple[str, str, dict]) -> dict[str, Any]:
                 "grid": sel.grid.to_dict(), "error": None}
     except RheumAIError as exc:
         return {"input": path, "stem": None, "error": str(exc)}
+
+
+def _announce_pool_worker() -> None:
+    """Runs in each pool process: report its pid on the shared stdout (one short line, atomic)."""
+    emit("select", None, "pool worker ready", pid=os.getpid())
 
 
 def job_select(args: dict[str, Any]) -> dict[str, Any]:
@@ -73,10 +81,9 @@ def job_select(args: dict[str, Any]) -> dict[str, Any]:
         import concurrent.futures
         import multiprocessing
 
-        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=_announce_pool_worker)
         results = pool.map(_select_one, items)
-        emit("select", 0.0, "worker pool started", pids=[p.pid for p in pool._processes.values()]
-             if getattr(pool, "_processes", None) else [])
     try:
         for i, row in enumerate(results):
             rows.append(row)
