@@ -12,12 +12,12 @@ micro-batches; they do not enter the training-mode forward pass.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -62,8 +62,6 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
         moved += int(not torch.allclose(a[k], init[k]))
     assert moved > len(params) // 2  # training really changed the weights
-    import json
-
     card = json.loads((tmp_path / "ddp" / "model" / "model_card.json").read_text())
     assert card["training"]["world_size"] == 2
 

@@ -7,7 +7,7 @@ Times, in one process, on the same study (the repository's real cervical T2) and
   monai     monai.visualize.GradCAM on the same input (forward + backward)
   naive     MONAI LoadImage -> whole-volume Orientation + Spacing (1 mm) -> 6 middle sagittal
             slices -> pad/crop -> percentile scaling -> MONAI GradCAM
-Peak memory: each variant again in a fresh child process (ru_maxrss), after the same imports and
+Peak memory: each variant again in a fresh child process (Linux VmHWM), after the same imports and
 model load, so the figures do not mask each other. Default: ResNet-101 at 512 x 512 (the paper);
 ``--quick``: ResNet-18 at 256 x 256 (CI smoke run). Random weights (timing does not depend on them).
 
@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -117,15 +116,19 @@ def _rss_mb(field: str) -> float:
     return float("nan")
 
 
-def _time(fn: Callable[[], Any], repeats: int) -> float:
-    """Best of ``repeats`` after a warm-up (the minimum: least disturbed by other processes)."""
-    fn()  # warm-up
-    times = []
+def _time_all(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Best of ``repeats`` per variant after a warm-up (the minimum: least disturbed by other
+    processes). Variants are interleaved within each repeat, so a burst of load elsewhere hits all
+    of them rather than one."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: min(v) for name, v in times.items()}
 
 
 def _peak_rss_child(variant: str, ckpt: Path, study: Path) -> dict[str, float]:
@@ -144,14 +147,16 @@ def _child(variant: str, ckpt: Path, study: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fn = _variants(ckpt, study, Path(tmp), only=variant)[variant]
         before = _rss_mb("VmRSS")
+        setup_peak = _rss_mb("VmHWM")
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             pass
         fn()
         call_peak = _rss_mb("VmHWM")
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mb": peak, "rss_before_mb": before, "call_peak_mb": call_peak}))
+    # Process peak = max(set-up, call). Not ru_maxrss: Linux carries it over from the parent
+    # across fork + exec, so a child would report the benchmark driver's peak.
+    print(json.dumps({"peak_rss_mb": max(setup_peak, call_peak), "rss_before_mb": before, "call_peak_mb": call_peak}))
 
 
 def machine() -> str:
@@ -176,7 +181,7 @@ def run(quick: bool = False, repeats: int = 5, memory: bool = True) -> list[dict
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp) / "ckpt", cfg["depth"], cfg["size"])
         fns = _variants(ckpt, STUDY, Path(tmp) / "out")
-        secs = {name: _time(fn, repeats) for name, fn in fns.items()}
+        secs = _time_all(fns, repeats)
         mem = {name: _peak_rss_child(name, ckpt, STUDY) for name in VARIANTS} if memory else {}
     rows = []
     for name in VARIANTS:

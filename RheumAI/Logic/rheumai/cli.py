@@ -12,22 +12,26 @@ import sys
 
 from .errors import RheumAIError
 
-# Sub-command modules, in help order.
-COMMAND_MODULES = [
-    "rheumai.demo",
-    "rheumai.slices_cli",
-    "rheumai.dataset.cli",
-    "rheumai.train_cli",
-    "rheumai.predict_cli",
-    "rheumai.synth.cli",
-]
+# Commands that belong to no single task; each task in the registry adds its own
+# (Task.cli_modules), so a new task adds commands without editing this file.
+GENERAL_MODULES = ["rheumai.demo", "rheumai.tasks.cli"]
+
+
+def command_modules() -> list[str]:
+    """General commands, then every registered task's command modules, without duplicates."""
+    from .tasks import list_tasks
+
+    names = list(GENERAL_MODULES)
+    for task in list_tasks():
+        names += [m for m in task.cli_modules if m not in names]
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rheumai", description="Rheumatology imaging AI toolkit")
     parser.add_argument("--version", action="version", version=f"rheumai {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in command_modules():
         importlib.import_module(name).register(sub)
     return parser
 

@@ -138,7 +138,8 @@ def train(config: TrainConfig | str | Path, manifest_path: str | Path | None = N
 
     ``progress`` is called with dicts ({"stage": "step"|"epoch", "epoch", "epochs", "step", "steps",
     "loss", "val_auc", ...}); ``should_stop()`` is polled every step: when it returns True the run
-    stops (the last complete epoch is kept in ``<out>/state``; ``resume=True`` continues).
+    stops (the last complete epoch is kept in ``<out>/state``; ``resume=True`` continues). It is
+    meant for single-process runs (GUI cancel); under torchrun stop with a signal instead.
     """
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
     manifest_path = Path(manifest_path) if manifest_path else resolve_manifest(cfg)
@@ -147,8 +148,7 @@ def train(config: TrainConfig | str | Path, manifest_path: str | Path | None = N
     if out_dir is None:
         raise InputError(cfg.source or None, "no output folder given")
     out = Path(out_dir)
-    tc, mc = cfg.train, cfg.model
-
+    tc = cfg.train
     use_cuda = tc.device in ("auto", "cuda") and torch.cuda.is_available()
     d = _dist_setup(use_cuda)
     try:
