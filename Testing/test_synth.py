@@ -159,8 +159,8 @@ def test_lesion_changes_the_image_inside_the_mask(template):
     m = sitk.GetArrayFromImage(with_lesion.mask).astype(bool)
     assert np.array_equal(m, sitk.GetArrayFromImage(without.mask).astype(bool))
     diff = np.abs(a - b)
-    assert diff[m].mean() > 5 * diff[~m].mean()
-    assert a[m].mean() > b[m].mean()  # T2-bright pannus
+    assert diff[m].mean() > 20 * diff[~m].mean()
+    assert diff[m].mean() > 0.15 * np.percentile(b, 99)  # conspicuous: pannus replaces CSF / bone signal
     # Not a global-intensity give-away: the lesion moves the image mean by well under 1 %.
     assert abs(a.mean() - b.mean()) < 0.01 * b.mean()
 

@@ -187,8 +187,8 @@ def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: _Dist, device: t
     n_neg = len(train_df) - n_pos
 
     sampler = GlobalBatchSampler(len(train_ds), tc.batch_size, d.world, d.rank, tc.accumulate_steps, tc.seed)
-    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                         pin_memory=cuda)
+    workers = min(cfg.data.num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=workers, pin_memory=cuda)
     steps = sampler.steps_per_epoch()
 
     # ---- model, optimiser, loss

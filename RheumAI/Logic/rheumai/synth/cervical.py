@@ -64,6 +64,8 @@ class CohortParams:
     lesion_mix: probabilities of (pannus, pannus + erosion, erosion) for a positive.
     deform_mm: std of the B-spline control-point displacements (AP/SI; LR gets 40 %).
     noise: (low, high) Rician noise std as a fraction of the template's 99th percentile.
+    lesion_scale: multiplies the lesion semi-axes; pannus_level: (low, high) pannus signal as a
+    fraction of the CSF signal (see :func:`.lesions.sample_lesions`).
     p_followup_series: share of patients whose follow-up study holds a small T2 SAG series.
     p_axial_distractor: share of baseline studies that also hold a T2 axial series.
     """
@@ -80,9 +82,11 @@ class CohortParams:
     sites: tuple[str, ...] = ("A", "B", "C")
     deform_mm: float = 2.5
     noise: tuple[float, float] = (0.01, 0.025)
+    lesion_scale: float = 1.0
+    pannus_level: tuple[float, float] = (0.42, 0.58)
 
     def __post_init__(self) -> None:
-        for name in ("lesion_mix", "sites", "noise"):
+        for name in ("lesion_mix", "sites", "noise", "pannus_level"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.n_subjects < 1:
             raise ValueError(f"n_subjects must be >= 1, got {self.n_subjects}")
@@ -97,6 +101,10 @@ class CohortParams:
             raise ValueError(f"lesion_mix must be 3 non-negative weights, got {self.lesion_mix}")
         if not self.sites:
             raise ValueError("sites must not be empty")
+        if not 0.3 <= self.lesion_scale <= 3.0:
+            raise ValueError(f"lesion_scale must be within [0.3, 3], got {self.lesion_scale}")
+        if len(self.pannus_level) != 2 or not 0 < self.pannus_level[0] <= self.pannus_level[1] <= 1.5:
+            raise ValueError(f"pannus_level must be (low, high) with 0 < low <= high <= 1.5, got {self.pannus_level}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -361,6 +369,13 @@ def _t1_like(t2: np.ndarray, ref: float) -> np.ndarray:
     return ref * 2.2 * v * np.exp(-1.8 * v)
 
 
+def _lesions(rng: np.random.Generator, plan: SubjectPlan, params: CohortParams) -> list[LesionSpec]:
+    if not plan.lesion_kinds:
+        return []
+    return sample_lesions(rng, plan.lesion_kinds, small=plan.small_lesion, scale=params.lesion_scale,
+                          pannus_level=params.pannus_level)
+
+
 def synthesize_subject(template: Template, plan: SubjectPlan, params: CohortParams,
                        plant: bool = True) -> SubjectVolumes:
     """Make the images and truth mask of one subject (pure function of template, plan, params).
@@ -369,7 +384,7 @@ def synthesize_subject(template: Template, plan: SubjectPlan, params: CohortPara
     field of view, intensities, noise) with the lesion drawn and its mask kept but not painted in.
     """
     rng = np.random.default_rng([params.seed, plan.index])
-    lesions = sample_lesions(rng, plan.lesion_kinds, small=plan.small_lesion) if plan.lesion_kinds else []
+    lesions = _lesions(rng, plan, params)
     src, soft = plant_lesions(template.image, lesions, rng)
     if not plant:
         src = template.image
@@ -548,8 +563,7 @@ def generate_cohort(out_dir: str | Path, n_subjects: int = 60, prevalence: float
             lesions = [les.to_dict() for les in vols.lesions]
         if lesions is None:  # resumed: the specs are a pure function of the seed; redraw them
             rng = np.random.default_rng([params.seed, plan.index])
-            lesions = [les.to_dict() for les in sample_lesions(rng, plan.lesion_kinds, plan.small_lesion)] \
-                if plan.lesion_kinds else []
+            lesions = [les.to_dict() for les in _lesions(rng, plan, params)]
         row = {"patient_id": plan.patient_id, "label": "" if plan.label is None else plan.label,
                "outcome": plan.outcome, "role": plan.role,
                "lesion_type": "+".join(plan.lesion_kinds) if plan.lesion_kinds else "none",

@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--p-axial-distractor", type=float, default=0.5,
                    help="share of baseline studies with an extra T2 axial series (0.5)")
     c.add_argument("--deform-mm", type=float, default=2.5, help="B-spline control-point std in mm (2.5)")
+    c.add_argument("--lesion-scale", type=float, default=1.0, help="multiplies the lesion size (1.0)")
+    c.add_argument("--pannus-level", type=float, nargs=2, default=[0.42, 0.58], metavar=("LO", "HI"),
+                   help="pannus T2 signal as a fraction of CSF (0.42 0.58)")
     c.add_argument("--sites", nargs="+", default=["A", "B", "C"], help="site names (A B C)")
     c.add_argument("--template", type=Path, default=None, help="template T2 (default: the repository's real T2)")
     c.add_argument("--preview", type=int, default=0, metavar="N",
@@ -50,6 +53,7 @@ def _cervical(args: argparse.Namespace) -> int:
         p_intermediate=args.p_intermediate, p_baseline_deformity=args.p_baseline_deformity,
         p_short_followup=args.p_short_followup, p_followup_series=args.p_followup_series,
         p_axial_distractor=args.p_axial_distractor, deform_mm=args.deform_mm, sites=tuple(args.sites),
+        lesion_scale=args.lesion_scale, pannus_level=tuple(args.pannus_level),
     )
     with_lesion = [r["patient_id"] for r in info.truth if r["lesion_type"] != "none"]
     for pid in with_lesion[: max(args.preview, 0)]:

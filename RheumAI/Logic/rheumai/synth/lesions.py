@@ -68,13 +68,16 @@ class LesionSpec:
         return asdict(self)
 
 
-def sample_lesions(rng: np.random.Generator, kinds: tuple[str, ...], small: bool = False) -> list[LesionSpec]:
+def sample_lesions(rng: np.random.Generator, kinds: tuple[str, ...], small: bool = False, scale: float = 1.0,
+                   pannus_level: tuple[float, float] = (0.42, 0.58)) -> list[LesionSpec]:
     """Random lesion(s) of the given kinds around the upper axis (template LPS mm).
 
     ``small`` gives the "intermediate" grade: a thin, faint pannus and a shallow erosion, with no
     mass effect. Sizes for the full grade: pannus 14-18 mm (LR) x 7-11 mm (AP) x 11-16 mm (SI)
     at 42-58 % of the CSF signal (brighter than marrow and cord, below the CSF so it is not lost in
     a 99th-percentile window), erosion 10-13 x 9-12 x 9-11 mm at 3-12 % of the bone signal.
+    ``scale`` multiplies all semi-axes; ``pannus_level`` is the pannus signal range (fraction of
+    :data:`CSF_LEVEL`). Both are knobs for making the demo task easier or harder.
     """
     out: list[LesionSpec] = []
     for kind in kinds:
@@ -84,7 +87,7 @@ def sample_lesions(rng: np.random.Generator, kinds: tuple[str, ...], small: bool
         if kind == "pannus":
             centre = (x, C2_POSTERIOR_WALL_Y + 3.5 + rng.uniform(-1.0, 1.0), rng.uniform(32.5, 36.0))
             axes = (rng.uniform(7.0, 9.0), rng.uniform(3.5, 5.5), rng.uniform(5.5, 8.0))
-            level, push = rng.uniform(0.42, 0.58), rng.uniform(2.0, 3.5)
+            level, push = rng.uniform(*pannus_level), rng.uniform(2.0, 3.5)
             if small:
                 axes = (axes[0] * 0.8, axes[1] * 0.55, axes[2] * 0.6)
                 level, push = level * 0.8, 0.0
@@ -95,7 +98,7 @@ def sample_lesions(rng: np.random.Generator, kinds: tuple[str, ...], small: bool
             if small:
                 axes = (axes[0] * 0.8, axes[1] * 0.6, axes[2] * 0.6)
                 level = 0.5
-        out.append(LesionSpec(kind, tuple(float(c) for c in centre), tuple(float(a) for a in axes),
+        out.append(LesionSpec(kind, tuple(float(c) for c in centre), tuple(float(a) * scale for a in axes),
                               float(level), float(push), float(rng.uniform(0.08, 0.2))))
     return out
 
