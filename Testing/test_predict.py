@@ -207,3 +207,27 @@ def test_cli_scene(ckpt, t2_crop_path, tmp_path):
     assert _cli(["predict", str(t2_crop_path), "--model", str(ckpt), "--out", str(out), "--scene"]) == 0
     row = json.loads((out / "predictions.json").read_text())["predictions"][0]
     assert row["scene_file"] and Path(row["scene_file"]).exists()
+
+
+def test_card_input_transform_crop_and_resize(t2_crop_path, tmp_path):
+    """A network trained on a centre crop resized to 32 px: predict applies the card's transform,
+    and the maps go back into the crop box of the 64 px selection grid."""
+    from rheumai.data import eval_transform_from_card
+
+    torch.manual_seed(1)
+    arch = default_architecture(depth=18, input_size=(32, 32))
+    card = {"architecture": arch, "preprocessing": SliceParams(size=(SIZE, SIZE), spacing_mm=2.0).to_dict(),
+            "input_transform": {"center_crop_fraction": 0.75, "resize": "bilinear", "input_size": [32, 32]},
+            "threshold": 0.5, "threshold_rule": "fixed", "task": "cervical_ra", "model_id": "crop32"}
+    pred = Predictor(save_checkpoint(tmp_path / "crop", build_model(arch), card))
+    res = pred.predict(t2_crop_path, saliency="gradxinput")
+    x = torch.as_tensor(np.asarray(eval_transform_from_card(pred.card)(res.selection.array)))[None].float()
+    assert x.shape == (1, 6, 32, 32)
+    with torch.inference_mode():
+        assert res.probability == pytest.approx(torch.sigmoid(pred.model(x))[0, 0].item(), abs=1e-5)
+    g = res.saliency_grid
+    assert g.shape == (6, SIZE, SIZE) and g.max() > 0
+    inside = np.zeros_like(g, dtype=bool)
+    inside[:, 8:56, 8:56] = True  # the 48 px centre crop of 64
+    assert not g[~inside].any()
+    _same_geometry(res.saliency_volume, sitk.ReadImage(str(t2_crop_path)))

@@ -58,8 +58,8 @@ def evaluate(model: str | Path, manifest_path: str | Path, out_dir: str | Path, 
     if prep is not None and card.get("preprocessing") is not None and prep != card["preprocessing"]:
         diff = sorted(k for k in set(prep) | set(card["preprocessing"]) if prep.get(k) != card["preprocessing"].get(k))
         warnings.append(f"the evaluated cache was built with other slice parameters than the model's ({', '.join(diff)})")
-    if split in ("train", "val"):
-        warnings.append(f"evaluating on the {split} split: these patients shaped the model or its threshold")
+    if split in ("train", "val", "all"):
+        warnings.append(f"evaluating on the {split} split: it holds patients that shaped the model or its threshold")
     ds = SliceStackDataset(rows, eval_transform_from_card(card), expect_channels=int(card["architecture"]["in_channels"]))
     if progress:
         progress({"stage": "predict", "n": len(ds)})

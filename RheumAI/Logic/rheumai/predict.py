@@ -4,7 +4,9 @@
 number of studies; ``predict_batch`` runs a list of studies into one folder with resumable,
 atomically written ``predictions.csv`` / ``predictions.json``.
 
-The probability is sigmoid(logit) of the card's one-output network; the class is
+The network input is the selection array passed through the card's inference transform
+(``input_transform``: optional fixed centre crop, resize to the architecture's ``input_size``; the
+identity when those match the selection). The probability is sigmoid(logit) of the card's one-output network; the class is
 ``probability >= threshold`` with the card's threshold. Saliency maps are computed on the
 selection grid (C, H, W) = (slices right -> left, superior -> inferior, anterior -> posterior)
 and sent back into the source image's exact grid (LPS) by the imaging core's inverse
@@ -94,10 +96,7 @@ class Predictor:
         self.params = SliceParams.from_dict(self.card["preprocessing"])
         self.threshold = float(self.card["threshold"])
         self.model_id = str(self.card.get("model_id", "unknown"))
-        size = self.card.get("architecture", {}).get("input_size")
-        if size is not None and tuple(int(s) for s in size) != tuple(self.params.size):
-            raise InputError(self.checkpoint_dir, f"model card is inconsistent: architecture input_size {size} "
-                                                  f"!= preprocessing size {list(self.params.size)}")
+        self._to_input, self._from_input = _input_transform(self.card, self.params)
 
     def select(self, source: str | Path | Study | sitk.Image, series_uid: str | None = None) -> tuple[SliceSelection, sitk.Image]:
         """The task input of ``source`` (file / DICOM folder / Study / LPS image) and its source image."""
@@ -122,11 +121,12 @@ class Predictor:
         t = {"start": time.perf_counter()}
         sel, image = self.select(source, series_uid)
         t["slices"] = time.perf_counter()
-        x = torch.from_numpy(np.ascontiguousarray(sel.array))[None].to(self.device)
-        grid_map = None
+        x = self._to_input(sel.array)[None].to(self.device)
+        grid_map = input_map = None
         if saliency:
             logits, maps = compute_saliency(self.model, x, saliency, target_layer, **saliency_options)
-            grid_map = maps[0] * sel.mask
+            input_map = maps[0]
+            grid_map = self._from_input(input_map) * sel.mask
         else:
             with torch.inference_mode():
                 logits = self.model(x)
@@ -155,11 +155,52 @@ class Predictor:
                 raise ValueError("sanity checks need a saliency method")
             from .sanity import run_sanity
 
-            res.sanity = run_sanity(self.model, x, grid_map, saliency, target_layer, **saliency_options)
+            res.sanity = run_sanity(self.model, x, input_map, saliency, target_layer, **saliency_options)
         t["sanity"] = time.perf_counter()
         keys = list(t)
         res.timings_s = {k: round(t[k] - t[p], 4) for p, k in zip(keys, keys[1:])}
         return res
+
+
+def _input_transform(card: dict[str, Any], params: SliceParams) -> tuple[Callable[[np.ndarray], torch.Tensor],
+                                                                         Callable[[np.ndarray], np.ndarray]]:
+    """The card's inference transform (selection array -> network input) and its inverse for maps.
+
+    When the network input is the selection itself (no crop, same size) both are the identity.
+    Otherwise the training area's ``eval_transform_from_card`` (fixed centre crop, bilinear resize
+    to ``input_size``) is applied, and maps (C, h, w) on the network input are resized back
+    (bilinear) into the crop box of the (C, H, W) selection grid, zero outside it. The crop box is
+    found by sending an index image through the same crop, so it is MONAI's, not a re-derivation.
+    """
+    arch_size = tuple(int(v) for v in card.get("architecture", {}).get("input_size") or params.size)
+    frac = float(card.get("input_transform", {}).get("center_crop_fraction", 1.0))
+    if arch_size == tuple(params.size) and frac >= 1.0:
+        return (lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))), (lambda m: m)
+    from .data import eval_transform_from_card
+
+    tf = eval_transform_from_card(card)
+    h, w = params.size
+    if frac < 1.0:
+        from monai.transforms import CenterScaleCrop
+
+        idx = np.asarray(CenterScaleCrop(roi_scale=frac)(np.arange(h * w, dtype=np.int64).reshape(1, h, w)))
+        r0, c0 = divmod(int(idx.min()), w)
+        r1, c1 = divmod(int(idx.max()), w)
+    else:
+        r0, c0, r1, c1 = 0, 0, h - 1, w - 1
+
+    def forward(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(tf(np.ascontiguousarray(a, dtype=np.float32))), dtype=torch.float32)
+
+    def inverse(m: np.ndarray) -> np.ndarray:
+        from .saliency import upsample
+
+        box = upsample(torch.as_tensor(m, dtype=torch.float32)[None], (r1 - r0 + 1, c1 - c0 + 1))[0]
+        out = np.zeros((m.shape[0], h, w), np.float32)
+        out[:, r0:r1 + 1, c0:c1 + 1] = box.clamp(0, 1).numpy()
+        return out
+
+    return forward, inverse
 
 
 def _default_layer(model: torch.nn.Module) -> str:
