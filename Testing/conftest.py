@@ -36,3 +36,30 @@ def dicom_t1_dir() -> Path:
 def dcm2niix_ref() -> Path:
     """dcm2niix's NIfTI of the same HFS series: an independent geometry reference."""
     return DATA / "dcm2niix_ref" / "t1_fl2d_sag_20220407150138.nii.gz"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread: on a shared 2-core box two contending threads run several
+    times slower than one (measured by the training tests)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def mrml():
+    """An application-free MRML scene with Slicer's logics (slicer-core), also set as
+    ``slicer.mrmlScene`` for code that uses the global, restored afterwards."""
+    slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install rheumai[mrml])")
+    from rheumai_mrml.scene import new_scene
+
+    ctx = new_scene()
+    old = getattr(slicer, "mrmlScene", None)
+    slicer.mrmlScene = ctx.scene
+    yield ctx
+    slicer.mrmlScene = old
+    ctx.close()

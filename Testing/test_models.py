@@ -14,14 +14,7 @@ from rheumai.errors import InputError
 from rheumai.models import build_model, default_architecture
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on the shared 2-core box, 2 threads contending with other jobs run
-    several times slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _card(arch: dict) -> dict:

@@ -19,15 +19,6 @@ from rheumai_mrml.slab import grid_box_ras, roi_box_ras, selection_volume, slab_
 from rheumai_mrml.tables import flatten_result, results_table, table_rows  # noqa: E402
 
 
-@pytest.fixture
-def mrml():
-    """An application-free scene with Slicer's logics, also set as ``slicer.mrmlScene``."""
-    ctx = new_scene()
-    old = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = ctx.scene
-    yield ctx
-    slicer.mrmlScene = old
-    ctx.close()
 
 
 @pytest.fixture(scope="module")

@@ -27,15 +27,6 @@ from rheumai_mrml.tables import table_rows  # noqa: E402
 SIZE = (32, 32)
 
 
-@pytest.fixture
-def mrml():
-    """An application-free scene with Slicer's logics, also set as ``slicer.mrmlScene``."""
-    ctx = new_scene()
-    old = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = ctx.scene
-    yield ctx
-    slicer.mrmlScene = old
-    ctx.close()
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,6 @@ from rheumai_mrml.nodes import (LPS_TO_RAS, image_from_volume_node, ijk_to_ras_m
 from rheumai_mrml.scene import new_scene  # noqa: E402
 
 
-@pytest.fixture
-def mrml():
-    """An application-free scene with Slicer's logics, also set as ``slicer.mrmlScene``."""
-    ctx = new_scene()
-    old = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = ctx.scene
-    yield ctx
-    slicer.mrmlScene = old
-    ctx.close()
 
 
 def oblique_image() -> sitk.Image:
