@@ -38,25 +38,43 @@ def machine() -> str:
             f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
+def unify(row: dict) -> dict:
+    """One row of the common table: what, ours, baseline (same process), ratio, note."""
+    b = row.get("benchmark")
+    if b == "slices":
+        return {"what": f"slice selection: {row['case']}", "ours": f"{row['selected_s'] * 1000:.1f} ms",
+                "baseline": f"{row['full_resample_s'] * 1000:.1f} ms (resample all, then pick)",
+                "ratio": f"{row['speedup']:.1f}x faster",
+                "note": f"max|diff| {row['max_abs_diff']:.1e}, mask mismatches {row['mask_mismatch']}"}
+    if b == "predict":
+        rss = row.get("peak_rss_mb")
+        return {"what": f"predict {row['model']} {row['input']}: {row['variant']}", "ours": f"{row['seconds']:.3f} s",
+                "baseline": "bare forward / naive", "ratio": f"{row['ratio_to_forward']:.2f}x fwd, "
+                f"naive {row['naive_over_this']:.2f}x", "note": f"peak RSS {rss:.0f} MB" if rss else ""}
+    if b == "train":
+        return {"what": f"training: {row['model']}", "ours": f"{row['pipeline_samples_per_s']:.2f} samples/s",
+                "baseline": f"{row['bare_samples_per_s']:.2f} samples/s (bare step)",
+                "ratio": f"{row['ratio']:.2f}", "note": "full pipeline / bare step"}
+    return {"what": str(row), "ours": "", "baseline": "", "ratio": "", "note": ""}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small models and sizes (CI smoke run)")
     args = ap.parse_args()
     print(f"machine: {machine()}\n")
+    table: list[dict] = []
     for name in ("bench_slices", "bench_predict", "bench_train"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError as exc:
-            print(f"[{name}] not available: {exc}\n")
-            continue
-        print(f"== {name} ==")
-        rows = mod.run(quick=args.quick)
-        if hasattr(mod, "print_rows"):
-            mod.print_rows(rows)
-        else:
-            for r in rows:
-                print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
-        print()
+        mod = importlib.import_module(name)
+        print(f"running {name} ...", flush=True)
+        table += [unify(r) for r in mod.run(quick=args.quick)]
+    cols = ("what", "ours", "baseline", "ratio", "note")
+    widths = {c: max(len(c), *(len(r[c]) for r in table)) for c in cols}
+    print()
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    print("  ".join("-" * widths[c] for c in cols))
+    for r in table:
+        print("  ".join(r[c].ljust(widths[c]) for c in cols))
     return 0
 
 
