@@ -478,6 +478,10 @@ class RheumAILogic(ScriptedLoadableModuleLogic):
     def setSaliencyOpacity(self, inputNode, opacity: float) -> None:
         self.console.setSaliencyOpacity(inputNode, opacity)
 
+    def listTasks(self) -> list:
+        """Registered tasks (rheumai.tasks registry), e.g. to fill a task selector."""
+        return self.console.listTasks()
+
     def modelCardText(self, modelPath) -> str:
         from rheumai_mrml.logic import model_card_text
 

@@ -193,3 +193,10 @@ def test_readme_plain_python_example_runs(tmp_path, t2_crop_path, checkpoint):
     assert red.GetForegroundVolumeID() == loaded.scene.GetFirstNodeByName("t2 saliency").GetID()
     loaded.close()
     ns["ctx"].close()
+
+
+def test_tasks_from_the_registry(mrml, checkpoint):
+    logic = RheumAIConsoleLogic(mrml.scene)
+    names = [t["name"] for t in logic.listTasks()]
+    assert {"cervical_ra", "negspa"} <= set(names)
+    assert logic.taskOfModel(checkpoint)["name"] == "cervical_ra"

@@ -182,6 +182,18 @@ class RheumAIConsoleLogic:
             self._predictors[key] = Predictor(modelPath, device=device)
         return self._predictors[key]
 
+    def listTasks(self) -> list[dict[str, Any]]:
+        """The registered tasks (seed systems) as JSON-able declarations, for panels and scripts."""
+        from rheumai.tasks import list_tasks
+
+        return [t.describe() for t in list_tasks()]
+
+    def taskOfModel(self, modelPath: str | Path) -> dict[str, Any]:
+        """The registered task a checkpoint was trained for (its card's ``task``)."""
+        from rheumai.tasks import get_task
+
+        return get_task(str(self.modelCard(modelPath).get("task", "cervical_ra"))).describe()
+
     def modelCard(self, modelPath: str | Path) -> dict[str, Any]:
         """The model card of a checkpoint folder (read without loading the weights)."""
         from rheumai.checkpoint import read_card
