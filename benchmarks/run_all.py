@@ -48,7 +48,7 @@ def unify(row: dict) -> dict:
                 "note": f"max|diff| {row['max_abs_diff']:.1e}, mask mismatches {row['mask_mismatch']}"}
     if b == "predict":
         rss = row.get("peak_rss_mb")
-        return {"what": f"predict {row['model']} {row['input']}: {row['variant']}", "ours": f"{row['seconds']:.3f} s",
+        return {"what": f"predict {row['model']} {row.get('study', '')} {row['input']}: {row['variant']}", "ours": f"{row['seconds']:.3f} s",
                 "baseline": "bare forward / naive", "ratio": f"{row['ratio_to_forward']:.2f}x fwd, "
                 f"naive {row['naive_over_this']:.2f}x", "note": f"peak RSS {rss:.0f} MB" if rss else ""}
     if b == "train":
@@ -68,6 +68,8 @@ def main() -> int:
         mod = importlib.import_module(name)
         print(f"running {name} ...", flush=True)
         table += [unify(r) for r in mod.run(quick=args.quick)]
+        if name == "bench_predict":  # also an anisotropic clinical geometry (memory already measured)
+            table += [unify(r) for r in mod.run(quick=args.quick, memory=False, clinical_like=True)]
     cols = ("what", "ours", "baseline", "ratio", "note")
     widths = {c: max(len(c), *(len(r[c]) for r in table)) for c in cols}
     print()
