@@ -483,9 +483,15 @@ class RheumAILogic(ScriptedLoadableModuleLogic):
         return self.console.listTasks()
 
     def modelCardText(self, modelPath) -> str:
+        """The model card as text, headed by the registered task it was trained for."""
         from rheumai_mrml.logic import model_card_text
 
-        return model_card_text(self.console.modelCard(modelPath))
+        try:
+            task = self.console.taskOfModel(modelPath)
+            head = f"Task: {task['title']} ({task['name']})"
+        except KeyError as exc:  # a card naming a task this installation does not register
+            head = f"Task: not registered here ({exc})"
+        return head + "\n" + model_card_text(self.console.modelCard(modelPath))
 
     # -------------------------------------------------------------- background process
     def buildDataset(self, dicomFolder, labelsCsv, outDir, waitForCompletion: bool = True,
