@@ -18,7 +18,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -26,7 +26,7 @@ import SimpleITK as sitk
 from . import __version__
 from .atomic import atomic_path, write_json
 from .errors import InputError
-from .geometry import SAGITTAL_FRAME, Grid, image_from_array, snap_frame, voxel_center
+from .geometry import SAGITTAL_FRAME, Grid, corners, image_from_array, snap_frame, voxel_center
 from .io import Study
 from .normalize import METHODS, normalize_intensity
 
@@ -158,7 +158,7 @@ class SliceSelection:
 
 
 def _pack_mask(mask: np.ndarray) -> dict[str, Any]:
-    """Run-length-free compact mask storage: the inside box per slice (the mask is convex)."""
+    """Compact JSON storage of a bool mask: packed bits, zlib-compressed, base64 text."""
     import base64
     import zlib
 
@@ -194,8 +194,6 @@ def selection_grid(image: sitk.Image, params: SliceParams) -> Grid:
 
 def _overlap_window(image: sitk.Image, grid: Grid) -> tuple[np.ndarray, np.ndarray] | None:
     """Index box [lo, hi] (inclusive, (i, j, k)) of grid points that may fall inside ``image``."""
-    from .geometry import corners
-
     idx = grid.physical_to_index(corners(image))
     lo = np.maximum(np.floor(idx.min(axis=0)) - 1, 0).astype(int)
     hi = np.minimum(np.ceil(idx.max(axis=0)) + 1, np.asarray(grid.size) - 1).astype(int)
@@ -270,8 +268,6 @@ def select_slices_full_resample(source: Study | sitk.Image, params: SliceParams 
     The full grid is the selection grid extended by whole steps until it covers the source, so
     the picked points are the same physical points. Slow; for tests and benchmarks.
     """
-    from .geometry import corners
-
     image, provenance = _unpack_source(source, source_path)
     grid = selection_grid(image, params)
     idx = grid.physical_to_index(corners(image))
@@ -322,8 +318,6 @@ def _finish(raw: np.ndarray, inside: np.ndarray, grid: Grid, image: sitk.Image, 
     empty = [c for c in range(inside.shape[0]) if not inside[c].any()]
     if empty:
         lr = grid.index_to_physical(np.array([[0, 0, c] for c in empty]))[:, 0]
-        from .geometry import corners
-
         xs = corners(image)[:, 0]
         raise InputError(provenance.get("source_path"),
                          f"slice(s) {empty} of the selection (LPS x = {np.round(lr, 1).tolist()} mm) lie outside "
@@ -340,6 +334,3 @@ def params_from(base: SliceParams | None = None, **overrides: Any) -> SliceParam
     base = base or SliceParams()
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
-
-def as_sequence(v: Sequence[float] | None) -> tuple[float, ...] | None:
-    return None if v is None else tuple(float(x) for x in v)
