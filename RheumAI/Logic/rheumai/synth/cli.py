@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cervical(args: argparse.Namespace) -> int:
+    from ..paths import safe_child
     from .cervical import generate_cohort
     from .preview import save_cohort_subject_png
 
@@ -57,7 +58,7 @@ def _cervical(args: argparse.Namespace) -> int:
     )
     with_lesion = [r["patient_id"] for r in info.truth if r["lesion_type"] != "none"]
     for pid in with_lesion[: max(args.preview, 0)]:
-        save_cohort_subject_png(info.out_dir, pid, info.out_dir / "preview" / f"{pid}.png", size_mm=90,
+        save_cohort_subject_png(info.out_dir, pid, safe_child(info.out_dir / "preview", pid, ".png", what="patient ID"), size_mm=90,
                                 zoom_on_mask=True)
     print(f"wrote {info.n_subjects} subjects to {info.out_dir}: {info.n_included} included "
           f"({info.n_positive_included} positive), labels {info.labels_csv}, truth {info.truth_csv}")
@@ -67,7 +68,9 @@ def _cervical(args: argparse.Namespace) -> int:
 def _preview(args: argparse.Namespace) -> int:
     from .preview import save_cohort_subject_png
 
-    png = args.png or args.out / "preview" / f"{args.patient}.png"
+    from ..paths import safe_child
+
+    png = args.png or safe_child(args.out / "preview", args.patient, ".png", what="patient ID")
     save_cohort_subject_png(args.out, args.patient, png, size_mm=args.zoom_mm, zoom_on_mask=args.zoom_mm is not None)
     print(png)
     return 0

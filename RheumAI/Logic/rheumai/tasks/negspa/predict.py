@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ...atomic import atomic_path, write_json, write_text
 from ...errors import RheumAIError
+from ...paths import safe_child
 from ...saliency import gradcam_backward
 from .clinical import NAMES, ClinicalEncoder, parse_table
 from .model import pack
@@ -183,7 +184,7 @@ def predict_cohort(cohort_csv: str | Path, checkpoint: str | Path, out_dir: str 
         try:
             clinical = {c: r[c] for c in NAMES if c in r and isinstance(r[c], str)}
             res = pred.predict({k: r[k] for k in ("t1", "t2", "stir", "box")}, clinical, saliency)
-            write_result(res, out / pid)
+            write_result(res, safe_child(out, pid, what="patient ID", source=cohort_csv))
             row = {"patient_id": pid, "probability": res.probability, "label": res.label, "threshold": res.threshold,
                    "p_right": res.half_probabilities["right"], "p_left": res.half_probabilities["left"],
                    "clinical_missing": ";".join(res.clinical_missing), "error": ""}

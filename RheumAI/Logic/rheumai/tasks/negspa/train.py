@@ -33,6 +33,7 @@ from tqdm import tqdm
 from ...atomic import write_json, write_text
 from ...checkpoint import (find_training_state, load_training_state, load_weights, read_card, save_checkpoint,
                            save_training_state)
+from ...paths import safe_child
 from ...errors import InputError, RheumAIError
 from ...metrics import binary_report, choose_threshold
 from .clinical import NAMES, ClinicalEncoder, parse_table, read_clinical_csv
@@ -75,7 +76,7 @@ def build_dataset(cohort_csv: str | Path, out_dir: str | Path, params: NegSpaPar
     rows, excluded = [], []
     for _, r in tqdm(df.iterrows(), total=len(df), desc="negspa dataset", disable=not show_progress):
         pid = str(r["patient_id"])
-        stem = out / "cache" / pid
+        stem = safe_child(out / "cache", pid, ".json", what="patient ID", source=cohort_csv).with_name(pid)
         meta = stem.with_name(pid + ".json")
         cached = meta.is_file() and stem.with_name(pid + ".npy").is_file() and \
             json.loads(meta.read_text()).get("params") == p.to_dict()
