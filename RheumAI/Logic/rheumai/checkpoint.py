@@ -131,12 +131,24 @@ def _checkpoint_folder(path: Path) -> Path:
     return path
 
 
+def _task_builder(card: dict[str, Any], folder: Path) -> Any:
+    """The network builder of the card's registered task (``rheumai.models.build_model`` without one)."""
+    if not card.get("task"):
+        return build_model
+    from .tasks import get_task
+
+    try:
+        return get_task(str(card["task"])).build_model
+    except KeyError as exc:
+        raise InputError(folder / CARD, str(exc.args[0])) from None
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the card's architecture and load its weights (strict); model in eval mode."""
     folder = _checkpoint_folder(Path(path))
     card = read_card(folder)
     try:
-        model = build_model(card["architecture"])
+        model = _task_builder(card, folder)(card["architecture"])
     except ValueError as exc:
         raise InputError(folder / CARD, str(exc)) from None
     load_weights(folder / card.get("weights_file", WEIGHTS), model)
