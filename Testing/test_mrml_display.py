@@ -90,7 +90,8 @@ def test_results_table_types_and_order(mrml):
     node = results_table(mrml.scene, rows, name="batch")
     table = node.GetTable()
     names = [table.GetColumn(i).GetName() for i in range(table.GetNumberOfColumns())]
-    assert names[:4] == ["source_path", "probability", "label", "model_id"]
+    assert names[:5] == ["study", "source_path", "probability", "label", "model_id"]
+    assert [table.GetValueByName(r, "study").ToString() for r in range(2)] == ["a", "b"]
     assert table.GetColumnByName("probability").IsA("vtkDoubleArray")
     assert table.GetColumnByName("label").IsA("vtkIntArray")
     assert table.GetColumnByName("sanity.passed").IsA("vtkIntArray")

@@ -232,7 +232,8 @@ class RheumAIConsoleLogic:
         base = node.GetName()
         ids: dict[str, str] = {"input": node.GetID()}
         children = []
-        table = results_table(self.scene, res.to_dict(), name=f"{base} result", node=self._child(node, "result"))
+        table = results_table(self.scene, dict(res.to_dict(), study=base), name=f"{base} result",
+                              node=self._child(node, "result"))
         table.SetAttribute("RheumAI.Role", "result")
         ids["table"] = table.GetID()
         children.append(table)

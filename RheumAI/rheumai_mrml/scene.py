@@ -33,7 +33,9 @@ from .nodes import volume_node_from_image
 from .overlay import show_saliency
 from .tables import results_table
 
-DEFAULT_SLICER_VERSION = "5.12.4"
+# The newest Slicer release (git tag v5.12.3). slicer-core's own version (5.12.4.0) is a package
+# version, not a Slicer release: a scene claiming it would name an application that does not exist.
+DEFAULT_SLICER_VERSION = "5.12.3"
 
 # Slicer's revision is its commit count plus fixed offsets (Slicer's CMakeLists.txt,
 # Slicer_WC_COMMIT_COUNT_OFFSET); measured on the Slicer git tags. A scene whose revision is <= 0
@@ -44,20 +46,17 @@ KNOWN_REVISIONS = {"5.8.0": 33216, "5.8.1": 33241, "5.10.0": 34045, "5.12.0": 34
 def scene_version_string(slicer_version: str = DEFAULT_SLICER_VERSION, revision: int | None = None) -> str:
     """``"Slicer <major>.<minor>.<patch> <revision>"``, the format Slicer writes in .mrml files.
 
-    Without ``revision``, the newest known revision of the same minor series at or below the
-    version is used (only the version number is compared by Slicer on loading).
+    Without ``revision`` the version must be a Slicer release listed in ``KNOWN_REVISIONS`` (a
+    written scene names an application that exists); with it, any version is accepted.
     """
     m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", slicer_version.strip())
     if not m:
-        raise ValueError(f"slicer_version must look like 5.12.4, got {slicer_version!r}")
+        raise ValueError(f"slicer_version must look like 5.12.3, got {slicer_version!r}")
     if revision is None:
-        key = tuple(int(v) for v in m.groups())
-        same_series = [(tuple(int(v) for v in k.split(".")), r) for k, r in KNOWN_REVISIONS.items()
-                       if tuple(int(v) for v in k.split("."))[:2] == key[:2]
-                       and tuple(int(v) for v in k.split(".")) <= key]
-        if not same_series:
-            raise ValueError(f"no known revision for Slicer {slicer_version}; pass revision=")
-        revision = max(same_series)[1]
+        if slicer_version.strip() not in KNOWN_REVISIONS:
+            raise ValueError(f"Slicer {slicer_version} is not a known release ({', '.join(KNOWN_REVISIONS)}); "
+                             "pass revision= to name another build")
+        revision = KNOWN_REVISIONS[slicer_version.strip()]
     if int(revision) <= 0:
         raise ValueError("revision must be > 0 (Slicer treats revision 0 as a legacy scene)")
     return f"Slicer {slicer_version.strip()} {int(revision)}"
@@ -139,7 +138,7 @@ def build_result_scene(scene: Any, source: sitk.Image, saliency: sitk.Image | No
         from .overlay import set_slice_viewer_layers
 
         views = set_slice_viewer_layers(scene, src, None, 0.0, create_views=True)
-    table = results_table(scene, result, name=f"{name} result")
+    table = results_table(scene, dict(result, study=result.get("study") or name), name=f"{name} result")
     table.SetAttribute("RheumAI.Role", "result")
     place_under(src, [n for n in (sal_node, table) if n is not None])
     selection = scene.GetNodeByID("vtkMRMLSelectionNodeSingleton")
@@ -213,7 +212,7 @@ def write_result_scene(out_path: str | Path, source: sitk.Image, saliency: sitk.
 
     source: the study (3D, LPS). saliency: map in [0, 1] in the source's geometry, or None.
     result: the prediction as a dict (``PredictionResult.to_dict()``), shown as a table.
-    slicer_version: the Slicer release the scene declares (``Slicer 5.12.4 <revision>``).
+    slicer_version: the Slicer release the scene declares (``Slicer 5.12.3 <revision>``).
     """
     ctx = new_scene(slicer_version=slicer_version)
     try:
