@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 HEADS = ("binary", "regression", "ordinal", "keypoints")
 CLINICAL_KINDS = ("binary", "continuous", "categorical")
@@ -90,6 +90,13 @@ class Task:
     outputs: tuple[str, ...] = ()
     api: dict[str, str] = field(default_factory=dict)
     cli_modules: tuple[str, ...] = ()
+    # Predict side, run by rheumai.engine.predict.Predictor (see its module docstring for the contract).
+    load_sample: Callable[[Mapping[str, Any], dict[str, Any]], Any] | None = None  # (study inputs, card) -> sample
+    to_tensors: Callable[[Any, dict[str, Any]], Any] | None = None  # (sample, card) -> Tensor | {name: Tensor}, unbatched
+    forward: Callable[[Any, Any], Any] | None = None  # (model, batch) -> {head: Tensor}; None: model(x) / model(**x)
+    postprocess: Callable[[dict[str, Any], dict[str, Any], Any], dict[str, Any]] | None = None  # one study's values
+    saliency_maps: Callable[..., Any] | None = None  # (model, batch, samples, card, method, layer) -> (outputs, maps)
+    saliency_methods: tuple[str, ...] = ()  # methods saliency_maps accepts (empty: none)
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -126,5 +133,6 @@ class Task:
             "clinical": [asdict(c) for c in self.clinical], "head": self.head, "metrics": list(self.metrics),
             "saliency_targets": dict(self.saliency_targets), "outputs": list(self.outputs),
             "api": dict(self.api), "cli_modules": list(self.cli_modules),
+            "saliency_methods": list(self.saliency_methods),
             "default_params": self.default_params(), "default_architecture": self.default_architecture(),
         }
