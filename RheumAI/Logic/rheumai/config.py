@@ -86,6 +86,10 @@ class TrainSection:
     sync_batchnorm: bool = True     # under DDP on CUDA (gloo/CPU has no SyncBatchNorm)
     eval_batch_size: int = 8
     pretrained: bool = False        # the paper trained from random initialisation
+    # BatchNorm running statistics recomputed on the un-augmented training images (exact pooled
+    # mean / variance, rheumai.engine.batchnorm): "epoch" (before every validation, so selection
+    # sees eval-mode outputs as they will be) | "final" (on the selected weights only) | "none"
+    bn_recalibration: str = "epoch"
 
 
 @dataclass
@@ -152,6 +156,8 @@ class TrainConfig:
             raise InputError(src, f"[train] class_weighting {t.class_weighting!r}: use 'none' or 'balanced'")
         if t.select not in ("best_val_auc", "last"):
             raise InputError(src, f"[train] select {t.select!r}: use 'best_val_auc' or 'last'")
+        if t.bn_recalibration not in ("epoch", "final", "none"):
+            raise InputError(src, f"[train] bn_recalibration {t.bn_recalibration!r}: use 'epoch', 'final' or 'none'")
         if t.device not in ("auto", "cpu", "cuda"):
             raise InputError(src, f"[train] device {t.device!r}: use auto, cpu or cuda")
         if t.epochs < 1:

@@ -32,6 +32,7 @@ from .checkpoint import (find_training_state, load_training_state, save_checkpoi
 from .config import TrainConfig, load_config, resolve_manifest, save_config
 from .data import (GlobalBatchSampler, SliceStackDataset, build_eval_transform, build_train_transform, load_array,
                    preprocessing_from_dataset, read_manifest, split_train_val)
+from .engine.batchnorm import recalibrate_batchnorm
 from .errors import InputError
 from .metrics import binary_report, choose_threshold, parse_threshold_rule
 from .models import build_model, count_parameters, default_architecture
@@ -183,6 +184,7 @@ def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: _Dist, device: t
     train_ds = SliceStackDataset(train_df, build_train_transform(cfg.augment, input_size), tc.seed, mc.in_channels)
     eval_tf = build_eval_transform(cfg.augment.crop, cfg.augment.crop_fraction, input_size)
     val_ds = SliceStackDataset(val_df, eval_tf, tc.seed, mc.in_channels) if len(val_df) else None
+    recal_ds = SliceStackDataset(train_df, eval_tf, tc.seed, mc.in_channels)  # un-augmented train images
     n_pos = int(train_df["label"].sum())
     n_neg = len(train_df) - n_pos
 
@@ -236,6 +238,12 @@ def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: _Dist, device: t
     def _stop() -> bool:
         return bool(should_stop is not None and should_stop())
 
+    def _recalibrate() -> None:
+        """BatchNorm statistics of the un-augmented training images (same on every process)."""
+        batches = torch.utils.data.DataLoader(recal_ds, batch_size=tc.eval_batch_size, shuffle=False)
+        recalibrate_batchnorm(model, batches, lambda m, b: m(b[0].to(
+            device, memory_format=torch.channels_last if cl else torch.contiguous_format)))
+
     stopped = early = False
     epoch_bar = tqdm(range(start_epoch, tc.epochs), desc="training", unit="epoch", initial=start_epoch,
                      total=tc.epochs, disable=not (d.main and show_progress))
@@ -286,6 +294,8 @@ def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: _Dist, device: t
         if d.world > 1:
             for buf in model.buffers():
                 dist.broadcast(buf, 0)
+        if tc.bn_recalibration == "epoch":
+            _recalibrate()
         val_auc = val_loss = float("nan")
         if val_ds is not None:
             logits = predict_logits(model, val_ds, device, tc.eval_batch_size, 0, amp, cl)
@@ -330,6 +340,8 @@ def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: _Dist, device: t
     select = tc.select if best_state is not None else "last"
     if select == "best_val_auc":
         model.load_state_dict(best_state)
+    if tc.bn_recalibration == "final":
+        _recalibrate()
     threshold, note, val_report = 0.5, "", None
     if val_ds is not None:
         logits = predict_logits(model, val_ds, device, tc.eval_batch_size, 0, amp, cl)
@@ -377,6 +389,7 @@ def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: _Dist, device: t
             "metrics": {"validation": vm},
             "training": {"epochs_run": epochs_run, "epochs_planned": tc.epochs, "early_stopped": early,
                          "best_epoch": best_epoch, "weights": select, "world_size": d.world,
+                         "bn_recalibration": tc.bn_recalibration,
                          "device": device.type, "amp": amp, "channels_last": cl, "config": cfg.to_dict(),
                          "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
             "software": software_versions(),

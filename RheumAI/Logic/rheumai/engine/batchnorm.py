@@ -1,0 +1,80 @@
+"""BatchNorm running statistics recomputed on un-augmented training images.
+
+Small batches and strong augmentation leave the exponential running averages that BatchNorm keeps
+during training far from the statistics of clean inputs (issue: eval-mode probabilities all near
+1). :func:`recalibrate_batchnorm` replaces them, for every BatchNorm layer that is trained, by the
+exact pooled mean and unbiased variance of that layer's input over a whole data set, as seen in a
+training-mode forward pass without gradients (the algorithm of
+``torch.optim.swa_utils.update_bn`` with momentum=None, pooled over elements instead of averaging
+per-batch variances, so the result does not depend on the batch size).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def trainable_batchnorms(model: torch.nn.Module) -> list[_BatchNorm]:
+    """BatchNorm layers that keep running statistics and whose affine weights are trained
+    (a frozen layer, ``weight.requires_grad == False``, keeps its statistics)."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and m.track_running_stats:
+            if m.weight is not None and not m.weight.requires_grad:
+                continue
+            out.append(m)
+    return out
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[Any],
+                          forward: Callable[[torch.nn.Module, Any], Any]) -> int:
+    """Set ``running_mean`` / ``running_var`` of :func:`trainable_batchnorms` to the pooled
+    statistics of their inputs over ``batches``. ``forward(model, batch)`` runs one batch (the
+    caller moves it to the device). Dropout and other modules stay in eval mode; the BatchNorm
+    layers run in training mode (batch statistics) as during training. Returns the number of
+    layers recalibrated (0 when the model has none; ``batches`` is then not read). The model is
+    left in eval mode."""
+    layers = trainable_batchnorms(model)
+    if not layers:
+        model.eval()
+        return 0
+    sums: dict[int, list[Any]] = {}
+
+    def hook(mod: _BatchNorm, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].detach().to(torch.float64)
+        dims = [0] + list(range(2, x.dim()))
+        acc = sums.setdefault(id(mod), [0.0, 0.0, 0])
+        acc[0] = acc[0] + x.sum(dim=dims)
+        acc[1] = acc[1] + (x * x).sum(dim=dims)
+        acc[2] += x.numel() // x.shape[1]
+
+    was_training = model.training
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    model.eval()
+    for m in layers:
+        m.train()
+    n_batches = 0
+    try:
+        for batch in batches:
+            forward(model, batch)
+            n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if n_batches == 0:
+        raise ValueError("recalibrate_batchnorm: no batches")
+    for m in layers:
+        s, ss, n = sums[id(m)]
+        mean = s / n
+        var = (ss - n * mean * mean) / max(n - 1, 1)
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
+        m.running_var.copy_(var.clamp_min(0).to(m.running_var.dtype))
+        if m.num_batches_tracked is not None:
+            m.num_batches_tracked.fill_(n_batches)
+    model.eval()
+    return len(layers)
