@@ -154,6 +154,10 @@ def test_kill_mid_batch_leaves_consistent_outputs(ckpt, t2_crop_path, tmp_path):
     for p in visible:
         if p.name.startswith("predictions."):
             continue
+        if p.name == "rows":  # one row file per finished study, each complete JSON
+            for r in p.iterdir():
+                assert r.name.startswith(".") or (r.stem in stems and json.loads(r.read_text())["key"] == r.stem)
+            continue
         assert any(p.name.startswith(s) for s in stems)
     rows = predict_batch(studies, ckpt, out, show_progress=False)
     assert len(rows) == 6 and not any(r["error"] for r in rows)

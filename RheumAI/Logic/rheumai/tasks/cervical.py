@@ -15,7 +15,9 @@ import SimpleITK as sitk
 from ..io import Study, read_study
 from ..models import build_model, default_architecture
 from ..slices import SliceParams, SliceSelection, select_slices
+from ..saliency import METHODS as SALIENCY_METHODS
 from .base import InputSpec, Task
+from .cervical_ra import predict as _predict
 
 ROLE = "t2_sag"
 
@@ -56,4 +58,9 @@ TASK = Task(
          "build_dataset": "rheumai.dataset.build:build_dataset"},
     cli_modules=("rheumai.slices_cli", "rheumai.dataset.cli", "rheumai.train_cli", "rheumai.predict_cli",
                  "rheumai.synth.cli"),
+    load_sample=_predict.load_sample,
+    to_tensors=_predict.to_tensors,
+    postprocess=_predict.postprocess,
+    saliency_maps=_predict.saliency_maps,
+    saliency_methods=SALIENCY_METHODS,
 )

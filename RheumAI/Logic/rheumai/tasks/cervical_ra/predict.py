@@ -1,0 +1,130 @@
+"""Predict-side hooks of the cervical RA task for :class:`rheumai.engine.predict.Predictor`.
+
+Sample: the six sagittal slices (:class:`~rheumai.slices.SliceSelection`, (C, H, W) = (slices
+right -> left, superior -> inferior, anterior -> posterior)) plus the source image. Network input:
+the selection array through the card's inference transform (``input_transform``: optional fixed
+centre crop, resize to the architecture's ``input_size``; the identity when those match the
+selection). One logit: probability = sigmoid(logit), class = probability >= the card's threshold.
+Saliency (:func:`rheumai.saliency.compute_saliency`) is computed on the network input, sent back
+into the crop box of the selection grid, zeroed outside the source's field of view and resampled
+into the source image's exact grid (:meth:`SliceSelection.to_source`, LPS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ...io import Study, read_study
+from ...slices import SliceParams, SliceSelection, select_slices
+
+ROLE = "t2_sag"
+SLICE_NOTE = "one in-plane map for the 6-slice input, repeated on every slice (slices are channels)"
+
+
+@dataclass
+class CervicalSample:
+    """The task input of one study and the image it was sampled from (LPS)."""
+
+    selection: SliceSelection
+    image: sitk.Image | None
+
+    @property
+    def sources(self) -> dict[str, str | None]:
+        return {ROLE: self.selection.provenance.get("source_path")}
+
+    @property
+    def series_uid(self) -> str | None:
+        return self.selection.provenance.get("series_uid")
+
+    @property
+    def source_images(self) -> dict[str, sitk.Image]:
+        return {} if self.image is None else {ROLE: self.image}
+
+    def describe(self) -> dict[str, Any]:
+        return {"grid": self.selection.grid.to_dict(), "params": self.selection.params.to_dict()}
+
+
+def load_sample(inputs: Mapping[str, Any], card: dict[str, Any]) -> CervicalSample:
+    """``inputs[ROLE]``: path / DICOM folder / Study / LPS image (``inputs["series_uid"]`` picks a
+    series in a folder); slices sampled with the card's ``preprocessing``."""
+    src = inputs[ROLE]
+    if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__"):
+        src = read_study(src, series_uid=inputs.get("series_uid"))
+    image = src.image if isinstance(src, Study) else src
+    return CervicalSample(select_slices(src, SliceParams.from_dict(card["preprocessing"])), image)
+
+
+def _crop_box(card: dict[str, Any], size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """(r0, c0, r1, c1) of the card's centre crop on the (H, W) selection, None when there is no
+    crop and no resize (network input = selection). The box is found by sending an index image
+    through MONAI's own crop, so it is MONAI's, not a re-derivation."""
+    arch_size = tuple(int(v) for v in card.get("architecture", {}).get("input_size") or size)
+    frac = float(card.get("input_transform", {}).get("center_crop_fraction", 1.0))
+    if arch_size == tuple(size) and frac >= 1.0:
+        return None
+    h, w = size
+    if frac >= 1.0:
+        return 0, 0, h - 1, w - 1
+    from monai.transforms import CenterScaleCrop
+
+    idx = np.asarray(CenterScaleCrop(roi_scale=frac)(np.arange(h * w, dtype=np.int64).reshape(1, h, w)))
+    r0, c0 = divmod(int(idx.min()), w)
+    r1, c1 = divmod(int(idx.max()), w)
+    return r0, c0, r1, c1
+
+
+def to_tensors(sample: CervicalSample, card: dict[str, Any]) -> torch.Tensor:
+    """float32 (C, H', W'): the selection through the card's inference transform."""
+    arr = np.ascontiguousarray(sample.selection.array, dtype=np.float32)
+    if _crop_box(card, tuple(sample.selection.params.size)) is None:
+        return torch.from_numpy(arr)
+    from ...data import eval_transform_from_card
+
+    return torch.as_tensor(np.asarray(eval_transform_from_card(card)(arr)), dtype=torch.float32)
+
+
+def _from_input(card: dict[str, Any], size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
+    """Maps (C, h, w) on the network input -> (C, H, W) on the selection grid (bilinear into the
+    crop box, zero outside it)."""
+    box = _crop_box(card, size)
+    if box is None:
+        return lambda m: m
+    from ...saliency import upsample
+
+    r0, c0, r1, c1 = box
+
+    def inverse(m: np.ndarray) -> np.ndarray:
+        inner = upsample(torch.as_tensor(m, dtype=torch.float32)[None], (r1 - r0 + 1, c1 - c0 + 1))[0]
+        out = np.zeros((m.shape[0], *size), np.float32)
+        out[:, r0:r1 + 1, c0:c1 + 1] = inner.clamp(0, 1).numpy()
+        return out
+
+    return inverse
+
+
+def postprocess(outputs: dict[str, torch.Tensor], card: dict[str, Any], sample: CervicalSample) -> dict[str, Any]:
+    """Probability of deformity at follow-up and the class at the card's threshold."""
+    prob = float(torch.sigmoid(outputs["out"].reshape(-1)[0]))
+    thr = float(card["threshold"])
+    return {"probability": prob, "label": int(prob >= thr), "threshold": thr}
+
+
+def saliency_maps(model: torch.nn.Module, batch: torch.Tensor, samples: Sequence[CervicalSample], card: dict[str, Any],
+                  method: str, target_layer: str | None) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Logits of the same pass and one map per study on the sagittal T2 (see module docstring)."""
+    from ...engine.predict import RoleMap
+    from ...saliency import compute_saliency, saliency_volume
+
+    logits, maps = compute_saliency(model, batch, method, target_layer)
+    out = []
+    for sample, input_map in zip(samples, maps):
+        sel = sample.selection
+        grid = _from_input(card, tuple(sel.params.size))(input_map) * sel.mask
+        out.append({ROLE: RoleMap(role=ROLE, grid=grid, volume=saliency_volume(sel, grid), images=sel.array,
+                                  overlay=grid, input_map=input_map)})
+    return {"out": logits}, out
