@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
-from ..atomic import write_json, write_text
+from ..atomic import replace_dir, staging_dir, write_json, write_text
 from ..errors import InputError
 from ..slices import SliceParams
 from .cache import CacheJob, CacheReport, FileHasher, build_cache, entry_name, params_hash
 from .cohort import CohortResult, CohortRules, Step, apply_cohort
-from .flow import flow_dict, write_flow
+from .flow import flow_dict, flow_text, write_flow
 from .index import ArchiveIndex
 from .labels import load_labels
 from .split import SplitConfig, assign_splits
@@ -61,6 +63,10 @@ def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
+DATASET_FILES = ("manifest.csv", "dataset.json", "cohort.csv", "flow.txt", "flow.json", "flow.png", "excluded.csv",
+                 "cache")
+
+
 def build_dataset(
     index_path: str | Path,
     labels_csv: str | Path,
@@ -78,28 +84,95 @@ def build_dataset(
     output is written. A series that the imaging core cannot read excludes its patient at the
     last flow step ("Task input computed") with the reason; nothing is dropped silently.
     ``compute_cache=False`` stops after the flow report and split (no manifest): a dry run.
+
+    The set is written into a staging folder beside ``out_dir`` and swapped in as a whole
+    (:func:`rheumai.atomic.replace_dir`): a build that fails (bad split, no patient included,
+    a kill) leaves ``out_dir`` exactly as it was; other files in ``out_dir`` are kept.
+    Raises :class:`InputError` (with the inclusion flow) when no patient is included.
     """
     out = Path(out_dir)
     index = ArchiveIndex.open(index_path)
     sheet = load_labels(labels_csv, index)
     cohort = apply_cohort(index, sheet, rules)
+    header = (f"label sheet: {Path(labels_csv).name} ({len(sheet.rows)} rows); index: {Path(index_path).name} "
+              f"({len(index.patients)} patients, {len(index.series)} series)")
 
-    p_hash = params_hash(slice_params)
-    report: CacheReport | None = None
-    hashes: dict[str, str] = {}
-    if compute_cache and cohort.included:
-        hasher = FileHasher(out / "cache" / "filehash.sqlite")
+    def jobs_for(cache_dir: Path, p_hash: str, hashes: dict[str, str]) -> list[CacheJob]:
+        hasher = FileHasher(cache_dir / "filehash.sqlite")
         jobs = []
         try:
             for k, e in enumerate(cohort.included, 1):
                 files = index.series_files(e.series_uid)
                 hashes[e.patient_id] = hasher.series(files)
                 jobs.append(CacheJob(e.patient_id, e.series_uid, tuple(files), e.folder,
-                                     str(out / "cache" / entry_name(hashes[e.patient_id], p_hash))))
+                                     str(cache_dir / entry_name(hashes[e.patient_id], p_hash))))
                 if progress is not None:
                     progress("hashing source series", k, len(cohort.included))
         finally:
             hasher.close()
+        return jobs
+
+    return _build_staged(out, cohort, sheet, header, index_path, labels_csv, "cervical_ra", rules, split_cfg,
+                         slice_params, jobs_for, workers, progress, compute_cache)
+
+
+def _build_staged(out: Path, cohort: CohortResult, sheet: Any, header: str, index_path: str | Path | None,
+                  labels_csv: str | Path, task: str, rules: Any, split_cfg: SplitConfig, slice_params: SliceParams,
+                  jobs_for: Callable[[Path, str, dict[str, str]], list[CacheJob]], workers: int,
+                  progress: ProgressFn | None, compute_cache: bool) -> DatasetResult:
+    """Cache -> split -> manifest + flow into a staging folder, then swap it in as ``out``."""
+    with staging_dir(out) as stage:
+        _carry_over(out, stage)
+        result = _build_into(stage, cohort, sheet, header, index_path, labels_csv, task, rules, split_cfg,
+                             slice_params, jobs_for, workers, progress, compute_cache)
+        replace_dir(stage, out)
+    result.out_dir, result.manifest = out, out / "manifest.csv"
+    result.paths = {k: out / p.relative_to(stage) for k, p in result.paths.items()}
+    return result
+
+
+def _carry_over(out: Path, stage: Path) -> None:
+    """Seed ``stage`` from the previous ``out``: cache entries and files that are not part of the
+    dataset set (e.g. an index kept there) are hard-linked (copied where links fail); the file-hash
+    memo is copied (it is written to). Entries are immutable (written by atomic rename)."""
+    if not out.is_dir():
+        return
+    for src in out.iterdir():
+        if src.name in DATASET_FILES and src.name != "cache":
+            continue
+        dst = stage / src.name
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy,
+                            ignore=shutil.ignore_patterns(".*", "filehash.sqlite*"))
+            if src.name == "cache" and (src / "filehash.sqlite").is_file():
+                shutil.copy2(src / "filehash.sqlite", dst / "filehash.sqlite")
+        else:
+            _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _flow_text_of(cohort: CohortResult, header: str) -> str:
+    return flow_text(flow_dict(cohort), header=header)
+
+
+def _build_into(out: Path, cohort: CohortResult, sheet: Any, header: str, index_path: str | Path | None,
+                labels_csv: str | Path, task: str, rules: Any, split_cfg: SplitConfig, slice_params: SliceParams,
+                jobs_for: Callable[[Path, str, dict[str, str]], list[CacheJob]], workers: int,
+                progress: ProgressFn | None, compute_cache: bool) -> DatasetResult:
+    p_hash = params_hash(slice_params)
+    report: CacheReport | None = None
+    hashes: dict[str, str] = {}
+    if compute_cache and cohort.included:
+        jobs = jobs_for(out / "cache", p_hash, hashes)
         report = build_cache(jobs, slice_params, workers=workers, progress=progress)
         step = Step("input", "Task input computed", note="")
         step.excluded = [(p, f"series could not be read or sampled: {report.failed[p]}") for p in sorted(report.failed)]
@@ -107,14 +180,15 @@ def build_dataset(
         step.remaining = len(cohort.included)
         cohort.steps.append(step)
 
+    if not cohort.included:
+        raise InputError(Path(labels_csv), "no patient is included in the dataset, so nothing was written; "
+                         "the inclusion flow:\n" + _flow_text_of(cohort, header))
     labels = {e.patient_id: e.label for e in cohort.included}
-    header = (f"label sheet: {Path(labels_csv).name} ({len(sheet.rows)} rows); index: {Path(index_path).name} "
-              f"({len(index.patients)} patients, {len(index.series)} series)")
     try:
-        split = assign_splits([(e.patient_id, e.label, e.site) for e in cohort.included], split_cfg) if cohort.included else {}
-    except InputError:
-        write_flow(out, flow_dict(cohort), header=header)  # the flow is still worth reading
-        raise
+        split = assign_splits([(e.patient_id, e.label, e.site) for e in cohort.included], split_cfg)
+    except InputError as exc:
+        raise InputError(exc.path, f"{exc.problem}; nothing was written. The inclusion flow:\n"
+                         + _flow_text_of(cohort, header)) from None
     flow = flow_dict(cohort, split, labels)
     paths = write_flow(out, flow, header=header, split_desc=split_cfg.describe())
     result = DatasetResult(out_dir=out, manifest=out / "manifest.csv", cohort=cohort, split=split, cache=report,
@@ -129,7 +203,7 @@ def build_dataset(
         src = hashes[e.patient_id]
         rows.append([e.patient_id, name, fold, e.site, e.label, e.outcome, e.series_uid, e.study_uid, e.folder,
                      f"cache/{entry_name(src, p_hash)}", src, p_hash] + [e.clinical.get(c, "") for c in clinical])
-        cohort_rows.append([e.patient_id, e.label, e.outcome, e.baseline_date.isoformat(), e.followup_date.isoformat(),
+        cohort_rows.append([e.patient_id, e.label, e.outcome, _iso(e.baseline_date), _iso(e.followup_date),
                             e.followup_days, e.study_uid, e.series_uid, e.series_description, e.n_slices, e.folder])
     paths["manifest"] = write_text(out / "manifest.csv", _csv_text(MANIFEST_COLUMNS + clinical, rows))
     paths["cohort"] = write_text(out / "cohort.csv", _csv_text(
@@ -137,9 +211,9 @@ def build_dataset(
          "series_uid", "series_description", "n_slices", "source_path"], cohort_rows))
     split_counts = flow.get("split", {})
     paths["dataset"] = write_json(out / "dataset.json", {
-        "format": "rheumai-dataset", "format_version": 1, "task": "cervical_ra",
+        "format": "rheumai-dataset", "format_version": 1, "task": task,
         "rheumai_version": __version__,
-        "index": str(Path(index_path).resolve()),
+        "index": str(Path(index_path).resolve()) if index_path is not None else None,
         "labels": {"path": str(Path(labels_csv).resolve()), "sha256": sheet.sha256},
         "rules": rules.to_dict(), "series_rule": rules.series_rule_text(),
         "split": split_cfg.to_dict(), "split_description": split_cfg.describe(),
@@ -151,3 +225,7 @@ def build_dataset(
         "manifest": "manifest.csv",
     })
     return result
+
+
+def _iso(d: Any) -> str:
+    return d.isoformat() if d is not None else ""

@@ -12,11 +12,17 @@ unchanged files.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import multiprocessing as mp
 import os
+import signal
 import sqlite3
+import sys
 import tempfile
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +32,7 @@ from ..errors import RheumAIError
 from ..slices import SliceParams
 
 CACHE_VERSION = 1
+_PR_SET_PDEATHSIG = 1
 ProgressFn = Callable[[str, int, int], None]
 
 
@@ -102,7 +109,8 @@ def compute_entry(job: CacheJob, params: SliceParams) -> str | None:
     from ..io import read_study
     from ..slices import select_slices
 
-    with tempfile.TemporaryDirectory(prefix="rheumai-series-") as tmp:
+    # Inside the cache folder (a build's staging folder): a killed run's leftovers go with it.
+    with tempfile.TemporaryDirectory(prefix=".rheumai-series-", dir=Path(job.stem).parent) as tmp:
         try:
             for i, f in enumerate(job.files):
                 os.symlink(os.path.abspath(f), os.path.join(tmp, f"{i:06d}.dcm"))
@@ -118,6 +126,42 @@ def compute_entry(job: CacheJob, params: SliceParams) -> str | None:
 
 def _run(job: CacheJob, params: SliceParams) -> tuple[str, str | None]:
     return job.patient_id, compute_entry(job, params)
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Pool worker set-up: die with the parent, however it ends (even SIGKILL).
+
+    On Linux the kernel sends SIGKILL to the worker when its parent exits
+    (``prctl(PR_SET_PDEATHSIG)``); everywhere a daemon thread checks every 0.5 s that the parent
+    is still alive and ends the worker otherwise.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="rheumai-parent-watch").start()
+
+
+def _watch_parent(parent_pid: int, period_s: float = 0.5) -> None:
+    while True:
+        time.sleep(period_s)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel pending jobs and end running workers at once (on an error, cancel or signal)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5)
 
 
 def build_cache(jobs: Sequence[CacheJob], params: SliceParams, workers: int = 1,
@@ -144,10 +188,18 @@ def build_cache(jobs: Sequence[CacheJob], params: SliceParams, workers: int = 1,
             progress("computing task inputs", i, len(todo))
 
     if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+        # "spawn": workers are children of this process (so they can die with it) and inherit
+        # no threads, locks or open files from it.
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(os.getpid(),))
+        try:
             futures = [pool.submit(_run, j, params) for j in todo]
             for i, fut in enumerate(as_completed(futures), 1):
                 done(i, *fut.result())
+        except BaseException:
+            _stop_workers(pool)
+            raise
+        pool.shutdown(wait=True)
     else:
         for i, j in enumerate(todo, 1):
             done(i, *_run(j, params))

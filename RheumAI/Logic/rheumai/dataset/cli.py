@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Iterator
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,6 +64,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pb.set_defaults(func=_build)
 
 
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM ends the command like an error (exit 143): pool workers are stopped and the
+    staging folder is removed on the way out, so ``out`` stays as it was."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _index(args: argparse.Namespace) -> int:
     from ..atomic import write_text
     from .index import index_archive
@@ -99,8 +121,9 @@ def _build(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"rheumai dataset build: error: {exc}", file=sys.stderr)
         return 2
-    res = build_dataset(args.index, args.labels, args.out, rules, split, params, workers=args.workers,
-                        compute_cache=not args.flow_only)
+    with _sigterm_as_exit():
+        res = build_dataset(args.index, args.labels, args.out, rules, split, params, workers=args.workers,
+                            compute_cache=not args.flow_only)
     print(res.paths["txt"].read_text(), end="")
     if res.cache is not None:
         print(f"\ncache: {len(res.cache.computed)} computed, {len(res.cache.reused)} reused, {len(res.cache.failed)} failed")
