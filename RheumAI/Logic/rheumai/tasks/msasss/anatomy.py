@@ -1,0 +1,142 @@
+"""mSASSS anatomy: vertebrae, points, scored corners and disc levels per view; plausibility checks.
+
+Each view (lateral cervical, lateral lumbar) has seven vertebrae and 21 landmarks: per vertebra
+the anterior-superior corner ("upper"), the anterior-inferior corner ("lower") and the body
+centre, in that order. The mSASSS scores 12 anterior corners per view (C2 lower .. T1 upper,
+T12 lower .. S1 upper): 24 in all, 0-3 each, total 0-72. The corners of one disc level (the lower
+corner of the vertebra above, the upper corner of the one below) are scored from one crop.
+
+Points are (x, y) pixels of the radiograph (x = column, y = row; superior is up, i.e. smaller y).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+VIEWS: dict[str, tuple[str, ...]] = {
+    "cervical": ("C2", "C3", "C4", "C5", "C6", "C7", "T1"),
+    "lumbar": ("T12", "L1", "L2", "L3", "L4", "L5", "S1"),
+}
+POINT_KINDS = ("upper", "lower", "centre")
+N_POINTS = 21  # per view: 7 vertebrae x (upper, lower, centre)
+
+
+def point_names(view: str) -> list[str]:
+    """The 21 landmark names of a view in network channel order ("C2 upper", "C2 lower", "C2 centre", ...)."""
+    return [f"{v} {k}" for v in _vertebrae(view) for k in POINT_KINDS]
+
+
+def point_index(view: str, vertebra: str, kind: str) -> int:
+    return _vertebrae(view).index(vertebra) * 3 + POINT_KINDS.index(kind)
+
+
+@dataclass(frozen=True)
+class DiscLevel:
+    """One disc level of a view: the lower corner of ``above`` and the upper corner of ``below``."""
+
+    view: str
+    above: str
+    below: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.above}-{self.below}"
+
+    @property
+    def corners(self) -> tuple[str, str]:
+        """(lower corner of the vertebra above, upper corner of the one below)."""
+        return f"{self.above} lower", f"{self.below} upper"
+
+
+def disc_levels(view: str) -> list[DiscLevel]:
+    """The six scored disc levels of a view, top to bottom (C2-C3 .. C7-T1; T12-L1 .. L5-S1)."""
+    v = _vertebrae(view)
+    return [DiscLevel(view, v[i], v[i + 1]) for i in range(len(v) - 1)]
+
+
+def scored_corners(view: str) -> list[str]:
+    """The 12 mSASSS corners of a view, top to bottom."""
+    return [c for lvl in disc_levels(view) for c in lvl.corners]
+
+
+def all_corners() -> list[tuple[str, str]]:
+    """The 24 (view, corner) pairs, cervical first."""
+    return [(view, c) for view in VIEWS for c in scored_corners(view)]
+
+
+def _vertebrae(view: str) -> tuple[str, ...]:
+    try:
+        return VIEWS[view]
+    except KeyError:
+        raise ValueError(f"unknown view {view!r}; views: {', '.join(VIEWS)}") from None
+
+
+def check_points(view: str, xy: np.ndarray, shape: tuple[int, int], spacing_mm: tuple[float, float],
+                 confidence: np.ndarray | None = None, min_confidence: float = 0.0,
+                 ratio_limits: tuple[float, float] = (0.5, 2.0)) -> dict[str, Any]:
+    """Plausibility of the 21 landmarks of a view; flags, never silent corrections.
+
+    Checks: all points finite; vertebral centres in cranio-caudal order along the spine (the
+    topmost vertebra is the view's first: C2 / T12, so C2-C3 is the topmost cervical disc); in
+    every vertebra the upper corner above the lower one and both corners on the same (anterior)
+    side of the centre; vertebral heights and centre-to-centre steps within ``ratio_limits`` of
+    their median; corners inside the image; heatmap confidence (if given) >= ``min_confidence``.
+    A failure of order, side or spacing makes the level labels unreliable and flags the whole
+    view; the other checks flag the corners concerned.
+
+    Returns {"view_ok": bool, "view_flags": [str], "corner_flags": {corner: [str]}} over the 12
+    scored corners.
+    """
+    xy = np.asarray(xy, float).reshape(N_POINTS, 2)
+    names = point_names(view)
+    verts = _vertebrae(view)
+    view_flags: list[str] = []
+    corner_flags: dict[str, list[str]] = {c: [] for c in scored_corners(view)}
+    if not np.isfinite(xy).all():
+        bad = [names[i] for i in np.where(~np.isfinite(xy).all(1))[0]]
+        return {"view_ok": False, "view_flags": [f"points missing: {', '.join(bad)}"], "corner_flags": corner_flags}
+    sp = np.array([spacing_mm[1], spacing_mm[0]], float)  # (x, y) mm per pixel
+    mm = xy * sp
+    up, lo, ce = mm[0::3], mm[1::3], mm[2::3]
+    axis = ce[-1] - ce[0]
+    if np.linalg.norm(axis) == 0:
+        return {"view_ok": False, "view_flags": ["all vertebral centres coincide"], "corner_flags": corner_flags}
+    axis /= np.linalg.norm(axis)
+    if axis[1] <= 0:
+        view_flags.append(f"{verts[0]} is not above {verts[-1]} (image upside down or points swapped)")
+    proj = ce @ axis
+    steps = np.diff(proj)
+    if (steps <= 0).any():
+        i = int(np.argmax(steps <= 0))
+        view_flags.append(f"vertebrae out of order along the spine at {verts[i]}-{verts[i + 1]}")
+    normal = np.array([-axis[1], axis[0]])  # perpendicular to the spine axis (image left when axis points down)
+    side_u = np.sign((up - ce) @ normal)
+    side_l = np.sign((lo - ce) @ normal)
+    side = np.sign(np.median(np.concatenate([side_u, side_l])))
+    for i, v in enumerate(verts):
+        local = lo[i] - up[i]
+        if local @ axis <= 0:
+            view_flags.append(f"{v}: upper corner not above the lower corner")
+        if side_u[i] != side or side_l[i] != side:
+            view_flags.append(f"{v}: corners not on the anterior side of the centre")
+    heights = np.linalg.norm(lo - up, axis=1)
+    lo_r, hi_r = ratio_limits
+    for name, values, labels in (("vertebral height", heights, verts),
+                                 ("centre spacing", np.linalg.norm(np.diff(ce, axis=0), axis=1),
+                                  [f"{verts[i]}-{verts[i + 1]}" for i in range(len(verts) - 1)])):
+        med = float(np.median(values))
+        for val, lab in zip(values, labels):
+            if med <= 0 or not lo_r <= val / med <= hi_r:
+                view_flags.append(f"{name} at {lab} is {val:.1f} mm, implausible against the median {med:.1f} mm")
+    h, w = shape
+    for c in corner_flags:
+        i = names.index(c)
+        x, y = xy[i]
+        if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
+            corner_flags[c].append("outside the image")
+        if confidence is not None and float(confidence[i]) < min_confidence:
+            corner_flags[c].append(f"low landmark confidence {float(confidence[i]):.2f}")
+    return {"view_ok": not view_flags, "view_flags": view_flags, "corner_flags": corner_flags}
