@@ -1,8 +1,16 @@
 """Networks built from a model card's ``architecture`` dict.
 
-Cervical RA task: MONAI ResNet with ``spatial_dims=2``; the six sagittal slices are the input
-channels (C = patient right -> left), images are (H, W) = (superior -> inferior,
-anterior -> posterior); the head gives one logit (sigmoid -> probability of deformity).
+Cervical RA task, input (N, C, H, W): C sagittal slices (patient right -> left), H superior ->
+inferior, W anterior -> posterior; one logit out (sigmoid -> probability of deformity).
+
+Families (``architecture["family"]``):
+
+``resnet``           the paper's design: MONAI ResNet (``spatial_dims=2``), the C slices are the
+                     channels of one 2D image. Cannot say which slice holds the evidence.
+``slice_attention``  a shared 2D MONAI ResNet encoder applied to every slice on its own, then
+                     gated attention pooling over the slices (Ilse et al., ICML 2018) and one
+                     linear layer. The attention weights (one per slice, summing to 1) say which
+                     slice carried the decision; Grad-CAM at ``encoder.layer4`` is per slice.
 """
 
 from __future__ import annotations
@@ -12,36 +20,86 @@ from typing import Any
 import torch
 
 RESNET_DEPTHS = (10, 18, 34, 50, 101, 152, 200)
+FAMILIES = ("resnet", "slice_attention")
 
 
 def default_architecture(depth: int = 101, in_channels: int = 6, input_size: tuple[int, int] = (512, 512),
-                         conv1_t_stride: int = 2) -> dict[str, Any]:
-    """The card's ``architecture`` entry (paper: ResNet-101, 6 channels, 512 x 512)."""
-    return {"family": "resnet", "depth": int(depth), "in_channels": int(in_channels),
+                         conv1_t_stride: int = 2, family: str = "resnet") -> dict[str, Any]:
+    """The card's ``architecture`` entry (paper: ResNet-101, 6 channels, 512 x 512, family ``resnet``)."""
+    if family not in FAMILIES:
+        raise ValueError(f"architecture family {family!r} not supported; choose one of {FAMILIES}")
+    arch = {"family": family, "depth": int(depth), "in_channels": int(in_channels),
             "conv1_t_stride": int(conv1_t_stride), "num_outputs": 1,
             "input_size": [int(input_size[0]), int(input_size[1])], "spatial_dims": 2}
+    if family == "slice_attention":
+        arch["attention_dim"] = 128
+    return arch
+
+
+def _resnet(depth: int, in_channels: int, conv1_t_stride: int, num_classes: int, feed_forward: bool = True
+            ) -> torch.nn.Module:
+    from monai.networks.nets import resnet as monai_resnet
+
+    if depth not in RESNET_DEPTHS:
+        raise ValueError(f"ResNet depth {depth} not available; choose one of {RESNET_DEPTHS}")
+    factory = getattr(monai_resnet, f"resnet{depth}")
+    return factory(pretrained=False, spatial_dims=2, n_input_channels=in_channels,
+                   conv1_t_stride=conv1_t_stride, num_classes=num_classes, feed_forward=feed_forward)
+
+
+class SliceAttentionNet(torch.nn.Module):
+    """Shared 2D encoder per slice + gated attention pooling over slices + linear head.
+
+    forward: x (N, C, H, W) -> logits (N, num_outputs). The encoder sees (N * C, 1, H, W); its
+    pooled features (N, C, K) are weighted by a_c = softmax_c(w^T (tanh(V h_c) * sigmoid(U h_c)))
+    and summed. ``last_attention`` holds the weights (N, C) of the latest forward pass (detached).
+    """
+
+    def __init__(self, depth: int = 18, n_slices: int = 6, conv1_t_stride: int = 2, attention_dim: int = 128,
+                 num_outputs: int = 1) -> None:
+        super().__init__()
+        self.n_slices = int(n_slices)
+        self.encoder = _resnet(depth, 1, conv1_t_stride, 1, feed_forward=False)
+        k = 512 * type(self.encoder.layer4[-1]).expansion  # MONAI ResNet stage widths end at 512
+        self.attn_v = torch.nn.Linear(k, attention_dim)
+        self.attn_u = torch.nn.Linear(k, attention_dim)
+        self.attn_w = torch.nn.Linear(attention_dim, 1)
+        self.fc = torch.nn.Linear(k, num_outputs)
+        self.last_attention: torch.Tensor | None = None
+
+    def attention(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, C, K) slice features -> (N, C) attention weights (softmax over slices)."""
+        score = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).squeeze(-1)
+        return torch.softmax(score, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        if c != self.n_slices:
+            raise ValueError(f"expected {self.n_slices} slices, got input of shape {tuple(x.shape)}")
+        h = self.encoder(x.reshape(n * c, 1, *x.shape[2:])).reshape(n, c, -1)
+        a = self.attention(h)
+        self.last_attention = a.detach()
+        return self.fc((a.unsqueeze(-1) * h).sum(1))
 
 
 def build_model(architecture: dict[str, Any]) -> torch.nn.Module:
-    """MONAI ResNet (2D, random initialisation) with the first convolution taking ``in_channels``.
+    """Network for an ``architecture`` dict (random initialisation; no weights are downloaded).
 
     Input: float32 tensor (N, in_channels, H, W); output: (N, num_outputs) logits.
     """
-    from monai.networks.nets import resnet as monai_resnet
-
     family = architecture.get("family")
-    if family != "resnet":
-        raise ValueError(f"architecture family {family!r} not supported (only 'resnet')")
+    if family not in FAMILIES:
+        raise ValueError(f"architecture family {family!r} not supported; choose one of {FAMILIES}")
     depth = int(architecture.get("depth", 101))
     if depth not in RESNET_DEPTHS:
         raise ValueError(f"ResNet depth {depth} not available; choose one of {RESNET_DEPTHS}")
     if int(architecture.get("spatial_dims", 2)) != 2:
         raise ValueError("only 2D networks (spatial_dims=2) are supported")
-    factory = getattr(monai_resnet, f"resnet{depth}")
-    return factory(pretrained=False, spatial_dims=2,
-                   n_input_channels=int(architecture.get("in_channels", 6)),
-                   conv1_t_stride=int(architecture.get("conv1_t_stride", 2)),
-                   num_classes=int(architecture.get("num_outputs", 1)))
+    in_ch, stride = int(architecture.get("in_channels", 6)), int(architecture.get("conv1_t_stride", 2))
+    n_out = int(architecture.get("num_outputs", 1))
+    if family == "slice_attention":
+        return SliceAttentionNet(depth, in_ch, stride, int(architecture.get("attention_dim", 128)), n_out)
+    return _resnet(depth, in_ch, stride, n_out)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -442,7 +442,7 @@ def mask_truth(mask: sitk.Image) -> dict:
     ijk = kji[:, ::-1].astype(float)
     m = np.array(mask.GetDirection()).reshape(3, 3) * np.array(mask.GetSpacing())
     c = m @ ijk.mean(0) + np.array(mask.GetOrigin())
-    vol = len(kji) * float(np.prod(mask.GetSpacing()))
+    vol = len(kji) * float(np.prod(np.asarray(mask.GetSpacing(), np.float32)))  # as stored in NIfTI (float32)
     return {"lesion_centre_lps_x": round(float(c[0]), 2), "lesion_centre_lps_y": round(float(c[1]), 2),
             "lesion_centre_lps_z": round(float(c[2]), 2), "lesion_volume_mm3": round(vol, 1)}
 
@@ -517,10 +517,53 @@ def label_row(plan: SubjectPlan) -> dict:
     }
 
 
+def _generate_chunk(template_path: str | Path | None, plans: list[SubjectPlan], params: CohortParams,
+                    out_dir: Path) -> dict[str, list[dict]]:
+    """Worker: synthesise and write ``plans``; returns {patient_id: template-space lesion specs}."""
+    template = load_template(template_path)
+    done = {}
+    for plan in plans:
+        vols = synthesize_subject(template, plan, params)
+        write_subject(vols, out_dir, params.seed)
+        done[plan.patient_id] = [les.to_dict() for les in vols.lesions]
+    return done
+
+
+def _generate_parallel(template_path: str | Path | None, todo: list[SubjectPlan], params: CohortParams,
+                       out_dir: Path, workers: int, progress: bool,
+                       should_stop: Callable[[], bool] | None) -> dict[str, list[dict]]:
+    """Subjects in ``workers`` spawned processes, in chunks of a few subjects (same files as serial:
+    every subject is a pure function of (seed, index))."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm import tqdm
+
+    size = max(1, min(8, -(-len(todo) // (workers * 3))))
+    chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+    done: dict[str, list[dict]] = {}
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex, \
+            tqdm(total=len(todo), desc="synth cohort", unit="subject", disable=not progress) as bar:
+        pending = {ex.submit(_generate_chunk, template_path, c, params, out_dir) for c in chunks}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                part = f.result()
+                done.update(part)
+                bar.update(len(part))
+            if should_stop is not None and should_stop():
+                for f in pending:
+                    f.cancel()
+                raise KeyboardInterrupt
+    return done
+
+
 def generate_cohort(out_dir: str | Path, n_subjects: int = 60, prevalence: float = 0.15, seed: int = 0,
                     template_path: str | Path | None = None, progress: bool = True,
-                    should_stop: Callable[[], bool] | None = None, **options) -> CohortInfo:
+                    should_stop: Callable[[], bool] | None = None, workers: int = 1, **options) -> CohortInfo:
     """Generate the cohort into ``out_dir`` (resumable) and return what was written.
+
+    ``workers`` > 1 synthesises subjects in that many processes (identical files).
 
     Writes ``dicom/<patient>/ST1|ST2/SE<n>/IM<nnnn>.dcm``, ``labels.csv`` (the label sheet),
     ``masks/<patient>.nii.gz`` (uint8 lesion mask in the baseline T2 SAG geometry, empty for
@@ -548,12 +591,16 @@ def generate_cohort(out_dir: str | Path, n_subjects: int = 60, prevalence: float
     out.mkdir(parents=True, exist_ok=True)
     write_json(cfile, record)
     plans = plan_cohort(params)
+    made: dict[str, list[dict]] = {}
+    todo = [p for p in plans if not (out / "masks" / f"{p.patient_id}.nii.gz").exists()]
+    if workers > 1 and len(todo) > 1:
+        made = _generate_parallel(template_path, todo, params, out, workers, progress, should_stop)
     truth, details = [], []
-    for plan in tqdm(plans, desc="synth cohort", unit="subject", disable=not progress):
+    for plan in tqdm(plans, desc="synth cohort", unit="subject", disable=not progress or bool(made)):
         if should_stop is not None and should_stop():
             raise KeyboardInterrupt
         mpath = out / "masks" / f"{plan.patient_id}.nii.gz"
-        lesions: list[dict] | None = None
+        lesions: list[dict] | None = made.get(plan.patient_id)
         if mpath.exists():
             mask = sitk.ReadImage(str(mpath))
         else:
