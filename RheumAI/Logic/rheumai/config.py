@@ -142,8 +142,10 @@ class TrainConfig:
     def validate(self) -> None:
         src = self.source or None
         m, t, a = self.model, self.train, self.augment
-        if m.family != "resnet":
-            raise InputError(src, f"[model] family {m.family!r} not supported (only 'resnet')")
+        from .models import FAMILIES
+
+        if m.family not in FAMILIES:
+            raise InputError(src, f"[model] family {m.family!r} not supported; choose one of {FAMILIES}")
         if m.depth not in (10, 18, 34, 50, 101, 152, 200):
             raise InputError(src, f"[model] depth {m.depth} not a MONAI ResNet depth (18, 34, 50, 101...)")
         if m.input_size and (len(m.input_size) != 2 or min(m.input_size) < 16):
