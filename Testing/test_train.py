@@ -32,7 +32,7 @@ def tiny_config(size: int = 32, **train_overrides) -> TrainConfig:
     t = {"epochs": 4, "batch_size": 4, "lr": 1e-3, "seed": 3}
     t.update(train_overrides)
     return TrainConfig.from_dict({"model": {"depth": 18, "input_size": [size, size]}, "data": {"num_workers": 0},
-                                  "train": t, "evaluate": {"n_bootstrap": 100}})
+                                  "train": t, "selection": {"method": "validation"}, "evaluate": {"n_bootstrap": 100}})
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ def _config(accumulate: int) -> TrainConfig:
         "augment": {"enabled": True, "crop": "random_center"},   # per-case seeded: same in both runs
         "train": {"epochs": 2, "batch_size": 4, "accumulate_steps": accumulate, "lr": 1e-3, "seed": 11,
                   "select": "last"},
+        "selection": {"method": "validation"},
         "evaluate": {"n_bootstrap": 50}})
 
 

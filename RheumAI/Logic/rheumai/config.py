@@ -1,6 +1,7 @@
 """Training configuration: one TOML file holds the whole protocol and is saved beside the results.
 
-Sections: ``[model]``, ``[data]``, ``[augment]``, ``[train]``, ``[threshold]``, ``[evaluate]``.
+Sections: ``[model]``, ``[data]``, ``[augment]``, ``[train]``, ``[threshold]``, ``[selection]``,
+``[evaluate]``.
 Unknown keys are errors (a typo must not silently fall back to a default). Defaults are the
 paper's protocol (Lebouille-Veldman et al. 2025): ResNet-101, BCE, Adam 1e-4, batch 4, 100 epochs,
 random initialisation.
@@ -98,6 +99,28 @@ class ThresholdConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """How the epoch count and the operating threshold are chosen (rheumai.engine.crossfit).
+
+    method: "auto" (out-of-fold selection when the validation split has fewer than
+    ``min_val_positives`` positives or negatives, else the validation split) | "oof" | "validation".
+    Out-of-fold: ``folds`` patient-level stratified folds over the train patients, each trained for
+    [train] epochs; the pooled held-out probabilities choose the epoch count (highest AUC averaged
+    over ``epoch_smoothing`` epochs) and the threshold; the final model is trained on all train
+    patients for that many epochs (cost: folds + 1 trainings). A threshold is never chosen from
+    fewer than ``min_threshold_positives`` positives or negatives: 0.5 is used and the card says so.
+    The threshold's CI: stratified bootstrap (``threshold_ci_bootstrap`` resamples, 0 = none).
+    """
+
+    method: str = "auto"
+    min_val_positives: int = 10
+    folds: int = 5
+    epoch_smoothing: int = 3
+    min_threshold_positives: int = 3
+    threshold_ci_bootstrap: int = 1000
+
+
+@dataclass
 class EvaluateConfig:
     auc_ci: str = "delong"          # "delong" | "bootstrap"
     n_bootstrap: int = 2000
@@ -112,6 +135,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainSection = field(default_factory=TrainSection)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     source: str = ""                # file it was read from (not saved)
 
@@ -180,6 +204,12 @@ class TrainConfig:
             parse_threshold_rule(self.threshold.rule)
         except ValueError as exc:
             raise InputError(src, f"[threshold] {exc}") from None
+        sel = self.selection
+        if sel.method not in ("auto", "oof", "validation"):
+            raise InputError(src, f"[selection] method {sel.method!r}: use auto, oof or validation")
+        if sel.folds < 2 or sel.epoch_smoothing < 1 or sel.min_threshold_positives < 1 or sel.min_val_positives < 0:
+            raise InputError(src, "[selection] folds >= 2, epoch_smoothing >= 1, min_threshold_positives >= 1, "
+                                  "min_val_positives >= 0")
         if self.evaluate.auc_ci not in ("delong", "bootstrap"):
             raise InputError(src, "[evaluate] auc_ci: delong or bootstrap")
 

@@ -33,8 +33,9 @@ from .config import TrainConfig, load_config, resolve_manifest, save_config
 from .data import (GlobalBatchSampler, SliceStackDataset, build_eval_transform, build_train_transform, load_array,
                    preprocessing_from_dataset, read_manifest, split_train_val)
 from .engine.batchnorm import recalibrate_batchnorm
+from .engine.crossfit import ThresholdChoice, choose_threshold_with_ci, crossfit, needs_oof, select_epoch
 from .errors import InputError
-from .metrics import binary_report, choose_threshold, parse_threshold_rule
+from .metrics import binary_report, parse_threshold_rule
 from .models import build_model, count_parameters, default_architecture
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -55,6 +56,7 @@ class TrainResult:
     early_stopped: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
     val_report: dict[str, Any] | None = None
+    epoch_probabilities: np.ndarray | None = None   # (epochs, n_val), fold runs of OOF selection
 
 
 @dataclass
@@ -159,22 +161,104 @@ def train(config: TrainConfig | str | Path, manifest_path: str | Path | None = N
             dist.destroy_process_group()
 
 
+class _Stopped(Exception):
+    """should_stop() asked to stop inside a fold run."""
+
+
+def _derived(cfg: TrainConfig, epochs: int) -> TrainConfig:
+    """The config of a fold or final run of out-of-fold selection: fixed epochs, last weights,
+    no early stopping, no nested selection."""
+    c = TrainConfig.from_dict(cfg.to_dict(), source=cfg.source or None)
+    c.train.epochs, c.train.select, c.train.early_stopping_patience = int(epochs), "last", 0
+    c.selection.method = "validation"
+    return c
+
+
 def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: _Dist, device: torch.device,
            progress: ProgressFn | None, should_stop: Callable[[], bool] | None, resume: bool,
            show_progress: bool) -> TrainResult:
-    tc, mc = cfg.train, cfg.model
-    cuda = device.type == "cuda"
-    amp, cl = tc.amp and cuda, tc.channels_last and cuda
-    rule = parse_threshold_rule(cfg.threshold.rule)
-
-    # ---- data
+    """Validation-split selection, or out-of-fold selection (folds, then the final run)."""
     df = read_manifest(manifest_path)
     preprocessing = preprocessing_from_dataset(manifest_path)
-    train_df, val_df, val_how = split_train_val(df, cfg.data.val_fraction, tc.seed)
+    train_df, val_df, val_how = split_train_val(df, cfg.data.val_fraction, cfg.train.seed)
     if len(train_df) == 0:
         raise InputError(manifest_path, "no rows with split == 'train'")
     if train_df["label"].nunique() < 2:
         raise InputError(manifest_path, "train rows hold only one class")
+    sc = cfg.selection
+    use_oof, why = needs_oof(sc.method, val_df["label"], sc.min_val_positives)
+    base: dict[str, Any] = {"df": df, "preprocessing": preprocessing, "manifest_path": manifest_path, "d": d,
+                            "device": device, "progress": progress, "should_stop": should_stop,
+                            "show_progress": show_progress}
+    if not use_oof:
+        return _run(cfg, train_df, val_df, val_how, out, resume=resume,
+                    selection={"method": "validation", "reason": why}, **base)
+    if not resume and (out / "folds").exists():
+        raise InputError(out, "holds an earlier run's folds: pass --resume to continue it, or choose a new --out")
+    fold_cfg = _derived(cfg, cfg.train.epochs)
+
+    def run_fold(j: int, tr: np.ndarray, ho: np.ndarray) -> np.ndarray:
+        fold_out = out / "folds" / f"fold{j}"
+        done = fold_out / "oof.csv"
+        if done.is_file():
+            return pd.read_csv(done).drop(columns=["patient_id", "label"]).to_numpy(dtype=float).T
+        if show_progress and d.main:
+            tqdm.write(f"rheumai train: fold {j + 1}: {len(tr)} train, {len(ho)} held out")
+        res = _run(fold_cfg, train_df.iloc[tr].reset_index(drop=True), train_df.iloc[ho].reset_index(drop=True),
+                   f"fold {j} of out-of-fold selection", fold_out,
+                   resume=find_training_state(fold_out / "state") is not None, collect=True, save_model=False,
+                   selection={"method": "fold", "reason": why}, **base)
+        if res.stopped:
+            raise _Stopped
+        probs = np.asarray(res.epoch_probabilities)
+        if d.main:
+            table = pd.DataFrame({"patient_id": train_df["patient_id"].iloc[ho].to_numpy(),
+                                  "label": train_df["label"].iloc[ho].to_numpy()})
+            for e in range(probs.shape[0]):
+                table[f"epoch{e + 1}"] = probs[e]
+            write_text(done, table.to_csv(index=False))
+        return probs
+
+    try:
+        oof = crossfit(run_fold, train_df["label"], train_df["patient_id"], sc.folds, cfg.train.seed)
+    except _Stopped:
+        return TrainResult(out, None, 0, None, None, None, stopped=True)
+    except ValueError as exc:
+        raise InputError(manifest_path, str(exc)) from None
+    epoch, smoothed = select_epoch(oof.scores, oof.labels, sc.epoch_smoothing)
+    choice = choose_threshold_with_ci(oof.labels, oof.scores[epoch - 1], cfg.threshold.rule, "oof",
+                                      sc.min_threshold_positives, sc.threshold_ci_bootstrap, cfg.evaluate.alpha,
+                                      cfg.train.seed)
+    auc = oof.auc_by_epoch()
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "oof_curve.csv", pd.DataFrame({"epoch": np.arange(1, auc.size + 1), "oof_auc": auc,
+                                                        "oof_auc_smoothed": smoothed}).to_csv(index=False))
+        write_text(out / "oof_predictions.csv", pd.DataFrame({
+            "patient_id": train_df["patient_id"], "label": oof.labels, "fold": oof.folds,
+            "probability": oof.scores[epoch - 1]}).to_csv(index=False))
+        if show_progress:
+            tqdm.write(f"rheumai train: out-of-fold selection ({int(oof.folds.max()) + 1} folds): {epoch} epochs "
+                       f"(OOF AUC {auc[epoch - 1]:.3f}); threshold {choice.value:.3f} ({choice.note})")
+    selection = {"method": "oof", "reason": why, "folds": int(oof.folds.max()) + 1, "epochs_selected": epoch,
+                 "epoch_smoothing": sc.epoch_smoothing, "oof_auc_by_epoch": [float(a) for a in auc],
+                 "oof_auc": float(auc[epoch - 1])}
+    return _run(_derived(cfg, epoch), train_df, val_df, val_how, out,
+                resume=find_training_state(out / "state") is not None, selection=selection, threshold_choice=choice,
+                saved_config=cfg, **base)
+
+
+def _run(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, val_how: str, out: Path, *,
+         df: pd.DataFrame, preprocessing: dict[str, Any], manifest_path: Path, d: _Dist, device: torch.device,
+         progress: ProgressFn | None, should_stop: Callable[[], bool] | None, resume: bool, show_progress: bool,
+         selection: dict[str, Any], threshold_choice: ThresholdChoice | None = None, collect: bool = False,
+         save_model: bool = True, saved_config: TrainConfig | None = None) -> TrainResult:
+    """One training run on ``train_df``, validated on ``val_df``. ``collect``: keep every epoch's
+    validation probabilities (fold runs); ``threshold_choice``: given by out-of-fold selection."""
+    tc, mc = cfg.train, cfg.model
+    cuda = device.type == "cuda"
+    amp, cl = tc.amp and cuda, tc.channels_last and cuda
+    rule = parse_threshold_rule(cfg.threshold.rule)
     first = load_array(train_df["array_path"].iloc[0])
     if first.shape[0] != mc.in_channels:
         raise InputError(train_df["array_path"].iloc[0],
@@ -211,6 +295,7 @@ def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: _Dist, device: t
     # ---- output folder, resume
     state_dir = out / "state"
     start_epoch, best_auc, best_epoch, bad_epochs, history = 0, -math.inf, None, 0, []
+    epoch_probs: list[list[float]] = []
     best_state: dict[str, torch.Tensor] | None = None
     if resume:
         if find_training_state(state_dir) is None:
@@ -222,11 +307,12 @@ def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: _Dist, device: t
         start_epoch, bad_epochs, history = meta["epochs_completed"], meta["bad_epochs"], meta["history"]
         best_auc = meta["best_val_auc"] if meta["best_val_auc"] is not None else -math.inf
         best_epoch = meta["best_epoch"]
+        epoch_probs = meta.get("val_probabilities", [])
     elif find_training_state(state_dir) is not None:
         raise InputError(out, "holds an earlier run's training state: pass --resume to continue it, or choose a new --out")
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.toml")
+        save_config(saved_config or cfg, out / "config.toml")
         splits = pd.concat([train_df.assign(used_as="train"), val_df.assign(used_as="val")])
         write_text(out / "splits.csv", splits[["patient_id", "label", "split", "used_as"]].to_csv(index=False))
         if show_progress:
@@ -300,6 +386,8 @@ def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: _Dist, device: t
         if val_ds is not None:
             logits = predict_logits(model, val_ds, device, tc.eval_batch_size, 0, amp, cl)
             yv = val_ds.labels.astype(int)
+            if collect:
+                epoch_probs.append(_sigmoid(logits).tolist())
             val_loss = float(torch.nn.functional.binary_cross_entropy_with_logits(
                 torch.from_numpy(logits), torch.from_numpy(yv.astype(np.float64))))
             if yv.min() != yv.max():
@@ -322,6 +410,8 @@ def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: _Dist, device: t
         if d.main:
             meta = {"epochs_completed": epoch + 1, "best_val_auc": best_auc if math.isfinite(best_auc) else None,
                     "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history, "config": cfg.to_dict()}
+            if collect:
+                meta["val_probabilities"] = epoch_probs
             save_training_state(state_dir, model, optimizer, meta, best_model=best_state if improved else None,
                                 scaler=scaler, keep_best=True)
             write_text(out / "history.csv", pd.DataFrame(history).to_csv(index=False))
@@ -342,15 +432,18 @@ def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: _Dist, device: t
         model.load_state_dict(best_state)
     if tc.bn_recalibration == "final":
         _recalibrate()
-    threshold, note, val_report = 0.5, "", None
+    if collect:  # a fold run: its held-out probabilities are the result
+        return TrainResult(out, None, epochs_run, best_epoch, None, None, history=history,
+                           epoch_probabilities=np.asarray(epoch_probs, dtype=float))
+    sc = cfg.selection
+    choice, val_report = threshold_choice, None
     if val_ds is not None:
         logits = predict_logits(model, val_ds, device, tc.eval_batch_size, 0, amp, cl)
         pv, yv = _sigmoid(logits), val_ds.labels.astype(int)
-        try:
-            threshold = choose_threshold(yv, pv, rule)
-            note = f"chosen on validation (n={len(yv)}) by rule {rule}"
-        except ValueError as exc:
-            note = f"rule {rule} not applicable on validation ({exc}); fixed 0.5 used"
+        if choice is None:
+            choice = choose_threshold_with_ci(yv, pv, str(rule), "validation", sc.min_threshold_positives,
+                                              sc.threshold_ci_bootstrap, cfg.evaluate.alpha, tc.seed)
+        threshold = choice.value
         val_report = binary_report(yv, pv, threshold, alpha=cfg.evaluate.alpha, auc_method=cfg.evaluate.auc_ci,
                                    n_boot=min(cfg.evaluate.n_bootstrap, 1000), seed=tc.seed,
                                    n_bins=cfg.evaluate.calibration_bins)
@@ -358,12 +451,13 @@ def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: _Dist, device: t
             write_text(out / "val_predictions.csv", pd.DataFrame(
                 {"patient_id": val_ds.patient_ids, "label": yv, "probability": pv,
                  "predicted": (pv >= threshold).astype(int)}).to_csv(index=False))
-    else:
-        note = "no validation set: fixed 0.5 used" if rule.kind != "fixed" else f"fixed by rule {rule}"
-        threshold = rule.value if rule.kind == "fixed" else 0.5
+    elif choice is None:
+        choice = choose_threshold_with_ci([], [], str(rule), "validation", sc.min_threshold_positives)
+        choice.note = "no validation set: probability 0.5 used" if rule.kind != "fixed" else choice.note
+    threshold, note = choice.value, choice.note
 
     ckpt = None
-    if d.main:
+    if d.main and save_model:
         vm = None
         if val_report is not None:
             vm = {"n": val_report["n"], "n_positive": val_report["n_positive"], "auc": val_report["auc"],
@@ -380,6 +474,8 @@ def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: _Dist, device: t
             "threshold": float(threshold),
             "threshold_rule": str(rule),
             "threshold_note": note,
+            "threshold_selection": choice.to_dict(),
+            "model_selection": selection,
             "training_data": {
                 "n_train": len(train_df), "n_train_positive": n_pos, "n_val": len(val_df),
                 "n_val_positive": int(val_df["label"].sum()) if len(val_df) else 0, "val_source": val_how,

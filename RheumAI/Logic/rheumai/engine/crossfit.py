@@ -1,0 +1,156 @@
+"""Model selection when the validation split is too small: out-of-fold (OOF) predictions.
+
+With one or two validation positives, the best epoch is whichever first ranks them on top and
+Youden's threshold sits on one patient's probability. Instead, k patient-level stratified folds
+over the *training* patients each train a model on k-1 folds and score the held-out fold after
+every epoch; the pooled out-of-fold probabilities choose
+
+* the epoch count (highest pooled OOF AUC, averaged over a window of ``smooth`` epochs), used to
+  train the final model on all training patients, and
+* the operating threshold (the configured rule on the OOF probabilities at that epoch), with a
+  stratified-bootstrap percentile CI of the threshold.
+
+A threshold is never chosen from fewer than ``min_positives`` positives (or negatives): the
+probability 0.5 is used instead and the choice says so. This module is task-agnostic: the caller
+supplies ``run_fold`` (train on some rows, return per-epoch probabilities for the others).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
+
+from ..metrics import bootstrap_indices, choose_threshold, parse_threshold_rule
+
+RunFold = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass
+class ThresholdChoice:
+    """An operating threshold and how it was chosen (stored in the model card).
+
+    method: "validation" | "oof" | "fixed" (rule fixed:p) | "default" (refused: too few cases);
+    ci_lo / ci_hi: (1 - alpha) bootstrap percentile CI of the threshold (None when not estimable)."""
+
+    value: float
+    rule: str
+    method: str
+    note: str
+    n: int = 0
+    n_positive: int = 0
+    ci_lo: float | None = None
+    ci_hi: float | None = None
+    alpha: float = 0.05
+    n_bootstrap: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def needs_oof(method: str, val_labels: Sequence[int], min_val_positives: int) -> tuple[bool, str]:
+    """Whether to select by OOF. method: "auto" (OOF when validation has fewer than
+    ``min_val_positives`` positives or negatives), "oof" or "validation"."""
+    y = np.asarray(val_labels, dtype=int)
+    pos, neg = int(y.sum()), int(y.size - y.sum())
+    if method == "oof":
+        return True, "out-of-fold selection requested"
+    if method == "validation":
+        return False, f"validation selection requested ({pos} positive / {neg} negative)"
+    if min(pos, neg) < min_val_positives:
+        return True, (f"validation split has {pos} positive / {neg} negative case(s), fewer than "
+                      f"min_val_positives = {min_val_positives}")
+    return False, f"validation split has {pos} positive / {neg} negative cases"
+
+
+def patient_folds(labels: Sequence[int], groups: Sequence[str], k: int, seed: int) -> np.ndarray:
+    """Fold index (0..k'-1) per row: stratified by label, all rows of a patient (``groups``) in one
+    fold; k' = min(k, positives, negatives). ValueError when fewer than 2 folds are possible."""
+    y = np.asarray(labels, dtype=int)
+    g = np.asarray(groups)
+    pats = {p: int(y[g == p].max()) for p in dict.fromkeys(g.tolist())}
+    n_pos = sum(pats.values())
+    kk = min(k, n_pos, len(pats) - n_pos)
+    if kk < 2:
+        raise ValueError(f"out-of-fold selection needs >= 2 patients of each class in train, has {n_pos} positive / "
+                         f"{len(pats) - n_pos} negative")
+    folds = np.full(y.size, -1, dtype=int)
+    splitter = StratifiedGroupKFold(n_splits=kk, shuffle=True, random_state=seed)
+    for j, (_, hold) in enumerate(splitter.split(np.zeros(y.size), y, g)):
+        folds[hold] = j
+    return folds
+
+
+def pooled_auc_by_epoch(scores: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """(E,) AUC of the pooled OOF probabilities ``scores`` (E, N) at each epoch."""
+    y = np.asarray(labels, dtype=int)
+    return np.array([roc_auc_score(y, s) for s in scores])
+
+
+def select_epoch(scores: np.ndarray, labels: Sequence[int], smooth: int = 3) -> tuple[int, np.ndarray]:
+    """1-based epoch with the highest pooled OOF AUC averaged over a centred window of ``smooth``
+    epochs (truncated at the ends); ties go to the earliest. Returns (epoch, smoothed AUC (E,))."""
+    auc = pooled_auc_by_epoch(scores, labels)
+    h = max(int(smooth), 1) // 2
+    sm = np.array([auc[max(0, e - h):e + h + 1].mean() for e in range(auc.size)])
+    return int(np.argmax(sm)) + 1, sm
+
+
+def choose_threshold_with_ci(labels: Sequence[int], probs: Sequence[float], rule: str, method: str,
+                             min_positives: int = 3, n_boot: int = 1000, alpha: float = 0.05,
+                             seed: int = 0) -> ThresholdChoice:
+    """Threshold by ``rule`` on (labels, probs) with its bootstrap CI; refuses (0.5, method
+    "default") when either class has fewer than ``min_positives`` cases."""
+    r = parse_threshold_rule(rule)
+    y = np.asarray(labels, dtype=int)
+    p = np.asarray(probs, dtype=float)
+    pos, neg = int(y.sum()), int(y.size - y.sum())
+    if r.kind == "fixed":
+        return ThresholdChoice(float(r.value), str(r), "fixed", f"fixed by rule {r}", y.size, pos)
+    if min(pos, neg) < min_positives:
+        return ThresholdChoice(0.5, str(r), "default",
+                               f"not chosen: {method} set has {pos} positive / {neg} negative case(s), fewer than "
+                               f"{min_positives}; probability 0.5 used", y.size, pos)
+    value = choose_threshold(y, p, r)
+    lo = hi = None
+    if n_boot > 0:
+        boots = np.array([choose_threshold(y[i], p[i], r) for i in bootstrap_indices(y, n_boot, seed)])
+        lo, hi = (float(v) for v in np.quantile(boots, [alpha / 2, 1 - alpha / 2]))
+    ci = f"; {100 * (1 - alpha):g}% bootstrap CI {lo:.3f}-{hi:.3f}" if lo is not None else ""
+    return ThresholdChoice(float(value), str(r), method,
+                           f"chosen by rule {r} on {method} predictions (n={y.size}, {pos} positive){ci}",
+                           y.size, pos, lo, hi, alpha, n_boot)
+
+
+@dataclass
+class OOFResult:
+    """Pooled out-of-fold probabilities. scores: (E, N) per epoch, in the rows' order; folds: (N,)."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    folds: np.ndarray
+
+    def auc_by_epoch(self) -> np.ndarray:
+        return pooled_auc_by_epoch(self.scores, self.labels)
+
+
+def crossfit(run_fold: RunFold, labels: Sequence[int], groups: Sequence[str], k: int = 5, seed: int = 0) -> OOFResult:
+    """Run ``run_fold(j, train_rows, holdout_rows) -> (E, len(holdout_rows))`` probabilities for each
+    patient-level stratified fold and pool the held-out probabilities (E epochs each)."""
+    y = np.asarray(labels, dtype=int)
+    folds = patient_folds(y, groups, k, seed)
+    parts: dict[int, np.ndarray] = {}
+    for j in range(int(folds.max()) + 1):
+        hold = np.flatnonzero(folds == j)
+        s = np.asarray(run_fold(j, np.flatnonzero(folds != j), hold), dtype=float)
+        if s.ndim != 2 or s.shape[1] != hold.size:
+            raise ValueError(f"run_fold({j}) returned shape {s.shape}, expected (epochs, {hold.size})")
+        parts[j] = s
+    n_epochs = min(s.shape[0] for s in parts.values())
+    scores = np.full((n_epochs, y.size), np.nan)
+    for j, s in parts.items():
+        scores[:, folds == j] = s[:n_epochs]
+    return OOFResult(scores, y, folds)
