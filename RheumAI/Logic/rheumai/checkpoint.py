@@ -5,13 +5,19 @@ preprocessing, threshold, data counts, metrics, software versions). ``load_check
 unpickles: ``.pt`` / ``.pth`` / ``.ckpt`` / ``.pkl`` files are refused, and a file that is not a
 safetensors file fails to parse instead of being executed.
 
+Card and weights are bound: the SHA-256 of the tensors (:func:`tensors_sha256`) is stored in the
+card (``weights_sha256``) and in the safetensors header metadata; loading refuses a card beside
+weights it does not name, and weights whose tensors no longer hash to it.
+
 The resume state of a training run (``state/`` folder: model, optimiser, RNG, epoch, best AUC)
 follows the same rule: optimiser tensors in ``optimizer.safetensors``, the rest in ``state.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -52,14 +58,43 @@ def _plain_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of a state dict: names, dtypes, shapes and bytes, in name order.
+
+    Independent of the file layout and of the header metadata, so it can be stored in both.
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def weights_metadata(path: str | Path) -> dict[str, str]:
+    """The header metadata of a safetensors file (no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(path, f"not a readable safetensors file ({exc}); pickled checkpoints are refused") from None
+
+
 def save_weights(path: str | Path, model: torch.nn.Module, metadata: dict[str, str] | None = None) -> Path:
     with atomic_path(path) as tmp:
         save_file(_plain_state_dict(model), str(tmp), metadata=metadata or {})
     return Path(path)
 
 
-def load_weights(path: str | Path, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Read a safetensors file (refusing pickles); load it into ``model`` (strict) if given."""
+def load_weights(path: str | Path, model: torch.nn.Module | None = None,
+                 expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (refusing pickles); load it into ``model`` (strict) if given.
+
+    ``expected_sha256``: the :func:`tensors_sha256` the tensors must have (refused otherwise).
+    """
     path = Path(path)
     _refuse_pickle(path)
     if not path.is_file():
@@ -68,6 +103,9 @@ def load_weights(path: str | Path, model: torch.nn.Module | None = None) -> dict
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(path, f"not a readable safetensors file ({exc}); pickled checkpoints are refused") from None
+    if expected_sha256 is not None and tensors_sha256(tensors) != expected_sha256:
+        raise InputError(path, f"its tensors do not hash to {expected_sha256[:16]}... named by the model card: "
+                               "the weights were changed or damaged after the checkpoint was written")
     if model is not None:
         target = getattr(model, "module", model)
         try:
@@ -101,7 +139,10 @@ def save_checkpoint(dir_or_path: str | Path, model: torch.nn.Module, card: dict[
     card["weights_file"] = WEIGHTS
     card["format"] = "rheumai-checkpoint/1"
     folder.mkdir(parents=True, exist_ok=True)
-    save_weights(folder / WEIGHTS, model, metadata={"model_id": str(card["model_id"])})
+    state = _plain_state_dict(model)
+    card["weights_sha256"] = tensors_sha256(state)
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"model_id": str(card["model_id"]), "weights_sha256": card["weights_sha256"]})
     write_json(folder / CARD, card)
     return folder
 
@@ -116,10 +157,47 @@ def read_card(path: str | Path) -> dict[str, Any]:
         card = json.loads(card_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(card_path, f"model card is not valid JSON: {exc}") from None
+    if not isinstance(card, dict):
+        raise InputError(card_path, f"model card must be a JSON object, not {type(card).__name__}")
     missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
     if missing:
         raise InputError(card_path, f"model card lacks {missing}")
+    _check_threshold(card_path, card["threshold"])
     return card
+
+
+def _check_threshold(card_path: Path, value: Any, where: str = "threshold") -> None:
+    """A card's threshold: a probability in [0, 1], per head a {name: probability} object, or null
+    (no decision threshold, e.g. a regression head). Anything else is refused with the value."""
+    if value is None:
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_threshold(card_path, v, f"{where}.{k}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(card_path, f"model card {where} must be a number (a probability in [0, 1]), not {value!r}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise InputError(card_path, f"model card {where} {value!r} is not a probability in [0, 1]")
+
+
+def check_binding(folder: str | Path, card: dict[str, Any]) -> str | None:
+    """Refuse a card beside weights it does not belong to; returns the weights hash (None for
+    checkpoints written before cards named their weights: neither side holds a hash)."""
+    folder = Path(folder)
+    weights = folder / str(card.get("weights_file", WEIGHTS))
+    if not weights.is_file():
+        raise InputError(weights, f"weights file not found (named by {folder / CARD})")
+    meta = weights_metadata(weights)
+    in_card, in_file = card.get("weights_sha256"), meta.get("weights_sha256")
+    if in_card is None and in_file is None:
+        return None
+    if in_card != in_file:
+        raise InputError(folder / CARD, f"belongs to weights {str(in_card)[:16]}... but {weights} holds weights "
+                                        f"{str(in_file)[:16]}... (model {meta.get('model_id', '?')}, card model "
+                                        f"{card.get('model_id', '?')}): the card and the weights come from different "
+                                        "runs; use the card written with these weights")
+    return str(in_card)
 
 
 def _checkpoint_folder(path: Path) -> Path:
@@ -147,11 +225,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """Build the card's architecture and load its weights (strict); model in eval mode."""
     folder = _checkpoint_folder(Path(path))
     card = read_card(folder)
+    sha = check_binding(folder, card)
     try:
         model = _task_builder(card, folder)(card["architecture"])
     except ValueError as exc:
         raise InputError(folder / CARD, str(exc)) from None
-    load_weights(folder / card.get("weights_file", WEIGHTS), model)
+    load_weights(folder / card.get("weights_file", WEIGHTS), model, expected_sha256=sha)
     return model.to(device).eval(), card
 
 

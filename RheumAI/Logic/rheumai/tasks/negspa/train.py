@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from ...atomic import write_json, write_text
-from ...checkpoint import (find_training_state, load_training_state, load_weights, read_card, save_checkpoint,
+from ...checkpoint import (check_binding, find_training_state, load_training_state, load_weights, read_card, save_checkpoint,
                            save_training_state)
 from ...paths import safe_child
 from ...errors import InputError, RheumAIError
@@ -308,7 +308,8 @@ def load_negspa_checkpoint(path: str | Path, device: str | torch.device = "cpu")
         model = build_model(card["architecture"])
     except ValueError as exc:
         raise InputError(folder, str(exc)) from None
-    load_weights(folder / card.get("weights_file", "model.safetensors"), model)
+    load_weights(folder / card.get("weights_file", "model.safetensors"), model,
+                 expected_sha256=check_binding(folder, card))
     model.mode = "fusion"
     return model.to(device).eval(), card
 

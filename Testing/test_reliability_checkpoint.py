@@ -1,0 +1,87 @@
+"""A model card is bound to its weights; a card that cannot be used is refused with a message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from rheumai.checkpoint import (CARD, WEIGHTS, load_checkpoint, read_card, save_checkpoint, tensors_sha256,
+                                weights_metadata)
+from rheumai.errors import InputError
+from rheumai.models import build_model, default_architecture
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _card(arch: dict, threshold: object = 0.31) -> dict:
+    return {"task": "cervical_ra", "architecture": arch, "preprocessing": {"n_slices": 6, "spacing_mm": 1.0},
+            "threshold": threshold, "threshold_rule": "youden", "training_data": {"n_train": 3}, "metrics": {}}
+
+
+def _two_runs(tmp_path):
+    arch = default_architecture(18, 6, (32, 32))
+    torch.manual_seed(0)
+    a = save_checkpoint(tmp_path / "a", build_model(arch), _card(arch, 0.2))
+    b = save_checkpoint(tmp_path / "b", build_model({**arch, "conv1_t_stride": 1}), _card(arch | {"conv1_t_stride": 1}, 0.7))
+    return a, b
+
+
+def test_hash_is_stored_in_card_and_weights(tmp_path):
+    a, _ = _two_runs(tmp_path)
+    card = read_card(a)
+    model, _ = load_checkpoint(a)
+    assert card["weights_sha256"] == weights_metadata(a / WEIGHTS)["weights_sha256"]
+    assert card["weights_sha256"] == tensors_sha256(model.state_dict())
+
+
+def test_card_from_another_run_is_refused_naming_both_files(tmp_path):
+    a, b = _two_runs(tmp_path)
+    shutil.copy(b / CARD, a / CARD)  # another run's card (same architecture family, other stride/threshold)
+    with pytest.raises(InputError) as err:
+        load_checkpoint(a)
+    msg = str(err.value)
+    assert msg.startswith(str(a / CARD)) and str(a / WEIGHTS) in msg and "different runs" in msg
+
+
+def test_card_without_hash_beside_bound_weights_is_refused(tmp_path):
+    a, _ = _two_runs(tmp_path)
+    card = json.loads((a / CARD).read_text())
+    del card["weights_sha256"]
+    (a / CARD).write_text(json.dumps(card))
+    with pytest.raises(InputError, match="different runs"):
+        load_checkpoint(a)
+
+
+def test_changed_tensors_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    a, _ = _two_runs(tmp_path)
+    meta = weights_metadata(a / WEIGHTS)
+    tensors = load_file(str(a / WEIGHTS))
+    name = sorted(k for k in tensors if k.endswith("weight"))[0]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(a / WEIGHTS), metadata=meta)  # header still names the old hash
+    with pytest.raises(InputError, match="do not hash to"):
+        load_checkpoint(a)
+
+
+@pytest.mark.parametrize("bad", ["high", "0.5", True, [0.5], float("nan"), 1.5, {"out": "x"}])
+def test_non_numeric_threshold_is_a_clear_error(tmp_path, bad):
+    a, _ = _two_runs(tmp_path)
+    card = json.loads((a / CARD).read_text())
+    card["threshold"] = bad
+    (a / CARD).write_text(json.dumps(card))
+    with pytest.raises(InputError, match=r"model_card.json: model card threshold"):
+        read_card(a)
+    with pytest.raises(InputError, match="threshold"):
+        load_checkpoint(a)
+
+
+def test_card_that_is_not_an_object(tmp_path):
+    a, _ = _two_runs(tmp_path)
+    (a / CARD).write_text("[1, 2]")
+    with pytest.raises(InputError, match="must be a JSON object"):
+        read_card(a)
