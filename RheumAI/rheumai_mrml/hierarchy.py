@@ -50,6 +50,9 @@ def place_under(source: "slicer.vtkMRMLNode", results: Iterable["slicer.vtkMRMLN
 def results_of(source: "slicer.vtkMRMLNode") -> list["slicer.vtkMRMLNode"]:
     """Data nodes of the subject-hierarchy children of ``source`` (direct children, in order)."""
     sh = subject_hierarchy(source.GetScene())
+    item = sh.GetItemByDataNode(source)
+    if not item:
+        return []
     ids = vtk.vtkIdList()
-    sh.GetItemChildren(sh.GetItemByDataNode(source), ids)
+    sh.GetItemChildren(item, ids)
     return [sh.GetItemDataNode(ids.GetId(i)) for i in range(ids.GetNumberOfIds())]

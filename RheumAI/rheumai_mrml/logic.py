@@ -18,11 +18,14 @@ import SimpleITK as sitk
 from rheumai.errors import InputError
 
 from .hierarchy import place_under
+from .job_results import batch_nodes, dataset_nodes, training_nodes
 from .nodes import image_from_volume_node, read_volume_node, volume_node_from_image
 from .overlay import show_saliency
 from .process import dataset_progress, dataset_summary, to_jsonable
-from .slab import selection_volume, slab_roi
+from .roi import box_from_roi, roi_from_box
+from .slab import grid_box_ras, roi_box_ras, selection_volume, slab_roi
 from .tables import results_table
+from .task_predict import PredictorCache, StudyPrediction, predict_study
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 ProgressCallback = Callable[[float, str], None]  # (overall fraction 0..1, message)
@@ -116,7 +119,7 @@ class RheumAIConsoleLogic:
 
     def __init__(self, scene: Any):
         self.scene = scene
-        self._predictors: dict[tuple[str, str], Any] = {}
+        self.models = PredictorCache()
 
     # ------------------------------------------------------------------- inputs
     def inputImage(self, volumeNodeOrPath: Any) -> tuple[sitk.Image, str | None, Any]:
@@ -174,13 +177,9 @@ class RheumAIConsoleLogic:
 
     # ------------------------------------------------------------------- prediction
     def predictor(self, modelPath: str | Path, device: str = "cpu") -> Any:
-        """The loaded model (cached per checkpoint folder and device)."""
-        from rheumai.predict import Predictor
-
-        key = (str(Path(modelPath).resolve()), device)
-        if key not in self._predictors:
-            self._predictors[key] = Predictor(modelPath, device=device)
-        return self._predictors[key]
+        """The loaded model of a checkpoint folder, cached by folder, device and the weights file's
+        modification time and size (retraining into the same folder is picked up)."""
+        return self.models.get(modelPath, device)
 
     def listTasks(self) -> list[dict[str, Any]]:
         """The registered tasks (seed systems) as JSON-able declarations, for panels and scripts."""
@@ -202,68 +201,209 @@ class RheumAIConsoleLogic:
 
     def predict(self, volumeNodeOrPath: Any, modelPath: str | Path, createNodes: bool = False,
                 saliency: str | None = "gradcam", targetLayer: str | None = None, device: str = "cpu",
-                tta: int = 0, opacity: float = 0.5, lowerThreshold: float | None = 0.05) -> dict[str, Any]:
-        """Predict one study (volume node, path, or LPS image) with a RheumAI checkpoint folder.
+                tta: int = 0, opacity: float = 0.5, lowerThreshold: float | None = 0.05,
+                centerRAS: Sequence[float] | None = None) -> dict[str, Any]:
+        """Predict one study of a single-input task (volume node, path, or LPS image).
 
-        Returns ``PredictionResult.to_dict()`` (probability, label, threshold, model_id, ...).
-        With createNodes: the input (a new node if a path was given), the saliency volume in the
-        input's geometry shown as foreground (colour table + legend, ``opacity`` 0..1), a result
-        table and the slab ROI, all under the input in the subject hierarchy; their node IDs are
-        returned under "nodeIDs".
+        centerRAS: the slab centre (RAS mm) as for :meth:`selectSlices`, so Predict samples the
+        slab Select slices showed. Returns the prediction's values (probability, label,
+        threshold, model_id, ...); with createNodes also "nodeIDs" (see :meth:`predictStudy`).
         """
-        image, source_path, node = self.inputImage(volumeNodeOrPath)
-        pred = self.predictor(modelPath, device)
-        res = pred.predict(image, saliency=saliency, target_layer=targetLayer, tta=tta)
-        res.source_path = res.source_path or source_path
-        out = res.to_dict()
-        if source_path:
-            out["source_path"] = source_path
+        task = self.taskOfModel(modelPath)
+        roles = [i["role"] for i in task["inputs"]]
+        if len(roles) != 1:
+            raise InputError(modelPath, f"the model is for task {task['name']}, which needs the inputs "
+                                        f"{', '.join(roles)}: use predictStudy(modelPath, {{role: volume}}, ...)")
+        return self.predictStudy(modelPath, {roles[0]: volumeNodeOrPath}, createNodes=createNodes, saliency=saliency,
+                                 targetLayer=targetLayer, device=device, tta=tta, opacity=opacity,
+                                 lowerThreshold=lowerThreshold, centerRAS=centerRAS)
+
+    def predictStudy(self, modelPath: str | Path, inputs: dict[str, Any], roi: Any = None,
+                     clinical: dict[str, Any] | None = None, createNodes: bool = False,
+                     saliency: str | None = "gradcam", targetLayer: str | None = None, device: str = "cpu",
+                     tta: int = 0, opacity: float = 0.5, lowerThreshold: float | None = 0.05,
+                     centerRAS: Sequence[float] | None = None) -> dict[str, Any]:
+        """Predict one study of any registered task, in this process.
+
+        inputs: {role: volume node | path | LPS image} for the roles the model's task declares;
+        roi: a markups ROI node or a box {"min_lps", "max_lps"} (tasks with a box ROI); clinical:
+        {variable: raw value} (tasks with clinical variables; missing ones are imputed by the
+        model). With createNodes, every input gets a node (paths are loaded), each role's
+        saliency is a volume under its input, the first input's saliency is shown over it, and
+        the result table, the slab box (cervical) or the ROI box sit under the first input; their
+        IDs are returned under "nodeIDs" ("inputs", "saliencyByRole", "table", "saliency",
+        "slab" / "roi"...).
+        """
+        study, nodes, sources = self.studyInputs(inputs, roi, clinical, centerRAS)
+        pred = predict_study(self.predictor(modelPath, device), study, saliency, targetLayer, tta)
+        return self.finishPrediction(pred, nodes, sources, roi, createNodes, opacity, lowerThreshold, study)
+
+    def studyInputs(self, inputs: dict[str, Any], roi: Any = None, clinical: dict[str, Any] | None = None,
+                    centerRAS: Sequence[float] | None = None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(study dict for :func:`predict_study`, {role: node or None}, {role: source path or None})."""
+        study: dict[str, Any] = {}
+        nodes: dict[str, Any] = {}
+        sources: dict[str, Any] = {}
+        for role, value in inputs.items():
+            image, source, node = self.inputImage(value)
+            study[role], nodes[role], sources[role] = image, node, source
+        if roi is not None:
+            study["roi"] = box_from_roi(roi) if hasattr(roi, "IsA") else roi
+        if clinical:
+            study["clinical"] = dict(clinical)
+        if centerRAS is not None:
+            r = [float(v) for v in centerRAS]
+            study["center_lps"] = [-r[0], -r[1], r[2]]
+        return study, nodes, sources
+
+    def finishPrediction(self, pred: StudyPrediction, nodes: dict[str, Any], sources: dict[str, Any], roi: Any,
+                         createNodes: bool, opacity: float, lowerThreshold: float | None,
+                         study: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The result dict of a StudyPrediction (from this process or the worker), with nodes if asked."""
+        out = dict(pred.values)
+        if pred.slab is not None:
+            out["slab_grid"] = pred.slab  # the sampled slab (LPS grid), whichever predictor ran
+        if pred.box is not None:
+            out["box"] = pred.box
+        first = next(iter(nodes), None)
+        if first is not None and sources.get(first):
+            out["source_path"] = sources[first]
         if createNodes:
-            out["nodeIDs"] = self.showResult(res, node or image, opacity=opacity, lowerThreshold=lowerThreshold,
-                                             name=Path(source_path).name if source_path and node is None else None)
+            images = {r: (study or {}).get(r) for r in nodes}
+            out["nodeIDs"] = self.showPrediction(pred, nodes, images, sources, roi if hasattr(roi, "IsA") else None,
+                                                 opacity=opacity, lowerThreshold=lowerThreshold)
+            if "warning" in out["nodeIDs"]:
+                out["warnings"] = [out["nodeIDs"].pop("warning")]
         return out
 
-    def showResult(self, res: Any, inputNodeOrImage: Any, opacity: float = 0.5,
-                   lowerThreshold: float | None = 0.05, name: str | None = None) -> dict[str, str]:
-        """Create / update the result nodes of a PredictionResult under its input volume node."""
-        node = inputNodeOrImage
-        if isinstance(node, sitk.Image):
-            node = volume_node_from_image(self.scene, node, _strip(name) if name else "Input")
-        base = node.GetName()
-        ids: dict[str, str] = {"input": node.GetID()}
-        children = []
-        table = results_table(self.scene, dict(res.to_dict(), study=base), name=f"{base} result",
-                              node=self._child(node, "result"))
+    def showPrediction(self, pred: StudyPrediction, nodes: dict[str, Any], images: dict[str, Any] | None = None,
+                       sources: dict[str, Any] | None = None, roiNode: Any = None, opacity: float = 0.5,
+                       lowerThreshold: float | None = 0.05) -> dict[str, Any]:
+        """Create / update the result nodes of a prediction under its input nodes (see predictStudy).
+
+        An existing slab box (from Select slices) is never replaced by a different one: if the
+        prediction sampled another slab, it gets its own ``prediction_slab`` box and a warning."""
+        nodes = dict(nodes)
+        for role, node in nodes.items():
+            if node is None:
+                image = (images or {}).get(role)
+                if image is None:
+                    raise InputError(None, f"no node and no image for input {role!r}")
+                source = (sources or {}).get(role)
+                nodes[role] = volume_node_from_image(self.scene, image, _strip(Path(source).name) if source else role)
+                if source:
+                    nodes[role].SetAttribute("RheumAI.SourcePath", str(source))
+        roles = list(nodes)
+        primary = nodes[roles[0]]
+        base = primary.GetName()
+        ids: dict[str, Any] = {"input": primary.GetID(), "inputs": {r: n.GetID() for r, n in nodes.items()},
+                               "saliencyByRole": {}}
+        table = results_table(self.scene, dict(pred.values, study=base), name=f"{base} result",
+                              node=self._child(primary, "result"))
         table.SetAttribute("RheumAI.Role", "result")
         ids["table"] = table.GetID()
-        children.append(table)
-        if res.saliency_volume is not None:
-            sal = volume_node_from_image(self.scene, res.saliency_volume, f"{base} saliency",
+        children = [table]
+        shown_order = [r for r in roles if r in pred.saliency and r != roles[0]] + \
+                      ([roles[0]] if roles[0] in pred.saliency else [])
+        for role in shown_order:  # the first input's overlay last: the views end on it
+            node = nodes[role]
+            sal = volume_node_from_image(self.scene, pred.saliency[role], f"{node.GetName()} saliency",
                                          node=self._child(node, "saliency"))
             sal.SetAttribute("RheumAI.Role", "saliency")
-            sal.SetAttribute("RheumAI.SaliencyMethod", str(res.saliency_method))
+            sal.SetAttribute("RheumAI.SaliencyMethod", str(pred.values.get("saliency") or ""))
             # create_views: a scene without slice views (slicer-core) gets Slicer's three, so a saved
             # scene opens with the overlay; inside Slicer the existing views are used.
             shown = show_saliency(node, sal, opacity=opacity, lower_threshold=lowerThreshold, create_views=True)
-            ids["saliency"], ids["color"] = sal.GetID(), shown["color"].GetID()
-            if shown["legend"] is not None:
-                ids["legend"] = shown["legend"].GetID()
-            children.append(sal)
-        roi = slab_roi(self.scene, res.selection.grid, f"{base} slab", node=self._child(node, "slab"))
-        roi.SetAttribute("RheumAI.Role", "slab")
-        ids["slab"] = roi.GetID()
-        children.append(roi)
-        place_under(node, children)
+            ids["saliencyByRole"][role] = sal.GetID()
+            if role == roles[0]:
+                ids["saliency"], ids["color"] = sal.GetID(), shown["color"].GetID()
+                if shown["legend"] is not None:
+                    ids["legend"] = shown["legend"].GetID()
+            else:
+                place_under(node, [sal])
+        if roles[0] in pred.saliency:
+            children.append(self.scene.GetNodeByID(ids["saliency"]))
+        if pred.slab is not None:
+            from rheumai.geometry import Grid
+
+            grid = Grid.from_dict(pred.slab)
+            slab = self._child(primary, "slab")
+            if slab is not None and not _same_box(roi_box_ras(slab), grid_box_ras(grid)):
+                ids["warning"] = (f"the prediction sampled another slab than the '{slab.GetName()}' box of Select "
+                                  f"slices (other parameters or centre); it is shown as '{base} prediction slab'")
+                role_name, slab = "prediction_slab", self._child(primary, "prediction_slab")
+                name = f"{base} prediction slab"
+            else:
+                role_name, name = "slab", f"{base} slab"
+            node = slab_roi(self.scene, grid, name, node=slab)
+            node.SetAttribute("RheumAI.Role", role_name)
+            ids["slab" if role_name == "slab" else "predictionSlab"] = node.GetID()
+            children.append(node)
+        if roiNode is not None:
+            ids["roi"] = roiNode.GetID()
+        elif pred.box is not None:
+            box = roi_from_box(self.scene, pred.box, f"{base} box", node=self._child(primary, "box"))
+            box.SetAttribute("RheumAI.Role", "box")
+            ids["roi"] = box.GetID()
+            children.append(box)
+        place_under(primary, children)
         return ids
+
+    def showResult(self, res: Any, inputNodeOrImage: Any, opacity: float = 0.5,
+                   lowerThreshold: float | None = 0.05, name: str | None = None) -> dict[str, Any]:
+        """Nodes for a cervical ``rheumai.predict.PredictionResult`` under its input (node or image)."""
+        node = inputNodeOrImage
+        if isinstance(node, sitk.Image):
+            node = volume_node_from_image(self.scene, node, _strip(name) if name else "Input")
+        sal = {"t2_sag": res.saliency_volume} if res.saliency_volume is not None else {}
+        pred = StudyPrediction("cervical_ra", res.to_dict(), sal, slab=res.selection.grid.to_dict())
+        return self.showPrediction(pred, {"t2_sag": node}, opacity=opacity, lowerThreshold=lowerThreshold)
+
+    def saliencyOf(self, inputNode: Any) -> Any:
+        """The RheumAI saliency volume under ``inputNode``, or None (no node, or none computed)."""
+        if inputNode is None or inputNode.GetScene() is not self.scene:
+            return None
+        return self._child(inputNode, "saliency")
 
     def setSaliencyOpacity(self, inputNode: Any, opacity: float) -> None:
         """Change the foreground opacity (0..1) of the input's saliency overlay in all slice views."""
-        sal = self._child(inputNode, "saliency")
+        if not self.updateSaliencyDisplay(inputNode, opacity=opacity):
+            raise InputError(None, f"volume '{inputNode.GetName() if inputNode else None}' has no RheumAI saliency")
+
+    def updateSaliencyDisplay(self, inputNode: Any, opacity: float | None = None,
+                              lowerThreshold: float | None = None) -> bool:
+        """Live display update for the panel: foreground opacity (0..1) in every slice view and/or
+        the lower threshold (saliency below it transparent) of the input's saliency overlay.
+        Returns False, changing nothing, when the input has no saliency (the panel's sliders may
+        move while another volume is selected)."""
+        sal = self.saliencyOf(inputNode)
         if sal is None:
-            raise InputError(None, f"volume '{inputNode.GetName()}' has no RheumAI saliency")
+            return False
         from .overlay import set_slice_viewer_layers
 
-        set_slice_viewer_layers(self.scene, inputNode, sal, opacity)
+        if lowerThreshold is not None:
+            display = sal.GetScalarVolumeDisplayNode()
+            if display is not None:
+                display.SetApplyThreshold(True)
+                display.SetThreshold(float(lowerThreshold), 1.0e6)
+        if opacity is not None:
+            set_slice_viewer_layers(self.scene, inputNode, sal, float(opacity))
+        return True
+
+    # ------------------------------------------------------------------- results of background jobs
+    def showDatasetResult(self, summary: dict[str, Any], name: str = "Dataset") -> dict[str, str]:
+        """Inclusion flow, excluded patients and split of a dataset build (its summary dict, or the
+        ``flow`` in it) as table nodes; returns their IDs by role."""
+        flow = summary.get("flow", summary)
+        return {k: n.GetID() for k, n in dataset_nodes(self.scene, flow, name).items()}
+
+    def showBatchResult(self, rows: Sequence[dict[str, Any]], name: str = "Batch predictions") -> dict[str, str]:
+        """Batch prediction rows as one table node; returns its ID under "batch_predictions"."""
+        return {k: n.GetID() for k, n in batch_nodes(self.scene, rows, name).items()}
+
+    def showTrainingResult(self, result: dict[str, Any], name: str = "Training") -> dict[str, str]:
+        """Training history (+ loss / AUC charts) and validation ROC (+ chart) as nodes."""
+        return {k: n.GetID() for k, n in training_nodes(self.scene, result, name).items()}
 
     def predictBatch(self, pathsOrFolder: Any, modelPath: str | Path, outDir: str | Path,
                      progressCallback: ProgressCallback | None = None, saliency: str | None = "gradcam",
@@ -341,6 +481,13 @@ class RheumAIConsoleLogic:
             if n is not None and n.GetAttribute("RheumAI.Role") == role:
                 return n
         return None
+
+
+def _same_box(a: tuple, b: tuple, tol_mm: float = 1e-3) -> bool:
+    """Two (centre, axes, size) boxes (RAS) are the same box within ``tol_mm``."""
+    import numpy as np
+
+    return all(np.allclose(np.asarray(x), np.asarray(y), atol=tol_mm) for x, y in zip(a, b))
 
 
 def _strip(name: str) -> str:
