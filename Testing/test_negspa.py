@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -227,25 +228,75 @@ def test_resume_continues_from_saved_state(trained, tmp_path):
 
 
 def test_predict_saliency_in_each_series_geometry(trained, cohort, tmp_path):
-    from rheumai.tasks.negspa.predict import predict_negspa
+    """The engine's Predictor on a NegSpA checkpoint: the task comes from the card; half
+    probabilities, clinical missingness, and one Grad-CAM volume per sequence in its own geometry."""
+    from rheumai import api
+    from rheumai.engine.predict import Predictor
 
     _, res = trained
     row = read_cohort(cohort).iloc[1]
-    out = predict_negspa({k: row[k] for k in ("t1", "t2", "stir", "box")}, res.checkpoint, tmp_path,
-                         clinical={"crp": "12.5", "inflammatory_back_pain": "yes"}, device="cpu")
-    assert 0 <= out.probability <= 1 and out.probability == pytest.approx(max(out.half_probabilities.values()))
-    assert "uveitis" in out.clinical_missing and "crp" not in out.clinical_missing
+    pred = Predictor(res.checkpoint)
+    assert pred.task.name == "negspa"
+    study = {"t1": row["t1"], "t2": row["t2"], "stir": row["stir"], "roi": row["box"],
+             "clinical": {"crp": "12.5", "inflammatory_back_pain": "yes"}}
+    out = api.predict(pred, study, out_dir=tmp_path)
+    v = out.values
+    assert 0 <= out.probability <= 1 and out.probability == pytest.approx(max(v["p_right"], v["p_left"]))
+    assert "uveitis" in v["clinical_missing"] and "crp" not in v["clinical_missing"]
+    # The probability is the network's: the packed input through the fusion head, max over halves.
+    from rheumai.tasks.negspa.train import load_negspa_checkpoint
+
+    model, _ = load_negspa_checkpoint(res.checkpoint)
+    x = pred.task.to_tensors(out.sample, pred.card)
+    with torch.no_grad():
+        p_ref = torch.sigmoid(model(x["x"][None], x["clinical"][None])).item()
+    assert out.probability == pytest.approx(p_ref, abs=1e-5)
     for role in ("t1", "t2", "stir"):
-        vol = sitk.ReadImage(str(tmp_path / f"saliency_{role}.nii.gz"))
+        vol = sitk.ReadImage(out.files["saliency_files"][role])
         src = sitk.ReadImage(row[role])
         assert vol.GetSize() == src.GetSize()
         np.testing.assert_allclose(vol.GetOrigin(), src.GetOrigin(), atol=1e-4)
         np.testing.assert_allclose(vol.GetSpacing(), src.GetSpacing(), atol=1e-6)
         np.testing.assert_allclose(vol.GetDirection(), src.GetDirection(), atol=1e-6)
-        g = out.saliency_grids[role]
+        g = out.maps[role].grid
         assert g.shape == (2, 3, *SIZE) and g.min() >= 0 and g.max() <= 1
-        assert (tmp_path / f"montage_{role}.png").is_file()
-    assert json.loads((tmp_path / "result.json").read_text())["probability"] == pytest.approx(out.probability)
+        assert Path(out.files["montage_files"][role]).is_file()
+    saved = json.loads(Path(out.files["result_file"]).read_text())
+    assert saved["probability"] == pytest.approx(out.probability) and saved["task"] == "negspa"
+    # A missing ROI / unknown clinical variable: clear errors.
+    with pytest.raises(InputError, match="roi"):
+        pred.predict({k: study[k] for k in ("t1", "t2", "stir")})
+    with pytest.raises(InputError, match="hla_b27"):
+        pred.predict(dict(study, clinical={"hla_b27": "no"}))
+
+
+def test_rheumai_predict_reads_negspa_task_from_card(trained, cohort, tmp_path):
+    """`rheumai predict` (the one command for every task) on a NegSpA checkpoint: --input/--roi/
+    --clinical for one study, --cohort for many, sharded runs merged without loss."""
+    from rheumai import predict_cli
+
+    _, res = trained
+    parser = argparse.ArgumentParser()
+    predict_cli.register(parser.add_subparsers())
+
+    def run(*argv):
+        a = parser.parse_args(["predict", *map(str, argv)])
+        return a.func(a)
+
+    row = read_cohort(cohort).iloc[0]
+    assert run("--model", res.checkpoint, "--out", tmp_path / "one", "--input", f"t1={row['t1']}",
+               "--input", f"t2={row['t2']}", "--input", f"stir={row['stir']}", "--roi", row["box"],
+               "--clinical", "crp=3", "--id", "P1", "--saliency", "none") == 0
+    table = pd.read_csv(tmp_path / "one" / "predictions.csv")
+    assert list(table["study"]) == ["P1"] and table["task"][0] == "negspa" and 0 <= table["p_left"][0] <= 1
+    for i in range(2):
+        assert run("--model", res.checkpoint, "--out", tmp_path / f"s{i}", "--cohort", cohort, "--shard", f"{i}/2",
+                   "--saliency", "none") == 0
+    assert run("merge", tmp_path / "s0", tmp_path / "s1", "--out", tmp_path / "all") == 0
+    merged = pd.read_csv(tmp_path / "all" / "predictions.csv")
+    assert sorted(merged["study"]) == sorted(read_cohort(cohort)["patient_id"])
+    with pytest.raises(InputError, match="--input"):
+        run("--model", res.checkpoint, "--out", tmp_path / "bad", row["t1"])
 
 
 def test_evaluate_writes_report(trained, tmp_path):
@@ -279,7 +330,7 @@ def test_cli_end_to_end(tmp_path):
     d = tmp_path / "c" / "SPA0000"
     assert run("predict", ckpt, "--out", tmp_path / "p1", "--t1", d / "t1.nii.gz", "--t2", d / "t2.nii.gz",
                "--stir", d / "stir.nii.gz", "--box", d / "box.json", "--clinical", '{"crp": 3}', "--device", "cpu") == 0
-    assert (tmp_path / "p1" / "saliency_stir.nii.gz").is_file()
+    assert len(list((tmp_path / "p1").glob("*_saliency_stir.nii.gz"))) == 1
     assert run("predict", ckpt, "--out", tmp_path / "p2", "--cohort", tmp_path / "c" / "cohort.csv",
                "--no-saliency", "--device", "cpu") == 0
     assert len(pd.read_csv(tmp_path / "p2" / "predictions.csv")) == 8

@@ -1,4 +1,4 @@
-"""`rheumai predict`: probability, class, saliency volume (and optionally TTA, sanity, scene) per study."""
+"""`rheumai predict`: any task's checkpoint on studies, and `rheumai predict merge` for shard folders."""
 
 from __future__ import annotations
 
@@ -10,39 +10,98 @@ from .saliency import METHODS
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "predict", help="predict studies with a trained checkpoint and explain the predictions",
-        description="For each study (image file or DICOM folder): the model's probability and class at the "
-                    "checkpoint's threshold, into OUT/predictions.csv and .json (resumable: studies already "
-                    "done are skipped; bad studies are reported and skipped), plus per study a saliency "
-                    "volume in the source's geometry, a PNG montage and a JSON result.")
-    p.add_argument("studies", nargs="+", metavar="STUDY", help="NIfTI/NRRD/MHA file or DICOM folder")
-    p.add_argument("--model", required=True, type=Path, help="checkpoint folder (model.safetensors + model_card.json)")
+        "predict", help="predict studies with a trained checkpoint (any task) and explain the predictions",
+        description="The task comes from the checkpoint's model card. Single-input tasks (cervical_ra) take "
+                    "STUDY paths (image file or DICOM folder); tasks with several inputs take one study as "
+                    "--input ROLE=PATH ... --roi FILE --clinical NAME=VALUE, or many as --cohort TABLE.csv. "
+                    "Writes OUT/predictions.csv and .json (resumable; bad studies reported and skipped; several "
+                    "processes may share OUT), per study the saliency volume of each input in that series' "
+                    "geometry, a PNG montage and a JSON result. 'rheumai predict merge DIR... --out OUT' merges "
+                    "shard folders.")
+    p.add_argument("studies", nargs="*", metavar="STUDY", help="NIfTI/NRRD/MHA file or DICOM folder")
+    p.add_argument("--model", type=Path, help="checkpoint folder (model.safetensors + model_card.json)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--task", default=None, help="task, only for a model card that names none")
+    p.add_argument("--input", action="append", default=[], metavar="ROLE=PATH",
+                   help="one input series of the study by role (e.g. t1=T1.nii.gz); see 'rheumai tasks'")
+    p.add_argument("--roi", default=None, help="region file when the task needs one (NegSpA: box JSON/CSV/.mrk.json)")
+    p.add_argument("--clinical", action="append", default=[], metavar="NAME=VALUE",
+                   help="clinical value (repeat), e.g. crp=12 inflammatory_back_pain=yes")
+    p.add_argument("--id", default=None, help="study ID naming the outputs of an --input study")
+    p.add_argument("--cohort", type=Path, default=None,
+                   help="study table CSV: ID column (patient_id/study_id/id), one column per input role, roi, "
+                        "clinical columns (or clinical.csv beside it)")
+    p.add_argument("--shard", default=None, metavar="i/N", help="predict only shard i of N (0-based; SLURM arrays)")
+    p.add_argument("--workers", type=int, default=2, help="threads reading + preprocessing ahead (0: none)")
+    p.add_argument("--batch-size", type=int, default=1, help="studies per forward pass (GPU)")
     p.add_argument("--saliency", choices=[*METHODS, "none"], default="gradcam",
-                   help="saliency method (default gradcam: one forward pass at layer4)")
-    p.add_argument("--target-layer", default=None, help="Grad-CAM target layer (default layer4; e.g. layer3)")
+                   help="saliency method (default gradcam; NegSpA: gradcam per sequence)")
+    p.add_argument("--target-layer", default=None, help="Grad-CAM target layer (default: the task's, layer4)")
     p.add_argument("--tta", type=int, default=0, metavar="N", help="test-time augmentation variants (0: off)")
     p.add_argument("--sanity", action="store_true",
                    help="randomisation check and deletion/insertion curves (slow: ~45 extra forward passes)")
     p.add_argument("--scene", action="store_true", help="also write a Slicer scene (.mrb) per study")
     p.add_argument("--format", choices=["nii.gz", "nrrd"], default="nii.gz", help="saliency volume format")
     p.add_argument("--no-volumes", action="store_true", help="do not write saliency volumes")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from .errors import RheumAIError
-    from .predict import predict_batch
+def _merge(args: argparse.Namespace) -> int:
+    from .engine.write import merge_folders
 
+    sources = [Path(s) for s in args.studies[1:]]
+    if not sources:
+        from .errors import InputError
+
+        raise InputError(None, "rheumai predict merge needs the folders to merge: rheumai predict merge DIR... --out OUT")
+    rows = merge_folders(sources, args.out)
+    bad = sum(bool(r.get("error")) for r in rows)
+    print(f"merged {len(sources)} folders into {args.out / 'predictions.csv'}: {len(rows)} studies ({bad} failed)")
+    return 1 if bad else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from .engine.batch import inputs_from_args, read_study_table
+    from .engine.predict import parse_shard, predict_batch, task_of
+    from .errors import InputError, RheumAIError
+
+    if args.studies and args.studies[0] == "merge" and not Path("merge").exists():
+        return _merge(args)
+    if args.model is None:
+        raise InputError(None, "--model is required (a checkpoint folder)")
     saliency = None if args.saliency == "none" else args.saliency
     if args.sanity and saliency is None:
         raise RheumAIError("--sanity needs a saliency method (not --saliency none)")
-    rows = predict_batch(args.studies, args.model, args.out, saliency=saliency, target_layer=args.target_layer,
+    task = task_of(args.model, args.task)
+    given = [bool(args.studies), bool(args.input), args.cohort is not None]
+    if sum(given) != 1:
+        raise InputError(None, "give the studies one way: STUDY paths, --input ROLE=PATH ..., or --cohort TABLE.csv")
+    if args.cohort is not None:
+        studies = read_study_table(args.cohort, task)
+    elif args.input:
+        studies = [inputs_from_args(task, args.input, args.roi, args.clinical, args.id)]
+    else:
+        if len(task.roles) != 1:
+            raise InputError(None, f"task {task.name} has several inputs ({', '.join(task.roles)}): "
+                                   "give them as --input ROLE=PATH (one study) or --cohort TABLE.csv")
+        if args.roi or args.clinical:
+            studies = [inputs_from_args(task, [f"{task.roles[0]}={s}"], args.roi, args.clinical) for s in args.studies]
+        else:
+            studies = list(args.studies)
+    rows = predict_batch(studies, args.model, args.out, saliency=saliency, target_layer=args.target_layer,
                          tta=args.tta, sanity=args.sanity, scene=args.scene, fmt=args.format,
-                         write_volumes=not args.no_volumes, device=args.device)
-    wanted = {str(Path(s).resolve()) for s in args.studies}
-    mine = [r for r in rows if r.get("source_path") in wanted]
+                         write_volumes=not args.no_volumes, device=args.device, task=args.task,
+                         shard=parse_shard(args.shard), workers=args.workers, batch_size=args.batch_size)
+    from .engine.predict import select_shard, study_key
+
+    keys = set()  # this run's studies among all rows of OUT
+    for s in select_shard(studies, parse_shard(args.shard)):
+        try:
+            keys.add(study_key(s if isinstance(s, dict) else {task.roles[0]: s}, task.roles))
+        except InputError:
+            pass
+    mine = [r for r in rows if r.get("key") in keys or str(r.get("key", "")).startswith("invalid_")]
     failed = [r for r in mine if r.get("error")]
     for r in mine:
         if r.get("error"):

@@ -81,6 +81,7 @@ class PredictionResult:
     sanity: dict[str, Any] | None = None
     source_images: dict[str, sitk.Image] = field(default_factory=dict, repr=False)
     timings_s: dict[str, float] = field(default_factory=dict)
+    files: dict[str, Any] = field(default_factory=dict)  # set by writers that wrote this result
 
     # Binary-head shortcuts, and single-input shortcuts (the first role) for the common case.
     @property
@@ -260,8 +261,13 @@ class Predictor:
     def prepare(self, study: Any) -> Prepared:
         """Read + preprocess one study (safe to run in a worker thread); errors are captured."""
         t = time.perf_counter()
-        inputs = self.inputs_of(study)
-        key = study_key(inputs, self.task.roles)
+        try:
+            inputs = self.inputs_of(study)
+            key = study_key(inputs, self.task.roles)
+        except InputError as exc:  # a row is still written, under a key that names nothing from the data
+            bad = study if isinstance(study, Mapping) else {"id": study}
+            key = "invalid_" + hashlib.sha1(repr(sorted(map(str, bad.items()))).encode()).hexdigest()[:12]
+            return Prepared(key=key, name=repr(bad.get("id", study))[:120], inputs={}, error=f"{type(exc).__name__}: {exc}")
         first = next((inputs[r] for r in self.task.roles if inputs.get(r) is not None), None)
         name = str(inputs.get("id") or (first if isinstance(first, (str, Path)) else key))
         p = Prepared(key=key, name=name, inputs=inputs)
@@ -275,7 +281,8 @@ class Predictor:
 
     # -- network
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
-        """Batched input -> {head: Tensor} (inference mode)."""
+        """Batched input -> {head: Tensor} (inference mode, network in eval mode)."""
+        self.model.eval()
         with torch.inference_mode():
             if self.task.forward is not None:
                 out = self.task.forward(self.model, batch)
@@ -506,7 +513,7 @@ def predict_batch(studies: Sequence[Any], checkpoint_dir: str | Path, out_dir: s
             try:
                 key = study_key(pred.inputs_of(s), pred.task.roles)
             except InputError:
-                key = None  # reported by prepare
+                key = None  # prepare reports it
             if key in done:
                 report(str(s))
                 continue

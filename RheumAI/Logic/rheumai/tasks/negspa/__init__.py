@@ -7,12 +7,13 @@ Console API (works in Slicer's Python console)::
     manifest = negspa.build_dataset(cohort, "/tmp/spa/ds", {"size": (64, 64)})
     run = negspa.train_negspa(manifest, "/tmp/spa/run", depth=18)  # ResNet-50 branches by default
     negspa.evaluate_negspa(run.checkpoint, manifest, "/tmp/spa/eval")
-    res = negspa.predict_negspa({"t1": ..., "t2": ..., "stir": ..., "box": "box.json"}, run.checkpoint,
-                                "/tmp/spa/pred", clinical={"crp": 12, "inflammatory_back_pain": "yes"})
+    from rheumai import api
+    res = api.predict(run.checkpoint, {"t1": ..., "t2": ..., "stir": ..., "roi": "box.json",
+                                       "clinical": {"crp": 12, "inflammatory_back_pain": "yes"}}, "/tmp/spa/pred")
 
 Modules: preprocess (box, half grids), clinical (variables, missing-value encoding), model
 (tri-input ResNet + fusion), mixcut, train (dataset, two-stage training, evaluation), predict
-(Grad-CAM per sequence), synth (generated cohort), cli (`rheumai negspa ...`), task (declaration).
+(the engine's predict hooks: clinical encoding, half probabilities, Grad-CAM per sequence), synth (generated cohort), cli (`rheumai negspa ...`), task (declaration).
 Names below are imported on first use, so importing the package stays light.
 """
 
@@ -23,8 +24,7 @@ from typing import Any
 
 _EXPORTS = {
     "make_cohort": "synth", "build_dataset": "train", "train_negspa": "train", "evaluate_negspa": "train",
-    "load_negspa_checkpoint": "train", "predict_negspa": "predict", "predict_cohort": "predict",
-    "NegSpaPredictor": "predict", "read_box": "preprocess", "Box": "preprocess",
+    "load_negspa_checkpoint": "train", "read_box": "preprocess", "Box": "preprocess",
     "NegSpaParams": "preprocess", "TASK": "task",
 }
 __all__ = sorted(_EXPORTS)

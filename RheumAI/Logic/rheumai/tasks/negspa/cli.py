@@ -128,19 +128,24 @@ def _clinical(arg: str | None) -> dict | None:
 
 
 def _predict(a: argparse.Namespace) -> int:
-    from .predict import predict_cohort, predict_negspa
+    """The engine's predictor (same as ``rheumai predict``) with this task's historical options."""
+    from ...engine.batch import read_study_table
+    from ...engine.predict import predict_batch, task_of
 
     if a.cohort:
-        rows = predict_cohort(a.cohort, a.checkpoint, a.out, saliency=not a.no_saliency, device=a.device)
-        bad = [r for r in rows if isinstance(r.get("error"), str) and r["error"]]
-        print(f"wrote {a.out / 'predictions.csv'}: {len(rows) - len(bad)} predicted, {len(bad)} failed")
-        return 1 if bad else 0
-    missing = [n for n in ("t1", "t2", "stir", "box") if getattr(a, n) is None]
-    if missing:
-        raise InputError(None, f"give --{' --'.join(missing)} (or --cohort)")
-    res = predict_negspa({"t1": a.t1, "t2": a.t2, "stir": a.stir, "box": a.box}, a.checkpoint, a.out,
-                         clinical=_clinical(a.clinical), saliency=not a.no_saliency, device=a.device)
-    print(f"probability {res.probability:.4f} (right {res.half_probabilities['right']:.3f}, left "
-          f"{res.half_probabilities['left']:.3f}), label {res.label} at threshold {res.threshold:.4f}; "
-          f"missing clinical: {', '.join(res.clinical_missing) or 'none'}; outputs in {a.out}")
-    return 0
+        studies = read_study_table(a.cohort, task_of(a.checkpoint))
+    else:
+        missing = [n for n in ("t1", "t2", "stir", "box") if getattr(a, n) is None]
+        if missing:
+            raise InputError(None, f"give --{' --'.join(missing)} (or --cohort)")
+        studies = [{"t1": a.t1, "t2": a.t2, "stir": a.stir, "roi": a.box, "clinical": _clinical(a.clinical) or {}}]
+    rows = predict_batch(studies, a.checkpoint, a.out, saliency=None if a.no_saliency else "gradcam",
+                         device=a.device, show_progress=False)
+    bad = [r for r in rows if r.get("error")]
+    for r in rows:
+        if not r.get("error"):
+            print(f"{r['study']}: probability {r['probability']:.4f} (right {r['p_right']:.3f}, left "
+                  f"{r['p_left']:.3f}), label {r['label']} at threshold {r['threshold']:.4f}; "
+                  f"missing clinical: {r.get('clinical_missing') or 'none'}")
+    print(f"wrote {a.out / 'predictions.csv'}: {len(rows) - len(bad)} predicted, {len(bad)} failed")
+    return 1 if bad else 0

@@ -8,6 +8,7 @@ from ..base import InputSpec, RoiSpec, Task
 from .clinical import CLINICAL_VARIABLES
 from .model import build_model, default_architecture
 from .preprocess import NegSpaParams, preprocess
+from . import predict as _predict
 
 
 def default_params() -> dict[str, Any]:
@@ -39,8 +40,13 @@ TASK = Task(
              "Grad-CAM volume per sequence (each in its own series' geometry)", "montage PNG per sequence"),
     api={"synth": "rheumai.tasks.negspa.synth:make_cohort", "build_dataset": "rheumai.tasks.negspa.train:build_dataset",
          "train": "rheumai.tasks.negspa.train:train_negspa", "evaluate": "rheumai.tasks.negspa.train:evaluate_negspa",
-         "predict": "rheumai.tasks.negspa.predict:predict_negspa",
-         "predict_batch": "rheumai.tasks.negspa.predict:predict_cohort",
-         "predictor": "rheumai.tasks.negspa.predict:NegSpaPredictor"},
+         "predict": "rheumai.api:predict", "predict_batch": "rheumai.api:predict_many",
+         "predictor": "rheumai.engine.predict:Predictor"},
     cli_modules=("rheumai.tasks.negspa.cli",),
+    load_sample=_predict.load_sample,
+    to_tensors=_predict.to_tensors,
+    forward=_predict.forward,
+    postprocess=_predict.postprocess,
+    saliency_maps=_predict.saliency_maps,
+    saliency_methods=_predict.SALIENCY_METHODS,
 )
