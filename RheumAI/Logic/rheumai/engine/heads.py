@@ -1,0 +1,377 @@
+"""Output heads: loss, decode and report per kind of target (``make_head(kind, **kw)``).
+
+A head turns the network's output for its name into a training loss, decoded predictions and a
+report with confidence intervals. Kinds and shapes (N = batch):
+
+* ``binary``: output (N,) or (N, 1) logits; target (N,) 0/1. decode: probability, logit.
+  Report: :func:`rheumai.metrics.binary_report` (ROC AUC, threshold metrics, calibration).
+* ``regression``: output (N,) or (N, 1); target (N,) in the task's unit. decode: value. Report:
+  PCC (Fisher z CI), RMSE and MAE (bootstrap CI), ICC(2,1) absolute agreement (F-based CI,
+  McGraw & Wong 1996), Bland-Altman bias and 95 % limits of agreement with CIs (Bland & Altman 1999).
+* ``ordinal`` (n_classes K): output (N, K-1) cumulative logits, logit_k = log-odds(y > k)
+  (CORAL / cumulative link; :class:`CoralLayer` makes them rank-consistent). decode: class
+  (number of P(y > k) >= 0.5), class probabilities, expected value.
+* ``multiclass`` (n_classes K): output (N, K) logits; cross-entropy. decode: class, probabilities.
+  Ordinal and multiclass report accuracy (Wilson CI), quadratic-weighted kappa and MAE in classes
+  (bootstrap CIs) and the confusion matrix.
+* ``keypoints`` (n_points P): output (N, P, h, w) heatmap logits at ``stride``; target (N, P, 2)
+  (x, y) in input pixels (NaN = not visible). Loss :func:`rheumai.landmarks.keypoint_loss`; decode:
+  soft-argmax points (x, y) input pixels. Report: radial error in mm (``spacing_mm`` (row, col)),
+  success within 2 and 4 mm (Wilson CIs).
+
+``score(pred, target)`` is the validation score the training loop maximises (its name is
+``score_name``): AUC, negative MAE, quadratic kappa, accuracy, negative mean radial error (px).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from scipy import stats
+from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
+from torch import nn
+from torch.nn import functional as F
+
+from ..metrics import binary_report, bootstrap_indices, wilson_ci
+
+KINDS = ("binary", "regression", "ordinal", "multiclass", "keypoints")
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().float().cpu().numpy()
+
+
+def _flat(output: torch.Tensor) -> torch.Tensor:
+    return output.reshape(output.shape[0]) if output.dim() == 2 and output.shape[1] == 1 else output
+
+
+def _boot_ci(fn: Any, arrays: Sequence[np.ndarray], n_boot: int, alpha: float, seed: int) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``fn(*arrays)`` resampling cases (unstratified)."""
+    n = arrays[0].shape[0]
+    if n < 2 or n_boot <= 0:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    vals = np.array([fn(*(a[i] for a in arrays)) for i in idx], dtype=float)
+    vals = vals[np.isfinite(vals)]
+    if not vals.size:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def _est(value: float, ci: tuple[float, float], **extra: Any) -> dict[str, Any]:
+    return {"value": float(value), "lo": float(ci[0]), "hi": float(ci[1]), **extra}
+
+
+@dataclass
+class Head:
+    """Base class: ``name`` (key in the model output / sample target), ``weight`` (loss weight)."""
+
+    name: str = "out"
+    weight: float = 1.0
+    kind: str = field(default="", init=False)
+    score_name: str = field(default="", init=False)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, output: torch.Tensor) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
+        raise NotImplementedError
+
+    def report(self, pred: dict[str, np.ndarray], target: np.ndarray, alpha: float = 0.05, n_boot: int = 1000,
+               seed: int = 0, **kw: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able head entry for the model card."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+@dataclass
+class BinaryHead(Head):
+    """One logit; BCE with optional ``pos_weight`` (negatives / positives for balancing)."""
+
+    pos_weight: float | None = None
+
+    def __post_init__(self) -> None:
+        self.kind, self.score_name = "binary", "auc"
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=output.device)
+        return F.binary_cross_entropy_with_logits(_flat(output).float(), target.float(), pos_weight=pw)
+
+    def decode(self, output: torch.Tensor) -> dict[str, np.ndarray]:
+        z = _np(_flat(output)).astype(np.float64)
+        return {"logit": z, "probability": 1.0 / (1.0 + np.exp(-z))}
+
+    def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
+        y = np.asarray(target).astype(int)
+        return float(roc_auc_score(y, pred["probability"])) if y.min() != y.max() else float("nan")
+
+    def report(self, pred: dict[str, np.ndarray], target: np.ndarray, alpha: float = 0.05, n_boot: int = 1000,
+               seed: int = 0, threshold: float = 0.5, auc_method: str = "delong", n_bins: int = 10,
+               **kw: Any) -> dict[str, Any]:
+        return binary_report(np.asarray(target).astype(int), pred["probability"], threshold, alpha=alpha,
+                             auc_method=auc_method, n_boot=n_boot, seed=seed, n_bins=n_bins)
+
+
+def _icc_a1(a: np.ndarray, b: np.ndarray, alpha: float) -> tuple[float, float, float]:
+    """ICC(A,1) (two-way random, absolute agreement, single rater; McGraw & Wong 1996, case 2A)
+    with its F-based CI, for two ratings (prediction, truth) per subject."""
+    x = np.stack([a, b], axis=1)
+    n, k = x.shape
+    gm = x.mean()
+    msr = k * ((x.mean(1) - gm) ** 2).sum() / (n - 1)
+    msc = n * ((x.mean(0) - gm) ** 2).sum() / (k - 1)
+    mse = ((x - x.mean(1, keepdims=True) - x.mean(0, keepdims=True) + gm) ** 2).sum() / ((n - 1) * (k - 1))
+    denom = msr + (k - 1) * mse + k * (msc - mse) / n
+    icc = (msr - mse) / denom if denom > 0 else float("nan")
+    fr = msr / mse if mse > 0 else np.inf
+    if not np.isfinite(fr):
+        return float(icc), float("nan"), float("nan")
+    # McGraw & Wong (1996) eq. for ICC(A,1): approximate degrees of freedom v
+    aa, bb = k * icc / (n * (1 - icc)), 1 + k * icc * (n - 1) / (n * (1 - icc))
+    v = (aa * msc + bb * mse) ** 2 / ((aa * msc) ** 2 / (k - 1) + (bb * mse) ** 2 / ((n - 1) * (k - 1)))
+    fl, fu = stats.f.ppf(1 - alpha / 2, n - 1, v), stats.f.ppf(1 - alpha / 2, v, n - 1)
+    lo = n * (msr - fl * mse) / (fl * (k * msc + (k * n - k - n) * mse) + n * msr)
+    hi = n * (fu * msr - mse) / (k * msc + (k * n - k - n) * mse + n * fu * msr)
+    return float(icc), float(lo), float(hi)
+
+
+def regression_report(pred: np.ndarray, true: np.ndarray, alpha: float = 0.05, n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, Any]:
+    """Agreement of predictions with the truth (same unit), see the module docstring."""
+    p, t = np.asarray(pred, float).ravel(), np.asarray(true, float).ravel()
+    ok = np.isfinite(p) & np.isfinite(t)
+    p, t = p[ok], t[ok]
+    n = p.size
+    if n < 3:
+        raise ValueError(f"regression report needs >= 3 cases with a value, has {n}")
+    z = stats.norm.ppf(1 - alpha / 2)
+    rmse = lambda a, b: float(np.sqrt(np.mean((a - b) ** 2)))  # noqa: E731
+    mae = lambda a, b: float(np.mean(np.abs(a - b)))  # noqa: E731
+    out: dict[str, Any] = {"n": int(n), "alpha": alpha}
+    if np.std(p) > 0 and np.std(t) > 0:
+        r = stats.pearsonr(p, t)
+        ci = r.confidence_interval(confidence_level=1 - alpha)
+        out["pcc"] = _est(r.statistic, (ci.low, ci.high), method="Fisher z", p_value=float(r.pvalue))
+    else:
+        out["pcc"] = _est(float("nan"), (float("nan"), float("nan")), method="constant predictions or truth")
+    out["rmse"] = _est(rmse(p, t), _boot_ci(rmse, (p, t), n_boot, alpha, seed), method="bootstrap")
+    out["mae"] = _est(mae(p, t), _boot_ci(mae, (p, t), n_boot, alpha, seed), method="bootstrap")
+    icc, lo, hi = _icc_a1(p, t, alpha)
+    out["icc"] = _est(icc, (lo, hi), method="ICC(A,1) two-way random, absolute agreement (McGraw & Wong 1996)")
+    d = p - t
+    bias, sd = float(d.mean()), float(d.std(ddof=1))
+    se_bias, se_loa = sd / np.sqrt(n), sd * np.sqrt(3.0 / n)
+    tq = stats.t.ppf(1 - alpha / 2, n - 1)
+    loa = (bias - z * sd, bias + z * sd)
+    out["bland_altman"] = {
+        "bias": _est(bias, (bias - tq * se_bias, bias + tq * se_bias)),
+        "sd_difference": sd,
+        "loa_lower": _est(loa[0], (loa[0] - tq * se_loa, loa[0] + tq * se_loa)),
+        "loa_upper": _est(loa[1], (loa[1] - tq * se_loa, loa[1] + tq * se_loa)),
+        "method": "difference = prediction - truth; limits bias -/+ z * SD; CIs Bland & Altman 1999",
+    }
+    return out
+
+
+def class_report(pred_class: np.ndarray, true_class: np.ndarray, n_classes: int, alpha: float = 0.05,
+                 n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Accuracy (Wilson CI), quadratic-weighted kappa and MAE in classes (bootstrap CIs), confusion
+    matrix (rows = truth, columns = prediction)."""
+    p, t = np.asarray(pred_class).astype(int).ravel(), np.asarray(true_class).astype(int).ravel()
+    labels = list(range(n_classes))
+
+    def qwk(a: np.ndarray, b: np.ndarray) -> float:
+        if np.unique(np.r_[a, b]).size < 2:
+            return float("nan")
+        return float(cohen_kappa_score(b, a, labels=labels, weights="quadratic"))
+
+    mae = lambda a, b: float(np.mean(np.abs(a - b)))  # noqa: E731
+    k = int((p == t).sum())
+    return {"n": int(p.size), "alpha": alpha,
+            "accuracy": _est(k / p.size, wilson_ci(k, p.size, alpha), method="Wilson"),
+            "kappa_quadratic": _est(qwk(p, t), _boot_ci(qwk, (p, t), n_boot, alpha, seed), method="bootstrap"),
+            "mae_classes": _est(mae(p, t), _boot_ci(mae, (p, t), n_boot, alpha, seed), method="bootstrap"),
+            "confusion": confusion_matrix(t, p, labels=labels).tolist(), "classes": labels}
+
+
+class CoralLayer(nn.Module):
+    """Rank-consistent ordinal output (Cao et al. 2020, CORAL): one shared weight vector and K-1
+    ordered-by-training biases; (N, F) -> (N, K-1) cumulative logits."""
+
+    def __init__(self, in_features: int, n_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(in_features, 1, bias=False)
+        self.bias = nn.Parameter(torch.arange(n_classes - 1, 0, -1, dtype=torch.float32) / (n_classes - 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.bias
+
+
+@dataclass
+class RegressionHead(Head):
+    """One value; ``loss_kind`` "mse" | "l1" | "smooth_l1". ``scale``: targets are divided by it for the
+    loss (and outputs multiplied by it when decoded), so the network works near unit range."""
+
+    loss_kind: str = "mse"
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.kind, self.score_name = "regression", "neg_mae"
+        if self.loss_kind not in ("mse", "l1", "smooth_l1"):
+            raise ValueError(f"regression loss {self.loss_kind!r}: mse, l1 or smooth_l1")
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        fn = {"mse": F.mse_loss, "l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss}[self.loss_kind]
+        return fn(_flat(output).float(), target.float() / self.scale)
+
+    def decode(self, output: torch.Tensor) -> dict[str, np.ndarray]:
+        return {"value": _np(_flat(output)).astype(np.float64) * self.scale}
+
+    def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
+        return -float(np.mean(np.abs(pred["value"] - np.asarray(target, float))))
+
+    def report(self, pred: dict[str, np.ndarray], target: np.ndarray, alpha: float = 0.05, n_boot: int = 1000,
+               seed: int = 0, **kw: Any) -> dict[str, Any]:
+        return regression_report(pred["value"], target, alpha, n_boot, seed)
+
+
+@dataclass
+class OrdinalHead(Head):
+    """K ordered classes 0..K-1 from K-1 cumulative logits (see the module docstring)."""
+
+    n_classes: int = 2
+
+    def __post_init__(self) -> None:
+        self.kind, self.score_name = "ordinal", "kappa_quadratic"
+        if self.n_classes < 2:
+            raise ValueError("ordinal head needs n_classes >= 2")
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        k = torch.arange(self.n_classes - 1, device=output.device)
+        levels = (target.long().unsqueeze(1) > k).float()  # (N, K-1): y > k
+        return F.binary_cross_entropy_with_logits(output.float(), levels)
+
+    def decode(self, output: torch.Tensor) -> dict[str, np.ndarray]:
+        gt = 1.0 / (1.0 + np.exp(-_np(output).astype(np.float64)))     # P(y > k), (N, K-1)
+        cum = np.concatenate([np.ones((gt.shape[0], 1)), gt, np.zeros((gt.shape[0], 1))], axis=1)
+        probs = np.clip(cum[:, :-1] - cum[:, 1:], 0.0, None)
+        probs /= probs.sum(1, keepdims=True).clip(1e-12)
+        return {"class": (gt >= 0.5).sum(1).astype(int), "probabilities": probs, "expected": gt.sum(1)}
+
+    def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
+        return _qwk_or_acc(pred["class"], target, self.n_classes)
+
+    def report(self, pred: dict[str, np.ndarray], target: np.ndarray, alpha: float = 0.05, n_boot: int = 1000,
+               seed: int = 0, **kw: Any) -> dict[str, Any]:
+        return class_report(pred["class"], target, self.n_classes, alpha, n_boot, seed)
+
+
+def _qwk_or_acc(pred: np.ndarray, target: np.ndarray, n: int) -> float:
+    t = np.asarray(target).astype(int)
+    if np.unique(np.r_[pred, t]).size < 2:
+        return float(np.mean(pred == t))
+    return float(cohen_kappa_score(t, pred, labels=list(range(n)), weights="quadratic"))
+
+
+@dataclass
+class MulticlassHead(Head):
+    """K unordered classes, cross-entropy on (N, K) logits (optional per-class ``class_weights``)."""
+
+    n_classes: int = 2
+    class_weights: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        self.kind, self.score_name = "multiclass", "accuracy"
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        w = None if self.class_weights is None else torch.tensor(self.class_weights, device=output.device)
+        return F.cross_entropy(output.float(), target.long(), weight=w)
+
+    def decode(self, output: torch.Tensor) -> dict[str, np.ndarray]:
+        probs = _np(torch.softmax(output.float(), dim=1)).astype(np.float64)
+        return {"class": probs.argmax(1).astype(int), "probabilities": probs}
+
+    def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
+        return float(np.mean(pred["class"] == np.asarray(target).astype(int)))
+
+    def report(self, pred: dict[str, np.ndarray], target: np.ndarray, alpha: float = 0.05, n_boot: int = 1000,
+               seed: int = 0, **kw: Any) -> dict[str, Any]:
+        return class_report(pred["class"], target, self.n_classes, alpha, n_boot, seed)
+
+
+@dataclass
+class KeypointsHead(Head):
+    """P points from heatmap logits at ``stride``; ``sigma`` (heatmap pixels) of the target Gaussians."""
+
+    n_points: int = 1
+    sigma: float = 1.5
+    stride: int = 1
+    coord_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.kind, self.score_name = "keypoints", "neg_mean_error_px"
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        from ..landmarks import keypoint_loss
+
+        return keypoint_loss(output, target, self.sigma, self.stride, self.coord_weight)
+
+    def decode(self, output: torch.Tensor) -> dict[str, np.ndarray]:
+        from ..landmarks import soft_argmax
+
+        return {"points": _np(soft_argmax(output.float(), self.stride)).astype(np.float64)}
+
+    def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
+        d = np.linalg.norm(pred["points"] - np.asarray(target, float), axis=-1)
+        return -float(np.nanmean(d))
+
+    def report(self, pred: dict[str, np.ndarray], target: np.ndarray, alpha: float = 0.05, n_boot: int = 1000,
+               seed: int = 0, spacing_mm: Sequence[float] | np.ndarray = (1.0, 1.0), **kw: Any) -> dict[str, Any]:
+        """``spacing_mm``: (row, col) mm per input pixel, one pair or one per case (N, 2)."""
+        from ..landmarks import radial_errors_mm
+
+        pts, tgt = np.asarray(pred["points"], float), np.asarray(target, float)
+        sp = np.asarray(spacing_mm, float)
+        if sp.ndim == 2:
+            err = np.stack([radial_errors_mm(pts[i], tgt[i], sp[i]) for i in range(pts.shape[0])])
+        else:
+            err = radial_errors_mm(pts, tgt, sp)
+        e = err[np.isfinite(err)]
+        if not e.size:
+            raise ValueError("keypoint report: no visible points")
+        out: dict[str, Any] = {"n_points": int(e.size), "n_cases": int(pts.shape[0]), "alpha": alpha,
+                               "mean_mm": _est(e.mean(), _boot_ci(np.mean, (e,), n_boot, alpha, seed), method="bootstrap"),
+                               "median_mm": _est(np.median(e), _boot_ci(np.median, (e,), n_boot, alpha, seed),
+                                                 method="bootstrap"),
+                               "per_point_mean_mm": np.nanmean(err, axis=0).tolist()}
+        for t in (2.0, 4.0):
+            k = int((e <= t).sum())
+            out[f"success_{t:g}mm"] = _est(k / e.size, wilson_ci(k, e.size, alpha), method="Wilson")
+        return out
+
+
+HEADS = {"binary": BinaryHead, "regression": RegressionHead, "ordinal": OrdinalHead,
+         "multiclass": MulticlassHead, "keypoints": KeypointsHead}
+
+
+def make_head(kind: str, **kw: Any) -> Head:
+    """A head of ``kind`` (see :data:`KINDS`) with its options (``name``, ``weight``, ...)."""
+    if kind not in HEADS:
+        raise ValueError(f"head kind {kind!r}: one of {', '.join(KINDS)}")
+    return HEADS[kind](**kw)
+
+
+def head_from_card(entry: dict[str, Any]) -> Head:
+    """Rebuild a head from its model-card entry (:meth:`Head.describe`)."""
+    kw = {k: v for k, v in entry.items() if k not in ("kind", "score_name")}
+    return make_head(entry["kind"], **kw)
