@@ -21,7 +21,7 @@ from .hierarchy import place_under
 from .job_results import batch_nodes, dataset_nodes, training_nodes
 from .nodes import image_from_volume_node, read_volume_node, volume_node_from_image
 from .overlay import show_saliency
-from .process import dataset_progress, dataset_summary, to_jsonable
+from .process import PredictJob, dataset_progress, dataset_summary, to_jsonable
 from .roi import box_from_roi, roi_from_box
 from .slab import grid_box_ras, roi_box_ras, selection_volume, slab_roi
 from .tables import results_table
@@ -237,6 +237,31 @@ class RheumAIConsoleLogic:
         study, nodes, sources = self.studyInputs(inputs, roi, clinical, centerRAS)
         pred = predict_study(self.predictor(modelPath, device), study, saliency, targetLayer, tta)
         return self.finishPrediction(pred, nodes, sources, roi, createNodes, opacity, lowerThreshold, study)
+
+    def startPredictStudy(self, modelPath: str | Path, inputs: dict[str, Any], roi: Any = None,
+                          clinical: dict[str, Any] | None = None, saliency: str | None = "gradcam",
+                          targetLayer: str | None = None, device: str = "cpu", tta: int = 0,
+                          centerRAS: Sequence[float] | None = None, env: dict[str, str] | None = None) -> PredictJob:
+        """:meth:`predictStudy` in the background worker process: returns the started job at once
+        (poll ``job.worker``; ``job.worker.cancel()`` ends it), then :meth:`finishPredictStudy`
+        in this thread once ``job.worker.finished``. The job's temporary folder is removed there."""
+        study, nodes, sources = self.studyInputs(inputs, roi, clinical, centerRAS)
+        job = PredictJob(modelPath, study, saliency, targetLayer, device, tta, env=env)
+        job.context = {"nodes": nodes, "sources": sources, "roi": roi, "study": study}
+        job.worker.start()
+        return job
+
+    def finishPredictStudy(self, job: PredictJob, createNodes: bool = True, opacity: float = 0.5,
+                           lowerThreshold: float | None = 0.05) -> dict[str, Any]:
+        """The result of a finished background prediction (nodes as in :meth:`predictStudy`);
+        raises WorkerError if it failed or was cancelled. Removes the job's temporary folder."""
+        try:
+            pred = job.result()
+            c = job.context
+            return self.finishPrediction(pred, c["nodes"], c["sources"], c["roi"], createNodes, opacity,
+                                         lowerThreshold, c["study"])
+        finally:
+            job.close()
 
     def studyInputs(self, inputs: dict[str, Any], roi: Any = None, clinical: dict[str, Any] | None = None,
                     centerRAS: Sequence[float] | None = None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 EVENT_PREFIX = "@rheumai "
-JOBS = ("select", "predict_batch", "build_dataset", "train")
+JOBS = ("select", "predict", "predict_batch", "build_dataset", "train")
 
 
 @dataclasses.dataclass
@@ -137,8 +137,10 @@ class WorkerProcess:
     """
 
     def __init__(self, job: str, args: dict[str, Any], work_dir: str | Path | None = None,
-                 python: str | None = None, env: dict[str, str] | None = None):
+                 python: str | None = None, env: dict[str, str] | None = None, owns_work_dir: bool | None = None):
         self.job = job
+        # A work folder made here (or handed over with owns_work_dir=True) is removed by close().
+        self.owns_work_dir = (work_dir is None) if owns_work_dir is None else bool(owns_work_dir)
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix=f"rheumai-{job}-"))
         self.job_file = write_job(self.work_dir, job, args)
         self.command = worker_command(self.job_file, python)
@@ -251,6 +253,20 @@ class WorkerProcess:
         if self._reader is not None:
             self._reader.join(timeout=5.0)
 
+    def close(self) -> None:
+        """End the process if it still runs and remove the work folder if this object owns it
+        (job file, result, files passed to and from the worker)."""
+        if self.running:
+            self.cancel()
+        if self.owns_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def __enter__(self) -> "WorkerProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     # -- internals ---------------------------------------------------------------------------
     def _handle(self, line: str) -> str | WorkerEvent:
         self.log.append(line)
@@ -275,6 +291,49 @@ class WorkerProcess:
             else:
                 tail = "\n".join(self.log[-15:])
                 self.error = f"worker job {self.job} exited with status {rc}:\n{tail}"
+
+
+class PredictJob:
+    """One study predicted in the worker: inputs written as NRRD into the job's own temporary
+    folder, the :class:`~rheumai_mrml.task_predict.StudyPrediction` read back by :meth:`result`,
+    the folder removed by :meth:`close` (also after a failure or a cancel)."""
+
+    def __init__(self, model: str | Path, study: dict[str, Any], saliency: str | None = "gradcam",
+                 target_layer: str | None = None, device: str = "cpu", tta: int = 0,
+                 python: str | None = None, env: dict[str, str] | None = None):
+        import SimpleITK as sitk
+
+        from rheumai.atomic import atomic_path
+        from rheumai.paths import safe_child
+
+        work = Path(tempfile.mkdtemp(prefix="rheumai-predict-"))
+        try:
+            inputs: dict[str, Any] = {}
+            for key, value in study.items():
+                if isinstance(value, sitk.Image):
+                    path = safe_child(work, f"input_{key}", ".nrrd", what="input role")
+                    with atomic_path(path) as tmp:
+                        sitk.WriteImage(value, str(tmp), useCompression=False)
+                    inputs[key] = {"image": str(path)}
+                else:
+                    inputs[key] = value  # paths, the box, clinical values, the slab centre
+            self.out_dir = work / "prediction"
+            args = {"model": str(model), "study": inputs, "saliency": saliency, "target_layer": target_layer,
+                    "device": device, "tta": int(tta), "out_dir": str(self.out_dir)}
+            self.worker = WorkerProcess("predict", args, work_dir=work, python=python, env=env, owns_work_dir=True)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def result(self) -> Any:
+        """The StudyPrediction of a finished job (images in memory), or WorkerError."""
+        from .task_predict import StudyPrediction
+
+        self.worker.outcome()
+        return StudyPrediction.load(self.out_dir)
+
+    def close(self) -> None:
+        self.worker.close()
 
 
 def kill_process_tree(proc: subprocess.Popen, grace_s: float = 3.0) -> None:

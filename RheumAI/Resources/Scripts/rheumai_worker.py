@@ -96,6 +96,28 @@ def job_select(args: dict[str, Any]) -> dict[str, Any]:
             "n_failed": sum(r["error"] is not None for r in rows)}
 
 
+def job_predict(args: dict[str, Any]) -> dict[str, Any]:
+    """One study of any task. args: model, study ({role: {"image": NRRD path} | path, "roi": box,
+    "clinical": {...}, "center_lps": [...]}), saliency, target_layer, device, tta, out_dir.
+    Writes the StudyPrediction (prediction.json + saliency_<role>.nrrd) into out_dir."""
+    import SimpleITK as sitk
+
+    from rheumai_mrml.task_predict import load_predictor, predict_study
+
+    study = {}
+    for key, value in (args.get("study") or {}).items():
+        study[key] = sitk.ReadImage(value["image"], sitk.sitkFloat32) \
+            if isinstance(value, dict) and set(value) == {"image"} else value
+    emit("load model", 0.05, f"loading {args['model']}")
+    predictor = load_predictor(args["model"], args.get("device", "cpu"))
+    saliency = args.get("saliency")
+    emit("predict", 0.3, "predicting" + (f" with {saliency} saliency" if saliency else ""))
+    pred = predict_study(predictor, study, saliency, args.get("target_layer"), int(args.get("tta", 0)))
+    emit("write", 0.9, "writing the result")
+    pred.save(args["out_dir"])
+    return {"task": pred.task, "values": pred.values, "out_dir": str(args["out_dir"])}
+
+
 def job_predict_batch(args: dict[str, Any]) -> dict[str, Any]:
     """args: studies, checkpoint, out_dir, saliency, device, tta, write_volumes."""
     from rheumai.predict import predict_batch
@@ -155,7 +177,7 @@ def job_train(args: dict[str, Any]) -> dict[str, Any]:
     return to_jsonable(res)
 
 
-JOBS = {"select": job_select, "predict_batch": job_predict_batch, "build_dataset": job_build_dataset,
+JOBS = {"select": job_select, "predict": job_predict, "predict_batch": job_predict_batch, "build_dataset": job_build_dataset,
         "train": job_train}
 
 
