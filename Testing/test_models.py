@@ -136,3 +136,51 @@ def test_training_state_round_trip(tmp_path) -> None:
         o.step()
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_slice_attention_is_slice_order_invariant_and_exposes_its_weights() -> None:
+    """Gated attention pooling: permuting the slices permutes the weights and leaves the logit."""
+    torch.manual_seed(0)
+    arch = default_architecture(10, 6, (32, 32), family="slice_attention")
+    model = build_model(arch).eval()
+    assert isinstance(model.encoder.conv1, torch.nn.Conv2d) and model.encoder.conv1.in_channels == 1
+    x = torch.rand(2, 6, 32, 32)
+    x[1, 4, 8:20, 8:20] += 2.0  # one slice differs strongly: the weights must not be uniform
+    with torch.no_grad():
+        y = model(x)
+        a = model.last_attention
+        perm = torch.tensor([5, 3, 1, 0, 2, 4])
+        y_perm = model(x[:, perm])
+        a_perm = model.last_attention
+    assert y.shape == (2, 1)
+    assert torch.allclose(a.sum(1), torch.ones(2), atol=1e-6) and float(a[1].std()) > 0
+    assert torch.allclose(y, y_perm, atol=1e-5)
+    assert torch.allclose(a[:, perm], a_perm, atol=1e-6)
+    with pytest.raises(ValueError, match="slices"):
+        model(torch.rand(1, 5, 32, 32))
+
+
+def test_slice_attention_checkpoint_round_trip(tmp_path) -> None:
+    arch = default_architecture(10, 6, (32, 32), family="slice_attention")
+    torch.manual_seed(2)
+    model = build_model(arch)
+    model.train()
+    model(torch.rand(4, 6, 32, 32))  # BatchNorm statistics off their defaults
+    model.eval()
+    folder = save_checkpoint(tmp_path / "ckpt", model, _card(arch))
+    loaded, card = load_checkpoint(folder)
+    assert card["architecture"]["family"] == "slice_attention"
+    x = torch.rand(2, 6, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_family_is_validated_everywhere() -> None:
+    from rheumai.config import TrainConfig
+
+    with pytest.raises(ValueError, match="family"):
+        default_architecture(18, family="vit")
+    cfg = TrainConfig.from_dict({"model": {"family": "slice_attention", "depth": 10}})
+    assert cfg.model.family == "slice_attention"
+    with pytest.raises(InputError, match="family"):
+        TrainConfig.from_dict({"model": {"family": "vit"}})

@@ -7,6 +7,7 @@ import copy
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from scipy import stats
 
@@ -159,7 +160,7 @@ def box_model_and_input() -> tuple[torch.nn.Module, torch.Tensor]:
     return model.eval(), torch.from_numpy(x)
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "occlusion", "gradxinput"])
+@pytest.mark.parametrize("method", ["gradxinput_smooth", "gradcam", "gradcampp", "occlusion", "gradxinput"])
 def test_saliency_peak_inside_known_region(box_model_and_input, method):
     model, x = box_model_and_input
     opts = {"mask_size": 8} if method == "occlusion" else {}
@@ -219,3 +220,75 @@ def test_tta(trained_model, inputs):
     assert probs[0] == pytest.approx(p0, abs=1e-5)
     assert np.all((probs >= 0) & (probs <= 1))
     assert np.array_equal(probs, tta_probabilities(trained_model, inputs, 5)), "deterministic for a seed"
+
+
+def test_gaussian_blur_is_a_normalised_separable_gaussian():
+    from rheumai.saliency import gaussian_blur
+
+    m = torch.zeros(1, 2, 21, 21)
+    m[0, 1, 10, 10] = 1.0
+    assert torch.equal(gaussian_blur(m, 0.0), m)
+    b = gaussian_blur(m, 1.5)
+    assert float(b[0, 0].abs().max()) == 0.0, "channels are smoothed on their own"
+    assert float(b.sum()) == pytest.approx(1.0, abs=1e-5)
+    t = np.arange(-10, 11)
+    g = np.exp(-0.5 * (t / 1.5) ** 2)
+    g[np.abs(t) > 5] = 0  # truncated at ceil(3 sigma) = 5 px
+    g /= g.sum()
+    assert np.allclose(b[0, 1].numpy(), np.outer(g, g), atol=1e-6)
+
+
+def test_gradxinput_smooth_is_smoothed_absolute_gradxinput(trained_model, inputs):
+    """Equals the hand computation; also sees evidence that lowers the input (|.|, not ReLU)."""
+    from rheumai.saliency import gaussian_blur
+
+    _, maps = compute_saliency(trained_model, inputs, "gradxinput_smooth", sigma_px=1.0)
+    x = inputs.clone().requires_grad_(True)
+    trained_model.eval()
+    (g,) = torch.autograd.grad(trained_model(x)[:, 0].sum(), x)
+    ref = normalize_max(gaussian_blur((g * inputs).abs(), 1.0))
+    assert maps.shape == (1, 6, SIZE, SIZE)
+    assert np.allclose(maps, ref, atol=1e-5)
+    assert not np.array_equal(maps[0, 0], maps[0, 5]), "one map per slice"
+
+
+def _selection_and_mask(t2_crop_path):
+    from rheumai.slices import SliceParams, select_slices
+
+    sel = select_slices(sitk.ReadImage(str(t2_crop_path)), SliceParams(size=(40, 40), spacing_mm=2.0))
+    arr = np.zeros(sel.array.shape, np.uint8)
+    arr[2, 10:15, 20:26] = 1  # lesion on one of the six slices only
+    return sel, sel.grid_image(arr.astype(np.float32))
+
+
+def test_peak_distance_mm_uses_the_lesion_projected_over_the_slices(t2_crop_path):
+    from rheumai.saliency import peak_distance_mm
+
+    sel, mask = _selection_and_mask(t2_crop_path)
+    mask = sitk.Resample(mask, sitk.ReadImage(str(t2_crop_path)), sitk.Transform(), sitk.sitkNearestNeighbor)
+    sel_mask = sitk.GetArrayFromImage(sitk.Resample(mask, sel.grid.reference_image(), sitk.Transform(),
+                                                    sitk.sitkNearestNeighbor)) > 0
+    assert sel_mask[2].any() and not sel_mask[0].any()
+    proj = sel_mask.any(0)
+    rows, cols = np.nonzero(proj)
+    grid = np.zeros(sel.array.shape, np.float32)
+    grid[5, rows[0], cols[0]] = 1.0  # peak on another slice, inside the projected lesion: a hit
+    assert peak_distance_mm(grid, sel, mask) == 0.0
+    grid[:] = 0
+    r, c = int(rows.mean()), int(cols.max()) + 3  # 3 px = 6 mm posterior of the lesion's edge
+    grid[0, r, c] = 1.0
+    assert peak_distance_mm(grid, sel, mask) == pytest.approx(6.0)
+    empty = sitk.Image(mask.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(mask)
+    assert np.isnan(peak_distance_mm(grid, sel, empty))
+
+
+def test_slice_attention_gradcam_is_per_slice():
+    torch.manual_seed(0)
+    model = build_model(default_architecture(10, 6, (64, 64), conv1_t_stride=1, family="slice_attention")).eval()
+    x = torch.rand(1, 6, 64, 64)
+    _, maps = compute_saliency(model, x, "gradcam")
+    _, maps_pp = compute_saliency(model, x, "gradcampp")
+    assert maps.shape == maps_pp.shape == (1, 6, 64, 64)
+    assert maps[0, 0].max() > 0 and maps[0, 3].max() > 0, "degenerate maps: the test would prove nothing"
+    assert not np.allclose(maps[0, 0], maps[0, 3]), "one map per slice, not one repeated map"
