@@ -35,6 +35,7 @@ from .scoring import (DEFAULT_CLASS_EDGES, EROSION_MASK, JOINT_NAMES, JOINTS, JS
 
 GAP_FACTOR = (1.0, 0.78, 0.55, 0.3, 0.0)
 JIDX = {n: i for i, n in enumerate(JOINT_NAMES)}
+CAP = 0.5  # articular ends of metacarpals and phalanges: half-ellipses half as long as the bone radius
 FINGER_ANGLE = {1: 32.0, 2: 11.0, 3: 0.0, 4: -10.0, 5: -20.0}  # phalanx directions (deg from +v towards the thumb)
 
 
@@ -107,9 +108,11 @@ class _Anatomy:
         self.points: dict[str, np.ndarray] = {}
         self.rings: list[tuple[np.ndarray, np.ndarray, float]] = []
 
-    def capsule(self, p0, p1, r, name="") -> dict:
+    def capsule(self, p0, p1, r, name="", cap=1.0) -> dict:
+        """Bone between segment ends p0, p1 (mm), radius r; its ends are half-ellipses reaching
+        ``cap * r`` beyond the segment (cap < 1: flatter articular ends)."""
         b = {"kind": "capsule", "p0": np.asarray(p0, float), "p1": np.asarray(p1, float), "r": float(r),
-             "bites": [], "name": name}
+             "cap": float(cap), "bites": [], "name": name}
         self.bones.append(b)
         return b
 
@@ -211,7 +214,7 @@ def build_anatomy(rng: np.random.Generator, ero: np.ndarray, jsn: np.ndarray, ri
         ang = ang + spread * (k - 3) / 6.0 + rng.normal(0, 1.5)
         d = _rot(ang)
         base = np.array([bu, bv])
-        mc = A.capsule(base + d * r, base + d * (length - r), r, f"MC{k}")
+        mc = A.capsule(base + d * r * CAP, base + d * (length - r * CAP), r, f"MC{k}", cap=CAP)
         if k == 1:
             _bite_capsule(rng, mc, "p0", e("CMC1"))
         pos = base + d * length
@@ -236,7 +239,11 @@ def build_anatomy(rng: np.random.Generator, ero: np.ndarray, jsn: np.ndarray, ri
                 pending = 0
             finger_dir = _rot(FINGER_ANGLE[k] + spread * (k - 3) / 3.0 + rng.normal(0, 1.5))
             start = pos + finger_dir * gap
-            bone = A.capsule(start + finger_dir * pr, start + finger_dir * (plen - pr), pr, f"P{k}{idx}")
+            bone = A.capsule(start + finger_dir * pr * CAP, start + finger_dir * (plen - pr * CAP), pr, f"P{k}{idx}",
+                             cap=CAP)
+            if names[idx] is not None and int(jsn[JIDX[names[idx]]]) >= 4:  # ankylosis: bony bridge
+                A.capsule(pos - finger_dir * pr * 0.3, start + finger_dir * pr * 0.3, pr * 0.75,
+                          f"bridge_{names[idx]}")
             if pending:
                 _bite_capsule(rng, bone, "p0", pending)
             if ring and k == 4 and idx == 0:
@@ -256,12 +263,15 @@ def build_anatomy(rng: np.random.Generator, ero: np.ndarray, jsn: np.ndarray, ri
 
 # ---------------------------------------------------------------- rendering
 
-def _capsule_q(U, V, p0, p1, r):
+def _capsule_q(U, V, p0, p1, r, cap=1.0):
+    """Normalised distance (1 on the surface) to a capsule whose end caps reach ``cap * r``."""
     d = p1 - p0
-    L2 = float(d @ d) or 1e-9
-    t = np.clip(((U - p0[0]) * d[0] + (V - p0[1]) * d[1]) / L2, 0.0, 1.0)
-    du, dv = U - (p0[0] + t * d[0]), V - (p0[1] + t * d[1])
-    return np.sqrt(du * du + dv * dv) / r
+    L = float(np.sqrt(d @ d)) or 1e-9
+    a = d / L
+    s = (U - p0[0]) * a[0] + (V - p0[1]) * a[1]  # mm along the axis from p0
+    perp = np.abs(-(U - p0[0]) * a[1] + (V - p0[1]) * a[0]) / r
+    beyond = (np.clip(-s, 0.0, None) + np.clip(s - L, 0.0, None)) / (cap * r)
+    return np.sqrt(perp * perp + beyond * beyond)
 
 
 def _ellipse_q(U, V, c, a, b, angle):
@@ -284,7 +294,7 @@ def render(A: _Anatomy, U: np.ndarray, V: np.ndarray, rng: np.random.Generator, 
     bone = np.zeros(U.shape)
     for b in A.bones:
         if b["kind"] == "capsule":
-            q = _capsule_q(U, V, b["p0"], b["p1"], b["r"])
+            q = _capsule_q(U, V, b["p0"], b["p1"], b["r"], b["cap"])
             size, inner = b["r"], 0.62
         else:
             q = _ellipse_q(U, V, b["c"], b["a"], b["b"], b["angle"])
@@ -343,9 +353,9 @@ def make_hand(rng: np.random.Generator, params: SynthParams, severity: float | N
     if laterality == "R":
         img = np.ascontiguousarray(img[:, ::-1])
         pts[:, 0] = (W - 1) - pts[:, 0]
-    tip = A.bones[-1]["p1"]
+    tip_v = max(float(b["p1"][1]) + b["r"] * b["cap"] for b in A.bones if b["kind"] == "capsule")
     return HandSample(array=img, spacing_mm=sp, laterality=laterality, points_xy=pts, erosion=ero, jsn=jsn,
-                      severity=float(severity), hand_length_mm=float((tip[1] + 10.0) * scale))
+                      severity=float(severity), hand_length_mm=float((tip_v + 10.0) * scale))
 
 
 def make_cohort(out_dir: str | Path, n: int = 200, seed: int = 0, params: SynthParams | None = None,
