@@ -168,15 +168,15 @@ def test_changed_and_broken_source_series(tmp_path, dicom_t1_dir):
     assert summary.files_read == 2
 
     second = build_dataset(idx, labels, tmp_path / "out", CohortRules(), SplitConfig(), PARAMS, progress=QUIET)
-    assert second.cache.computed == ["P001"] and list(second.cache.failed) == ["P002"]
+    assert second.cache.computed == ["P001"] and not second.cache.failed
     assert len(second.cache.reused) == 7
-    step = second.flow["steps"][-1]
-    assert (step["key"], step["remaining"], step["n_excluded"]) == ("input", 8, 1)
-    assert step["excluded"][0]["patient_id"] == "P002"
-    assert step["excluded"][0]["reason"].startswith("series could not be read or sampled: ")
+    # The index saw the cut pixel data, so the series is not eligible and the file is named.
+    step = second.flow["steps"][1]
+    assert step["key"] == "baseline_series" and [e["patient_id"] for e in step["excluded"]] == ["P002"]
+    assert f"{g.name}: truncated: its pixel data needs" in step["excluded"][0]["reason"]
     assert "P002" not in {r["patient_id"] for r in _manifest(second.manifest)}
     excluded = (tmp_path / "out" / "excluded.csv").read_text()
-    assert "P002,input,series could not be read or sampled" in excluded
+    assert "P002,baseline_series,\"no eligible series" in excluded
     # An entry left half-written (its .json missing, e.g. a killed run) is computed again.
     p3 = next(r for r in _manifest(second.manifest) if r["patient_id"] == "P003")
     (tmp_path / "out" / (p3["cache_file"] + ".json")).unlink()

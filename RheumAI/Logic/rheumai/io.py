@@ -66,10 +66,24 @@ class SeriesInfo:
     is_image: bool
     n_frames: int = 1
     headers: list = field(default_factory=list, repr=False)  # pydicom headers, same order as files
+    part: str = ""  # enhanced files split by image type / stack: the part's key ("" when whole)
+    frames: list = field(default_factory=list, repr=False)  # enhanced: rheumai.multiframe.Frame list
+    problem: str | None = None  # why the series cannot be read (malformed functional groups)
 
     def describe(self) -> str:
         kind = "" if self.is_image else ", no image"
-        return f"{self.uid}  [{self.modality}] '{self.description}' ({len(self.files)} files{kind})"
+        frames = f", {len(self.frames)} frames" if self.frames else ""
+        part = f", image type/stack {self.part}" if self.part else ""
+        return f"{self.uid}  [{self.modality}] '{self.description}' ({len(self.files)} files{frames}{part}{kind})"
+
+
+@dataclass
+class FolderScan:
+    """What :func:`scan_folder` found: series, and broken DICOM files (path, reason) that belong to
+    no series (empty, or truncated before the series UID) or whose pixel data is cut short."""
+
+    series: list[SeriesInfo]
+    broken: list[tuple[str, str]]
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -150,19 +164,59 @@ def _first_line(exc: BaseException) -> str:
 def list_series(folder: str | Path) -> list[SeriesInfo]:
     """All DICOM series under ``folder`` (recursive), from headers only, sorted by UID.
 
-    Files that are not DICOM are ignored (a folder with none raises :class:`InputError`).
+    Files that are not DICOM are ignored (a folder with none raises :class:`InputError`). An
+    enhanced multi-frame series that interleaves image types or stacks is listed as one entry
+    per part, with the key ``<SeriesInstanceUID>#<part>`` (e.g. ``...#M`` and ``...#FIELD_MAP``).
     """
+    return scan_folder(folder).series
+
+
+def _looks_like_dicom_name(path: Path) -> bool:
+    return path.suffix.lower() in ("", ".dcm", ".ima", ".dicom")
+
+
+def pixel_data_problem(path: str | Path, ds: pydicom.Dataset) -> str | None:
+    """Why the (deferred) pixel data of a header read with ``defer_size`` is cut short, or None."""
+    tag = pydicom.tag.Tag(0x7FE0, 0x0010)
+    try:
+        raw = ds.get_item(tag, keep_deferred=True)
+    except TypeError:  # older pydicom
+        raw = ds.get_item(tag)
+    length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
+    if raw is None or length is None or tell is None or length == 0xFFFFFFFF:
+        return None
+    size = os.path.getsize(path)
+    if tell + length > size:
+        return f"truncated: its pixel data needs {length} bytes, the file holds {max(size - tell, 0)}"
+    return None
+
+
+def scan_folder(folder: str | Path) -> FolderScan:
+    """Series (see :func:`list_series`) and broken DICOM files under ``folder``."""
+    from .multiframe import PART_SEP, frames_of, is_enhanced, split_parts
+
     folder = Path(folder)
     files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
     groups: dict[str, SeriesInfo] = {}
+    broken: list[tuple[str, str]] = []
     for f in files:
         try:
-            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
-        except Exception:
+            ds = pydicom.dcmread(str(f), defer_size=4096)
+        except Exception as exc:  # noqa: BLE001 - not DICOM, or cut short inside the header
+            if f.stat().st_size == 0 and _looks_like_dicom_name(f):
+                broken.append((str(f), "is an empty file"))
+            elif _has_dicm_magic(f):
+                broken.append((str(f), f"is a damaged DICOM file ({_first_line(exc)})"))
             continue
         uid = str(getattr(ds, "SeriesInstanceUID", "") or "")
         if not uid:
+            sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
+            if sop.startswith(_IMAGE_SOP_PREFIX) and sop not in _NON_IMAGE_SOP:
+                broken.append((str(f), "is a truncated DICOM file (its header ends before the SeriesInstanceUID)"))
             continue
+        cut = pixel_data_problem(f, ds)
+        if cut:
+            broken.append((str(f), cut))
         sop = str(getattr(ds, "SOPClassUID", ""))
         is_image = bool(getattr(ds, "Rows", 0)) and sop not in _NON_IMAGE_SOP and (
             sop.startswith(_IMAGE_SOP_PREFIX) or not sop
@@ -180,13 +234,51 @@ def list_series(folder: str | Path) -> list[SeriesInfo]:
         info.files.append(str(f))
         info.headers.append(ds)
         info.is_image = info.is_image or is_image
-    if not groups:
+    if not groups and not broken:
         raise InputError(folder, "contains no DICOM files")
-    return [groups[k] for k in sorted(groups)]
+    out: list[SeriesInfo] = []
+    for uid in sorted(groups):
+        info = groups[uid]
+        enhanced = [(f, ds) for f, ds in zip(info.files, info.headers) if is_enhanced(ds)]
+        if not enhanced or not info.is_image:
+            out.append(info)
+            continue
+        try:
+            frames = [fr for f, ds in enhanced for fr in frames_of(ds, f)]
+        except InputError as exc:
+            info.problem = str(exc)
+            out.append(info)
+            continue
+        if len(enhanced) < len(info.files):
+            info.problem = (f"series {uid} mixes {len(enhanced)} enhanced multi-frame files with "
+                            f"{len(info.files) - len(enhanced)} single-frame files")
+        parts = split_parts(frames)
+        for key, part_frames in parts.items():
+            names = sorted({fr.file for fr in part_frames})
+            out.append(SeriesInfo(
+                uid=f"{uid}{PART_SEP}{key}" if len(parts) > 1 else uid, description=info.description,
+                modality=info.modality, files=names, is_image=True, n_frames=len(part_frames),
+                headers=[ds for f, ds in zip(info.files, info.headers) if f in names],
+                part=key if len(parts) > 1 else "", frames=part_frames, problem=info.problem))
+    return FolderScan(series=sorted(out, key=lambda s: s.uid), broken=broken)
+
+
+def _has_dicm_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 def _read_dicom_folder(folder: Path, series_uid: str | None, require_modality: str | None) -> Study:
-    all_series = list_series(folder)
+    scan = scan_folder(folder)
+    if scan.broken:
+        path, why = scan.broken[0]
+        more = f" ({len(scan.broken) - 1} more broken files)" if len(scan.broken) > 1 else ""
+        raise InputError(path, f"{why}; a broken DICOM file among the series' files (a missing or damaged slice): "
+                               f"replace or remove it{more}")
+    all_series = scan.series
     images = [s for s in all_series if s.is_image]
     if series_uid is not None:
         chosen = [s for s in all_series if s.uid == series_uid]
@@ -219,6 +311,10 @@ def _read_dicom_folder(folder: Path, series_uid: str | None, require_modality: s
 def _read_series(folder: Path, series: SeriesInfo) -> Study:
     headers = series.headers or [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
     meta = {t: _plain(getattr(headers[0], t, None)) for t in META_TAGS if getattr(headers[0], t, None) not in (None, "")}
+    if series.problem:
+        raise InputError(series.files[0], series.problem)
+    if series.frames:
+        return _read_enhanced(folder, series, meta)
     if len(series.files) == 1 and series.n_frames > 1:
         # Enhanced / multi-frame: one file holds the volume; GDCM reads its per-frame geometry.
         f = series.files[0]
@@ -235,8 +331,53 @@ def _read_series(folder: Path, series: SeriesInfo) -> Study:
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(folder, f"series {series.uid} cannot be decoded ({_first_line(exc)})") from None
+        raise InputError(_undecodable_file(ordered) or folder,
+                         f"series {series.uid} cannot be decoded ({_first_line(exc)})") from None
     return Study(image=_as_volume(image, folder), path=str(folder), series_uid=series.uid, meta=meta, files=ordered)
+
+
+def _undecodable_file(files: list[str]) -> str | None:
+    """The first file of a series that cannot be decoded on its own (to name it in the error)."""
+    for f in files:
+        try:
+            sitk.ReadImage(f)
+        except RuntimeError:
+            return f
+    return None
+
+
+def _read_enhanced(folder: Path, series: SeriesInfo, meta: dict[str, Any]) -> Study:
+    """An enhanced multi-frame series (or one part of it) as one 3D volume, from the functional groups."""
+    from .multiframe import read_volume, stack_of
+
+    where = series.files[0] if len(series.files) == 1 else folder
+    stack = stack_of(series.frames)
+    if stack.severe:
+        what = f" (image type/stack {series.part})" if series.part else ""
+        if stack.n_volumes > 1:
+            raise InputError(where, f"series {series.uid}{what} is a {stack.problem}; choose one 3D volume "
+                                    "(a 4D series is not a task input)")
+        raise InputError(where, f"series {series.uid}{what} is not one 3D volume: {stack.problem}")
+    pixels: dict[str, np.ndarray] = {}
+    for f in sorted({fr.file for fr in stack.frames}):
+        try:
+            arr = pydicom.dcmread(f).pixel_array
+        except Exception as exc:  # noqa: BLE001 - decoder errors vary by transfer syntax
+            raise InputError(f, f"multi-frame pixel data cannot be decoded ({_first_line(exc)})") from None
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3:
+            raise InputError(f, f"multi-frame pixel data of shape {arr.shape}: one sample per pixel is needed")
+        pixels[f] = arr
+    arr, origin, spacing, direction = read_volume(stack, pixels)
+    image = sitk.GetImageFromArray(arr)
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    if series.part:
+        meta = {**meta, "ImageTypePart": series.part}
+    files = sorted({fr.file for fr in stack.frames})
+    return Study(image=_as_volume(image, where), path=str(folder), series_uid=series.uid, meta=meta, files=files)
 
 
 def _plain(value: Any) -> Any:

@@ -27,9 +27,11 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ..errors import InputError
+from ..io import pixel_data_problem
+from ..multiframe import PART_SEP, Frame, frames_of, is_enhanced, split_parts, stack_of
 from .classify import guess_region, guess_sequence, orientation_class, slice_normal
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 COMMIT_EVERY = 500
 
 # Header tags read from each file (pydicom keywords). Pixel data is never read.
@@ -39,7 +41,8 @@ TAGS = [
     "SeriesNumber", "Modality", "BodyPartExamined", "InstitutionName", "ScanningSequence",
     "SequenceVariant", "ScanOptions", "SequenceName", "EchoTime", "RepetitionTime",
     "InversionTime", "ImageOrientationPatient", "ImagePositionPatient", "InstanceNumber", "Rows",
-    "Columns", "PixelSpacing", "SliceThickness", "NumberOfFrames",
+    "Columns", "PixelSpacing", "SliceThickness", "NumberOfFrames", "ImageType", "PixelData",
+    "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
 ]
 
 _FILE_COLUMNS = [
@@ -52,7 +55,7 @@ _FILE_COLUMNS = [
     ("sequence_name", "TEXT"), ("echo_time", "REAL"), ("repetition_time", "REAL"),
     ("inversion_time", "REAL"), ("iop", "TEXT"), ("ipp", "TEXT"), ("instance_number", "INTEGER"),
     ("rows", "INTEGER"), ("cols", "INTEGER"), ("pixel_spacing", "TEXT"), ("slice_thickness", "REAL"),
-    ("n_frames", "INTEGER"),
+    ("n_frames", "INTEGER"), ("frames", "TEXT"), ("problem", "TEXT"),
 ]
 FILE_FIELDS = [c for c, _ in _FILE_COLUMNS]
 
@@ -165,11 +168,11 @@ def read_header(path: Path) -> dict:
     """One ``files`` row for ``path`` (status "ok", "unreadable" or "not_image")."""
     st = path.stat()
     row: dict = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=TAGS)
+    try:  # pixel data deferred: its length is checked against the file size, never read
+        ds = pydicom.dcmread(path, defer_size=4096, specific_tags=TAGS)
     except InvalidDicomError:
         try:  # some exports omit the 128-byte preamble; accept them only if they hold an image header
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=TAGS, force=True)
+            ds = pydicom.dcmread(path, defer_size=4096, specific_tags=TAGS, force=True)
             if "SeriesInstanceUID" not in ds or "SOPInstanceUID" not in ds:
                 return {**row, "status": "unreadable", "error": "not a DICOM file"}
         except Exception as exc:  # noqa: BLE001 - any parse failure means "not DICOM"
@@ -197,10 +200,33 @@ def read_header(path: Path) -> dict:
             ipp=_vec(ds, "ImagePositionPatient", 3), instance_number=_int(ds, "InstanceNumber"),
             rows=_int(ds, "Rows"), cols=_int(ds, "Columns"), pixel_spacing=_vec(ds, "PixelSpacing", 2),
             slice_thickness=_float(ds, "SliceThickness"), n_frames=_int(ds, "NumberOfFrames"),
+            frames=None, problem=pixel_data_problem(path, ds),
         )
+        if is_enhanced(ds):
+            row["frames"] = json.dumps(_frames_json(ds, path))
+    except InputError as exc:  # malformed functional groups: the file is there but cannot be placed
+        row["problem"] = exc.problem[:300]
     except Exception as exc:  # noqa: BLE001 - a malformed value in one header is that file's problem
         return {**row, "status": "unreadable", "error": f"bad header value: {type(exc).__name__}: {exc}"[:300]}
     return row
+
+
+def _frames_json(ds: pydicom.Dataset, path: Path) -> list[dict]:
+    """The frames of an enhanced file, compactly: one entry per (frame type, stack, orientation,
+    pixel spacing) with the frames' positions (LPS mm), in frame order."""
+    groups: dict[tuple, dict] = {}
+    for fr in frames_of(ds, path):
+        key = (fr.frame_type, fr.stack, fr.iop, fr.pixel_spacing)
+        g = groups.setdefault(key, {"type": list(fr.frame_type), "stack": fr.stack, "iop": list(fr.iop),
+                                    "spacing": list(fr.pixel_spacing), "index": [], "ipp": []})
+        g["index"].append(fr.index)
+        g["ipp"].append([round(v, 5) for v in fr.ipp])
+    return list(groups.values())
+
+
+def _frames_from_json(path: str, text: str) -> list[Frame]:
+    return [Frame(path, i, tuple(ipp), tuple(g["iop"]), tuple(g["spacing"]), 1.0, 0.0, tuple(g["type"]), g["stack"])
+            for g in json.loads(text) for i, ipp in zip(g["index"], g["ipp"])]
 
 
 def index_archive(
@@ -299,8 +325,13 @@ def index_archive(
     return summary
 
 
-def _series_row(g: pd.DataFrame, oblique_deg: float) -> dict:
-    """Aggregate the ``files`` rows of one series into one ``series`` row."""
+def _series_row(g: pd.DataFrame, oblique_deg: float, frames: list[Frame] | None = None) -> dict:
+    """Aggregate the ``files`` rows of one series into one ``series`` row.
+
+    ``frames``: for enhanced multi-frame files, the frames of this series (or part) from their
+    functional groups; slice count, orientation and geometry problems then come from
+    :func:`rheumai.multiframe.stack_of`, as when the reader reads it.
+    """
     problems: list[str] = []
     severe = False
     first = g.iloc[0]
@@ -319,15 +350,25 @@ def _series_row(g: pd.DataFrame, oblique_deg: float) -> dict:
     date = one("study_date", "study dates")
     if date is None:
         problems.append("no study date")
-    iop_txt = one("iop", "orientations", True)
+    iop_txt = one("iop", "orientations", True) if frames is None else json.dumps(list(frames[0].iop))
     rows = one("rows", "row counts", True)
     cols = one("cols", "column counts", True)
     orientation = orientation_class(json.loads(iop_txt) if iop_txt else None, oblique_deg)
+    for path, problem in zip(g["path"], g["problem"]):
+        if isinstance(problem, str) and problem:
+            problems.append(f"{os.path.basename(path)}: {problem}")
+            severe = True
 
     n_slices = 0
     n_frames = int(g["n_frames"].fillna(1).max())
     ipps = [json.loads(v) for v in g["ipp"].dropna()]
-    if iop_txt is None or len(ipps) < len(g):
+    if frames is not None:
+        stack = stack_of(frames)
+        n_slices = stack.n_slices if not (stack.severe and stack.n_slices == 0) else len(frames)
+        if stack.problem:
+            problems.append(stack.problem)
+            severe = severe or stack.severe
+    elif iop_txt is None or len(ipps) < len(g):
         problems.append("missing ImageOrientationPatient/ImagePositionPatient")
         severe = True
         n_slices = len(g)
@@ -341,11 +382,12 @@ def _series_row(g: pd.DataFrame, oblique_deg: float) -> dict:
         if n_slices >= 3:
             gaps = [b - a for a, b in zip(dist, dist[1:])]
             med = sorted(gaps)[len(gaps) // 2]
-            if med > 0 and max(gaps) > 1.5 * med:
+            if med > 0 and max(gaps) > 1.5 * med:  # the reader refuses such a stack: severe
                 problems.append(f"uneven slice spacing (largest gap {max(gaps):.2f} mm, median {med:.2f} mm): missing slices?")
-    if n_frames > 1:
+                severe = True
+    if n_frames > 1 and frames is None:
         problems.append(f"multi-frame file ({n_frames} frames)")
-    if n_slices < 3 and n_frames <= 1:
+    if n_slices < 3 and (n_frames <= 1 or frames is not None):
         problems.append(f"only {n_slices} slice(s)")
     desc = str(first["series_description"] or first["protocol_name"] or "")
     seq, fat, source, seq_problems = guess_sequence(
@@ -371,7 +413,24 @@ def _series_row(g: pd.DataFrame, oblique_deg: float) -> dict:
 
 def _rebuild_series(con: sqlite3.Connection, oblique_deg: float) -> None:
     files = pd.read_sql_query("SELECT * FROM files WHERE status = 'ok' ORDER BY path", con)
-    rows = [_series_row(g, oblique_deg) for _, g in files.groupby("series_uid", sort=True)]
+    rows = []
+    for uid, g in files.groupby("series_uid", sort=True):
+        enhanced = g[g["frames"].notna()]
+        if enhanced.empty:
+            rows.append(_series_row(g, oblique_deg))
+            continue
+        frames = [fr for p, t in zip(enhanced["path"], enhanced["frames"]) for fr in _frames_from_json(p, t)]
+        parts = split_parts(frames)
+        for key, part in parts.items():
+            names = {fr.file for fr in part}
+            row = _series_row(g[g["path"].isin(names)], oblique_deg, frames=part)
+            if len(enhanced) < len(g):
+                row["problems"] = json.dumps(json.loads(row["problems"]) + [
+                    f"mixes {len(enhanced)} enhanced multi-frame files with {len(g) - len(enhanced)} single-frame files"])
+                row["severe"] = 1
+            if len(parts) > 1:  # the same key as rheumai.io.list_series gives the part
+                row["series_uid"] = f"{uid}{PART_SEP}{key}"
+            rows.append(row)
     series = pd.DataFrame(rows, columns=SERIES_COLUMNS)
     con.execute("DROP TABLE IF EXISTS series")
     con.execute("DROP TABLE IF EXISTS studies")
@@ -415,8 +474,9 @@ class ArchiveIndex:
         """Paths of the readable files of one series, sorted."""
         con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
         try:
-            return [r[0] for r in con.execute(
-                "SELECT path FROM files WHERE series_uid = ? AND status = 'ok' ORDER BY path", (series_uid,)
+            return [r[0] for r in con.execute(  # a part "<uid>#<key>" lives in the files of <uid>
+                "SELECT path FROM files WHERE series_uid = ? AND status = 'ok' ORDER BY path",
+                (series_uid.split(PART_SEP, 1)[0],)
             )]
         finally:
             con.close()

@@ -1,0 +1,193 @@
+"""Enhanced (multi-frame) DICOM: per-frame geometry from the functional groups, split into 3D parts.
+
+An enhanced file holds many frames. Each frame's position (ImagePositionPatient), orientation
+(ImageOrientationPatient), pixel spacing and rescale live in its PerFrameFunctionalGroupsSequence
+item, or in the SharedFunctionalGroupsSequence when common to all frames. One file (or a series
+of such files) may interleave several image types (a Philips field map: magnitude + field-map
+frames at the same positions) or several time points (4D). Frames are grouped into **parts** by
+the FrameType values that differ between frames and by StackID; each part is one candidate 3D
+volume, and a part whose frames repeat positions is a 4D series, which is refused.
+
+Used by both the reader (:mod:`rheumai.io`) and the index (:mod:`rheumai.dataset.index`), so both
+see the same parts, slice counts and geometry. Positions are DICOM LPS millimetres.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from .errors import InputError
+
+PART_SEP = "#"  # series key of a part: "<SeriesInstanceUID>#<part>"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame of an enhanced file. ``index``: 0-based frame number in ``file``.
+    ``pixel_spacing``: (row spacing, column spacing) in mm. ``iop``: row then column cosines."""
+
+    file: str
+    index: int
+    ipp: tuple[float, float, float]
+    iop: tuple[float, ...]
+    pixel_spacing: tuple[float, float]
+    slope: float
+    intercept: float
+    frame_type: tuple[str, ...]
+    stack: str
+
+
+@dataclass
+class Stack:
+    """A part's frames sorted along the slice normal, with what was found wrong (``problem``)."""
+
+    frames: list[Frame]
+    positions: np.ndarray  # mm along the normal, sorted, one per distinct slice
+    n_volumes: int
+    problem: str | None
+    severe: bool
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.positions)
+
+
+def is_enhanced(ds: pydicom.Dataset) -> bool:
+    """True for files whose geometry lives in per-frame functional groups."""
+    return "PerFrameFunctionalGroupsSequence" in ds
+
+
+def _item(frame: pydicom.Dataset, shared: pydicom.Dataset, keyword: str) -> pydicom.Dataset | None:
+    for group in (frame, shared):
+        seq = group.get(keyword)
+        if seq is not None and len(seq):
+            return seq[0]
+    return None
+
+
+def _floats(value: object, n: int) -> tuple[float, ...] | None:
+    try:
+        vals = tuple(float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    return vals if len(vals) == n and all(np.isfinite(vals)) else None
+
+
+def frames_of(ds: pydicom.Dataset, path: str | Path) -> list[Frame]:
+    """The frames of one enhanced file with their geometry; raises InputError naming the file."""
+    per = ds.get("PerFrameFunctionalGroupsSequence") or []
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq is not None and len(shared_seq) else pydicom.Dataset()
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    if len(per) != n:
+        raise InputError(path, f"NumberOfFrames is {n} but the file holds {len(per)} per-frame functional groups")
+    top_spacing = _floats(ds.get("PixelSpacing"), 2)
+    frames = []
+    for i, f in enumerate(per):
+        pos, ori = _item(f, shared, "PlanePositionSequence"), _item(f, shared, "PlaneOrientationSequence")
+        ipp = _floats(pos.get("ImagePositionPatient"), 3) if pos is not None else None
+        iop = _floats(ori.get("ImageOrientationPatient"), 6) if ori is not None else None
+        if ipp is None or iop is None:
+            raise InputError(path, f"frame {i + 1} of {n} has no ImagePositionPatient / ImageOrientationPatient in "
+                                   "its functional groups; its place in the volume is unknown")
+        meas = _item(f, shared, "PixelMeasuresSequence")
+        spacing = (_floats(meas.get("PixelSpacing"), 2) if meas is not None else None) or top_spacing
+        if spacing is None:
+            raise InputError(path, f"frame {i + 1} of {n} has no PixelSpacing")
+        pix = _item(f, shared, "PixelValueTransformationSequence")
+        src = pix if pix is not None else ds
+        slope = float(src.get("RescaleSlope", 1) or 1)
+        intercept = float(src.get("RescaleIntercept", 0) or 0)
+        ft = _item(f, shared, "MRImageFrameTypeSequence") or _item(f, shared, "CTImageFrameTypeSequence")
+        frame_type = tuple(str(v) for v in (ft.get("FrameType") if ft is not None and "FrameType" in ft
+                                             else ds.get("ImageType", [])) or [])
+        content = _item(f, shared, "FrameContentSequence")
+        stack = str(content.get("StackID", "") or "") if content is not None else ""
+        frames.append(Frame(str(path), i, ipp, iop, spacing, slope, intercept, frame_type, stack))  # type: ignore[arg-type]
+    return frames
+
+
+def part_keys(frames: list[Frame]) -> list[str]:
+    """One key per frame: the FrameType values that differ between frames (e.g. ``M`` / ``FIELD_MAP``)
+    and the stack (``stack2``) when there are several; ``""`` for every frame when all agree."""
+    types = sorted({f.frame_type for f in frames})
+    width = max((len(t) for t in types), default=0)
+    padded = {t: t + ("",) * (width - len(t)) for t in types}
+    differ = [i for i in range(width) if len({padded[t][i] for t in types}) > 1]
+    stacks = len({f.stack for f in frames}) > 1
+    keys = []
+    for f in frames:
+        vals = [padded[f.frame_type][i] for i in differ if padded[f.frame_type][i]]
+        if stacks:
+            vals.append(f"stack{f.stack}")
+        keys.append(re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(vals)))
+    return keys
+
+
+def split_parts(frames: list[Frame]) -> dict[str, list[Frame]]:
+    """Frames grouped by :func:`part_keys` (sorted by key; insertion order of frames kept)."""
+    out: dict[str, list[Frame]] = {}
+    for f, k in zip(frames, part_keys(frames)):
+        out.setdefault(k, []).append(f)
+    return dict(sorted(out.items()))
+
+
+def stack_of(frames: list[Frame], rel_tol: float = 0.05) -> Stack:
+    """Sort a part's frames along the slice normal and check that they form one 3D volume.
+
+    Problems found (``problem``; ``severe`` when the part cannot be read as one volume): frames
+    of different orientations, repeated positions (4D: ``k`` volumes of ``n`` slices), fewer
+    than two slices, uneven spacing (missing frames).
+    """
+    iop0 = np.asarray(frames[0].iop)
+    for f in frames:
+        if np.abs(np.asarray(f.iop) - iop0).max() > 1e-3:
+            return Stack(frames, np.zeros(0), 1, f"frames of different orientations (frame {f.index + 1} of "
+                         f"{Path(f.file).name}: {np.round(f.iop, 4).tolist()} vs {np.round(iop0, 4).tolist()})", True)
+    normal = np.cross(iop0[:3], iop0[3:])
+    dist = np.array([np.dot(f.ipp, normal) for f in frames])
+    order = np.argsort(dist, kind="stable")
+    frames = [frames[i] for i in order]
+    dist = dist[order]
+    distinct = np.unique(np.round(dist, 2))
+    n, k = len(distinct), len(frames)
+    if n < k:
+        if k % n == 0 and all(np.sum(np.round(dist, 2) == d) == k // n for d in distinct):
+            return Stack(frames, distinct, k // n, f"4D series ({k // n} volumes of {n} slices)", True)
+        return Stack(frames, distinct, 1, f"{k - n} frames repeat a slice position", True)
+    if n < 2:
+        return Stack(frames, distinct, 1, f"only {n} slice", True)
+    steps = np.diff(dist)
+    spacing = float(np.median(steps))
+    bad = np.where(np.abs(steps - spacing) > rel_tol * spacing)[0]
+    if bad.size:
+        i = int(bad[0])
+        missing = int(round(steps[i] / spacing)) - 1
+        what = f"about {missing} missing frame(s)" if missing >= 1 else "uneven slice spacing"
+        return Stack(frames, distinct, 1, f"{what}: gap of {steps[i]:.3f} mm after position {dist[i]:.3f} mm "
+                     f"along the normal where the spacing is {spacing:.3f} mm", True)
+    return Stack(frames, distinct, 1, None, False)
+
+
+def read_volume(stack: Stack, pixels: dict[str, np.ndarray]) -> tuple[np.ndarray, tuple, tuple, tuple]:
+    """Assemble a checked stack into (array (k, j, i) float32, origin, spacing, direction) in LPS.
+
+    ``pixels``: file -> stored values (frames, rows, cols). Each frame is rescaled with its own
+    slope / intercept (Philips stores one per frame and per image type).
+    """
+    if stack.severe:
+        raise ValueError(stack.problem)
+    f0 = stack.frames[0]
+    arr = np.stack([pixels[f.file][f.index].astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)
+                    for f in stack.frames])
+    iop = np.asarray(f0.iop)
+    normal = np.cross(iop[:3], iop[3:])
+    step = float(np.median(np.diff(stack.positions))) if stack.n_slices > 1 else 1.0
+    direction = tuple(np.column_stack([iop[:3], iop[3:], normal]).ravel().tolist())
+    spacing = (float(f0.pixel_spacing[1]), float(f0.pixel_spacing[0]), step)
+    return arr, tuple(f0.ipp), spacing, direction
