@@ -9,8 +9,8 @@ box, "clinical": {name: raw value}}``. A box is ``{"min_lps": [x, y, z], "max_lp
 LPS mm (axis-aligned). The cervical task also takes ``center_lps``, the slab centre (LPS mm) that
 Select slices honours, so Predict samples the same slab.
 
-Which predictor runs: the engine's ``rheumai.engine.predict.Predictor`` when the task declares
-its predict-side hooks (``Task.load_sample``), else the task's own console entry point
+Which predictor runs: the engine's (``rheumai.api.load``: one Predictor for every task) when the
+task declares its predict-side hooks (``Task.load_sample``), else the task's own console entry point
 (``api["predictor"]``, e.g. NegSpA-AI) or, for the cervical task, ``rheumai.predict.Predictor``.
 """
 
@@ -118,9 +118,9 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> Any:
 
     task = get_task(str(read_card(Path(model_path)).get("task", "cervical_ra")))
     if getattr(task, "load_sample", None) is not None:
-        from rheumai.engine.predict import Predictor as EnginePredictor
+        from rheumai.api import load
 
-        return EnginePredictor(model_path, device=device)
+        return load(model_path, device=device)
     if task.name == "cervical_ra":
         from rheumai.predict import Predictor
 

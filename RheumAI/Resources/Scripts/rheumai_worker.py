@@ -119,19 +119,21 @@ def job_predict(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_predict_batch(args: dict[str, Any]) -> dict[str, Any]:
-    """args: studies, checkpoint, out_dir, saliency, device, tta, write_volumes."""
-    from rheumai.predict import predict_batch
+    """args: checkpoint, out_dir, and either studies (paths: single-input tasks) or table (a
+    study table CSV with one column per input role, roi, clinical values: any task); saliency,
+    device, tta. Resumable: studies already in out_dir/predictions.csv are skipped."""
+    from rheumai import api
 
-    studies = [str(s) for s in args["studies"]]
     emit("load model", 0.0, f"loading {args['checkpoint']}")
+    predictor = api.load(args["checkpoint"], device=args.get("device", "cpu"))
+    studies = api.read_studies(args["table"], args["checkpoint"]) if args.get("table") \
+        else [str(s) for s in args["studies"]]
 
     def progress(i: int, n: int, study: str) -> None:
-        emit("predict", stage_progress(0, 1, i, n), f"{i}/{n} {Path(study).name}")
+        emit("predict", stage_progress(0, 1, i, n), f"{i}/{n} {Path(str(study)).name}")
 
-    rows = predict_batch(studies, args["checkpoint"], args["out_dir"], progress=progress,
-                         saliency=args.get("saliency", "gradcam"), device=args.get("device", "cpu"),
-                         tta=int(args.get("tta", 0)), write_volumes=bool(args.get("write_volumes", True)),
-                         show_progress=False)
+    rows = api.predict_many(predictor, studies, args["out_dir"], progress=progress,
+                            saliency=args.get("saliency", "gradcam"), tta=int(args.get("tta", 0)))
     return {"rows": rows, "predictions_csv": str(Path(args["out_dir"]) / "predictions.csv")}
 
 
