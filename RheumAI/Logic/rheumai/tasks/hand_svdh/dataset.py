@@ -1,0 +1,404 @@
+"""Hand SvdH cohorts: label sheets -> prepared radiographs -> torch datasets (engine sample dicts).
+
+Frames. Every radiograph is mirrored into the canonical frame of a left hand (``to_canonical``);
+``Prepared.canon`` is the canonical full-resolution image, normalised to [0, 1] by its 1st / 99th
+percentiles. ``Prepared.small`` is the network input: the canonical image resized (aspect kept,
+padded bottom / right with 0) to ``input_size`` (H, W). Points are pixel (x, y); ``to_small`` /
+``from_small`` map them between the canonical full-resolution and the input frame (pixel centres
+aligned). Joint crops are sampled around a point at ``crop_mm`` / ``crop_px`` mm per pixel, axis
+aligned in the canonical frame, so real radiographs of any pixel size give the same physical crop.
+
+Label sheet (CSV): ``patient_id, file`` (path relative to the sheet's folder), optional
+``laterality`` (L / R; else the DICOM tag), ``total`` (one-hand SvdH total), optional ``class``
+(else computed from ``total`` with the class edges) and per-area ``ero_<joint>`` / ``jsn_<joint>``
+(empty = not scored / unknown). Landmark sheet (CSV): ``patient_id, joint, x, y`` (pixels of the
+file). Each sample dict follows docs/ENGINE.md: ``{"input", "target", "id"}``.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ...errors import InputError
+from ...radiograph import CanonicalTransform, Radiograph, read_radiograph, to_canonical
+from .scoring import DEFAULT_CLASS_EDGES, EROSION_MASK, JOINT_NAMES, JSN_MASK, MAX_TOTAL, severity_class
+
+IGNORE = -1  # target value of a grade that is not scored / unknown
+
+
+@dataclass
+class HandParams:
+    """Preprocessing of the task (goes into the model card). input_size (H, W) px of the whole-hand
+    and landmark input; hires_size (H, W) px of the image joint crops are sampled from; crop_mm:
+    side of a joint crop in mm; crop_px: its side in pixels; percentiles for normalisation."""
+
+    input_size: tuple[int, int] = (160, 128)
+    hires_size: tuple[int, int] = (320, 256)
+    crop_mm: float = 30.0
+    crop_px: int = 32
+    canonical_side: str = "L"
+    p_low: float = 1.0
+    p_high: float = 99.0
+    class_edges: tuple[float, ...] = DEFAULT_CLASS_EDGES
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"], d["hires_size"] = list(self.input_size), list(self.hires_size)
+        d["class_edges"] = list(self.class_edges)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HandParams":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for k in ("input_size", "hires_size", "class_edges"):
+            if k in known:
+                known[k] = tuple(known[k])
+        return cls(**known)
+
+
+@dataclass
+class Prepared:
+    """One radiograph ready for the networks (see module docstring for frames).
+
+    canon: (H, W) canonical full resolution, normalised. hires: canonical letterboxed to
+    ``hires_size`` (joint crops are sampled from it); small: canonical letterboxed to
+    ``input_size`` (whole-hand and landmark input). hscale / scale: (sy, sx) hires / small px per
+    canonical px. hspacing_mm: (row, col) mm per hires pixel.
+    """
+
+    rad: Radiograph
+    canon: np.ndarray
+    tf: CanonicalTransform
+    hires: np.ndarray
+    hscale: tuple[float, float]
+    small: np.ndarray
+    scale: tuple[float, float]
+
+    @property
+    def hspacing_mm(self) -> tuple[float, float]:
+        return (self.rad.spacing_mm[0] / self.hscale[0], self.rad.spacing_mm[1] / self.hscale[1])
+
+    @staticmethod
+    def _map(xy: np.ndarray, s: tuple[float, float], inverse: bool = False) -> np.ndarray:
+        xy = np.asarray(xy, np.float64)
+        fx, fy = (1 / s[1], 1 / s[0]) if inverse else (s[1], s[0])
+        return np.stack([(xy[..., 0] + 0.5) * fx - 0.5, (xy[..., 1] + 0.5) * fy - 0.5], -1)
+
+    def to_small(self, xy: np.ndarray) -> np.ndarray:
+        """Canonical full-res (x, y) -> small (input) pixels."""
+        return self._map(xy, self.scale)
+
+    def from_small(self, xy: np.ndarray) -> np.ndarray:
+        return self._map(xy, self.scale, inverse=True)
+
+    def to_hires(self, xy: np.ndarray) -> np.ndarray:
+        return self._map(xy, self.hscale)
+
+    def from_hires(self, xy: np.ndarray) -> np.ndarray:
+        return self._map(xy, self.hscale, inverse=True)
+
+    def to_source(self, xy_canon: np.ndarray) -> np.ndarray:
+        """Canonical full-resolution (x, y) -> pixel (x, y) of the radiograph as stored."""
+        return self.tf.points_from_canonical(xy_canon)
+
+    def from_source(self, xy: np.ndarray) -> np.ndarray:
+        return self.tf.points_to_canonical(xy)
+
+    def small_map_to_source(self, m: np.ndarray) -> np.ndarray:
+        """A map (h, w) on the input grid -> (H, W) on the radiograph as stored (bilinear)."""
+        H, W = self.canon.shape
+        nh, nw = round(H * self.scale[0]), round(W * self.scale[1])
+        t = torch.as_tensor(np.asarray(m, np.float32)[:nh, :nw])[None, None]
+        up = F.interpolate(t, size=(H, W), mode="bilinear", align_corners=False)[0, 0].numpy()
+        return self.tf.map_from_canonical(up)
+
+
+def _letterbox(canon: np.ndarray, size: Sequence[int]) -> tuple[np.ndarray, tuple[float, float]]:
+    H, W = canon.shape
+    h, w = int(size[0]), int(size[1])
+    s = min(h / H, w / W)
+    nh, nw = max(1, round(H * s)), max(1, round(W * s))
+    out = np.zeros((h, w), np.float32)
+    if (nh, nw) == (H, W):
+        out[:H, :W] = canon
+    else:
+        t = torch.from_numpy(canon)[None, None]
+        out[:nh, :nw] = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True,
+                                      align_corners=False)[0, 0].numpy()
+    return out, (nh / H, nw / W)
+
+
+def prepare(rad: Radiograph, params: HandParams, laterality: str | None = None) -> Prepared:
+    """Canonical, normalised, resized radiograph (see module docstring)."""
+    canon, tf = to_canonical(rad, want=params.canonical_side, laterality=laterality)
+    lo, hi = np.percentile(canon, [params.p_low, params.p_high])
+    canon = np.clip((canon - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+    hires, hscale = _letterbox(canon, params.hires_size)
+    small, scale = _letterbox(canon, params.input_size)
+    return Prepared(rad=rad, canon=canon, tf=tf, hires=hires, hscale=hscale, small=small, scale=scale)
+
+
+def crop_grid(points_hires: torch.Tensor, hspacing_mm: torch.Tensor, hires_shape: Sequence[int],
+              params: HandParams) -> torch.Tensor:
+    """grid_sample grid (B*K, c, c, 2) for crops of ``crop_mm`` around hires points (B, K, 2).
+
+    hspacing_mm: (B, 2) (row, col) mm per hires pixel. Crops are axis-aligned, ``crop_px`` square.
+    """
+    B, K, _ = points_hires.shape
+    n = params.crop_px
+    H, W = int(hires_shape[0]), int(hires_shape[1])
+    off = (torch.arange(n, dtype=torch.float32, device=points_hires.device) - (n - 1) / 2.0) * (params.crop_mm / n)
+    step = 1.0 / hspacing_mm.float()  # (B, 2) hires px per mm (row, col)
+    gx = points_hires[..., 0, None, None] + off[None, None, None, :] * step[:, 1, None, None, None]
+    gy = points_hires[..., 1, None, None] + off[None, None, :, None] * step[:, 0, None, None, None]
+    gx, gy = torch.broadcast_tensors(gx, gy)
+    grid = torch.stack([gx * 2 / max(W - 1, 1) - 1, gy * 2 / max(H - 1, 1) - 1], -1)
+    return grid.reshape(B * K, n, n, 2)
+
+
+def crop_batch(hires: torch.Tensor, points_hires: torch.Tensor, hspacing_mm: torch.Tensor,
+               params: HandParams) -> torch.Tensor:
+    """Joint crops (B, K, c, c) from hires images (B, 1, H, W) at points (B, K, 2), 0 outside."""
+    B, K, _ = points_hires.shape
+    grid = crop_grid(points_hires, hspacing_mm, hires.shape[-2:], params)
+    img = hires.expand(B, 1, *hires.shape[-2:]).repeat_interleave(K, dim=0)
+    out = F.grid_sample(img, grid.to(hires.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.reshape(B, K, params.crop_px, params.crop_px)
+
+
+def crops(prep: Prepared, points_canon: np.ndarray, params: HandParams) -> np.ndarray:
+    """Joint crops (K, c, c) of one prepared radiograph around canonical full-res points (K, 2)."""
+    pts = torch.as_tensor(prep.to_hires(points_canon), dtype=torch.float32)[None]
+    sp = torch.tensor([prep.hspacing_mm], dtype=torch.float32)
+    return crop_batch(torch.from_numpy(prep.hires)[None, None], pts, sp, params)[0].numpy()
+
+
+@dataclass
+class Case:
+    """One labelled radiograph: prepared image, truth (grades IGNORE where unknown), landmarks."""
+
+    patient_id: str
+    prep: Prepared
+    total: float
+    cls: int
+    erosion: np.ndarray  # (K,) int, IGNORE where not scored
+    jsn: np.ndarray
+    points_canon: np.ndarray | None  # (K, 2) canonical full-res px, NaN where unknown
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _num(v: str, sheet: Path, pid: str, col: str) -> float | None:
+    v = (v or "").strip()
+    if v == "":
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        raise InputError(sheet, f"patient {pid}: column {col!r} is not a number: {v!r}") from None
+
+
+def load_cohort(labels_csv: str | Path, params: HandParams, landmarks_csv: str | Path | None = None,
+                ids: Sequence[str] | None = None, progress: bool = False) -> list[Case]:
+    """Read and prepare every radiograph of a label sheet (see module docstring for columns)."""
+    sheet = Path(labels_csv)
+    if not sheet.is_file():
+        raise InputError(sheet, "label sheet not found")
+    with open(sheet, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise InputError(sheet, "label sheet is empty")
+    for col in ("patient_id", "file"):
+        if col not in rows[0]:
+            raise InputError(sheet, f"missing column {col!r} (columns: {', '.join(rows[0])})")
+    points: dict[str, np.ndarray] = {}
+    if landmarks_csv is not None:
+        lm = Path(landmarks_csv)
+        if not lm.is_file():
+            raise InputError(lm, "landmark sheet not found")
+        jidx = {n: i for i, n in enumerate(JOINT_NAMES)}
+        with open(lm, newline="", encoding="utf-8-sig") as f:
+            for r in csv.DictReader(f):
+                if r.get("joint") not in jidx:
+                    raise InputError(lm, f"unknown joint {r.get('joint')!r}; known: {', '.join(JOINT_NAMES)}")
+                arr = points.setdefault(r["patient_id"], np.full((len(JOINT_NAMES), 2), np.nan))
+                arr[jidx[r["joint"]]] = (float(r["x"]), float(r["y"]))
+    wanted = None if ids is None else set(ids)
+    seen: set[str] = set()
+    cases = []
+    it = rows
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(rows, desc="reading radiographs", unit="img")
+    for r in it:
+        pid = r["patient_id"].strip()
+        if pid in seen:
+            raise InputError(sheet, f"patient {pid} appears twice")
+        seen.add(pid)
+        if wanted is not None and pid not in wanted:
+            continue
+        path = (sheet.parent / r["file"]).resolve()
+        lat = (r.get("laterality") or "").strip().upper() or None
+        if lat not in (None, "L", "R"):
+            raise InputError(sheet, f"patient {pid}: laterality must be L or R, not {lat!r}")
+        prep = prepare(read_radiograph(path), params, laterality=lat)
+        ero = np.array([_num(r.get(f"ero_{n}", ""), sheet, pid, f"ero_{n}") for n in JOINT_NAMES], dtype=object)
+        jsn = np.array([_num(r.get(f"jsn_{n}", ""), sheet, pid, f"jsn_{n}") for n in JOINT_NAMES], dtype=object)
+        ero = np.array([IGNORE if (v is None or not m) else int(v) for v, m in zip(ero, EROSION_MASK)], np.int64)
+        jsn = np.array([IGNORE if (v is None or not m) else int(v) for v, m in zip(jsn, JSN_MASK)], np.int64)
+        total = _num(r.get("total", ""), sheet, pid, "total")
+        if total is None:
+            if (ero[EROSION_MASK] < 0).any() or (jsn[JSN_MASK] < 0).any():
+                raise InputError(sheet, f"patient {pid}: no 'total' and incomplete per-joint grades")
+            total = float(ero[EROSION_MASK].sum() + jsn[JSN_MASK].sum())
+        if not 0 <= total <= MAX_TOTAL:
+            raise InputError(sheet, f"patient {pid}: total {total} outside 0..{MAX_TOTAL} (one hand)")
+        cls_v = _num(r.get("class", ""), sheet, pid, "class")
+        cls = int(cls_v) if cls_v is not None else int(severity_class(total, params.class_edges))
+        pts = points.get(pid)
+        pts_c = None if pts is None else prep.tf.points_to_canonical(pts)
+        extra = {k: r[k] for k in ("hand_length_mm",) if k in r}
+        cases.append(Case(pid, prep, float(total), cls, ero, jsn, pts_c, extra))
+    return cases
+
+
+def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Intensity augmentation of a [0, 1] image: gamma, contrast, noise (geometry untouched)."""
+    x = np.clip(x, 0, 1) ** rng.uniform(0.75, 1.33)
+    x = x * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
+    return (x + rng.normal(0, 0.02, x.shape)).astype(np.float32)
+
+
+class WholeHandDataset(Dataset):
+    """Whole-hand samples: input (1, h, w); target {"total": () one-hand total, "class": () index}."""
+
+    def __init__(self, cases: Sequence[Case], augment: bool = False, seed: int = 0) -> None:
+        self.cases, self.augment, self.seed, self.epoch = list(cases), augment, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        c = self.cases[i]
+        x = c.prep.small
+        if self.augment:
+            x = _augment(x, np.random.default_rng((self.seed, self.epoch, i)))
+        return {"input": torch.from_numpy(np.ascontiguousarray(x))[None],
+                "target": {"total": torch.tensor(c.total, dtype=torch.float32),
+                           "class": torch.tensor(c.cls, dtype=torch.long)},
+                "id": c.patient_id}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def unaugmented(self) -> "WholeHandDataset":
+        """The same cases without augmentation (the engine's BatchNorm recalibration)."""
+        return WholeHandDataset(self.cases, augment=False, seed=self.seed)
+
+
+class LandmarkDataset(Dataset):
+    """Landmark samples: input (1, h, w); target {"landmarks": (K, 2) (x, y) input px, NaN unknown}."""
+
+    def __init__(self, cases: Sequence[Case], augment: bool = False, seed: int = 0) -> None:
+        self.cases = [c for c in cases if c.points_canon is not None]
+        self.augment, self.seed, self.epoch = augment, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        c = self.cases[i]
+        x = c.prep.small
+        if self.augment:
+            x = _augment(x, np.random.default_rng((self.seed, self.epoch, i)))
+        pts = c.prep.to_small(c.points_canon).astype(np.float32)
+        return {"input": torch.from_numpy(np.ascontiguousarray(x))[None],
+                "target": {"landmarks": torch.from_numpy(pts)}, "id": c.patient_id}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def unaugmented(self) -> "LandmarkDataset":
+        return LandmarkDataset(self.cases, augment=False, seed=self.seed)
+
+
+class JointDataset(Dataset):
+    """Per-joint samples: input {"x": (1, c, c), "joint": ()}; target {"erosion", "jsn"} (IGNORE = -1).
+
+    ``points``: canonical full-res points per case ((K, 2) arrays, e.g. predicted landmarks); None
+    uses the truth. ``jitter_mm``: random shift (SD, mm) of each crop centre, drawn anew per epoch
+    (training on imperfect points); crops of an epoch are computed at once, vectorised.
+    """
+
+    def __init__(self, cases: Sequence[Case], params: HandParams, points: Sequence[np.ndarray] | None = None,
+                 jitter_mm: float = 0.0, augment: bool = False, seed: int = 0) -> None:
+        self.cases, self.params, self.jitter, self.augment = list(cases), params, jitter_mm, augment
+        self.points = [c.points_canon if points is None else np.asarray(points[i]) for i, c in enumerate(self.cases)]
+        for c, p in zip(self.cases, self.points):
+            if p is None:
+                raise ValueError(f"case {c.patient_id} has no landmarks to crop at")
+        self.K = len(JOINT_NAMES)
+        self.seed, self.epoch = seed, 0
+        self._crops = self._make_crops()
+
+    def _make_crops(self) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, self.epoch, 7))
+        out = []
+        for c, p in zip(self.cases, self.points):
+            p = np.nan_to_num(np.asarray(p, np.float64), nan=-1e4)
+            if self.jitter > 0:
+                p = p + rng.normal(0, self.jitter, p.shape) / np.array(c.prep.rad.spacing_mm[::-1])
+            out.append(crops(c.prep, p, self.params))
+        return np.stack(out) if out else np.zeros((0, self.K, self.params.crop_px, self.params.crop_px), np.float32)
+
+    def __len__(self) -> int:
+        return len(self.cases) * self.K
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ci, j = divmod(i, self.K)
+        c = self.cases[ci]
+        x = self._crops[ci, j]
+        if self.augment:
+            x = _augment(x, np.random.default_rng((self.seed, self.epoch, i)))
+        return {"input": {"x": torch.from_numpy(np.ascontiguousarray(x))[None], "joint": torch.tensor(j)},
+                "target": {"erosion": torch.tensor(int(c.erosion[j])), "jsn": torch.tensor(int(c.jsn[j]))},
+                "id": f"{c.patient_id}:{JOINT_NAMES[j]}"}
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = epoch
+            if self.jitter > 0:
+                self._crops = self._make_crops()
+
+    def unaugmented(self) -> "JointDataset":
+        return JointDataset(self.cases, self.params, self.points, jitter_mm=0.0, augment=False, seed=self.seed)
+
+
+class HandDataset(Dataset):
+    """Whole-task samples for :class:`.model.HandSvdHNet`: input {"small", "hires", "hspacing"};
+    target {"total", "class", "landmarks" (K, 2) hires px, "erosion" (K,), "jsn" (K,)}."""
+
+    def __init__(self, cases: Sequence[Case]) -> None:
+        self.cases = list(cases)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        c = self.cases[i]
+        p = c.prep
+        pts = np.full((len(JOINT_NAMES), 2), np.nan) if c.points_canon is None else p.to_hires(c.points_canon)
+        return {"input": {"small": torch.from_numpy(p.small)[None], "hires": torch.from_numpy(p.hires)[None],
+                          "hspacing": torch.tensor(p.hspacing_mm, dtype=torch.float32)},
+                "target": {"total": torch.tensor(c.total, dtype=torch.float32),
+                           "class": torch.tensor(c.cls, dtype=torch.long),
+                           "landmarks": torch.as_tensor(pts, dtype=torch.float32),
+                           "erosion": torch.from_numpy(c.erosion), "jsn": torch.from_numpy(c.jsn)},
+                "id": c.patient_id}
