@@ -240,7 +240,8 @@ class Predictor:
         self.model, self.card = load_checkpoint(self.checkpoint, device=self.device)
         self.model.eval()
         self.model_id = str(self.card.get("model_id", "unknown"))
-        self.threshold = float(self.card["threshold"])
+        thr = self.card.get("threshold")  # null for tasks without a decision threshold (regression)
+        self.threshold = None if thr is None else float(thr)
 
     # -- inputs
     def inputs_of(self, study: Any) -> dict[str, Any]:
