@@ -1,4 +1,4 @@
-"""RheumAI: rheumatology imaging AI in 3D Slicer (cervical RA deformity prediction from sagittal T2 MRI).
+"""RheumAI: rheumatology imaging AI in 3D Slicer, for every task of the RheumAI task registry.
 
 Thin Slicer layer: the Qt widget and a Logic facade. All MRML work lives in ``rheumai_mrml``
 (tested with pytest on slicer-core) and all imaging / AI work in ``rheumai`` (Logic/rheumai), so
@@ -7,9 +7,13 @@ the console API below is the same code the tests run:
     import RheumAI
     logic = RheumAI.RheumAILogic()
     result = logic.predict(volumeNode, "/models/cervical_ra", createNodes=True)
+    result = logic.predictStudy("/models/negspa", {"t1": t1, "t2": t2, "stir": stir}, roi=roiNode,
+                                clinical={"crp": 12}, createNodes=True)
 
-Heavy jobs (dataset building, training, batch prediction, batch slice selection) run in a
-background PythonSlicer process (``Resources/Scripts/rheumai_worker.py``); the GUI stays live.
+The panels are built from the task declaration (inputs per role, box ROI, clinical variables):
+this file holds no task-specific code. All heavy work (prediction and saliency, batch
+prediction, dataset building, training) runs in a background PythonSlicer process
+(``Resources/Scripts/rheumai_worker.py``) with progress and Cancel; the GUI stays live.
 """
 
 from __future__ import annotations
@@ -42,8 +46,20 @@ for _p in (os.path.join(_MODULE_DIR, "Logic"), _MODULE_DIR):
 SALIENCY_METHODS = ["gradcam", "gradcampp", "occlusion", "gradxinput", "none"]
 # Packages Slicer already ships or PyTorchUtils manages: never reinstalled by this module.
 NEVER_REINSTALL = ["torch", "torchvision", "SimpleITK", "numpy", "vtk"]
+# Python packages this module loads from its own folder: Reload drops them so edits take effect.
+RELOADED_PACKAGES = ("rheumai", "rheumai_mrml")
 SAMPLE_URL = "https://raw.githubusercontent.com/RheumAI/SlicerRheumAI/main/Testing/Data/cervical_t2_sag/t2.nii.gz"
 SAMPLE_SHA256 = "0eb96b3322c5282c8cbc912286cbdd86028ca8aa6b1498cbe43f5cb2babcd380"
+# Path settings (str, "" when unset) -> their ctkPathLineEdit (bound by the widget, so an unset
+# path shows an empty field; parameterNodeWrapper's Path would show ".").
+PATH_FIELDS = {"dicomFolder": "dicomFolderLineEdit", "labelsCsv": "labelsCsvLineEdit",
+               "datasetOutDir": "datasetOutDirLineEdit", "trainConfig": "trainConfigLineEdit",
+               "trainManifest": "trainManifestLineEdit", "trainOutDir": "trainOutDirLineEdit",
+               "modelPath": "modelPathLineEdit", "batchInput": "batchInputLineEdit",
+               "batchOutDir": "batchOutDirLineEdit"}
+INPUT_REFERENCE = "RheumAIInput_"  # parameter node reference role of a task input: prefix + role
+ROI_REFERENCE = "RheumAIRoi"
+CLINICAL_PARAMETER = "RheumAIClinical_"  # parameter name of a clinical value: prefix + variable
 
 
 #
@@ -59,14 +75,15 @@ class RheumAI(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["RheumAI team"]
         self.parent.helpText = _("""
-Rheumatology imaging AI: predicts cervical spine deformity in rheumatoid arthritis from a sagittal
-T2 MRI (6 mid-sagittal slices, 1 mm, ResNet), shows Grad-CAM saliency over the study, builds
-training datasets from DICOM exports and trains models in a background process.
+Rheumatology imaging AI for every task of the RheumAI registry (cervical spine deformity in RA from
+sagittal T2 MRI; NegSpA-AI from sacroiliac T1/T2/STIR MRI, a box ROI and clinical values; ...):
+builds datasets from DICOM exports or Slicer's DICOM database, trains, predicts and explains in a
+background process, and puts every result (tables, saliency overlays, charts) in the scene.
 Research use only, not for clinical decisions.
 """)
         self.parent.acknowledgementText = _("""
-Method: Lebouille-Veldman et al. 2025 (cervical RA deformity prediction). Sample study: NeuroPoly
-Spinal Cord Toolbox testing data (MIT licence).
+Methods: Lebouille-Veldman et al. 2025 (cervical RA deformity prediction); Lu et al. 2024
+(NegSpA-AI). Sample study: NeuroPoly Spinal Cord Toolbox testing data (MIT licence).
 """)
         slicer.app.connect("startupCompleted()", registerSampleData)
 
@@ -90,18 +107,21 @@ def registerSampleData():
 
 @parameterNodeWrapper
 class RheumAIParameterNode:
+    # Task (inputs per role, ROI and clinical values: node references / parameters of the raw
+    # node, see INPUT_REFERENCE, ROI_REFERENCE, CLINICAL_PARAMETER)
+    task: str = ""
     # Dataset
-    dicomFolder: Path
+    dicomFolder: str = ""
     useDicomDatabase: bool = False
-    labelsCsv: Path
-    datasetOutDir: Path
+    labelsCsv: str = ""
+    datasetOutDir: str = ""
     minFollowupDays: Annotated[int, WithinRange(0, 10000)] = 1000
     trainFraction: Annotated[float, WithinRange(0.05, 1.0)] = 0.6
     datasetReport: str = ""
     # Training
-    trainConfig: Path
-    trainManifest: Path
-    trainOutDir: Path
+    trainConfig: str = ""
+    trainManifest: str = ""
+    trainOutDir: str = ""
     # Slice selection
     inputVolume: vtkMRMLScalarVolumeNode
     nSlices: Annotated[int, WithinRange(1, 64)] = 6
@@ -113,12 +133,12 @@ class RheumAIParameterNode:
     slicesVolume: vtkMRMLScalarVolumeNode
     slabRoi: vtkMRMLMarkupsROINode
     # Predict
-    modelPath: Path
+    modelPath: str = ""
     device: Annotated[str, Choice(["cpu", "cuda"])] = "cpu"
     resultText: str = ""
     resultTable: vtkMRMLTableNode
-    batchInput: Path
-    batchOutDir: Path
+    batchInput: str = ""
+    batchOutDir: str = ""
     # Saliency
     saliencyMethod: Annotated[str, Choice(SALIENCY_METHODS)] = "gradcam"
     targetLayer: str = ""
@@ -128,7 +148,7 @@ class RheumAIParameterNode:
 
 
 def _path(p: Any) -> str | None:
-    """A parameter path as text, None when unset (the wrapper's empty Path is '.')."""
+    """A path setting as text, None when unset."""
     s = str(p) if p is not None else ""
     return None if s in ("", ".") else s
 
@@ -149,6 +169,12 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._runningButton = None  # the Apply button currently acting as Cancel
         self._runningText = ""
+        self._tasks: dict[str, dict] = {}
+        self._taskForm = None  # the widget holding the selected task's input rows
+        self._inputSelectors: dict[str, Any] = {}
+        self._roiSelector = None
+        self._clinicalEditors: dict[str, Any] = {}
+        self._updatingGui = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -163,16 +189,25 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
+        self._tasks = {t["name"]: t for t in self.logic.listTasks()}
+        for name, task in self._tasks.items():
+            self.ui.taskComboBox.addItem(task["title"], name)
+        self.ui.taskComboBox.connect("currentIndexChanged(int)", self.onTaskChanged)
+
         self.ui.buildDatasetButton.connect("clicked(bool)", self.onBuildDataset)
         self.ui.trainButton.connect("clicked(bool)", self.onTrain)
         self.ui.selectSlicesButton.connect("clicked(bool)", self.onSelectSlices)
-        self.ui.predictButton.connect("clicked(bool)", self.onPredict)
+        self.ui.predictButton.connect("clicked(bool)", lambda: self.onPredict(self.ui.predictButton))
+        self.ui.computeSaliencyButton.connect("clicked(bool)", lambda: self.onPredict(self.ui.computeSaliencyButton))
         self.ui.predictBatchButton.connect("clicked(bool)", self.onPredictBatch)
-        self.ui.computeSaliencyButton.connect("clicked(bool)", self.onPredict)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
         self.ui.centerPointSelector.connect("currentNodeChanged(vtkMRMLNode*)",
                                             self.ui.centerPlaceWidget.setCurrentNode)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
+        self.ui.lowerThresholdSliderWidget.connect("valueChanged(double)", self.onLowerThresholdChanged)
+        for param, widgetName in PATH_FIELDS.items():
+            getattr(self.ui, widgetName).connect("currentPathChanged(QString)",
+                                                 lambda path, param=param: self._onPathEdited(param, path))
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -186,7 +221,16 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def onReload(self) -> None:
+        """Reload the module and the rheumai / rheumai_mrml packages it loads from its folder
+        (Slicer's reload re-reads only this file)."""
+        if self.logic is not None:
+            self.logic.cancel()
+        for name in [m for m in sys.modules if m.split(".")[0] in RELOADED_PACKAGES]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
@@ -197,31 +241,177 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
+        p = self._parameterNode
+        if not p.task or p.task not in self._tasks:
+            p.task = next(iter(self._tasks), "")
+        if not p.trainConfig:
+            p.trainConfig = str(self.logic.defaultTrainingConfig())
+        if not p.inputVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
-                self._parameterNode.inputVolume = first
+                p.inputVolume = first
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             # Widgets carry a "SlicerParameterName" dynamic property in the .ui file.
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-            self._updateButtons()
-            self.onModelChanged()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
+            self.onModelChanged(self._parameterNode.modelPath)
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if not p or self._updatingGui:
+            return
+        self._updatingGui = True
+        try:
+            for param, widgetName in PATH_FIELDS.items():
+                widget, text = getattr(self.ui, widgetName), _path(getattr(p, param)) or ""
+                if widget.currentPath != text:
+                    widget.currentPath = text
+            index = self.ui.taskComboBox.findData(p.task)
+            if index >= 0 and index != self.ui.taskComboBox.currentIndex:
+                self.ui.taskComboBox.currentIndex = index
+            if self._taskForm is None or self._taskForm.property("RheumAITask") != p.task:
+                self._buildTaskForm(p.task)
+            self._updateTaskForm()
+        finally:
+            self._updatingGui = False
+        self._updateButtons()
+
+    def _onPathEdited(self, param: str, path: str) -> None:
+        if self._parameterNode and not self._updatingGui and getattr(self._parameterNode, param) != path:
+            setattr(self._parameterNode, param, path)
+
+    # -------------------------------------------------------------- task panel (from the declaration)
+    def onTaskChanged(self, index: int) -> None:
+        name = self.ui.taskComboBox.itemData(index)
+        if self._parameterNode and not self._updatingGui and name and self._parameterNode.task != name:
+            self._parameterNode.task = name
+
+    def _buildTaskForm(self, taskName: str) -> None:
+        """One node selector per input role, a markups ROI selector, one row per clinical value."""
+        from rheumai_mrml.panel import task_fields
+
+        if self._taskForm is not None:
+            self._taskForm.setParent(None)
+            self._taskForm.deleteLater()
+        self._taskForm, self._inputSelectors, self._roiSelector, self._clinicalEditors = None, {}, None, {}
+        task = self._tasks.get(taskName)
+        if task is None:
+            return
+        form = qt.QWidget()
+        form.setProperty("RheumAITask", taskName)
+        layout = qt.QFormLayout(form)
+        layout.setContentsMargins(0, 0, 0, 0)
+        for field in task_fields(task):
+            if field.kind in ("volume", "roi"):
+                combo = slicer.qMRMLNodeComboBox()
+                combo.nodeTypes = [field.node_class]
+                combo.noneEnabled = True
+                combo.addEnabled = field.kind == "roi"
+                combo.renameEnabled = True
+                combo.removeEnabled = False
+                combo.selectNodeUponCreation = True
+                combo.setMRMLScene(slicer.mrmlScene)
+                combo.setToolTip(field.tooltip)
+                if field.kind == "roi":
+                    self._roiSelector = combo
+                    place = slicer.qSlicerMarkupsPlaceWidget()
+                    place.setMRMLScene(slicer.mrmlScene)
+                    place.setToolTip(_("Click to place the box in a slice view."))
+                    combo.connect("currentNodeChanged(vtkMRMLNode*)", place.setCurrentNode)
+                    combo.connect("currentNodeChanged(vtkMRMLNode*)", self._onTaskInputChanged)
+                    row = qt.QWidget()
+                    box = qt.QHBoxLayout(row)
+                    box.setContentsMargins(0, 0, 0, 0)
+                    box.addWidget(combo)
+                    box.addWidget(place)
+                    layout.addRow(field.label, row)
+                else:
+                    self._inputSelectors[field.key] = combo
+                    combo.connect("currentNodeChanged(vtkMRMLNode*)", self._onTaskInputChanged)
+                    layout.addRow(field.label, combo)
+            else:
+                if field.choices:
+                    editor = qt.QComboBox()
+                    editor.addItems(list(field.choices))
+                    editor.connect("currentIndexChanged(int)", self._onTaskInputChanged)
+                else:
+                    editor = qt.QLineEdit()
+                    editor.placeholderText = field.unit or _("number")
+                    editor.connect("editingFinished()", self._onTaskInputChanged)
+                editor.setToolTip(field.tooltip)
+                self._clinicalEditors[field.key] = editor
+                layout.addRow(field.label, editor)
+        self.ui.taskInputsFrame.layout().addWidget(form)
+        self._taskForm = form
+        # the slab panel belongs to tasks whose parameters are a slice selection
+        params = task.get("default_params") or {}
+        self.ui.sliceSelectionCollapsibleButton.visible = {"n_slices", "spacing_mm", "size"} <= set(params)
+
+    def _updateTaskForm(self) -> None:
+        """Parameter node -> task rows (node references, clinical text)."""
+        raw = self._parameterNode.parameterNode
+        for i, (role, combo) in enumerate(self._inputSelectors.items()):
+            node = self._parameterNode.inputVolume if i == 0 else raw.GetNodeReference(INPUT_REFERENCE + role)
+            if combo.currentNode() is not node:
+                combo.setCurrentNode(node)
+        if self._roiSelector is not None:
+            roi = raw.GetNodeReference(ROI_REFERENCE)
+            if self._roiSelector.currentNode() is not roi:
+                self._roiSelector.setCurrentNode(roi)
+        for name, editor in self._clinicalEditors.items():
+            text = raw.GetParameter(CLINICAL_PARAMETER + name) or ""
+            if isinstance(editor, qt.QComboBox):
+                editor.currentIndex = max(0, editor.findText(text))
+            elif editor.text != text:
+                editor.text = text
+
+    def _onTaskInputChanged(self, *args) -> None:
+        """Task rows -> parameter node (saved with the scene)."""
+        if self._updatingGui or not self._parameterNode:
+            return
+        raw = self._parameterNode.parameterNode
+        with slicer.util.NodeModify(raw):
+            for i, (role, combo) in enumerate(self._inputSelectors.items()):
+                node = combo.currentNode()
+                if i == 0:
+                    self._parameterNode.inputVolume = node
+                raw.SetNodeReferenceID(INPUT_REFERENCE + role, node.GetID() if node else None)
+            if self._roiSelector is not None:
+                roi = self._roiSelector.currentNode()
+                raw.SetNodeReferenceID(ROI_REFERENCE, roi.GetID() if roi else None)
+            for name, editor in self._clinicalEditors.items():
+                raw.SetParameter(CLINICAL_PARAMETER + name,
+                                 editor.currentText if isinstance(editor, qt.QComboBox) else editor.text)
+
+    def _taskInputs(self) -> tuple[dict, Any, dict]:
+        """(inputs {role: node}, ROI node or None, clinical values) of the selected task; the
+        clinical text is checked (InputError names the variable)."""
+        from rheumai_mrml.panel import clinical_values
+
+        inputs = {role: combo.currentNode() for role, combo in self._inputSelectors.items()}
+        form = {name: (e.currentText if isinstance(e, qt.QComboBox) else e.text)
+                for name, e in self._clinicalEditors.items()}
+        task = self._tasks[self._parameterNode.task]
+        roi = self._roiSelector.currentNode() if self._roiSelector is not None else None
+        return inputs, roi, clinical_values(task, form)
 
     def _updateButtons(self, caller=None, event=None) -> None:
         p = self._parameterNode
         if not p or self._runningButton is not None:
             return
-        hasVolume, hasModel = bool(p.inputVolume), bool(_path(p.modelPath))
-        self.ui.selectSlicesButton.enabled = hasVolume
-        self.ui.predictButton.enabled = hasVolume and hasModel
-        self.ui.computeSaliencyButton.enabled = hasVolume and hasModel and p.saliencyMethod != "none"
+        hasModel = bool(_path(p.modelPath))
+        hasInputs = bool(self._inputSelectors) and all(c.currentNode() for c in self._inputSelectors.values())
+        hasRoi = self._roiSelector is None or self._roiSelector.currentNode() is not None
+        self.ui.selectSlicesButton.enabled = bool(p.inputVolume)
+        self.ui.predictButton.enabled = hasInputs and hasRoi and hasModel
+        self.ui.computeSaliencyButton.enabled = hasInputs and hasRoi and hasModel and p.saliencyMethod != "none"
         self.ui.predictBatchButton.enabled = hasModel and bool(_path(p.batchInput)) and bool(_path(p.batchOutDir))
         hasDicom = bool(_path(p.dicomFolder)) or p.useDicomDatabase
         self.ui.buildDatasetButton.enabled = hasDicom and bool(_path(p.labelsCsv)) and bool(_path(p.datasetOutDir))
@@ -231,20 +421,21 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def addLog(self, text: str) -> None:
         self.ui.statusLabel.text = text.splitlines()[0][:120] if text else ""
         self.ui.logTextEdit.appendPlainText(text)
-        slicer.app.processEvents()
 
     def onProgress(self, fraction: float, message: str) -> None:
         self.ui.progressBar.value = int(round(100 * fraction))
         self.ui.progressBar.format = f"{message[:60]}  %p%"
 
     # -------------------------------------------------------------- Apply <-> Cancel
-    def _startBackground(self, button, job: Callable[..., Any], **kwargs) -> None:
+    def _startBackground(self, button, job: Callable[..., Any], usedPaths: tuple = (), **kwargs) -> None:
         """Run a background job: the button becomes Cancel until the process ends."""
         if self._runningButton is not None:
             if button is self._runningButton:
                 self.logic.cancel()
                 self._onBackgroundDone(None, None, cancelled=True)
             return
+        for widgetName in usedPaths:  # the path history of each field used
+            getattr(self.ui, widgetName).addCurrentPathToHistory()
         self._runningButton, self._runningText = button, button.text
         button.text = _("Cancel")
         for b in (self.ui.buildDatasetButton, self.ui.trainButton, self.ui.predictBatchButton,
@@ -271,43 +462,73 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addLog(_("Failed: {error}").format(error=error))
             return
         self.ui.progressBar.value = 100
-        self._showJobResult(result)
+        with slicer.util.tryWithErrorDisplay(_("Showing the result failed."), waitCursor=True):
+            self._showJobResult(result)
 
     def _showJobResult(self, result: Any) -> None:
-        if isinstance(result, dict) and "manifest" in result and "flow" in result:
-            flowText = Path(result["paths"].get("txt", "")).read_text() if result["paths"].get("txt") else ""
-            self._parameterNode.datasetReport = flowText or str(result["split_counts"])
-            self._parameterNode.trainManifest = Path(result["manifest"])
+        p = self._parameterNode
+        if not isinstance(result, dict):
+            return
+        ids = result.get("nodeIDs") or {}
+        if "manifest" in result and "flow" in result:
+            txt = result.get("paths", {}).get("txt")
+            p.datasetReport = Path(txt).read_text(encoding="utf-8") if txt and Path(txt).is_file() else ""
+            p.trainManifest = str(result["manifest"])
+            self._showTable(ids.get("dataset_flow"))
             self.addLog(_("Dataset: {n} patients included; manifest {m}").format(n=result["n_included"],
                                                                               m=result["manifest"]))
-        elif isinstance(result, dict) and "checkpoint" in result:
+        elif "checkpoint" in result:
             if result.get("checkpoint"):
-                self._parameterNode.modelPath = Path(result["checkpoint"])
+                p.modelPath = str(result["checkpoint"])
+            self._showChart(ids.get("training_roc_chart") or ids.get("training_loss_chart"))
             self.addLog(_("Training finished: {r}").format(r={k: result.get(k) for k in
                                                              ("checkpoint", "best_epoch", "best_val_auc", "threshold")}))
-        elif isinstance(result, dict) and "rows" in result:
+        elif "rows" in result:
             n_err = sum(1 for r in result["rows"] if r.get("error"))
+            self._showTable(ids.get("batch_predictions"))
             self.addLog(_("Batch finished: {n} studies, {e} failed; {f}").format(
                 n=len(result["rows"]), e=n_err, f=result.get("predictions_csv", "")))
+        elif "probability" in result and ids:
+            p.resultTable = slicer.mrmlScene.GetNodeByID(ids["table"])
+            if ids.get("slab"):
+                p.slabRoi = slicer.mrmlScene.GetNodeByID(ids["slab"])
+            p.saliencyVolume = slicer.mrmlScene.GetNodeByID(ids["saliency"]) if ids.get("saliency") else None
+            p.resultText = _("Probability {p:.3f}, class {c} (threshold {t:.3f}, model {m})").format(
+                p=result["probability"], c=result["label"], t=result["threshold"], m=result.get("model_id"))
+            self.addLog(p.resultText)
+            for warning in result.get("warnings", []):
+                self.addLog(_("Note: {w}").format(w=warning))
+
+    def _showTable(self, tableID: str | None) -> None:
+        if tableID:
+            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(tableID)
+            slicer.app.applicationLogic().PropagateTableSelection()
+
+    def _showChart(self, chartID: str | None) -> None:
+        if chartID:
+            slicer.modules.plots.logic().ShowChartInLayout(slicer.mrmlScene.GetNodeByID(chartID))
 
     # -------------------------------------------------------------- panels
     def onBuildDataset(self) -> None:
         if not self._ensureRequirements():
             return
         p = self._parameterNode
-        dicomFolder = self.logic.dicomDatabaseFolder() if p.useDicomDatabase else _path(p.dicomFolder)
-        self._startBackground(self.ui.buildDatasetButton, self.logic.buildDataset, dicomFolder=dicomFolder,
-                              labelsCsv=_path(p.labelsCsv), outDir=_path(p.datasetOutDir),
-                              rules={"min_followup_days": p.minFollowupDays},
-                              split={"train_fraction": p.trainFraction},
-                              params=self._sliceParams())
+        with slicer.util.tryWithErrorDisplay(_("Dataset building could not start."), waitCursor=True):
+            dicomFolder = self.logic.dicomDatabaseFolder(_path(p.datasetOutDir)) if p.useDicomDatabase \
+                else _path(p.dicomFolder)
+            self._startBackground(self.ui.buildDatasetButton, self.logic.buildDataset, dicomFolder=dicomFolder,
+                                  labelsCsv=_path(p.labelsCsv), outDir=_path(p.datasetOutDir),
+                                  rules={"min_followup_days": p.minFollowupDays},
+                                  split={"train_fraction": p.trainFraction}, params=self._sliceParams(),
+                                  usedPaths=("dicomFolderLineEdit", "labelsCsvLineEdit", "datasetOutDirLineEdit"))
 
     def onTrain(self) -> None:
         if not self._ensureRequirements():
             return
         p = self._parameterNode
         self._startBackground(self.ui.trainButton, self.logic.train, configPath=_path(p.trainConfig),
-                              manifestPath=_path(p.trainManifest), outDir=_path(p.trainOutDir))
+                              manifestPath=_path(p.trainManifest), outDir=_path(p.trainOutDir),
+                              usedPaths=("trainConfigLineEdit", "trainManifestLineEdit", "trainOutDirLineEdit"))
 
     def onPredictBatch(self) -> None:
         if not self._ensureRequirements():
@@ -315,7 +536,8 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         self._startBackground(self.ui.predictBatchButton, self.logic.predictBatch, pathsOrFolder=_path(p.batchInput),
                               modelPath=_path(p.modelPath), outDir=_path(p.batchOutDir),
-                              saliency=self._saliency(), device=p.device)
+                              saliency=self._saliency(), device=p.device,
+                              usedPaths=("modelPathLineEdit", "batchInputLineEdit", "batchOutDirLineEdit"))
 
     def onSelectSlices(self) -> None:
         if not self._ensureRequirements():
@@ -327,38 +549,46 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.slicesVolume, p.slabRoi = out["slicesNode"], out["roiNode"]
             self.addLog(_("Slab centre (RAS mm): {c}").format(c=[round(v, 1) for v in out["slab_center_ras"]]))
 
-    def onPredict(self) -> None:
+    def onPredict(self, button) -> None:
+        """Predict (and explain) the task's inputs in the background process."""
+        if self._runningButton is button:
+            self._startBackground(button, self.logic.predictStudy)  # acts as Cancel
+            return
         if not self._ensureRequirements():
             return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Prediction failed."), waitCursor=True):
-            # One study: fast enough to run in-process (a forward and a backward pass).
-            res = self.logic.predict(p.inputVolume, _path(p.modelPath), createNodes=True,
-                                     saliency=self._saliency(), targetLayer=p.targetLayer or None,
-                                     device=p.device, opacity=p.opacity, lowerThreshold=p.lowerThreshold)
-            ids = res["nodeIDs"]
-            p.resultTable = slicer.mrmlScene.GetNodeByID(ids["table"])
-            p.slabRoi = slicer.mrmlScene.GetNodeByID(ids["slab"])
-            if "saliency" in ids:
-                p.saliencyVolume = slicer.mrmlScene.GetNodeByID(ids["saliency"])
-            p.resultText = _("Probability {p:.3f}, class {c} (threshold {t:.3f}, model {m})").format(
-                p=res["probability"], c=res["label"], t=res["threshold"], m=res["model_id"])
-            self.addLog(p.resultText)
+        with slicer.util.tryWithErrorDisplay(_("Prediction could not start."), waitCursor=True):
+            inputs, roi, clinical = self._taskInputs()
+            self._startBackground(button, self.logic.predictStudy, modelPath=_path(p.modelPath), inputs=inputs,
+                                  roi=roi, clinical=clinical, createNodes=True, saliency=self._saliency(),
+                                  targetLayer=p.targetLayer or None, device=p.device, opacity=p.opacity,
+                                  lowerThreshold=p.lowerThreshold, centerRAS=self._centerRAS(),
+                                  usedPaths=("modelPathLineEdit",))
 
-    def onModelChanged(self, *args) -> None:
-        path = _path(self._parameterNode.modelPath) if self._parameterNode else None
+    def onModelChanged(self, path: Any = "") -> None:
+        """The model card of the path the signal carries (the parameter node may not be updated yet);
+        the task selector follows the card's task."""
+        path = _path(path)
         if not path:
             self.ui.modelCardTextEdit.plainText = ""
             return
         try:
             self.ui.modelCardTextEdit.plainText = self.logic.modelCardText(path)
+            task = self.logic.console.taskOfModel(path)["name"]
+            if self._parameterNode and task in self._tasks and self._parameterNode.task != task:
+                self._parameterNode.task = task
         except Exception as exc:  # shown, not raised: the user is still choosing
             self.ui.modelCardTextEdit.plainText = str(exc)
 
     def onOpacityChanged(self, value: float) -> None:
         p = self._parameterNode
-        if p and p.inputVolume and p.saliencyVolume:
-            self.logic.setSaliencyOpacity(p.inputVolume, value)
+        if p and p.inputVolume:
+            self.logic.console.updateSaliencyDisplay(p.inputVolume, opacity=value)
+
+    def onLowerThresholdChanged(self, value: float) -> None:
+        p = self._parameterNode
+        if p and p.inputVolume:
+            self.logic.console.updateSaliencyDisplay(p.inputVolume, lowerThreshold=value)
 
     # -------------------------------------------------------------- helpers
     def _ensureRequirements(self) -> bool:
@@ -392,9 +622,12 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class RheumAILogic(ScriptedLoadableModuleLogic):
-    """Console API. In-process: selectSlices, predict (returns plain dicts; nodes only if asked).
-    Background process (waitForCompletion=True blocks, as scripts want): buildDataset, train,
-    predictBatch. The MRML work is ``rheumai_mrml.logic.RheumAIConsoleLogic`` (pytest-covered)."""
+    """Console API. In-process: selectSlices, predict / predictStudy (plain dicts; nodes only if
+    asked). Background process (waitForCompletion=True blocks, as scripts want; False returns at
+    once and calls completedCallback(result, error) in the GUI thread): predictStudy,
+    buildDataset, train, predictBatch, selectSlicesBatch. Results of background jobs are put in
+    the scene as nodes. The MRML work is ``rheumai_mrml.logic.RheumAIConsoleLogic`` (pytest-covered).
+    """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -456,12 +689,23 @@ class RheumAILogic(ScriptedLoadableModuleLogic):
     def resourcePath(self, name: str) -> str:
         return os.path.join(_MODULE_DIR, "Resources", name)
 
-    def dicomDatabaseFolder(self) -> str:
-        """The files folder of Slicer's DICOM database (indexed like any DICOM export)."""
-        db = slicer.dicomDatabase
-        if not db or not db.isOpen:
-            raise RuntimeError("Slicer's DICOM database is not open (open the DICOM module first).")
-        return os.path.join(db.databaseDirectory, "dicom")
+    def defaultTrainingConfig(self) -> Path:
+        """The training configuration shipped with the module (Resources/Configs, see CMakeLists)."""
+        from rheumai_mrml.resources import default_config
+
+        return default_config(_MODULE_DIR)
+
+    def dicomDatabaseFolder(self, outDir) -> str:
+        """A folder of links to every file of Slicer's DICOM database, asked series by series
+        through the database API (files imported by link live outside ``<database>/dicom``)."""
+        from rheumai_mrml.dicom_db import database_of, link_database_files
+
+        if not outDir:
+            raise RuntimeError("Choose the dataset output folder first (the links are made there).")
+        linked = link_database_files(database_of(slicer), outDir)
+        self.log(f"Slicer DICOM database: {linked.n_files} files of {linked.n_series} series ({linked.how}s)"
+                 + (f"; {len(linked.missing)} listed files are missing" if linked.missing else ""))
+        return str(linked.folder)
 
     # -------------------------------------------------------------- in-process
     def selectSlices(self, volumeNode, params=None, createNodes: bool = True, centerRAS=None, **overrides) -> dict:
@@ -470,16 +714,17 @@ class RheumAILogic(ScriptedLoadableModuleLogic):
 
     def predict(self, volumeNodeOrPath, modelPath, createNodes: bool = False, saliency: str | None = "gradcam",
                 targetLayer: str | None = None, device: str = "cpu", tta: int = 0, opacity: float = 0.5,
-                lowerThreshold: float | None = 0.05) -> dict:
+                lowerThreshold: float | None = 0.05, centerRAS=None) -> dict:
+        """One study of a single-input task, in this process (scripts; the panel uses predictStudy)."""
         return self.console.predict(volumeNodeOrPath, modelPath, createNodes=createNodes, saliency=saliency,
                                     targetLayer=targetLayer, device=device, tta=tta, opacity=opacity,
-                                    lowerThreshold=lowerThreshold)
+                                    lowerThreshold=lowerThreshold, centerRAS=centerRAS)
 
     def setSaliencyOpacity(self, inputNode, opacity: float) -> None:
         self.console.setSaliencyOpacity(inputNode, opacity)
 
     def listTasks(self) -> list:
-        """Registered tasks (rheumai.tasks registry), e.g. to fill a task selector."""
+        """Registered tasks (rheumai.tasks registry) as declarations, e.g. to fill a task selector."""
         return self.console.listTasks()
 
     def modelCardText(self, modelPath) -> str:
@@ -494,28 +739,54 @@ class RheumAILogic(ScriptedLoadableModuleLogic):
         return head + "\n" + model_card_text(self.console.modelCard(modelPath))
 
     # -------------------------------------------------------------- background process
+    def predictStudy(self, modelPath, inputs, roi=None, clinical=None, createNodes: bool = True,
+                     saliency: str | None = "gradcam", targetLayer: str | None = None, device: str = "cpu",
+                     tta: int = 0, opacity: float = 0.5, lowerThreshold: float | None = 0.05, centerRAS=None,
+                     waitForCompletion: bool = True, progressCallback=None, completedCallback=None):
+        """Predict one study of any task (inputs {role: volume node}, roi: markups ROI node or
+        box dict, clinical {variable: value}) in the worker process; the result dict, with nodes
+        created under the inputs (see ``RheumAIConsoleLogic.predictStudy``)."""
+        job = self.console.startPredictStudy(modelPath, inputs, roi=roi, clinical=clinical, saliency=saliency,
+                                             targetLayer=targetLayer, device=device, tta=tta, centerRAS=centerRAS,
+                                             env=slicer.util.startupEnvironment())
+        self.log(f"Started prediction in a background process: {' '.join(job.worker.command)}")
+        finish = lambda: self.console.finishPredictStudy(job, createNodes=createNodes, opacity=opacity,  # noqa: E731
+                                                         lowerThreshold=lowerThreshold)
+        return self._follow(job.worker, waitForCompletion, progressCallback, completedCallback, finish, job.close)
+
     def buildDataset(self, dicomFolder, labelsCsv, outDir, waitForCompletion: bool = True,
                      progressCallback=None, completedCallback=None, **options):
-        """Index + labels + cohort + split + cache + manifest + inclusion flow, in a worker process."""
+        """Index + labels + cohort + split + cache + manifest + inclusion flow, in a worker process;
+        the flow, excluded patients and split become table nodes."""
         args = {"dicom_folder": str(dicomFolder), "labels_csv": str(labelsCsv), "out_dir": str(outDir), **options}
-        return self._run("build_dataset", args, waitForCompletion, progressCallback, completedCallback)
+        return self._run("build_dataset", args, waitForCompletion, progressCallback, completedCallback,
+                         lambda r: dict(r, nodeIDs=self.console.showDatasetResult(r)))
 
     def train(self, configPath, manifestPath, outDir, waitForCompletion: bool = True, resume: bool = False,
               progressCallback=None, completedCallback=None):
-        """Train from a TOML config and a manifest in a worker process; returns the TrainResult dict."""
+        """Train from a TOML config and a manifest in a worker process; returns the TrainResult dict
+        (history and validation ROC also as tables and plot charts)."""
         args = {"config": str(configPath), "manifest": str(manifestPath) if manifestPath else None,
                 "out_dir": str(outDir) if outDir else None, "resume": resume}
-        return self._run("train", args, waitForCompletion, progressCallback, completedCallback)
+        return self._run("train", args, waitForCompletion, progressCallback, completedCallback,
+                         lambda r: dict(r, nodeIDs=self.console.showTrainingResult(r)))
 
     def predictBatch(self, pathsOrFolder, modelPath, outDir, waitForCompletion: bool = True,
                      progressCallback=None, completedCallback=None, saliency: str | None = "gradcam",
                      device: str = "cpu", tta: int = 0):
-        """Predict many studies in a worker process; returns the rows (also in outDir/predictions.csv)."""
+        """Predict many studies in a worker process: a folder / list of studies (single-input
+        tasks) or a study table CSV (any task). Returns the rows (also outDir/predictions.csv and
+        a table node)."""
         from rheumai_mrml.logic import find_studies
 
-        args = {"studies": find_studies(pathsOrFolder), "checkpoint": str(modelPath), "out_dir": str(outDir),
-                "saliency": saliency, "device": device, "tta": tta}
-        out = self._run("predict_batch", args, waitForCompletion, progressCallback, completedCallback)
+        args = {"checkpoint": str(modelPath), "out_dir": str(outDir), "saliency": saliency, "device": device,
+                "tta": tta}
+        if isinstance(pathsOrFolder, (str, Path)) and str(pathsOrFolder).lower().endswith(".csv"):
+            args["table"] = str(pathsOrFolder)
+        else:
+            args["studies"] = find_studies(pathsOrFolder)
+        out = self._run("predict_batch", args, waitForCompletion, progressCallback, completedCallback,
+                        lambda r: dict(r, nodeIDs=self.console.showBatchResult(r["rows"])))
         return out["rows"] if waitForCompletion else out
 
     def selectSlicesBatch(self, pathsOrFolder, outDir, params=None, workers: int = 1,
@@ -533,15 +804,27 @@ class RheumAILogic(ScriptedLoadableModuleLogic):
             self.worker.cancel()
             if self._timer is not None:
                 self._timer.stop()
+            self.worker.close()
             self.worker = None
 
-    def _run(self, job, args, waitForCompletion, progressCallback, completedCallback):
-        from rheumai_mrml.process import WorkerEvent, WorkerProcess
+    def _run(self, job, args, waitForCompletion, progressCallback, completedCallback, finish=None):
+        from rheumai_mrml.process import WorkerProcess
+
+        worker = WorkerProcess(job, args, env=slicer.util.startupEnvironment())
+        self.log(f"Starting background job {job}: {' '.join(worker.command)}")
+        worker.start()
+        return self._follow(worker, waitForCompletion, progressCallback, completedCallback,
+                            (lambda: finish(worker.outcome())) if finish else worker.outcome, worker.close)
+
+    def _follow(self, worker, waitForCompletion, progressCallback, completedCallback, finish, close):
+        """Stream a started worker's log and progress; ``finish()`` turns its outcome into the
+        result (nodes are made there, in this thread); ``close()`` removes its temporary folder."""
+        from rheumai_mrml.process import WorkerEvent
 
         if self.worker is not None and not self.worker.finished:
+            close()
             raise RuntimeError("a RheumAI background job is already running")
-        self.worker = WorkerProcess(job, args, env=slicer.util.startupEnvironment())
-        self.log(f"Starting background job {job}: {' '.join(self.worker.command)}")
+        self.worker = worker
 
         def onOutput(item):
             if isinstance(item, WorkerEvent):
@@ -554,11 +837,11 @@ class RheumAILogic(ScriptedLoadableModuleLogic):
 
         if waitForCompletion:
             try:
-                return self.worker.start().wait(on_output=onOutput)
+                worker.wait(on_output=onOutput)
+                return finish()
             finally:
+                close()
                 self.worker = None
-
-        worker = self.worker.start()
 
         def poll():
             for item in worker.poll():
@@ -567,11 +850,16 @@ class RheumAILogic(ScriptedLoadableModuleLogic):
                 self._timer.stop()
                 if self.worker is worker:
                     self.worker = None
-                if completedCallback and not worker.cancelled:
-                    try:
-                        completedCallback(worker.outcome(), None)
-                    except Exception as exc:
-                        completedCallback(None, str(exc))
+                try:
+                    if not worker.cancelled and completedCallback:
+                        try:
+                            result = finish()
+                        except Exception as exc:
+                            completedCallback(None, str(exc))
+                        else:
+                            completedCallback(result, None)
+                finally:
+                    close()
 
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
@@ -598,6 +886,8 @@ class RheumAITest(ScriptedLoadableModuleTest):
         self.test_RheumAI_PredictAndSaliency()
         self.setUp()
         self.test_RheumAI_BackgroundSelection()
+        self.setUp()
+        self.test_RheumAI_BackgroundPredictAndPanel()
 
     def _sampleStudy(self):
         local = Path(_MODULE_DIR).parent / "Testing" / "Data" / "cervical_t2_sag" / "t2.nii.gz"
@@ -671,3 +961,32 @@ class RheumAITest(ScriptedLoadableModuleTest):
         result = logic.selectSlicesBatch([path], out, {"size": [64, 64]}, waitForCompletion=True)
         self.assertEqual(result["n_ok"], 1)
         self.delayDisplay("Background test passed")
+
+    def test_RheumAI_BackgroundPredictAndPanel(self):
+        """Predict in the worker process; the panel's task rows, model card and sliders."""
+        import tempfile
+
+        volume, _sourcePath = self._sampleStudy()
+        logic = RheumAILogic()
+        model = self._tinyModel(Path(tempfile.mkdtemp(prefix="rheumai-test-")))
+        inproc = logic.predict(volume, model, saliency=None)
+        res = logic.predictStudy(model, {"t2_sag": volume}, createNodes=True, saliency="gradcam",
+                                 waitForCompletion=True)
+        self.assertAlmostEqual(res["probability"], inproc["probability"], places=4)
+        self.assertIsNotNone(slicer.mrmlScene.GetNodeByID(res["nodeIDs"]["saliency"]))
+
+        self.delayDisplay("Panel: task rows, model card from the chosen path, sliders")
+        widget = slicer.modules.rheumai.widgetRepresentation().self()
+        widget.ui.modelPathLineEdit.currentPath = str(model)
+        self.assertIn("Task:", widget.ui.modelCardTextEdit.plainText)
+        self.assertEqual(widget._parameterNode.task, "cervical_ra")
+        self.assertEqual(list(widget._inputSelectors), ["t2_sag"])
+        widget._parameterNode.inputVolume = volume
+        widget.ui.opacitySliderWidget.value = 0.3  # no exception, with or without saliency
+        widget.ui.lowerThresholdSliderWidget.value = 0.2
+        plain = slicer.modules.volumes.logic().CloneVolume(slicer.mrmlScene, volume, "no saliency")
+        widget._parameterNode.inputVolume = plain
+        widget.ui.opacitySliderWidget.value = 0.6
+        self.assertEqual(widget.ui.dicomFolderLineEdit.currentPath, "")
+        self.delayDisplay("Background predict and panel test passed")
+

@@ -20,29 +20,81 @@ MODULE_PY = MODULE / "RheumAI.py"
 UI = MODULE / "Resources" / "UI" / "RheumAI.ui"
 
 
-def _cmake_list(text: str, var: str) -> list[str]:
-    m = re.search(rf"set\({var}\s+(.*?)\)", text, re.S)
-    assert m, f"{var} not set"
-    return [t.replace("${MODULE_NAME}", "RheumAI") for t in m.group(1).split() if not t.startswith("#")]
+def _cmake_globs(text: str, work: Path) -> dict[str, list[str]]:
+    """Run the module CMakeLists' file(GLOB...) commands with the real CMake (script mode) and
+    return each variable's files, relative to the module folder."""
+    import shutil
+    import subprocess
+
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake not installed")
+    globs = re.findall(r"(file\(GLOB(?:_RECURSE)? (\w+) .*?\))", text, re.S)
+    assert globs
+    script = [f"set(CMAKE_CURRENT_SOURCE_DIR {MODULE.as_posix()})"]
+    script += re.findall(r"^set\(MODULE_\w+_DIR .*?\)$", text, re.M)  # folders the globs use
+    for cmd, _var in globs:
+        script.append(cmd.replace(" CONFIGURE_DEPENDS", ""))  # not allowed in script mode
+    script += [f'message("{var}=${{{var}}}")' for _cmd, var in globs]
+    (work / "globs.cmake").write_text("\n".join(script))
+    out = subprocess.run([cmake, "-P", str(work / "globs.cmake")], capture_output=True, text=True, check=True)
+    found = dict(line.split("=", 1) for line in out.stderr.splitlines() if "=" in line)
+    return {var: [f for f in found.get(var, "").split(";") if f] for _cmd, var in globs}
 
 
-def test_cmake_lists_every_python_file_and_resource():
+def test_cmake_installs_every_python_file_and_resource(tmp_path):
     text = (MODULE / "CMakeLists.txt").read_text()
-    scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
-    resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    found = _cmake_globs(text, tmp_path)
+    scripts = ["RheumAI.py"] + found["MODULE_PACKAGE_SCRIPTS"]
+    assert "${MODULE_NAME}.py\n  ${MODULE_PACKAGE_SCRIPTS}" in text
     on_disk = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py")
                if "__pycache__" not in p.parts and p.relative_to(MODULE).parts[0] != "Resources"}
-    missing, extra = sorted(on_disk - set(scripts)), sorted(set(scripts) - on_disk)
-    assert not missing and not extra, (
-        "RheumAI/CMakeLists.txt MODULE_PYTHON_SCRIPTS out of date.\n  add:\n"
-        + "".join(f"  {p}\n" for p in missing) + "  remove:\n" + "".join(f"  {p}\n" for p in extra))
-    assert len(scripts) == len(set(scripts))
+    assert set(scripts) == on_disk and len(scripts) == len(set(scripts))
     res_disk = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*")
-                if p.is_file() and "__pycache__" not in p.parts}
-    assert set(resources) == res_disk, f"MODULE_PYTHON_RESOURCES: add {sorted(res_disk - set(resources))}, " \
-                                       f"remove {sorted(set(resources) - res_disk)}"
+                if p.is_file() and "__pycache__" not in p.parts and p.relative_to(MODULE).parts[1] != "Screenshots"}
+    assert set(found["MODULE_PYTHON_RESOURCES"]) == res_disk
     assert "slicerMacroBuildScriptedModule(" in text and "WITH_GENERIC_TESTS" in text
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    # training configurations: configs/*.toml -> Resources/Configs in the build tree and the install
+    configs = sorted(found["MODULE_CONFIGS"])
+    assert configs == sorted(p.name for p in (ROOT / "configs").glob("*.toml")) and configs
+    assert "${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/Resources/Configs/${config} COPYONLY" in text
+    assert "DESTINATION ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/Resources/Configs" in text
+
+
+def test_training_configs_are_read_from_the_module_resources(tmp_path):
+    import shutil
+
+    from rheumai_mrml.resources import configs_dir, default_config, list_configs
+
+    # source tree: the repository's configs/
+    assert configs_dir(MODULE) == ROOT / "configs"
+    assert set(list_configs(MODULE)) == {p.stem for p in (ROOT / "configs").glob("*.toml")}
+    # installed extension (what the CMake lines above lay out): no configs/ beside the module
+    installed = tmp_path / "lib" / "Slicer-5.12" / "qt-scripted-modules"
+    (installed / "Resources" / "Configs").mkdir(parents=True)
+    for p in (ROOT / "configs").glob("*.toml"):
+        shutil.copy(p, installed / "Resources" / "Configs" / p.name)
+    assert configs_dir(installed) == installed / "Resources" / "Configs"
+    assert default_config(installed) == installed / "Resources" / "Configs" / "small_cpu.toml"
+    from rheumai.config import load_config
+
+    for path in list_configs(installed).values():
+        load_config(path)  # each shipped configuration parses
+    with pytest.raises(FileNotFoundError, match="no training configurations"):
+        configs_dir(tmp_path / "empty" / "module")
+
+
+def test_license_and_screenshot_for_the_extensions_index():
+    license_text = (ROOT / "LICENSE").read_text()
+    assert license_text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "Apache-2.0" in (ROOT / "pyproject.toml").read_text()
+    meta = dict(re.findall(r'set\((EXTENSION_[A-Z]+)\s+"([^"]*)"\)', (ROOT / "CMakeLists.txt").read_text()))
+    prefix = "https://raw.githubusercontent.com/RheumAI/SlicerRheumAI/main/"
+    for url in meta["EXTENSION_SCREENSHOTURLS"].split() + [meta["EXTENSION_ICONURL"]]:
+        assert url.startswith(prefix), url
+        png = (ROOT / url[len(prefix):]).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n", url
 
 
 def test_extension_metadata_is_complete():
@@ -145,11 +197,19 @@ def test_ui_parameter_names_match_the_parameter_node():
         else:
             kind = re.sub(r"Annotated\[(\w+),.*", r"\1", ann)
         assert cls in ACCEPTS[kind], f"{param} ({ann}) cannot be shown by a {cls}"
-    # every parameter the user sets has a widget; the rest are result nodes kept for scene reload
+    # every parameter the user sets has a widget; the rest are result nodes kept for scene reload,
+    # the task (its combo box is filled from the registry) and the path fields, bound by the widget
+    # so that an unset path shows an empty field (parameterNodeWrapper's Path shows ".")
+    tree = _module_ast()
+    (path_fields,) = [ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                      and ast.unparse(n.targets[0]) == "PATH_FIELDS"]
+    for param, widget in path_fields.items():
+        assert fields[param] == "str" and widgets[widget].get("class") == "ctkPathLineEdit", param
+        assert any(p.get("name") == "settingKey" for p in widgets[widget].findall("property")), widget  # history
     unconnected = set(fields) - set(connected)
-    assert unconnected == {"slicesVolume", "slabRoi", "resultTable", "saliencyVolume"}, unconnected
-    for panel in ("datasetCollapsibleButton", "sliceSelectionCollapsibleButton", "predictCollapsibleButton",
-                  "saliencyCollapsibleButton"):
+    assert unconnected == {"slicesVolume", "slabRoi", "resultTable", "saliencyVolume", "task"} | set(path_fields)
+    for panel in ("datasetCollapsibleButton", "taskCollapsibleButton", "sliceSelectionCollapsibleButton",
+                  "predictCollapsibleButton", "saliencyCollapsibleButton"):
         assert widgets[panel].get("class") == "ctkCollapsibleButton"
 
 
@@ -215,8 +275,14 @@ def test_widget_calls_the_slicer_logic_with_valid_arguments():
         assert args.kwarg is not None or keywords <= names, f"{method}: unknown keywords {keywords - names}"
     # background jobs: the widget passes them as callables to _startBackground
     refs = set(re.findall(r"self\.logic\.(\w+)", MODULE_PY.read_text()))
-    assert {"buildDataset", "train", "predictBatch", "cancel"} <= refs <= set(methods) | {"logCallback"}
-    for name in ("buildDataset", "train", "predictBatch", "selectSlicesBatch"):
+    assert {"buildDataset", "train", "predictBatch", "predictStudy", "cancel"} <= refs <= \
+        set(methods) | {"logCallback", "console"}
+    from rheumai_mrml.logic import RheumAIConsoleLogic
+
+    for method, keywords in _calls_on(_class(tree, "RheumAIWidget"), "self.logic.console"):
+        params = inspect.signature(getattr(RheumAIConsoleLogic, method)).parameters
+        assert keywords <= set(params), f"console.{method}: unknown keywords {keywords - set(params)}"
+    for name in ("buildDataset", "train", "predictBatch", "selectSlicesBatch", "predictStudy"):
         names = {a.arg for a in methods[name].args.args}
         assert {"waitForCompletion", "progressCallback", "completedCallback"} <= names
 
@@ -229,7 +295,8 @@ def test_worker_jobs_match_the_protocol():
     jobs = [k.value for k in table.keys]
     assert sorted(jobs) == sorted(JOBS)
     logic_jobs = set(re.findall(r'self\._run\("(\w+)"', MODULE_PY.read_text()))
-    assert logic_jobs == set(JOBS)
+    assert logic_jobs == set(JOBS) - {"predict"}  # predict: PredictJob, through the console logic
+    assert "self.console.startPredictStudy(" in MODULE_PY.read_text()
 
 
 def test_readme_console_example_matches_the_logic():
