@@ -106,15 +106,24 @@ def compute_entry(job: CacheJob, params: SliceParams) -> str | None:
     The series' files are linked into a private folder first, because ``read_study`` reads every
     DICOM file under the folder it is given and hospital exports mix series in one folder.
     """
-    from ..io import read_study
+    from ..io import is_image_file, read_study
     from ..slices import select_slices
 
+    if len(job.files) == 1 and is_image_file(job.files[0]):  # an image file (image-table cohorts)
+        try:
+            study = read_study(job.files[0], require_modality=None)
+            select_slices(study, params).save(job.stem)
+        except RheumAIError as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the others; reported per patient
+            return f"{type(exc).__name__}: {exc}"
+        return None
     # Inside the cache folder (a build's staging folder): a killed run's leftovers go with it.
     with tempfile.TemporaryDirectory(prefix=".rheumai-series-", dir=Path(job.stem).parent) as tmp:
         try:
             for i, f in enumerate(job.files):
                 os.symlink(os.path.abspath(f), os.path.join(tmp, f"{i:06d}.dcm"))
-            study = read_study(tmp, series_uid=job.series_uid)
+            study = read_study(tmp, series_uid=job.series_uid or None)
             study.path = job.folder
             select_slices(study, params).save(job.stem)
         except RheumAIError as exc:

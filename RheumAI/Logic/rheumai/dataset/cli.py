@@ -38,8 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pd_.set_defaults(func=_make_demo)
 
     pb = sub.add_parser("build", help="labels -> cohort -> flow report -> split -> cache -> manifest")
-    pb.add_argument("--index", type=Path, required=True, help="index from `rheumai dataset index`")
-    pb.add_argument("--labels", type=Path, required=True, help="label sheet CSV (see rheumai.dataset.labels)")
+    pb.add_argument("--index", type=Path, help="index from `rheumai dataset index` (with --labels)")
+    pb.add_argument("--labels", type=Path, help="label sheet CSV (see rheumai.dataset.labels)")
+    pb.add_argument("--images", type=Path, metavar="TABLE",
+                    help="instead of --index/--labels: a CSV of patient_id, image (NIfTI / NRRD / MHA or DICOM "
+                         "folder), outcome or label [, site, followup_days, clinical columns] (rheumai.dataset.images)")
     pb.add_argument("--out", type=Path, required=True, help="output folder")
     g = pb.add_argument_group("cohort rules")
     g.add_argument("--min-followup-days", type=int, default=1000)
@@ -108,9 +111,17 @@ def _build(args: argparse.Namespace) -> int:
     from ..slices import SliceParams
     from .build import build_dataset
     from .cohort import CohortRules
+    from .images import ImageRules, build_image_dataset
     from .split import SplitConfig
 
+    dicom = args.images is None and args.index is not None and args.labels is not None
+    table = args.images is not None and args.index is None and args.labels is None
+    if not (dicom or table):
+        print("rheumai dataset build: error: give either --images TABLE, or both --index and --labels", file=sys.stderr)
+        return 2
     try:
+        image_rules = ImageRules(min_followup_days=args.min_followup_days, intermediate=args.intermediate,
+                                 exclude_baseline_deformity=not args.keep_baseline_deformity)
         rules = CohortRules(min_followup_days=args.min_followup_days, intermediate=args.intermediate,
                             exclude_baseline_deformity=not args.keep_baseline_deformity, min_slices=args.min_slices,
                             baseline_date_tolerance_days=args.date_tolerance_days,
@@ -122,8 +133,12 @@ def _build(args: argparse.Namespace) -> int:
         print(f"rheumai dataset build: error: {exc}", file=sys.stderr)
         return 2
     with _sigterm_as_exit():
-        res = build_dataset(args.index, args.labels, args.out, rules, split, params, workers=args.workers,
-                            compute_cache=not args.flow_only)
+        if args.images is not None:
+            res = build_image_dataset(args.images, args.out, image_rules, split, params, workers=args.workers,
+                                      compute_cache=not args.flow_only)
+        else:
+            res = build_dataset(args.index, args.labels, args.out, rules, split, params, workers=args.workers,
+                                compute_cache=not args.flow_only)
     print(res.paths["txt"].read_text(), end="")
     if res.cache is not None:
         print(f"\ncache: {len(res.cache.computed)} computed, {len(res.cache.reused)} reused, {len(res.cache.failed)} failed")

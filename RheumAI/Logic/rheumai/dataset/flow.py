@@ -35,6 +35,8 @@ def flow_dict(cohort: CohortResult, split: dict[str, tuple[str, int]] | None = N
         "included": cohort.steps[-1].remaining if cohort.steps else cohort.n_start,
         "not_in_label_sheet": cohort.not_in_sheet,
     }
+    if hasattr(cohort.rules, "rule_lines"):  # rules of an image table (no DICOM series rules)
+        d["rule_lines"] = cohort.rules.rule_lines()
     if split is not None and labels is not None:
         table: dict[str, dict[str, int]] = {}
         for p, (name, _fold) in split.items():
@@ -66,12 +68,12 @@ def flow_text(flow: dict[str, Any], header: str = "", split_desc: str = "") -> s
     tail = f"   (positive {pos}, negative {neg})" if sp else ""
     out.append(f"     {'Included':<{w}}{flow['included']:>10}{'':>10}{tail}")
     r = flow["rules"]
-    out += ["", "Rules",
+    out += ["", "Rules"] + (flow.get("rule_lines") or [
             f"  baseline study: MR study on the baseline date (± {r['baseline_date_tolerance_days']} days) or the named StudyInstanceUID",
             f"  baseline series: {flow['series_rule']}",
             f"  follow-up: >= {r['min_followup_days']} days after the baseline study date",
             f"  deformity at baseline: {'excluded' if r['exclude_baseline_deformity'] else 'kept'}",
-            f"  intermediate outcome: {r['intermediate']}"]
+            f"  intermediate outcome: {r['intermediate']}"])
     if sp:
         out += ["", f"Split: {split_desc}" if split_desc else "Split",
                 f"  {'split':<8}{'patients':>10}{'positive':>10}{'negative':>10}"]
