@@ -49,18 +49,28 @@ from . import write as W
 class RoleMap:
     """Saliency of one input role.
 
-    grid: float32 map on the task's sampling grid, in [0, 1]; volume: the map in the role's source
-    geometry (LPS); images / overlay: (K, H, W) input slices and the map on them for the montage;
-    input_map: the map on the network input (for the sanity checks), when the task gives it.
+    grid: float32 map on the task's sampling grid, in [0, 1]; images / overlay: (K, H, W) input
+    slices and the map on them for the montage; input_map: the map on the network input (for the
+    sanity checks), when the task gives it; to_source: grid -> image in the role's source geometry
+    (LPS). :attr:`volume` is that image, computed on first use (in batches: on the writer thread,
+    off the network's critical path).
     """
 
     role: str
     grid: np.ndarray
-    volume: sitk.Image | None
     images: np.ndarray
     overlay: np.ndarray
     titles: list[str] | None = None
     input_map: np.ndarray | None = None
+    to_source: Callable[[np.ndarray], sitk.Image] | None = field(default=None, repr=False)
+    _volume: sitk.Image | None = field(default=None, repr=False)
+
+    @property
+    def volume(self) -> sitk.Image | None:
+        """The map in the source series' exact grid (LPS), float32 in [0, 1]."""
+        if self._volume is None and self.to_source is not None:
+            self._volume = self.to_source(self.grid)
+        return self._volume
 
 
 @dataclass

@@ -125,6 +125,6 @@ def saliency_maps(model: torch.nn.Module, batch: torch.Tensor, samples: Sequence
     for sample, input_map in zip(samples, maps):
         sel = sample.selection
         grid = _from_input(card, tuple(sel.params.size))(input_map) * sel.mask
-        out.append({ROLE: RoleMap(role=ROLE, grid=grid, volume=saliency_volume(sel, grid), images=sel.array,
-                                  overlay=grid, input_map=input_map)})
+        out.append({ROLE: RoleMap(role=ROLE, grid=grid, images=sel.array, overlay=grid, input_map=input_map,
+                                  to_source=lambda g, sel=sel: saliency_volume(sel, g))})
     return {"out": logits}, out

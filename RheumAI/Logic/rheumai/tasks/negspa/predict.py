@@ -146,7 +146,7 @@ def saliency_maps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], stu
             c = seq.array.shape[1]
             grid = np.repeat(m[:, None], c, axis=1).astype(np.float32) * seq.mask
             titles = [f"R s{k}" for k in range(c)] + [f"L s{k}" for k in range(c)]
-            out[i][role] = RoleMap(role=role, grid=grid, volume=seq.to_source(grid),
+            out[i][role] = RoleMap(role=role, grid=grid, to_source=seq.to_source,
                                    images=np.concatenate([seq.array[0], seq.array[1]]),
                                    overlay=np.concatenate([grid[0], grid[1]]), titles=titles)
     return None, out
