@@ -1,0 +1,243 @@
+"""mSASSS cohorts and training samples (the engine's dict convention).
+
+A cohort folder holds ``studies.csv`` (patient_id, view, file) and ``labels.csv`` (one row per
+landmark, see :mod:`.synth`); :func:`load_cohort` reads every radiograph through
+:func:`rheumai.radiograph.read_radiograph` into :class:`ViewRecord` s. Two sample sets:
+
+* :class:`LandmarkDataset`: the whole view letterboxed to the network input (default 160 x 128),
+  target ``{"keypoints": (21, 2)}`` (x, y) in input pixels.
+* :class:`LevelCropDataset`: one disc-level crop (:func:`.crops.level_grid`), targets per corner
+  slot (0 = top = lower corner of the vertebra above, 1 = bottom = upper corner of the vertebra
+  below): ``erosion / sclerosis / squaring / syndesmophyte`` (2,), ``bridging`` (1,),
+  ``scorable`` (2,), ``ordinal`` (2,) score 0-3, ``corners`` (2, 2) crop pixels. Lesion and
+  ordinal targets of a corner that is not scorable are NaN (ignored by the losses). A vertical
+  flip swaps the two slots' labels (the flipped crop shows the levels upside down).
+
+:func:`imbalance_indices` implements the paper's imbalance handling for one lesion classifier.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ...errors import InputError
+from ...radiograph import read_radiograph
+from .anatomy import N_POINTS, VIEWS, disc_levels, point_names
+from .crops import fit_grid, level_grid, normalise_crop, normalise_image
+from .scoring import CORNER_LESIONS
+
+INPUT_SHAPE = (160, 128)
+CROP_SIZE = 48
+
+
+@dataclass
+class ViewRecord:
+    """One lateral view with its truth (points (21, 2) pixels; per-corner dicts) when known."""
+
+    patient_id: str
+    view: str
+    array: np.ndarray
+    spacing_mm: tuple[float, float]
+    points_xy: np.ndarray | None = None
+    findings: dict[str, dict[str, bool]] = field(default_factory=dict)
+    scorable: dict[str, bool] = field(default_factory=dict)
+    scores: dict[str, int | None] = field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def bridged(self) -> dict[str, bool]:
+        return {lvl.name: bool(self.findings.get(lvl.corners[0], {}).get("bridging", False))
+                for lvl in disc_levels(self.view)}
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise InputError(path, "missing (a cohort folder needs studies.csv and labels.csv)")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load_cohort(cohort_dir: str | Path, patients: Sequence[str] | None = None) -> list[ViewRecord]:
+    """Read the views and truth of a cohort folder (all patients, or those listed)."""
+    root = Path(cohort_dir)
+    studies = _read_csv(root / "studies.csv")
+    labels = _read_csv(root / "labels.csv")
+    keep = None if patients is None else set(patients)
+    by_view: dict[tuple[str, str], list[dict[str, str]]] = {}
+    for r in labels:
+        by_view.setdefault((r["patient_id"], r["view"]), []).append(r)
+    out = []
+    for s in studies:
+        pid, view = s["patient_id"], s["view"]
+        if keep is not None and pid not in keep:
+            continue
+        if view not in VIEWS:
+            raise InputError(root / "studies.csv", f"patient {pid}: unknown view {view!r} (views: {', '.join(VIEWS)})")
+        path = (root / s["file"]).resolve()
+        if root.resolve() not in path.parents:
+            raise InputError(root / "studies.csv", f"patient {pid}: file {s['file']!r} lies outside the cohort folder")
+        rad = read_radiograph(path)
+        rows = {r["point"]: r for r in by_view.get((pid, view), [])}
+        rec = ViewRecord(pid, view, rad.array.astype(np.float32), rad.spacing_mm, path=str(path))
+        if rows:
+            names = point_names(view)
+            missing = [n for n in names if n not in rows]
+            if missing:
+                raise InputError(root / "labels.csv", f"patient {pid} {view}: points missing: {', '.join(missing)}")
+            rec.points_xy = np.array([[float(rows[n]["x"]), float(rows[n]["y"])] for n in names])
+            for n in names:
+                r = rows[n]
+                if r.get("scored") == "1":
+                    rec.scorable[n] = r["scorable"] == "1"
+                    rec.scores[n] = int(r["score"]) if r["score"] != "" else None
+                    rec.findings[n] = {les: r[les] == "1" for les in (*CORNER_LESIONS, "bridging")}
+        out.append(rec)
+    return out
+
+
+class LandmarkDataset(Dataset):
+    """Whole views letterboxed to ``shape``; target the 21 points in input pixels."""
+
+    def __init__(self, records: Sequence[ViewRecord], shape: tuple[int, int] = INPUT_SHAPE, augment: bool = False,
+                 seed: int = 0) -> None:
+        self.records, self.shape, self.augment, self.seed = list(records), shape, augment, seed
+        self.rng = np.random.default_rng(seed)
+        self.norm = [normalise_image(r.array) for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the augmentation per epoch (called by the engine)."""
+        self.rng = np.random.default_rng((self.seed, epoch))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rec = self.records[i]
+        rng = self.rng if self.augment else None
+        grid = fit_grid(rec.array.shape, self.shape, rng, rotate_deg=6.0, scale=0.06, shift=0.04)
+        x = grid.sample(self.norm[i])
+        if self.augment:
+            x = np.clip(x * self.rng.uniform(0.8, 1.2) + self.rng.uniform(-0.1, 0.1), 0, 1) ** self.rng.uniform(0.8, 1.25)
+        sample: dict[str, Any] = {"input": torch.from_numpy(x[None].astype(np.float32)), "id": rec.patient_id}
+        if rec.points_xy is not None:
+            sample["target"] = {"keypoints": torch.from_numpy(grid.from_source(rec.points_xy).astype(np.float32))}
+        return sample
+
+
+def crop_targets(rec: ViewRecord, level: int) -> dict[str, np.ndarray]:
+    """Per-slot targets of one disc level (module doc); NaN where a corner is not scorable."""
+    lvl = disc_levels(rec.view)[level]
+    t: dict[str, np.ndarray] = {}
+    ok = np.array([rec.scorable.get(c, True) for c in lvl.corners], bool)
+    for les in CORNER_LESIONS:
+        v = np.array([float(rec.findings.get(c, {}).get(les, False)) for c in lvl.corners], np.float32)
+        v[~ok] = np.nan
+        t[les] = v
+    t["bridging"] = np.array([float(rec.bridged[lvl.name]) if ok.all() else np.nan], np.float32)
+    t["scorable"] = ok.astype(np.float32)
+    t["ordinal"] = np.array([np.nan if rec.scores.get(c) is None else rec.scores[c] for c in lvl.corners], np.float32)
+    return t
+
+
+class LevelCropDataset(Dataset):
+    """Disc-level crops of views; ``index`` lists (record, level) pairs (default: all, in order).
+
+    augment: jittered crop placement (``jitter`` = (mm, deg, scale)), vertical flip with the slot
+    labels swapped, intensity changes. ``points`` chooses the landmarks the crops are cut from
+    ("truth", or a list of (21, 2) arrays per record, e.g. predicted points).
+    """
+
+    def __init__(self, records: Sequence[ViewRecord], index: Sequence[tuple[int, int]] | None = None,
+                 size: int = CROP_SIZE, augment: bool = False, jitter: tuple[float, float, float] = (1.5, 6.0, 0.08),
+                 flip: bool = True, seed: int = 0, points: Sequence[np.ndarray] | None = None,
+                 side_factor: float = 0.9) -> None:
+        self.records = list(records)
+        self.side_factor, self.seed = side_factor, seed
+        self.index = list(index) if index is not None else [(r, l) for r in range(len(self.records)) for l in range(6)]
+        self.size, self.augment, self.jitter, self.flip = size, augment, jitter, flip
+        self.rng = np.random.default_rng(seed)
+        self.points = [r.points_xy for r in self.records] if points is None else list(points)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the augmentation per epoch (the engine calls this), so a resumed run sees the same crops."""
+        self.rng = np.random.default_rng((self.seed, epoch))
+
+    def targets(self, k: int) -> dict[str, np.ndarray]:
+        r, lvl = self.index[k]
+        return crop_targets(self.records[r], lvl)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        r, lvl = self.index[k]
+        rec = self.records[r]
+        aug = self.augment
+        jm, jd, js = self.jitter
+        grid = level_grid(self.points[r], rec.view, lvl, rec.spacing_mm, self.size, side_factor=self.side_factor,
+                          rng=self.rng if aug else None, jitter_mm=jm, jitter_deg=jd, jitter_scale=js)
+        x = grid.sample(rec.array)
+        flip = aug and self.flip and bool(self.rng.random() < 0.5)
+        if aug:
+            x = x * self.rng.uniform(0.8, 1.2) + self.rng.normal(0, 0.01 * float(x.std() + 1e-6), x.shape)
+        x = normalise_crop(x)
+        sample: dict[str, Any] = {"id": f"{rec.patient_id}:{rec.view}:{disc_levels(rec.view)[lvl].name}"}
+        if rec.scores:
+            t = crop_targets(rec, lvl)
+            if rec.points_xy is not None:
+                lv = disc_levels(rec.view)[lvl]
+                names = point_names(rec.view)
+                t["corners"] = grid.from_source(rec.points_xy[[names.index(c) for c in lv.corners]]).astype(np.float32)
+            if flip:
+                for k2 in (*CORNER_LESIONS, "scorable", "ordinal"):
+                    t[k2] = t[k2][::-1].copy()
+                if "corners" in t:
+                    c = t["corners"][::-1].copy()
+                    c[:, 1] = self.size - 1 - c[:, 1]
+                    t["corners"] = c
+            sample["target"] = {k2: torch.from_numpy(np.ascontiguousarray(v)) for k2, v in t.items()}
+        if flip:
+            x = x[::-1]
+        sample["input"] = torch.from_numpy(np.ascontiguousarray(x[None], np.float32))
+        return sample
+
+
+def imbalance_indices(positive: np.ndarray, rng: np.random.Generator, neg_per_pos: float = 3.0,
+                      pos_repeat: int = 3) -> np.ndarray:
+    """Indices for one training epoch: every positive ``pos_repeat`` times (oversampling) and
+    negatives reduced at random to ``neg_per_pos`` per positive (all when fewer), shuffled.
+
+    The paper reduces negatives to 1:3 and oversamples positives; with the defaults the epoch is
+    balanced 1:1. No positives: all negatives.
+    """
+    pos = np.flatnonzero(positive)
+    neg = np.flatnonzero(~np.asarray(positive, bool))
+    if len(pos) == 0:
+        return rng.permutation(neg)
+    n_neg = min(len(neg), int(round(neg_per_pos * len(pos))))
+    idx = np.concatenate([np.repeat(pos, pos_repeat), rng.choice(neg, n_neg, replace=False)])
+    return rng.permutation(idx)
+
+
+def split_patients(patient_ids: Sequence[str], fractions: tuple[float, float, float] = (0.6, 0.1, 0.3),
+                   seed: int = 0) -> dict[str, str]:
+    """Patient-level split {patient_id: "train" | "val" | "test"} (seeded, by sorted IDs)."""
+    ids = sorted(set(patient_ids))
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    n_tr = int(round(fractions[0] * len(ids)))
+    n_va = int(round(fractions[1] * len(ids)))
+    out = {}
+    for rank, k in enumerate(perm):
+        out[ids[k]] = "train" if rank < n_tr else ("val" if rank < n_tr + n_va else "test")
+    return out
+
+
+__all__ = ["ViewRecord", "load_cohort", "LandmarkDataset", "LevelCropDataset", "crop_targets", "imbalance_indices",
+           "split_patients", "INPUT_SHAPE", "CROP_SIZE", "N_POINTS"]

@@ -1,0 +1,180 @@
+"""mSASSS networks and heads: the landmark model and the disc-level crop classifiers.
+
+Architectures (the model card's ``architecture`` dict, built by :func:`build_model`):
+
+* ``landmarks``: :class:`rheumai.landmarks.LandmarkNet`, 21 heatmaps (7 vertebrae x upper
+  corner, lower corner, centre) at ``out_stride`` on the letterboxed view; output
+  ``{"keypoints": (N, 21, h, w)}``.
+* ``lesions``: one binary classifier per lesion type on a disc-level crop. Outputs (logits) per
+  corner slot (0 = top, 1 = bottom): ``erosion``, ``sclerosis``, ``squaring``, ``syndesmophyte``
+  (N, 2); ``bridging`` (N, 1) (a bridge joins both corners); ``scorable`` (N, 2). The paper's
+  configuration (``paper_architecture``) is one MONAI DenseNet-121 per output (``shared: false``,
+  224 px crops: ASSUMPTION, the crop size is not given here); the CPU demo uses one small
+  MONAI DenseNet (3 blocks of 4 layers, growth 12) shared by all outputs on 48 px crops.
+* ``ordinal``: the alternative model: a 0-3 ordinal (cumulative-logit) score per corner slot,
+  ``ordinal`` (N, 2, 3), plus ``scorable`` (N, 2), same backbone choices.
+
+Cervical and lumbar crops are scale-normalised (crop side = 0.9 x centre-to-centre distance);
+the paper trains cervical and lumbar models apart (``views`` in the training config).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from monai.networks.nets import DenseNet, DenseNet121
+from torch import nn
+from torch.nn import functional as F
+
+from ...engine.heads import BinaryHead, KeypointsHead, OrdinalHead
+from ...landmarks import LandmarkNet
+from .anatomy import N_POINTS
+from .scoring import CORNER_LESIONS
+
+LESION_OUTPUTS: dict[str, int] = {**{les: 2 for les in CORNER_LESIONS}, "bridging": 1, "scorable": 2}
+ORDINAL_OUTPUTS: dict[str, int] = {"ordinal": 6, "scorable": 2}
+
+
+def landmark_architecture(**kw: Any) -> dict[str, Any]:
+    arch = {"kind": "landmarks", "n_points": N_POINTS, "channels": [16, 32, 64, 128], "out_stride": 2,
+            "input_size": [160, 128], "sigma": 1.5}
+    arch.update(kw)
+    return arch
+
+
+def crop_architecture(kind: str = "lesions", config: str = "demo", **kw: Any) -> dict[str, Any]:
+    """Crop classifier architecture: ``kind`` "lesions" | "ordinal"; ``config`` "demo" | "paper"."""
+    if kind not in ("lesions", "ordinal"):
+        raise ValueError(f"crop model kind must be 'lesions' or 'ordinal', not {kind!r}")
+    if config == "paper":
+        arch = {"kind": kind, "backbone": "densenet121", "shared": False, "crop_size": 224}
+    elif config == "demo":
+        arch = {"kind": kind, "backbone": "densenet", "shared": True, "crop_size": 48, "init_features": 16,
+                "growth_rate": 12, "block_config": [4, 4, 4], "dropout": 0.1}
+    else:
+        raise ValueError(f"config must be 'demo' or 'paper', not {config!r}")
+    arch.update(kw)
+    return arch
+
+
+def default_architecture(**kw: Any) -> dict[str, Any]:
+    """The landmark model's architecture (the task's first model); see :func:`crop_architecture`."""
+    return landmark_architecture(**kw)
+
+
+def _backbone(arch: dict[str, Any], n_out: int) -> nn.Module:
+    if arch["backbone"] == "densenet121":
+        return DenseNet121(spatial_dims=2, in_channels=1, out_channels=n_out, pretrained=False)
+    if arch["backbone"] == "densenet":
+        return DenseNet(spatial_dims=2, in_channels=1, out_channels=n_out, init_features=int(arch["init_features"]),
+                        growth_rate=int(arch["growth_rate"]), block_config=tuple(arch["block_config"]),
+                        dropout_prob=float(arch.get("dropout", 0.0)))
+    raise ValueError(f"unknown crop backbone {arch['backbone']!r} (densenet121 | densenet)")
+
+
+class CropNet(nn.Module):
+    """Disc-level crop classifier returning a dict of logits (see module docstring)."""
+
+    def __init__(self, arch: dict[str, Any]) -> None:
+        super().__init__()
+        self.outputs = dict(LESION_OUTPUTS if arch["kind"] == "lesions" else ORDINAL_OUTPUTS)
+        self.shared = bool(arch.get("shared", True))
+        if self.shared:
+            self.net = _backbone(arch, sum(self.outputs.values()))
+        else:
+            self.nets = nn.ModuleDict({k: _backbone(arch, n) for k, n in self.outputs.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.shared:
+            z = self.net(x)
+            parts = torch.split(z, list(self.outputs.values()), dim=1)
+            out = dict(zip(self.outputs, parts))
+        else:
+            out = {k: net(x) for k, net in self.nets.items()}
+        if "ordinal" in out:
+            out["ordinal"] = out["ordinal"].reshape(-1, 2, 3)
+        return out
+
+
+class LandmarkModel(nn.Module):
+    """:class:`LandmarkNet` returning ``{"keypoints": heatmap logits}``."""
+
+    def __init__(self, arch: dict[str, Any]) -> None:
+        super().__init__()
+        self.net = LandmarkNet(int(arch["n_points"]), 1, tuple(arch["channels"]), int(arch["out_stride"]))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"keypoints": self.net(x)}
+
+
+def build_model(arch: dict[str, Any]) -> nn.Module:
+    """Network for a model card's ``architecture`` (kinds: landmarks, lesions, ordinal)."""
+    kind = arch.get("kind")
+    if kind == "landmarks":
+        return LandmarkModel(arch)
+    if kind in ("lesions", "ordinal"):
+        return CropNet(arch)
+    raise ValueError(f"unknown mSASSS model kind {kind!r} (landmarks | lesions | ordinal)")
+
+
+@dataclass
+class MaskedBinaryHead(BinaryHead):
+    """Binary head over per-slot logits (N, S) with targets (N, S); NaN targets are ignored."""
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        t = target.float().reshape(output.shape)
+        ok = torch.isfinite(t)
+        if not bool(ok.any()):
+            return output.sum() * 0.0
+        pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=output.device)
+        return F.binary_cross_entropy_with_logits(output.float()[ok], t[ok], pos_weight=pw)
+
+    def decode(self, output: torch.Tensor) -> dict[str, np.ndarray]:
+        z = output.detach().float().cpu().numpy().astype(np.float64)
+        return {"logit": z, "probability": 1.0 / (1.0 + np.exp(-z))}
+
+    def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
+        t = np.asarray(target, float).reshape(pred["probability"].shape)
+        ok = np.isfinite(t)
+        return super().score({"probability": pred["probability"][ok]}, t[ok])
+
+
+@dataclass
+class SlotOrdinalHead(OrdinalHead):
+    """Ordinal head over slots: output (N, S, K-1), target (N, S); NaN targets are ignored."""
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        k = output.shape[-1]
+        t = target.float().reshape(-1)
+        ok = torch.isfinite(t)
+        if not bool(ok.any()):
+            return output.sum() * 0.0
+        return super().loss(output.reshape(-1, k)[ok], t[ok])
+
+    def decode(self, output: torch.Tensor) -> dict[str, np.ndarray]:
+        n, s, k = output.shape
+        d = super().decode(output.reshape(n * s, k))
+        return {"class": d["class"].reshape(n, s), "probabilities": d["probabilities"].reshape(n, s, k + 1),
+                "expected": d["expected"].reshape(n, s)}
+
+    def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
+        t = np.asarray(target, float).reshape(pred["class"].shape)
+        ok = np.isfinite(t)
+        return super().score({"class": pred["class"][ok]}, t[ok])
+
+
+def make_heads(kind: str, arch: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Engine heads ({name: Head}) of an mSASSS model kind."""
+    if kind == "landmarks":
+        a = arch or landmark_architecture()
+        return {"keypoints": KeypointsHead(name="keypoints", n_points=int(a["n_points"]), sigma=float(a["sigma"]),
+                                           stride=int(a["out_stride"]))}
+    if kind == "lesions":
+        return {k: MaskedBinaryHead(name=k) for k in LESION_OUTPUTS}
+    if kind == "ordinal":
+        return {"ordinal": SlotOrdinalHead(name="ordinal", n_classes=4),
+                "scorable": MaskedBinaryHead(name="scorable", weight=0.5)}
+    raise ValueError(f"unknown mSASSS model kind {kind!r}")
