@@ -160,6 +160,22 @@ def test_worker_build_dataset(dataset):
     assert any(e.stage == "index" for e in events)
 
 
+def test_dataset_result_becomes_table_nodes(dataset, mrml):
+    """The flow, excluded patients and split of a real build as tables (what the panel shows)."""
+    from rheumai_mrml.logic import RheumAIConsoleLogic
+    from rheumai_mrml.tables import table_rows
+
+    built, _ = dataset
+    ids = RheumAIConsoleLogic(mrml.scene).showDatasetResult(built)
+    flow = table_rows(mrml.scene.GetNodeByID(ids["dataset_flow"]))
+    assert flow[0]["remaining"] == built["flow"]["start"] and flow[-1]["remaining"] == built["n_included"]
+    assert [r["title"] for r in flow[1:-1]] == [s["title"] for s in built["flow"]["steps"]]
+    excluded = table_rows(mrml.scene.GetNodeByID(ids["dataset_excluded"]))
+    assert len(excluded) == sum(s["n_excluded"] for s in built["flow"]["steps"])
+    split = {r["split"]: r["patients"] for r in table_rows(mrml.scene.GetNodeByID(ids["dataset_split"]))}
+    assert split == built["split_counts"]
+
+
 def test_build_dataset_console_resumes_to_the_same_files(dataset, cohort):
     """The console logic in this process, into the same folder: incremental, byte-identical."""
     pytest.importorskip("slicer", reason="needs slicer-core")
@@ -213,6 +229,17 @@ def test_train_worker_job_and_console(dataset, tmp_path, capsys):
     again = RheumAIConsoleLogic(None).train(config, dataset[0]["manifest"], tmp_path / "run", resume=True,
                                             progressCallback=lambda f, m: seen.append(f))
     assert again["checkpoint"] == res["checkpoint"] and again["best_epoch"] == res["best_epoch"]
+
+    from rheumai_mrml.scene import new_scene
+    from rheumai_mrml.tables import table_rows
+
+    ctx = new_scene()
+    try:
+        ids = RheumAIConsoleLogic(ctx.scene).showTrainingResult(res)
+        history = table_rows(ctx.scene.GetNodeByID(ids["training_history"]))
+        assert len(history) == len(res["history"]) and "training_loss_chart" in ids
+    finally:
+        ctx.close()
 
 
 # ----------------------------------------------------------------- one prediction in the worker
