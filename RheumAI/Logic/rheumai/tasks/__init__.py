@@ -23,6 +23,7 @@ __all__ = ["Task", "InputSpec", "ClinicalVar", "RoiSpec", "register_task", "get_
 BUILTIN_TASKS = {
     "cervical_ra": "rheumai.tasks.cervical:TASK",
     "negspa": "rheumai.tasks.negspa.task:TASK",
+    "hand_svdh": "rheumai.tasks.hand_svdh.task:TASK",
     "msasss": "rheumai.tasks.msasss.task:TASK",
 }
 ENTRY_POINT_GROUP = "rheumai.tasks"

@@ -1,0 +1,196 @@
+"""Predict-side hooks of the hand SvdH task (:class:`rheumai.engine.predict.Predictor`), re-scoring.
+
+Sample: one radiograph prepared by :func:`.dataset.prepare` (canonical left-hand frame). Network
+input: ``{"small", "hires", "hspacing"}`` (see :class:`.model.HandSvdHNet`); ``points`` is added
+when re-scoring from corrected landmarks. Values per study (``postprocess``):
+
+* ``total``: whole-hand regression of the one-hand SvdH total (0-140), the paper's path;
+  ``class`` / ``class_name`` / ``class_probabilities``: severity class head (card's class edges).
+* ``joint_total`` / ``joint_erosion`` / ``joint_jsn``: sums of the per-joint grades (argmax of each
+  ordinal head), the joint-level path; ``joints``: per-joint table (grades, points in pixels of the
+  file as stored and in LPS mm).
+* ``landmarks_lps``: (K, 3) LPS mm, ``landmark_labels``: SvdH area names (for a Slicer point list).
+
+Saliency: Grad-CAM of the whole-hand total on a backbone layer (default ``layer3`` of the ResNet,
+``stage4`` of the MobileNetV2), mapped back through the letterbox and the mirroring onto the
+radiograph's own one-slice geometry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ...landmarks import lps_to_points, points_to_lps
+from ...radiograph import Radiograph, radiograph_from_array, read_radiograph
+from .dataset import HandParams, Prepared, prepare
+from .scoring import (DEFAULT_CLASS_NAMES, EROSION_MASK, JOINT_NAMES, JSN_MASK, MAX_EROSION, MAX_JSN, MAX_TOTAL,
+                      joint_table)
+
+ROLE = "hand"
+SALIENCY_METHODS = ("gradcam", "gradcampp")
+
+
+@dataclass
+class HandSample:
+    """A prepared radiograph (``prep``) and where it came from."""
+
+    prep: Prepared
+    points_canon: np.ndarray | None = None  # corrected landmarks (K, 2) canonical full-res px, or None
+
+    @property
+    def sources(self) -> dict[str, str | None]:
+        return {ROLE: self.prep.rad.path or None}
+
+    @property
+    def series_uid(self) -> str | None:
+        return self.prep.rad.meta.get("SeriesInstanceUID")
+
+    @property
+    def source_images(self) -> dict[str, sitk.Image]:
+        return {ROLE: self.prep.rad.image}
+
+    def describe(self) -> dict[str, Any]:
+        r = self.prep.rad
+        return {"shape": list(r.array.shape), "spacing_mm": list(r.spacing_mm), "spacing_calibrated":
+                r.spacing_calibrated, "spacing_source": r.spacing_source, "laterality": r.laterality,
+                "mirrored": self.prep.tf.flip_x, "photometric": r.photometric}
+
+
+def params_of(card: Mapping[str, Any]) -> HandParams:
+    return HandParams.from_dict(card.get("preprocessing") or card["architecture"].get("preprocessing", {}))
+
+
+def load_sample(inputs: Mapping[str, Any], card: dict[str, Any]) -> HandSample:
+    """``inputs["hand"]``: a radiograph file (DICOM CR / DX, PNG / JPEG / TIFF), a
+    :class:`~rheumai.radiograph.Radiograph` or a one-slice sitk image (bone bright)."""
+    src = inputs[ROLE]
+    if isinstance(src, (str, Path)):
+        src = read_radiograph(src)
+    elif isinstance(src, sitk.Image):
+        arr = sitk.GetArrayFromImage(src)
+        arr = arr[0] if arr.ndim == 3 else arr
+        rad = radiograph_from_array(arr)
+        rad.image = sitk.Cast(src, sitk.sitkFloat32) if src.GetDimension() == 3 else rad.image
+        sp = src.GetSpacing()
+        rad.spacing_mm = (float(sp[1]), float(sp[0]))
+        src = rad
+    if not isinstance(src, Radiograph):
+        raise TypeError(f"input {ROLE!r} must be a path, Radiograph or SimpleITK image, not {type(src).__name__}")
+    return HandSample(prepare(src, params_of(card)))
+
+
+def to_tensors(sample: HandSample, card: dict[str, Any]) -> dict[str, torch.Tensor]:
+    p = sample.prep
+    x = {"small": torch.from_numpy(p.small)[None], "hires": torch.from_numpy(p.hires)[None],
+         "hspacing": torch.tensor(p.hspacing_mm, dtype=torch.float32)}
+    if sample.points_canon is not None:
+        x["points"] = torch.as_tensor(p.to_hires(sample.points_canon), dtype=torch.float32)
+    return x
+
+
+def postprocess(outputs: dict[str, torch.Tensor], card: dict[str, Any], sample: HandSample) -> dict[str, Any]:
+    """One study's scores, class, per-joint table and landmarks (see module docstring)."""
+    p = sample.prep
+    names = list(card.get("class_names") or DEFAULT_CLASS_NAMES)
+    from ...engine.heads import make_head
+
+    scale = float(card["architecture"]["whole"]["total_scale"])
+    total = float(np.clip(float(outputs["total"].reshape(-1)[0]) * scale, 0.0, MAX_TOTAL))
+    c = outputs["class"].reshape(1, -1)
+    dec = make_head("ordinal", n_classes=c.shape[1] + 1).decode(c)
+    probs, cls = dec["probabilities"][0], int(dec["class"][0])
+    ero = make_head("ordinal", n_classes=MAX_EROSION + 1).decode(outputs["erosion"])["class"] * EROSION_MASK
+    jsn = make_head("ordinal", n_classes=MAX_JSN + 1).decode(outputs["jsn"])["class"] * JSN_MASK
+    pts_canon = p.from_hires(outputs["points"].numpy())
+    pts_src = p.to_source(pts_canon)
+    lps = points_to_lps(p.rad.image, pts_src)
+    je, jj = int(ero.sum()), int(jsn.sum())
+    return {"total": round(total, 2), "class": cls, "class_name": names[cls] if cls < len(names) else str(cls),
+            "class_probabilities": [round(float(v), 4) for v in probs],
+            "class_edges": list(params_of(card).class_edges),
+            "joint_total": je + jj, "joint_erosion": je, "joint_jsn": jj,
+            "joints": joint_table(ero, jsn, pts_src, lps),
+            "landmarks_lps": lps.round(3).tolist(), "landmark_labels": list(JOINT_NAMES),
+            "landmarks_source": "corrected" if sample.points_canon is not None else "predicted",
+            "laterality": p.rad.laterality, "mirrored": bool(p.tf.flip_x),
+            "spacing_calibrated": p.rad.spacing_calibrated, "spacing_source": p.rad.spacing_source,
+            # binary-head fields of the engine's tables: a regression task has no probability threshold
+            "label": cls}
+
+
+class _Total(torch.nn.Module):
+    """The whole-hand total as a one-output network (for Grad-CAM)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.whole = net.whole
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.whole(x)["total"]
+
+
+def default_layer(net: torch.nn.Module) -> str:
+    return "stage4" if hasattr(net.whole.backbone, "stage4") else "layer3"
+
+
+def _layer_path(net: torch.nn.Module, layer: str) -> str:
+    bb = net.whole.backbone
+    return f"whole.backbone.net.{layer}" if hasattr(bb, "net") else f"whole.backbone.{layer}"
+
+
+def saliency_maps(model: torch.nn.Module, batch: dict[str, torch.Tensor], samples: Sequence[HandSample],
+                  card: dict[str, Any], method: str, target_layer: str | None
+                  ) -> tuple[None, list[dict[str, Any]]]:
+    """Grad-CAM (or ++) of the total on ``target_layer``; maps on each radiograph's geometry."""
+    from ...engine.predict import RoleMap
+    from ...saliency import gradcam_backward, normalize_max
+
+    if method not in SALIENCY_METHODS:
+        raise ValueError(f"saliency method {method!r} unknown for hand_svdh; choose one of {SALIENCY_METHODS}")
+    layer = target_layer or default_layer(model)
+    _, cams = gradcam_backward(_Total(model), batch["small"], _layer_path(model, layer),
+                               plusplus=method == "gradcampp")
+    out = []
+    for sample, cam in zip(samples, cams):
+        m = normalize_max(cam[0].detach().cpu().numpy())
+
+        def to_source(grid: np.ndarray, prep: Prepared = sample.prep) -> sitk.Image:
+            return prep.rad.with_array(prep.small_map_to_source(grid))
+
+        kw: dict[str, Any] = {"role": ROLE, "grid": m, "images": sample.prep.small[None], "overlay": m[None],
+                              "input_map": m[None]}
+        if "to_source" in RoleMap.__dataclass_fields__:  # volume computed on first use
+            kw["to_source"] = to_source
+        else:
+            kw["volume"] = to_source(m)
+        out.append({ROLE: RoleMap(**kw)})
+    return None, out
+
+
+def rescore(predictor: Any, radiograph: str | Path | Radiograph, points_lps: np.ndarray,
+            saliency: str | None = None) -> Any:
+    """Re-score one radiograph with user-corrected landmarks (K, 3) LPS mm, in :data:`JOINT_NAMES`
+    order: the joint crops are taken at these points; the whole-hand total is unchanged.
+
+    predictor: a :class:`rheumai.engine.predict.Predictor` (or a checkpoint folder).
+    Returns the :class:`~rheumai.engine.predict.PredictionResult`.
+    """
+    from ...engine.predict import Prepared as EnginePrepared
+    from ...engine.predict import Predictor
+
+    pred = predictor if isinstance(predictor, Predictor) else Predictor(predictor)
+    pts = np.asarray(points_lps, float)
+    if pts.shape != (len(JOINT_NAMES), 3):
+        raise ValueError(f"points_lps must be ({len(JOINT_NAMES)}, 3) LPS mm in the order {', '.join(JOINT_NAMES)}")
+    sample = load_sample({ROLE: radiograph}, pred.card)
+    sample.points_canon = sample.prep.from_source(lps_to_points(sample.prep.rad.image, pts))
+    x = to_tensors(sample, pred.card)
+    key = Path(sample.prep.rad.path).stem if sample.prep.rad.path else "radiograph"
+    return pred.run([EnginePrepared(key=key, name=key, inputs={ROLE: radiograph}, sample=sample, x=x)],
+                    saliency=saliency)[0]

@@ -1,0 +1,130 @@
+"""Hand SvdH end to end on a tiny generated cohort: train through the engine (1 epoch per stage),
+predict through the engine's Predictor with Grad-CAM, write + read back the Slicer scene, re-score
+from corrected landmarks, evaluate, pretrain + fine-tune, stacking ensemble."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+pytest.importorskip("rheumai.engine.fit", reason="needs the engine's training loop")
+
+from rheumai.checkpoint import load_checkpoint  # noqa: E402
+from rheumai.landmarks import points_to_lps  # noqa: E402
+from rheumai.tasks import get_task  # noqa: E402
+from rheumai.tasks.hand_svdh.dataset import HandParams, load_cohort  # noqa: E402
+from rheumai.tasks.hand_svdh.synth import make_cohort  # noqa: E402
+from rheumai.tasks.hand_svdh.train import HandTrainConfig, StageConfig, train_hand  # noqa: E402
+
+TINY = HandTrainConfig(whole=StageConfig(epochs=1, batch_size=4), landmarks=StageConfig(epochs=1, batch_size=4),
+                       joints=StageConfig(epochs=1, batch_size=32))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    import torch
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("hand_pipeline")
+    labels = make_cohort(root / "cohort", n=6, seed=1)
+    cases = load_cohort(labels, HandParams(), root / "cohort" / "landmarks.csv")
+    ckpt = train_hand(None, root / "run", cfg=TINY, cases=cases, train_ids=[c.patient_id for c in cases[:4]])
+    return root, cases, ckpt
+
+
+def test_registered_and_predicts_through_the_engine(trained, tmp_path):
+    from rheumai.engine.predict import Predictor
+    from rheumai.tasks.hand_svdh.outputs import result_from, write_result
+
+    root, cases, ckpt = trained
+    task = get_task("hand_svdh")
+    assert task.head == "regression" and task.roles == ("hand",) and "rescore" in task.api
+    case = cases[4]
+    pred = Predictor(ckpt)
+    res = result_from(pred.predict(case.prep.rad.path, saliency="gradcam"))
+    v = res["values"]
+    assert 0 <= v["total"] <= 140 and 0 <= v["class"] <= 4 and len(v["joints"]) == 22
+    assert v["joint_total"] == v["joint_erosion"] + v["joint_jsn"]
+    assert res["points_lps"].shape == (22, 3)
+    sal = res["saliency"]
+    src = case.prep.rad.image
+    assert sal.GetSize() == src.GetSize() and sal.GetSpacing() == src.GetSpacing() and sal.GetOrigin() == src.GetOrigin()
+    arr = sitk.GetArrayFromImage(sal)
+    assert arr.min() >= 0 and arr.max() <= 1 + 1e-6
+    # per-joint points are in the file's own pixel frame: pixel -> LPS through the image's geometry
+    first = v["joints"][0]
+    lps = src.TransformContinuousIndexToPhysicalPoint((first["x_px"], first["y_px"], 0.0))
+    np.testing.assert_allclose(lps, (first["L"], first["P"], first["S"]), atol=1e-6)
+
+    pytest.importorskip("slicer", reason="needs slicer-core")
+    from rheumai_mrml.radiograph_scene import point_list_lps
+    from rheumai_mrml.scene import load_scene
+
+    files = write_result(tmp_path, "hand1", res, scene=True)
+    ctx = load_scene(files["scene_file"])
+    try:
+        s = ctx.scene
+        assert s.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2  # radiograph + saliency
+        assert s.GetNumberOfNodesByClass("vtkMRMLTableNode") == 2  # result + per-joint table
+        pts, labels = point_list_lps(s.GetFirstNodeByClass("vtkMRMLMarkupsFiducialNode"))
+        np.testing.assert_allclose(pts, res["points_lps"], atol=1e-3)
+        assert labels == res["labels"]
+        table = [n for n in (s.GetNthNodeByClass(i, "vtkMRMLTableNode") for i in range(2))
+                 if n.GetAttribute("RheumAI.Role") == "rows"][0]
+        assert table.GetNumberOfRows() == 22
+    finally:
+        ctx.close()
+
+
+def test_rescore_uses_corrected_points(trained):
+    from rheumai.tasks.hand_svdh.predict import rescore
+
+    _, cases, ckpt = trained
+    case = cases[5]
+    true_lps = points_to_lps(case.prep.rad.image, case.prep.to_source(case.points_canon))
+    res = rescore(ckpt, case.prep.rad.path, true_lps)
+    assert res.values["landmarks_source"] == "corrected"
+    np.testing.assert_allclose(np.array(res.values["landmarks_lps"]), true_lps, atol=1e-2)
+    with pytest.raises(ValueError, match="22, 3"):
+        rescore(ckpt, case.prep.rad.path, true_lps[:5])
+
+
+def test_evaluation_report(trained, tmp_path):
+    from rheumai.tasks.hand_svdh.evaluate import evaluate_cases, write_report
+
+    _, cases, ckpt = trained
+    model, card = load_checkpoint(ckpt)
+    res = evaluate_cases(model, card, cases, n_boot=20)
+    for key in ("total", "joint_total"):
+        assert {"pcc", "rmse", "mae", "icc", "bland_altman"} <= set(res[key])
+    assert np.array(res["class"]["confusion"]).sum() == len(cases)
+    assert res["landmarks"]["n_points"] == 22 * len(cases) and len(res["per_joint"]) == 22
+    md = write_report(tmp_path, res, "tiny").read_text()
+    assert "| PCC |" in md and "truth \\ predicted" in md and "| MCP2 |" in md
+    assert (tmp_path / "agreement.png").stat().st_size > 1000
+
+
+def test_pretrain_finetune_and_stacking(trained, tmp_path):
+    from rheumai.tasks.hand_svdh.ensemble import fit_stacking, predict_stacked
+    from rheumai.tasks.hand_svdh.model import default_architecture
+    from rheumai.tasks.hand_svdh.train import pretrain_backbone, train_whole
+
+    root, cases, _ = trained
+    weights = pretrain_backbone(root / "cohort" / "labels.csv", "hand_length_mm", tmp_path / "pre.safetensors",
+                                cfg=StageConfig(epochs=1, batch_size=4))
+    arch = default_architecture("resnet")["whole"]
+    net = train_whole(cases[:4], None, arch, StageConfig(epochs=1, batch_size=4), tmp_path / "ft", init_backbone=weights,
+                      finetune="head_only")
+    from safetensors.torch import load_file
+
+    pre = load_file(str(weights))
+    conv = "backbone.net.conv1.weight"
+    assert np.allclose(net.state_dict()[conv].numpy(), pre[conv].numpy())  # frozen backbone kept its weights
+    with pytest.raises(ValueError, match="pretrained backbone"):
+        train_whole(cases[:4], None, arch, StageConfig(epochs=1), tmp_path / "x", finetune="last_blocks")
+    archs = {"resnet18": arch, "mobilenetv2": default_architecture("mobilenetv2")["whole"]}
+    ens, nets = fit_stacking(cases, archs, StageConfig(epochs=1, batch_size=4), tmp_path / "ens", k=2)
+    assert all(c >= 0 for c in ens.coef) and len(nets["resnet18"]) == 2
+    cols = predict_stacked(ens, nets, cases[:2], float(arch["total_scale"]))
+    assert cols["stacked"].shape == (2,) and (tmp_path / "ens" / "stacking.json").is_file()
