@@ -146,3 +146,48 @@ def test_reload_drops_the_packages_then_reloads_the_module(rheumai_module, monke
         assert calls == ["module reloaded"]
     finally:
         sys.modules.update(saved)  # the rest of the session keeps its module objects
+
+
+class _Ns:
+    def __init__(self, **kw) -> None:
+        self.__dict__.update(kw)
+
+
+def _widget(module, logic, parameter_node):
+    widget = module.RheumAIWidget()
+    widget.logic = logic
+    widget._tasks = {t["name"]: t for t in logic.listTasks()}
+    widget._parameterNode = parameter_node
+    widget.ui = _Ns(modelCardTextEdit=_Ns(plainText=""))
+    return widget
+
+
+def test_model_card_box_shows_the_path_the_signal_carries(rheumai_module, mrml, model, tmp_path):
+    """The slot runs before the parameter node has the new path: it must use the signal's value."""
+    logic = rheumai_module.RheumAILogic()
+    stale = _Ns(modelPath="", task="negspa", inputVolume=None)
+    widget = _widget(rheumai_module, logic, stale)
+    widget.onModelChanged(str(model))
+    assert widget.ui.modelCardTextEdit.plainText.startswith("Task: ")
+    assert "s-r10" in widget.ui.modelCardTextEdit.plainText
+    assert stale.task == "cervical_ra"  # the task selector follows the model's card
+    widget.onModelChanged(str(tmp_path / "not-a-model"))  # shown in the box, not raised
+    assert "not-a-model" in widget.ui.modelCardTextEdit.plainText
+    widget.onModelChanged("")
+    assert widget.ui.modelCardTextEdit.plainText == ""
+
+
+def test_saliency_sliders_and_database_never_raise_into_the_console(rheumai_module, mrml, t2_crop_path):
+    from rheumai.errors import InputError
+
+    logic = rheumai_module.RheumAILogic()
+    volume = logic.console.loadVolume(t2_crop_path)  # a volume without saliency
+    widget = _widget(rheumai_module, logic, _Ns(modelPath="", task="cervical_ra", inputVolume=volume))
+    widget.onOpacityChanged(0.3)
+    widget.onLowerThresholdChanged(0.2)
+    widget._parameterNode.inputVolume = None
+    widget.onOpacityChanged(0.4)
+    # no open DICOM database: a clear error (the slot shows it in a dialog), not an AttributeError
+    assert getattr(slicer, "dicomDatabase", None) is None
+    with pytest.raises(InputError, match="DICOM database is not open"):
+        logic.dicomDatabaseFolder(str(t2_crop_path.parent))
