@@ -111,3 +111,25 @@ def test_cli_build_from_image_table(table, tmp_path, capsys):
     args = parser.parse_args(["dataset", "build", "--images", str(path), "--labels", str(path), "--out", "x"])
     assert args.func(args) == 2
     assert "give either --images TABLE, or both --index and --labels" in capsys.readouterr().err
+
+
+def test_hostile_patient_ids_never_name_a_path(table, tmp_path):
+    """IDs from the table end up in the manifest verbatim; no file is named after them, so none
+    can land outside the output folder (cache entries are named by content hashes)."""
+    base, _ = table
+    hostile = ["../../escape", "/abs/olute", "a/b", "..", "CON", "x\\y", " sp ", "é/..", "~root"]
+    t = tmp_path / "hostile.csv"
+    with open(t, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["patient_id", "image", "label"])
+        for k, pid in enumerate(hostile):
+            w.writerow([pid, str(base / "img" / f"S{k:02d}.nii.gz" if k not in (3, 7) else base / "img" / f"S{k:02d}.nrrd"),
+                        k % 2])
+    before = {p for p in tmp_path.parent.rglob("*")}
+    res = build_image_dataset(t, tmp_path / "out" / "ds", ImageRules(), SplitConfig(train_fraction=1.0), PARAMS,
+                              progress=QUIET)
+    written = {p for p in tmp_path.parent.rglob("*")} - before
+    outside = [p for p in written if not p.is_relative_to(tmp_path / "out")]
+    assert outside == [] and res.n_included == len(hostile)
+    ids = [r["patient_id"] for r in csv.DictReader(open(res.manifest))]
+    assert sorted(ids) == sorted(h.strip() for h in hostile)

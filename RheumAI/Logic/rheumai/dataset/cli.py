@@ -144,3 +144,25 @@ def _build(args: argparse.Namespace) -> int:
         print(f"\ncache: {len(res.cache.computed)} computed, {len(res.cache.reused)} reused, {len(res.cache.failed)} failed")
         print(f"manifest: {res.manifest} ({res.n_included} patients)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rheumai.dataset.cli STEP ...``: the ``rheumai dataset`` commands without loading
+    the task registry (a lighter process for batch jobs); same messages and exit status."""
+    from ..errors import RheumAIError
+
+    parser = argparse.ArgumentParser(prog="rheumai")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["dataset", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args) or 0)
+    except RheumAIError as exc:
+        print(f"rheumai dataset: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rheumai dataset: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
