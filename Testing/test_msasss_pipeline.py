@@ -1,0 +1,182 @@
+"""mSASSS pipeline: crops, imbalance sampling, scoring from points, evaluation, a tiny end-to-end
+training on the engine, checkpoint -> console predict / re-score -> engine Predictor -> Slicer scene."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rheumai.tasks.msasss.anatomy import disc_levels, point_names, scored_corners
+from rheumai.tasks.msasss.crops import fit_grid, level_grid
+from rheumai.tasks.msasss.dataset import LevelCropDataset, imbalance_indices, load_cohort, split_patients
+from rheumai.tasks.msasss.evaluate import evaluate
+from rheumai.tasks.msasss.synth import make_cohort
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("msasss")
+    make_cohort(root / "cohort", n=3, seed=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def records(cohort):
+    return load_cohort(cohort / "cohort")
+
+
+def test_level_crop_holds_both_corners_oriented_along_the_spine(records):
+    rec = records[0]
+    for lvl in range(6):
+        g = level_grid(rec.points_xy, rec.view, lvl, rec.spacing_mm, size=48)
+        names = point_names(rec.view)
+        corners = g.from_source(rec.points_xy[[names.index(c) for c in disc_levels(rec.view)[lvl].corners]])
+        assert corners[0, 1] < 23.5 < corners[1, 1]            # lower corner of the vertebra above on top
+        assert np.allclose(corners[:, 0], 23.5 - 0.2 * 48, atol=3.0)  # anterior side, left of centre
+        assert np.allclose(g.to_source(corners), rec.points_xy[[names.index(c) for c in disc_levels(rec.view)[lvl].corners]])
+    g = fit_grid((320, 256), (160, 128))
+    assert np.allclose(g.to_source(g.from_source(rec.points_xy)), rec.points_xy)
+
+
+def test_vertical_flip_swaps_the_corner_labels(records):
+    rec_i = next(i for i, r in enumerate(records) for lv in disc_levels(r.view)
+                 if r.findings[lv.corners[0]] != r.findings[lv.corners[1]])
+    rec = records[rec_i]
+    lvl = next(k for k, lv in enumerate(disc_levels(rec.view)) if rec.findings[lv.corners[0]] != rec.findings[lv.corners[1]])
+    plain = LevelCropDataset(records, index=[(rec_i, lvl)])[0]
+    seen = set()
+    for seed in range(20):
+        s = LevelCropDataset(records, index=[(rec_i, lvl)], augment=True, jitter=(0, 0, 0), seed=seed)[0]
+        x = s["input"].ravel()
+        flipped = bool(torch.corrcoef(torch.stack([x, plain["input"].flip(1).ravel()]))[0, 1] >
+                       torch.corrcoef(torch.stack([x, plain["input"].ravel()]))[0, 1])
+        seen.add(flipped)
+        for les in ("erosion", "sclerosis", "squaring", "syndesmophyte", "ordinal", "scorable"):
+            want = plain["target"][les].flip(0) if flipped else plain["target"][les]
+            assert torch.equal(torch.nan_to_num(s["target"][les], -1), torch.nan_to_num(want, -1))
+    assert seen == {True, False}
+
+
+def test_imbalance_indices_reduce_negatives_and_repeat_positives():
+    pos = np.zeros(200, bool)
+    pos[:10] = True
+    idx = imbalance_indices(pos, np.random.default_rng(0), neg_per_pos=3, pos_repeat=3)
+    assert len(idx) == 30 + 30 and np.sum(pos[idx]) == 30 and set(np.flatnonzero(pos)) <= set(idx)
+    assert len(imbalance_indices(np.zeros(5, bool), np.random.default_rng(0))) == 5
+    split = split_patients([f"P{i}" for i in range(10)], seed=1)
+    assert sorted(split.values()).count("test") == 3
+
+
+def _truth_result(rec):
+    levels = []
+    for lv in disc_levels(rec.view):
+        levels.append({"level": lv.name, "corners": list(lv.corners),
+                       "lesions": {k: [float(rec.findings[c][k]) for c in lv.corners]
+                                   for k in ("erosion", "sclerosis", "squaring", "syndesmophyte")},
+                       "bridging": float(rec.bridged[lv.name]), "scorable": [float(rec.scorable[c]) for c in lv.corners]})
+    return {"points_xy": rec.points_xy.tolist(), "scores": dict(rec.scores), "levels": levels,
+            "ordinal_scores": dict(rec.scores)}
+
+
+def test_evaluation_of_a_perfect_prediction(records):
+    m, rows = evaluate(records, [_truth_result(r) for r in records])
+    assert m["corners"]["accuracy"]["value"] == 1.0 and len(rows) == 12 * len(records)
+    assert m["keypoints_corners"]["median_mm"] == 0.0
+    assert m["total"]["n_compared"] + m["total"]["n_without_total"] == 3
+    if "mae" in m["total"]:
+        assert m["total"]["mae"]["value"] == 0.0
+    assert all(e["specificity"]["value"] in (1.0,) or np.isnan(e["specificity"]["value"]) for e in m["lesions"].values())
+    worse = [_truth_result(r) for r in records]
+    worse[0]["scores"] = {c: (None if s is None else (s + 1) % 4) for c, s in worse[0]["scores"].items()}
+    m2, _ = evaluate(records, worse)
+    assert m2["corners"]["accuracy"]["value"] < 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_model(cohort, records):
+    from rheumai.tasks.msasss.model import landmark_architecture
+    from rheumai.tasks.msasss.predict import refine_architecture
+    from rheumai.tasks.msasss.train import StageConfig, TrainConfig, train_system
+
+    torch.set_num_threads(1)
+    one = StageConfig(epochs=1, batch_size=8, lr=1e-3)
+    cfg = TrainConfig(landmarks=one, refine=one, lesions=one, ordinal=one,
+                      landmark_arch=landmark_architecture(channels=[4, 8, 16], input_size=[64, 48]),
+                      refine_arch=refine_architecture(channels=[4, 8], crop_size=32))
+    import rheumai.tasks.msasss.train as T
+
+    small = dict(init_features=4, growth_rate=4, block_config=[1, 1, 1], crop_size=32)
+    orig = T.crop_architecture
+    T.crop_architecture = lambda kind, config="demo", **kw: orig(kind, config, **{**small, **kw})
+    try:
+        system, folder = train_system(records[:4], records[4:], cohort / "run", cfg)
+    finally:
+        T.crop_architecture = orig
+    return system, folder
+
+
+def test_scores_from_points_flag_missing_and_implausible(records, tiny_model):
+    from rheumai.tasks.msasss.predict import analyse_view
+
+    system, _ = tiny_model
+    rec = records[0]
+    res = analyse_view(system, rec.array, rec.spacing_mm, rec.view, points_xy=rec.points_xy, missing={scored_corners(rec.view)[1]})
+    assert set(res["scores"]) == set(scored_corners(rec.view))
+    assert res["scores"][scored_corners(rec.view)[1]] is None
+    assert "marked missing" in res["not_scorable"][scored_corners(rec.view)[1]]
+    flipped = rec.points_xy[::-1].copy()
+    bad = analyse_view(system, rec.array, rec.spacing_mm, rec.view, points_xy=flipped)
+    assert not bad["check"]["view_ok"] and all(v is None for v in bad["scores"].values())
+
+
+def test_checkpoint_console_predictor_rescore_and_scene(cohort, records, tiny_model):
+    from rheumai.checkpoint import load_checkpoint
+    from rheumai.engine.predict import Predictor
+    from rheumai.tasks.msasss.console import predict_study, rescore_points
+
+    system, folder = tiny_model
+    model, card = load_checkpoint(folder)
+    assert card["task"] == "msasss" and type(model).__name__ == "MsasssSystem"
+    pid = records[0].patient_id
+    study = {r.view: r.path for r in records if r.patient_id == pid}
+    study["id"] = pid
+    res = predict_study(folder, study)
+    assert sum(len(p["points"]) for p in res["points"].values()) == 24
+    assert res["total"]["n_scored"] + res["total"]["n_missing"] == 24
+    # The engine's one predictor runs the task's hooks to the same values.
+    values = Predictor(folder).predict(study, saliency=None).values
+    assert values["corners_scored"] == res["total"]["n_scored"]
+    assert np.allclose(values["points"]["cervical"]["points"][0]["lps"], res["points"]["cervical"]["points"][0]["lps"])
+    # Re-score: move one corner by 3 mm, mark another missing.
+    p0 = res["points"]["lumbar"]["points"][0]
+    moved = np.asarray(p0["lps"]) + [3.0, 0.0, 0.0]
+    re = rescore_points(folder, study, {"lumbar": {p0["label"]: moved, "L3 upper": None}}, previous=res)
+    got = {p["label"]: p for p in re["points"]["lumbar"]["points"]}
+    assert np.allclose(got[p0["label"]]["lps"], moved, atol=1e-6)
+    assert got["L3 upper"]["status"] == "missing" and re["views"]["lumbar"]["scores"]["L3 upper"] is None
+
+    pytest.importorskip("slicer")
+    from rheumai.tasks.msasss.console import write_scene
+    from rheumai_mrml.landmark_scene import image_landmark_nodes, read_landmarks
+    from rheumai_mrml.scene import load_scene
+
+    path = write_scene(cohort / "scene" / f"{pid}.mrb", re, study)
+    ctx = load_scene(path)
+    try:
+        nodes = image_landmark_nodes(ctx.scene)
+        assert len(nodes) == 2
+        for node in nodes:
+            view = "cervical" if "cervical" in node.GetName() else "lumbar"
+            back = read_landmarks(node)
+            assert back["labels"] == scored_corners(view)
+            want = {p["label"]: p for p in re["points"][view]["points"]}
+            for label, lps, st, pred in zip(back["labels"], back["lps"], back["status"], back["predicted_lps"]):
+                assert st == want[label]["status"]
+                if st == "ok":
+                    assert np.allclose(lps, want[label]["lps"], atol=1e-3)
+                else:
+                    assert np.isnan(lps).all() and np.allclose(pred, want[label]["lps"], atol=1e-3)
+        assert "missing" in read_landmarks(next(n for n in nodes if "lumbar" in n.GetName()))["status"]
+    finally:
+        ctx.close()
