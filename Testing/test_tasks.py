@@ -19,7 +19,7 @@ def test_both_tasks_listed_and_json_describable():
     assert names[:2] == ["cervical_ra", "negspa"]
     for t in list_tasks():
         d = json.loads(json.dumps(t.describe()))
-        assert d["name"] == t.name and d["inputs"] and d["head"] == "binary"
+        assert d["name"] == t.name and d["inputs"] and d["head"] in ("binary", "regression", "ordinal", "keypoints")
     spa = get_task("negspa")
     assert spa.roles == ("t1", "t2", "stir")
     assert spa.roi is not None and spa.roi.kind == "box"
