@@ -200,3 +200,25 @@ def test_study_prediction_files_round_trip(tmp_path):
         StudyPrediction("x", {}, {"../evil": img}).save(tmp_path / "o")
     with pytest.raises(InputError, match="not found"):
         StudyPrediction.load(tmp_path / "missing")
+
+
+def test_negspa_batch_from_a_study_table_becomes_a_table_node(mrml, negspa_model, tmp_path):
+    import json
+
+    for role, seed in (("t1", 1), ("t2", 2), ("stir", 3)):
+        sitk.WriteImage(_series(seed, (2.0, 2.0, 4.0)), str(tmp_path / f"{role}.nrrd"))
+    (tmp_path / "box.json").write_text(json.dumps(BOX))
+    (tmp_path / "studies.csv").write_text("patient_id,t1,t2,stir,roi,crp\n"
+                                          "S1,t1.nrrd,t2.nrrd,stir.nrrd,box.json,12\n"
+                                          "S2,t1.nrrd,t2.nrrd,missing.nrrd,box.json,\n")
+    logic = RheumAIConsoleLogic(mrml.scene)
+    rows = logic.predictBatch(tmp_path / "studies.csv", negspa_model, tmp_path / "out", saliency=None,
+                              createNodes=True)
+    by_id = {str(r.get("study_id") or r.get("patient_id") or r.get("id") or r.get("study")): r for r in rows}
+    assert len(by_id) == 2, rows
+    assert 0.0 <= by_id["S1"]["probability"] <= 1.0 and by_id["S2"].get("error")
+    node = next(mrml.scene.GetNthNode(i) for i in range(mrml.scene.GetNumberOfNodes())
+                if mrml.scene.GetNthNode(i).GetAttribute("RheumAI.Role") == "batch_predictions")
+    table = table_rows(node)
+    assert len(table) == 2 and table[0]["probability"] == pytest.approx(by_id["S1"]["probability"])
+    assert "missing.nrrd" in table[1]["error"]

@@ -433,22 +433,30 @@ class RheumAIConsoleLogic:
     def predictBatch(self, pathsOrFolder: Any, modelPath: str | Path, outDir: str | Path,
                      progressCallback: ProgressCallback | None = None, saliency: str | None = "gradcam",
                      device: str = "cpu", tta: int = 0, shouldStop: Callable[[], bool] | None = None,
-                     ) -> list[dict[str, Any]]:
-        """Predict many studies (list, or a folder of image files / DICOM sub-folders) in this
-        process; writes ``outDir/predictions.csv`` / ``.json``; resumes (done studies skipped).
-        progressCallback(fraction 0..1, message). Returns one dict per study (rows with "error"
-        for studies that failed)."""
-        from rheumai.predict import predict_batch
+                     createNodes: bool = False) -> list[dict[str, Any]]:
+        """Predict many studies in this process, any task: a list or folder of studies (image
+        files / DICOM sub-folders; single-input tasks) or a study table CSV (one column per input
+        role, roi, clinical columns). Writes ``outDir/predictions.csv`` / ``.json``; resumes (done
+        studies skipped). progressCallback(fraction 0..1, message). Returns one dict per study
+        (rows with "error" for studies that failed); createNodes adds them as a table node."""
+        from rheumai import api
 
-        studies = find_studies(pathsOrFolder)
+        if isinstance(pathsOrFolder, (str, Path)) and str(pathsOrFolder).lower().endswith(".csv"):
+            studies: list[Any] = api.read_studies(pathsOrFolder, modelPath)
+        else:
+            studies = find_studies(pathsOrFolder)
 
-        def progress(i: int, n: int, study: str) -> None:
+        def progress(i: int, n: int, study: Any) -> None:
             if progressCallback:
-                progressCallback(i / n if n else 1.0, f"{i}/{n} {Path(study).name}")
+                progressCallback(i / n if n else 1.0, f"{i}/{n} {Path(str(study)).name}")
 
-        return predict_batch(studies, modelPath, outDir, progress=progress, should_stop=shouldStop,
-                             saliency=saliency, device=device, tta=tta, show_progress=False,
-                             predictor=self.predictor(modelPath, device))
+        predictor = self.predictor(modelPath, device)
+        model = predictor if type(predictor).__module__.startswith("rheumai.engine") else modelPath
+        rows = api.predict_many(model, studies, outDir, progress=progress, should_stop=shouldStop,
+                                saliency=saliency, tta=tta, device=device)
+        if createNodes:
+            self.showBatchResult(rows)
+        return rows
 
     # ------------------------------------------------------------------- dataset and training
     def buildDataset(self, dicomFolder: str | Path, labelsCsv: str | Path, outDir: str | Path,
