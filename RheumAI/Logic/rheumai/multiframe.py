@@ -5,7 +5,7 @@ An enhanced file holds many frames. Each frame's position (ImagePositionPatient)
 item, or in the SharedFunctionalGroupsSequence when common to all frames. One file (or a series
 of such files) may interleave several image types (a Philips field map: magnitude + field-map
 frames at the same positions) or several time points (4D). Frames are grouped into **parts** by
-the FrameType values that differ between frames and by StackID; each part is one candidate 3D
+the FrameType values that differ between frames, by echo time and by StackID; each part is one candidate 3D
 volume, and a part whose frames repeat positions is a 4D series, which is refused.
 
 Used by both the reader (:mod:`rheumai.io`) and the index (:mod:`rheumai.dataset.index`), so both
@@ -40,6 +40,7 @@ class Frame:
     intercept: float
     frame_type: tuple[str, ...]
     stack: str
+    echo_ms: float | None = None  # EffectiveEchoTime (MREchoSequence)
 
 
 @dataclass
@@ -108,21 +109,28 @@ def frames_of(ds: pydicom.Dataset, path: str | Path) -> list[Frame]:
                                              else ds.get("ImageType", [])) or [])
         content = _item(f, shared, "FrameContentSequence")
         stack = str(content.get("StackID", "") or "") if content is not None else ""
-        frames.append(Frame(str(path), i, ipp, iop, spacing, slope, intercept, frame_type, stack))  # type: ignore[arg-type]
+        echo = _item(f, shared, "MREchoSequence")
+        te = _floats([echo.get("EffectiveEchoTime")], 1) if echo is not None else None
+        frames.append(Frame(str(path), i, ipp, iop, spacing, slope, intercept, frame_type, stack,  # type: ignore[arg-type]
+                            te[0] if te else None))
     return frames
 
 
 def part_keys(frames: list[Frame]) -> list[str]:
-    """One key per frame: the FrameType values that differ between frames (e.g. ``M`` / ``FIELD_MAP``)
-    and the stack (``stack2``) when there are several; ``""`` for every frame when all agree."""
+    """One key per frame: the FrameType values that differ between frames (e.g. ``M`` / ``FIELD_MAP``),
+    the echo time (``TE4.92``) and the stack (``stack2``) when there are several; ``""`` for every
+    frame when all agree."""
     types = sorted({f.frame_type for f in frames})
     width = max((len(t) for t in types), default=0)
     padded = {t: t + ("",) * (width - len(t)) for t in types}
     differ = [i for i in range(width) if len({padded[t][i] for t in types}) > 1]
     stacks = len({f.stack for f in frames}) > 1
+    echoes = len({f.echo_ms for f in frames}) > 1
     keys = []
     for f in frames:
         vals = [padded[f.frame_type][i] for i in differ if padded[f.frame_type][i]]
+        if echoes:
+            vals.append(f"TE{f.echo_ms:g}" if f.echo_ms is not None else "TEnone")
         if stacks:
             vals.append(f"stack{f.stack}")
         keys.append(re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(vals)))

@@ -212,21 +212,21 @@ def read_header(path: Path) -> dict:
 
 
 def _frames_json(ds: pydicom.Dataset, path: Path) -> list[dict]:
-    """The frames of an enhanced file, compactly: one entry per (frame type, stack, orientation,
-    pixel spacing) with the frames' positions (LPS mm), in frame order."""
+    """The frames of an enhanced file, compactly: one entry per (frame type, stack, echo time,
+    orientation, pixel spacing) with the frames' positions (LPS mm), in frame order."""
     groups: dict[tuple, dict] = {}
     for fr in frames_of(ds, path):
-        key = (fr.frame_type, fr.stack, fr.iop, fr.pixel_spacing)
-        g = groups.setdefault(key, {"type": list(fr.frame_type), "stack": fr.stack, "iop": list(fr.iop),
-                                    "spacing": list(fr.pixel_spacing), "index": [], "ipp": []})
+        key = (fr.frame_type, fr.stack, fr.echo_ms, fr.iop, fr.pixel_spacing)
+        g = groups.setdefault(key, {"type": list(fr.frame_type), "stack": fr.stack, "echo_ms": fr.echo_ms,
+                                    "iop": list(fr.iop), "spacing": list(fr.pixel_spacing), "index": [], "ipp": []})
         g["index"].append(fr.index)
         g["ipp"].append([round(v, 5) for v in fr.ipp])
     return list(groups.values())
 
 
 def _frames_from_json(path: str, text: str) -> list[Frame]:
-    return [Frame(path, i, tuple(ipp), tuple(g["iop"]), tuple(g["spacing"]), 1.0, 0.0, tuple(g["type"]), g["stack"])
-            for g in json.loads(text) for i, ipp in zip(g["index"], g["ipp"])]
+    return [Frame(path, i, tuple(ipp), tuple(g["iop"]), tuple(g["spacing"]), 1.0, 0.0, tuple(g["type"]), g["stack"],
+                  g.get("echo_ms")) for g in json.loads(text) for i, ipp in zip(g["index"], g["ipp"])]
 
 
 def index_archive(
