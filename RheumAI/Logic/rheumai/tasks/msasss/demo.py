@@ -31,7 +31,8 @@ def _say(progress: bool, msg: str) -> None:
 
 def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress: bool = True,
              epochs_scale: float = 1.0) -> dict[str, Any]:
-    """Run the demo into ``out_dir`` (its cohort/run/eval/scene folders are replaced); returns the figures.
+    """Run the demo into ``out_dir/msasss`` (its cohort/run/eval/scene folders are replaced, so the
+    default ``demo_out`` of the other tasks' demos is not touched); returns the figures.
 
     ``epochs_scale`` shortens every training stage (tests).
     """
@@ -42,7 +43,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress:
     from .synth import make_cohort
     from .train import StageConfig, TrainConfig, train_system
 
-    out = Path(out_dir)
+    out = Path(out_dir) / "msasss"
     for sub in ("cohort", "run", "eval", "scene"):
         if (out / sub).exists():
             shutil.rmtree(out / sub)
