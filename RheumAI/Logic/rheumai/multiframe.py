@@ -118,21 +118,27 @@ def frames_of(ds: pydicom.Dataset, path: str | Path) -> list[Frame]:
 
 def part_keys(frames: list[Frame]) -> list[str]:
     """One key per frame: the FrameType values that differ between frames (e.g. ``M`` / ``FIELD_MAP``),
-    the echo time (``TE4.92``) and the stack (``stack2``) when there are several; ``""`` for every
-    frame when all agree."""
+    the stack (``stack2``) when there are several, and the echo time (``TE4.92``) where frames of one
+    type and stack have several; ``""`` for every frame when all agree."""
     types = sorted({f.frame_type for f in frames})
     width = max((len(t) for t in types), default=0)
     padded = {t: t + ("",) * (width - len(t)) for t in types}
     differ = [i for i in range(width) if len({padded[t][i] for t in types}) > 1]
     stacks = len({f.stack for f in frames}) > 1
-    echoes = len({f.echo_ms for f in frames}) > 1
-    keys = []
+    base = []
     for f in frames:
         vals = [padded[f.frame_type][i] for i in differ if padded[f.frame_type][i]]
-        if echoes:
-            vals.append(f"TE{f.echo_ms:g}" if f.echo_ms is not None else "TEnone")
         if stacks:
             vals.append(f"stack{f.stack}")
+        base.append(vals)
+    # Echo times split only what the frame type and stack leave together (multi-echo magnitude).
+    echoes: dict[tuple, set] = {}
+    for f, vals in zip(frames, base):
+        echoes.setdefault(tuple(vals), set()).add(f.echo_ms)
+    keys = []
+    for f, vals in zip(frames, base):
+        if len(echoes[tuple(vals)]) > 1:
+            vals = vals + [f"TE{f.echo_ms:g}" if f.echo_ms is not None else "TEnone"]
         keys.append(re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(vals)))
     return keys
 
