@@ -183,3 +183,26 @@ def test_killed_build_leaves_no_workers_and_no_change(archive, tmp_path, sig):
     # The next run removes what a killed run left behind.
     build_dataset(base / "index.sqlite", d.labels_csv, out, CohortRules(), SplitConfig(), PARAMS, compute_cache=False)
     assert _siblings(out) == []
+
+
+def test_concurrent_builds_into_one_folder_leave_one_whole_set(archive, tmp_path):
+    """Two builds with different rules race into the same folder: the result is one build's set,
+    never a mix (flow, dataset.json and manifest agree), and no staging folder is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    d, base = archive
+    out = tmp_path / "ds"
+    build_dataset(base / "index.sqlite", d.labels_csv, out, CohortRules(), SplitConfig(), PARAMS, progress=QUIET)
+
+    def run(days: int):
+        return build_dataset(base / "index.sqlite", d.labels_csv, out, CohortRules(min_followup_days=days),
+                             SplitConfig(), PARAMS, progress=QUIET)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, [1000, 500]))
+    meta = (out / "dataset.json").read_text()
+    days = 500 if '"min_followup_days": 500' in meta else 1000
+    winner = results[[1000, 500].index(days)]
+    assert f"Follow-up >= {days} days" in (out / "flow.txt").read_text()
+    assert len(list(csv.DictReader(open(out / "manifest.csv")))) == winner.n_included
+    assert f'"included": {winner.n_included}' in meta and _siblings(out) == []
