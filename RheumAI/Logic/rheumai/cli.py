@@ -12,9 +12,9 @@ import sys
 
 from .errors import RheumAIError
 
-# Commands that belong to no single task; each task in the registry adds its own
-# (Task.cli_modules), so a new task adds commands without editing this file.
-GENERAL_MODULES = ["rheumai.demo", "rheumai.tasks.cli"]
+# Commands that belong to no single task (predict reads the task from the model card); each task
+# in the registry adds its own (Task.cli_modules), so a new task adds commands without editing this file.
+GENERAL_MODULES = ["rheumai.demo", "rheumai.tasks.cli", "rheumai.predict_cli"]
 
 
 def command_modules() -> list[str]:
