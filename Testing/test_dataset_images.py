@@ -108,6 +108,11 @@ def test_cli_build_from_image_table(table, tmp_path, capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "  2  Follow-up >= 300 days" in out and "image table: images.csv (14 rows)" in out
+    args = parser.parse_args(["dataset", "build", "--images", str(path), "--out", str(tmp_path / "site"), "--flow-only",
+                              "--test-site", "A"])
+    assert args.func(args) == 0 and "external site: test = site(s) A" in capsys.readouterr().out
+    split = json.loads((tmp_path / "site" / "flow.json").read_text())["split"]
+    assert (split["test"]["n"], split["train"]["n"]) == (4, 7)  # site A: S01 S03 S07 S11; B the rest (S13 unread)
     args = parser.parse_args(["dataset", "build", "--images", str(path), "--labels", str(path), "--out", "x"])
     assert args.func(args) == 2
     assert "give either --images TABLE, or both --index and --labels" in capsys.readouterr().err
