@@ -48,13 +48,13 @@ def test_checkpoint_carries_statistics_of_unaugmented_training_images(tmp_path: 
         "augment": {"crop": "none", "contrast_prob": 1.0, "contrast_gamma": [0.3, 3.0], "scale_intensity_prob": 1.0,
                     "scale_intensity_factor": 0.9, "shift_intensity_prob": 1.0, "shift_intensity_offset": 0.8},
         "train": {"epochs": 2, "batch_size": 2, "lr": 1e-3, "seed": 1, "select": "last", "bn_recalibration": mode},
-        "evaluate": {"n_bootstrap": 20}})
+        "selection": {"method": "validation"}, "evaluate": {"n_bootstrap": 20}})
     res = train(cfg, m, tmp_path / mode, show_progress=False)
     model, card = load_checkpoint(res.checkpoint)
     assert card["training"]["bn_recalibration"] == mode
     df = read_manifest(m)
     ds = SliceStackDataset(df[df["split"] == "train"], build_eval_transform("none", 1.0, (16, 16)))
-    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    x = torch.stack([ds[i]["input"] for i in range(len(ds))])
     with torch.no_grad():
         f = model.conv1(x).double()
     true_mean = f.mean(dim=(0, 2, 3))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -99,3 +100,46 @@ def test_evaluate_errors(trained: tuple[Path, Path], tmp_path: Path, capsys) -> 
     assert main(["evaluate", "--model", str(tmp_path / "nothing.pt"), "--manifest", str(manifest),
                  "--out", str(tmp_path / "z")]) == 1
     assert "pickle" in capsys.readouterr().err
+
+
+def test_external_validation_and_recalibrated_checkpoint(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from rheumai.metrics import logistic_calibration, recalibrate_probability
+
+    _, model = trained
+    other = write_toy_cohort(tmp_path / "site_b", n_train=30, n_val=0, n_test=30, size=32, positive_fraction=0.4,
+                             seed=11)
+    df = pd.read_csv(other)  # another site's readers disagree on some outcomes: no perfect separation
+    flip = np.random.default_rng(0).permutation(len(df))[:12]
+    df.loc[flip, "label"] = 1 - df.loc[flip, "label"]
+    df.to_csv(other, index=False)
+    out, recal = tmp_path / "ext", tmp_path / "recal_model"
+    assert main(["evaluate", "--external", "--model", str(model), "--manifest", str(other), "--out", str(out),
+                 "--recalibrate", str(recal), "--n-bootstrap", "100", "--quiet"]) == 0
+    card = json.loads((model / "model_card.json").read_text())
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == 60  # --external evaluates every row of the other site
+    y, p = preds["label"].to_numpy(), preds["probability"].to_numpy()
+    comp = pd.read_csv(out / "comparison.csv").set_index("metric")
+    assert comp.loc["auc", "external"] == pytest.approx(roc_auc_score(y, p))
+    assert comp.loc["auc", "development"] == pytest.approx(card["metrics"]["validation"]["auc"]["value"])
+    cal = logistic_calibration(y, p)
+    assert comp.loc["calibration_slope", "external"] == pytest.approx(cal["slope"]["value"])
+    assert "development vs external site" in (out / "report.md").read_text()
+    # the recalibrated checkpoint: same tensors, recalibration recorded, and it is calibrated on site B
+    new = json.loads((recal / "model_card.json").read_text())
+    assert new["weights_sha256"] == card["weights_sha256"] == new["recalibration"]["source_weights_sha256"]
+    a, b = load_file(str(model / "model.safetensors")), load_file(str(recal / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rc = new["recalibration"]
+    assert rc["slope"] == pytest.approx(cal["slope"]["value"]) and rc["source_model_id"] == card["model_id"]
+    r2 = evaluate(recal, other, tmp_path / "after", split="all", n_bootstrap=50, show_progress=False)
+    p2 = r2.predictions["probability"].to_numpy()
+    np.testing.assert_allclose(p2, recalibrate_probability(p, rc["intercept"], rc["slope"]), rtol=1e-6, atol=1e-9)
+    after = logistic_calibration(y, p2)
+    assert after["slope"]["value"] == pytest.approx(1.0, abs=1e-6)
+    assert after["intercept"]["value"] == pytest.approx(0.0, abs=1e-6)
+    assert ((p2 >= new["threshold"]) == (p >= card["threshold"])).all()  # same patients on each side
+    assert main(["evaluate", "--model", str(model), "--manifest", str(other), "--out", str(tmp_path / "bad"),
+                 "--recalibrate", str(tmp_path / "x")]) == 1

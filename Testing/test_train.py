@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from rheumai.checkpoint import load_checkpoint
 from rheumai.config import TrainConfig, dumps_toml, load_config
-from rheumai.data import GlobalBatchSampler, read_manifest, split_train_val, write_toy_cohort
+from rheumai.data import read_manifest, split_train_val, write_toy_cohort
+from rheumai.engine.fit import GlobalBatchSampler
 from rheumai.errors import InputError
 from rheumai.train import train
 
@@ -197,3 +198,46 @@ def test_early_stopping_on_val_auc_and_workers(tmp_path: Path) -> None:
         assert len(h) == 5 and all(improved)
     assert res.best_val_auc == max(a["val_auc"] for a in h)
     assert res.best_epoch == 1 + int(np.argmax([a["val_auc"] for a in h]))
+
+
+def test_unusable_manifests_are_named_with_the_reason(tmp_path: Path) -> None:
+    m = write_toy_cohort(tmp_path / "c", n_train=6, n_val=2, n_test=2, size=16, positive_fraction=0.5, seed=1)
+    df = pd.read_csv(m)
+    cfg = tiny_config(16, epochs=1)
+    df.iloc[:0].to_csv(tmp_path / "c" / "empty.csv", index=False)           # header, no rows
+    with pytest.raises(InputError, match=r"empty\.csv.*header but no rows"):
+        train(cfg, tmp_path / "c" / "empty.csv", tmp_path / "o1", show_progress=False)
+    df.assign(split=df["split"].replace({"train": "test"})).to_csv(tmp_path / "c" / "notrain.csv", index=False)
+    with pytest.raises(InputError, match=r"notrain\.csv.*no rows with split == 'train'.*test: 8"):
+        train(cfg, tmp_path / "c" / "notrain.csv", tmp_path / "o2", show_progress=False)
+    # the one positive went to validation: the message says so
+    one = pd.concat([df[df["label"] == 0], df[df["label"] == 1].head(1).assign(split="val")])
+    one.to_csv(tmp_path / "c" / "one.csv", index=False)
+    with pytest.raises(InputError, match=r"one\.csv.*only one class.*negative.*the only positive is in val \(1\)"):
+        train(cfg, tmp_path / "c" / "one.csv", tmp_path / "o3", show_progress=False)
+
+
+def test_resume_keeps_history_columns_and_finished_run_is_left_alone(cohort: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(16, epochs=2)
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    assert train(cfg, cohort, tmp_path / "r", should_stop=stop, show_progress=False).stopped
+    first = list(pd.read_csv(tmp_path / "r" / "history.csv").columns)
+    res = train(cfg, cohort, tmp_path / "r", resume=True, show_progress=False)
+    assert list(pd.read_csv(tmp_path / "r" / "history.csv").columns) == first == \
+        ["epoch", "train_loss", "val_loss", "val_auc", "best_val_auc", "lr"]
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    again = train(cfg, cohort, tmp_path / "r", resume=True, show_progress=False)
+    assert again.already_finished and again.checkpoint == res.checkpoint and again.threshold == res.threshold
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*") if p.is_file()} == files
+    from rheumai.train_cli import main
+
+    cfg_path = tmp_path / "cfg.toml"
+    cfg_path.write_text(dumps_toml(cfg.to_dict()))
+    assert main(["train", "--config", str(cfg_path), "--manifest", str(cohort), "--out", str(tmp_path / "r"),
+                 "--resume"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*") if p.is_file()} == files

@@ -48,9 +48,9 @@ def run(quick: bool = False) -> list[dict]:
             rows_df = read_manifest(manifest)
             ds = SliceStackDataset(rows_df, build_train_transform(AugmentConfig(), (size, size)))
             loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=0)
-            batches = [(xb, yb.float()) for xb, yb, *_ in loader]
+            batches = [(b["input"], b["target"]["out"].float()) for b in loader]
             t0 = time.perf_counter()
-            batches = [(xb, yb.float()) for xb, yb, *_ in loader]
+            batches = [(b["input"], b["target"]["out"].float()) for b in loader]
             data_s = time.perf_counter() - t0
             piped = _steps(model, opt, batches, loss_fn)
         pipeline = 1.0 / (1.0 / piped + data_s / (batch * n_steps))

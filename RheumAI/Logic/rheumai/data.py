@@ -1,4 +1,4 @@
-"""Cohort manifest -> torch Dataset of cached slice stacks, transforms and the batch sampler.
+"""Cohort manifest -> torch Dataset of cached slice stacks (engine sample dicts) and transforms.
 
 Arrays are the contract's cache format: ``<stem>.npy`` float32 (C, H, W) with C = sagittal slices
 (patient right -> left), H = superior -> inferior, W = anterior -> posterior. They are read with
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -174,7 +174,8 @@ def eval_transform_from_card(card: dict[str, Any]) -> Compose:
 # ---------------------------------------------------------------- dataset and sampler
 
 class SliceStackDataset(torch.utils.data.Dataset):
-    """Manifest rows -> (x float32 (C, H', W'), y float32 scalar, row index).
+    """Manifest rows -> engine samples {"input": x float32 (C, H', W'), "target": {"out": y float32
+    scalar}, "id": patient_id}.
 
     Random transforms are re-seeded per item from (seed, epoch, index), so augmentation does not
     depend on worker count, process rank or interruption: a resumed or distributed run sees
@@ -198,7 +199,7 @@ class SliceStackDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         x = torch.from_numpy(np.array(load_array(self.paths[i], self.expect_channels), dtype=np.float32))
         seed = (self.seed * 1_000_003 + self.epoch * 10_007 + i) % (2**32 - 1)
         self.transform.set_random_state(seed=seed)
@@ -206,51 +207,7 @@ class SliceStackDataset(torch.utils.data.Dataset):
         if isinstance(x, MetaTensor):  # plain tensor: MetaTensor's torch-function hook slows the network ~2x
             x = x.as_tensor()
         x = torch.as_tensor(x, dtype=torch.float32).contiguous()
-        return x, torch.tensor(self.labels[i]), i
-
-
-class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Per-process micro-batches of a seeded global batch order.
-
-    Each epoch the dataset is permuted with (seed, epoch); the permutation is cut into global
-    batches of ``batch_size``; the last one is completed by wrapping around to the start, so no
-    case is dropped. Global batch b is split into ``world_size * accumulate`` equal micro-batches;
-    process ``rank`` gets, for each global batch, micro-batches ``rank*accumulate ...``. With
-    world_size=1 and accumulate=A a single process sees exactly what A x DDP processes see.
-    """
-
-    def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0, accumulate: int = 1,
-                 seed: int = 0, shuffle: bool = True):
-        if batch_size % (world_size * accumulate):
-            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} x accumulate {accumulate}")
-        if n < 1:
-            raise ValueError("empty dataset")
-        self.n, self.batch_size, self.world_size, self.rank = n, batch_size, world_size, rank
-        self.accumulate, self.seed, self.shuffle, self.epoch = accumulate, seed, shuffle, 0
-        self.micro = batch_size // (world_size * accumulate)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def steps_per_epoch(self) -> int:
-        return -(-self.n // self.batch_size)
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch() * self.accumulate
-
-    def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        total = self.steps_per_epoch() * self.batch_size
-        order = (order * (total // self.n + 1))[:total]
-        for b in range(self.steps_per_epoch()):
-            gb = order[b * self.batch_size:(b + 1) * self.batch_size]
-            for a in range(self.accumulate):
-                k = self.rank * self.accumulate + a
-                yield gb[k * self.micro:(k + 1) * self.micro]
+        return {"input": x, "target": {"out": torch.tensor(self.labels[i])}, "id": self.patient_ids[i]}
 
 
 # ---------------------------------------------------------------- toy cohort (tests, smoke runs)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+from scipy.special import expit
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import (accuracy_score, brier_score_loss, confusion_matrix, f1_score, precision_score,
                              recall_score, roc_auc_score, roc_curve)
@@ -238,6 +239,61 @@ def calibration(y: Any, p: Any, n_bins: int = 10) -> dict[str, Any]:
     counts, _ = np.histogram(p, bins=np.linspace(0.0, 1.0, n_bins + 1))
     return {"brier": float(brier_score_loss(y, p)), "prob_pred": prob_pred.tolist(),
             "prob_true": prob_true.tolist(), "bin_counts": counts.astype(int).tolist()}
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(np.asarray(p, float), 1e-12, 1 - 1e-12)
+    return np.log(q / (1 - q))
+
+
+def logistic_calibration(y: Any, p: Any, alpha: float = 0.05) -> dict[str, Any]:
+    """Calibration intercept and slope (Cox 1958; Van Calster et al. 2019) with Wald CIs.
+
+    slope: b of ``logit P(y=1) = a + b * logit(p)`` (1 = ideal, < 1 = predictions too extreme);
+    intercept ("calibration-in-the-large"): a of ``logit P(y=1) = a + logit(p)`` (slope fixed at
+    1; 0 = ideal, < 0 = risks overestimated). Both by Newton-Raphson maximum likelihood; the
+    standard errors from the inverse Fisher information. ``slope_model_intercept`` is the a of
+    the first model, the pair used by :func:`recalibrate_probability`.
+    """
+    y, p = _check(y, p)
+    if y.min() == y.max():
+        raise ValueError("calibration intercept / slope need both classes")
+    z = _logit(p)
+    X = np.stack([np.ones_like(z), z], axis=1)
+    beta = np.zeros(2)
+    for _ in range(100):
+        mu = expit(X @ beta)
+        w = mu * (1 - mu)
+        info = X.T @ (X * w[:, None])
+        step = np.linalg.solve(info + 1e-12 * np.eye(2), X.T @ (y - mu))
+        beta += step
+        if np.abs(step).max() < 1e-10:
+            break
+    else:
+        raise ValueError("calibration slope does not converge (the classes are separated by the predictions)")
+    cov = np.linalg.inv(info + 1e-12 * np.eye(2))
+    a = 0.0
+    for _ in range(100):
+        mu = expit(a + z)
+        info_a = float((mu * (1 - mu)).sum())
+        step = float((y - mu).sum()) / max(info_a, 1e-12)
+        a += step
+        if abs(step) < 1e-10:
+            break
+    else:
+        raise ValueError("calibration intercept does not converge")
+    q = stats.norm.ppf(1 - alpha / 2)
+    se_b, se_a0, se_a = float(np.sqrt(cov[1, 1])), float(np.sqrt(cov[0, 0])), float(1 / np.sqrt(max(info_a, 1e-12)))
+    return {"intercept": {"value": float(a), "lo": float(a - q * se_a), "hi": float(a + q * se_a)},
+            "slope": {"value": float(beta[1]), "lo": float(beta[1] - q * se_b), "hi": float(beta[1] + q * se_b)},
+            "slope_model_intercept": {"value": float(beta[0]), "lo": float(beta[0] - q * se_a0),
+                                      "hi": float(beta[0] + q * se_a0)},
+            "n": int(y.size), "method": "logistic recalibration, Wald CIs"}
+
+
+def recalibrate_probability(p: Any, intercept: float, slope: float) -> np.ndarray:
+    """``sigmoid(intercept + slope * logit(p))``: logistic recalibration of probabilities."""
+    return expit(intercept + slope * _logit(np.asarray(p, float)))
 
 
 # ---------------------------------------------------------------- everything at once

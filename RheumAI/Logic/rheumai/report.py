@@ -188,7 +188,7 @@ def write_evaluation_report(out_dir: str | Path, report: dict[str, Any], context
     """Write report.md, report.html, metrics.csv and the three PNGs into ``out_dir``.
 
     ``context``: {"title", "model_id", "split", "threshold_source", "card" (model card),
-    "warnings" (list of str)}. Returns the written paths by name.
+    "warnings" (list of str), "extra_blocks" (report blocks placed before the plots)}. Returns the written paths by name.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,6 +222,7 @@ def write_evaluation_report(out_dir: str | Path, report: dict[str, Any], context
                      f"{_prevalence_brier(report):.4f})."),
                ("table", [["Mean predicted", "Observed positive fraction"]]
                 + [[_fmt(a), _fmt(b)] for a, b in zip(report["calibration"]["prob_pred"], report["calibration"]["prob_true"])]),
+               *context.get("extra_blocks", []),
                ("h2", "Plots"), ("img", ("roc.png", "ROC curve")), ("img", ("confusion_matrix.png", "Confusion matrix")),
                ("img", ("calibration.png", "Reliability curve"))]
     if td:

@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "the operating threshold, calibration; report.md/.html + CSV + PNG.")
     e.add_argument("--model", required=True, type=Path, help="checkpoint folder (model.safetensors + model_card.json)")
     e.add_argument("--manifest", required=True, type=Path, help="manifest.csv")
-    e.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    e.add_argument("--split", choices=["train", "val", "test", "all"],
+                   help="rows to evaluate (default: test; with --external: all)")
     e.add_argument("--out", required=True, type=Path, help="report folder")
     e.add_argument("--threshold-rule", help="youden | fixed:<p> | sensitivity:<min> (default: the card's threshold)")
     e.add_argument("--auc-ci", default="delong", choices=["delong", "bootstrap"])
@@ -36,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--external", action="store_true",
+                   help="external validation: the manifest is another site's cohort; discrimination and calibration "
+                        "(intercept, slope) side by side with the development figures in the model card")
+    e.add_argument("--recalibrate", type=Path, metavar="DIR",
+                   help="with --external: write a recalibrated checkpoint (same weights, logistic intercept / slope "
+                        "fitted on this cohort, recorded in its card) into DIR")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_run_evaluate)
 
@@ -55,7 +62,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .errors import InputError
-    from .evaluate import evaluate
+    from .evaluate import evaluate, validate_external
     from .metrics import parse_threshold_rule
 
     if args.threshold_rule:
@@ -63,7 +70,16 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             parse_threshold_rule(args.threshold_rule)
         except ValueError as exc:
             raise InputError(None, f"--threshold-rule: {exc}") from None
-    evaluate(args.model, args.manifest, args.out, split=args.split, threshold_rule=args.threshold_rule,
+    if args.recalibrate and not args.external:
+        raise InputError(None, "--recalibrate needs --external")
+    if args.external:
+        if args.threshold_rule:
+            raise InputError(None, "--external keeps the model card's threshold; drop --threshold-rule")
+        validate_external(args.model, args.manifest, args.out, split=args.split or "all",
+                          recalibrate_out=args.recalibrate, alpha=args.alpha, n_bootstrap=args.n_bootstrap,
+                          seed=args.seed, batch_size=args.batch_size, device=args.device, show_progress=not args.quiet)
+        return 0
+    evaluate(args.model, args.manifest, args.out, split=args.split or "test", threshold_rule=args.threshold_rule,
              auc_ci=args.auc_ci, n_bootstrap=args.n_bootstrap, alpha=args.alpha, seed=args.seed,
              batch_size=args.batch_size, device=args.device, show_progress=not args.quiet)
     return 0

@@ -133,9 +133,8 @@ def _icc_a1(a: np.ndarray, b: np.ndarray, alpha: float) -> tuple[float, float, f
     mse = ((x - x.mean(1, keepdims=True) - x.mean(0, keepdims=True) + gm) ** 2).sum() / ((n - 1) * (k - 1))
     denom = msr + (k - 1) * mse + k * (msc - mse) / n
     icc = (msr - mse) / denom if denom > 0 else float("nan")
-    fr = msr / mse if mse > 0 else np.inf
-    if not np.isfinite(fr):
-        return float(icc), float("nan"), float("nan")
+    if not (mse > 1e-12 * max(msr, 1e-300)) or not icc < 1.0:
+        return float(icc), float("nan"), float("nan")  # perfect agreement: no F-based interval
     # McGraw & Wong (1996) eq. for ICC(A,1): approximate degrees of freedom v
     aa, bb = k * icc / (n * (1 - icc)), 1 + k * icc * (n - 1) / (n * (1 - icc))
     v = (aa * msc + bb * mse) ** 2 / ((aa * msc) ** 2 / (k - 1) + (bb * mse) ** 2 / ((n - 1) * (k - 1)))

@@ -6,15 +6,16 @@ box, label, split) into ``cache/<patient_id>.npy/.json`` (:class:`NegSpaSample`)
 ``dataset.json`` (parameters, excluded studies with the reason). Re-running skips cached studies
 whose parameters match (resumable); a study that fails is listed, not silently dropped.
 
-Training (:func:`train_negspa`), as Lu et al. describe it, in two stages:
+Training (:func:`train_negspa`), as Lu et al. describe it, in two stages, each one call of the
+engine's loop (:func:`rheumai.engine.fit.fit`, binary head; state in ``<out>/stage<k>/``):
 1. image stage: the three ResNet branches + the image-only head, BCE on the patient logit (max
-   over the joint halves), MixCut (see :mod:`.mixcut`) and a random left/right swap of the halves;
+   over the joint halves), MixCut (see :mod:`.mixcut`) and a random left/right swap of the halves
+   as the batch transform; BatchNorm statistics recomputed on the unmixed training images;
 2. fusion stage: branches frozen (BatchNorm statistics too), the clinical MLP + fusion head
    trained on unmixed images with the encoded clinical vector.
 The operating threshold is chosen on the validation split (Youden by default;
 :func:`rheumai.metrics.choose_threshold`). Checkpoint: :func:`rheumai.checkpoint.save_checkpoint`
-(safetensors + model card), resume state: :func:`rheumai.checkpoint.save_training_state` at
-every epoch end (``resume=True`` continues a killed run).
+(safetensors + model card); ``resume=True`` continues a killed run from the stage's state.
 """
 
 from __future__ import annotations
@@ -31,15 +32,17 @@ import torch
 from tqdm import tqdm
 
 from ...atomic import write_json, write_text
-from ...checkpoint import (check_binding, find_training_state, load_training_state, load_weights, read_card, save_checkpoint,
-                           save_training_state)
+from ...checkpoint import check_binding, find_training_state, load_weights, read_card, save_checkpoint
+from ...engine.fit import FitConfig, fit
+from ...engine.fit import predict as engine_predict
+from ...engine.heads import BinaryHead
 from ...paths import safe_child
 from ...errors import InputError, RheumAIError
 from ...metrics import binary_report, choose_threshold
 from .clinical import NAMES, ClinicalEncoder, parse_table, read_clinical_csv
 from .mixcut import mixcut
 from .model import build_model, default_architecture, pack
-from .preprocess import NegSpaParams, preprocess
+from .preprocess import ROLES, NegSpaParams, preprocess
 from .synth import read_cohort
 
 TASK_NAME = "negspa"
@@ -118,7 +121,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 
 class NegSpaDataset(torch.utils.data.Dataset):
-    """Items: (images float32 (S, 2, C, H, W), clinical float32 (D,), label float32)."""
+    """Engine samples: {"input": {"x": packed images float32 (S*2*C, H, W) (:func:`.model.pack`),
+    "clinical": float32 (D,)}, "target": {"out": label float32}, "id": patient_id}."""
 
     def __init__(self, df: pd.DataFrame, encoder: ClinicalEncoder):
         self.df = df.reset_index(drop=True)
@@ -128,13 +132,15 @@ class NegSpaDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.df)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         stem = Path(self.df.at[i, "array_stem"])
         try:
             arr = np.load(stem.with_name(stem.name + ".npy"), allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise InputError(stem, f"cached sample unreadable ({exc}); rebuild the dataset") from None
-        return torch.from_numpy(arr.astype(np.float32)), torch.from_numpy(self.clinical[i]), torch.tensor(self.labels[i])
+        x = pack(torch.from_numpy(arr.astype(np.float32))[None])[0]
+        return {"input": {"x": x, "clinical": torch.from_numpy(self.clinical[i])},
+                "target": {"out": torch.tensor(self.labels[i])}, "id": str(self.df.at[i, "patient_id"])}
 
 
 # ---------------------------------------------------------------- training
@@ -156,35 +162,58 @@ def _device(pref: str) -> torch.device:
 @torch.no_grad()
 def predict_loader(model: torch.nn.Module, ds: NegSpaDataset, device: torch.device, mode: str,
                    batch_size: int = 8) -> np.ndarray:
-    """(N,) patient probabilities (eval mode)."""
-    model.eval()
-    out = []
-    for x, c, _ in torch.utils.data.DataLoader(ds, batch_size=batch_size):
-        out.append(torch.sigmoid(model(pack(x.to(device)), c.to(device), mode=mode)).squeeze(1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+    """(N,) patient probabilities of head ``mode`` ("image" | "fusion"), eval mode."""
+    if not len(ds):
+        return np.zeros(0)
+    previous, model.mode = model.mode, mode
+    try:
+        outputs, _, _ = engine_predict(model, ds, device, {"out": BinaryHead()}, batch_size)
+    finally:
+        model.mode = previous
+    return BinaryHead().decode(outputs["out"])["probability"]
 
 
 def _bce(p: np.ndarray, y: np.ndarray) -> float:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
+    """Mean binary cross-entropy of float64 probabilities (clipped only against log(0))."""
+    p = np.clip(p, 1e-15, 1 - 1e-15)
     return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
 
 
-def _stage_setup(model: torch.nn.Module, stage: int, lr: float, lr_fusion: float) -> torch.optim.Optimizer:
+def _stage_params(model: torch.nn.Module, stage: int) -> list[torch.nn.Parameter]:
+    """Stage 1: branches + image head (mode "image"); stage 2: branches frozen, clinical MLP +
+    fusion head (mode "fusion")."""
     if stage == 1:
         model.mode = "image"
-        params = list(model.branches.parameters()) + list(model.image_head.parameters())
-        return torch.optim.Adam(params, lr=lr)
+        return list(model.branches.parameters()) + list(model.image_head.parameters())
     model.mode = "fusion"
     for p in model.branches.parameters():
         p.requires_grad_(False)
-    params = list(model.clinical_mlp.parameters()) + list(model.fusion_head.parameters())
-    return torch.optim.Adam(params, lr=lr_fusion)
+    return list(model.clinical_mlp.parameters()) + list(model.fusion_head.parameters())
 
 
-def _train_mode(model: torch.nn.Module, stage: int) -> None:
-    model.train()
-    if stage == 2:
-        model.branches.eval()  # frozen: keep the BatchNorm running statistics of stage 1
+def _train_mode(stage: int) -> Callable[[torch.nn.Module], None]:
+    def set_mode(model: torch.nn.Module) -> None:
+        model.train()
+        if stage == 2:
+            getattr(model, "module", model).branches.eval()  # frozen: keep the stage-1 BatchNorm statistics
+    return set_mode
+
+
+def _augment(stage: int, mixcut_alpha: float, mixcut_prob: float) -> Callable[..., dict[str, Any]]:
+    """Batch transform: random left/right swap of the joint halves, then (stage 1) MixCut."""
+
+    def transform(batch: dict[str, Any], gen: torch.Generator, epoch: int) -> dict[str, Any]:
+        x, y = batch["input"]["x"], batch["target"]["out"]
+        n, _, h, w = x.shape
+        x6 = x.view(n, len(ROLES), 2, -1, h, w).clone()
+        swap = torch.rand(n, generator=gen) < 0.5  # anatomical L/R flip = swap the halves
+        x6[swap] = x6[swap].flip(2)
+        if stage == 1 and mixcut_alpha > 0 and float(torch.rand(1, generator=gen)) < mixcut_prob:
+            mc = mixcut(x6, y, mixcut_alpha, gen)
+            x6, y = mc.images, mc.targets
+        return {**batch, "input": {**batch["input"], "x": pack(x6)}, "target": {"out": y}}
+
+    return transform
 
 
 def train_negspa(manifest: str | Path, out_dir: str | Path, depth: int = 50, epochs_stage1: int = 30,
@@ -210,68 +239,35 @@ def train_negspa(manifest: str | Path, out_dir: str | Path, depth: int = 50, epo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
     dev = _device(device)
     encoder = ClinicalEncoder.fit(train_df[list(NAMES)])
     ds_train, ds_val = NegSpaDataset(train_df, encoder), NegSpaDataset(val_df, encoder)
-    s, halves, c, h, w = ds_train[0][0].shape
+    stem = Path(ds_train.df.at[0, "array_stem"])
+    try:
+        s, halves, c, h, w = np.load(stem.with_name(stem.name + ".npy"), mmap_mode="r", allow_pickle=False).shape
+    except (OSError, ValueError) as exc:
+        raise InputError(stem, f"cached sample unreadable ({exc}); rebuild the dataset") from None
     arch = default_architecture(depth=depth, n_slices=c, input_size=(h, w), clinical_dim=encoder.dim,
                                 shared_backbone=shared_backbone)
     model = build_model(arch).to(dev)
     y_train = ds_train.labels
     initial_loss = _bce(predict_loader(model, ds_train, dev, "image", batch_size), y_train)
     history: list[dict[str, Any]] = []
-    start_stage, start_epoch = 1, 0
-    state_dir = out / "state"
-    if resume and find_training_state(state_dir) is not None:
-        meta = json.loads((find_training_state(state_dir) / "state.json").read_text())
-        start_stage = int(meta["stage"])  # weights + optimiser are loaded when that stage starts below
-        start_epoch, history = int(meta["epoch"]) + 1, list(meta["history"])
-        initial_loss = float(meta["initial_loss"])
-        gen.manual_seed(seed + 1000 * start_stage + start_epoch)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     for stage, n_epochs in ((1, epochs_stage1), (2, epochs_stage2)):
-        if stage < start_stage:
-            continue
-        opt = _stage_setup(model, stage, lr, lr_fusion)
-        if stage == start_stage and start_epoch > 0:
-            load_training_state(state_dir, model, opt)
-        first = start_epoch if stage == start_stage else 0
-        bar = tqdm(range(first, n_epochs), desc=f"negspa stage {stage}", disable=not show_progress)
-        for epoch in bar:
-            _train_mode(model, stage)
-            order = torch.randperm(len(ds_train), generator=gen).tolist()
-            losses = []
-            for b in range(0, len(order), batch_size):
-                idx = order[b:b + batch_size]
-                if len(idx) < 2 and len(order) > 1:
-                    continue  # BatchNorm needs more than one sample; the remainder joins the next epoch's shuffle
-                items = [ds_train[i] for i in idx]
-                x = torch.stack([it[0] for it in items])
-                clin = torch.stack([it[1] for it in items]).to(dev)
-                y = torch.stack([it[2] for it in items])
-                swap = torch.rand(len(idx), generator=gen) < 0.5  # anatomical L/R flip = swap the halves
-                x[swap] = x[swap].flip(2)
-                if stage == 1 and mixcut_alpha > 0 and float(torch.rand(1, generator=gen)) < mixcut_prob:
-                    mc = mixcut(x, y, mixcut_alpha, gen)
-                    x, y = mc.images, mc.targets
-                logits = model(pack(x.to(dev)), clin).squeeze(1)
-                loss = loss_fn(logits, y.to(dev))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-                if should_stop is not None and should_stop():
-                    raise KeyboardInterrupt
-            rec = {"stage": stage, "epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan")}
-            history.append(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            if progress:
-                progress(dict(rec, epochs=n_epochs))
-            if (state_every > 0 and (epoch + 1) % state_every == 0) or epoch == n_epochs - 1:
-                save_training_state(state_dir, model, opt, {"stage": stage, "epoch": epoch, "history": history,
-                                                            "initial_loss": initial_loss, "seed": seed})
-        start_epoch = 0
+        stage_out = out / f"stage{stage}"
+        params = _stage_params(model, stage)
+        cfg = FitConfig(epochs=n_epochs, batch_size=batch_size, lr=lr if stage == 1 else lr_fusion, seed=seed + stage,
+                        device=device, select="last", eval_batch_size=batch_size, state_every=state_every,
+                        bn_recalibration="epoch" if stage == 1 else "none")
+        res = fit(model, ds_train, ds_val if len(ds_val) else None, {"out": BinaryHead()}, cfg, stage_out,
+                  progress=progress, should_stop=should_stop,
+                  resume=resume and find_training_state(stage_out / "state") is not None,
+                  recal_ds=ds_train, batch_transform=_augment(stage, mixcut_alpha, mixcut_prob), params=params,
+                  train_mode=_train_mode(stage), show_progress=show_progress, desc=f"negspa stage {stage}")
+        if res.stopped:
+            raise KeyboardInterrupt("stopped")
+        history += [{"stage": stage, "epoch": h["epoch"] - 1, "loss": h["train_loss"], "val_auc": h["val_auc"]}
+                    for h in res.history]
     p_train = predict_loader(model, ds_train, dev, "fusion", batch_size)
     final_loss = _bce(p_train, y_train)
     val_auc, threshold, rule = None, 0.5, threshold_rule

@@ -1,0 +1,527 @@
+"""The one training loop: any task's model, datasets of sample dicts, and heads.
+
+``fit(model, train_ds, val_ds, heads, cfg, out_dir)`` trains ``model`` in place and returns a
+:class:`FitResult`. Samples follow ``docs/ENGINE.md``: ``{"input": Tensor | dict[str, Tensor],
+"target": {head name: Tensor}, "id": str}``; the model returns ``{head name: Tensor}`` (a bare
+Tensor is the output of the single head). The loss is the weighted sum of the heads' losses.
+
+What the loop does, for every task:
+
+* Adam / AdamW, optional one-cycle or cosine schedule, global batch ``batch_size`` split into
+  ``accumulate_steps`` micro-batches; under ``torchrun`` DistributedDataParallel (NCCL on GPU with
+  SyncBatchNorm, gloo on CPU): every process gets its share of the same seeded global batches
+  (:class:`GlobalBatchSampler`), so N processes follow the single-process run; AMP on CUDA.
+* After each epoch: BatchNorm statistics recomputed on un-augmented training images
+  (:mod:`.batchnorm`; ``recal_ds`` or ``train_ds.unaugmented()``), then the validation outputs,
+  loss and the monitored head's score (AUC, kappa, -MAE, ...); best weights kept; early stopping.
+* ``<out>/state``: resume state at every epoch boundary (safetensors + JSON, no pickle);
+  ``resume=True`` continues bit-identically on CPU. ``<out>/history.csv`` (fixed column order).
+* ``should_stop()`` polled every step (GUI cancel), ``progress(dict)`` per step and epoch, tqdm.
+
+Task hooks: ``batch_transform(batch, generator, epoch)`` (e.g. MixCut; the generator is seeded
+per step, so resumed runs see the same mixes), ``params`` (what the optimiser trains; default
+every parameter with ``requires_grad``), ``train_mode(model)`` (e.g. keep frozen branches in
+eval mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..atomic import write_text
+from ..checkpoint import find_training_state, load_training_state, save_training_state
+from ..errors import InputError
+from .batchnorm import recalibrate_batchnorm
+from .heads import Head
+
+ProgressFn = Callable[[dict[str, Any]], None]
+# Loop settings a resumed run may change (more epochs, other patience / workers / eval batch).
+RESUMABLE = ("fit.epochs", "fit.early_stopping_patience", "fit.num_workers", "fit.eval_batch_size", "fit.state_every")
+BatchTransform = Callable[[dict[str, Any], torch.Generator, int], dict[str, Any]]
+
+
+@dataclass
+class FitConfig:
+    """The loop's settings (a task's config maps onto these; a plain dict of them also works)."""
+
+    epochs: int = 100
+    batch_size: int = 4                 # global batch (all processes, all accumulation steps)
+    accumulate_steps: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    optimizer: str = "adam"             # "adam" | "adamw"
+    scheduler: str = "none"             # "none" | "onecycle" | "cosine" (stepped per optimiser step)
+    seed: int = 0
+    device: str = "auto"                # "auto" | "cpu" | "cuda"
+    amp: bool = True                    # CUDA only
+    channels_last: bool = False         # CUDA only
+    sync_batchnorm: bool = True         # DDP on CUDA
+    eval_batch_size: int = 8
+    num_workers: int = 0
+    early_stopping_patience: int = 0    # epochs without improvement of the monitored score; 0 = off
+    select: str = "best"                # weights kept: "best" (monitored score) | "last"
+    monitor: str = ""                   # head whose score selects; "" = the first head
+    bn_recalibration: str = "epoch"     # "epoch" | "final" | "none"
+    collect_val_outputs: bool = False   # keep every epoch's validation outputs (out-of-fold selection)
+    state_every: int = 1                # resume state every N epochs (0: only at the end / early stop)
+
+    @classmethod
+    def from_any(cls, cfg: "FitConfig | Mapping[str, Any]") -> "FitConfig":
+        if isinstance(cfg, FitConfig):
+            return cfg
+        d = dict(cfg)
+        if d.get("select") == "best_val_auc":
+            d["select"] = "best"
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - names)
+        if bad:
+            raise ValueError(f"unknown fit setting(s) {bad}; known: {sorted(names)}")
+        c = cls(**d)
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.accumulate_steps < 1 or self.batch_size % self.accumulate_steps:
+            raise ValueError(f"batch_size {self.batch_size} must be a positive multiple of accumulate_steps "
+                             f"{self.accumulate_steps}")
+        if self.epochs < 1:
+            raise ValueError("epochs must be >= 1")
+        for name, val, allowed in (("optimizer", self.optimizer, ("adam", "adamw")),
+                                   ("scheduler", self.scheduler, ("none", "onecycle", "cosine")),
+                                   ("select", self.select, ("best", "last")),
+                                   ("bn_recalibration", self.bn_recalibration, ("epoch", "final", "none")),
+                                   ("device", self.device, ("auto", "cpu", "cuda"))):
+            if val not in allowed:
+                raise ValueError(f"{name} {val!r}: one of {allowed}")
+
+
+@dataclass
+class FitResult:
+    """``model`` holds the selected weights (eval mode). ``val_outputs``: raw outputs per head of
+    the selected weights on ``val_ds``; ``epoch_val_outputs``: per epoch (collect_val_outputs)."""
+
+    model: torch.nn.Module
+    history: list[dict[str, Any]]
+    epochs_run: int
+    best_epoch: int | None
+    best_score: float | None
+    score_name: str
+    stopped: bool = False
+    early_stopped: bool = False
+    weights: str = "last"
+    bn_recalibration: str = "none"
+    val_outputs: dict[str, torch.Tensor] | None = None
+    val_targets: dict[str, torch.Tensor] | None = None
+    val_ids: list[str] = field(default_factory=list)
+    epoch_val_outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    world_size: int = 1
+    device: str = "cpu"
+    amp: bool = False
+    channels_last: bool = False
+
+
+# ---------------------------------------------------------------- processes and devices
+
+@dataclass
+class DistContext:
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    created: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def dist_setup(use_cuda: bool) -> DistContext:
+    """The torchrun process group (created here when WORLD_SIZE > 1 and none exists)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    created = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        created = True
+    if dist.is_initialized():
+        return DistContext(dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+                           created)
+    return DistContext()
+
+
+def select_device(pref: str, d: DistContext) -> torch.device:
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, "device = 'cuda' but no CUDA device is available")
+    if pref in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, enabled: bool) -> Any:
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+# ---------------------------------------------------------------- batches
+
+class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Per-process micro-batches of a seeded global batch order.
+
+    Each epoch the dataset is permuted with (seed, epoch); the permutation is cut into global
+    batches of ``batch_size``; the last one is completed by wrapping around to the start, so no
+    case is dropped. Global batch b is split into ``world_size * accumulate`` equal micro-batches;
+    process ``rank`` gets, for each global batch, micro-batches ``rank*accumulate ...``. With
+    world_size=1 and accumulate=A a single process sees exactly what A x DDP processes see.
+    """
+
+    def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0, accumulate: int = 1,
+                 seed: int = 0, shuffle: bool = True):
+        if batch_size % (world_size * accumulate):
+            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} x accumulate {accumulate}")
+        if n < 1:
+            raise ValueError("empty dataset")
+        self.n, self.batch_size, self.world_size, self.rank = n, batch_size, world_size, rank
+        self.accumulate, self.seed, self.shuffle, self.epoch = accumulate, seed, shuffle, 0
+        self.micro = batch_size // (world_size * accumulate)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def steps_per_epoch(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch() * self.accumulate
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.steps_per_epoch() * self.batch_size
+        order = (order * (total // self.n + 1))[:total]
+        for b in range(self.steps_per_epoch()):
+            gb = order[b * self.batch_size:(b + 1) * self.batch_size]
+            for a in range(self.accumulate):
+                k = self.rank * self.accumulate + a
+                yield gb[k * self.micro:(k + 1) * self.micro]
+
+
+def _to(x: Any, device: torch.device, channels_last: bool) -> Any:
+    if isinstance(x, torch.Tensor):
+        fmt = torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format
+        return x.to(device, non_blocking=True, memory_format=fmt)
+    if isinstance(x, Mapping):
+        return {k: _to(v, device, channels_last) for k, v in x.items()}
+    return x
+
+
+def forward(model: torch.nn.Module, inputs: Any, heads: Mapping[str, Head] | None = None) -> dict[str, torch.Tensor]:
+    """``model(**inputs)`` for a dict input, else ``model(inputs)``; a bare Tensor output is named
+    after the single head (or "out")."""
+    out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    if isinstance(out, Mapping):
+        return dict(out)
+    name = next(iter(heads)) if heads and len(heads) == 1 else "out"
+    return {name: out}
+
+
+def total_loss(heads: Mapping[str, Head], out: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Weighted sum of the heads' losses."""
+    missing = [n for n in heads if n not in out or n not in target]
+    if missing:
+        raise KeyError(f"head(s) {missing} missing from the model output ({sorted(out)}) or the sample target "
+                       f"({sorted(target)})")
+    return sum(h.weight * h.loss(out[n], target[n]) for n, h in heads.items())  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: torch.device,
+            heads: Mapping[str, Head] | None = None, batch_size: int = 8, num_workers: int = 0, amp: bool = False,
+            channels_last: bool = False, should_stop: Callable[[], bool] | None = None, desc: str | None = None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+    """Raw outputs and targets per head (CPU float32, dataset order) and ids; model in eval mode."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    outs: dict[str, list[torch.Tensor]] = {}
+    tgts: dict[str, list[torch.Tensor]] = {}
+    ids: list[str] = []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=desc is None):
+        if should_stop is not None and should_stop():
+            raise KeyboardInterrupt("stopped")
+        with autocast(device, amp):
+            out = forward(model, _to(batch["input"], device, channels_last), heads)
+        for k, v in out.items():
+            outs.setdefault(k, []).append(v.detach().float().cpu())
+        for k, v in (batch.get("target") or {}).items():
+            tgts.setdefault(k, []).append(v.detach().cpu())
+        ids += [str(i) for i in batch.get("id", [])]
+    return {k: torch.cat(v) for k, v in outs.items()}, {k: torch.cat(v) for k, v in tgts.items()}, ids
+
+
+def _optimizer(params: list[torch.nn.Parameter], c: FitConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=c.lr, weight_decay=c.weight_decay)
+
+
+def _scheduler(opt: torch.optim.Optimizer, c: FitConfig, steps: int) -> Any:
+    if c.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=max(c.epochs * steps, 1))
+    if c.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(c.epochs * steps, 1))
+    return None
+
+
+def config_diff(saved: Mapping[str, Any], now: Mapping[str, Any], resumable: Iterable[str] = ()) -> list[str]:
+    """Differences between two (possibly nested) config dicts, ignoring dotted keys in ``resumable``."""
+    skip = set(resumable)
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        elif a != b and path not in skip:
+            out.append(f"{path}: saved {a!r}, now {b!r}")
+
+    walk(saved, now, "")
+    return out
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def fit(model: torch.nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.utils.data.Dataset | None,
+        heads: Mapping[str, Head], cfg: FitConfig | Mapping[str, Any], out_dir: str | Path,
+        progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None, resume: bool = False, *,
+        recal_ds: torch.utils.data.Dataset | None = None, batch_transform: BatchTransform | None = None,
+        params: Iterable[torch.nn.Parameter] | None = None, train_mode: Callable[[torch.nn.Module], None] | None = None,
+        config_record: Mapping[str, Any] | None = None, resumable: Iterable[str] = (), show_progress: bool = False,
+        desc: str = "training") -> FitResult:
+    """Train ``model`` in place (see the module docstring); returns the :class:`FitResult`.
+
+    ``config_record``: the task's whole config, saved with the resume state and compared on
+    ``resume`` (keys in :data:`RESUMABLE` and ``resumable``, dotted, may change). Rank 0 writes
+    ``out_dir``.
+    """
+    c = FitConfig.from_any(cfg)
+    heads = dict(heads)
+    if not heads:
+        raise ValueError("fit needs at least one head")
+    monitor = c.monitor or next(iter(heads))
+    if monitor not in heads:
+        raise ValueError(f"monitor {monitor!r} is not a head ({sorted(heads)})")
+    score_name = heads[monitor].score_name
+    out = Path(out_dir)
+    use_cuda = c.device in ("auto", "cuda") and torch.cuda.is_available()
+    d = dist_setup(use_cuda)
+    try:
+        device = select_device(c.device, d)
+        return _fit(model, train_ds, val_ds, heads, c, out, d, device, monitor, score_name, progress, should_stop,
+                    resume, recal_ds, batch_transform, params, train_mode, dict(config_record or {}), resumable,
+                    show_progress, desc)
+    finally:
+        if d.created:
+            dist.destroy_process_group()
+
+
+def _fit(model: torch.nn.Module, train_ds: Any, val_ds: Any, heads: dict[str, Head], c: FitConfig, out: Path,
+         d: DistContext, device: torch.device, monitor: str, score_name: str, progress: ProgressFn | None,
+         should_stop: Callable[[], bool] | None, resume: bool, recal_ds: Any, batch_transform: BatchTransform | None,
+         params: Iterable[torch.nn.Parameter] | None, train_mode: Callable[[torch.nn.Module], None] | None,
+         config_record: dict[str, Any], resumable: Iterable[str], show_progress: bool, desc: str) -> FitResult:
+    cuda = device.type == "cuda"
+    amp, cl = c.amp and cuda, c.channels_last and cuda
+    record = {"fit": dataclasses.asdict(c), **config_record}
+    if recal_ds is None and callable(getattr(train_ds, "unaugmented", None)):
+        recal_ds = train_ds.unaugmented()
+    bn_mode = c.bn_recalibration if recal_ds is not None else "none"
+
+    sampler = GlobalBatchSampler(len(train_ds), c.batch_size, d.world, d.rank, c.accumulate_steps, c.seed)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=min(c.num_workers, cpus),
+                                         pin_memory=cuda)
+    steps = sampler.steps_per_epoch()
+
+    torch.manual_seed(c.seed)
+    np.random.seed(c.seed % (2**32))
+    model.to(device)
+    if cl:
+        model.to(memory_format=torch.channels_last)
+    if d.world > 1 and cuda and c.sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+           if d.world > 1 else model)
+    trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    optimizer = _optimizer(trainable, c)
+    scheduler = _scheduler(optimizer, c, steps)
+    scaler = torch.amp.GradScaler("cuda") if amp and not torch.cuda.is_bf16_supported() else None
+
+    state_dir = out / "state"
+    start_epoch, best, best_epoch, bad_epochs = 0, -math.inf, None, 0
+    history: list[dict[str, Any]] = []
+    epoch_outputs: list[dict[str, list]] = []
+    best_state: dict[str, torch.Tensor] | None = None
+    if resume:
+        if find_training_state(state_dir) is None:
+            raise InputError(out, "--resume: no saved training state here (state/state.json)")
+        meta, best_state = load_training_state(state_dir, model, optimizer, scaler)
+        diff = config_diff(meta.get("config", {}), record, (*RESUMABLE, *resumable))
+        if diff:
+            raise InputError(out / "config.toml", "the config differs from the interrupted run's: " + "; ".join(diff))
+        start_epoch, bad_epochs, history = meta["epochs_completed"], meta["bad_epochs"], meta["history"]
+        best = meta["best_score"] if meta.get("best_score") is not None else -math.inf
+        best_epoch = meta["best_epoch"]
+        epoch_outputs = meta.get("val_outputs", [])
+        if scheduler is not None and meta.get("scheduler"):
+            scheduler.load_state_dict(meta["scheduler"])
+    elif find_training_state(state_dir) is not None:
+        raise InputError(out, "holds an earlier run's training state: pass --resume to continue it, or choose a new --out")
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    columns = ["epoch", "train_loss", "val_loss", f"val_{score_name}", f"best_val_{score_name}", "lr"]
+
+    def _stop() -> bool:
+        return bool(should_stop is not None and should_stop())
+
+    def _recalibrate() -> None:
+        batches = torch.utils.data.DataLoader(recal_ds, batch_size=c.eval_batch_size, shuffle=False)
+        recalibrate_batchnorm(model, batches, lambda m, b: forward(m, _to(b["input"], device, cl), heads))
+
+    def _set_train() -> None:
+        if train_mode is not None:
+            train_mode(net)
+        else:
+            net.train()
+
+    stopped = early = False
+    epoch_bar = tqdm(range(start_epoch, c.epochs), desc=desc, unit="epoch", initial=start_epoch, total=c.epochs,
+                     disable=not (d.main and show_progress))
+    for epoch in epoch_bar:
+        sampler.set_epoch(epoch)
+        if hasattr(train_ds, "set_epoch"):
+            train_ds.set_epoch(epoch)
+        _set_train()
+        it = iter(loader)
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        step_bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{c.epochs}", leave=False,
+                        disable=not (d.main and show_progress))
+        for step in step_bar:
+            if _stop():
+                stopped = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for a in range(c.accumulate_steps):
+                batch = next(it)
+                if batch_transform is not None:
+                    g = torch.Generator().manual_seed(
+                        (c.seed * 1_000_003 + epoch * 10_007 + step * 101 + d.rank * c.accumulate_steps + a) % (2**63))
+                    batch = batch_transform(batch, g, epoch)
+                inputs = _to(batch["input"], device, cl)
+                target = _to(batch["target"], device, False)
+                sync = contextlib.nullcontext() if (d.world == 1 or a == c.accumulate_steps - 1) else net.no_sync()
+                with sync:
+                    with autocast(device, amp):
+                        outputs = forward(net, inputs, heads)
+                    loss = total_loss(heads, {k: v.float() for k, v in outputs.items()}, target) / c.accumulate_steps
+                    (scaler.scale(loss) if scaler else loss).backward()
+                step_loss += float(loss.detach())
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum += torch.tensor([step_loss, 1.0], dtype=torch.float64)
+            step_bar.set_postfix(loss=f"{step_loss:.4f}")
+            if progress:
+                progress({"stage": "step", "epoch": epoch + 1, "epochs": c.epochs, "step": step + 1, "steps": steps,
+                          "loss": step_loss})
+        step_bar.close()
+        if stopped:
+            break
+        if d.world > 1:
+            dist.all_reduce(loss_sum)
+        train_loss = float(loss_sum[0] / loss_sum[1])
+
+        # every process scores the whole (small) validation set with identical weights and
+        # BatchNorm statistics, so all agree on selection and early stopping
+        if d.world > 1:
+            for buf in model.buffers():
+                dist.broadcast(buf, 0)
+        if bn_mode == "epoch":
+            _recalibrate()
+        score = val_loss = float("nan")
+        if val_ds is not None and len(val_ds):
+            vo, vt, _ = predict(model, val_ds, device, heads, c.eval_batch_size, 0, amp, cl)
+            val_loss = float(total_loss(heads, vo, vt))
+            score = heads[monitor].score(heads[monitor].decode(vo[monitor]), vt[monitor].numpy())
+            if c.collect_val_outputs:
+                epoch_outputs.append({k: v.tolist() for k, v in vo.items()})
+        improved = math.isfinite(score) and score > best
+        if improved:
+            best, best_epoch, bad_epochs = score, epoch + 1, 0
+            best_state = _cpu_state(model)
+        elif math.isfinite(score):
+            bad_epochs += 1
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, f"val_{score_name}": score,
+               f"best_val_{score_name}": best if math.isfinite(best) else float("nan"),
+               "lr": float(optimizer.param_groups[0]["lr"])}
+        history.append(row)
+        epoch_bar.set_postfix(loss=f"{train_loss:.4f}", **{score_name: f"{score:.3f}"})
+        if progress:
+            progress({"stage": "epoch", "epochs": c.epochs, **row})
+        stop_now = bool(c.early_stopping_patience and bad_epochs >= c.early_stopping_patience)
+        due = (c.state_every > 0 and (epoch + 1) % c.state_every == 0) or epoch + 1 == c.epochs or stop_now
+        if d.main and due:
+            meta = {"epochs_completed": epoch + 1, "best_score": best if math.isfinite(best) else None,
+                    "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history, "config": record,
+                    "score_name": score_name,
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None}
+            if c.collect_val_outputs:
+                meta["val_outputs"] = epoch_outputs
+            save_training_state(state_dir, model, optimizer, meta, best_model=best_state if improved else None,
+                                scaler=scaler, keep_best=True)
+            write_text(out / "history.csv", pd.DataFrame(history, columns=columns).to_csv(index=False))
+        d.barrier()
+        if stop_now:
+            early = True
+            break
+    epoch_bar.close()
+
+    res = FitResult(model, history, len(history), best_epoch, best if math.isfinite(best) else None, score_name,
+                    stopped=stopped, early_stopped=early, bn_recalibration=bn_mode, world_size=d.world,
+                    device=device.type, amp=amp, channels_last=cl,
+                    epoch_val_outputs=[{k: np.asarray(v) for k, v in e.items()} for e in epoch_outputs])
+    if stopped:
+        return res
+    res.weights = "best" if (c.select == "best" and best_state is not None) else "last"
+    if res.weights == "best":
+        model.load_state_dict(best_state)
+    if bn_mode == "final":
+        _recalibrate()
+    if val_ds is not None and len(val_ds):
+        res.val_outputs, res.val_targets, res.val_ids = predict(model, val_ds, device, heads, c.eval_batch_size, 0,
+                                                                amp, cl)
+    model.eval()
+    return res
