@@ -65,10 +65,12 @@ def test_failed_rebuild_changes_nothing_and_success_replaces_the_set(archive, tm
     assert all((out / (r["cache_file"] + ".npy")).is_file() for r in rows)
     assert again.cache.reused == sorted(first.split)  # old entries carried into the new set
     assert (out / "notes.txt").read_text() == "mine" and _siblings(out) == []
-    # A flow-only re-build replaces the set too: no manifest of an older build is left beside its flow.
-    build_dataset(base / "index.sqlite", d.labels_csv, out, CohortRules(), SplitConfig(), PARAMS, compute_cache=False)
-    assert not (out / "manifest.csv").exists() and not (out / "dataset.json").exists()
-    assert "Follow-up >= 1000 days" in (out / "flow.txt").read_text()
+    # A flow-only dry run would replace the set with a flow report alone: refused, nothing changed.
+    kept = _snapshot(out)
+    with pytest.raises(InputError, match="holds a built dataset"):
+        build_dataset(base / "index.sqlite", d.labels_csv, out, CohortRules(), SplitConfig(), PARAMS,
+                      compute_cache=False)
+    assert _snapshot(out) == kept and _siblings(out) == []
 
 
 def test_build_that_includes_no_patient_says_so(archive, tmp_path):

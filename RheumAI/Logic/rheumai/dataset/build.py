@@ -83,7 +83,8 @@ def build_dataset(
     Raises :class:`~rheumai.dataset.labels.LabelSheetError` (every bad row named) before any
     output is written. A series that the imaging core cannot read excludes its patient at the
     last flow step ("Task input computed") with the reason; nothing is dropped silently.
-    ``compute_cache=False`` stops after the flow report and split (no manifest): a dry run.
+    ``compute_cache=False`` stops after the flow report and split (no manifest): a dry run, refused
+    into a folder that holds a built dataset (it would replace it).
 
     The set is written into a staging folder beside ``out_dir`` and swapped in as a whole
     (:func:`rheumai.atomic.replace_dir`): a build that fails (bad split, no patient included,
@@ -121,6 +122,9 @@ def _build_staged(out: Path, cohort: CohortResult, sheet: Any, header: str, inde
                   jobs_for: Callable[[Path, str, dict[str, str]], list[CacheJob]], workers: int,
                   progress: ProgressFn | None, compute_cache: bool) -> DatasetResult:
     """Cache -> split -> manifest + flow into a staging folder, then swap it in as ``out``."""
+    if not compute_cache and (out / "manifest.csv").is_file():
+        raise InputError(out, "holds a built dataset (manifest.csv); a flow-only dry run would replace it with a "
+                              "flow report alone, so nothing was written: choose another output folder")
     with staging_dir(out) as stage:
         _carry_over(out, stage)
         result = _build_into(stage, cohort, sheet, header, index_path, labels_csv, task, rules, split_cfg,
