@@ -200,10 +200,11 @@ def test_build_dataset_console_resumes_to_the_same_files(dataset, cohort):
 
 
 def _tiny_config(tmp_path: Path) -> Path:
-    """configs/small_cpu.toml made smaller still: ResNet-10, 32 x 32, one epoch, CPU."""
+    """configs/small_cpu.toml made smaller still: ResNet-10, 32 x 32, one epoch, CPU, epoch and
+    threshold from the validation split (the six-patient cohort is too small for out-of-fold)."""
     text = (CONFIGS / "small_cpu.toml").read_text()
     for key, value in (("depth", "10"), ("input_size", "[32, 32]"), ("epochs", "1"), ("device", '"cpu"'),
-                       ("n_bootstrap", "20")):
+                       ("n_bootstrap", "20"), ("method", '"validation"')):
         text, n = re.subn(rf"(?m)^{key}\s*=\s*[^#\n]*", f"{key} = {value} ", text)
         assert n == 1, f"{key} not found in small_cpu.toml"
     path = tmp_path / "tiny.toml"
