@@ -184,3 +184,19 @@ def test_family_is_validated_everywhere() -> None:
     assert cfg.model.family == "slice_attention"
     with pytest.raises(InputError, match="family"):
         TrainConfig.from_dict({"model": {"family": "vit"}})
+
+
+@pytest.mark.parametrize("name", ["small_cpu", "slice_attention_cpu", "paper"])
+def test_shipped_configs_build_their_network(name: str) -> None:
+    from pathlib import Path
+
+    from rheumai.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml")
+    m = cfg.model
+    model = build_model(default_architecture(m.depth, m.in_channels, tuple(m.input_size or (512, 512)),
+                                             m.conv1_t_stride, family=m.family)).eval()
+    expected = {"small_cpu": "resnet", "slice_attention_cpu": "slice_attention", "paper": "resnet"}[name]
+    assert m.family == expected
+    with torch.no_grad():
+        assert model(torch.rand(1, m.in_channels, 32, 32)).shape == (1, 1)
