@@ -245,7 +245,7 @@ def _run(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, val_how
         raise InputError(train_df["array_path"].iloc[0],
                          f"{first.shape[0]} slices per case but [model] in_channels = {mc.in_channels}")
     input_size = tuple(mc.input_size) if mc.input_size else tuple(first.shape[1:])
-    arch = default_architecture(mc.depth, mc.in_channels, input_size, mc.conv1_t_stride)
+    arch = default_architecture(mc.depth, mc.in_channels, input_size, mc.conv1_t_stride, family=mc.family)
     train_ds = SliceStackDataset(train_df, build_train_transform(cfg.augment, input_size), tc.seed, mc.in_channels)
     eval_tf = build_eval_transform(cfg.augment.crop, cfg.augment.crop_fraction, input_size)
     val_ds = SliceStackDataset(val_df, eval_tf, tc.seed, mc.in_channels) if len(val_df) else None
