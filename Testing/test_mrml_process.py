@@ -244,6 +244,7 @@ def test_train_worker_job_and_console(dataset, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------- one prediction in the worker
+# (a whole prediction through the worker, with its progress and result: test_mrml_slicer_logic.py)
 
 
 @pytest.fixture(scope="module")
@@ -259,29 +260,6 @@ def tiny_model(tmp_path_factory):
     card = {"task": "cervical_ra", "architecture": arch, "preprocessing": SliceParams(size=(32, 32)).to_dict(),
             "threshold": 0.5, "threshold_rule": "fixed", "training_data": {}, "metrics": {}, "model_id": "w-r10"}
     return save_checkpoint(tmp_path_factory.mktemp("wmodel") / "model", build_model(arch), card)
-
-
-def test_predict_runs_in_the_worker_with_progress_and_leaves_no_temp_folder(mrml, t2_crop_path, tiny_model):
-    pytest.importorskip("slicer", reason="needs slicer-core")
-    from rheumai_mrml.logic import RheumAIConsoleLogic
-
-    logic = RheumAIConsoleLogic(mrml.scene)
-    node = logic.loadVolume(t2_crop_path)
-    job = logic.startPredictStudy(tiny_model, {"t2_sag": node}, saliency="gradcam")
-    work = job.worker.work_dir
-    assert (work / "input_t2_sag.nrrd").is_file() and job.worker.proc.pid != os.getpid()
-    events: list[WorkerEvent] = []
-    job.worker.wait(on_output=lambda x: events.append(x) if isinstance(x, WorkerEvent) else None, timeout=300)
-    stages = [e.stage for e in events]
-    assert stages[0] == "start" and stages[-1] == "done" and {"load model", "predict", "write"} <= set(stages)
-    progress = [e.progress for e in events if e.progress is not None]
-    assert progress == sorted(progress) and progress[-1] == 1.0
-    res = logic.finishPredictStudy(job, createNodes=True)
-    assert not work.exists()  # inputs, result and saliency files removed with the job folder
-    inproc = logic.predict(node, tiny_model, saliency=None)
-    assert res["probability"] == pytest.approx(inproc["probability"], abs=1e-5)
-    sal = mrml.scene.GetNodeByID(res["nodeIDs"]["saliency"])
-    assert sal.GetImageData().GetDimensions() == node.GetImageData().GetDimensions()
 
 
 @pytest.mark.skipif(os.name == "nt", reason="process-group check uses POSIX /proc")

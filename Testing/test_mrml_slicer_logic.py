@@ -104,7 +104,7 @@ def test_slicer_logic_predicts_in_the_worker_polled_by_the_panel_timer(rheumai_m
                                 progressCallback=lambda f, m: progress.append(f),
                                 completedCallback=lambda r, e: done.append((r, e)))
     work = worker.work_dir
-    assert work.is_dir() and logic.worker is worker
+    assert (work / "input_t2_sag.nrrd").is_file() and logic.worker is worker  # the input, as NRRD
     with pytest.raises(RuntimeError, match="already running"):
         logic.predictStudy(model, {"t2_sag": volume}, waitForCompletion=False)
     timer = _Timer.instances[-1]
@@ -116,7 +116,8 @@ def test_slicer_logic_predicts_in_the_worker_polled_by_the_panel_timer(rheumai_m
     assert error is None and result["probability"] == pytest.approx(inproc["probability"], abs=1e-5)
     sal = mrml.scene.GetNodeByID(result["nodeIDs"]["saliency"])
     assert sal.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
-    assert any("[predict]" in line for line in logs)  # the worker's progress lines reach the log
+    for stage in ("[load model]", "[predict]", "[write]"):  # the worker's progress lines reach the log
+        assert any(stage in line for line in logs), stage
     assert progress == sorted(progress) and progress[-1] == 1.0
     assert not work.exists() and logic.worker is None
 
