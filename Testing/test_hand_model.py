@@ -19,7 +19,7 @@ def test_task_network_outputs(backbone, one_torch_thread):
     with torch.no_grad():
         o = net(torch.rand(2, 1, 160, 128), torch.rand(2, 1, 320, 256), torch.full((2, 2), 0.8))
     assert o["total"].shape == (2, 1) and o["class"].shape == (2, 4)
-    assert o["heatmaps"].shape == (2, 22, 80, 64) and o["points"].shape == (2, 22, 2)
+    assert o["heatmaps"].shape == (2, 22, 40, 32) and o["points"].shape == (2, 22, 2)
     assert o["erosion"].shape == (2, 22, 5) and o["jsn"].shape == (2, 22, 4)
     # given points are used for the crops (re-scoring) and returned unchanged
     pts = torch.rand(2, 22, 2) * 200

@@ -57,8 +57,8 @@ def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress:
     def ep(e: int) -> int:
         return max(1, int(round(e * epochs_scale)))
 
-    cfg = HandTrainConfig(whole=StageConfig(epochs=ep(30)), landmarks=StageConfig(epochs=ep(30), lr=3e-3),
-                          joints=StageConfig(epochs=ep(12), batch_size=64, lr=3e-3), seed=seed)
+    cfg = HandTrainConfig(whole=StageConfig(epochs=ep(30)), landmarks=StageConfig(epochs=ep(20), lr=3e-3),
+                          joints=StageConfig(epochs=ep(8), batch_size=64, lr=3e-3), seed=seed)
     _say(progress, f"[hand_svdh] training on {len(split['train'])} patients (whole hand, landmarks, joints) ...")
     t1 = time.perf_counter()
     ckpt = train_hand(None, out / "train", cfg=cfg, params=params, cases=cases, train_ids=split["train"])
@@ -174,7 +174,8 @@ def _ensemble(out: Path, cases: list, split: dict, card: dict, cfg: Any, seed: i
         f[f"ensemble_{name}_pcc"], f[f"ensemble_{name}_mae"] = pcc, mae
         rows.append(f"| {name} | {pcc:.3f} | {mae:.2f} |")
     extra += ["## Stacking ensemble (whole hand)", "",
-              f"Meta-learner weights {dict(zip(ens.bases, np.round(ens.coef, 3)))}, intercept {ens.intercept:.2f}.", "",
+              "Meta-learner weights " + ", ".join(f"{b} {c:.3f}" for b, c in zip(ens.bases, ens.coef))
+              + f", intercept {ens.intercept:.2f}.", "",
               *rows, ""]
     return f
 

@@ -239,8 +239,9 @@ def default_architecture(backbone: str = "resnet", **kw: Any) -> dict[str, Any]:
     """Model-card ``architecture`` of the whole task network (:class:`HandSvdHNet`).
 
     whole: quarter-width ResNet-18 (or MobileNetV2 x0.5) on the 160 x 128 input; landmarks: a
-    4-level U-Net on the input pooled by 2 (heatmaps 80 x 64); joints: a one-block-per-stage ResNet
-    (stem stride 2) on 32 x 32 crops.
+    4-level U-Net on the input pooled by 2, heatmaps at its stride 2 (40 x 32, 4 input px per cell,
+    sub-cell positions by soft-argmax); joints: a one-block-per-stage ResNet (stem stride 2) on
+    32 x 32 crops.
     """
     from .dataset import HandParams
     from .scoring import JOINT_NAMES
@@ -253,7 +254,7 @@ def default_architecture(backbone: str = "resnet", **kw: Any) -> dict[str, Any]:
         whole.update(width=0.5, last_channels=256)
     whole.update(kw)
     return {"family": "hand_svdh", "whole": whole,
-            "landmarks": {"n_points": len(JOINT_NAMES), "channels": [8, 16, 32, 64], "in_pool": 2, "out_stride": 1,
+            "landmarks": {"n_points": len(JOINT_NAMES), "channels": [8, 16, 32, 64], "in_pool": 2, "out_stride": 2,
                           "sigma": 1.0},
             "joints": {"family": "hand_svdh_joint", "widths": [16, 32, 64, 96], "stem_stride": 2,
                        "n_joints": len(JOINT_NAMES)},
