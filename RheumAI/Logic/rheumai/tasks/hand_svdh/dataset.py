@@ -2,11 +2,12 @@
 
 Frames. Every radiograph is mirrored into the canonical frame of a left hand (``to_canonical``);
 ``Prepared.canon`` is the canonical full-resolution image, normalised to [0, 1] by its 1st / 99th
-percentiles. ``Prepared.small`` is the network input: the canonical image resized (aspect kept,
-padded bottom / right with 0) to ``input_size`` (H, W). Points are pixel (x, y); ``to_small`` /
-``from_small`` map them between the canonical full-resolution and the input frame (pixel centres
-aligned). Joint crops are sampled around a point at ``crop_mm`` / ``crop_px`` mm per pixel, axis
-aligned in the canonical frame, so real radiographs of any pixel size give the same physical crop.
+percentiles. ``Prepared.small`` (whole-hand and landmark input) and ``Prepared.hires`` (joint
+crops are sampled from it) are the canonical image resized, aspect kept, padded bottom / right with
+0, to ``input_size`` / ``hires_size`` (H, W). Points are pixel (x, y); ``to_small`` / ``to_hires``
+and their inverses map them between the canonical full-resolution frame and those grids (pixel
+centres aligned). Joint crops are ``crop_mm`` wide, ``crop_px`` pixels, axis aligned in the
+canonical frame, so radiographs of any pixel size give the same physical crop.
 
 Label sheet (CSV): ``patient_id, file`` (path relative to the sheet's folder), optional
 ``laterality`` (L / R; else the DICOM tag), ``total`` (one-hand SvdH total), optional ``class``
