@@ -488,13 +488,14 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showTable(ids.get("batch_predictions"))
             self.addLog(_("Batch finished: {n} studies, {e} failed; {f}").format(
                 n=len(result["rows"]), e=n_err, f=result.get("predictions_csv", "")))
-        elif "probability" in result and ids:
+        elif ids.get("table"):  # one prediction, any task
+            from rheumai_mrml.panel import result_text
+
             p.resultTable = slicer.mrmlScene.GetNodeByID(ids["table"])
             if ids.get("slab"):
                 p.slabRoi = slicer.mrmlScene.GetNodeByID(ids["slab"])
             p.saliencyVolume = slicer.mrmlScene.GetNodeByID(ids["saliency"]) if ids.get("saliency") else None
-            p.resultText = _("Probability {p:.3f}, class {c} (threshold {t:.3f}, model {m})").format(
-                p=result["probability"], c=result["label"], t=result["threshold"], m=result.get("model_id"))
+            p.resultText = result_text(result)
             self.addLog(p.resultText)
             for warning in result.get("warnings", []):
                 self.addLog(_("Note: {w}").format(w=warning))

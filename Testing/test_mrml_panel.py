@@ -11,7 +11,7 @@ import pytest
 from rheumai.errors import InputError
 from rheumai.tasks import get_task, list_tasks
 from rheumai_mrml.dicom_db import LINK_FOLDER, link_database_files, series_files
-from rheumai_mrml.panel import clinical_values, path_text, task_fields
+from rheumai_mrml.panel import clinical_values, path_text, result_text, task_fields
 
 
 def test_every_registered_task_has_a_panel():
@@ -93,3 +93,11 @@ def test_dicom_database_files_are_found_through_the_api(tmp_path, dicom_t1_dir):
         link_database_files(FakeDicomDatabase({"P": {"S": {"X": [str(tmp_path / "gone.dcm")]}}}), tmp_path / "o2")
     with pytest.raises(InputError, match="SeriesInstanceUID"):
         link_database_files(FakeDicomDatabase({"P": {"S": {"../../evil": files[:1]}}}), tmp_path / "o3")
+
+
+def test_result_line_for_binary_and_other_heads():
+    assert result_text({"probability": 0.81234, "label": 1, "threshold": 0.4, "model_id": "m"}) == \
+        "Probability 0.812, class 1 (threshold 0.400); model m"
+    assert result_text({"task": "hand_svdh", "total": 12.456, "class": 2, "class_name": "moderate", "label": 2,
+                        "landmarks_source": "predicted", "model_id": "h"}) == \
+        "total 12.46, class 2, class name moderate; model h"

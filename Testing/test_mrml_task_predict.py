@@ -222,3 +222,31 @@ def test_negspa_batch_from_a_study_table_becomes_a_table_node(mrml, negspa_model
     table = table_rows(node)
     assert len(table) == 2 and table[0]["probability"] == pytest.approx(by_id["S1"]["probability"])
     assert "missing.nrrd" in table[1]["error"]
+
+
+def test_point_and_row_outputs_become_a_point_list_and_a_table(mrml):
+    """Outputs found by shape (a radiograph task's landmarks and per-joint rows), not by task."""
+    from rheumai_mrml.landmark_scene import read_landmarks
+
+    logic = RheumAIConsoleLogic(mrml.scene)
+    img = sitk.Image(40, 30, 1, sitk.sitkFloat32)
+    img.SetSpacing((0.2, 0.2, 1.0))
+    radiograph = volume_node_from_image(mrml.scene, img, "hand")
+    values = {"total": 12.5, "class": 1, "landmarks_lps": [[1.0, 2.0, 0.0], [3.5, -1.0, 0.0]],
+              "landmark_labels": ["MCP1", "MCP2"], "joints": [{"joint": "MCP1", "erosion": 2},
+                                                             {"joint": "MCP2", "erosion": 0}]}
+    ids = logic.showPrediction(StudyPrediction("some_radiograph_task", values), {"hand": radiograph})
+    points = mrml.scene.GetNodeByID(ids["landmarks"])
+    got = read_landmarks(points)
+    assert got["labels"] == ["MCP1", "MCP2"]
+    np.testing.assert_allclose(got["lps"], values["landmarks_lps"], atol=1e-6)
+    assert points.GetAttribute("RheumAI.Role") == "landmarks"
+    assert table_rows(mrml.scene.GetNodeByID(ids["rows:joints"])) == [{"joint": "MCP1", "erosion": 2},
+                                                                      {"joint": "MCP2", "erosion": 0}]
+    (row,) = table_rows(mrml.scene.GetNodeByID(ids["table"]))
+    assert row["total"] == 12.5 and row["study"] == "hand"
+    children = {n.GetID() for n in results_of(radiograph)}
+    assert {ids["landmarks"], ids["rows:joints"], ids["table"]} <= children
+    again = logic.showPrediction(StudyPrediction("some_radiograph_task", values), {"hand": radiograph})
+    assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == 1  # replaced, not added
+    assert again["rows:joints"] == ids["rows:joints"]

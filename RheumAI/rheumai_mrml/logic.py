@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import SimpleITK as sitk
 
 from rheumai.errors import InputError
@@ -24,7 +25,7 @@ from .overlay import show_saliency
 from .process import PredictJob, dataset_progress, dataset_summary, to_jsonable
 from .roi import box_from_roi, roi_from_box
 from .slab import grid_box_ras, roi_box_ras, selection_volume, slab_roi
-from .tables import results_table
+from .tables import results_table, rows_table
 from .task_predict import PredictorCache, StudyPrediction, predict_study
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -364,6 +365,9 @@ class RheumAIConsoleLogic:
             node.SetAttribute("RheumAI.Role", role_name)
             ids["slab" if role_name == "slab" else "predictionSlab"] = node.GetID()
             children.append(node)
+        for role_name, node in self._extraOutputs(pred.values, primary, base).items():
+            ids[role_name] = node.GetID()
+            children.append(node)
         if roiNode is not None:
             ids["roi"] = roiNode.GetID()
         elif pred.box is not None:
@@ -373,6 +377,33 @@ class RheumAIConsoleLogic:
             children.append(box)
         place_under(primary, children)
         return ids
+
+    def _extraOutputs(self, values: dict[str, Any], primary: Any, base: str) -> dict[str, Any]:
+        """Outputs a result table cannot show well, found by their shape (no task names here):
+        ``<name>_lps`` (N x 3 LPS mm) with ``<name>_labels`` (or the singular form) -> a labelled
+        point list (e.g. landmarks, which the user may drag and have re-scored); a list of flat
+        dicts (e.g. one row per joint) -> its own table. Reused on re-runs by role."""
+        from .landmark_scene import add_landmarks
+
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            if key.endswith("_lps") and _is_points(value):
+                stem = key[: -len("_lps")]
+                labels = values.get(f"{stem}_labels") or values.get(f"{stem.rstrip('s')}_labels") or \
+                    [f"{stem} {i + 1}" for i in range(len(value))]
+                old = self._child(primary, stem)
+                if old is not None:
+                    self.scene.RemoveNode(old)
+                node = add_landmarks(self.scene, np.asarray(value, dtype=float), [str(v) for v in labels],
+                                     name=f"{base} {stem}")
+                node.SetAttribute("RheumAI.Role", stem)  # "landmarks": what the re-scoring tools look for
+                out[stem] = node
+            elif isinstance(value, list) and value and all(isinstance(r, dict) for r in value) \
+                    and all(not isinstance(v, (dict, list)) for r in value for v in r.values()):
+                node = rows_table(self.scene, value, name=f"{base} {key}", node=self._child(primary, f"rows:{key}"))
+                node.SetAttribute("RheumAI.Role", f"rows:{key}")
+                out[f"rows:{key}"] = node
+        return out
 
     def showResult(self, res: Any, inputNodeOrImage: Any, opacity: float = 0.5,
                    lowerThreshold: float | None = 0.05, name: str | None = None) -> dict[str, Any]:
@@ -516,10 +547,14 @@ class RheumAIConsoleLogic:
         return None
 
 
+def _is_points(value: Any) -> bool:
+    """A list of N >= 1 points of 3 finite-or-NaN numbers (LPS mm)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(p, (list, tuple)) and len(p) == 3 and all(isinstance(c, (int, float)) for c in p) for p in value)
+
+
 def _same_box(a: tuple, b: tuple, tol_mm: float = 1e-3) -> bool:
     """Two (centre, axes, size) boxes (RAS) are the same box within ``tol_mm``."""
-    import numpy as np
-
     return all(np.allclose(np.asarray(x), np.asarray(y), atol=tol_mm) for x, y in zip(a, b))
 
 

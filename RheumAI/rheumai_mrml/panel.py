@@ -108,3 +108,24 @@ def path_text(value: Any) -> str:
     ``str(pathlib.Path(""))`` gives)."""
     text = "" if value is None else str(value)
     return "" if text in ("", ".") else text
+
+
+_NOT_SHOWN = {"task", "model_id", "study", "study_id", "source_path", "series_uid", "saliency", "target_layer",
+              "saliency_note", "label"}
+
+
+def result_text(values: Mapping[str, Any], max_items: int = 4) -> str:
+    """One line for the panel: probability, class and threshold for a binary head, else the
+    first scalar outputs (score, class name ...) in the task's order; then the model id."""
+    if "probability" in values and values.get("probability") is not None:
+        text = f"Probability {float(values['probability']):.3f}"
+        if values.get("label") is not None:
+            text += f", class {values['label']}"
+        if values.get("threshold") is not None:
+            text += f" (threshold {float(values['threshold']):.3f})"
+    else:
+        parts = [f"{k.replace('_', ' ')} {v:.4g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
+                 for k, v in values.items() if k not in _NOT_SHOWN and isinstance(v, (int, float, str))
+                 and not isinstance(v, bool) and not k.endswith(("_path", "_source", "_uid"))]
+        text = ", ".join(parts[:max_items]) or "done"
+    return text + (f"; model {values['model_id']}" if values.get("model_id") else "")
