@@ -21,7 +21,7 @@ __all__ = ["Task", "InputSpec", "ClinicalVar", "RoiSpec", "register_task", "get_
 
 # name -> "module:attribute" of the Task object (imported lazily).
 BUILTIN_TASKS = {
-    "cervical_ra": "rheumai.tasks.cervical:TASK",
+    "cervical_ra": "rheumai.tasks.cervical_ra.task:TASK",
     "negspa": "rheumai.tasks.negspa.task:TASK",
     "hand_svdh": "rheumai.tasks.hand_svdh.task:TASK",
     "msasss": "rheumai.tasks.msasss.task:TASK",

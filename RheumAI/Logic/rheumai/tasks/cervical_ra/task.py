@@ -12,12 +12,12 @@ from typing import Any, Mapping
 
 import SimpleITK as sitk
 
-from ..io import Study, read_study
-from ..models import build_model, default_architecture
-from ..slices import SliceParams, SliceSelection, select_slices
-from ..saliency import METHODS as SALIENCY_METHODS
-from .base import InputSpec, Task
-from .cervical_ra import predict as _predict
+from ...io import Study, read_study
+from ...models import build_model, default_architecture
+from ...slices import SliceParams, SliceSelection, select_slices
+from ...saliency import METHODS as SALIENCY_METHODS
+from ..base import InputSpec, Task
+from . import predict as _predict
 
 ROLE = "t2_sag"
 
