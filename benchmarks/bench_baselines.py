@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,9 @@ def logistic_on_pooled_pixels(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray,
 
     clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=8, cv=5, max_iter=2000, scoring="roc_auc",
                                                                random_state=seed))
-    clf.fit(pool(xtr), ytr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn's notice about LogisticRegressionCV attributes
+        clf.fit(pool(xtr), ytr)
     return clf.predict_proba(pool(xte))[:, 1]
 
 
