@@ -250,3 +250,22 @@ def test_point_and_row_outputs_become_a_point_list_and_a_table(mrml):
     again = logic.showPrediction(StudyPrediction("some_radiograph_task", values), {"hand": radiograph})
     assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == 1  # replaced, not added
     assert again["rows:joints"] == ids["rows:joints"]
+
+
+def test_point_dicts_per_input_go_under_their_input_with_missing_status(mrml):
+    from rheumai_mrml.landmark_scene import read_landmarks
+
+    logic = RheumAIConsoleLogic(mrml.scene)
+    img = sitk.Image(20, 20, 1, sitk.sitkFloat32)
+    nodes = {v: volume_node_from_image(mrml.scene, img, v) for v in ("cervical", "lumbar")}
+    pts = {"cervical": {"view": "cervical", "points": [{"label": "C2 lower", "lps": [1.0, 2.0, 0.0], "status": "ok"}]},
+           "lumbar": {"view": "lumbar", "points": [{"label": "L1 upper", "lps": [4.0, 5.0, 0.0], "status": "ok"},
+                                                   {"label": "S1 upper", "lps": [6.0, 7.0, 0.0], "status": "missing",
+                                                    "reason": "outside the image"}]}}
+    ids = logic.showPrediction(StudyPrediction("some_task", {"total": 3, "points": pts}), nodes)
+    lumbar = mrml.scene.GetNodeByID(ids["points lumbar"])
+    got = read_landmarks(lumbar)
+    assert got["labels"] == ["L1 upper", "S1 upper"] and got["status"] == ["ok", "missing"]
+    np.testing.assert_allclose(got["lps"][0], [4.0, 5.0, 0.0], atol=1e-6)
+    assert lumbar.GetID() in {n.GetID() for n in results_of(nodes["lumbar"])}
+    assert ids["points cervical"] in {n.GetID() for n in results_of(nodes["cervical"])}

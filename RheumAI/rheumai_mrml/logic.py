@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from rheumai.errors import InputError
 
-from .hierarchy import place_under
+from .hierarchy import SOURCE_REFERENCE_ROLE, place_under
 from .job_results import batch_nodes, dataset_nodes, training_nodes
 from .nodes import image_from_volume_node, read_volume_node, volume_node_from_image
 from .overlay import show_saliency
@@ -365,9 +365,10 @@ class RheumAIConsoleLogic:
             node.SetAttribute("RheumAI.Role", role_name)
             ids["slab" if role_name == "slab" else "predictionSlab"] = node.GetID()
             children.append(node)
-        for role_name, node in self._extraOutputs(pred.values, primary, base).items():
+        for role_name, node in self._extraOutputs(pred.values, nodes, base).items():
             ids[role_name] = node.GetID()
-            children.append(node)
+            if node.GetNodeReferenceID(SOURCE_REFERENCE_ROLE) in (None, primary.GetID()):
+                children.append(node)  # (outputs of another input are already under it)
         if roiNode is not None:
             ids["roi"] = roiNode.GetID()
         elif pred.box is not None:
@@ -378,31 +379,53 @@ class RheumAIConsoleLogic:
         place_under(primary, children)
         return ids
 
-    def _extraOutputs(self, values: dict[str, Any], primary: Any, base: str) -> dict[str, Any]:
+    def _extraOutputs(self, values: dict[str, Any], nodes: dict[str, Any], base: str) -> dict[str, Any]:
         """Outputs a result table cannot show well, found by their shape (no task names here):
-        ``<name>_lps`` (N x 3 LPS mm) with ``<name>_labels`` (or the singular form) -> a labelled
-        point list (e.g. landmarks, which the user may drag and have re-scored); a list of flat
-        dicts (e.g. one row per joint) -> its own table. Reused on re-runs by role."""
+
+        * ``<name>_lps`` (N x 3 LPS mm) with ``<name>_labels`` (or the singular form), or a list of
+          points ``{"label", "lps"[, "status", "reason"]}`` -> a labelled point list (e.g.
+          landmarks, which the user may drag and have re-scored; "missing" points keep Slicer's
+          position-missing state); such a list under an input role's key (``{"lumbar":
+          {"points": [...]}}``) goes under that input;
+        * a list of flat dicts (e.g. one row per joint) -> its own table.
+
+        Nodes are reused (tables) or replaced (point lists) on re-runs; returned by role."""
         from .landmark_scene import add_landmarks
 
+        primary = nodes[next(iter(nodes))]
         out: dict[str, Any] = {}
+        groups: list[tuple[str, Any, list[dict[str, Any]]]] = []
         for key, value in values.items():
             if key.endswith("_lps") and _is_points(value):
                 stem = key[: -len("_lps")]
                 labels = values.get(f"{stem}_labels") or values.get(f"{stem.rstrip('s')}_labels") or \
                     [f"{stem} {i + 1}" for i in range(len(value))]
-                old = self._child(primary, stem)
-                if old is not None:
-                    self.scene.RemoveNode(old)
-                node = add_landmarks(self.scene, np.asarray(value, dtype=float), [str(v) for v in labels],
-                                     name=f"{base} {stem}")
-                node.SetAttribute("RheumAI.Role", stem)  # "landmarks": what the re-scoring tools look for
-                out[stem] = node
-            elif isinstance(value, list) and value and all(isinstance(r, dict) for r in value) \
+                groups.append((stem, primary, [{"label": str(lb), "lps": pt} for lb, pt in zip(labels, value)]))
+            elif _is_point_dicts(value):
+                groups.append((key, primary, value))
+            elif isinstance(value, dict):
+                for sub, v in value.items():
+                    pts = v.get("points") if isinstance(v, dict) else v
+                    if _is_point_dicts(pts):
+                        groups.append((f"{key} {sub}", nodes.get(sub, primary), pts))
+            if isinstance(value, list) and value and all(isinstance(r, dict) for r in value) \
                     and all(not isinstance(v, (dict, list)) for r in value for v in r.values()):
                 node = rows_table(self.scene, value, name=f"{base} {key}", node=self._child(primary, f"rows:{key}"))
                 node.SetAttribute("RheumAI.Role", f"rows:{key}")
                 out[f"rows:{key}"] = node
+        for name, parent, points in groups:
+            old = self._child(parent, name)
+            if old is not None:
+                self.scene.RemoveNode(old)
+            node = add_landmarks(self.scene, np.asarray([pt["lps"] for pt in points], dtype=float),
+                                 [str(pt.get("label", i + 1)) for i, pt in enumerate(points)],
+                                 [pt.get("status", "ok") for pt in points], [str(pt.get("reason") or "")
+                                                                              for pt in points],
+                                 name=f"{parent.GetName()} {name}")
+            node.SetAttribute("RheumAI.Role", name)  # "landmarks": what the re-scoring tools look for
+            if parent is not primary:
+                place_under(parent, [node])
+            out[name] = node
         return out
 
     def showResult(self, res: Any, inputNodeOrImage: Any, opacity: float = 0.5,
@@ -551,6 +574,12 @@ def _is_points(value: Any) -> bool:
     """A list of N >= 1 points of 3 finite-or-NaN numbers (LPS mm)."""
     return isinstance(value, list) and bool(value) and all(
         isinstance(p, (list, tuple)) and len(p) == 3 and all(isinstance(c, (int, float)) for c in p) for p in value)
+
+
+def _is_point_dicts(value: Any) -> bool:
+    """A list of points as dicts with "lps" (3 numbers, LPS mm)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(p, dict) and _is_points([p.get("lps")]) for p in value)
 
 
 def _same_box(a: tuple, b: tuple, tol_mm: float = 1e-3) -> bool:
