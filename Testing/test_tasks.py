@@ -77,3 +77,23 @@ def test_tasks_command(capsys):
     args = parser.parse_args(["tasks", "negspa", "--json"])
     assert args.func(args) == 0
     assert json.loads(capsys.readouterr().out)[0]["name"] == "negspa"
+
+
+def test_task_heads_are_the_engines() -> None:
+    from rheumai.engine.heads import KINDS, BinaryHead
+    from rheumai.tasks.base import HEADS
+
+    assert set(HEADS) == set(KINDS)
+    heads = get_task("cervical_ra").make_heads()
+    assert list(heads) == ["out"] and isinstance(heads["out"], BinaryHead)
+    t = get_task("negspa")
+    custom = Task(name="t", title="t", description="t", reference="t", inputs=t.inputs, head="regression",
+                  preprocess=t.preprocess, build_model=t.build_model, default_architecture=t.default_architecture,
+                  default_params=t.default_params,
+                  heads={"total": {"kind": "regression", "scale": 10.0}, "grade": {"kind": "ordinal", "n_classes": 4}})
+    h = custom.make_heads()
+    assert h["total"].scale == 10.0 and h["grade"].n_classes == 4 and h["grade"].name == "grade"
+    with pytest.raises(ValueError, match="head kinds"):
+        Task(name="t", title="t", description="t", reference="t", inputs=t.inputs, head="binary",
+             preprocess=t.preprocess, build_model=t.build_model, default_architecture=t.default_architecture,
+             default_params=t.default_params, heads={"seg": {"kind": "segmentation"}})

@@ -9,7 +9,9 @@ Slicer panels, dataset builder) read it instead of hard-coding one paper:
   map maps back into each source series (LPS mm, arrays (k, j, i) as everywhere in RheumAI).
 * ``build_model(architecture) -> torch.nn.Module`` and ``default_architecture(**kw) -> dict``
   (the model card's ``architecture`` entry).
-* ``head``: "binary" | "regression" | "ordinal" | "keypoints"; ``metrics``: names of the reported
+* ``head``: the main head kind, "binary" | "regression" | "ordinal" | "multiclass" | "keypoints";
+  ``heads``: every head as ``{name: {"kind": ..., **options}}`` (``make_heads()`` builds the
+  engine's :mod:`rheumai.engine.heads` objects for :func:`rheumai.engine.fit.fit`); ``metrics``: names of the reported
   metrics; ``saliency_targets``: default Grad-CAM layer per input role; ``outputs``: what a
   prediction writes.
 * ``api``: console entry points as ``"module:function"`` strings, resolved lazily by
@@ -22,7 +24,8 @@ import importlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
-HEADS = ("binary", "regression", "ordinal", "keypoints")
+# the engine's head kinds (rheumai.engine.heads.KINDS; kept literal so listing tasks imports no torch)
+HEADS = ("binary", "regression", "ordinal", "multiclass", "keypoints")
 CLINICAL_KINDS = ("binary", "continuous", "categorical")
 
 
@@ -97,10 +100,15 @@ class Task:
     postprocess: Callable[[dict[str, Any], dict[str, Any], Any], dict[str, Any]] | None = None  # one study's values
     saliency_maps: Callable[..., Any] | None = None  # (model, batch, samples, card, method, layer) -> (outputs, maps)
     saliency_methods: tuple[str, ...] = ()  # methods saliency_maps accepts (empty: none)
+    # training side: the heads as make_head specs ({} = one head "out" of kind ``head``)
+    heads: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
             raise ValueError(f"task {self.name}: head must be one of {HEADS}, not {self.head!r}")
+        bad = {n: h.get("kind") for n, h in self.heads.items() if h.get("kind") not in HEADS}
+        if bad:
+            raise ValueError(f"task {self.name}: head kinds must be in {HEADS}, got {bad}")
         roles = [i.role for i in self.inputs]
         if len(set(roles)) != len(roles):
             raise ValueError(f"task {self.name}: input roles must be unique, got {roles}")
@@ -118,6 +126,14 @@ class Task:
                 return spec
         raise KeyError(f"task {self.name} has no input {role!r} (inputs: {', '.join(self.roles)})")
 
+    def make_heads(self) -> dict[str, Any]:
+        """The engine's head objects, ``{name: Head}`` (imports torch on use)."""
+        from ..engine.heads import make_head
+
+        specs = self.heads or {"out": {"kind": self.head}}
+        return {n: make_head(spec["kind"], name=n, **{k: v for k, v in spec.items() if k != "kind"})
+                for n, spec in specs.items()}
+
     def entry(self, name: str) -> Callable[..., Any]:
         """The console entry point ``name`` ("train", "evaluate", "predict", ...), imported on use."""
         if name not in self.api:
@@ -130,7 +146,8 @@ class Task:
         return {
             "name": self.name, "title": self.title, "description": self.description, "reference": self.reference,
             "inputs": [asdict(i) for i in self.inputs], "roi": None if self.roi is None else asdict(self.roi),
-            "clinical": [asdict(c) for c in self.clinical], "head": self.head, "metrics": list(self.metrics),
+            "clinical": [asdict(c) for c in self.clinical], "head": self.head, "heads": dict(self.heads),
+            "metrics": list(self.metrics),
             "saliency_targets": dict(self.saliency_targets), "outputs": list(self.outputs),
             "api": dict(self.api), "cli_modules": list(self.cli_modules),
             "saliency_methods": list(self.saliency_methods),
