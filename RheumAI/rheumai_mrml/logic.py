@@ -95,23 +95,33 @@ def missing_requirements(requirements_txt: str | Path, skip: Sequence[str] = ())
 
 
 def model_card_text(card: dict[str, Any]) -> str:
-    """A model card as a short human-readable summary (shown in the Predict panel)."""
+    """A model card as a short human-readable summary (shown in the Predict panel), for any task:
+    the network, the scalar preprocessing settings, the threshold, training counts and metrics."""
     arch = card.get("architecture", {})
     prep = card.get("preprocessing", {})
     data = card.get("training_data", {})
     metrics = card.get("metrics", {})
+
+    def scalars(d: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items()
+                         if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+                         or (isinstance(v, list) and len(v) <= 3 and all(isinstance(x, (int, float)) for x in v)))
+
     lines = [f"Model: {card.get('model_id', 'unknown')}  (task {card.get('task', '?')})",
-             f"Network: {arch.get('family', '?')}{arch.get('depth', '')}, {arch.get('in_channels', '?')} channels, "
-             f"input {arch.get('input_size', prep.get('size'))}",
-             f"Input: {prep.get('n_slices', '?')} slices at {prep.get('spacing_mm', '?')} mm, "
-             f"size {prep.get('size', '?')}, normalisation {prep.get('norm', '?')}",
-             f"Threshold: {card.get('threshold')} ({card.get('threshold_rule', '?')})"]
+             f"Network: {arch.get('family', '?')}{arch.get('depth', '')}"
+             + (f", input {arch['input_size']}" if arch.get("input_size") else "")]
+    if prep:
+        lines.append("Preprocessing: " + scalars(prep))
+    if card.get("threshold") is not None:
+        lines.append(f"Threshold: {card.get('threshold')} ({card.get('threshold_rule', '?')})")
     if data:
-        lines.append("Training data: " + ", ".join(f"{k} {v}" for k, v in data.items()
-                                                   if isinstance(v, (int, float, str))))
-    scalar_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    if scalar_metrics:
-        lines.append("Metrics: " + ", ".join(f"{k} {v:.3g}" for k, v in scalar_metrics.items()))
+        lines.append("Training data: " + scalars(data))
+    flat_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for k, v in metrics.items():  # one level of nesting, e.g. {"validation": {"auc": ...}}
+        if isinstance(v, dict):
+            flat_metrics.update({f"{k} {kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float))})
+    if flat_metrics:
+        lines.append("Metrics: " + scalars(flat_metrics))
     return "\n".join(lines)
 
 
