@@ -12,27 +12,22 @@ unchanged files.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import multiprocessing as mp
 import os
-import signal
 import sqlite3
-import sys
 import tempfile
-import threading
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import RheumAIError
+from ..process_guard import die_with_parent, stop_pool
 from ..slices import SliceParams
 
 CACHE_VERSION = 1
-_PR_SET_PDEATHSIG = 1
 ProgressFn = Callable[[str, int, int], None]
 
 
@@ -137,42 +132,6 @@ def _run(job: CacheJob, params: SliceParams) -> tuple[str, str | None]:
     return job.patient_id, compute_entry(job, params)
 
 
-def _worker_init(parent_pid: int) -> None:
-    """Pool worker set-up: die with the parent, however it ends (even SIGKILL).
-
-    On Linux the kernel sends SIGKILL to the worker when its parent exits
-    (``prctl(PR_SET_PDEATHSIG)``); everywhere a daemon thread checks every 0.5 s that the parent
-    is still alive and ends the worker otherwise.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="rheumai-parent-watch").start()
-
-
-def _watch_parent(parent_pid: int, period_s: float = 0.5) -> None:
-    while True:
-        time.sleep(period_s)
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-
-def _stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Cancel pending jobs and end running workers at once (on an error, cancel or signal)."""
-    pool.shutdown(wait=False, cancel_futures=True)
-    procs = list((getattr(pool, "_processes", None) or {}).values())
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(timeout=5)
-
-
 def build_cache(jobs: Sequence[CacheJob], params: SliceParams, workers: int = 1,
                 progress: ProgressFn | None = None) -> CacheReport:
     """Compute the missing entries of ``jobs`` (``workers`` processes), reuse the present ones."""
@@ -200,13 +159,13 @@ def build_cache(jobs: Sequence[CacheJob], params: SliceParams, workers: int = 1,
         # "spawn": workers are children of this process (so they can die with it) and inherit
         # no threads, locks or open files from it.
         pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(os.getpid(),))
+                                   initializer=die_with_parent, initargs=(os.getpid(),))
         try:
             futures = [pool.submit(_run, j, params) for j in todo]
             for i, fut in enumerate(as_completed(futures), 1):
                 done(i, *fut.result())
         except BaseException:
-            _stop_workers(pool)
+            stop_pool(pool)
             raise
         pool.shutdown(wait=True)
     else:

@@ -1,0 +1,53 @@
+"""Worker processes that die with their parent, however the parent ends (even SIGKILL).
+
+Kept free of heavy imports: a pool worker runs :func:`die_with_parent` as its initializer right
+after the interpreter starts, before it imports the work it will do, so a parent killed at any
+moment leaves no worker behind for longer than the watchdog period.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int, period_s: float = 0.5) -> None:
+    """Pool initializer: end this process when ``parent_pid`` is no longer its parent.
+
+    On Linux the kernel sends SIGKILL when the parent exits (``prctl(PR_SET_PDEATHSIG)``);
+    everywhere a daemon thread checks the parent every ``period_s`` seconds.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid, period_s), daemon=True,
+                     name="rheumai-parent-watch").start()
+
+
+def _watch_parent(parent_pid: int, period_s: float) -> None:
+    while True:
+        time.sleep(period_s)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def stop_pool(pool: ProcessPoolExecutor, timeout_s: float = 5.0) -> None:
+    """Cancel pending jobs and end running workers at once (on an error, a cancel or a signal)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=timeout_s)
