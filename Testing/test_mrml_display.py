@@ -14,7 +14,6 @@ from rheumai.slices import SliceParams, select_slices  # noqa: E402
 from rheumai_mrml.hierarchy import SOURCE_REFERENCE_ROLE, place_under, results_of  # noqa: E402
 from rheumai_mrml.nodes import LPS_TO_RAS, image_from_volume_node, volume_node_from_image  # noqa: E402
 from rheumai_mrml.overlay import saliency_color_node, set_slice_viewer_layers, show_saliency  # noqa: E402
-from rheumai_mrml.scene import new_scene  # noqa: E402
 from rheumai_mrml.slab import grid_box_ras, roi_box_ras, selection_volume, slab_roi  # noqa: E402
 from rheumai_mrml.tables import flatten_result, results_table, table_rows  # noqa: E402
 

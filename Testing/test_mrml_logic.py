@@ -20,7 +20,6 @@ from rheumai.errors import InputError  # noqa: E402
 from rheumai_mrml.hierarchy import results_of  # noqa: E402
 from rheumai_mrml.logic import RheumAIConsoleLogic, find_studies, slice_params  # noqa: E402
 from rheumai_mrml.nodes import LPS_TO_RAS, image_from_volume_node, read_volume_node  # noqa: E402
-from rheumai_mrml.scene import new_scene  # noqa: E402
 from rheumai_mrml.slab import roi_box_ras  # noqa: E402
 from rheumai_mrml.tables import table_rows  # noqa: E402
 

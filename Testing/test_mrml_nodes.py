@@ -12,7 +12,6 @@ vtk = pytest.importorskip("vtk")
 from rheumai.errors import InputError  # noqa: E402
 from rheumai_mrml.nodes import (LPS_TO_RAS, image_from_volume_node, ijk_to_ras_matrix,  # noqa: E402
                                 read_volume_node, volume_node_from_image, write_volume_node)
-from rheumai_mrml.scene import new_scene  # noqa: E402
 
 
 

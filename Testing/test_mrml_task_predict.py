@@ -5,7 +5,6 @@ model cache; the saliency display controls of the panel."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
