@@ -174,6 +174,7 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._inputSelectors: dict[str, Any] = {}
         self._roiSelector = None
         self._clinicalEditors: dict[str, Any] = {}
+        self._taskUsesSlab = False  # the selected task samples a slab (Slice selection panel shown)
         self._updatingGui = False
 
     def setup(self) -> None:
@@ -352,7 +353,8 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._taskForm = form
         # the slab panel belongs to tasks whose parameters are a slice selection
         params = task.get("default_params") or {}
-        self.ui.sliceSelectionCollapsibleButton.visible = {"n_slices", "spacing_mm", "size"} <= set(params)
+        self._taskUsesSlab = {"n_slices", "spacing_mm", "size"} <= set(params)
+        self.ui.sliceSelectionCollapsibleButton.visible = self._taskUsesSlab
 
     def _updateTaskForm(self) -> None:
         """Parameter node -> task rows (node references, clinical text)."""
@@ -563,7 +565,8 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._startBackground(button, self.logic.predictStudy, modelPath=_path(p.modelPath), inputs=inputs,
                                   roi=roi, clinical=clinical, createNodes=True, saliency=self._saliency(),
                                   targetLayer=p.targetLayer or None, device=p.device, opacity=p.opacity,
-                                  lowerThreshold=p.lowerThreshold, centerRAS=self._centerRAS(),
+                                  lowerThreshold=p.lowerThreshold,
+                                  centerRAS=self._centerRAS() if self._taskUsesSlab else None,
                                   usedPaths=("modelPathLineEdit",))
 
     def onModelChanged(self, path: Any = "") -> None:
