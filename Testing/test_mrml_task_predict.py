@@ -65,7 +65,7 @@ def _series(seed: int, spacing: tuple[float, float, float]) -> sitk.Image:
     return sitk.Cast(img, sitk.sitkFloat32) * 100 + 500
 
 
-def test_negspa_predicts_from_three_volume_nodes_and_a_markups_roi(mrml, negspa_model):
+def test_negspa_predicts_from_three_volume_nodes_and_a_markups_roi(mrml, negspa_model, tmp_path):
     logic = RheumAIConsoleLogic(mrml.scene)
     assert logic.taskOfModel(negspa_model)["name"] == "negspa"
     images = {"t1": _series(1, (1.0, 1.0, 4.0)), "t2": _series(2, (1.0, 1.0, 4.0)), "stir": _series(3, (2.0, 2.0, 4.0))}
@@ -99,6 +99,22 @@ def test_negspa_predicts_from_three_volume_nodes_and_a_markups_roi(mrml, negspa_
     scalars = {k: v for k, v in res.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     assert scalars and all(row[k] == pytest.approx(v) if isinstance(v, float) else row[k] == v
                            for k, v in scalars.items())
+
+    # saved and reopened: the three saliency volumes, the table and the box ROI come back
+    from rheumai_mrml.scene import load_scene, save_scene
+
+    out = save_scene(mrml.scene, tmp_path / "negspa.mrb")
+    back = load_scene(out)
+    try:
+        roles = [back.scene.GetNthNode(i).GetAttribute("RheumAI.Role") for i in range(back.scene.GetNumberOfNodes())]
+        assert roles.count("saliency") == 3 and roles.count("result") == 1
+        rois = [back.scene.GetNthNodeByClass(i, "vtkMRMLMarkupsROINode")
+                for i in range(back.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode"))]
+        (roi_back,) = [r for r in rois if r.GetName() == "SI joints"]
+        np.testing.assert_allclose(box_from_roi(roi_back)["min_lps"], BOX["min_lps"], atol=1e-4)
+        np.testing.assert_allclose(box_from_roi(roi_back)["max_lps"], BOX["max_lps"], atol=1e-4)
+    finally:
+        back.close()
 
     # the same study from images and a box dict: the same probability, and a box ROI is created
     again = logic.predictStudy(negspa_model, images, roi=BOX, clinical=clinical, createNodes=True, saliency=None)
