@@ -74,6 +74,11 @@ def test_task_from_card_and_refusals(ckpt, tmp_path):
         Predictor(other)
     assert parse_shard("1/3") == (1, 3) and parse_shard(None) is None
     assert select_shard(list("abcdefg"), (1, 3)) == ["b", "e"]
+    assert parse_shard("auto", {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4",
+                                "SLURM_ARRAY_TASK_COUNT": "3"}) == (1, 3)
+    assert parse_shard("auto", {"RANK": "2", "WORLD_SIZE": "4"}) == (2, 4)
+    with pytest.raises(InputError, match="SLURM"):
+        parse_shard("auto", {})
     for bad in ("3/3", "x", "1/0", "-1/2"):
         with pytest.raises((InputError, ValueError)):
             parse_shard(bad)

@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cohort", type=Path, default=None,
                    help="study table CSV: ID column (patient_id/study_id/id), one column per input role, roi, "
                         "clinical columns (or clinical.csv beside it)")
-    p.add_argument("--shard", default=None, metavar="i/N", help="predict only shard i of N (0-based; SLURM arrays)")
+    p.add_argument("--shard", default=None, metavar="i/N",
+                   help="predict only shard i of N (0-based); 'auto': from a SLURM job array or torchrun's RANK/WORLD_SIZE")
     p.add_argument("--workers", type=int, default=2, help="threads reading + preprocessing ahead (0: none)")
     p.add_argument("--batch-size", type=int, default=1, help="studies per forward pass (GPU)")
     p.add_argument("--saliency", choices=[*METHODS, "none"], default="gradcam",

@@ -387,10 +387,23 @@ def select_shard(items: Sequence[Any], shard: tuple[int, int] | None) -> list[An
     return list(items)[i::n]
 
 
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """``"i/N"`` (0-based) -> (i, N)."""
+def parse_shard(text: str | None, env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """``"i/N"`` (0-based) -> (i, N). ``"auto"``: from a SLURM job array (``SLURM_ARRAY_TASK_ID``
+    minus ``SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``) or torchrun (``RANK`` of
+    ``WORLD_SIZE``); ``env`` defaults to the process environment."""
     if not text:
         return None
+    if text == "auto":
+        import os
+
+        e = os.environ if env is None else env
+        if "SLURM_ARRAY_TASK_ID" in e and "SLURM_ARRAY_TASK_COUNT" in e:
+            text = f"{int(e['SLURM_ARRAY_TASK_ID']) - int(e.get('SLURM_ARRAY_TASK_MIN', 0))}/{e['SLURM_ARRAY_TASK_COUNT']}"
+        elif "RANK" in e and "WORLD_SIZE" in e:
+            text = f"{e['RANK']}/{e['WORLD_SIZE']}"
+        else:
+            raise InputError(None, "--shard auto needs SLURM_ARRAY_TASK_ID + SLURM_ARRAY_TASK_COUNT (a SLURM job "
+                                   "array) or RANK + WORLD_SIZE (torchrun) in the environment")
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
