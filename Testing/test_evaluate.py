@@ -141,5 +141,11 @@ def test_external_validation_and_recalibrated_checkpoint(trained: tuple[Path, Pa
     assert after["slope"]["value"] == pytest.approx(1.0, abs=1e-6)
     assert after["intercept"]["value"] == pytest.approx(0.0, abs=1e-6)
     assert ((p2 >= new["threshold"]) == (p >= card["threshold"])).all()  # same patients on each side
+    from rheumai.tasks.cervical_ra.predict import postprocess  # prediction applies the card's recalibration
+
+    raw = 1 / (1 + np.exp(-0.3))
+    assert postprocess({"out": torch.tensor([[0.3]])}, card, None)["probability"] == pytest.approx(raw)
+    assert postprocess({"out": torch.tensor([[0.3]])}, new, None)["probability"] == \
+        pytest.approx(recalibrate_probability(raw, rc["intercept"], rc["slope"]))
     assert main(["evaluate", "--model", str(model), "--manifest", str(other), "--out", str(tmp_path / "bad"),
                  "--recalibrate", str(tmp_path / "x")]) == 1

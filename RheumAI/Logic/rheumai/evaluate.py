@@ -26,8 +26,8 @@ from .data import SliceStackDataset, eval_transform_from_card, read_dataset_info
 from .engine.fit import predict
 from .engine.heads import BinaryHead
 from .errors import InputError
-from .metrics import (binary_report, choose_threshold, logistic_calibration, parse_threshold_rule,
-                      recalibrate_probability)
+from .metrics import (apply_card_recalibration, binary_report, choose_threshold, logistic_calibration,
+                      parse_threshold_rule, recalibrate_probability)
 from .report import write_evaluation_report
 
 
@@ -69,7 +69,7 @@ def evaluate(model: str | Path, manifest_path: str | Path, out_dir: str | Path, 
     head = BinaryHead("out")
     outputs, _, _ = predict(net, ds, dev, {"out": head}, batch_size, should_stop=should_stop,
                             desc=f"evaluate {split}" if show_progress else None)
-    p = card_probabilities(head.decode(outputs["out"])["probability"], card)
+    p = apply_card_recalibration(head.decode(outputs["out"])["probability"], card)
     y = rows["label"].to_numpy(dtype=int)
 
     if threshold_rule is None:
@@ -110,14 +110,6 @@ def evaluate(model: str | Path, manifest_path: str | Path, out_dir: str | Path, 
               f"sens {m['sensitivity']['value']:.3f} spec {m['specificity']['value']:.3f} at {threshold:.3f}; "
               f"report {files['markdown']}")
     return EvalResult(out, report, preds, threshold, source, files, warnings)
-
-
-def card_probabilities(p: np.ndarray, card: dict[str, Any]) -> np.ndarray:
-    """Apply the card's logistic recalibration (``card["recalibration"]``: intercept, slope), if any."""
-    rc = card.get("recalibration")
-    if not rc:
-        return p
-    return recalibrate_probability(p, float(rc["intercept"]), float(rc["slope"]))
 
 
 def _development_figures(card: dict[str, Any]) -> dict[str, Any]:

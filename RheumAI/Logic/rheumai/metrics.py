@@ -296,6 +296,14 @@ def recalibrate_probability(p: Any, intercept: float, slope: float) -> np.ndarra
     return expit(intercept + slope * _logit(np.asarray(p, float)))
 
 
+def apply_card_recalibration(p: Any, card: dict[str, Any]) -> np.ndarray:
+    """Probabilities through the model card's logistic recalibration (``card["recalibration"]``:
+    intercept, slope; written by external validation), unchanged when the card has none."""
+    rc = card.get("recalibration")
+    p = np.asarray(p, float)
+    return p if not rc else recalibrate_probability(p, float(rc["intercept"]), float(rc["slope"]))
+
+
 # ---------------------------------------------------------------- everything at once
 
 def binary_report(y: Any, p: Any, threshold: float, alpha: float = 0.05, auc_method: str = "delong",

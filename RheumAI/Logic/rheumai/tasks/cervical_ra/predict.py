@@ -109,7 +109,9 @@ def _from_input(card: dict[str, Any], size: tuple[int, int]) -> Callable[[np.nda
 
 def postprocess(outputs: dict[str, torch.Tensor], card: dict[str, Any], sample: CervicalSample) -> dict[str, Any]:
     """Probability of deformity at follow-up and the class at the card's threshold."""
-    prob = float(torch.sigmoid(outputs["out"].reshape(-1)[0]))
+    from ...metrics import apply_card_recalibration
+
+    prob = float(apply_card_recalibration(torch.sigmoid(outputs["out"].reshape(-1)[0].double()).item(), card))
     thr = float(card["threshold"])
     return {"probability": prob, "label": int(prob >= thr), "threshold": thr}
 
