@@ -4,18 +4,35 @@ cache the task inputs and write a manifest (see docs/CONTRACT.md, "Dataset manif
     index_archive(root, "index.sqlite")                       # headers only, incremental
     build_dataset("index.sqlite", "labels.csv", "out/", CohortRules(), SplitConfig(), SliceParams())
     build_image_dataset("images.csv", "out/", ImageRules(), SplitConfig(), SliceParams())  # NIfTI / NRRD cohorts
+
+The names below are imported on first use, so ``import rheumai.dataset.cli`` (the command line,
+also re-imported by every spawned cache worker) stays light.
 """
 
-from .build import MANIFEST_COLUMNS, DatasetResult, build_dataset
-from .cohort import CohortResult, CohortRules, apply_cohort
-from .images import ImageRules, build_image_dataset, read_image_table
-from .index import ArchiveIndex, IndexSummary, index_archive
-from .labels import LabelSheet, LabelSheetError, RowProblem, load_labels, read_labels
-from .split import SplitConfig, assign_splits
+from __future__ import annotations
 
-__all__ = [
-    "ArchiveIndex", "CohortResult", "CohortRules", "DatasetResult", "IndexSummary", "LabelSheet",
-    "LabelSheetError", "MANIFEST_COLUMNS", "RowProblem", "SplitConfig", "apply_cohort", "assign_splits",
-    "build_dataset", "build_image_dataset", "ImageRules", "index_archive", "load_labels", "read_image_table",
-    "read_labels",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "build": ("MANIFEST_COLUMNS", "DatasetResult", "build_dataset"),
+    "cohort": ("CohortResult", "CohortRules", "apply_cohort"),
+    "images": ("ImageRules", "build_image_dataset", "read_image_table"),
+    "index": ("ArchiveIndex", "IndexSummary", "index_archive"),
+    "labels": ("LabelSheet", "LabelSheetError", "RowProblem", "load_labels", "read_labels"),
+    "split": ("SplitConfig", "assign_splits"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rheumai.dataset' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
