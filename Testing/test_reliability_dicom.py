@@ -116,3 +116,19 @@ def test_index_does_not_call_a_series_with_a_truncated_file_clean(dicom_t1_dir, 
     index_archive(tmp_path / "s", idx, progress=QUIET)
     row = ArchiveIndex.open(idx).series.iloc[0]
     assert row["severe"] == 1 and any("missing slices" in p for p in row["problems"])
+
+
+def test_index_of_an_older_schema_is_upgraded_in_place(enh, tmp_path):
+    import sqlite3
+
+    root = tmp_path / "export"
+    shutil.copytree(enh / "Philips", root / "philips")
+    idx = tmp_path / "index.sqlite"
+    index_archive(root, idx, progress=QUIET)
+    con = sqlite3.connect(idx)
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    con.execute("ALTER TABLE files DROP COLUMN frames")
+    con.commit()
+    con.close()
+    summary = index_archive(root, idx, progress=QUIET)
+    assert summary.files_read == 1 and summary.n_series == 2

@@ -101,10 +101,17 @@ class IndexSummary:
 def _connect(index_path: Path) -> sqlite3.Connection:
     con = sqlite3.connect(str(index_path))
     con.execute("PRAGMA journal_mode=WAL")
-    cols = ", ".join(f"{c} {t}" for c, t in _FILE_COLUMNS)
-    con.execute(f"CREATE TABLE IF NOT EXISTS files ({cols})")
     con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
     row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    if row is not None and int(row[0]) < SCHEMA_VERSION:
+        # An older index lacks per-file columns (enhanced frames, pixel-data problems): every file
+        # is read again once, into the same index file.
+        for table in ("files", "series", "studies"):
+            con.execute(f"DROP TABLE IF EXISTS {table}")
+        con.execute("DELETE FROM meta WHERE key = 'schema_version'")
+        row = None
+    cols = ", ".join(f"{c} {t}" for c, t in _FILE_COLUMNS)
+    con.execute(f"CREATE TABLE IF NOT EXISTS files ({cols})")
     if row is None:
         con.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
     elif int(row[0]) != SCHEMA_VERSION:
