@@ -361,7 +361,12 @@ def _read_enhanced(folder: Path, series: SeriesInfo, meta: dict[str, Any]) -> St
     pixels: dict[str, np.ndarray] = {}
     for f in sorted({fr.file for fr in stack.frames}):
         try:
-            arr = pydicom.dcmread(f).pixel_array
+            ds = pydicom.dcmread(f)
+            if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+                raise InputError(f, f"has {ds.SamplesPerPixel} samples per pixel; a scalar volume is needed")
+            arr = ds.pixel_array
+        except InputError:
+            raise
         except Exception as exc:  # noqa: BLE001 - decoder errors vary by transfer syntax
             raise InputError(f, f"multi-frame pixel data cannot be decoded ({_first_line(exc)})") from None
         if arr.ndim == 2:
