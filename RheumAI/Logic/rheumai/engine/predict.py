@@ -185,6 +185,15 @@ def task_of(checkpoint: str | Path, task: str | None = None) -> Task:
     return t
 
 
+def check_saliency(task: Task, method: str | None) -> None:
+    """InputError (a ValueError) unless ``method`` is None or one the task's saliency hook accepts."""
+    if not method:
+        return
+    if task.saliency_maps is None or (task.saliency_methods and method not in task.saliency_methods):
+        raise InputError(None, f"saliency method '{method}' unknown for task {task.name}; choose one of "
+                               f"{', '.join(task.saliency_methods) or 'none (this task has no saliency)'}")
+
+
 def to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, torch.Tensor):
         return x.to(device, non_blocking=True)
@@ -363,9 +372,7 @@ class Predictor:
             study = {self.task.roles[0]: study, "series_uid": series_uid}
         if sanity and not saliency:
             raise ValueError("sanity checks need a saliency method")
-        if saliency and self.task.saliency_methods and saliency not in self.task.saliency_methods:
-            raise ValueError(f"saliency method '{saliency}' unknown for task {self.task.name}; "
-                             f"choose one of {self.task.saliency_methods}")
+        check_saliency(self.task, saliency)
         inputs = self.inputs_of(study)
         t = time.perf_counter()
         sample = self.task.load_sample(inputs, self.card)
@@ -505,9 +512,7 @@ def predict_batch(studies: Sequence[Any], checkpoint_dir: str | Path, out_dir: s
     if scene:
         W.scene_writer()  # fail before the batch, not once per study
     pred = predictor or Predictor(checkpoint_dir, device=device, task=task)
-    if saliency and pred.task.saliency_methods and saliency not in pred.task.saliency_methods:
-        raise ValueError(f"saliency method '{saliency}' unknown for task {pred.task.name}; "
-                         f"choose one of {pred.task.saliency_methods}")
+    check_saliency(pred.task, saliency)
     meta = {"model_id": pred.model_id, "checkpoint": str(Path(pred.checkpoint).resolve()),
             "threshold": pred.threshold, "task": pred.task.name}
     done = {r["key"] for r in W.RowReader(out).read() if not r.get("error") and r.get("model_id") == pred.model_id}
