@@ -159,8 +159,12 @@ def regression_report(pred: np.ndarray, true: np.ndarray, alpha: float = 0.05, n
     out: dict[str, Any] = {"n": int(n), "alpha": alpha}
     if np.std(p) > 0 and np.std(t) > 0:
         r = stats.pearsonr(p, t)
-        ci = r.confidence_interval(confidence_level=1 - alpha)
-        out["pcc"] = _est(r.statistic, (ci.low, ci.high), method="Fisher z", p_value=float(r.pvalue))
+        if abs(r.statistic) < 1 - 1e-12:
+            ci = r.confidence_interval(confidence_level=1 - alpha)
+            lo_hi = (ci.low, ci.high)
+        else:  # perfect linear agreement: Fisher z is infinite
+            lo_hi = (r.statistic, r.statistic)
+        out["pcc"] = _est(r.statistic, lo_hi, method="Fisher z", p_value=float(r.pvalue))
     else:
         out["pcc"] = _est(float("nan"), (float("nan"), float("nan")), method="constant predictions or truth")
     out["rmse"] = _est(rmse(p, t), _boot_ci(rmse, (p, t), n_boot, alpha, seed), method="bootstrap")
