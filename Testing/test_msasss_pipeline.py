@@ -180,3 +180,19 @@ def test_checkpoint_console_predictor_rescore_and_scene(cohort, records, tiny_mo
         assert "missing" in read_landmarks(next(n for n in nodes if "lumbar" in n.GetName()))["status"]
     finally:
         ctx.close()
+
+
+def test_paper_configuration_is_one_densenet121_per_output(one_torch_thread):
+    from monai.networks.nets import DenseNet121
+
+    from rheumai.tasks.msasss.model import LESION_OUTPUTS, CropNet, crop_architecture, make_heads
+
+    net = CropNet(crop_architecture("lesions", "paper"))
+    assert not net.shared and set(net.nets) == set(LESION_OUTPUTS)
+    assert all(isinstance(m, DenseNet121) for m in net.nets.values())
+    with torch.no_grad():
+        out = net.eval()(torch.zeros(1, 1, 64, 64))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {k: (1, n) for k, n in LESION_OUTPUTS.items()}
+    heads = make_heads("lesions")
+    target = torch.tensor([[1.0, float("nan")]])
+    assert torch.isfinite(heads["erosion"].loss(torch.zeros(1, 2), target))

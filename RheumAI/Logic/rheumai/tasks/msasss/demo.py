@@ -20,7 +20,7 @@ import torch
 
 from ...atomic import write_json
 
-DEFAULT_N = 150
+DEFAULT_N = 120
 TARGETS = {"corner_accuracy": (">=", 0.85), "total_mae": ("<=", 3.0), "corner_keypoint_median_mm": ("<=", 2.0)}
 
 

@@ -53,9 +53,9 @@ class TrainConfig:
 
     config: str = "demo"
     seed: int = 0
-    landmarks: StageConfig = field(default_factory=lambda: StageConfig(epochs=10, batch_size=16, lr=3e-3))
-    refine: StageConfig = field(default_factory=lambda: StageConfig(epochs=6, batch_size=32, lr=3e-3))
-    lesions: StageConfig = field(default_factory=lambda: StageConfig(epochs=8, batch_size=32, lr=3e-3))
+    landmarks: StageConfig = field(default_factory=lambda: StageConfig(epochs=8, batch_size=16, lr=3e-3))
+    refine: StageConfig = field(default_factory=lambda: StageConfig(epochs=4, batch_size=32, lr=3e-3))
+    lesions: StageConfig = field(default_factory=lambda: StageConfig(epochs=10, batch_size=32, lr=3e-3))
     ordinal: StageConfig | None = field(default_factory=lambda: StageConfig(epochs=8, batch_size=32, lr=3e-3))
     landmark_arch: dict[str, Any] = field(default_factory=lambda: landmark_architecture(channels=[16, 32, 64, 128, 128]))
     refine_arch: dict[str, Any] = field(default_factory=refine_architecture)
@@ -63,6 +63,7 @@ class TrainConfig:
     crop_jitter: tuple[float, float, float] = (1.0, 5.0, 0.06)
     neg_per_pos: float = 3.0
     pos_repeat: int = 1
+    max_pos_weight: float = 10.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +126,23 @@ def _positive(ds: LevelCropDataset, name: str) -> np.ndarray:
     return np.array(out)
 
 
+def _set_pos_weights(heads: dict[str, Any], ds: LevelCropDataset, idx: np.ndarray, cap: float) -> None:
+    """BCE ``pos_weight`` of each binary head = sqrt(negatives / positives) among the sampled crops (capped):
+    the lesion types stay rare inside the balanced "any finding" sample of a shared network."""
+    counts: dict[str, list[float]] = {}
+    for k in idx:
+        t = ds.targets(int(k))
+        for name in heads:
+            if name in t and name not in ("ordinal", "scorable"):  # scorable: the rare class is 0
+                v = t[name]
+                counts.setdefault(name, []).extend(v[np.isfinite(v)].tolist())
+    for name, vals in counts.items():
+        pos = float(np.sum(vals))
+        if pos > 0 and hasattr(heads[name], "pos_weight"):
+            w = np.sqrt((len(vals) - pos) / pos)  # square root: the full ratio over-calls (measured)
+            heads[name].pos_weight = float(np.clip(w, 1.0, cap))
+
+
 def train_landmarks(train: Sequence[ViewRecord], val: Sequence[ViewRecord], out_dir: Path, cfg: TrainConfig,
                     progress: Callable[[dict[str, Any]], None] | None = None) -> nn.Module:
     arch = cfg.landmark_arch
@@ -173,6 +191,7 @@ def train_crop_model(kind: str, train: Sequence[ViewRecord], val: Sequence[ViewR
     rng = np.random.default_rng(cfg.seed)
     if model.shared:
         idx = imbalance_indices(_any_finding(tr), rng, cfg.neg_per_pos, cfg.pos_repeat)
+        _set_pos_weights(heads, tr, idx, cfg.max_pos_weight)
         fit(model, _Indexed(tr, idx.tolist()), va, heads, {**stage.fit_config(cfg.seed), "monitor": next(iter(heads))},
             out_dir / kind, progress=progress, recal_ds=_Unaugmented(tr), desc=kind)
         return model
