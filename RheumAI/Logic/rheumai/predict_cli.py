@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         if r.get("error"):
             print(f"FAILED  {r['study']}: {r['error']}")
         else:
-            print(f"{r['probability']:.4f}  class {r['label']}  {r['study']}")
+            print(f"{r['summary']}  {r['study']}" if r.get("summary") and r.get("probability") is None
+                  else f"{r['probability']:.4f}  class {r['label']}  {r['study']}")
     print(f"wrote {args.out / 'predictions.csv'} ({len(mine) - len(failed)} ok, {len(failed)} failed)")
     return 1 if failed else 0  # every study was tried; a failure still shows in the exit status

@@ -86,8 +86,9 @@ def write_study(res: "PredictionResult", out_dir: str | Path, key: str, fmt: str
         if montage:
             from ..montage import save_montage
 
-            title = (f"{res.study_name}: p = {res.probability:.3f} (class {res.label} at {res.threshold:.3f}); "
-                     f"{res.saliency_method}{' - ' + role if many else ''}")
+            head = (f"{res.study_name}: {res.values['summary']}" if res.values.get("summary")  # non-binary tasks
+                    else f"{res.study_name}: p = {res.probability:.3f} (class {res.label} at {res.threshold:.3f})")
+            title = f"{head}; {res.saliency_method}{' - ' + role if many else ''}"
             path = safe_child(out, key, f"_montage{tag}.png", what="study key")
             files["montage_files"][role] = str(save_montage(path, m.images, overlay=m.overlay, titles=m.titles,
                                                             suptitle=title))

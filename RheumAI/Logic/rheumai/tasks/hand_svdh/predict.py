@@ -120,7 +120,7 @@ def postprocess(outputs: dict[str, torch.Tensor], card: dict[str, Any], sample: 
             "landmarks_source": "corrected" if sample.points_canon is not None else "predicted",
             "laterality": p.rad.laterality, "mirrored": bool(p.tf.flip_x),
             "spacing_calibrated": p.rad.spacing_calibrated, "spacing_source": p.rad.spacing_source,
-            # binary-head fields of the engine's tables: a regression task has no probability threshold
+            "summary": f"SvdH total {total:.1f} ({names[cls] if cls < len(names) else cls}); sum of joints {je + jj}",
             "label": cls}
 
 
