@@ -5,6 +5,7 @@ model cache; the saliency display controls of the panel."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -284,3 +285,37 @@ def test_point_dicts_per_input_go_under_their_input_with_missing_status(mrml):
     np.testing.assert_allclose(got["lps"][0], [4.0, 5.0, 0.0], atol=1e-6)
     assert lumbar.GetID() in {n.GetID() for n in results_of(nodes["lumbar"])}
     assert ids["points cervical"] in {n.GetID() for n in results_of(nodes["cervical"])}
+
+
+def test_negspa_job_files_carry_inputs_box_and_clinical_to_the_worker(mrml, negspa_model, capsys):
+    """The worker's predict job on a NegSpA-AI study as the panel sends it (volumes as NRRD, the
+    box and clinical values as JSON), run in this process; the same result as in-process."""
+    import importlib.util
+    import json
+
+    from rheumai_mrml.process import PredictJob, worker_script
+
+    images = {"t1": _series(1, (2.0, 2.0, 4.0)), "t2": _series(2, (2.0, 2.0, 4.0)), "stir": _series(3, (2.0, 2.0, 4.0))}
+    clinical = {"crp": 20.0, "sex": "F"}
+    logic = RheumAIConsoleLogic(mrml.scene)
+    study, _, _ = logic.studyInputs(images, BOX, clinical)
+    job = PredictJob(negspa_model, study, saliency="gradcam")
+    try:
+        spec = json.loads(job.worker.job_file.read_text())
+        args = spec["args"]
+        assert args["study"]["roi"] == BOX and args["study"]["clinical"] == clinical
+        assert all(Path(args["study"][r]["image"]).is_file() for r in ("t1", "t2", "stir"))
+        mod_spec = importlib.util.spec_from_file_location("rheumai_worker", worker_script())
+        worker = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(worker)
+        out = worker.job_predict(args)
+        assert out["task"] == "negspa"
+        pred = StudyPrediction.load(args["out_dir"])
+    finally:
+        job.close()
+    assert not job.worker.work_dir.exists()
+    inproc = logic.predictStudy(negspa_model, images, roi=BOX, clinical=clinical, saliency=None)
+    assert pred.values["probability"] == pytest.approx(inproc["probability"], abs=1e-5)
+    assert set(pred.saliency) == {"t1", "t2", "stir"} and pred.box == BOX
+    stages = [line for line in capsys.readouterr().out.splitlines() if line.startswith("@rheumai ")]
+    assert len(stages) == 3  # load model, predict, write
