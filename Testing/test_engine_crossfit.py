@@ -84,7 +84,9 @@ def test_trainer_selects_out_of_fold_when_validation_has_one_positive(tmp_path: 
                                  "selection": {"folds": 2, "epoch_smoothing": 1, "threshold_ci_bootstrap": 50,
                                                "min_threshold_positives": 2},
                                  "evaluate": {"n_bootstrap": 20}})
-    res = train(cfg, m, tmp_path / "run", show_progress=False)
+    events: list[dict] = []
+    res = train(cfg, m, tmp_path / "run", progress=events.append, show_progress=False)
+    assert {(e.get("fold"), e.get("folds")) for e in events if e["stage"] == "epoch"} == {(1, 2), (2, 2), (None, None)}
     card = json.loads((res.checkpoint / "model_card.json").read_text())
     ms, ts = card["model_selection"], card["threshold_selection"]
     assert ms["method"] == "oof" and "1 positive" in ms["reason"] and ms["folds"] == 2

@@ -66,9 +66,11 @@ def train(config: TrainConfig | str | Path, manifest_path: str | Path | None = N
     """Train a model on the manifest's train rows, choose the operating threshold on validation.
 
     ``progress`` is called with dicts ({"stage": "step"|"epoch", "epoch", "epochs", "step", "steps",
-    "loss", "val_auc", ...}); ``should_stop()`` is polled every step: when it returns True the run
-    stops (the last complete epoch is kept in ``<out>/state``; ``resume=True`` continues). It is
-    meant for single-process runs (GUI cancel); under torchrun stop with a signal instead.
+    "loss", "val_auc", ...}; during out-of-fold selection also "fold", "folds"); ``should_stop()``
+    is polled every step: when it returns True the run stops (the last complete epoch is kept in
+    ``<out>/state``; ``resume=True`` continues). It is meant for single-process runs (GUI cancel);
+    under torchrun stop with a signal instead. ``resume=True`` on a finished run (``model/``
+    written) says so and changes nothing (``TrainResult.already_finished``).
     """
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
     manifest_path = Path(manifest_path) if manifest_path else resolve_manifest(cfg)
@@ -180,7 +182,9 @@ def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: DistContext, dev
         res = _run(fold_cfg, train_df.iloc[tr].reset_index(drop=True), train_df.iloc[ho].reset_index(drop=True),
                    f"fold {j} of out-of-fold selection", fold_out,
                    resume=find_training_state(fold_out / "state") is not None, collect=True, save_model=False,
-                   selection={"method": "fold", "reason": why}, **base)
+                   selection={"method": "fold", "reason": why},
+                   **{**base, "progress": None if progress is None else
+                      (lambda ev: progress({**ev, "fold": j + 1, "folds": int(folds_n)}))})
         if res.stopped:
             raise _Stopped
         probs = np.asarray(res.epoch_probabilities)
@@ -192,6 +196,7 @@ def _train(cfg: TrainConfig, manifest_path: Path, out: Path, d: DistContext, dev
             write_text(done, table.to_csv(index=False))
         return probs
 
+    folds_n = min(sc.folds, int(train_df["label"].sum()), int((1 - train_df["label"]).sum()))
     try:
         oof = crossfit(run_fold, train_df["label"], train_df["patient_id"], sc.folds, cfg.train.seed)
     except _Stopped:
