@@ -52,7 +52,7 @@ def test_vertical_flip_swaps_the_corner_labels(records):
         flipped = bool(torch.corrcoef(torch.stack([x, plain["input"].flip(1).ravel()]))[0, 1] >
                        torch.corrcoef(torch.stack([x, plain["input"].ravel()]))[0, 1])
         seen.add(flipped)
-        for les in ("erosion", "sclerosis", "squaring", "syndesmophyte", "ordinal", "scorable"):
+        for les in ("erosion", "sclerosis", "squaring", "syndesmophyte", "ordinal", "not_scorable"):
             want = plain["target"][les].flip(0) if flipped else plain["target"][les]
             assert torch.equal(torch.nan_to_num(s["target"][les], -1), torch.nan_to_num(want, -1))
     assert seen == {True, False}

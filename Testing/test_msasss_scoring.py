@@ -86,3 +86,15 @@ def test_plausible_points_pass_and_disorder_is_flagged():
     nan = _good_points()
     nan[0] = np.nan
     assert not check_points("cervical", nan, (320, 256), (0.6, 0.6))["view_ok"]
+
+
+def test_unscored_end_corner_is_ignored_and_a_stray_corner_is_flagged_locally():
+    pts = _good_points()
+    pts[0] = [60.0, 5.0]  # C2 upper (no score) far off: nothing flagged
+    res = check_points("cervical", pts, (320, 256), (0.6, 0.6))
+    assert res["view_ok"] and not any(res["corner_flags"].values())
+    pts = _good_points()
+    pts[7] = pts[8] + [-40.0, 30.0]  # C4 lower drifts far from its centre
+    res = check_points("cervical", pts, (320, 256), (0.6, 0.6))
+    flagged = {c for c, f in res["corner_flags"].items() if f}
+    assert res["view_ok"] and "C4 lower" in flagged and "C5 upper" not in flagged

@@ -80,12 +80,14 @@ def check_points(view: str, xy: np.ndarray, shape: tuple[int, int], spacing_mm: 
     """Plausibility of the 21 landmarks of a view; flags, never silent corrections.
 
     Checks: all points finite; vertebral centres in cranio-caudal order along the spine (the
-    topmost vertebra is the view's first: C2 / T12, so C2-C3 is the topmost cervical disc); in
-    every vertebra the upper corner above the lower one and both corners on the same (anterior)
-    side of the centre; vertebral heights and centre-to-centre steps within ``ratio_limits`` of
-    their median; corners inside the image; heatmap confidence (if given) >= ``min_confidence``.
-    A failure of order, side or spacing makes the level labels unreliable and flags the whole
-    view; the other checks flag the corners concerned.
+    topmost vertebra is the view's first: C2 / T12, so C2-C3 is the topmost cervical disc) with
+    centre-to-centre steps within ``ratio_limits`` of their median; in every vertebra with two
+    scored corners the upper corner above the lower one, and every scored corner on the same
+    (anterior) side of its centre. A failure of these makes the level labels unreliable and flags
+    the whole view. Local checks flag the corners concerned: vertebral height and each corner's
+    distance from its centre within ``ratio_limits`` of the view's medians, corner inside the
+    image, heatmap confidence (if given) >= ``min_confidence``. The two unscored end corners
+    (C2 / T12 upper, T1 / S1 lower) take part in no check.
 
     Returns {"view_ok": bool, "view_flags": [str], "corner_flags": {corner: [str]}} over the 12
     scored corners.
@@ -113,24 +115,42 @@ def check_points(view: str, xy: np.ndarray, shape: tuple[int, int], spacing_mm: 
         i = int(np.argmax(steps <= 0))
         view_flags.append(f"vertebrae out of order along the spine at {verts[i]}-{verts[i + 1]}")
     normal = np.array([-axis[1], axis[0]])  # perpendicular to the spine axis (image left when axis points down)
-    side_u = np.sign((up - ce) @ normal)
-    side_l = np.sign((lo - ce) @ normal)
-    side = np.sign(np.median(np.concatenate([side_u, side_l])))
-    for i, v in enumerate(verts):
-        local = lo[i] - up[i]
-        if local @ axis <= 0:
+    # Only the scored corners count: the upper corner of the first vertebra and the lower corner of
+    # the last one (C2 / T12 upper, T1 / S1 lower) are landmarks of no score.
+    inner = range(1, len(verts) - 1)
+    scored_pts = [up[i] for i in inner] + [lo[i] for i in inner] + [lo[0], up[-1]]
+    scored_ce = [ce[i] for i in inner] * 2 + [ce[0], ce[-1]]
+    sides = np.sign([(p - c) @ normal for p, c in zip(scored_pts, scored_ce)])
+    side = np.sign(np.median(sides))
+    for i in inner:
+        v = verts[i]
+        if (lo[i] - up[i]) @ axis <= 0:
             view_flags.append(f"{v}: upper corner not above the lower corner")
-        if side_u[i] != side or side_l[i] != side:
+        if np.sign((up[i] - ce[i]) @ normal) != side or np.sign((lo[i] - ce[i]) @ normal) != side:
             view_flags.append(f"{v}: corners not on the anterior side of the centre")
-    heights = np.linalg.norm(lo - up, axis=1)
     lo_r, hi_r = ratio_limits
-    for name, values, labels in (("vertebral height", heights, verts),
-                                 ("centre spacing", np.linalg.norm(np.diff(ce, axis=0), axis=1),
-                                  [f"{verts[i]}-{verts[i + 1]}" for i in range(len(verts) - 1)])):
-        med = float(np.median(values))
-        for val, lab in zip(values, labels):
-            if med <= 0 or not lo_r <= val / med <= hi_r:
-                view_flags.append(f"{name} at {lab} is {val:.1f} mm, implausible against the median {med:.1f} mm")
+    spacing = np.linalg.norm(np.diff(ce, axis=0), axis=1)
+    med = float(np.median(spacing))
+    for i, val in enumerate(spacing):
+        if med <= 0 or not lo_r <= val / med <= hi_r:
+            view_flags.append(f"centre spacing at {verts[i]}-{verts[i + 1]} is {val:.1f} mm, implausible against "
+                              f"the median {med:.1f} mm")
+    # Local checks flag the corners concerned: vertebral height (inner vertebrae) and, for every
+    # scored corner, its distance from its vertebra's centre, against the medians of the view.
+    heights = {verts[i]: float(np.linalg.norm(lo[i] - up[i])) for i in inner}
+    med_h = float(np.median(list(heights.values())))
+    reach = {f"{verts[i]} upper": float(np.linalg.norm(up[i] - ce[i])) for i in inner}
+    reach.update({f"{verts[i]} lower": float(np.linalg.norm(lo[i] - ce[i])) for i in inner})
+    med_r = float(np.median(list(reach.values())))
+    reach[f"{verts[0]} lower"] = float(np.linalg.norm(lo[0] - ce[0]))
+    reach[f"{verts[-1]} upper"] = float(np.linalg.norm(up[-1] - ce[-1]))
+    for c in corner_flags:
+        v = c.split()[0]
+        if v in heights and (med_h <= 0 or not lo_r <= heights[v] / med_h <= hi_r):
+            corner_flags[c].append(f"{v} height {heights[v]:.1f} mm implausible against the median {med_h:.1f} mm")
+        if med_r <= 0 or not lo_r <= reach[c] / med_r <= hi_r:
+            corner_flags[c].append(f"corner {reach[c]:.1f} mm from its vertebra's centre, implausible against the "
+                                   f"median {med_r:.1f} mm")
     h, w = shape
     for c in corner_flags:
         i = names.index(c)

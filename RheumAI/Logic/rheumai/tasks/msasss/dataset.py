@@ -9,7 +9,7 @@ landmark, see :mod:`.synth`); :func:`load_cohort` reads every radiograph through
 * :class:`LevelCropDataset`: one disc-level crop (:func:`.crops.level_grid`), targets per corner
   slot (0 = top = lower corner of the vertebra above, 1 = bottom = upper corner of the vertebra
   below): ``erosion / sclerosis / squaring / syndesmophyte`` (2,), ``bridging`` (1,),
-  ``scorable`` (2,), ``ordinal`` (2,) score 0-3, ``corners`` (2, 2) crop pixels. Lesion and
+  ``not_scorable`` (2,), ``ordinal`` (2,) score 0-3, ``corners`` (2, 2) crop pixels. Lesion and
   ordinal targets of a corner that is not scorable are NaN (ignored by the losses). A vertical
   flip swaps the two slots' labels (the flipped crop shows the levels upside down).
 
@@ -141,7 +141,7 @@ def crop_targets(rec: ViewRecord, level: int) -> dict[str, np.ndarray]:
         v[~ok] = np.nan
         t[les] = v
     t["bridging"] = np.array([float(rec.bridged[lvl.name]) if ok.all() else np.nan], np.float32)
-    t["scorable"] = ok.astype(np.float32)
+    t["not_scorable"] = (~ok).astype(np.float32)
     t["ordinal"] = np.array([np.nan if rec.scores.get(c) is None else rec.scores[c] for c in lvl.corners], np.float32)
     return t
 
@@ -196,7 +196,7 @@ class LevelCropDataset(Dataset):
                 names = point_names(rec.view)
                 t["corners"] = grid.from_source(rec.points_xy[[names.index(c) for c in lv.corners]]).astype(np.float32)
             if flip:
-                for k2 in (*CORNER_LESIONS, "scorable", "ordinal"):
+                for k2 in (*CORNER_LESIONS, "not_scorable", "ordinal"):
                     t[k2] = t[k2][::-1].copy()
                 if "corners" in t:
                     c = t["corners"][::-1].copy()

@@ -7,12 +7,13 @@ Architectures (the model card's ``architecture`` dict, built by :func:`build_mod
   ``{"keypoints": (N, 21, h, w)}``.
 * ``lesions``: one binary classifier per lesion type on a disc-level crop. Outputs (logits) per
   corner slot (0 = top, 1 = bottom): ``erosion``, ``sclerosis``, ``squaring``, ``syndesmophyte``
-  (N, 2); ``bridging`` (N, 1) (a bridge joins both corners); ``scorable`` (N, 2). The paper's
+  (N, 2); ``bridging`` (N, 1) (a bridge joins both corners); ``not_scorable`` (N, 2) (implant, not
+  visible: the rare class is the positive one, so it can be weighted). The paper's
   configuration (``paper_architecture``) is one MONAI DenseNet-121 per output (``shared: false``,
   224 px crops: ASSUMPTION, the crop size is not given here); the CPU demo uses one small
   MONAI DenseNet (3 blocks of 4 layers, growth 12) shared by all outputs on 48 px crops.
 * ``ordinal``: the alternative model: a 0-3 ordinal (cumulative-logit) score per corner slot,
-  ``ordinal`` (N, 2, 3), plus ``scorable`` (N, 2), same backbone choices.
+  ``ordinal`` (N, 2, 3), plus ``not_scorable`` (N, 2), same backbone choices.
 
 Cervical and lumbar crops are scale-normalised (crop side = 0.9 x centre-to-centre distance);
 the paper trains cervical and lumbar models apart (``views`` in the training config).
@@ -34,8 +35,8 @@ from ...landmarks import LandmarkNet
 from .anatomy import N_POINTS
 from .scoring import CORNER_LESIONS
 
-LESION_OUTPUTS: dict[str, int] = {**{les: 2 for les in CORNER_LESIONS}, "bridging": 1, "scorable": 2}
-ORDINAL_OUTPUTS: dict[str, int] = {"ordinal": 6, "scorable": 2}
+LESION_OUTPUTS: dict[str, int] = {**{les: 2 for les in CORNER_LESIONS}, "bridging": 1, "not_scorable": 2}
+ORDINAL_OUTPUTS: dict[str, int] = {"ordinal": 6, "not_scorable": 2}
 
 
 def landmark_architecture(**kw: Any) -> dict[str, Any]:
@@ -176,5 +177,5 @@ def make_heads(kind: str, arch: dict[str, Any] | None = None) -> dict[str, Any]:
         return {k: MaskedBinaryHead(name=k) for k in LESION_OUTPUTS}
     if kind == "ordinal":
         return {"ordinal": SlotOrdinalHead(name="ordinal", n_classes=4),
-                "scorable": MaskedBinaryHead(name="scorable", weight=0.5)}
+                "not_scorable": MaskedBinaryHead(name="not_scorable", weight=0.5)}
     raise ValueError(f"unknown mSASSS model kind {kind!r}")

@@ -9,7 +9,7 @@ LPS mm through :func:`rescore_lps`), skipping the landmark model.
 Points are (x, y) pixels of the radiograph; LPS mm via :func:`rheumai.landmarks.points_to_lps`.
 A corner is "not scorable" (score None, with the reason) when the view's landmarks fail the
 anatomy checks, the corner lies outside the image, the user marked it missing, or the
-classifier's ``scorable`` output is below 0.5 (implant, not visible).
+classifier's ``not_scorable`` output is 0.5 or more (implant, not visible).
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ def classify_levels(system: MsasssSystem, array: np.ndarray, spacing_mm: tuple[f
     grids = [level_grid(points_xy, view, i, spacing_mm, size) for i in range(len(disc_levels(view)))]
     crops = np.stack([normalise_crop(g.sample(array)) for g in grids])[:, None]
     out = {k: torch.sigmoid(v.float()).numpy() for k, v in _run(system.lesions, crops).items()}
+    out["scorable"] = 1.0 - out.pop("not_scorable")
     ordinal = None
     if system.ordinal is not None:
         if int(system.arch["ordinal"]["crop_size"]) != size:
@@ -114,7 +115,7 @@ def classify_levels(system: MsasssSystem, array: np.ndarray, spacing_mm: tuple[f
         o = _run(system.ordinal, crops)
         gt = torch.sigmoid(o["ordinal"].float()).numpy()  # (6, 2, 3): P(score > k)
         ordinal = {"score": (gt >= 0.5).sum(-1), "expected": gt.sum(-1),
-                   "scorable": torch.sigmoid(o["scorable"].float()).numpy()}
+                   "scorable": 1.0 - torch.sigmoid(o["not_scorable"].float()).numpy()}
     levels = []
     for i, lvl in enumerate(disc_levels(view)):
         d = {"level": lvl.name, "corners": list(lvl.corners),

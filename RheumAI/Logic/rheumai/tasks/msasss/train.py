@@ -113,7 +113,7 @@ def _any_finding(ds: LevelCropDataset) -> np.ndarray:
     for k in range(len(ds)):
         t = ds.targets(k)
         v = np.concatenate([t[les] for les in (*CORNER_LESIONS, "bridging")])
-        pos.append(bool(np.nansum(v) > 0) or bool((t["scorable"] < 1).any()))
+        pos.append(bool(np.nansum(v) > 0) or bool((t["not_scorable"] > 0).any()))
     return np.array(pos)
 
 
@@ -121,7 +121,7 @@ def _positive(ds: LevelCropDataset, name: str) -> np.ndarray:
     out = []
     for k in range(len(ds)):
         t = ds.targets(k)
-        v = (1 - t["scorable"]) if name == "scorable" else t[name]
+        v = t[name]
         out.append(bool(np.nansum(v) > 0))
     return np.array(out)
 
@@ -133,7 +133,7 @@ def _set_pos_weights(heads: dict[str, Any], ds: LevelCropDataset, idx: np.ndarra
     for k in idx:
         t = ds.targets(int(k))
         for name in heads:
-            if name in t and name not in ("ordinal", "scorable"):  # scorable: the rare class is 0
+            if name in t and name != "ordinal":
                 v = t[name]
                 counts.setdefault(name, []).extend(v[np.isfinite(v)].tolist())
     for name, vals in counts.items():
