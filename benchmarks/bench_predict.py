@@ -238,8 +238,10 @@ def run(quick: bool = False, repeats: int = 5, memory: bool = True, clinical_lik
         study = _clinical_like_study(Path(tmp)) if clinical_like else STUDY
         ckpt = make_checkpoint(Path(tmp) / "ckpt", cfg["depth"], cfg["size"])
         fns = _variants(ckpt, study, Path(tmp) / "out")
+        print(f"timing forward / predict / monai / naive, best of {repeats} ...", file=sys.stderr, flush=True)
         secs = _time_all(fns, repeats)
         del fns
+        print(f"single study done ({secs}); throughput on {n_studies} studies ...", file=sys.stderr, flush=True)
         batch = throughput(ckpt, study, Path(tmp), n_studies) if n_studies else None
         mem = {name: _peak_rss_child(name, ckpt, study) for name in VARIANTS} if memory else {}
     rows = []
