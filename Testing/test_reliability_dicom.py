@@ -132,3 +132,31 @@ def test_index_of_an_older_schema_is_upgraded_in_place(enh, tmp_path):
     con.close()
     summary = index_archive(root, idx, progress=QUIET)
     assert summary.files_read == 1 and summary.n_series == 2
+
+
+def test_index_readers_never_see_a_half_rebuilt_index(dicom_t1_dir, tmp_path):
+    """A dataset build opening the index while it is re-indexed sees whole series tables."""
+    import threading
+
+    _copy_series(dicom_t1_dir, tmp_path / "s")
+    idx = tmp_path / "index.sqlite"
+    index_archive(tmp_path / "s", idx, progress=QUIET)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                assert len(ArchiveIndex.open(idx).series) == 1
+            except Exception as exc:  # noqa: BLE001 - collected and reported below
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        for k in range(12):  # a new oblique limit rebuilds the series tables
+            index_archive(tmp_path / "s", idx, progress=QUIET, oblique_deg=20.0 + k)
+    finally:
+        stop.set()
+        t.join()
+    assert errors == []

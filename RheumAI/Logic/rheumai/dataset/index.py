@@ -439,13 +439,22 @@ def _rebuild_series(con: sqlite3.Connection, oblique_deg: float) -> None:
                 row["series_uid"] = f"{uid}{PART_SEP}{key}"
             rows.append(row)
     series = pd.DataFrame(rows, columns=SERIES_COLUMNS)
+    # Built under new names, then swapped in one transaction: a reader (a dataset build while the
+    # archive is re-indexed) sees the old tables or the new ones, never none.
+    con.execute("DROP TABLE IF EXISTS series_new")
+    con.execute("DROP TABLE IF EXISTS studies_new")
+    con.commit()
+    series.to_sql("series_new", con, index=False)
+    con.execute(
+        "CREATE TABLE studies_new AS SELECT study_uid, patient_id, MIN(study_date) AS study_date, "
+        "COUNT(*) AS n_series FROM series_new GROUP BY study_uid, patient_id ORDER BY patient_id, study_uid"
+    )
+    con.commit()
+    con.execute("BEGIN IMMEDIATE")
     con.execute("DROP TABLE IF EXISTS series")
     con.execute("DROP TABLE IF EXISTS studies")
-    series.to_sql("series", con, index=False)
-    con.execute(
-        "CREATE TABLE studies AS SELECT study_uid, patient_id, MIN(study_date) AS study_date, "
-        "COUNT(*) AS n_series FROM series GROUP BY study_uid, patient_id ORDER BY patient_id, study_uid"
-    )
+    con.execute("ALTER TABLE series_new RENAME TO series")
+    con.execute("ALTER TABLE studies_new RENAME TO studies")
     con.execute("CREATE INDEX IF NOT EXISTS files_series ON files(series_uid)")
     con.commit()
 
