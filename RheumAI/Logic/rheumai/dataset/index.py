@@ -99,7 +99,7 @@ class IndexSummary:
 
 
 def _connect(index_path: Path) -> sqlite3.Connection:
-    con = sqlite3.connect(str(index_path))
+    con = sqlite3.connect(str(index_path), timeout=60.0)  # another indexing run may hold the write lock
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
     row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
