@@ -22,7 +22,7 @@ import numpy as np
 
 from ...atomic import write_json
 
-DEFAULT_N = 300
+DEFAULT_N = 400
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -57,8 +57,8 @@ def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress:
     def ep(e: int) -> int:
         return max(1, int(round(e * epochs_scale)))
 
-    cfg = HandTrainConfig(whole=StageConfig(epochs=ep(30)), landmarks=StageConfig(epochs=ep(20), lr=3e-3),
-                          joints=StageConfig(epochs=ep(8), batch_size=64, lr=3e-3), seed=seed)
+    cfg = HandTrainConfig(whole=StageConfig(epochs=ep(30)), landmarks=StageConfig(epochs=ep(15), lr=3e-3),
+                          joints=StageConfig(epochs=ep(6), batch_size=64, lr=3e-3), seed=seed)
     _say(progress, f"[hand_svdh] training on {len(split['train'])} patients (whole hand, landmarks, joints) ...")
     t1 = time.perf_counter()
     ckpt = train_hand(None, out / "train", cfg=cfg, params=params, cases=cases, train_ids=split["train"])

@@ -286,30 +286,49 @@ def _chord(q):
     return np.sqrt(np.clip(1.0 - q * q, 0.0, None))
 
 
+def _extent(b: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned (u, v) bounds of a bone (mm)."""
+    if b["kind"] == "capsule":
+        reach = b["r"] * max(1.0, b["cap"])
+        pts = np.stack([b["p0"], b["p1"]])
+    else:
+        reach = max(b["a"], b["b"])
+        pts = b["c"][None]
+    return pts.min(0) - reach, pts.max(0) + reach
+
+
 def render(A: _Anatomy, U: np.ndarray, V: np.ndarray, rng: np.random.Generator, osteopenia: float) -> np.ndarray:
-    """Attenuation line integral (arbitrary units) on the grid (U, V) of hand-frame mm."""
-    soft = np.zeros(U.shape)
+    """Attenuation line integral (arbitrary units) on the grid (U, V) of hand-frame mm.
+
+    Each shape is evaluated only at the grid points inside its bounding box (vectorised)."""
+    u, v = U.ravel(), V.ravel()
+    soft = np.zeros(u.shape)
     for p0, p1, r in A.soft:
-        soft = np.maximum(soft, _chord(_capsule_q(U, V, p0, p1, r)) * r)
-    bone = np.zeros(U.shape)
+        lo, hi = np.minimum(p0, p1) - r, np.maximum(p0, p1) + r
+        i = np.flatnonzero((u >= lo[0]) & (u <= hi[0]) & (v >= lo[1]) & (v <= hi[1]))
+        soft[i] = np.maximum(soft[i], _chord(_capsule_q(u[i], v[i], p0, p1, r)) * r)
+    bone = np.zeros(u.shape)
     for b in A.bones:
+        lo, hi = _extent(b)
+        i = np.flatnonzero((u >= lo[0]) & (u <= hi[0]) & (v >= lo[1]) & (v <= hi[1]))
+        ui, vi = u[i], v[i]
         if b["kind"] == "capsule":
-            q = _capsule_q(U, V, b["p0"], b["p1"], b["r"], b["cap"])
+            q = _capsule_q(ui, vi, b["p0"], b["p1"], b["r"], b["cap"])
             size, inner = b["r"], 0.62
         else:
-            q = _ellipse_q(U, V, b["c"], b["a"], b["b"], b["angle"])
+            q = _ellipse_q(ui, vi, b["c"], b["a"], b["b"], b["angle"])
             size, inner = min(b["a"], b["b"]), 0.8
         dens = size * (_chord(q) - (0.55 if b["kind"] == "capsule" else 0.35) * _chord(q / inner))
         for c, rad in b["bites"]:
-            dist = np.sqrt((U - c[0]) ** 2 + (V - c[1]) ** 2)
+            dist = np.sqrt((ui - c[0]) ** 2 + (vi - c[1]) ** 2)
             dens = dens * np.clip((dist - rad) / 0.6 + 0.5, 0.0, 1.0)
-        bone = bone + dens
-    metal = np.zeros(U.shape)
+        bone[i] += dens
+    metal = np.zeros(u.shape)
     for c, d, half in A.rings:
-        along = (U - c[0]) * d[0] + (V - c[1]) * d[1]
-        across = np.abs(-(U - c[0]) * d[1] + (V - c[1]) * d[0])
+        along = (u - c[0]) * d[0] + (v - c[1]) * d[1]
+        across = np.abs(-(u - c[0]) * d[1] + (v - c[1]) * d[0])
         metal += ((np.abs(along) < 1.6) & (across < half)).astype(float) * 6.0
-    return 0.022 * soft + 0.2 * (1.0 - osteopenia) * bone + metal
+    return (0.022 * soft + 0.2 * (1.0 - osteopenia) * bone + metal).reshape(U.shape)
 
 
 def make_hand(rng: np.random.Generator, params: SynthParams, severity: float | None = None,
