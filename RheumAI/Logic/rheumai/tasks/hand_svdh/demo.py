@@ -100,7 +100,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress:
 
 
 def _prediction_section(f: dict[str, Any]) -> str:
-    lines = ["## One prediction (engine Predictor, Grad-CAM) and re-scoring", "",
+    lines = ["", "## One prediction (engine Predictor, Grad-CAM) and re-scoring", "",
              f"Radiograph `{f.get('predict_study')}`: total {f.get('predict_total')}, class {f.get('predict_class')}, "
              f"sum of joints {f.get('predict_joint_total')} (truth {f.get('predict_truth_total')}); "
              f"re-scored at the true landmarks: sum of joints {f.get('rescore_joint_total')}.",
