@@ -150,3 +150,11 @@ def test_paper_table2_derived_values_and_inconsistency(tmp_path) -> None:
     text = (tmp_path / "counts_report.md").read_text()
     assert "Inconsistencies" in text and "TP 9" in text and "0.621" in text
     assert (tmp_path / "counts_metrics.csv").read_text().count("\n") == 7
+
+
+def test_youden_threshold_sits_in_the_middle_of_the_gap() -> None:
+    y = np.array([0, 0, 0, 1, 0, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.6, 0.5, 0.8, 0.9])
+    # J is maximal for any threshold in (0.5, 0.6]: the midpoint, not the lowest positive's 0.6
+    assert choose_threshold(y, p, "youden") == pytest.approx(0.55)
+    assert choose_threshold([0, 1], [0.2, 0.7], "youden") == pytest.approx(0.45)

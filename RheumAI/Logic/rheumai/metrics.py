@@ -66,7 +66,9 @@ def parse_threshold_rule(rule: str | ThresholdRule) -> ThresholdRule:
 
 
 def choose_threshold(y: Any, p: Any, rule: str | ThresholdRule) -> float:
-    """Operating threshold (probability) from labelled scores by the given rule."""
+    """Operating threshold (probability) from labelled scores by the given rule. Youden: the
+    middle of the gap between the two neighbouring scores where Youden's J is maximal;
+    sensitivity: the highest score that reaches the sensitivity (the most specific cut-off)."""
     r = parse_threshold_rule(rule)
     if r.kind == "fixed":
         return float(r.value)  # type: ignore[arg-type]
@@ -76,6 +78,11 @@ def choose_threshold(y: Any, p: Any, rule: str | ThresholdRule) -> float:
     fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)  # every distinct score is a candidate
     if r.kind == "youden":
         idx = int(np.argmax(tpr - fpr))  # ties: the first, i.e. the highest threshold
+        # every threshold in (next lower score, thr[idx]] classifies the data alike: take the middle
+        # of that gap, not the edge that sits on one patient's probability
+        lower = p[p < thr[idx]]
+        if lower.size and np.isfinite(thr[idx]):
+            return float((thr[idx] + lower.max()) / 2)
     else:
         idx = int(np.flatnonzero(tpr >= r.value - 1e-12)[0])
     return float(min(thr[idx], 1.0))  # roc_curve's first threshold is +inf ("nobody positive")
