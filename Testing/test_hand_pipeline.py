@@ -57,6 +57,12 @@ def test_registered_and_predicts_through_the_engine(trained, tmp_path):
     lps = src.TransformContinuousIndexToPhysicalPoint((first["x_px"], first["y_px"], 0.0))
     np.testing.assert_allclose(lps, (first["L"], first["P"], first["S"]), atol=1e-6)
 
+    from rheumai.tasks.hand_svdh.outputs import predict_files
+
+    rows = predict_files([case.prep.rad.path, tmp_path / "missing.dcm"], pred, tmp_path / "batch", saliency=None)
+    assert rows[0]["total"] == v["total"] and "error" not in rows[0] and "no such file" in rows[1]["error"]
+    assert (tmp_path / "batch" / "predictions.csv").is_file()
+
     pytest.importorskip("slicer", reason="needs slicer-core")
     from rheumai_mrml.radiograph_scene import point_list_lps
     from rheumai_mrml.scene import load_scene
