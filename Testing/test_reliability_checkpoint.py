@@ -21,24 +21,33 @@ def _card(arch: dict, threshold: object = 0.31) -> dict:
             "threshold": threshold, "threshold_rule": "youden", "training_data": {"n_train": 3}, "metrics": {}}
 
 
-def _two_runs(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two checkpoints of two runs: other weights, stride and threshold."""
+    base = tmp_path_factory.mktemp("runs")
     arch = default_architecture(18, 6, (32, 32))
     torch.manual_seed(0)
-    a = save_checkpoint(tmp_path / "a", build_model(arch), _card(arch, 0.2))
-    b = save_checkpoint(tmp_path / "b", build_model({**arch, "conv1_t_stride": 1}), _card(arch | {"conv1_t_stride": 1}, 0.7))
+    a = save_checkpoint(base / "a", build_model(arch), _card(arch, 0.2))
+    b = save_checkpoint(base / "b", build_model({**arch, "conv1_t_stride": 1}), _card(arch | {"conv1_t_stride": 1}, 0.7))
     return a, b
 
 
-def test_hash_is_stored_in_card_and_weights(tmp_path):
-    a, _ = _two_runs(tmp_path)
+@pytest.fixture
+def two_runs(runs, tmp_path):
+    """Fresh copies of the two checkpoints (tests damage them)."""
+    return tuple(shutil.copytree(r, tmp_path / r.name) for r in runs)
+
+
+def test_hash_is_stored_in_card_and_weights(two_runs):
+    a, _ = two_runs
     card = read_card(a)
     model, _ = load_checkpoint(a)
     assert card["weights_sha256"] == weights_metadata(a / WEIGHTS)["weights_sha256"]
     assert card["weights_sha256"] == tensors_sha256(model.state_dict())
 
 
-def test_card_from_another_run_is_refused_naming_both_files(tmp_path):
-    a, b = _two_runs(tmp_path)
+def test_card_from_another_run_is_refused_naming_both_files(two_runs):
+    a, b = two_runs
     shutil.copy(b / CARD, a / CARD)  # another run's card (same architecture family, other stride/threshold)
     with pytest.raises(InputError) as err:
         load_checkpoint(a)
@@ -46,8 +55,8 @@ def test_card_from_another_run_is_refused_naming_both_files(tmp_path):
     assert msg.startswith(str(a / CARD)) and str(a / WEIGHTS) in msg and "different runs" in msg
 
 
-def test_card_without_hash_beside_bound_weights_is_refused(tmp_path):
-    a, _ = _two_runs(tmp_path)
+def test_card_without_hash_beside_bound_weights_is_refused(two_runs):
+    a, _ = two_runs
     card = json.loads((a / CARD).read_text())
     del card["weights_sha256"]
     (a / CARD).write_text(json.dumps(card))
@@ -55,10 +64,10 @@ def test_card_without_hash_beside_bound_weights_is_refused(tmp_path):
         load_checkpoint(a)
 
 
-def test_changed_tensors_are_refused(tmp_path):
+def test_changed_tensors_are_refused(two_runs):
     from safetensors.torch import load_file, save_file
 
-    a, _ = _two_runs(tmp_path)
+    a, _ = two_runs
     meta = weights_metadata(a / WEIGHTS)
     tensors = load_file(str(a / WEIGHTS))
     name = sorted(k for k in tensors if k.endswith("weight"))[0]
@@ -69,8 +78,8 @@ def test_changed_tensors_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["high", "0.5", True, [0.5], float("nan"), 1.5, {"out": "x"}])
-def test_non_numeric_threshold_is_a_clear_error(tmp_path, bad):
-    a, _ = _two_runs(tmp_path)
+def test_non_numeric_threshold_is_a_clear_error(two_runs, bad):
+    a, _ = two_runs
     card = json.loads((a / CARD).read_text())
     card["threshold"] = bad
     (a / CARD).write_text(json.dumps(card))
@@ -80,8 +89,8 @@ def test_non_numeric_threshold_is_a_clear_error(tmp_path, bad):
         load_checkpoint(a)
 
 
-def test_card_that_is_not_an_object(tmp_path):
-    a, _ = _two_runs(tmp_path)
+def test_card_that_is_not_an_object(two_runs):
+    a, _ = two_runs
     (a / CARD).write_text("[1, 2]")
     with pytest.raises(InputError, match="must be a JSON object"):
         read_card(a)
