@@ -121,19 +121,22 @@ def _rss_mb(field: str) -> float:
     return float("nan")
 
 
-def _time_all(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+def _time_all(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, float]]:
     """Best of ``repeats`` per variant after a warm-up (the minimum: least disturbed by other
-    processes). Variants are interleaved within each repeat, so a burst of load elsewhere hits all
-    of them rather than one."""
+    processes), as wall-clock seconds and as CPU seconds of this process (all its threads: the
+    work done, which other processes on a shared machine do not inflate). Variants are
+    interleaved within each repeat, so a burst of load elsewhere hits all of them rather than one."""
     for fn in fns.values():
         fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: min(v) for name, v in times.items()}
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    return {n: min(v) for n, v in wall.items()}, {n: min(v) for n, v in cpu.items()}
 
 
 def _peak_rss_child(variant: str, ckpt: Path, study: Path) -> dict[str, float]:
@@ -210,18 +213,19 @@ def throughput(ckpt: Path, study: Path, workdir: Path, n: int) -> dict[str, Any]
     xs = [pred.prepare(c).x[None] for c in copies]  # pre-loaded inputs
     with torch.inference_mode():
         pred.model(xs[0])  # warm-up
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for x in xs:
             pred.model(x)
-        fwd = time.perf_counter() - t
-    t = time.perf_counter()
+        fwd, fwd_cpu = time.perf_counter() - t, time.process_time() - c
+    t, c = time.perf_counter(), time.process_time()
     rows = predict_batch(copies, ckpt, workdir / "batch", saliency="gradcam", montage=False, show_progress=False,
                          predictor=pred)
-    batch = time.perf_counter() - t
+    batch, batch_cpu = time.perf_counter() - t, time.process_time() - c
     if sum(bool(r.get("error")) for r in rows):
         raise RuntimeError(f"batch prediction failed: {[r['error'] for r in rows if r.get('error')][:2]}")
     return {"n": n, "forward_loop_s": round(fwd, 3), "predict_batch_s": round(batch, 3),
-            "throughput_ratio": round(fwd / batch, 3)}
+            "throughput_ratio": round(fwd / batch, 3), "forward_loop_cpu_s": round(fwd_cpu, 3),
+            "predict_batch_cpu_s": round(batch_cpu, 3), "throughput_ratio_cpu": round(fwd_cpu / batch_cpu, 3)}
 
 
 def run(quick: bool = False, repeats: int = 5, memory: bool = True, clinical_like: bool = True,
@@ -239,9 +243,9 @@ def run(quick: bool = False, repeats: int = 5, memory: bool = True, clinical_lik
         ckpt = make_checkpoint(Path(tmp) / "ckpt", cfg["depth"], cfg["size"])
         fns = _variants(ckpt, study, Path(tmp) / "out")
         print(f"timing forward / predict / monai / naive, best of {repeats} ...", file=sys.stderr, flush=True)
-        secs = _time_all(fns, repeats)
+        secs, cpu = _time_all(fns, repeats)
         del fns
-        print(f"single study done ({secs}); throughput on {n_studies} studies ...", file=sys.stderr, flush=True)
+        print(f"single study done (wall {secs}, CPU {cpu}); throughput on {n_studies} studies ...", file=sys.stderr, flush=True)
         batch = throughput(ckpt, study, Path(tmp), n_studies) if n_studies else None
         mem = {name: _peak_rss_child(name, ckpt, study) for name in VARIANTS} if memory else {}
     rows = []
@@ -251,6 +255,8 @@ def run(quick: bool = False, repeats: int = 5, memory: bool = True, clinical_lik
                      "input": f"1x6x{cfg['size']}x{cfg['size']}", "seconds": round(secs[name], 4),
                      "ratio_to_forward": round(secs[name] / secs["forward"], 3),
                      "naive_over_this": round(secs["naive"] / secs[name], 3),
+                     "cpu_seconds": round(cpu[name], 4), "cpu_ratio_to_forward": round(cpu[name] / cpu["forward"], 3),
+                     "naive_over_this_cpu": round(cpu["naive"] / cpu[name], 3),
                      "peak_rss_mb": round(mem[name]["peak_rss_mb"], 1) if mem else None,
                      "rss_before_mb": round(mem[name]["rss_before_mb"], 1) if mem else None,
                      "call_peak_rss_mb": round(mem[name]["call_peak_mb"], 1) if mem else None})
@@ -260,22 +266,27 @@ def run(quick: bool = False, repeats: int = 5, memory: bool = True, clinical_lik
 def print_table(rows: list[dict[str, Any]], batch: dict[str, Any] | None = None) -> None:
     print(f"machine: {machine()}")
     print(f"study: {rows[0]['study']}; model {rows[0]['model']}, input {rows[0]['input']}")
-    print("seconds: best of the repeats; peak RSS: whole child process (imports + model + call); "
-          "during call: high-water mark reset after set-up")
-    print(f"{'variant':<10}{'seconds':>10}{'x forward':>11}{'naive / this':>14}{'peak RSS MB':>13}"
-          f"{'RSS before':>12}{'during call':>13}")
+    print("seconds: best of the repeats, wall clock and CPU (this process, all threads); peak RSS: whole child "
+          "process (imports + model + call); during call: high-water mark reset after set-up")
+    print(f"{'variant':<10}{'seconds':>10}{'x forward':>11}{'naive / this':>14}{'CPU s':>9}{'CPU x fwd':>11}"
+          f"{'naive/this CPU':>16}{'peak RSS MB':>13}{'RSS before':>12}{'during call':>13}")
     nan = float("nan")
     for r in rows:
         print(f"{r['variant']:<10}{r['seconds']:>10.3f}{r['ratio_to_forward']:>11.2f}{r['naive_over_this']:>14.2f}"
+              f"{r['cpu_seconds']:>9.2f}{r['cpu_ratio_to_forward']:>11.2f}{r['naive_over_this_cpu']:>16.2f}"
               f"{(r['peak_rss_mb'] or nan):>13.0f}{(r['rss_before_mb'] or nan):>12.0f}{(r['call_peak_rss_mb'] or nan):>13.0f}")
     d = {r["variant"]: r for r in rows}
     if batch:
-        print(f"batch of {batch['n']}: predict_batch {batch['predict_batch_s']:.2f} s (streamed, all files written), "
-              f"forward-only loop over pre-loaded tensors {batch['forward_loop_s']:.2f} s")
-    print(f"aims (full run, CPU): whole predict <= 1.2x forward: {d['predict']['ratio_to_forward']:.2f}x; "
-          f"naive >= 3x predict: {d['predict']['naive_over_this']:.2f}x; "
-          + (f"batch throughput >= 0.85x forward-only: {batch['throughput_ratio']:.2f}x; " if batch else "")
-          + f"predict peak RSS <= 1500 MB: {d['predict']['peak_rss_mb']} MB")
+        print(f"batch of {batch['n']}: predict_batch {batch['predict_batch_s']:.2f} s wall / "
+              f"{batch['predict_batch_cpu_s']:.2f} s CPU (streamed, all files written); forward-only loop over "
+              f"pre-loaded tensors {batch['forward_loop_s']:.2f} s wall / {batch['forward_loop_cpu_s']:.2f} s CPU")
+    p = d["predict"]
+    print(f"aims (full run, CPU; wall / CPU time): whole predict <= 1.2x forward: {p['ratio_to_forward']:.2f}x / "
+          f"{p['cpu_ratio_to_forward']:.2f}x; naive >= 3x predict: {p['naive_over_this']:.2f}x / "
+          f"{p['naive_over_this_cpu']:.2f}x; "
+          + (f"batch throughput >= 0.85x forward-only: {batch['throughput_ratio']:.2f}x / "
+             f"{batch['throughput_ratio_cpu']:.2f}x; " if batch else "")
+          + f"predict peak RSS <= 1500 MB: {p['peak_rss_mb']} MB")
 
 
 def main(argv: list[str] | None = None) -> int:
