@@ -67,7 +67,8 @@ def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress:
     cfg = TrainConfig(seed=seed, landmarks=StageConfig(epochs=ep(base.landmarks.epochs), batch_size=16, lr=3e-3),
                       refine=StageConfig(epochs=ep(base.refine.epochs), batch_size=32, lr=3e-3),
                       lesions=StageConfig(epochs=ep(base.lesions.epochs), batch_size=32, lr=3e-3),
-                      ordinal=StageConfig(epochs=ep(base.ordinal.epochs), batch_size=32, lr=3e-3))
+                      ordinal=StageConfig(epochs=ep(base.ordinal.epochs), batch_size=32, lr=3e-3),
+                      show_progress=progress)
     n_tr = len({r.patient_id for r in train})
     _say(progress, f"[msasss] training on {n_tr} patients ({len(train)} views): landmarks, corner refinement, "
                    "lesion classifiers, ordinal alternative ...")

@@ -64,6 +64,7 @@ class TrainConfig:
     neg_per_pos: float = 3.0
     pos_repeat: int = 1
     max_pos_weight: float = 10.0
+    show_progress: bool = False  # tqdm bars per stage
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,7 +151,7 @@ def train_landmarks(train: Sequence[ViewRecord], val: Sequence[ViewRecord], out_
     model = build_model(arch)
     res = fit(model, LandmarkDataset(train, shape, augment=True, seed=cfg.seed), LandmarkDataset(val, shape),
               make_heads("landmarks", arch), cfg.landmarks.fit_config(cfg.seed), out_dir / "landmarks",
-              progress=progress, recal_ds=LandmarkDataset(train, shape), desc="landmarks")
+              progress=progress, show_progress=cfg.show_progress, recal_ds=LandmarkDataset(train, shape), desc="landmarks")
     return res.model
 
 
@@ -171,7 +172,7 @@ def train_refine(train: Sequence[ViewRecord], val: Sequence[ViewRecord], out_dir
     tr = _Refine(train, augment=True, seed=cfg.seed, **kw)
     va = _Refine(val, augment=True, seed=cfg.seed + 1, **kw)  # jittered like the coarse points at predict time
     res = fit(model, tr, va, make_heads("landmarks", {**net_arch}), cfg.refine.fit_config(cfg.seed),
-              out_dir / "refine", progress=progress, recal_ds=_Unaugmented(tr), desc="refine")
+              out_dir / "refine", progress=progress, show_progress=cfg.show_progress, recal_ds=_Unaugmented(tr), desc="refine")
     return res.model
 
 
@@ -193,7 +194,7 @@ def train_crop_model(kind: str, train: Sequence[ViewRecord], val: Sequence[ViewR
         idx = imbalance_indices(_any_finding(tr), rng, cfg.neg_per_pos, cfg.pos_repeat)
         _set_pos_weights(heads, tr, idx, cfg.max_pos_weight)
         fit(model, _Indexed(tr, idx.tolist()), va, heads, {**stage.fit_config(cfg.seed), "monitor": next(iter(heads))},
-            out_dir / kind, progress=progress, recal_ds=_Unaugmented(tr), desc=kind)
+            out_dir / kind, progress=progress, show_progress=cfg.show_progress, recal_ds=_Unaugmented(tr), desc=kind)
         return model
     for name, net in model.nets.items():  # the paper: one classifier per lesion, each balanced on its own
         one = _OneOutput(name, net)
@@ -201,7 +202,7 @@ def train_crop_model(kind: str, train: Sequence[ViewRecord], val: Sequence[ViewR
         pos = _positive(tr, name) if name != "ordinal" else _any_finding(tr)
         idx = imbalance_indices(pos, rng, cfg.neg_per_pos, cfg.pos_repeat)
         fit(one, _Indexed(tr, idx.tolist()), va, sub, stage.fit_config(cfg.seed), out_dir / f"{kind}_{name}",
-            progress=progress, recal_ds=_Unaugmented(tr), desc=f"{kind}:{name}")
+            progress=progress, show_progress=cfg.show_progress, recal_ds=_Unaugmented(tr), desc=f"{kind}:{name}")
     return model
 
 
