@@ -160,3 +160,27 @@ def test_index_readers_never_see_a_half_rebuilt_index(dicom_t1_dir, tmp_path):
         stop.set()
         t.join()
     assert errors == []
+
+
+def test_frames_pydicom_cannot_decode_come_from_gdcm(enh, tmp_path, monkeypatch):
+    """A compressed enhanced file (no pydicom decoder here) is decoded by GDCM when every frame's
+    rescale is the identity, with the same result; with per-frame rescaling it is refused, named."""
+    src = pydicom.dcmread(enh / "Philips" / "IM_0027_fMAP.dcm")
+    for item in src.PerFrameFunctionalGroupsSequence:
+        pvt = item.PixelValueTransformationSequence[0]
+        pvt.RescaleSlope, pvt.RescaleIntercept = 1, 0
+    plain = tmp_path / "identity.dcm"
+    src.save_as(plain)
+    uid = next(s.uid for s in list_series(plain) if s.part == "M")
+    expected = sitk.GetArrayFromImage(read_study(plain, series_uid=uid).image)
+
+    def no_decoder(self):
+        raise RuntimeError("Unable to decode the pixel data: no available plugins (test)")
+
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(no_decoder))
+    got = sitk.GetArrayFromImage(read_study(plain, series_uid=uid).image)
+    assert np.array_equal(got, expected)
+    philips = enh / "Philips" / "IM_0027_fMAP.dcm"
+    with pytest.raises(InputError, match="per-frame rescaling") as err:
+        read_study(philips, series_uid=uid)
+    assert str(err.value).startswith(str(philips))

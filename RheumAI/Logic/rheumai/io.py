@@ -346,6 +346,23 @@ def _undecodable_file(files: list[str]) -> str | None:
     return None
 
 
+def _frames_by_gdcm(path: str, frames: list, pydicom_error: Exception) -> np.ndarray:
+    """Stored frames of a multi-frame file decoded by GDCM (SimpleITK), in file order.
+
+    For transfer syntaxes pydicom cannot decode here (JPEG lossless, JPEG-LS...). GDCM applies a
+    single rescale to the whole file, so this is used only where every frame's rescale is the
+    identity (stored = real values); otherwise the file is refused, named.
+    """
+    if any(fr.slope != 1.0 or fr.intercept != 0.0 for fr in frames):
+        raise InputError(path, f"multi-frame pixel data cannot be decoded with per-frame rescaling "
+                               f"({_first_line(pydicom_error)}; install pylibjpeg for compressed files)")
+    try:
+        return sitk.GetArrayFromImage(sitk.ReadImage(path))
+    except RuntimeError as exc:
+        raise InputError(path, f"multi-frame pixel data cannot be decoded ({_first_line(pydicom_error)}; "
+                               f"GDCM: {_first_line(exc)})") from None
+
+
 def _read_enhanced(folder: Path, series: SeriesInfo, meta: dict[str, Any]) -> Study:
     """An enhanced multi-frame series (or one part of it) as one 3D volume, from the functional groups."""
     from .multiframe import read_volume, stack_of
@@ -368,7 +385,7 @@ def _read_enhanced(folder: Path, series: SeriesInfo, meta: dict[str, Any]) -> St
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 - decoder errors vary by transfer syntax
-            raise InputError(f, f"multi-frame pixel data cannot be decoded ({_first_line(exc)})") from None
+            arr = _frames_by_gdcm(f, [fr for fr in series.frames if fr.file == f], exc)
         if arr.ndim == 2:
             arr = arr[None]
         if arr.ndim != 3:
