@@ -146,7 +146,7 @@ def test_checkpoint_console_predictor_rescore_and_scene(cohort, records, tiny_mo
     assert res["total"]["n_scored"] + res["total"]["n_missing"] == 24
     # The engine's one predictor runs the task's hooks to the same values.
     values = Predictor(folder).predict(study, saliency=None).values
-    assert values["corners_scored"] == res["total"]["n_scored"]
+    assert values["corners_scored"] == res["total"]["n_scored"] and values["summary"].startswith("mSASSS ")
     assert np.allclose(values["points"]["cervical"]["points"][0]["lps"], res["points"]["cervical"]["points"][0]["lps"])
     # Re-score: move one corner by 3 mm, mark another missing.
     p0 = res["points"]["lumbar"]["points"][0]

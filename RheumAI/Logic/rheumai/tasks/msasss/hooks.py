@@ -101,4 +101,9 @@ def postprocess(outputs: Mapping[str, torch.Tensor], card: dict[str, Any], sampl
     result["corner_table"] = corner_table(result)
     result.update(summary(result))
     result["label"] = result["total_msasss"]
+    t = result["total"]
+    total = "not computed (too many corners missing)" if t["total"] is None else f"{t['total']:.1f}"
+    result["summary"] = (f"mSASSS {total}; {t['n_scored']}/24 corners scored ("
+                         + ", ".join(f"{v} {'-' if d['subtotal'] is None else round(d['subtotal'], 1)}"
+                                     for v, d in t["views"].items()) + ")")
     return result
