@@ -101,7 +101,7 @@ def tiny_model(cohort, records):
 
     torch.set_num_threads(1)
     one = StageConfig(epochs=1, batch_size=8, lr=1e-3)
-    cfg = TrainConfig(landmarks=one, refine=one, lesions=one, ordinal=one,
+    cfg = TrainConfig(landmarks=one, refine=one, lesions=one, ordinal=one, separate_views=True,
                       landmark_arch=landmark_architecture(channels=[4, 8, 16], input_size=[64, 48]),
                       refine_arch=refine_architecture(channels=[4, 8], crop_size=32))
     import rheumai.tasks.msasss.train as T
@@ -138,6 +138,7 @@ def test_checkpoint_console_predictor_rescore_and_scene(cohort, records, tiny_mo
     system, folder = tiny_model
     model, card = load_checkpoint(folder)
     assert card["task"] == "msasss" and type(model).__name__ == "MsasssSystem"
+    assert model.lesion_net("cervical") is not model.lesion_net("lumbar")  # crop models per view
     pid = records[0].patient_id
     study = {r.view: r.path for r in records if r.patient_id == pid}
     study["id"] = pid
@@ -196,3 +197,14 @@ def test_paper_configuration_is_one_densenet121_per_output(one_torch_thread):
     heads = make_heads("lesions")
     target = torch.tensor([[1.0, float("nan")]])
     assert torch.isfinite(heads["erosion"].loss(torch.zeros(1, 2), target))
+
+
+def test_shared_crop_model_trains_on_both_views(tmp_path, records, one_torch_thread):
+    from rheumai.tasks.msasss.model import CropNet, crop_architecture
+    from rheumai.tasks.msasss.train import StageConfig, TrainConfig, train_crop_model
+
+    arch = crop_architecture("lesions", init_features=4, growth_rate=4, block_config=[1, 1, 1], crop_size=32)
+    cfg = TrainConfig(lesions=StageConfig(epochs=1, batch_size=8))
+    net = train_crop_model("lesions", records[:4], records[4:], tmp_path, cfg, arch)
+    assert isinstance(net, CropNet) and net.shared
+    assert (tmp_path / "lesions" / "history.csv").is_file()

@@ -36,15 +36,29 @@ def refine_architecture(**kw: Any) -> dict[str, Any]:
 
 class MsasssSystem(nn.Module):
     """The networks of one mSASSS checkpoint; ``arch`` = {"kind": "system", "landmarks": ...,
-    "refine": ..., "lesions": ..., "ordinal": ... | None}."""
+    "refine": ..., "lesions": ..., "ordinal": ... | None, "separate_views": bool}. With
+    ``separate_views`` the crop models exist once per view (cervical, lumbar)."""
 
     def __init__(self, arch: dict[str, Any]) -> None:
         super().__init__()
         self.arch = arch
         self.landmarks = build_model(arch["landmarks"])
         self.refine = build_model({**arch["refine"], "kind": "landmarks"})
-        self.lesions = build_model(arch["lesions"])
-        self.ordinal = build_model(arch["ordinal"]) if arch.get("ordinal") else None
+        self.separate_views = bool(arch.get("separate_views", False))
+
+        def crop_model(a: dict[str, Any]) -> nn.Module:
+            return nn.ModuleDict({v: build_model(a) for v in VIEWS}) if self.separate_views else build_model(a)
+
+        self.lesions = crop_model(arch["lesions"])
+        self.ordinal = crop_model(arch["ordinal"]) if arch.get("ordinal") else None
+
+    def lesion_net(self, view: str) -> nn.Module:
+        return self.lesions[view] if self.separate_views else self.lesions
+
+    def ordinal_net(self, view: str) -> nn.Module | None:
+        if self.ordinal is None:
+            return None
+        return self.ordinal[view] if self.separate_views else self.ordinal
 
 
 def _run(net: nn.Module, x: np.ndarray) -> dict[str, torch.Tensor]:
@@ -104,7 +118,7 @@ def classify_levels(system: MsasssSystem, array: np.ndarray, spacing_mm: tuple[f
     size = int(arch["crop_size"])
     grids = [level_grid(points_xy, view, i, spacing_mm, size) for i in range(len(disc_levels(view)))]
     crops = np.stack([normalise_crop(g.sample(array)) for g in grids])[:, None]
-    out = {k: torch.sigmoid(v.float()).numpy() for k, v in _run(system.lesions, crops).items()}
+    out = {k: torch.sigmoid(v.float()).numpy() for k, v in _run(system.lesion_net(view), crops).items()}
     out["scorable"] = 1.0 - out.pop("not_scorable")
     ordinal = None
     if system.ordinal is not None:
@@ -112,7 +126,7 @@ def classify_levels(system: MsasssSystem, array: np.ndarray, spacing_mm: tuple[f
             osize = int(system.arch["ordinal"]["crop_size"])
             crops = np.stack([normalise_crop(level_grid(points_xy, view, i, spacing_mm, osize).sample(array))
                               for i in range(len(grids))])[:, None]
-        o = _run(system.ordinal, crops)
+        o = _run(system.ordinal_net(view), crops)
         gt = torch.sigmoid(o["ordinal"].float()).numpy()  # (6, 2, 3): P(score > k)
         ordinal = {"score": (gt >= 0.5).sum(-1), "expected": gt.sum(-1),
                    "scorable": 1.0 - torch.sigmoid(o["not_scorable"].float()).numpy()}

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, Subset
 
 from ...checkpoint import save_checkpoint
 from ...engine.fit import fit
+from .anatomy import VIEWS
 from .dataset import LandmarkDataset, LevelCropDataset, ViewRecord, crop_targets, imbalance_indices
 from .model import CropNet, build_model, crop_architecture, landmark_architecture, make_heads
 from .predict import MsasssSystem, refine_architecture
@@ -65,6 +66,7 @@ class TrainConfig:
     pos_repeat: int = 1
     max_pos_weight: float = 10.0
     show_progress: bool = False  # tqdm bars per stage
+    separate_views: bool = False  # crop models per view (cervical, lumbar) instead of one for both
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,7 +209,7 @@ def train_crop_model(kind: str, train: Sequence[ViewRecord], val: Sequence[ViewR
 
 
 def system_architecture(cfg: TrainConfig, with_ordinal: bool = True) -> dict[str, Any]:
-    return {"kind": "system", "landmarks": cfg.landmark_arch, "refine": cfg.refine_arch,
+    return {"kind": "system", "separate_views": cfg.separate_views, "landmarks": cfg.landmark_arch, "refine": cfg.refine_arch,
             "lesions": crop_architecture("lesions", cfg.config),
             "ordinal": crop_architecture("ordinal", cfg.config) if with_ordinal and cfg.ordinal is not None else None}
 
@@ -224,19 +226,22 @@ def train_system(train: Sequence[ViewRecord], val: Sequence[ViewRecord], out_dir
     arch = system_architecture(cfg)
     system = MsasssSystem(arch)
     timings = {}
+    def crops(kind: str) -> nn.Module:
+        if not cfg.separate_views:
+            return train_crop_model(kind, train, val, out, cfg, arch[kind], progress)
+        return nn.ModuleDict({v: train_crop_model(kind, [r for r in train if r.view == v], [r for r in val if r.view == v],
+                                                  out / v, cfg, arch[kind], progress) for v in VIEWS})
+
     for name, fn in (("landmarks", lambda: train_landmarks(train, val, out, cfg, progress)),
                      ("refine", lambda: train_refine(train, val, out, cfg, progress)),
-                     ("lesions", lambda: train_crop_model("lesions", train, val, out, cfg, arch["lesions"], progress)),
-                     ("ordinal", lambda: train_crop_model("ordinal", train, val, out, cfg, arch["ordinal"], progress))):
+                     ("lesions", lambda: crops("lesions")),
+                     ("ordinal", lambda: crops("ordinal"))):
         if name == "ordinal" and arch["ordinal"] is None:
             continue
         t = time.perf_counter()
         trained = fn()
         timings[name] = round(time.perf_counter() - t, 1)
-        if name == "refine":
-            system.refine.load_state_dict(trained.state_dict())
-        else:
-            getattr(system, name).load_state_dict(trained.state_dict())
+        getattr(system, name).load_state_dict(trained.state_dict())
         if log:
             log(f"  {name}: trained in {timings[name]:.0f} s")
     system.eval()
