@@ -65,6 +65,11 @@ def test_failed_rebuild_changes_nothing_and_success_replaces_the_set(archive, tm
     assert all((out / (r["cache_file"] + ".npy")).is_file() for r in rows)
     assert again.cache.reused == sorted(first.split)  # old entries carried into the new set
     assert (out / "notes.txt").read_text() == "mine" and _siblings(out) == []
+    # A folder holding other folders (an archive, training runs) is refused before anything is written.
+    (out / "run").mkdir()
+    with pytest.raises(InputError, match=r"holds folders that are not part of a dataset \(run\)"):
+        build_dataset(base / "index.sqlite", d.labels_csv, out, CohortRules(), SplitConfig(), PARAMS, progress=QUIET)
+    (out / "run").rmdir()
     # A flow-only dry run would replace the set with a flow report alone: refused, nothing changed.
     kept = _snapshot(out)
     with pytest.raises(InputError, match="holds a built dataset"):

@@ -138,9 +138,20 @@ def _build_staged(out: Path, cohort: CohortResult, sheet: Any, header: str, inde
 def _carry_over(out: Path, stage: Path) -> None:
     """Seed ``stage`` from the previous ``out``: cache entries and files that are not part of the
     dataset set (e.g. an index kept there) are hard-linked (copied where links fail); the file-hash
-    memo is copied (it is written to). Entries are immutable (written by atomic rename)."""
+    memo is copied (it is written to). Entries are immutable (written by atomic rename).
+
+    An ``out`` holding other folders (a DICOM archive, training runs) is refused before anything
+    is written: replacing the folder would have to carry them over too.
+    """
     if not out.is_dir():
+        if out.exists():
+            raise InputError(out, "output folder is a file")
         return
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir() and not p.is_symlink() and p.name != "cache")
+    if folders:
+        shown = ", ".join(folders[:5]) + (f" and {len(folders) - 5} more" if len(folders) > 5 else "")
+        raise InputError(out, f"holds folders that are not part of a dataset ({shown}); a dataset is replaced as a "
+                              "whole, so its output folder holds the dataset (and loose files) only: choose another")
     for src in out.iterdir():
         if src.name in DATASET_FILES and src.name != "cache":
             continue
