@@ -12,8 +12,9 @@ scorable". Lesions are planted per corner and drawn where they are seen on films
 * erosion: a notch cut out of the corner; sclerosis: a dense band under the endplate at the
   corner; squaring: the anterior border of the vertebra straight instead of concave (a finding
   of the vertebra, labelled at both its corners); syndesmophyte: a thin bony spur growing from
-  the corner into the disc space without reaching the next vertebra; bridging: a bony bar from
-  the lower corner of one vertebra to the upper corner of the next (scores both corners).
+  the corner into the disc space, 25-40 % of the way (two opposing spurs never meet); bridging:
+  a bony bar from the lower corner of one vertebra to the upper corner of the next (scores both
+  corners).
 
 Corner scores follow :mod:`.scoring`. Written as DICOM DX (bone bright, 12 bit, PixelSpacing) +
 ``labels.csv`` (one row per landmark: position in pixels of the written file, and for the 24
@@ -214,7 +215,7 @@ def render_view(rng: np.random.Generator, view: str, severity: float, params: Sy
         for name, q, other in ((a_low, qa, qb), (b_up, qb, qa)):
             if findings[name]["syndesmophyte"]:
                 direction = (other - q) / max(gap, 1e-6)
-                tip = q + direction * gap * rng.uniform(0.35, 0.55) + nor * 0.7 * lm
+                tip = q + direction * gap * rng.uniform(0.25, 0.4) + nor * 0.7 * lm  # two spurs never meet
                 atten += 0.9 * _capsule(X, Y, q - nor * 0.2 * lm, tip, 0.7 * lm, 0.3 * lm, e)
     # soft tissue (anterior of the spine for tissue_mm, everything behind it), shoulders.
     order = np.argsort(centres[:, 1])

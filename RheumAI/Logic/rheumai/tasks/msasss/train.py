@@ -56,7 +56,7 @@ class TrainConfig:
     seed: int = 0
     landmarks: StageConfig = field(default_factory=lambda: StageConfig(epochs=8, batch_size=16, lr=3e-3))
     refine: StageConfig = field(default_factory=lambda: StageConfig(epochs=4, batch_size=32, lr=3e-3))
-    lesions: StageConfig = field(default_factory=lambda: StageConfig(epochs=10, batch_size=32, lr=3e-3))
+    lesions: StageConfig = field(default_factory=lambda: StageConfig(epochs=12, batch_size=32, lr=3e-3))
     ordinal: StageConfig | None = field(default_factory=lambda: StageConfig(epochs=8, batch_size=32, lr=3e-3))
     landmark_arch: dict[str, Any] = field(default_factory=lambda: landmark_architecture(channels=[16, 32, 64, 128, 128]))
     refine_arch: dict[str, Any] = field(default_factory=refine_architecture)
