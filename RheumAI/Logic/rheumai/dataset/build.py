@@ -10,6 +10,10 @@ Output folder::
 
 Re-running with the same inputs writes byte-identical manifest.csv, dataset.json, cohort.csv,
 flow.txt, flow.json and excluded.csv (sorted rows, fixed formatting, no timestamps).
+
+The set is built in a staging folder beside the output folder and replaces it as a whole
+(:func:`rheumai.atomic.replace_dir`): a failed or killed build leaves the previous set untouched.
+Cohorts given as a table of image files go through :mod:`rheumai.dataset.images`.
 """
 
 from __future__ import annotations
