@@ -43,7 +43,8 @@ def add_landmarks(scene: Any, points_lps: np.ndarray, labels: Sequence[str], sta
     status = list(status) if status is not None else ["ok"] * n
     descriptions = list(descriptions) if descriptions is not None else [""] * n
     if not len(labels) == len(status) == len(descriptions) == n:
-        raise ValueError(f"{n} points but {len(labels)} labels, {len(status)} statuses, {len(descriptions)} descriptions")
+        raise ValueError(f"{n} points but {len(labels)} labels, {len(status)} statuses, "
+                         f"{len(descriptions)} descriptions")
     bad = sorted(set(status) - set(STATUSES))
     if bad:
         raise ValueError(f"point status must be one of {STATUSES}, got {bad}")

@@ -124,7 +124,8 @@ class LandmarkDataset(Dataset):
         grid = fit_grid(rec.array.shape, self.shape, rng, rotate_deg=6.0, scale=0.06, shift=0.04)
         x = grid.sample(self.norm[i])
         if self.augment:
-            x = np.clip(x * self.rng.uniform(0.8, 1.2) + self.rng.uniform(-0.1, 0.1), 0, 1) ** self.rng.uniform(0.8, 1.25)
+            x = np.clip(x * self.rng.uniform(0.8, 1.2) + self.rng.uniform(-0.1, 0.1), 0, 1)
+            x = x ** self.rng.uniform(0.8, 1.25)
         sample: dict[str, Any] = {"input": torch.from_numpy(x[None].astype(np.float32)), "id": rec.patient_id}
         if rec.points_xy is not None:
             sample["target"] = {"keypoints": torch.from_numpy(grid.from_source(rec.points_xy).astype(np.float32))}

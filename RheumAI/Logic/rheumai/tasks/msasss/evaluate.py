@@ -109,7 +109,8 @@ def evaluate(records: Sequence[ViewRecord], results: Sequence[dict[str, Any]], t
         p = np.array([r[f"p_{les}"] >= threshold for r in rs])
         tp, tn = int((y & p).sum()), int((~y & ~p).sum())
         lesions[les] = {"accuracy": _rate(tp + tn, len(y)), "sensitivity": _rate(tp, int(y.sum())),
-                        "specificity": _rate(tn, int((~y).sum())), "prevalence": float(y.mean()) if len(y) else float("nan")}
+                        "specificity": _rate(tn, int((~y).sum())),
+                        "prevalence": float(y.mean()) if len(y) else float("nan")}
     m["lesions"] = lesions
     err = np.array([r["error_mm"] for r in rows], float)
     m["keypoints_corners"] = {**success_rates(err), "median_ci": _median_ci(err)}
@@ -166,7 +167,8 @@ def report_markdown(m: dict[str, Any]) -> str:
     lines = ["# mSASSS evaluation (held-out patients)", "",
              f"{m['n_patients']} patients, {m['n_views']} views, {m['n_corners']} corners.", "",
              "## Corners", "",
-             f"Accuracy (corners scorable in the truth; 'not scorable' predicted counts as wrong): {_fmt(c['accuracy'])}",
+             "Accuracy (corners scorable in the truth; 'not scorable' predicted counts as wrong): "
+             f"{_fmt(c['accuracy'])}",
              f"Accuracy where both call the corner scorable: {_fmt(c['accuracy_both_scorable'])}", "",
              "| true score | accuracy (95% CI) | n |", "|---|---|---|"]
     for s, e in c["accuracy_by_true_score"].items():
@@ -190,7 +192,8 @@ def report_markdown(m: dict[str, Any]) -> str:
                      f"{_fmt(e['specificity'])} |")
     k = m["keypoints_corners"]
     lines += ["", "## Keypoints (24 corners)", "",
-              f"Median radial error {k['median_ci']['value']:.2f} mm ({k['median_ci']['lo']:.2f}-{k['median_ci']['hi']:.2f}), "
+              f"Median radial error {k['median_ci']['value']:.2f} mm "
+              f"({k['median_ci']['lo']:.2f}-{k['median_ci']['hi']:.2f}), "
               f"mean {k['mean_mm']:.2f} mm; within 2 mm {k['within_2mm']:.3f}, within 4 mm {k['within_4mm']:.3f} "
               f"(n = {int(k['n'])}).", ""]
     if m.get("keypoints_all_points"):
@@ -209,10 +212,12 @@ def report_markdown(m: dict[str, Any]) -> str:
     if "total_ordinal_model" in m:
         to = m["total_ordinal_model"]
         lines += [f"Ordinal model: MAE {_fmt(to['mae'], False)}, ICC {_fmt(to['icc'], False)}"]
-    lines += ["", "## Per disc level", "", "| level | accuracy (lesion classifiers) | accuracy (ordinal) | keypoint median mm |",
+    lines += ["", "## Per disc level", "",
+              "| level | accuracy (lesion classifiers) | accuracy (ordinal) | keypoint median mm |",
               "|---|---|---|---|"]
     for name, e in m["per_level"].items():
-        lines.append(f"| {name} | {_fmt(e['accuracy'])} | {_fmt(e['accuracy_ordinal'])} | {e['keypoint_median_mm']:.2f} |")
+        lines.append(f"| {name} | {_fmt(e['accuracy'])} | {_fmt(e['accuracy_ordinal'])} | "
+                     f"{e['keypoint_median_mm']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

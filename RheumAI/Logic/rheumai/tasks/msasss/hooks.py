@@ -63,7 +63,8 @@ def forward(model: MsasssSystem, batch: Mapping[str, torch.Tensor]) -> dict[str,
             lv = np.array([[lev["lesions"][k][s] if k in CORNER_LESIONS else
                             (lev["bridging"] if k == "bridging" else lev["scorable"][s]) for k, s in _SLOTS]
                            for lev in levels])
-            ord = np.array([lev["ordinal"]["score"] for lev in levels]) if "ordinal" in levels[0] else np.full((6, 2), -1)
+            ord = (np.array([lev["ordinal"]["score"] for lev in levels]) if "ordinal" in levels[0]
+                   else np.full((6, 2), -1))
             for key, val in ((f"points_{v}", pts), (f"confidence_{v}", conf), (f"levels_{v}", lv),
                              (f"ordinal_{v}", ord)):
                 out.setdefault(key, []).append(torch.as_tensor(np.asarray(val, np.float64)))

@@ -170,7 +170,8 @@ def score_levels(view: str, levels: list[dict[str, Any]], check: dict[str, Any],
         scorable[c] = not reasons[c]
     scores = score_view(view, findings, bridged, scorable, squaring_not_scored)
     ordinal = {c: (v if scorable[c] else None) for c, v in ordinal_scores.items()} if ordinal_scores else None
-    return {"scores": scores, "findings": findings, "bridged": bridged, "not_scorable": {c: r for c, r in reasons.items() if r},
+    return {"scores": scores, "findings": findings, "bridged": bridged,
+            "not_scorable": {c: r for c, r in reasons.items() if r},
             "ordinal_scores": ordinal}
 
 
@@ -197,7 +198,8 @@ def analyse_view(system: MsasssSystem, array: np.ndarray, spacing_mm: tuple[floa
     else:
         levels = []
     if not levels:
-        levels = [{"level": lvl.name, "corners": list(lvl.corners), "lesions": {les: [0.0, 0.0] for les in CORNER_LESIONS},
+        levels = [{"level": lvl.name, "corners": list(lvl.corners),
+                   "lesions": {les: [0.0, 0.0] for les in CORNER_LESIONS},
                    "bridging": 0.0, "scorable": [0.0, 0.0]} for lvl in disc_levels(view)]
     scored = score_levels(view, levels, check, missing, threshold)
     return {"view": view, "points_xy": pts.tolist(), "point_names": point_names(view),

@@ -191,7 +191,8 @@ def render_view(rng: np.random.Generator, view: str, severity: float, params: Sy
                 body *= 1 - 0.92 * _soft(r - np.hypot(X - q[0] + 0.3 * r * nor[0], Y - q[1] + 0.3 * r * nor[1]), e)
             if f["sclerosis"]:
                 vq = sign * (-h / 2 + 0.16 * h)
-                body += 0.55 * inside * np.exp(-0.5 * ((U - 0.3 * d) / (0.2 * d)) ** 2 - 0.5 * ((V - vq) / (0.09 * h)) ** 2)
+                band = -0.5 * ((U - 0.3 * d) / (0.2 * d)) ** 2 - 0.5 * ((V - vq) / (0.09 * h)) ** 2
+                body += 0.55 * inside * np.exp(band)
         atten += body
         # posterior elements: pedicle/lamina block and spinous process.
         for off_u, off_v, ru, rv, dens in ((-0.95 * d, 0.0, 0.42 * d, 0.32 * h, 0.35),

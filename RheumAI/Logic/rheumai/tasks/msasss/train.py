@@ -58,7 +58,8 @@ class TrainConfig:
     refine: StageConfig = field(default_factory=lambda: StageConfig(epochs=4, batch_size=32, lr=3e-3))
     lesions: StageConfig = field(default_factory=lambda: StageConfig(epochs=12, batch_size=32, lr=3e-3))
     ordinal: StageConfig | None = field(default_factory=lambda: StageConfig(epochs=8, batch_size=32, lr=3e-3))
-    landmark_arch: dict[str, Any] = field(default_factory=lambda: landmark_architecture(channels=[16, 32, 64, 128, 128]))
+    landmark_arch: dict[str, Any] = field(
+        default_factory=lambda: landmark_architecture(channels=[16, 32, 64, 128, 128]))
     refine_arch: dict[str, Any] = field(default_factory=refine_architecture)
     refine_jitter: tuple[float, float, float] = (4.0, 10.0, 0.15)
     crop_jitter: tuple[float, float, float] = (1.0, 5.0, 0.06)
@@ -153,7 +154,8 @@ def train_landmarks(train: Sequence[ViewRecord], val: Sequence[ViewRecord], out_
     model = build_model(arch)
     res = fit(model, LandmarkDataset(train, shape, augment=True, seed=cfg.seed), LandmarkDataset(val, shape),
               make_heads("landmarks", arch), cfg.landmarks.fit_config(cfg.seed), out_dir / "landmarks",
-              progress=progress, show_progress=cfg.show_progress, recal_ds=LandmarkDataset(train, shape), desc="landmarks")
+              progress=progress, show_progress=cfg.show_progress, recal_ds=LandmarkDataset(train, shape),
+              desc="landmarks")
     return res.model
 
 
@@ -174,7 +176,8 @@ def train_refine(train: Sequence[ViewRecord], val: Sequence[ViewRecord], out_dir
     tr = _Refine(train, augment=True, seed=cfg.seed, **kw)
     va = _Refine(val, augment=True, seed=cfg.seed + 1, **kw)  # jittered like the coarse points at predict time
     res = fit(model, tr, va, make_heads("landmarks", {**net_arch}), cfg.refine.fit_config(cfg.seed),
-              out_dir / "refine", progress=progress, show_progress=cfg.show_progress, recal_ds=_Unaugmented(tr), desc="refine")
+              out_dir / "refine", progress=progress, show_progress=cfg.show_progress, recal_ds=_Unaugmented(tr),
+              desc="refine")
     return res.model
 
 
@@ -209,7 +212,8 @@ def train_crop_model(kind: str, train: Sequence[ViewRecord], val: Sequence[ViewR
 
 
 def system_architecture(cfg: TrainConfig, with_ordinal: bool = True) -> dict[str, Any]:
-    return {"kind": "system", "separate_views": cfg.separate_views, "landmarks": cfg.landmark_arch, "refine": cfg.refine_arch,
+    return {"kind": "system", "separate_views": cfg.separate_views, "landmarks": cfg.landmark_arch,
+            "refine": cfg.refine_arch,
             "lesions": crop_architecture("lesions", cfg.config),
             "ordinal": crop_architecture("ordinal", cfg.config) if with_ordinal and cfg.ordinal is not None else None}
 
@@ -229,8 +233,9 @@ def train_system(train: Sequence[ViewRecord], val: Sequence[ViewRecord], out_dir
     def crops(kind: str) -> nn.Module:
         if not cfg.separate_views:
             return train_crop_model(kind, train, val, out, cfg, arch[kind], progress)
-        return nn.ModuleDict({v: train_crop_model(kind, [r for r in train if r.view == v], [r for r in val if r.view == v],
-                                                  out / v, cfg, arch[kind], progress) for v in VIEWS})
+        return nn.ModuleDict({v: train_crop_model(kind, [r for r in train if r.view == v],
+                                                  [r for r in val if r.view == v], out / v, cfg, arch[kind], progress)
+                              for v in VIEWS})
 
     for name, fn in (("landmarks", lambda: train_landmarks(train, val, out, cfg, progress)),
                      ("refine", lambda: train_refine(train, val, out, cfg, progress)),
