@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import cohen_kappa_score
 
-from rheumai.engine.heads import (CoralLayer, class_report, head_from_card, make_head, regression_report)
+from rheumai.engine.heads import CoralLayer, head_from_card, make_head, regression_report
 
 
 def test_make_head_kinds_and_card_round_trip() -> None:

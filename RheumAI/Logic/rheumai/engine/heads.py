@@ -26,7 +26,6 @@ report with confidence intervals. Kinds and shapes (N = batch):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,7 +35,7 @@ from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
 from torch import nn
 from torch.nn import functional as F
 
-from ..metrics import binary_report, bootstrap_indices, wilson_ci
+from ..metrics import binary_report, wilson_ci
 
 KINDS = ("binary", "regression", "ordinal", "multiclass", "keypoints")
 
