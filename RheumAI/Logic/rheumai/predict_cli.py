@@ -35,8 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="predict only shard i of N (0-based); 'auto': from a SLURM job array or torchrun's RANK/WORLD_SIZE")
     p.add_argument("--workers", type=int, default=2, help="threads reading + preprocessing ahead (0: none)")
     p.add_argument("--batch-size", type=int, default=1, help="studies per forward pass (GPU)")
-    p.add_argument("--saliency", choices=[*METHODS, "none"], default="gradcam",
-                   help="saliency method (default gradcam; NegSpA: gradcam per sequence)")
+    p.add_argument("--saliency", choices=["default", *METHODS, "none"], default="default",
+                   help="saliency method (default: the task's first: cervical gradxinput_smooth, which localises; "
+                        "gradcam is coarse; NegSpA: gradcam per sequence)")
     p.add_argument("--target-layer", default=None, help="Grad-CAM target layer (default: the task's, layer4)")
     p.add_argument("--tta", type=int, default=0, metavar="N", help="test-time augmentation variants (0: off)")
     p.add_argument("--sanity", action="store_true",
@@ -75,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if args.sanity and saliency is None:
         raise RheumAIError("--sanity needs a saliency method (not --saliency none)")
     task = task_of(args.model, args.task)
+    if saliency == "default":
+        saliency = task.saliency_methods[0] if task.saliency_methods else None
     given = [bool(args.studies), bool(args.input), args.cohort is not None]
     if sum(given) != 1:
         raise InputError(None, "give the studies one way: STUDY paths, --input ROLE=PATH ..., or --cohort TABLE.csv")
