@@ -43,7 +43,8 @@ for _p in (os.path.join(_MODULE_DIR, "Logic"), _MODULE_DIR):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-SALIENCY_METHODS = ["gradcam", "gradcampp", "occlusion", "gradxinput", "none"]
+# "default": the task's first declared method (cervical: smoothed gradient x input, which localises)
+SALIENCY_METHODS = ["default", "gradxinput_smooth", "gradcam", "gradcampp", "occlusion", "gradxinput", "none"]
 # Packages Slicer already ships or PyTorchUtils manages: never reinstalled by this module.
 NEVER_REINSTALL = ["torch", "torchvision", "SimpleITK", "numpy", "vtk"]
 # Python packages this module loads from its own folder: Reload drops them so edits take effect.
@@ -140,7 +141,7 @@ class RheumAIParameterNode:
     batchInput: str = ""
     batchOutDir: str = ""
     # Saliency
-    saliencyMethod: Annotated[str, Choice(SALIENCY_METHODS)] = "gradcam"
+    saliencyMethod: Annotated[str, Choice(SALIENCY_METHODS)] = "default"
     targetLayer: str = ""
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     lowerThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.05
@@ -716,7 +717,7 @@ class RheumAILogic(ScriptedLoadableModuleLogic):
         return self.console.selectSlices(volumeNode, params, createNodes=createNodes, centerRAS=centerRAS,
                                          **overrides)
 
-    def predict(self, volumeNodeOrPath, modelPath, createNodes: bool = False, saliency: str | None = "gradcam",
+    def predict(self, volumeNodeOrPath, modelPath, createNodes: bool = False, saliency: str | None = "default",
                 targetLayer: str | None = None, device: str = "cpu", tta: int = 0, opacity: float = 0.5,
                 lowerThreshold: float | None = 0.05, centerRAS=None) -> dict:
         """One study of a single-input task, in this process (scripts; the panel uses predictStudy)."""
@@ -744,7 +745,7 @@ class RheumAILogic(ScriptedLoadableModuleLogic):
 
     # -------------------------------------------------------------- background process
     def predictStudy(self, modelPath, inputs, roi=None, clinical=None, createNodes: bool = True,
-                     saliency: str | None = "gradcam", targetLayer: str | None = None, device: str = "cpu",
+                     saliency: str | None = "default", targetLayer: str | None = None, device: str = "cpu",
                      tta: int = 0, opacity: float = 0.5, lowerThreshold: float | None = 0.05, centerRAS=None,
                      waitForCompletion: bool = True, progressCallback=None, completedCallback=None):
         """Predict one study of any task (inputs {role: volume node}, roi: markups ROI node or
@@ -776,7 +777,7 @@ class RheumAILogic(ScriptedLoadableModuleLogic):
                          lambda r: dict(r, nodeIDs=self.console.showTrainingResult(r)))
 
     def predictBatch(self, pathsOrFolder, modelPath, outDir, waitForCompletion: bool = True,
-                     progressCallback=None, completedCallback=None, saliency: str | None = "gradcam",
+                     progressCallback=None, completedCallback=None, saliency: str | None = "default",
                      device: str = "cpu", tta: int = 0):
         """Predict many studies in a worker process: a folder / list of studies (single-input
         tasks) or a study table CSV (any task). Returns the rows (also outDir/predictions.csv and

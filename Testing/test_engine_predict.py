@@ -47,7 +47,7 @@ def test_batched_and_streamed_equal_one_by_one(ckpt, studies, tmp_path, one_torc
     assert pred.task.name == "cervical_ra" and pred.model_id == "eng"
     single = {s: pred.predict(s, saliency="gradcam") for s in studies}
     rows = predict_batch(studies, ckpt, tmp_path / "b", predictor=pred, batch_size=3, workers=2,
-                         montage=False, show_progress=False)
+                         montage=False, show_progress=False, saliency="gradcam")
     assert [r["study"] for r in rows] == studies  # table in input order
     for r in rows:
         assert r["probability"] == pytest.approx(single[r["study"]].probability, abs=1e-5)
@@ -58,6 +58,20 @@ def test_batched_and_streamed_equal_one_by_one(ckpt, studies, tmp_path, one_torc
     vol = sitk.GetArrayFromImage(sitk.ReadImage(rows[1]["saliency_file"]))
     ref = sitk.GetArrayFromImage(single[studies[1]].saliency_volume)
     np.testing.assert_allclose(vol, ref, atol=1e-5)
+
+
+def test_default_saliency_is_the_tasks_first_method(ckpt, studies):
+    """No method named: the task's first declared method (cervical: smoothed gradient x input, the one
+    that localises), never the coarse Grad-CAM; a task without saliency maps gets none."""
+    from rheumai.engine.predict import Predictor, resolve_saliency
+    from rheumai.tasks import get_task
+
+    pred = Predictor(ckpt)
+    assert pred.task.saliency_methods[0] == "gradxinput_smooth"
+    res = pred.predict(studies[0])
+    assert res.saliency_method == "gradxinput_smooth" and res.saliency_volume is not None
+    assert resolve_saliency(get_task("negspa"), "default") == "gradcam"
+    assert resolve_saliency(get_task("cervical_ra"), None) is None
 
 
 def test_task_from_card_and_refusals(ckpt, tmp_path):

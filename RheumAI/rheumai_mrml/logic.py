@@ -211,7 +211,7 @@ class RheumAIConsoleLogic:
         return read_card(Path(modelPath))
 
     def predict(self, volumeNodeOrPath: Any, modelPath: str | Path, createNodes: bool = False,
-                saliency: str | None = "gradcam", targetLayer: str | None = None, device: str = "cpu",
+                saliency: str | None = "default", targetLayer: str | None = None, device: str = "cpu",
                 tta: int = 0, opacity: float = 0.5, lowerThreshold: float | None = 0.05,
                 centerRAS: Sequence[float] | None = None) -> dict[str, Any]:
         """Predict one study of a single-input task (volume node, path, or LPS image).
@@ -231,7 +231,7 @@ class RheumAIConsoleLogic:
 
     def predictStudy(self, modelPath: str | Path, inputs: dict[str, Any], roi: Any = None,
                      clinical: dict[str, Any] | None = None, createNodes: bool = False,
-                     saliency: str | None = "gradcam", targetLayer: str | None = None, device: str = "cpu",
+                     saliency: str | None = "default", targetLayer: str | None = None, device: str = "cpu",
                      tta: int = 0, opacity: float = 0.5, lowerThreshold: float | None = 0.05,
                      centerRAS: Sequence[float] | None = None) -> dict[str, Any]:
         """Predict one study of any registered task, in this process.
@@ -250,7 +250,7 @@ class RheumAIConsoleLogic:
         return self.finishPrediction(pred, nodes, sources, roi, createNodes, opacity, lowerThreshold, study)
 
     def startPredictStudy(self, modelPath: str | Path, inputs: dict[str, Any], roi: Any = None,
-                          clinical: dict[str, Any] | None = None, saliency: str | None = "gradcam",
+                          clinical: dict[str, Any] | None = None, saliency: str | None = "default",
                           targetLayer: str | None = None, device: str = "cpu", tta: int = 0,
                           centerRAS: Sequence[float] | None = None, env: dict[str, str] | None = None) -> PredictJob:
         """:meth:`predictStudy` in the background worker process: returns the started job at once
@@ -495,7 +495,7 @@ class RheumAIConsoleLogic:
         return {k: n.GetID() for k, n in training_nodes(self.scene, result, name).items()}
 
     def predictBatch(self, pathsOrFolder: Any, modelPath: str | Path, outDir: str | Path,
-                     progressCallback: ProgressCallback | None = None, saliency: str | None = "gradcam",
+                     progressCallback: ProgressCallback | None = None, saliency: str | None = "default",
                      device: str = "cpu", tta: int = 0, shouldStop: Callable[[], bool] | None = None,
                      createNodes: bool = False) -> list[dict[str, Any]]:
         """Predict many studies in this process, any task: a list or folder of studies (image

@@ -298,7 +298,7 @@ class PredictJob:
     folder, the :class:`~rheumai_mrml.task_predict.StudyPrediction` read back by :meth:`result`,
     the folder removed by :meth:`close` (also after a failure or a cancel)."""
 
-    def __init__(self, model: str | Path, study: dict[str, Any], saliency: str | None = "gradcam",
+    def __init__(self, model: str | Path, study: dict[str, Any], saliency: str | None = "default",
                  target_layer: str | None = None, device: str = "cpu", tta: int = 0,
                  python: str | None = None, env: dict[str, str] | None = None):
         import SimpleITK as sitk

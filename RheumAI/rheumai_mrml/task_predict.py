@@ -135,7 +135,7 @@ def task_name_of(predictor: Any) -> str:
     return str(getattr(predictor, "card", {}).get("task", "cervical_ra"))
 
 
-def predict_study(predictor: Any, study: Mapping[str, Any], saliency: str | None = "gradcam",
+def predict_study(predictor: Any, study: Mapping[str, Any], saliency: str | None = "default",
                   target_layer: str | None = None, tta: int = 0) -> StudyPrediction:
     """Run ``predictor`` (from :func:`load_predictor`) on one study dict (module docstring)."""
     from rheumai.tasks import get_task

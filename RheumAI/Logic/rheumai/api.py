@@ -29,7 +29,7 @@ def load(model: str | Path, device: str = "cpu", task: str | None = None) -> Pre
 
 
 def predict(model: str | Path | Predictor, study: Any, out_dir: str | Path | None = None,
-            saliency: str | None = "gradcam", device: str = "cpu", tta: int = 0, sanity: bool = False,
+            saliency: str | None = "default", device: str = "cpu", tta: int = 0, sanity: bool = False,
             scene: bool = False, task: str | None = None) -> PredictionResult:
     """Predict one study (a path / image for single-input tasks, else a dict of inputs); with
     ``out_dir`` its files are written there too (``res.files``)."""

@@ -133,7 +133,7 @@ def job_predict_batch(args: dict[str, Any]) -> dict[str, Any]:
         emit("predict", stage_progress(0, 1, i, n), f"{i}/{n} {Path(str(study)).name}")
 
     rows = api.predict_many(predictor, studies, args["out_dir"], progress=progress,
-                            saliency=args.get("saliency", "gradcam"), tta=int(args.get("tta", 0)))
+                            saliency=args.get("saliency", "default"), tta=int(args.get("tta", 0)))
     return {"rows": rows, "predictions_csv": str(Path(args["out_dir"]) / "predictions.csv")}
 
 

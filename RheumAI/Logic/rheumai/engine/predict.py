@@ -185,13 +185,27 @@ def task_of(checkpoint: str | Path, task: str | None = None) -> Task:
     return t
 
 
-def check_saliency(task: Task, method: str | None) -> None:
-    """InputError (a ValueError) unless ``method`` is None or one the task's saliency hook accepts."""
+DEFAULT_SALIENCY = "default"
+
+
+def resolve_saliency(task: Task, method: str | None) -> str | None:
+    """``"default"`` -> the task's first declared saliency method (the one that localises; None when the
+    task has no saliency); any other value unchanged."""
+    if method == DEFAULT_SALIENCY:
+        return task.saliency_methods[0] if task.saliency_maps is not None and task.saliency_methods else None
+    return method
+
+
+def check_saliency(task: Task, method: str | None) -> str | None:
+    """The resolved method (see :func:`resolve_saliency`); InputError (a ValueError) unless it is None
+    or one the task's saliency hook accepts."""
+    method = resolve_saliency(task, method)
     if not method:
-        return
+        return method
     if task.saliency_maps is None or (task.saliency_methods and method not in task.saliency_methods):
         raise InputError(None, f"saliency method '{method}' unknown for task {task.name}; choose one of "
                                f"{', '.join(task.saliency_methods) or 'none (this task has no saliency)'}")
+    return method
 
 
 def to_device(x: Any, device: torch.device) -> Any:
@@ -310,9 +324,10 @@ class Predictor:
                 out = self.model(**batch) if isinstance(batch, dict) else self.model(batch)
         return out if isinstance(out, dict) else {"out": out}
 
-    def run(self, prepared: Sequence[Prepared], saliency: str | None = "gradcam", target_layer: str | None = None,
+    def run(self, prepared: Sequence[Prepared], saliency: str | None = DEFAULT_SALIENCY, target_layer: str | None = None,
             tta: int = 0, sanity: bool = False) -> list[PredictionResult]:
         """The network (+ saliency, TTA, sanity) on prepared studies, batched; no file is written."""
+        saliency = resolve_saliency(self.task, saliency)
         t0 = time.perf_counter()
         batch = to_device(collate([p.x for p in prepared]), self.device)
         samples = [p.sample for p in prepared]
@@ -365,14 +380,14 @@ class Predictor:
             res.sanity = run_sanity(self.model, xb, m.input_map, res.saliency_method, target_layer)
         res.timings_s["tta_sanity"] = round(time.perf_counter() - t, 4)
 
-    def predict(self, study: Any, saliency: str | None = "gradcam", target_layer: str | None = None, tta: int = 0,
+    def predict(self, study: Any, saliency: str | None = DEFAULT_SALIENCY, target_layer: str | None = None, tta: int = 0,
                 sanity: bool = False, series_uid: str | None = None) -> PredictionResult:
         """Predict one study; errors in the study raise (InputError names the file)."""
         if series_uid is not None and not isinstance(study, Mapping):
             study = {self.task.roles[0]: study, "series_uid": series_uid}
+        saliency = check_saliency(self.task, saliency)
         if sanity and not saliency:
             raise ValueError("sanity checks need a saliency method")
-        check_saliency(self.task, saliency)
         inputs = self.inputs_of(study)
         t = time.perf_counter()
         sample = self.task.load_sample(inputs, self.card)
@@ -492,7 +507,7 @@ class _Writer:
 
 def predict_batch(studies: Sequence[Any], checkpoint_dir: str | Path, out_dir: str | Path,
                   progress: Callable[[int, int, str], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None, saliency: str | None = "gradcam",
+                  should_stop: Callable[[], bool] | None = None, saliency: str | None = DEFAULT_SALIENCY,
                   write_volumes: bool = True, target_layer: str | None = None, tta: int = 0,
                   sanity: bool = False, scene: bool = False, fmt: str = "nii.gz", device: str = "cpu",
                   show_progress: bool = True, predictor: Predictor | None = None, task: str | None = None,
@@ -512,7 +527,7 @@ def predict_batch(studies: Sequence[Any], checkpoint_dir: str | Path, out_dir: s
     if scene:
         W.scene_writer()  # fail before the batch, not once per study
     pred = predictor or Predictor(checkpoint_dir, device=device, task=task)
-    check_saliency(pred.task, saliency)
+    saliency = check_saliency(pred.task, saliency)
     meta = {"model_id": pred.model_id, "checkpoint": str(Path(pred.checkpoint).resolve()),
             "threshold": pred.threshold, "task": pred.task.name}
     done = {r["key"] for r in W.RowReader(out).read() if not r.get("error") and r.get("model_id") == pred.model_id}
