@@ -57,7 +57,9 @@ def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress:
     def ep(e: int) -> int:
         return max(1, int(round(e * epochs_scale)))
 
-    cfg = HandTrainConfig(whole=StageConfig(epochs=ep(30)), landmarks=StageConfig(epochs=ep(15), lr=3e-3),
+    # whole-hand stage: 30 epochs left the total's PCC at 0.898-0.922 depending on the thread count
+    # (torch's CPU reductions); 50 epochs give margin above the 0.9 target
+    cfg = HandTrainConfig(whole=StageConfig(epochs=ep(50)), landmarks=StageConfig(epochs=ep(15), lr=3e-3),
                           joints=StageConfig(epochs=ep(6), batch_size=64, lr=3e-3), seed=seed)
     _say(progress, f"[hand_svdh] training on {len(split['train'])} patients (whole hand, landmarks, joints) ...")
     t1 = time.perf_counter()
