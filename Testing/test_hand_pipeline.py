@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-pytest.importorskip("rheumai.engine.fit", reason="needs the engine's training loop")
 
 from rheumai.checkpoint import load_checkpoint  # noqa: E402
 from rheumai.landmarks import points_to_lps  # noqa: E402
@@ -63,7 +62,6 @@ def test_registered_and_predicts_through_the_engine(trained, tmp_path):
     assert rows[0]["total"] == v["total"] and "error" not in rows[0] and "no such file" in rows[1]["error"]
     assert (tmp_path / "batch" / "predictions.csv").is_file()
 
-    pytest.importorskip("slicer", reason="needs slicer-core")
     from rheumai_mrml.radiograph_scene import point_list_lps
     from rheumai_mrml.scene import load_scene
 

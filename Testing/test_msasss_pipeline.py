@@ -157,7 +157,6 @@ def test_checkpoint_console_predictor_rescore_and_scene(cohort, records, tiny_mo
     assert np.allclose(got[p0["label"]]["lps"], moved, atol=1e-6)
     assert got["L3 upper"]["status"] == "missing" and re["views"]["lumbar"]["scores"]["L3 upper"] is None
 
-    pytest.importorskip("slicer")
     from rheumai.tasks.msasss.console import write_scene
     from rheumai_mrml.landmark_scene import image_landmark_nodes, read_landmarks
     from rheumai_mrml.scene import load_scene

@@ -10,13 +10,12 @@ import SimpleITK as sitk
 from rheumai.errors import InputError
 from rheumai.radiograph import read_radiograph, to_canonical, write_radiograph_dicom
 
-pydicom_data = pytest.importorskip("pydicom.data")
+import pydicom.data as pydicom_data  # real CR files come from the pydicom-data package (test extra)
 
 
 def _real(name: str):
     path = pydicom_data.get_testdata_file(name)
-    if path is None:
-        pytest.skip(f"{name} not available (pip install pydicom-data)")
+    assert path is not None, f"{name} not found: install the test extra (pip install pydicom-data)"
     return path
 
 
