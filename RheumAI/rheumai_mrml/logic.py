@@ -249,6 +249,40 @@ class RheumAIConsoleLogic:
         pred = predict_study(self.predictor(modelPath, device), study, saliency, targetLayer, tta)
         return self.finishPrediction(pred, nodes, sources, roi, createNodes, opacity, lowerThreshold, study)
 
+    def rescoreFromPointLists(self, modelPath: str | Path, inputNodes: dict[str, Any],
+                              pointListNodes: dict[str, Any], createNodes: bool = True) -> dict[str, Any]:
+        """Re-score a study from corrected point lists, for any task whose declaration has the
+        ``rescore_points`` entry point (``function(checkpoint, study, points) -> result dict``).
+
+        inputNodes: {role: volume node | path | LPS image}; pointListNodes: {role: markups point
+        list}, each control point's label naming the point and its position (RAS, sent as LPS) the
+        corrected place; a point in Slicer's *position missing* state is sent as None (the task
+        leaves it out or refuses it). Returns the result dict as :meth:`predictStudy` does; with
+        createNodes the result table, point lists and row tables under the inputs are updated.
+        """
+        from rheumai.tasks import get_task
+
+        from .landmark_scene import read_landmarks
+
+        task = get_task(str(self.modelCard(modelPath).get("task", "cervical_ra")))
+        if "rescore_points" not in task.api:
+            raise InputError(modelPath, f"task {task.name} has no re-scoring from points")
+        unknown = sorted(set(pointListNodes) - set(task.roles))
+        if unknown:
+            raise InputError(None, f"point lists for {unknown}: task {task.name} has the inputs "
+                                   f"{', '.join(task.roles)}")
+        points: dict[str, dict[str, Any]] = {}
+        for role, node in pointListNodes.items():
+            got = read_landmarks(node)
+            points[role] = {label: (None if st == "missing" else tuple(float(c) for c in lps))
+                            for label, lps, st in zip(got["labels"], got["lps"], got["status"])}
+        study, nodes, sources = self.studyInputs(inputNodes)
+        values = to_jsonable(task.entry("rescore_points")(modelPath, study, points))
+        values.setdefault("task", task.name)
+        values.setdefault("model_id", self.modelCard(modelPath).get("model_id"))
+        return self.finishPrediction(StudyPrediction(task.name, values), nodes, sources, None, createNodes,
+                                     0.5, None, study)
+
     def startPredictStudy(self, modelPath: str | Path, inputs: dict[str, Any], roi: Any = None,
                           clinical: dict[str, Any] | None = None, saliency: str | None = "default",
                           targetLayer: str | None = None, device: str = "cpu", tta: int = 0,

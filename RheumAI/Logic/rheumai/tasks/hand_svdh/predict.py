@@ -194,3 +194,31 @@ def rescore(predictor: Any, radiograph: str | Path | Radiograph, points_lps: np.
     key = Path(sample.prep.rad.path).stem if sample.prep.rad.path else "radiograph"
     return pred.run([EnginePrepared(key=key, name=key, inputs={ROLE: radiograph}, sample=sample, x=x)],
                     saliency=saliency)[0]
+
+
+def rescore_points(checkpoint: Any, study: Mapping[str, Any], points: Mapping[str, Mapping[str, Any]]
+                   ) -> dict[str, Any]:
+    """The task's ``rescore_points`` entry point: re-score from labelled landmarks.
+
+    study: ``{"hand": path | Radiograph | sitk image}``; points: ``{"hand": {SvdH area label:
+    (x, y, z) LPS mm}}`` with all 22 areas of :data:`JOINT_NAMES` placed (a missing one, None or
+    NaN, is refused: every joint crop needs its point). Returns the prediction's JSON-able dict.
+    """
+    from ...engine.predict import Predictor
+    from ...errors import InputError
+
+    extra = sorted(set(points) - {ROLE})
+    if extra:
+        raise InputError(None, f"hand_svdh has the input {ROLE!r} only, not {extra}")
+    given = dict(points.get(ROLE) or {})
+    unknown = sorted(set(given) - set(JOINT_NAMES))
+    if unknown:
+        raise InputError(None, f"{unknown} are not SvdH areas ({', '.join(JOINT_NAMES)})")
+    absent = [n for n in JOINT_NAMES if given.get(n) is None or not np.isfinite(np.asarray(given[n], float)).all()]
+    if absent:
+        raise InputError(None, f"re-scoring needs all {len(JOINT_NAMES)} landmarks; place {', '.join(absent)}")
+    if study.get(ROLE) is None:
+        raise InputError(None, f"hand_svdh needs the input {ROLE!r}")
+    pred = checkpoint if isinstance(checkpoint, Predictor) else Predictor(checkpoint)
+    pts = np.array([np.asarray(given[n], float).reshape(3) for n in JOINT_NAMES])
+    return rescore(pred, study[ROLE], pts).to_dict()

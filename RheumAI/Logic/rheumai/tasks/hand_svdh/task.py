@@ -50,6 +50,7 @@ TASK = Task(
          "predict": "rheumai.tasks.hand_svdh.outputs:predict_files",
          "result": "rheumai.tasks.hand_svdh.outputs:predict_result",
          "rescore": "rheumai.tasks.hand_svdh.predict:rescore",
+         "rescore_points": "rheumai.tasks.hand_svdh.predict:rescore_points",
          "demo": "rheumai.tasks.hand_svdh.demo:run_demo"},
     load_sample=P.load_sample,
     to_tensors=P.to_tensors,

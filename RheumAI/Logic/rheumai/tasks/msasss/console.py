@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import SimpleITK as sitk
 
 from ...checkpoint import load_checkpoint
 from ...errors import InputError
 from ...landmarks import lps_to_points
-from ...radiograph import Radiograph, read_radiograph
+from ...radiograph import Radiograph, radiograph_from_array, read_radiograph
 from .anatomy import VIEWS, point_names, scored_corners
 from .predict import MsasssSystem, analyse_study, view_points_lps
 
@@ -26,10 +27,27 @@ def _read(study: Mapping[str, Any]) -> dict[str, Radiograph]:
     unknown = sorted(set(study) - set(VIEWS) - {"id"})
     if unknown:
         raise InputError(None, f"unknown view(s) {unknown}; an mSASSS study has views {', '.join(VIEWS)}")
-    rads = {v: (p if isinstance(p, Radiograph) else read_radiograph(p)) for v, p in study.items() if v in VIEWS and p}
+    rads = {v: _radiograph(p) for v, p in study.items() if v in VIEWS and p is not None and not
+            (isinstance(p, str) and not p)}
     if not rads:
         raise InputError(None, "an mSASSS study needs a lateral cervical and/or a lateral lumbar radiograph")
     return rads
+
+
+def _radiograph(src: Any) -> Radiograph:
+    """A view's input: a file path, a :class:`Radiograph` or a one-slice SimpleITK image (LPS,
+    bone bright; e.g. a Slicer volume node's image), whose geometry is kept."""
+    if isinstance(src, Radiograph):
+        return src
+    if isinstance(src, sitk.Image):
+        arr = sitk.GetArrayFromImage(src)
+        arr = arr[0] if arr.ndim == 3 else arr
+        sp = src.GetSpacing()
+        rad = radiograph_from_array(arr, spacing_mm=(float(sp[1]), float(sp[0])))
+        if src.GetDimension() == 3:
+            rad.image = sitk.Cast(src, sitk.sitkFloat32)
+        return rad
+    return read_radiograph(src)
 
 
 def _load(checkpoint: str | Path | MsasssSystem) -> MsasssSystem:
@@ -61,8 +79,9 @@ def rescore_points(checkpoint: str | Path | MsasssSystem, study: Mapping[str, An
                    ) -> dict[str, Any]:
     """Re-score from corrected corner positions.
 
-    corners_lps: {view: {corner label: (x, y, z) LPS mm | None}} for the corners the user moved
-    or marked missing (None / NaN = missing: the corner is not scored). Points not given keep the
+    corners_lps: {view: {label: (x, y, z) LPS mm | None}} for the corners the user moved or marked
+    missing (None / NaN = missing: the corner is not scored), and optionally other landmarks of the
+    view (vertebra corners not scored, centres: "L3 centre"). Points not given keep the
     positions of ``previous`` (a result of :func:`predict_study`), or are found again by the model.
     """
     system = _load(checkpoint)
@@ -75,15 +94,41 @@ def rescore_points(checkpoint: str | Path | MsasssSystem, study: Mapping[str, An
         pts = np.asarray(previous["views"][v]["points_xy"], float).copy()
         gone: set[str] = set()
         for label, lps in (corners_lps.get(v) or {}).items():
-            if label not in scored_corners(v):
-                raise InputError(None, f"{v}: {label!r} is not an mSASSS corner of this view")
+            if label not in names:
+                raise InputError(None, f"{v}: {label!r} is not a landmark of this view ({', '.join(names)})")
             if lps is None or not np.isfinite(np.asarray(lps, float)).all():
+                if label not in scored_corners(v):
+                    raise InputError(None, f"{v}: only scored corners can be marked missing, not {label!r}")
                 gone.add(label)
                 continue
             pts[names.index(label)] = lps_to_points(rad.image, np.asarray(lps, float).reshape(1, 3))[0]
         points[v], missing[v] = pts, gone
     res = analyse_study(system, {v: (r.array, r.spacing_mm) for v, r in rads.items()}, points, missing)
     return _with_points(res, rads)
+
+
+def rescore_study(checkpoint: str | Path | MsasssSystem, study: Mapping[str, Any],
+                  points: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The task's ``rescore_points`` entry point: :func:`rescore_points` with the flat values of a
+    prediction (total_msasss, corners_scored, subtotals, summary, label) added, so a caller shows
+    the re-scored result as it shows a prediction. points: {view: {corner label: (x, y, z) LPS mm |
+    None (missing: not scored)}}; corners not given are found again by the model."""
+    res = rescore_points(checkpoint, study, points)
+    res.update(study_values(res))
+    res["landmarks_source"] = "corrected"
+    return res
+
+
+def study_values(result: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat totals (:func:`summary`), ``label`` and a one-line ``summary`` of a result."""
+    out = summary(result)
+    out["label"] = out["total_msasss"]
+    t = result["total"]
+    total = "not computed (too many corners missing)" if t["total"] is None else f"{t['total']:.1f}"
+    out["summary"] = (f"mSASSS {total}; {t['n_scored']}/24 corners scored ("
+                      + ", ".join(f"{v} {'-' if d['subtotal'] is None else round(d['subtotal'], 1)}"
+                                  for v, d in t["views"].items()) + ")")
+    return out
 
 
 def corner_table(result: Mapping[str, Any]) -> list[dict[str, Any]]:

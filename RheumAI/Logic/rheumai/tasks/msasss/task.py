@@ -65,6 +65,7 @@ TASK = Task(
          "predict": "rheumai.tasks.msasss.console:predict_study",
          "result": "rheumai.tasks.msasss.console:predict_study",
          "rescore": "rheumai.tasks.msasss.console:rescore_points",
+         "rescore_points": "rheumai.tasks.msasss.console:rescore_study",
          "scene": "rheumai.tasks.msasss.console:write_scene",
          "demo": "rheumai.tasks.msasss.demo:run_demo"},
     load_sample=H.load_sample,
