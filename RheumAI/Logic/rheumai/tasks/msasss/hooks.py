@@ -20,7 +20,7 @@ import torch
 
 from ...radiograph import Radiograph
 from .anatomy import VIEWS, check_points, disc_levels, point_names
-from .console import _read, corner_table, summary
+from .console import _read, corner_table, study_values
 from .predict import MsasssSystem, classify_levels, locate, score_levels, view_points_lps
 from .scoring import CORNER_LESIONS, total_score
 
@@ -100,11 +100,5 @@ def postprocess(outputs: Mapping[str, torch.Tensor], card: dict[str, Any], sampl
         result["total_ordinal"] = total_score({v: r["ordinal_scores"] for v, r in views.items()})
     result["points"] = {v: view_points_lps(sample.rads[v].image, r) for v, r in views.items()}
     result["corner_table"] = corner_table(result)
-    result.update(summary(result))
-    result["label"] = result["total_msasss"]
-    t = result["total"]
-    total = "not computed (too many corners missing)" if t["total"] is None else f"{t['total']:.1f}"
-    result["summary"] = (f"mSASSS {total}; {t['n_scored']}/24 corners scored ("
-                         + ", ".join(f"{v} {'-' if d['subtotal'] is None else round(d['subtotal'], 1)}"
-                                     for v, d in t["views"].items()) + ")")
+    result.update(study_values(result))
     return result
