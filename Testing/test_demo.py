@@ -15,8 +15,8 @@ import torch
 from rheumai import demo
 from rheumai.checkpoint import save_checkpoint
 from rheumai.errors import InputError
-from rheumai.models import build_model, default_architecture
-from rheumai.slices import SliceParams
+from rheumai.tasks.cervical_ra.model import build_model, default_architecture
+from rheumai.tasks.cervical_ra.slices import SliceParams
 from rheumai.tasks import get_task, register_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

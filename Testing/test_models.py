@@ -11,7 +11,7 @@ import torch
 from rheumai.checkpoint import (load_checkpoint, load_training_state, read_card, save_checkpoint,
                                 save_training_state)
 from rheumai.errors import InputError
-from rheumai.models import build_model, default_architecture
+from rheumai.tasks.cervical_ra.model import build_model, default_architecture
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from rheumai.errors import InputError
 from rheumai.synth import cli as synth_cli
-from rheumai.synth.cervical import (
+from rheumai.tasks.cervical_ra.synth import (
     CohortParams,
     LABEL_COLUMNS,
     TRUTH_COLUMNS,
@@ -26,9 +26,9 @@ from rheumai.synth.cervical import (
     subject_series_dir,
     synthesize_subject,
 )
-from rheumai.synth.dicom_writer import SeriesHeader, read_series, write_series
-from rheumai.synth.lesions import C2_C3_DISC_Z, TEMPLATE_TOP_Z
-from rheumai.synth.preview import mid_sagittal, save_cohort_subject_png
+from rheumai.tasks.cervical_ra.dicom_writer import SeriesHeader, read_series, write_series
+from rheumai.tasks.cervical_ra.lesions import C2_C3_DISC_Z, TEMPLATE_TOP_Z
+from rheumai.tasks.cervical_ra.preview import mid_sagittal, save_cohort_subject_png
 
 # Small cohort: 5 subjects, 2 positives among the included, one short follow-up, every optional series.
 SMALL = dict(n_subjects=5, prevalence=0.5, seed=7, p_intermediate=0.0, p_baseline_deformity=0.0,

@@ -112,8 +112,8 @@ def _quick_manifest(tmp: Path) -> Path:
     from rheumai.dataset.build import build_dataset
     from rheumai.dataset.index import index_archive
     from rheumai.dataset.split import SplitConfig
-    from rheumai.slices import SliceParams
-    from rheumai.synth.cervical import generate_cohort
+    from rheumai.tasks.cervical_ra.slices import SliceParams
+    from rheumai.tasks.cervical_ra.synth import generate_cohort
 
     c = generate_cohort(tmp / "cohort", n_subjects=24, prevalence=0.5, seed=11, lesion_scale=1.25, progress=False)
     index_archive(c.dicom_dir, tmp / "index.sqlite")

@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from rheumai.io import read_study
-from rheumai.slices import SliceParams, select_slices, select_slices_full_resample
+from rheumai.tasks.cervical_ra.slices import SliceParams, select_slices, select_slices_full_resample
 
 DATA = Path(__file__).resolve().parents[1] / "Testing" / "Data"
 

@@ -15,7 +15,7 @@ import torch
 
 from rheumai.config import AugmentConfig
 from rheumai.data import SliceStackDataset, build_train_transform, read_manifest, write_toy_cohort
-from rheumai.models import build_model, default_architecture
+from rheumai.tasks.cervical_ra.model import build_model, default_architecture
 
 
 def _steps(model, opt, batches, loss_fn) -> float:

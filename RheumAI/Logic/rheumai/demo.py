@@ -98,8 +98,8 @@ def run_demo(out: str | Path, n: int | None = None, seed: int = 0, progress: boo
     from .dataset.build import build_dataset
     from .dataset.index import index_archive
     from .dataset.split import SplitConfig
-    from .slices import SliceParams
-    from .synth.cervical import generate_cohort
+    from .tasks.cervical_ra.slices import SliceParams
+    from .tasks.cervical_ra.synth import generate_cohort
 
     n = DEMO_N if n is None else int(n)
     out = Path(out)
@@ -266,7 +266,7 @@ def outside_check(checkpoint: str | Path, seed: int, n: int, prevalence: float, 
     from .metrics import binary_report
     from .predict import Predictor
     from .saliency import peak_distance_mm
-    from .synth.cervical import CohortParams, load_template, plan_cohort, synthesize_subject
+    from .tasks.cervical_ra.synth import CohortParams, load_template, plan_cohort, synthesize_subject
 
     params = CohortParams(n_subjects=n, prevalence=prevalence, seed=seed, **DEMO_COHORT_OPTIONS)
     plans = [p for p in plan_cohort(params) if p.role == "included"]

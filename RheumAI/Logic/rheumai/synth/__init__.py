@@ -3,6 +3,6 @@
 :func:`generate_cohort` (cervical RA demo cohort: DICOM archive + label sheet + lesion masks).
 """
 
-from .cervical import CohortInfo, CohortParams, SubjectPlan, generate_cohort, plan_cohort, synthesize_subject
+from ..tasks.cervical_ra.synth import CohortInfo, CohortParams, SubjectPlan, generate_cohort, plan_cohort, synthesize_subject
 
 __all__ = ["CohortInfo", "CohortParams", "SubjectPlan", "generate_cohort", "plan_cohort", "synthesize_subject"]

@@ -46,8 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _cervical(args: argparse.Namespace) -> int:
     from ..paths import safe_child
-    from .cervical import generate_cohort
-    from .preview import save_cohort_subject_png
+    from ..tasks.cervical_ra.synth import generate_cohort
+    from ..tasks.cervical_ra.preview import save_cohort_subject_png
 
     info = generate_cohort(
         args.out, n_subjects=args.n, prevalence=args.prevalence, seed=args.seed, template_path=args.template,
@@ -66,7 +66,7 @@ def _cervical(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from .preview import save_cohort_subject_png
+    from ..tasks.cervical_ra.preview import save_cohort_subject_png
 
     from ..paths import safe_child
 

@@ -25,11 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...models import RESNET_DEPTHS
+from ...engine.networks import resnet2d
 from .preprocess import ROLES
-
-FEATURES = {10: 512, 18: 512, 34: 512, 50: 2048, 101: 2048, 152: 2048, 200: 2048}
-
 
 def default_architecture(depth: int = 50, n_slices: int = 3, input_size: tuple[int, int] = (224, 224),
                          clinical_dim: int = 26, clinical_embed: int = 32, conv1_t_stride: int = 2,
@@ -39,15 +36,6 @@ def default_architecture(depth: int = 50, n_slices: int = 3, input_size: tuple[i
             "n_halves": 2, "input_size": [int(input_size[0]), int(input_size[1])], "spatial_dims": 2,
             "conv1_t_stride": int(conv1_t_stride), "clinical_dim": int(clinical_dim),
             "clinical_embed": int(clinical_embed), "shared_backbone": bool(shared_backbone), "num_outputs": 1}
-
-
-def _branch(depth: int, in_channels: int, stride: int) -> nn.Module:
-    from monai.networks.nets import resnet as monai_resnet
-
-    if depth not in RESNET_DEPTHS:
-        raise ValueError(f"ResNet depth {depth} not available; choose one of {RESNET_DEPTHS}")
-    return getattr(monai_resnet, f"resnet{depth}")(pretrained=False, spatial_dims=2, n_input_channels=in_channels,
-                                                     conv1_t_stride=stride, feed_forward=False)
 
 
 class TriInputResNet(nn.Module):
@@ -61,12 +49,12 @@ class TriInputResNet(nn.Module):
         self.n_halves = int(a.get("n_halves", 2))
         depth = int(a.get("depth", 50))
         stride = int(a.get("conv1_t_stride", 2))
-        feat = FEATURES[depth]
         if a.get("shared_backbone"):
-            shared = _branch(depth, self.c, stride)
+            shared = resnet2d(depth, self.c, stride, feed_forward=False)
             self.branches = nn.ModuleDict({r: shared for r in self.roles})
         else:
-            self.branches = nn.ModuleDict({r: _branch(depth, self.c, stride) for r in self.roles})
+            self.branches = nn.ModuleDict({r: resnet2d(depth, self.c, stride, feed_forward=False) for r in self.roles})
+        feat = 512 * type(self.branches[self.roles[0]].layer4[-1]).expansion  # MONAI ResNet stages end at 512
         d, e = int(a.get("clinical_dim", 26)), int(a.get("clinical_embed", 32))
         self.clinical_dim = d
         self.image_head = nn.Linear(feat * len(self.roles), 1)

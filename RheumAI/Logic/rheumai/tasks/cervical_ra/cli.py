@@ -7,9 +7,9 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from .atomic import atomic_path, write_json
-from .io import read_study
-from .montage import save_montage
+from ...atomic import atomic_path, write_json
+from ...io import read_study
+from ...montage import save_montage
 from .slices import SliceParams, select_slices
 
 

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__
-from .atomic import atomic_path, write_json
-from .errors import InputError
-from .geometry import SAGITTAL_FRAME, Grid, corners, image_from_array, snap_frame, voxel_center
-from .io import Study
-from .normalize import METHODS, normalize_intensity
+from ... import __version__
+from ...atomic import atomic_path, write_json
+from ...errors import InputError
+from ...geometry import SAGITTAL_FRAME, Grid, corners, image_from_array, snap_frame, voxel_center
+from ...io import Study
+from ...normalize import METHODS, normalize_intensity
 
 INTERPOLATORS = {
     "linear": sitk.sitkLinear,

@@ -41,14 +41,14 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from ..atomic import atomic_path, write_json, write_text
-from ..errors import InputError
+from ...atomic import atomic_path, write_json, write_text
+from ...errors import InputError
 from .dicom_writer import SeriesHeader, deterministic_uid, write_series
 from .lesions import AXIS_BODY_CENTRE, TEMPLATE_MIDLINE_X, TEMPLATE_TOP_Z, LesionSpec, plant_lesions, sample_lesions
 
 GENERATOR_VERSION = "1"
-# Repository checkout: RheumAI/Logic/rheumai/synth/cervical.py -> repo root is parents[4].
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[4] / "Testing" / "Data" / "cervical_t2_sag" / "t2.nii.gz"
+# Repository checkout: RheumAI/Logic/rheumai/synth/cervical.py -> repo root is parents[5].
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[5] / "Testing" / "Data" / "cervical_t2_sag" / "t2.nii.gz"
 # Standard sagittal DICOM grid: i -> posterior (+y), j -> inferior (-z), k -> right (-x); row-major.
 SAGITTAL_DIRECTION = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
 AXIAL_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError
-from ..montage import save_montage
-from .cervical import mask_truth, subject_series_dir
+from ...errors import InputError
+from ...montage import save_montage
+from .synth import mask_truth, subject_series_dir
 from .dicom_writer import read_series
 
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-RESNET_DEPTHS = (10, 18, 34, 50, 101, 152, 200)
+from ...engine.networks import RESNET_DEPTHS, resnet2d
+
 FAMILIES = ("resnet", "slice_attention")
 
 
@@ -36,17 +37,6 @@ def default_architecture(depth: int = 101, in_channels: int = 6, input_size: tup
     return arch
 
 
-def _resnet(depth: int, in_channels: int, conv1_t_stride: int, num_classes: int, feed_forward: bool = True
-            ) -> torch.nn.Module:
-    from monai.networks.nets import resnet as monai_resnet
-
-    if depth not in RESNET_DEPTHS:
-        raise ValueError(f"ResNet depth {depth} not available; choose one of {RESNET_DEPTHS}")
-    factory = getattr(monai_resnet, f"resnet{depth}")
-    return factory(pretrained=False, spatial_dims=2, n_input_channels=in_channels,
-                   conv1_t_stride=conv1_t_stride, num_classes=num_classes, feed_forward=feed_forward)
-
-
 class SliceAttentionNet(torch.nn.Module):
     """Shared 2D encoder per slice + gated attention pooling over slices + linear head.
 
@@ -59,7 +49,7 @@ class SliceAttentionNet(torch.nn.Module):
                  num_outputs: int = 1) -> None:
         super().__init__()
         self.n_slices = int(n_slices)
-        self.encoder = _resnet(depth, 1, conv1_t_stride, 1, feed_forward=False)
+        self.encoder = resnet2d(depth, 1, conv1_t_stride, feed_forward=False)
         k = 512 * type(self.encoder.layer4[-1]).expansion  # MONAI ResNet stage widths end at 512
         self.attn_v = torch.nn.Linear(k, attention_dim)
         self.attn_u = torch.nn.Linear(k, attention_dim)
@@ -99,7 +89,7 @@ def build_model(architecture: dict[str, Any]) -> torch.nn.Module:
     n_out = int(architecture.get("num_outputs", 1))
     if family == "slice_attention":
         return SliceAttentionNet(depth, in_ch, stride, int(architecture.get("attention_dim", 128)), n_out)
-    return _resnet(depth, in_ch, stride, n_out)
+    return resnet2d(depth, in_ch, stride, n_out)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat
 
-from ..atomic import atomic_path
+from ...atomic import atomic_path
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
