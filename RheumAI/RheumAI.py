@@ -910,8 +910,8 @@ class RheumAITest(ScriptedLoadableModuleTest):
         import torch
 
         from rheumai.checkpoint import save_checkpoint
-        from rheumai.models import build_model, default_architecture
-        from rheumai.slices import SliceParams
+        from rheumai.tasks.cervical_ra.model import build_model, default_architecture
+        from rheumai.tasks.cervical_ra.slices import SliceParams
 
         torch.manual_seed(0)
         arch = default_architecture(10, 6, (64, 64))

@@ -23,8 +23,8 @@ from rheumai.engine.predict import study_stem
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    from rheumai.models import build_model, default_architecture
-    from rheumai.slices import SliceParams
+    from rheumai.tasks.cervical_ra.model import build_model, default_architecture
+    from rheumai.tasks.cervical_ra.slices import SliceParams
 
     torch.manual_seed(0)
     arch = default_architecture(depth=10, input_size=(32, 32))

@@ -23,7 +23,7 @@ from rheumai.dataset import cli as dataset_cli
 from rheumai.dataset.archive_tools import write_demo_archive
 from rheumai.dataset.build import MANIFEST_COLUMNS
 from rheumai.errors import InputError
-from rheumai.slices import SliceParams, SliceSelection
+from rheumai.tasks.cervical_ra.slices import SliceParams, SliceSelection
 
 PARAMS = SliceParams(n_slices=6, spacing_mm=2.0, size=(64, 64))
 QUIET = lambda *a: None  # noqa: E731 - progress callback that prints nothing

@@ -16,7 +16,7 @@ from rheumai.dataset import cli as dataset_cli
 from rheumai.dataset.build import MANIFEST_COLUMNS
 from rheumai.dataset.labels import LabelSheetError
 from rheumai.errors import InputError
-from rheumai.slices import SliceParams, SliceSelection
+from rheumai.tasks.cervical_ra.slices import SliceParams, SliceSelection
 
 PARAMS = SliceParams(n_slices=4, spacing_mm=2.0, size=(32, 32))
 QUIET = lambda *a: None  # noqa: E731

@@ -15,7 +15,7 @@ from rheumai.errors import AmbiguousSeriesError, InputError
 from rheumai.geometry import SAGITTAL_FRAME, Grid, snap_frame
 from rheumai.io import list_series, read_study
 from rheumai.normalize import normalize_intensity
-from rheumai.slices import SliceParams, SliceSelection, select_slices, select_slices_full_resample
+from rheumai.tasks.cervical_ra.slices import SliceParams, SliceSelection, select_slices, select_slices_full_resample
 
 SMALL = SliceParams(size=(256, 256))
 

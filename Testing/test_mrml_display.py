@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install rheumai[mrml])")
 
-from rheumai.slices import SliceParams, select_slices  # noqa: E402
+from rheumai.tasks.cervical_ra.slices import SliceParams, select_slices  # noqa: E402
 from rheumai_mrml.hierarchy import SOURCE_REFERENCE_ROLE, place_under, results_of  # noqa: E402
 from rheumai_mrml.nodes import LPS_TO_RAS, image_from_volume_node, volume_node_from_image  # noqa: E402
 from rheumai_mrml.overlay import saliency_color_node, set_slice_viewer_layers, show_saliency  # noqa: E402

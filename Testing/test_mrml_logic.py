@@ -32,8 +32,8 @@ SIZE = (32, 32)
 def checkpoint(tmp_path_factory):
     """A real RheumAI checkpoint folder: ResNet-10, 6 channels, 32 x 32, seeded random weights."""
     from rheumai.checkpoint import save_checkpoint
-    from rheumai.models import build_model, default_architecture
-    from rheumai.slices import SliceParams
+    from rheumai.tasks.cervical_ra.model import build_model, default_architecture
+    from rheumai.tasks.cervical_ra.slices import SliceParams
 
     torch.manual_seed(0)
     arch = default_architecture(10, 6, SIZE)

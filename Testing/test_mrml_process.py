@@ -56,7 +56,7 @@ def test_worker_select_job(tmp_path, t2_crop_path):
     assert result["n_ok"] == 1 and result["n_failed"] == 1  # the bad input is reported, not dropped
     ok, failed = result["rows"]
     assert str(bad) in failed["error"]
-    from rheumai.slices import SliceSelection
+    from rheumai.tasks.cervical_ra.slices import SliceSelection
 
     sel = SliceSelection.load(ok["stem"])
     assert sel.array.shape == (6, 40, 32)
@@ -115,7 +115,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from rheumai.synth.cervical import generate_cohort
+    from rheumai.tasks.cervical_ra.synth import generate_cohort
 
     return generate_cohort(tmp_path_factory.mktemp("cohort"), n_subjects=6, prevalence=0.5, seed=3, progress=False)
 
@@ -252,8 +252,8 @@ def tiny_model(tmp_path_factory):
     """A real cervical checkpoint (ResNet-10, 32 x 32, seeded random weights)."""
     torch = pytest.importorskip("torch")
     from rheumai.checkpoint import save_checkpoint
-    from rheumai.models import build_model, default_architecture
-    from rheumai.slices import SliceParams
+    from rheumai.tasks.cervical_ra.model import build_model, default_architecture
+    from rheumai.tasks.cervical_ra.slices import SliceParams
 
     torch.manual_seed(0)
     arch = default_architecture(10, 6, (32, 32))

@@ -127,8 +127,8 @@ def test_negspa_predicts_from_three_volume_nodes_and_a_markups_roi(mrml, negspa_
 @pytest.fixture(scope="module")
 def cervical_model(tmp_path_factory):
     from rheumai.checkpoint import save_checkpoint
-    from rheumai.models import build_model, default_architecture
-    from rheumai.slices import SliceParams
+    from rheumai.tasks.cervical_ra.model import build_model, default_architecture
+    from rheumai.tasks.cervical_ra.slices import SliceParams
 
     torch.manual_seed(0)
     arch = default_architecture(10, 6, (32, 32))
@@ -164,7 +164,7 @@ def test_model_cache_follows_the_weights_file(cervical_model, tmp_path):
     import shutil
 
     from rheumai.checkpoint import save_checkpoint
-    from rheumai.models import build_model
+    from rheumai.tasks.cervical_ra.model import build_model
 
     folder = tmp_path / "model"
     shutil.copytree(cervical_model, folder)

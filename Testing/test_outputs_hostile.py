@@ -77,8 +77,8 @@ def test_safe_child_refuses_or_confines_every_generated_name(tmp_path):
 
 @pytest.fixture(scope="module")
 def cervical_ckpt(tmp_path_factory) -> Path:
-    from rheumai.models import build_model, default_architecture
-    from rheumai.slices import SliceParams
+    from rheumai.tasks.cervical_ra.model import build_model, default_architecture
+    from rheumai.tasks.cervical_ra.slices import SliceParams
 
     torch.manual_seed(0)
     arch = default_architecture(depth=10, input_size=(32, 32))

@@ -19,9 +19,9 @@ import torch
 
 from rheumai.checkpoint import save_checkpoint
 from rheumai.errors import InputError
-from rheumai.models import build_model, default_architecture
+from rheumai.tasks.cervical_ra.model import build_model, default_architecture
 from rheumai.predict import Predictor, predict_batch, study_stem
-from rheumai.slices import SliceParams
+from rheumai.tasks.cervical_ra.slices import SliceParams
 
 SIZE = 64
 

@@ -18,7 +18,7 @@ from rheumai.atomic import clean_stale_staging, replace_dir, staging_dir
 from rheumai.dataset import CohortRules, SplitConfig, build_dataset, index_archive
 from rheumai.dataset.archive_tools import write_demo_archive
 from rheumai.errors import InputError
-from rheumai.slices import SliceParams
+from rheumai.tasks.cervical_ra.slices import SliceParams
 
 PARAMS = SliceParams(n_slices=4, spacing_mm=2.0, size=(32, 32))
 QUIET = lambda *a: None  # noqa: E731

@@ -11,7 +11,7 @@ import torch
 from rheumai.checkpoint import (CARD, WEIGHTS, load_checkpoint, read_card, save_checkpoint, tensors_sha256,
                                 weights_metadata)
 from rheumai.errors import InputError
-from rheumai.models import build_model, default_architecture
+from rheumai.tasks.cervical_ra.model import build_model, default_architecture
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -16,7 +16,7 @@ from rheumai.dataset import CohortRules, SplitConfig, build_dataset, index_archi
 from rheumai.dataset.index import ArchiveIndex
 from rheumai.errors import AmbiguousSeriesError, InputError
 from rheumai.io import list_series, read_study
-from rheumai.slices import SliceParams, SliceSelection
+from rheumai.tasks.cervical_ra.slices import SliceParams, SliceSelection
 
 QUIET = lambda *a: None  # noqa: E731
 

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 from scipy import stats
 
-from rheumai.models import build_model, default_architecture
+from rheumai.tasks.cervical_ra.model import build_model, default_architecture
 from rheumai.saliency import compute_saliency, forward_with_cam, gradcam_backward, has_cam_head, normalize_max
 from rheumai.sanity import deletion_insertion, randomization_check, randomized_copy
 from rheumai.tta import augmentations, tta_probabilities
@@ -253,7 +253,7 @@ def test_gradxinput_smooth_is_smoothed_absolute_gradxinput(trained_model, inputs
 
 
 def _selection_and_mask(t2_crop_path):
-    from rheumai.slices import SliceParams, select_slices
+    from rheumai.tasks.cervical_ra.slices import SliceParams, select_slices
 
     sel = select_slices(sitk.ReadImage(str(t2_crop_path)), SliceParams(size=(40, 40), spacing_mm=2.0))
     arr = np.zeros(sel.array.shape, np.uint8)

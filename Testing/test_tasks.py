@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rheumai.io import read_study
-from rheumai.slices import SliceParams, select_slices
+from rheumai.tasks.cervical_ra.slices import SliceParams, select_slices
 from rheumai.tasks import Task, get_task, list_tasks, register_task
 from rheumai.tasks.base import InputSpec
 

@@ -68,7 +68,7 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
 
 
 def _initial_weights() -> dict[str, torch.Tensor]:
-    from rheumai.models import build_model, default_architecture
+    from rheumai.tasks.cervical_ra.model import build_model, default_architecture
 
     torch.manual_seed(11)
     return build_model(default_architecture(18, 6, (32, 32))).state_dict()

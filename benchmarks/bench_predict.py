@@ -45,8 +45,8 @@ def make_checkpoint(folder: Path, depth: int, size: int) -> Path:
     import torch
 
     from rheumai.checkpoint import save_checkpoint
-    from rheumai.models import build_model, default_architecture
-    from rheumai.slices import SliceParams
+    from rheumai.tasks.cervical_ra.model import build_model, default_architecture
+    from rheumai.tasks.cervical_ra.slices import SliceParams
 
     torch.manual_seed(0)
     arch = default_architecture(depth=depth, input_size=(size, size))

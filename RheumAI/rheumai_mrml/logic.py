@@ -55,7 +55,7 @@ def find_studies(paths_or_folder: str | Path | Sequence[str | Path]) -> list[str
 def slice_params(params: Any = None, **overrides: Any) -> Any:
     """SliceParams from None (the paper's), a dict (``SliceParams.to_dict()`` form) or SliceParams,
     with non-None ``overrides`` (n_slices, spacing_mm, size, center_lps...) applied."""
-    from rheumai.slices import SliceParams, params_from
+    from rheumai.tasks.cervical_ra.slices import SliceParams, params_from
 
     if params is None:
         base = SliceParams()
@@ -163,7 +163,7 @@ class RheumAIConsoleLogic:
         Returns {"selection": SliceSelection, "params": dict, "slab_center_lps": [x, y, z],
         "slab_center_ras": [...], "slicesNode", "roiNode"} (node entries only with createNodes).
         """
-        from rheumai.slices import select_slices
+        from rheumai.tasks.cervical_ra.slices import select_slices
 
         if centerRAS is not None:
             r = [float(v) for v in centerRAS]

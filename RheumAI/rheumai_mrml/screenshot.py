@@ -23,8 +23,8 @@ def untrained_model(folder: Path) -> Path:
     import torch
 
     from rheumai.checkpoint import save_checkpoint
-    from rheumai.models import build_model, default_architecture
-    from rheumai.slices import SliceParams
+    from rheumai.tasks.cervical_ra.model import build_model, default_architecture
+    from rheumai.tasks.cervical_ra.slices import SliceParams
 
     torch.manual_seed(0)
     arch = default_architecture(18, 6, (128, 128))

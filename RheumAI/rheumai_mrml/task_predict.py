@@ -167,7 +167,7 @@ def predict_study(predictor: Any, study: Mapping[str, Any], saliency: str | None
     if task.name == "cervical_ra":
         (role,) = task.roles
         if center is not None:
-            from rheumai.slices import params_from
+            from rheumai.tasks.cervical_ra.slices import params_from
 
             predictor = copy.copy(predictor)  # same network, this call's slab centre
             predictor.params = params_from(predictor.params, center_lps=tuple(float(v) for v in center))

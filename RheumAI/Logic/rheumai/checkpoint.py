@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path, write_json
 from .errors import InputError
-from .models import build_model
+from .tasks.cervical_ra.model import build_model
 
 WEIGHTS = "model.safetensors"
 CARD = "model_card.json"
@@ -210,7 +210,7 @@ def _checkpoint_folder(path: Path) -> Path:
 
 
 def _task_builder(card: dict[str, Any], folder: Path) -> Any:
-    """The network builder of the card's registered task (``rheumai.models.build_model`` without one)."""
+    """The network builder of the card's registered task (``rheumai.tasks.cervical_ra.model.build_model`` without one)."""
     if not card.get("task"):
         return build_model
     from .tasks import get_task

@@ -166,7 +166,7 @@ class TrainConfig:
     def validate(self) -> None:
         src = self.source or None
         m, t, a = self.model, self.train, self.augment
-        from .models import FAMILIES
+        from .tasks.cervical_ra.model import FAMILIES
 
         if m.family not in FAMILIES:
             raise InputError(src, f"[model] family {m.family!r} not supported; choose one of {FAMILIES}")

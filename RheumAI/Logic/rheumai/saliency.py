@@ -27,7 +27,7 @@ Slices as channels (family ``resnet``): the network sees the six sagittal slices
 one 2D image, so Grad-CAM, Grad-CAM++ and occlusion give ONE in-plane map (H, W), repeated on each
 of the six slices: it says *where in the sagittal plane* the evidence lies, not *in which slice*.
 The gradient x input methods attribute per slice. With the ``slice_attention`` family
-(:mod:`rheumai.models`) Grad-CAM at ``encoder.layer4`` is computed per slice.
+(:mod:`rheumai.tasks.cervical_ra.model`) Grad-CAM at ``encoder.layer4`` is computed per slice.
 
 Normalisation rule: every map is >= 0; it is divided by its maximum over the whole study (all
 slices and pixels jointly), so 0 means "no evidence" and 1 is the strongest point; an all-zero map
@@ -45,7 +45,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .slices import SliceSelection
+from .tasks.cervical_ra.slices import SliceSelection
 
 METHODS = ("gradxinput_smooth", "gradcam", "gradcampp", "occlusion", "gradxinput")
 DEFAULT_METHOD = "gradxinput_smooth"

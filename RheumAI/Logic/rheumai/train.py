@@ -36,7 +36,7 @@ from .engine.fit import DistContext, FitConfig, dist_setup, fit, select_device
 from .engine.heads import BinaryHead
 from .errors import InputError
 from .metrics import binary_report, logistic_calibration, parse_threshold_rule
-from .models import build_model, count_parameters, default_architecture
+from .tasks.cervical_ra.model import build_model, count_parameters, default_architecture
 
 ProgressFn = Callable[[dict[str, Any]], None]
 # Resuming may change these without invalidating the saved state.

@@ -42,7 +42,7 @@ def _select_one(item: tuple[str, str, dict]) -> dict[str, Any]:
     """Slice selection of one study (file or DICOM folder) saved as ``stem`` (.npy + .json)."""
     from rheumai.errors import RheumAIError
     from rheumai.io import read_study
-    from rheumai.slices import SliceParams, select_slices
+    from rheumai.tasks.cervical_ra.slices import SliceParams, select_slices
 
     path, stem, params = item
     try:
@@ -140,7 +140,7 @@ def job_predict_batch(args: dict[str, Any]) -> dict[str, Any]:
 def job_build_dataset(args: dict[str, Any]) -> dict[str, Any]:
     """args: dicom_folder, labels_csv, out_dir, index_path (optional), rules, split, params, workers."""
     from rheumai.dataset import CohortRules, SplitConfig, build_dataset, index_archive
-    from rheumai.slices import SliceParams
+    from rheumai.tasks.cervical_ra.slices import SliceParams
 
     out_dir = Path(args["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)

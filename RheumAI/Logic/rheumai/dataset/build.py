@@ -29,7 +29,7 @@ from typing import Any, Callable
 from .. import __version__
 from ..atomic import replace_dir, staging_dir, write_json, write_text
 from ..errors import InputError
-from ..slices import SliceParams
+from ..tasks.cervical_ra.slices import SliceParams
 from .cache import CacheJob, CacheReport, FileHasher, build_cache, entry_name, params_hash
 from .cohort import CohortResult, CohortRules, Step, apply_cohort
 from .flow import flow_dict, flow_text, write_flow

@@ -1,7 +1,7 @@
 """Cache of task inputs: each selected series read once through the imaging core, stored by hash.
 
 An entry is ``cache/<source_hash[:16]>-<params_hash[:16]>`` (``.npy`` + ``.json``, written by
-:meth:`rheumai.slices.SliceSelection.save`, each file atomically). ``source_hash`` is the SHA-256
+:meth:`rheumai.tasks.cervical_ra.slices.SliceSelection.save`, each file atomically). ``source_hash`` is the SHA-256
 of the sorted SHA-256 digests of the series' files (content only: a moved archive keeps its
 hashes); ``params_hash`` is the SHA-256 of the canonical JSON of the SliceParams plus the cache
 format version. A changed parameter or a changed file therefore points at a new entry, so exactly
@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 from ..errors import RheumAIError
 from ..process_guard import die_with_parent, stop_pool
-from ..slices import SliceParams
+from ..tasks.cervical_ra.slices import SliceParams
 
 CACHE_VERSION = 1
 ProgressFn = Callable[[str, int, int], None]
@@ -102,7 +102,7 @@ def compute_entry(job: CacheJob, params: SliceParams) -> str | None:
     DICOM file under the folder it is given and hospital exports mix series in one folder.
     """
     from ..io import is_image_file, read_study
-    from ..slices import select_slices
+    from ..tasks.cervical_ra.slices import select_slices
 
     if len(job.files) == 1 and is_image_file(job.files[0]):  # an image file (image-table cohorts)
         try:

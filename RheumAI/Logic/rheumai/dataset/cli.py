@@ -108,7 +108,7 @@ def _make_demo(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from ..slices import SliceParams
+    from ..tasks.cervical_ra.slices import SliceParams
     from .build import build_dataset
     from .cohort import CohortRules
     from .images import ImageRules, build_image_dataset

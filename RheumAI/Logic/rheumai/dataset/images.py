@@ -31,7 +31,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..io import is_image_file
-from ..slices import SliceParams
+from ..tasks.cervical_ra.slices import SliceParams
 from .build import DatasetResult, ProgressFn, _build_staged
 from .cache import CacheJob, FileHasher, entry_name
 from .cohort import INTERMEDIATE_POLICIES, CohortEntry, CohortResult, Step

@@ -128,7 +128,7 @@ class PredictionResult:
 
     @property
     def selection(self) -> Any:
-        """The sample's ``selection`` (cervical: the :class:`~rheumai.slices.SliceSelection`), else the sample."""
+        """The sample's ``selection`` (cervical: the :class:`~rheumai.tasks.cervical_ra.slices.SliceSelection`), else the sample."""
         return getattr(self.sample, "selection", self.sample)
 
     @property

@@ -1,6 +1,6 @@
 """Predict-side hooks of the cervical RA task for :class:`rheumai.engine.predict.Predictor`.
 
-Sample: the six sagittal slices (:class:`~rheumai.slices.SliceSelection`, (C, H, W) = (slices
+Sample: the six sagittal slices (:class:`~rheumai.tasks.cervical_ra.slices.SliceSelection`, (C, H, W) = (slices
 right -> left, superior -> inferior, anterior -> posterior)) plus the source image. Network input:
 the selection array through the card's inference transform (``input_transform``: optional fixed
 centre crop, resize to the architecture's ``input_size``; the identity when those match the
@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 
 from ...io import Study, read_study
-from ...slices import SliceParams, SliceSelection, select_slices
+from .slices import SliceParams, SliceSelection, select_slices
 
 ROLE = "t2_sag"
 SLICE_NOTE = "one in-plane map for the 6-slice input, repeated on every slice (slices are channels)"

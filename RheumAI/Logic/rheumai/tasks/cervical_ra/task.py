@@ -1,7 +1,7 @@
 """The cervical RA task (Lebouille-Veldman et al. 2025), declared for the registry.
 
-Nothing is re-implemented here: preprocessing is :func:`rheumai.slices.select_slices`, the model
-:func:`rheumai.models.build_model`, training / evaluation / prediction the existing modules.
+Nothing is re-implemented here: preprocessing is :func:`rheumai.tasks.cervical_ra.slices.select_slices`, the model
+:func:`rheumai.tasks.cervical_ra.model.build_model`, training / evaluation / prediction the existing modules.
 Input: one sagittal T2 series; network input (C, H, W) = (6 slices right -> left,
 superior -> inferior, anterior -> posterior), 1 mm, 512 x 512; one logit (deformity at follow-up).
 """
@@ -13,8 +13,8 @@ from typing import Any, Mapping
 import SimpleITK as sitk
 
 from ...io import Study, read_study
-from ...models import build_model, default_architecture
-from ...slices import SliceParams, SliceSelection, select_slices
+from .model import build_model, default_architecture
+from .slices import SliceParams, SliceSelection, select_slices
 from ...saliency import METHODS as SALIENCY_METHODS
 from ..base import InputSpec, Task
 from . import predict as _predict
@@ -23,7 +23,7 @@ ROLE = "t2_sag"
 
 
 def default_params() -> dict[str, Any]:
-    """The paper's slice parameters (:class:`rheumai.slices.SliceParams` defaults), JSON-able."""
+    """The paper's slice parameters (:class:`rheumai.tasks.cervical_ra.slices.SliceParams` defaults), JSON-able."""
     return SliceParams().to_dict()
 
 
@@ -56,7 +56,7 @@ TASK = Task(
     api={"train": "rheumai.train:train", "evaluate": "rheumai.evaluate:evaluate",
          "predict": "rheumai.predict:Predictor", "predict_batch": "rheumai.predict:predict_batch",
          "build_dataset": "rheumai.dataset.build:build_dataset"},
-    cli_modules=("rheumai.slices_cli", "rheumai.dataset.cli", "rheumai.train_cli", "rheumai.synth.cli"),
+    cli_modules=("rheumai.tasks.cervical_ra.cli", "rheumai.dataset.cli", "rheumai.train_cli", "rheumai.synth.cli"),
     load_sample=_predict.load_sample,
     to_tensors=_predict.to_tensors,
     postprocess=_predict.postprocess,
