@@ -117,7 +117,7 @@ def _alive(pid: int) -> bool:
 def cohort(tmp_path_factory):
     from rheumai.tasks.cervical_ra.synth import generate_cohort
 
-    return generate_cohort(tmp_path_factory.mktemp("cohort"), n_subjects=6, prevalence=0.5, seed=3, progress=False)
+    return generate_cohort(tmp_path_factory.mktemp("cohort"), n=6, prevalence=0.5, seed=3, progress=False)
 
 
 def _load_worker():

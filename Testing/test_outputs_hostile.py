@@ -215,14 +215,14 @@ def test_negspa_dataset_cache_refuses_hostile_ids(negspa_setup, tmp_path):
 
 
 def test_synth_preview_refuses_hostile_patient(tmp_path):
-    from rheumai.synth import cli
+    from rheumai.tasks.cervical_ra import cli
 
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
     out = tmp_path / "o" / "cohort"
     out.mkdir(parents=True)
     before = tree(tmp_path)
-    a = parser.parse_args(["synth", "preview", "--out", str(out), "--patient", "../../../x"])
+    a = parser.parse_args(["synth-preview", "--out", str(out), "--patient", "../../../x"])
     with pytest.raises(InputError, match="patient ID"):
         a.func(a)
     assert outside(tmp_path, out, before) == set()
