@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rheumai import demo
+from rheumai import demo as general
 from rheumai.checkpoint import save_checkpoint
 from rheumai.errors import InputError
 from rheumai.tasks.cervical_ra.model import build_model, default_architecture
 from rheumai.tasks.cervical_ra.slices import SliceParams
 from rheumai.tasks import get_task, register_task
+from rheumai.tasks.cervical_ra import demo
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CALLS: list[tuple] = []
@@ -85,14 +86,16 @@ def test_demo_task_dispatch(tmp_path):
                   replace=True)
     register_task(dataclasses.replace(base, name="demo_dispatch_none", api={}), replace=True)
     parser = argparse.ArgumentParser()
-    demo.register(parser.add_subparsers())
+    general.register(parser.add_subparsers())
     args = parser.parse_args(["demo", "--task", "demo_dispatch_probe", "--out", str(tmp_path / "d"), "--n", "5",
                               "--seed", "3"])
     CALLS.clear()
     assert args.func(args) == 0
     assert CALLS == [(tmp_path / "d", 3, 5, True)]
+    with pytest.raises(InputError, match="--epochs"):  # an option the task's demo does not take
+        general.run_task_demo("demo_dispatch_probe", tmp_path, 0, None, epochs=3)
     with pytest.raises(InputError, match="declares no demo"):
-        demo.run_task_demo("demo_dispatch_none", tmp_path, 0, None)
+        general.run_task_demo("demo_dispatch_none", tmp_path, 0, None)
     with pytest.raises(InputError, match="unknown task"):
-        demo.run_task_demo("no_such_task", tmp_path, 0, None)
+        general.run_task_demo("no_such_task", tmp_path, 0, None)
     assert parser.parse_args(["demo"]).task == "cervical_ra"

@@ -13,7 +13,8 @@ import pytest
 import SimpleITK as sitk
 
 from rheumai.errors import InputError
-from rheumai.synth import cli as synth_cli
+from rheumai import demo as general_cli
+from rheumai.tasks.cervical_ra import cli as cervical_cli
 from rheumai.tasks.cervical_ra.synth import (
     CohortParams,
     LABEL_COLUMNS,
@@ -22,17 +23,19 @@ from rheumai.tasks.cervical_ra.synth import (
     generate_cohort,
     load_template,
     mask_truth,
+    mid_sagittal,
     plan_cohort,
+    save_cohort_subject_png,
     subject_series_dir,
     synthesize_subject,
 )
 from rheumai.tasks.cervical_ra.dicom_writer import SeriesHeader, read_series, write_series
 from rheumai.tasks.cervical_ra.lesions import C2_C3_DISC_Z, TEMPLATE_TOP_Z
-from rheumai.tasks.cervical_ra.preview import mid_sagittal, save_cohort_subject_png
 
 # Small cohort: 5 subjects, 2 positives among the included, one short follow-up, every optional series.
-SMALL = dict(n_subjects=5, prevalence=0.5, seed=7, p_intermediate=0.0, p_baseline_deformity=0.0,
-             p_short_followup=0.2, p_followup_series=1.0, p_axial_distractor=1.0)
+OPTIONS = dict(prevalence=0.5, seed=7, p_intermediate=0.0, p_baseline_deformity=0.0, p_short_followup=0.2,
+               p_followup_series=1.0, p_axial_distractor=1.0)
+SMALL = dict(n_subjects=5, **OPTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def template(t2_path):
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory, t2_path):
     out = tmp_path_factory.mktemp("synth") / "cohort"
-    return generate_cohort(out, template_path=t2_path, progress=False, **SMALL)
+    return generate_cohort(out, 5, template_path=t2_path, progress=False, **OPTIONS)
 
 
 def _read_csv(path):
@@ -186,17 +189,17 @@ def test_subjects_differ_and_seed_is_deterministic(template):
 def test_resume_and_parameter_guard(cohort, t2_path):
     mtimes = {p.name: p.stat().st_mtime_ns for p in cohort.masks_dir.iterdir()}
     truth_before = (cohort.out_dir / "truth.csv").read_text()
-    info = generate_cohort(cohort.out_dir, template_path=t2_path, progress=False, **SMALL)
+    info = generate_cohort(cohort.out_dir, 5, template_path=t2_path, progress=False, **OPTIONS)
     assert {p.name: p.stat().st_mtime_ns for p in cohort.masks_dir.iterdir()} == mtimes  # nothing redone
     assert (cohort.out_dir / "truth.csv").read_text() == truth_before
     assert info.truth == cohort.truth
     with pytest.raises(InputError, match="cohort.json"):
-        generate_cohort(cohort.out_dir, template_path=t2_path, progress=False, **{**SMALL, "seed": 8})
+        generate_cohort(cohort.out_dir, 5, template_path=t2_path, progress=False, **{**OPTIONS, "seed": 8})
 
 
 def test_missing_template_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="nope.nii.gz"):
-        generate_cohort(tmp_path / "c", n_subjects=1, template_path=tmp_path / "nope.nii.gz", progress=False)
+        generate_cohort(tmp_path / "c", n=1, template_path=tmp_path / "nope.nii.gz", progress=False)
 
 
 def test_dicom_writer_axial_and_handedness(tmp_path):
@@ -218,9 +221,11 @@ def test_dicom_writer_axial_and_handedness(tmp_path):
 
 def test_cli_and_preview(tmp_path, t2_path, cohort):
     parser = argparse.ArgumentParser()
-    synth_cli.register(parser.add_subparsers())
+    sub = parser.add_subparsers()
+    general_cli.register(sub)
+    cervical_cli.register(sub)
     out = tmp_path / "c"
-    args = parser.parse_args(["synth", "cervical", "--out", str(out), "--n", "2", "--seed", "3",
+    args = parser.parse_args(["synth", "--task", "cervical_ra", "--out", str(out), "--n", "2", "--seed", "3",
                               "--prevalence", "1", "--p-short-followup", "0", "--p-intermediate", "0",
                               "--p-baseline-deformity", "0", "--template", str(t2_path), "--preview", "1"])
     assert args.func(args) == 0
@@ -228,15 +233,19 @@ def test_cli_and_preview(tmp_path, t2_path, cohort):
     pngs = list((out / "preview").glob("*.png"))
     assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pid = cohort.plans[0].patient_id
-    png = save_cohort_subject_png(cohort.out_dir, pid, tmp_path / "p.png")
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    args = parser.parse_args(["synth-preview", "--out", str(cohort.out_dir), "--patient", pid,
+                              "--png", str(tmp_path / "p.png"), "--zoom-mm", "80"])
+    assert args.func(args) == 0 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(InputError, match="SYN9999"):
         save_cohort_subject_png(cohort.out_dir, "SYN9999", tmp_path / "q.png")
+    with pytest.raises(InputError, match="--spacing"):  # another task's option
+        args = parser.parse_args(["synth", "--task", "hand_svdh", "--out", str(tmp_path / "h"), "--spacing", "2"])
+        args.func(args)
 
 
 def test_parallel_generation_writes_the_same_files(cohort, tmp_path, t2_path):
     """workers > 1: the same cohort, byte for byte (every subject is a function of (seed, index))."""
-    par = generate_cohort(tmp_path / "par", template_path=t2_path, progress=False, workers=2, **SMALL)
+    par = generate_cohort(tmp_path / "par", 5, template_path=t2_path, progress=False, workers=2, **OPTIONS)
     a = sorted(p.relative_to(cohort.out_dir) for p in cohort.out_dir.rglob("*") if p.is_file())
     b = sorted(p.relative_to(par.out_dir) for p in par.out_dir.rglob("*") if p.is_file())
     assert a == b and len(a) > 20

@@ -115,7 +115,7 @@ def _quick_manifest(tmp: Path) -> Path:
     from rheumai.tasks.cervical_ra.slices import SliceParams
     from rheumai.tasks.cervical_ra.synth import generate_cohort
 
-    c = generate_cohort(tmp / "cohort", n_subjects=24, prevalence=0.5, seed=11, lesion_scale=1.25, progress=False)
+    c = generate_cohort(tmp / "cohort", n=24, prevalence=0.5, seed=11, lesion_scale=1.25, progress=False)
     index_archive(c.dicom_dir, tmp / "index.sqlite")
     ds = build_dataset(tmp / "index.sqlite", c.labels_csv, tmp / "dataset", split_cfg=SplitConfig(seed=11),
                        slice_params=SliceParams(n_slices=6, spacing_mm=2.0, size=(128, 128)))

@@ -1,4 +1,5 @@
-"""`rheumai slices`: write the task input of one study as NIfTI/NRRD with geometry + PNG montage."""
+"""`rheumai slices` (the task input of one study: NIfTI/NRRD with geometry + PNG montage) and
+`rheumai synth-preview` (PNG of a generated subject with its truth mask)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["nii.gz", "nrrd"], default="nii.gz")
     add_slice_arguments(p)
     p.set_defaults(func=run)
+    v = sub.add_parser("synth-preview", help="PNG of a generated cervical subject's mid-sagittal slices, mask outlined")
+    v.add_argument("--out", required=True, type=Path, help="cohort folder (as given to 'rheumai synth')")
+    v.add_argument("--patient", required=True, help="patient id, e.g. SYN0003")
+    v.add_argument("--png", type=Path, default=None, help="PNG path (default OUT/preview/<patient>.png)")
+    v.add_argument("--zoom-mm", type=float, default=None, help="in-plane view size in mm, centred on the lesion")
+    v.set_defaults(func=_preview)
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from ...paths import safe_child
+    from .synth import save_cohort_subject_png
+
+    png = args.png or safe_child(args.out / "preview", args.patient, ".png", what="patient ID")
+    save_cohort_subject_png(args.out, args.patient, png, size_mm=args.zoom_mm, zoom_on_mask=args.zoom_mm is not None)
+    print(png)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""`rheumai demo`: the whole product on a generated cohort with known truth, in one command.
+"""The cervical RA demo (`rheumai demo`): the whole product on a generated cohort with known truth.
 
 generate (real T2 -> DICOM archive + label sheet + lesion masks) -> index -> dataset (rules,
 inclusion flow, split, cache) -> train (small CPU configuration) -> evaluate (held-out patients)
@@ -18,18 +18,16 @@ initialisation (no public weights exist). Real cohorts sit near 15 %.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import write_json, write_text
-
-REAL_T2 = Path(__file__).resolve().parents[3] / "Testing" / "Data" / "cervical_t2_sag" / "t2.nii.gz"
+from ...atomic import write_json, write_text
+from .synth import DEFAULT_TEMPLATE as REAL_T2
 
 # The demo configuration: small enough for a 2-core CPU in minutes (see README, "demo").
 DEMO_N = 160
@@ -92,14 +90,14 @@ def run_demo(out: str | Path, n: int | None = None, seed: int = 0, progress: boo
     """Run the demo into ``out``; returns the summary written to ``out/summary.json``.
 
     n: subjects to generate (default :data:`DEMO_N`); family: the network design
-    (:mod:`rheumai.models`); compare: also train the other design on the same cohort and split
+    (:mod:`.model`); compare: also train the other design on the same cohort and split
     and write ``compare.md`` (AUC and hit rate side by side).
     """
-    from .dataset.build import build_dataset
-    from .dataset.index import index_archive
-    from .dataset.split import SplitConfig
-    from .tasks.cervical_ra.slices import SliceParams
-    from .tasks.cervical_ra.synth import generate_cohort
+    from ...dataset.build import build_dataset
+    from ...dataset.index import index_archive
+    from ...dataset.split import SplitConfig
+    from .slices import SliceParams
+    from .synth import generate_cohort
 
     n = DEMO_N if n is None else int(n)
     out = Path(out)
@@ -108,7 +106,7 @@ def run_demo(out: str | Path, n: int | None = None, seed: int = 0, progress: boo
     t_all = time.perf_counter()
 
     t = _step(f"1/7 generating {n} subjects from the real T2 (seed {seed}, prevalence {prevalence:.0%})", progress)
-    cohort = generate_cohort(out / "cohort", n_subjects=n, prevalence=prevalence, seed=seed, progress=progress,
+    cohort = generate_cohort(out / "cohort", n=n, prevalence=prevalence, seed=seed, progress=progress,
                              workers=workers, **DEMO_COHORT_OPTIONS)
     timings["generate_s"] = time.perf_counter() - t
 
@@ -165,10 +163,10 @@ def _train_and_score(out: Path, ds: Any, seed: int, epochs: int | None, family: 
                      timings: dict[str, float], progress: bool, scene: bool) -> dict[str, Any]:
     """Train one design on the dataset, evaluate it on the test split, predict + saliency on the
     test subjects and on the real T2; returns the figures (and file lists for the report)."""
-    from .config import TrainConfig, save_config
-    from .evaluate import evaluate
-    from .predict import Predictor, write_outputs
-    from .train import train
+    from ...config import TrainConfig, save_config
+    from ...evaluate import evaluate
+    from ...predict import Predictor, write_outputs
+    from ...train import train
 
     cfg_dict = _train_config(seed, epochs, family)
     t = _step(f"3/7 training ({FAMILY_TITLES[family]}, ResNet-{cfg_dict['model']['depth']}, "
@@ -203,7 +201,7 @@ def _train_and_score(out: Path, ds: Any, seed: int, epochs: int | None, family: 
         row = {"patient_id": stem, "label": int(r["label"]), "probability": res.probability,
                "predicted": res.label, "saliency_file": files["saliency_file"]}
         if positive:
-            from .saliency import peak_distance_mm
+            from ...saliency import peak_distance_mm
 
             mask = sitk.ReadImage(str(masks / f"{stem}.nii.gz"))
             d = peak_distance_mm(res.saliency_grid, res.selection, mask)
@@ -263,10 +261,10 @@ def outside_check(checkpoint: str | Path, seed: int, n: int, prevalence: float, 
     """
     from tqdm import tqdm
 
-    from .metrics import binary_report
-    from .predict import Predictor
-    from .saliency import peak_distance_mm
-    from .tasks.cervical_ra.synth import CohortParams, load_template, plan_cohort, synthesize_subject
+    from ...metrics import binary_report
+    from ...predict import Predictor
+    from ...saliency import peak_distance_mm
+    from .synth import CohortParams, load_template, plan_cohort, synthesize_subject
 
     params = CohortParams(n_subjects=n, prevalence=prevalence, seed=seed, **DEMO_COHORT_OPTIONS)
     plans = [p for p in plan_cohort(params) if p.role == "included"]
@@ -435,42 +433,3 @@ def _print_summary(out: Path, s: dict) -> None:
     print(f"evaluation:  {out / 'evaluation'}")
     print(f"predictions: {out / 'predictions'} (saliency volumes, montages, Slicer scenes .mrb)")
     print(f"checkpoint:  {s['checkpoint']}")
-
-
-def run_task_demo(task: str, out: Path, seed: int, n: int | None, progress: bool = True) -> Any:
-    """Dispatch ``rheumai demo --task NAME`` to the task's declared ``demo`` entry point."""
-    from .errors import InputError
-    from .tasks import get_task, list_tasks
-
-    try:
-        t = get_task(task)
-    except KeyError as exc:
-        raise InputError(None, f"--task {task!r}: {exc.args[0]}") from None
-    if "demo" not in t.api:
-        with_demo = ["cervical_ra"] + [x.name for x in list_tasks() if "demo" in x.api and x.name != "cervical_ra"]
-        raise InputError(None, f"task {task!r} declares no demo; tasks with one: {', '.join(with_demo)}")
-    entry: Callable[..., Any] = t.entry("demo")
-    return entry(out, seed=seed, n=n, progress=progress)
-
-
-def _run_cli(a: argparse.Namespace) -> int:
-    if a.task != "cervical_ra":
-        run_task_demo(a.task, a.out, a.seed, a.n)
-        return 0
-    run_demo(a.out, a.n, a.seed, epochs=a.epochs, workers=a.workers, family=a.family, compare=a.compare)
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="generate a cohort with known truth, train, evaluate, predict, explain")
-    p.add_argument("--out", type=Path, default=Path("demo_out"))
-    p.add_argument("--task", default="cervical_ra", help="registered task whose demo to run (default cervical_ra)")
-    p.add_argument("--n", type=int, default=None, help=f"subjects to generate (cervical default {DEMO_N})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=None, help="override the demo configuration's epochs")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--family", choices=sorted(FAMILY_TITLES), default="resnet",
-                   help="network design: resnet (the paper's, slices as channels) or slice_attention")
-    p.add_argument("--compare", action="store_true",
-                   help="also train the other design on the same cohort and split; print AUC and hit rate side by side")
-    p.set_defaults(func=_run_cli)
