@@ -25,30 +25,27 @@ try:  # POSIX advisory locks mark a staging folder as in use
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
+STALE_AFTER_S = 24 * 3600.0  # without file locks (Windows): staging folders older than this are stale
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it onto ``path``.
-
-    The temporary name keeps the full suffix (``.nii.gz``, ``.nrrd``...) so writers that
-    choose a format from the extension still work. On error the temporary file is removed.
-    """
+    """Yield a temporary path next to ``path`` (same full suffix, e.g. ``.nii.gz``, for writers that
+    pick the format from it); on success rename it onto ``path``, on error remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix="".join(path.suffixes) or ".tmp",
+                               dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        # mkstemp creates 0600; give the file the permissions a plain open() would (umask).
-        umask = os.umask(0)
+        umask = os.umask(0)  # mkstemp creates 0600: give the permissions a plain open() would
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        tmp_path.unlink(missing_ok=True)
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -57,51 +54,32 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
 def write_json(path: str | Path, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
+    """Indented, key-sorted JSON; numpy scalars / arrays and paths are converted."""
     import numpy as np
 
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    def default(o: Any) -> Any:
+        if isinstance(o, (np.integer, np.floating, np.ndarray)):
+            return o.tolist()
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
-
-# ------------------------------------------------------------------------------ folders
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-STALE_AFTER_S = 24 * 3600.0  # without file locks (Windows): staging folders older than this are stale
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=default) + "\n")
 
 
 def exchange_paths(a: str | Path, b: str | Path) -> bool:
-    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``).
-
-    Returns False where the system or file system does not offer it (the caller falls back).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or file system does not offer it."""
     try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
+        fn = ctypes.CDLL(None, use_errno=True).renameat2 if sys.platform.startswith("linux") else None
     except (OSError, AttributeError):
+        fn = None
+    if fn is None:
         return False
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    if fn(_AT_FDCWD, os.fsencode(str(a)), _AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0:
+    # AT_FDCWD = -100, RENAME_EXCHANGE = 2
+    if fn(-100, os.fsencode(str(a)), -100, os.fsencode(str(b)), 2) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
@@ -110,12 +88,10 @@ def exchange_paths(a: str | Path, b: str | Path) -> bool:
 
 
 def replace_dir(new: str | Path, target: str | Path) -> Path:
-    """Put folder ``new`` at ``target``, replacing the previous ``target`` folder as a whole.
+    """Put folder ``new`` (a sibling of ``target``) at ``target``, replacing the previous folder whole.
 
-    On Linux the two folders are exchanged in one atomic step, so a reader (or a kill) sees
-    either the complete old set or the complete new one; elsewhere two renames follow each other
-    (a kill between them leaves ``.<name>.old-<pid>`` beside the target, cleaned by the next
-    :func:`staging_dir`). ``new`` must be a sibling of ``target`` (same file system).
+    On Linux the two are exchanged in one atomic step; elsewhere two renames follow each other (a
+    kill between them leaves ``.<name>.old-*`` beside the target, cleaned by :func:`staging_dir`).
     """
     new, target = Path(new), Path(target)
     if not target.exists():
@@ -137,12 +113,9 @@ def replace_dir(new: str | Path, target: str | Path) -> Path:
 
 def _lock_free(lock_path: Path) -> bool:
     """True if no live process holds the lock file (or it is gone)."""
-    if fcntl is None:
-        try:
-            return time.time() - lock_path.stat().st_mtime > STALE_AFTER_S
-        except FileNotFoundError:
-            return True
     try:
+        if fcntl is None:
+            return time.time() - lock_path.stat().st_mtime > STALE_AFTER_S
         fd = os.open(lock_path, os.O_RDWR)
     except FileNotFoundError:
         return True
@@ -156,29 +129,23 @@ def _lock_free(lock_path: Path) -> bool:
 
 
 def clean_stale_staging(target: str | Path) -> list[Path]:
-    """Remove staging / old folders of ``target`` left by killed runs; returns what was removed.
-
-    A staging folder is stale when no process holds its lock file; folders of a run still going
-    on (in this or another process) are left alone.
-    """
+    """Remove staging / old folders of ``target`` left by killed runs (no process holds their lock);
+    returns what was removed. Folders of a run still going on are left alone."""
     target = Path(target)
-    parent = target.parent
     removed: list[Path] = []
-    if not parent.is_dir():
+    if not target.parent.is_dir():
         return removed
-    for p in sorted(parent.glob(f".{target.name}.staging-*")):
-        if p.name.endswith(".lock") or not p.is_dir():
-            continue
+    for p in sorted(target.parent.glob(f".{target.name}.staging-*")):
         lock = p.with_name(p.name + ".lock")
-        if (lock.exists() or fcntl is None) and not _lock_free(lock):
+        if p.name.endswith(".lock") or not p.is_dir() or ((lock.exists() or fcntl is None) and not _lock_free(lock)):
             continue
         shutil.rmtree(p, ignore_errors=True)
         lock.unlink(missing_ok=True)
         removed.append(p)
-    for lock in parent.glob(f".{target.name}.staging-*.lock"):
+    for lock in target.parent.glob(f".{target.name}.staging-*.lock"):
         if not lock.with_name(lock.name[:-5]).exists() and _lock_free(lock):
             lock.unlink(missing_ok=True)
-    for p in parent.glob(f".{target.name}.old-*"):
+    for p in target.parent.glob(f".{target.name}.old-*"):
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed
@@ -188,10 +155,9 @@ def clean_stale_staging(target: str | Path) -> list[Path]:
 def staging_dir(target: str | Path) -> Iterator[Path]:
     """Yield a new empty sibling folder ``.<name>.staging-<pid>-<random>`` of ``target``.
 
-    Write the whole set there, then call :func:`replace_dir` (inside the block) to publish it.
-    The folder is locked (``flock`` on ``<folder>.lock``) while the block runs; stale staging
-    folders of killed runs are removed first; on an error the staging folder is removed, so a
-    failed run leaves ``target`` exactly as it was.
+    Write the whole set there, then call :func:`replace_dir` inside the block to publish it. The
+    folder is locked (``flock`` on ``<folder>.lock``) while the block runs; stale staging folders
+    are removed first; on an error the staging folder is removed and ``target`` stays as it was.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
