@@ -57,25 +57,19 @@ def test_both_tasks_declare_the_entry_point():
 @pytest.fixture(scope="module")
 def msasss_model(tmp_path_factory):
     from rheumai.tasks.msasss.dataset import load_cohort
-    from rheumai.tasks.msasss.model import landmark_architecture
-    from rheumai.tasks.msasss.predict import refine_architecture
     from rheumai.tasks.msasss.synth import make_cohort
-    import rheumai.tasks.msasss.train as T
+    from rheumai.tasks.msasss.train import train
 
     root = tmp_path_factory.mktemp("msasss_rescore")
     make_cohort(root / "cohort", n=3, seed=5)
     records = load_cohort(root / "cohort")
-    one = T.StageConfig(epochs=1, batch_size=8, lr=1e-3)
-    cfg = T.TrainConfig(landmarks=one, refine=one, lesions=one, ordinal=one, separate_views=True,
-                        landmark_arch=landmark_architecture(channels=[4, 8, 16], input_size=[64, 48]),
-                        refine_arch=refine_architecture(channels=[4, 8], crop_size=32))
-    small = dict(init_features=4, growth_rate=4, block_config=[1, 1, 1], crop_size=32)
-    orig = T.crop_architecture
-    T.crop_architecture = lambda kind, config="demo", **kw: orig(kind, config, **{**small, **kw})
-    try:
-        _, folder = T.train_system(records[:4], records[4:], root / "run", cfg)
-    finally:
-        T.crop_architecture = orig
+    small = {"init_features": 4, "growth_rate": 4, "block_config": [1, 1, 1], "crop_size": 32}
+    stage = {"epochs": 1, "batch_size": 8, "lr": 1e-3}
+    config = {"task": "msasss", "separate_views": True, "split": [0.67, 0.33, 0.0],
+              "landmarks": {**stage, "arch": {"channels": [4, 8, 16], "input_size": [64, 48]}},
+              "refine": {**stage, "arch": {"channels": [4, 8], "crop_size": 32}},
+              "lesions": {**stage, "arch": small}, "ordinal": {**stage, "arch": small}}
+    folder = train(config, root / "cohort" / "studies.csv", root / "run", show_progress=False).checkpoint
     return records, folder
 
 
@@ -152,14 +146,14 @@ def test_msasss_rescore_from_point_lists(logic, msasss_model):
 def hand_model(tmp_path_factory):
     from rheumai.tasks.hand_svdh.dataset import HandParams, load_cohort
     from rheumai.tasks.hand_svdh.synth import make_cohort
-    from rheumai.tasks.hand_svdh.train import HandTrainConfig, StageConfig, train_hand
+    from rheumai.tasks.hand_svdh.train import train_hand, load_config
 
-    tiny = HandTrainConfig(whole=StageConfig(epochs=1, batch_size=4), landmarks=StageConfig(epochs=1, batch_size=4),
-                           joints=StageConfig(epochs=1, batch_size=32))
+    tiny = load_config({"whole": {"epochs": 1, "batch_size": 4}, "landmarks": {"epochs": 1, "batch_size": 4},
+                        "joints": {"epochs": 1, "batch_size": 32}, "data": {"train_fraction": 1.0}})
     root = tmp_path_factory.mktemp("hand_rescore")
     labels = make_cohort(root / "cohort", n=6, seed=1)
     cases = load_cohort(labels, HandParams(), root / "cohort" / "landmarks.csv")
-    ckpt = train_hand(None, root / "run", cfg=tiny, cases=cases, train_ids=[c.patient_id for c in cases[:4]])
+    ckpt = train_hand(cases[:4], root / "run", tiny, show_progress=False)
     return cases, ckpt
 
 

@@ -1,5 +1,6 @@
 """mSASSS pipeline: crops, imbalance sampling, scoring from points, evaluation, a tiny end-to-end
-training on the engine, checkpoint -> console predict / re-score -> engine Predictor -> Slicer scene."""
+training through the task's train entry (config + cohort table), checkpoint -> the engine's
+Predictor -> re-score -> evaluate entry -> Slicer scene."""
 
 from __future__ import annotations
 
@@ -10,8 +11,15 @@ import torch
 from rheumai.tasks.msasss.anatomy import disc_levels, point_names, scored_corners
 from rheumai.tasks.msasss.crops import fit_grid, level_grid
 from rheumai.tasks.msasss.dataset import LevelCropDataset, imbalance_indices, load_cohort, split_patients
-from rheumai.tasks.msasss.evaluate import evaluate
+from rheumai.tasks.msasss.evaluate import corner_metrics
 from rheumai.tasks.msasss.synth import make_cohort
+
+SMALL = {"init_features": 4, "growth_rate": 4, "block_config": [1, 1, 1], "crop_size": 32}
+TINY = {"task": "msasss", "separate_views": True,
+        "landmarks": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "arch": {"channels": [4, 8, 16], "input_size": [64, 48]}},
+        "refine": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "arch": {"channels": [4, 8], "crop_size": 32}},
+        "lesions": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "arch": SMALL},
+        "ordinal": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "arch": SMALL}}
 
 
 @pytest.fixture(scope="module")
@@ -80,75 +88,68 @@ def _truth_result(rec):
 
 
 def test_evaluation_of_a_perfect_prediction(records):
-    m, rows = evaluate(records, [_truth_result(r) for r in records])
+    m, rows = corner_metrics(records, [_truth_result(r) for r in records])
     assert m["corners"]["accuracy"]["value"] == 1.0 and len(rows) == 12 * len(records)
-    assert m["keypoints_corners"]["median_mm"] == 0.0
+    assert m["keypoints_corners"]["median_mm"]["value"] == 0.0
     assert m["total"]["n_compared"] + m["total"]["n_without_total"] == 3
     if "mae" in m["total"]:
         assert m["total"]["mae"]["value"] == 0.0
     assert all(e["specificity"]["value"] in (1.0,) or np.isnan(e["specificity"]["value"]) for e in m["lesions"].values())
     worse = [_truth_result(r) for r in records]
     worse[0]["scores"] = {c: (None if s is None else (s + 1) % 4) for c, s in worse[0]["scores"].items()}
-    m2, _ = evaluate(records, worse)
+    m2, _ = corner_metrics(records, worse)
     assert m2["corners"]["accuracy"]["value"] < 1.0
 
 
 @pytest.fixture(scope="module")
 def tiny_model(cohort, records):
-    from rheumai.tasks.msasss.model import landmark_architecture
-    from rheumai.tasks.msasss.predict import refine_architecture
-    from rheumai.tasks.msasss.train import StageConfig, TrainConfig, train_system
+    from rheumai.tasks.msasss.train import train
 
     torch.set_num_threads(1)
-    one = StageConfig(epochs=1, batch_size=8, lr=1e-3)
-    cfg = TrainConfig(landmarks=one, refine=one, lesions=one, ordinal=one, separate_views=True,
-                      landmark_arch=landmark_architecture(channels=[4, 8, 16], input_size=[64, 48]),
-                      refine_arch=refine_architecture(channels=[4, 8], crop_size=32))
-    import rheumai.tasks.msasss.train as T
+    res = train(TINY, cohort / "cohort" / "studies.csv", cohort / "run", show_progress=False)
+    assert res.checkpoint == cohort / "run" / "model" and (cohort / "run" / "landmarks" / "history.csv").is_file()
+    return res.checkpoint
 
-    small = dict(init_features=4, growth_rate=4, block_config=[1, 1, 1], crop_size=32)
-    orig = T.crop_architecture
-    T.crop_architecture = lambda kind, config="demo", **kw: orig(kind, config, **{**small, **kw})
-    try:
-        system, folder = train_system(records[:4], records[4:], cohort / "run", cfg)
-    finally:
-        T.crop_architecture = orig
-    return system, folder
+
+def _study(records, pid):
+    return {r.view: r.path for r in records if r.patient_id == pid}
 
 
 def test_scores_from_points_flag_missing_and_implausible(records, tiny_model):
-    from rheumai.tasks.msasss.predict import analyse_view
+    from rheumai.tasks.msasss.predict import rescore_points
 
-    system, _ = tiny_model
     rec = records[0]
-    res = analyse_view(system, rec.array, rec.spacing_mm, rec.view, points_xy=rec.points_xy, missing={scored_corners(rec.view)[1]})
-    assert set(res["scores"]) == set(scored_corners(rec.view))
-    assert res["scores"][scored_corners(rec.view)[1]] is None
-    assert "marked missing" in res["not_scorable"][scored_corners(rec.view)[1]]
-    flipped = rec.points_xy[::-1].copy()
-    bad = analyse_view(system, rec.array, rec.spacing_mm, rec.view, points_xy=flipped)
+    gone = scored_corners(rec.view)[1]
+    given = {r.view: r.points_xy for r in records if r.patient_id == rec.patient_id}
+    res = rescore_points(tiny_model, _study(records, rec.patient_id), {rec.view: {gone: None}}, points_xy=given)
+    view = res["views"][rec.view]
+    assert set(view["scores"]) == set(scored_corners(rec.view)) and np.allclose(view["points_xy"], rec.points_xy)
+    assert view["scores"][gone] is None and "marked missing" in view["not_scorable"][gone]
+    assert res["landmarks_source"] == "corrected" and view["confidence"] is None
+    bad = rescore_points(tiny_model, _study(records, rec.patient_id), {},
+                         points_xy={**given, rec.view: rec.points_xy[::-1].copy()})["views"][rec.view]
     assert not bad["check"]["view_ok"] and all(v is None for v in bad["scores"].values())
 
 
-def test_checkpoint_console_predictor_rescore_and_scene(cohort, records, tiny_model):
+def test_checkpoint_predictor_rescore_and_scene(cohort, records, tiny_model):
+    from rheumai import api
     from rheumai.checkpoint import load_checkpoint
-    from rheumai.engine.predict import Predictor
-    from rheumai.tasks.msasss.console import predict_study, rescore_points
+    from rheumai.tasks.msasss.predict import predict_study, rescore_points
 
-    system, folder = tiny_model
+    folder = tiny_model
     model, card = load_checkpoint(folder)
     assert card["task"] == "msasss" and type(model).__name__ == "MsasssSystem"
-    assert model.lesion_net("cervical") is not model.lesion_net("lumbar")  # crop models per view
+    assert model.crop_net("lesions", "cervical") is not model.crop_net("lesions", "lumbar")  # crop models per view
     pid = records[0].patient_id
-    study = {r.view: r.path for r in records if r.patient_id == pid}
-    study["id"] = pid
+    study = {**_study(records, pid), "id": pid}
     res = predict_study(folder, study)
     assert sum(len(p["points"]) for p in res["points"].values()) == 24
     assert res["total"]["n_scored"] + res["total"]["n_missing"] == 24
-    # The engine's one predictor runs the task's hooks to the same values.
-    values = Predictor(folder).predict(study, saliency=None).values
-    assert values["corners_scored"] == res["total"]["n_scored"] and values["summary"].startswith("mSASSS ")
+    assert res["corners_scored"] == res["total"]["n_scored"] and res["summary"].startswith("mSASSS ")
+    # The console API (the task's "predict" entry) is the same predictor.
+    values = api.predict(folder, study, out_dir=cohort / "pred").values
     assert np.allclose(values["points"]["cervical"]["points"][0]["lps"], res["points"]["cervical"]["points"][0]["lps"])
+    assert (cohort / "pred" / f"{pid}.json").is_file()
     # Re-score: move one corner by 3 mm, mark another missing.
     p0 = res["points"]["lumbar"]["points"][0]
     moved = np.asarray(p0["lps"]) + [3.0, 0.0, 0.0]
@@ -157,7 +158,7 @@ def test_checkpoint_console_predictor_rescore_and_scene(cohort, records, tiny_mo
     assert np.allclose(got[p0["label"]]["lps"], moved, atol=1e-6)
     assert got["L3 upper"]["status"] == "missing" and re["views"]["lumbar"]["scores"]["L3 upper"] is None
 
-    from rheumai.tasks.msasss.console import write_scene
+    from rheumai.tasks.msasss.predict import write_scene
     from rheumai_mrml.landmark_scene import image_landmark_nodes, read_landmarks
     from rheumai_mrml.scene import load_scene
 
@@ -200,10 +201,40 @@ def test_paper_configuration_is_one_densenet121_per_output(one_torch_thread):
 
 def test_shared_crop_model_trains_on_both_views(tmp_path, records, one_torch_thread):
     from rheumai.tasks.msasss.model import CropNet, crop_architecture
-    from rheumai.tasks.msasss.train import StageConfig, TrainConfig, train_crop_model
+    from rheumai.tasks.msasss.train import Run, StageConfig, TrainConfig, train_crop_model
 
     arch = crop_architecture("lesions", init_features=4, growth_rate=4, block_config=[1, 1, 1], crop_size=32)
-    cfg = TrainConfig(lesions=StageConfig(epochs=1, batch_size=8))
-    net = train_crop_model("lesions", records[:4], records[4:], tmp_path, cfg, arch)
+    run = Run(TrainConfig(lesions=StageConfig(epochs=1, batch_size=8)), tmp_path)
+    net = train_crop_model("lesions", records[:4], records[4:], run, arch)
     assert isinstance(net, CropNet) and net.shared
     assert (tmp_path / "lesions" / "history.csv").is_file()
+
+
+def test_train_config_file_resume_and_evaluate_entry(cohort, tiny_model, tmp_path):
+    import json
+
+    from rheumai.errors import InputError
+    from rheumai.tasks import get_task
+
+    task = get_task("msasss")
+    lines = ['task = "msasss"', 'manifest = "cohort/studies.csv"', "separate_views = true"]
+    for stage, d in TINY.items():
+        if isinstance(d, dict):
+            arch = ", ".join(f"{k} = {json.dumps(v)}" for k, v in d["arch"].items())
+            lines += [f"[{stage}]", "epochs = 1", "batch_size = 8", "lr = 1e-3", f"arch = {{ {arch} }}"]
+    cfg = cohort / "tiny.toml"
+    cfg.write_text("\n".join(lines) + "\n")
+    # The run of the fixture is finished: resuming it reloads every stage and saves the same weights.
+    res = task.entry("train")(cfg, None, cohort / "run", resume=True, show_progress=False)
+    assert res.checkpoint is not None and not res.stopped
+    bad = tmp_path / "bad.toml"
+    bad.write_text('task = "msasss"\n[lesions]\nepoch = 3\n')
+    with pytest.raises(InputError, match="bad.toml.*epoch"):
+        task.entry("train")(bad, cohort / "cohort" / "studies.csv", tmp_path / "run")
+    with pytest.raises(InputError, match="already holds|earlier run"):
+        task.entry("train")(cfg, None, cohort / "run", show_progress=False)
+    m = task.entry("evaluate")(res.checkpoint, cohort / "cohort" / "studies.csv", tmp_path / "eval", split="all",
+                               show_progress=False)
+    assert m["n_patients"] == 3 and m["n_corners"] == 72 and 0 <= m["corners"]["accuracy"]["value"] <= 1
+    assert (tmp_path / "eval" / "metrics.json").is_file() and "# mSASSS evaluation" in (
+        tmp_path / "eval" / "report.md").read_text()

@@ -1,19 +1,13 @@
 """mSASSS cohorts and training samples (the engine's dict convention).
 
-A cohort folder holds ``studies.csv`` (patient_id, view, file) and ``labels.csv`` (one row per
-landmark, see :mod:`.synth`); :func:`load_cohort` reads every radiograph through
-:func:`rheumai.radiograph.read_radiograph` into :class:`ViewRecord` s. Two sample sets:
-
-* :class:`LandmarkDataset`: the whole view letterboxed to the network input (default 160 x 128),
-  target ``{"keypoints": (21, 2)}`` (x, y) in input pixels.
-* :class:`LevelCropDataset`: one disc-level crop (:func:`.crops.level_grid`), targets per corner
-  slot (0 = top = lower corner of the vertebra above, 1 = bottom = upper corner of the vertebra
-  below): ``erosion / sclerosis / squaring / syndesmophyte`` (2,), ``bridging`` (1,),
-  ``not_scorable`` (2,), ``ordinal`` (2,) score 0-3, ``corners`` (2, 2) crop pixels. Lesion and
-  ordinal targets of a corner that is not scorable are NaN (ignored by the losses). A vertical
-  flip swaps the two slots' labels (the flipped crop shows the levels upside down).
-
-:func:`imbalance_indices` implements the paper's imbalance handling for one lesion classifier.
+A cohort table ``studies.csv`` (patient_id, view, file [, split]) with ``labels.csv`` beside it
+(one row per landmark, see :mod:`.synth`); :func:`load_cohort` reads every radiograph into a
+:class:`ViewRecord`. :class:`LandmarkDataset`: the whole view letterboxed to the network input,
+target ``{"keypoints": (21, 2)}`` (x, y) input pixels. :class:`LevelCropDataset`: one disc-level
+crop (:func:`.crops.level_grid`), targets per corner slot (0 = top = lower corner of the vertebra
+above, 1 = bottom): ``erosion / sclerosis / squaring / syndesmophyte`` (2,), ``bridging`` (1,),
+``not_scorable`` (2,), ``ordinal`` (2,) score 0-3, ``corners`` (2, 2) crop pixels; NaN where a
+corner is not scorable (ignored by the losses). A vertical flip swaps the two slots' labels.
 """
 
 from __future__ import annotations
@@ -29,12 +23,9 @@ from torch.utils.data import Dataset
 
 from ...errors import InputError
 from ...radiograph import read_radiograph
-from .anatomy import N_POINTS, VIEWS, disc_levels, point_names
+from .anatomy import VIEWS, disc_levels, point_names
 from .crops import fit_grid, level_grid, normalise_crop, normalise_image
 from .scoring import CORNER_LESIONS
-
-INPUT_SHAPE = (160, 128)
-CROP_SIZE = 48
 
 
 @dataclass
@@ -50,6 +41,7 @@ class ViewRecord:
     scorable: dict[str, bool] = field(default_factory=dict)
     scores: dict[str, int | None] = field(default_factory=dict)
     path: str = ""
+    split: str = ""
 
     @property
     def bridged(self) -> dict[str, bool]:
@@ -59,33 +51,36 @@ class ViewRecord:
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
-        raise InputError(path, "missing (a cohort folder needs studies.csv and labels.csv)")
+        raise InputError(path, "missing (an mSASSS cohort needs studies.csv and labels.csv beside it)")
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
-def load_cohort(cohort_dir: str | Path, patients: Sequence[str] | None = None) -> list[ViewRecord]:
-    """Read the views and truth of a cohort folder (all patients, or those listed)."""
-    root = Path(cohort_dir)
-    studies = _read_csv(root / "studies.csv")
+def load_cohort(table: str | Path) -> list[ViewRecord]:
+    """Read the views and truth of a cohort: its ``studies.csv`` or the folder holding it."""
+    table = Path(table)
+    root = table if table.is_dir() else table.parent
+    table = root / "studies.csv" if table.is_dir() else table
+    studies = _read_csv(table)
+    splits = {s.get("split") or "" for s in studies}
+    if splits != {""} and not splits <= {"train", "val", "test"}:
+        raise InputError(table, "the split column must say train, val or test for every row, or be absent")
     labels = _read_csv(root / "labels.csv")
-    keep = None if patients is None else set(patients)
     by_view: dict[tuple[str, str], list[dict[str, str]]] = {}
     for r in labels:
         by_view.setdefault((r["patient_id"], r["view"]), []).append(r)
     out = []
     for s in studies:
         pid, view = s["patient_id"], s["view"]
-        if keep is not None and pid not in keep:
-            continue
         if view not in VIEWS:
-            raise InputError(root / "studies.csv", f"patient {pid}: unknown view {view!r} (views: {', '.join(VIEWS)})")
+            raise InputError(table, f"patient {pid}: unknown view {view!r} (views: {', '.join(VIEWS)})")
         path = (root / s["file"]).resolve()
         if root.resolve() not in path.parents:
-            raise InputError(root / "studies.csv", f"patient {pid}: file {s['file']!r} lies outside the cohort folder")
+            raise InputError(table, f"patient {pid}: file {s['file']!r} lies outside the cohort folder")
         rad = read_radiograph(path)
         rows = {r["point"]: r for r in by_view.get((pid, view), [])}
-        rec = ViewRecord(pid, view, rad.array.astype(np.float32), rad.spacing_mm, path=str(path))
+        rec = ViewRecord(pid, view, rad.array.astype(np.float32), rad.spacing_mm, path=str(path),
+                         split=s.get("split") or "")
         if rows:
             names = point_names(view)
             missing = [n for n in names if n not in rows]
@@ -105,7 +100,7 @@ def load_cohort(cohort_dir: str | Path, patients: Sequence[str] | None = None) -
 class LandmarkDataset(Dataset):
     """Whole views letterboxed to ``shape``; target the 21 points in input pixels."""
 
-    def __init__(self, records: Sequence[ViewRecord], shape: tuple[int, int] = INPUT_SHAPE, augment: bool = False,
+    def __init__(self, records: Sequence[ViewRecord], shape: tuple[int, int], augment: bool = False,
                  seed: int = 0) -> None:
         self.records, self.shape, self.augment, self.seed = list(records), shape, augment, seed
         self.rng = np.random.default_rng(seed)
@@ -115,8 +110,11 @@ class LandmarkDataset(Dataset):
         return len(self.records)
 
     def set_epoch(self, epoch: int) -> None:
-        """Reseed the augmentation per epoch (called by the engine)."""
+        """Reseed the augmentation per epoch (the engine calls this), so a resumed run sees the same samples."""
         self.rng = np.random.default_rng((self.seed, epoch))
+
+    def unaugmented(self) -> "LandmarkDataset":
+        return LandmarkDataset(self.records, self.shape)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = self.records[i]
@@ -151,20 +149,17 @@ class LevelCropDataset(Dataset):
     """Disc-level crops of views; ``index`` lists (record, level) pairs (default: all, in order).
 
     augment: jittered crop placement (``jitter`` = (mm, deg, scale)), vertical flip with the slot
-    labels swapped, intensity changes. ``points`` chooses the landmarks the crops are cut from
-    ("truth", or a list of (21, 2) arrays per record, e.g. predicted points).
+    labels swapped (``flip``), intensity changes.
     """
 
     def __init__(self, records: Sequence[ViewRecord], index: Sequence[tuple[int, int]] | None = None,
-                 size: int = CROP_SIZE, augment: bool = False, jitter: tuple[float, float, float] = (1.5, 6.0, 0.08),
-                 flip: bool = True, seed: int = 0, points: Sequence[np.ndarray] | None = None,
-                 side_factor: float = 0.9) -> None:
+                 size: int = 48, augment: bool = False, jitter: tuple[float, float, float] = (1.5, 6.0, 0.08),
+                 flip: bool = True, seed: int = 0, side_factor: float = 0.9) -> None:
         self.records = list(records)
         self.side_factor, self.seed = side_factor, seed
         self.index = list(index) if index is not None else [(r, l) for r in range(len(self.records)) for l in range(6)]
         self.size, self.augment, self.jitter, self.flip = size, augment, jitter, flip
         self.rng = np.random.default_rng(seed)
-        self.points = [r.points_xy for r in self.records] if points is None else list(points)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -172,6 +167,9 @@ class LevelCropDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Reseed the augmentation per epoch (the engine calls this), so a resumed run sees the same crops."""
         self.rng = np.random.default_rng((self.seed, epoch))
+
+    def unaugmented(self) -> "LevelCropDataset":
+        return LevelCropDataset(self.records, self.index, self.size, flip=self.flip, side_factor=self.side_factor)
 
     def targets(self, k: int) -> dict[str, np.ndarray]:
         r, lvl = self.index[k]
@@ -182,7 +180,7 @@ class LevelCropDataset(Dataset):
         rec = self.records[r]
         aug = self.augment
         jm, jd, js = self.jitter
-        grid = level_grid(self.points[r], rec.view, lvl, rec.spacing_mm, self.size, side_factor=self.side_factor,
+        grid = level_grid(rec.points_xy, rec.view, lvl, rec.spacing_mm, self.size, side_factor=self.side_factor,
                           rng=self.rng if aug else None, jitter_mm=jm, jitter_deg=jd, jitter_scale=js)
         x = grid.sample(rec.array)
         flip = aug and self.flip and bool(self.rng.random() < 0.5)
@@ -240,5 +238,9 @@ def split_patients(patient_ids: Sequence[str], fractions: tuple[float, float, fl
     return out
 
 
-__all__ = ["ViewRecord", "load_cohort", "LandmarkDataset", "LevelCropDataset", "crop_targets", "imbalance_indices",
-           "split_patients", "INPUT_SHAPE", "CROP_SIZE", "N_POINTS"]
+def cohort_split(records: Sequence[ViewRecord], fractions: Sequence[float], seed: int) -> dict[str, str]:
+    """{patient_id: "train" | "val" | "test"}: the cohort table's ``split`` column where it has one,
+    else :func:`split_patients` (seeded)."""
+    if records and records[0].split:
+        return {r.patient_id: r.split for r in records}
+    return split_patients([r.patient_id for r in records], tuple(fractions), seed)

@@ -1,22 +1,14 @@
-"""mSASSS networks and heads: the landmark model and the disc-level crop classifiers.
+"""mSASSS networks and heads (architectures are the model card's ``architecture`` dicts).
 
-Architectures (the model card's ``architecture`` dict, built by :func:`build_model`):
-
-* ``landmarks``: :class:`rheumai.landmarks.LandmarkNet`, 21 heatmaps (7 vertebrae x upper
-  corner, lower corner, centre) at ``out_stride`` on the letterboxed view; output
-  ``{"keypoints": (N, 21, h, w)}``.
-* ``lesions``: one binary classifier per lesion type on a disc-level crop. Outputs (logits) per
-  corner slot (0 = top, 1 = bottom): ``erosion``, ``sclerosis``, ``squaring``, ``syndesmophyte``
-  (N, 2); ``bridging`` (N, 1) (a bridge joins both corners); ``not_scorable`` (N, 2) (implant, not
-  visible: the rare class is the positive one, so it can be weighted). The paper's
-  configuration (``paper_architecture``) is one MONAI DenseNet-121 per output (``shared: false``,
-  224 px crops: ASSUMPTION, the crop size is not given here); the CPU demo uses one small
-  MONAI DenseNet (3 blocks of 4 layers, growth 12) shared by all outputs on 48 px crops.
-* ``ordinal``: the alternative model: a 0-3 ordinal (cumulative-logit) score per corner slot,
-  ``ordinal`` (N, 2, 3), plus ``not_scorable`` (N, 2), same backbone choices.
-
-Cervical and lumbar crops are scale-normalised (crop side = 0.9 x centre-to-centre distance);
-the paper trains cervical and lumbar models apart (``views`` in the training config).
+* ``landmarks``: :class:`rheumai.landmarks.LandmarkNet`, 21 heatmaps (7 vertebrae x upper corner,
+  lower corner, centre) at ``out_stride`` on the letterboxed view: ``{"keypoints": (N, 21, h, w)}``.
+* ``refine``: the same network on a disc-level crop, the level's two corners.
+* ``lesions``: logits per corner slot (0 = top, 1 = bottom) of a disc-level crop: ``erosion``,
+  ``sclerosis``, ``squaring``, ``syndesmophyte`` (N, 2), ``bridging`` (N, 1), ``not_scorable``
+  (N, 2). ``paper``: one MONAI DenseNet-121 per output (224 px crops: ASSUMPTION, the size is not
+  given here); ``demo``: one small DenseNet shared by all outputs on 48 px crops.
+* ``ordinal``: the alternative, cumulative logits of a 0-3 score per slot ``ordinal`` (N, 2, 3)
+  plus ``not_scorable`` (N, 2).
 """
 
 from __future__ import annotations
@@ -32,7 +24,7 @@ from torch.nn import functional as F
 
 from ...engine.heads import BinaryHead, KeypointsHead, OrdinalHead
 from ...landmarks import LandmarkNet
-from .anatomy import N_POINTS
+from .anatomy import N_POINTS, VIEWS
 from .scoring import CORNER_LESIONS
 
 LESION_OUTPUTS: dict[str, int] = {**{les: 2 for les in CORNER_LESIONS}, "bridging": 1, "not_scorable": 2}
@@ -61,9 +53,11 @@ def crop_architecture(kind: str = "lesions", config: str = "demo", **kw: Any) ->
     return arch
 
 
-def default_architecture(**kw: Any) -> dict[str, Any]:
-    """The landmark model's architecture (the task's first model); see :func:`crop_architecture`."""
-    return landmark_architecture(**kw)
+def refine_architecture(**kw: Any) -> dict[str, Any]:
+    arch = {"kind": "refine", "n_points": 2, "channels": [16, 32, 64], "out_stride": 2, "crop_size": 48,
+            "sigma": 1.0, "side_factor": 1.1}
+    arch.update(kw)
+    return arch
 
 
 def _backbone(arch: dict[str, Any], n_out: int) -> nn.Module:
@@ -112,13 +106,38 @@ class LandmarkModel(nn.Module):
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
-    """Network for a model card's ``architecture`` (kinds: landmarks, lesions, ordinal)."""
+    """Network for a model card's ``architecture`` (kinds: system, landmarks, refine, lesions, ordinal)."""
     kind = arch.get("kind")
-    if kind == "landmarks":
+    if kind == "system":
+        return MsasssSystem(arch)
+    if kind in ("landmarks", "refine"):
         return LandmarkModel(arch)
     if kind in ("lesions", "ordinal"):
         return CropNet(arch)
-    raise ValueError(f"unknown mSASSS model kind {kind!r} (landmarks | lesions | ordinal)")
+    raise ValueError(f"unknown mSASSS model kind {kind!r} (system | landmarks | refine | lesions | ordinal)")
+
+
+class MsasssSystem(nn.Module):
+    """The networks of one checkpoint: ``arch`` = {"kind": "system", "landmarks", "refine", "lesions",
+    "ordinal" (or None), "separate_views"}; with ``separate_views`` a crop model per view."""
+
+    def __init__(self, arch: dict[str, Any]) -> None:
+        super().__init__()
+        self.arch = arch
+        self.landmarks = build_model(arch["landmarks"])
+        self.refine = build_model({**arch["refine"], "kind": "refine"})
+        self.separate_views = bool(arch.get("separate_views", False))
+
+        def crop_model(a: dict[str, Any]) -> nn.Module:
+            return nn.ModuleDict({v: build_model(a) for v in VIEWS}) if self.separate_views else build_model(a)
+
+        self.lesions = crop_model(arch["lesions"])
+        self.ordinal = crop_model(arch["ordinal"]) if arch.get("ordinal") else None
+
+    def crop_net(self, kind: str, view: str) -> nn.Module | None:
+        """The ``lesions`` or ``ordinal`` network of a view (None: no ordinal model)."""
+        net = getattr(self, kind)
+        return net[view] if net is not None and self.separate_views else net
 
 
 @dataclass
@@ -169,7 +188,7 @@ class SlotOrdinalHead(OrdinalHead):
 
 def make_heads(kind: str, arch: dict[str, Any] | None = None) -> dict[str, Any]:
     """Engine heads ({name: Head}) of an mSASSS model kind."""
-    if kind == "landmarks":
+    if kind in ("landmarks", "refine"):
         a = arch or landmark_architecture()
         return {"keypoints": KeypointsHead(name="keypoints", n_points=int(a["n_points"]), sigma=float(a["sigma"]),
                                            stride=int(a["out_stride"]))}

@@ -1,64 +1,87 @@
-"""mSASSS on one study: landmarks -> plausibility -> disc-level crops -> lesions -> corner scores -> total.
+"""mSASSS prediction through the engine's one predictor (:class:`rheumai.engine.predict.Predictor`).
 
-MRML-free. :class:`MsasssSystem` holds the four networks of a checkpoint (coarse landmarks on the
-letterboxed view, corner refinement on disc-level crops, per-lesion classifiers, the ordinal
-alternative). :func:`analyse_view` runs one lateral view; :func:`analyse_study` both views and
-the total; :func:`rescore` re-runs the crops and scores from user-corrected points (pixels, or
-LPS mm through :func:`rescore_lps`), skipping the landmark model.
-
-Points are (x, y) pixels of the radiograph; LPS mm via :func:`rheumai.landmarks.points_to_lps`.
-A corner is "not scorable" (score None, with the reason) when the view's landmarks fail the
-anatomy checks, the corner lies outside the image, the user marked it missing, or the
-classifier's ``not_scorable`` output is 0.5 or more (implant, not visible).
+The task's hooks: ``load_sample`` reads the views of a study ``{"cervical": path | image,
+"lumbar": ...}`` (either may be absent: its 12 corners count as missing); ``forward`` finds the
+21 landmarks per view (coarse heatmaps on the letterboxed view, the corners refined on disc-level
+crops; points given in the sample, when re-scoring, skip both) and runs the crop classifiers;
+``postprocess`` applies the anatomy checks, the corner rule (``None`` = not scorable, with the
+reasons) and the total, and adds the 24 corners in LPS mm. Points are (x, y) pixels of the
+radiograph; LPS mm of its own one-slice image through :func:`rheumai.landmarks.points_to_lps`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from torch import nn
 
-from ...landmarks import points_to_lps, soft_argmax
+from ...engine.predict import Predictor, Prepared
+from ...errors import InputError
+from ...landmarks import lps_to_points, points_to_lps, soft_argmax
+from ...radiograph import Radiograph, radiograph_from_array, read_radiograph
 from .anatomy import VIEWS, check_points, disc_levels, point_names, scored_corners
 from .crops import fit_grid, level_grid, normalise_crop, normalise_image
-from .model import build_model
+from .model import MsasssSystem
 from .scoring import CORNER_LESIONS, SQUARING_NOT_SCORED, score_view, total_score
 
 
-def refine_architecture(**kw: Any) -> dict[str, Any]:
-    arch = {"kind": "refine", "n_points": 2, "channels": [16, 32, 64], "out_stride": 2, "crop_size": 48,
-            "sigma": 1.0, "side_factor": 1.1}
-    arch.update(kw)
-    return arch
+@dataclass
+class MsasssSample:
+    """One study: radiographs per view; for re-scoring, given points (21, 2) and corners marked missing."""
+
+    rads: dict[str, Radiograph]
+    points: dict[str, np.ndarray] = field(default_factory=dict)
+    missing: dict[str, set[str]] = field(default_factory=dict)
+    series_uid: str | None = None
+
+    @property
+    def sources(self) -> dict[str, str]:
+        return {v: r.path for v, r in self.rads.items()}
+
+    @property
+    def source_images(self) -> dict[str, sitk.Image]:
+        return {v: r.image for v, r in self.rads.items()}
 
 
-class MsasssSystem(nn.Module):
-    """The networks of one mSASSS checkpoint; ``arch`` = {"kind": "system", "landmarks": ...,
-    "refine": ..., "lesions": ..., "ordinal": ... | None, "separate_views": bool}. With
-    ``separate_views`` the crop models exist once per view (cervical, lumbar)."""
+def _radiograph(src: Any) -> Radiograph:
+    """A file path, a :class:`Radiograph` or a one-slice SimpleITK image (LPS, bone bright; e.g. a
+    Slicer volume node's image, whose geometry is kept)."""
+    if isinstance(src, Radiograph):
+        return src
+    if isinstance(src, sitk.Image):
+        arr = sitk.GetArrayFromImage(src)
+        sp = src.GetSpacing()
+        rad = radiograph_from_array(arr[0] if arr.ndim == 3 else arr, spacing_mm=(float(sp[1]), float(sp[0])))
+        if src.GetDimension() == 3:
+            rad.image = sitk.Cast(src, sitk.sitkFloat32)
+        return rad
+    return read_radiograph(src)
 
-    def __init__(self, arch: dict[str, Any]) -> None:
-        super().__init__()
-        self.arch = arch
-        self.landmarks = build_model(arch["landmarks"])
-        self.refine = build_model({**arch["refine"], "kind": "landmarks"})
-        self.separate_views = bool(arch.get("separate_views", False))
 
-        def crop_model(a: dict[str, Any]) -> nn.Module:
-            return nn.ModuleDict({v: build_model(a) for v in VIEWS}) if self.separate_views else build_model(a)
+def load_sample(inputs: Mapping[str, Any], card: dict[str, Any] | None = None) -> MsasssSample:
+    unknown = sorted(set(inputs) - set(VIEWS) - {"id", "series_uid"})
+    if unknown:
+        raise InputError(None, f"unknown view(s) {unknown}; an mSASSS study has views {', '.join(VIEWS)}")
+    rads = {v: _radiograph(p) for v, p in inputs.items() if v in VIEWS and p is not None and not
+            (isinstance(p, str) and not p)}
+    if not rads:
+        raise InputError(None, "an mSASSS study needs a lateral cervical and/or a lateral lumbar radiograph")
+    return MsasssSample(rads)
 
-        self.lesions = crop_model(arch["lesions"])
-        self.ordinal = crop_model(arch["ordinal"]) if arch.get("ordinal") else None
 
-    def lesion_net(self, view: str) -> nn.Module:
-        return self.lesions[view] if self.separate_views else self.lesions
-
-    def ordinal_net(self, view: str) -> nn.Module | None:
-        if self.ordinal is None:
-            return None
-        return self.ordinal[view] if self.separate_views else self.ordinal
+def to_tensors(sample: MsasssSample, card: dict[str, Any]) -> dict[str, torch.Tensor]:
+    out = {}
+    for v, r in sample.rads.items():
+        out[v] = torch.from_numpy(np.ascontiguousarray(r.array, np.float32))
+        out[f"{v}_spacing"] = torch.tensor(r.spacing_mm, dtype=torch.float64)
+        if v in sample.points:
+            out[f"{v}_points"] = torch.as_tensor(np.asarray(sample.points[v], np.float64).reshape(21, 2))
+    return out
 
 
 def _run(net: nn.Module, x: np.ndarray) -> dict[str, torch.Tensor]:
@@ -67,181 +90,231 @@ def _run(net: nn.Module, x: np.ndarray) -> dict[str, torch.Tensor]:
         return net(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
 
 
-def locate(system: MsasssSystem, array: np.ndarray, spacing_mm: tuple[float, float], view: str,
-           refine: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The 21 landmarks (x, y) pixels of a view and a confidence per point in [0, 1].
-
-    Coarse: soft-argmax of the landmark heatmaps on the letterboxed view. Refined: the two corners
-    of each disc level re-found on its crop (cut from the coarse points). Confidence: the softmax
-    mass of the coarse heatmap within 2 heatmap pixels of its peak.
-    """
+def locate(system: MsasssSystem, array: np.ndarray, spacing_mm: tuple[float, float], view: str
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The 21 landmarks (x, y) pixels of a view and a confidence per point in [0, 1] (the softmax
+    mass of the coarse heatmap within 2 heatmap pixels of its peak); corners refined per level."""
     la = system.arch["landmarks"]
     grid = fit_grid(array.shape, tuple(la["input_size"]))
-    x = grid.sample(normalise_image(array))[None, None]
-    heat = _run(system.landmarks, x)["keypoints"].float()
-    stride = int(la["out_stride"])
-    pts = grid.to_source(soft_argmax(heat, stride)[0].numpy().astype(float))
+    heat = _run(system.landmarks, grid.sample(normalise_image(array))[None, None])["keypoints"].float()
+    pts = grid.to_source(soft_argmax(heat, int(la["out_stride"]))[0].numpy().astype(float))
     b, k, h, w = heat.shape
     prob = torch.softmax(heat.reshape(k, h * w), -1).reshape(k, h, w)
     peak = prob.reshape(k, -1).argmax(-1)
-    py, px = peak // w, peak % w
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    near = ((yy[None] - py[:, None, None]) ** 2 + (xx[None] - px[:, None, None]) ** 2) <= 4
+    near = ((yy[None] - (peak // w)[:, None, None]) ** 2 + (xx[None] - (peak % w)[:, None, None]) ** 2) <= 4
     conf = (prob * near).sum((1, 2)).numpy()
-    if refine:
-        pts = refine_corners(system, array, spacing_mm, view, pts)
+    ra = system.arch["refine"]
+    size, names = int(ra["crop_size"]), point_names(view)
+    grids = [level_grid(pts, view, i, spacing_mm, size, side_factor=float(ra["side_factor"])) for i in range(6)]
+    crops = np.stack([normalise_crop(g.sample(array)) for g in grids])[:, None]
+    local = soft_argmax(_run(system.refine, crops)["keypoints"].float(), int(ra["out_stride"])).numpy()
+    for g, lvl, xy in zip(grids, disc_levels(view), local.astype(float)):
+        for c, p in zip(lvl.corners, g.to_source(xy)):
+            pts[names.index(c)] = p
     return pts, conf
 
 
-def refine_corners(system: MsasssSystem, array: np.ndarray, spacing_mm: tuple[float, float], view: str,
-                   points_xy: np.ndarray) -> np.ndarray:
-    """The 12 scored corners re-found on their disc-level crops; the other points unchanged."""
-    ra = system.arch["refine"]
-    size, stride = int(ra["crop_size"]), int(ra["out_stride"])
-    names = point_names(view)
-    grids = [level_grid(points_xy, view, i, spacing_mm, size, side_factor=float(ra["side_factor"]))
-             for i in range(len(disc_levels(view)))]
-    crops = np.stack([normalise_crop(g.sample(array)) for g in grids])[:, None]
-    heat = _run(system.refine, crops)["keypoints"].float()
-    local = soft_argmax(heat, stride).numpy().astype(float)  # (6, 2, 2)
-    out = np.array(points_xy, float, copy=True)
-    for g, lvl, xy in zip(grids, disc_levels(view), local):
-        for c, p in zip(lvl.corners, g.to_source(xy)):
-            out[names.index(c)] = p
+def classify_levels(system: MsasssSystem, array: np.ndarray, spacing_mm: tuple[float, float], view: str,
+                    points_xy: np.ndarray) -> dict[str, np.ndarray]:
+    """Per disc level (6): ``lesions`` (6, 4, 2) probabilities (:data:`CORNER_LESIONS` x slot),
+    ``bridging`` (6,), ``scorable`` (6, 2), ``ordinal`` (6, 2) scores 0-3 (-1: no ordinal model)."""
+    def crops(size: int) -> np.ndarray:
+        return np.stack([normalise_crop(level_grid(points_xy, view, i, spacing_mm, size).sample(array))
+                         for i in range(6)])[:, None]
+
+    p = {k: torch.sigmoid(v.float()).numpy() for k, v in
+         _run(system.crop_net("lesions", view), crops(int(system.arch["lesions"]["crop_size"]))).items()}
+    out = {"lesions": np.stack([p[les] for les in CORNER_LESIONS], 1), "bridging": p["bridging"][:, 0],
+           "scorable": 1.0 - p["not_scorable"], "ordinal": np.full((6, 2), -1.0)}
+    if system.ordinal is not None:
+        o = _run(system.crop_net("ordinal", view), crops(int(system.arch["ordinal"]["crop_size"])))
+        out["ordinal"] = (torch.sigmoid(o["ordinal"].float()).numpy() >= 0.5).sum(-1).astype(float)
     return out
 
 
-def classify_levels(system: MsasssSystem, array: np.ndarray, spacing_mm: tuple[float, float], view: str,
-                    points_xy: np.ndarray) -> list[dict[str, Any]]:
-    """Per disc level: lesion probabilities per corner slot, bridging, scorable, ordinal scores."""
-    arch = system.arch["lesions"]
-    size = int(arch["crop_size"])
-    grids = [level_grid(points_xy, view, i, spacing_mm, size) for i in range(len(disc_levels(view)))]
-    crops = np.stack([normalise_crop(g.sample(array)) for g in grids])[:, None]
-    out = {k: torch.sigmoid(v.float()).numpy() for k, v in _run(system.lesion_net(view), crops).items()}
-    out["scorable"] = 1.0 - out.pop("not_scorable")
-    ordinal = None
-    if system.ordinal is not None:
-        if int(system.arch["ordinal"]["crop_size"]) != size:
-            osize = int(system.arch["ordinal"]["crop_size"])
-            crops = np.stack([normalise_crop(level_grid(points_xy, view, i, spacing_mm, osize).sample(array))
-                              for i in range(len(grids))])[:, None]
-        o = _run(system.ordinal_net(view), crops)
-        gt = torch.sigmoid(o["ordinal"].float()).numpy()  # (6, 2, 3): P(score > k)
-        ordinal = {"score": (gt >= 0.5).sum(-1), "expected": gt.sum(-1),
-                   "scorable": 1.0 - torch.sigmoid(o["not_scorable"].float()).numpy()}
-    levels = []
-    for i, lvl in enumerate(disc_levels(view)):
-        d = {"level": lvl.name, "corners": list(lvl.corners),
-             "lesions": {les: out[les][i].tolist() for les in CORNER_LESIONS},
-             "bridging": float(out["bridging"][i, 0]), "scorable": out["scorable"][i].tolist()}
-        if ordinal is not None:
-            d["ordinal"] = {"score": ordinal["score"][i].tolist(), "expected": ordinal["expected"][i].tolist(),
-                            "scorable": ordinal["scorable"][i].tolist()}
-        levels.append(d)
-    return levels
+def forward(model: MsasssSystem, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Raw outputs per view ``points_<view>`` (B, 21, 2), ``confidence_<view>`` (B, 21; NaN for
+    given points) and the arrays of :func:`classify_levels` as ``<key>_<view>``."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for v in VIEWS:
+        for b in range(batch[v].shape[0] if v in batch else 0):
+            arr = batch[v][b].cpu().numpy()
+            sp = tuple(float(s) for s in batch[f"{v}_spacing"][b])
+            if f"{v}_points" in batch:
+                pts, conf = batch[f"{v}_points"][b].cpu().numpy(), np.full(21, np.nan)
+            else:
+                pts, conf = locate(model, arr, sp, v)
+            vals = {"points": pts, "confidence": conf}
+            try:
+                if not np.isfinite(pts).all():
+                    raise ValueError("points missing")
+                vals.update(classify_levels(model, arr, sp, v, pts))
+            except ValueError:  # missing or coincident centres: nothing to crop, the checks flag the view
+                vals.update(lesions=np.zeros((6, 4, 2)), bridging=np.zeros(6), scorable=np.zeros((6, 2)),
+                            ordinal=np.full((6, 2), -1.0))
+            for key, val in vals.items():
+                out.setdefault(f"{key}_{v}", []).append(torch.as_tensor(np.asarray(val, np.float64)))
+    return {k: torch.stack(v) for k, v in out.items()}
 
 
-def score_levels(view: str, levels: list[dict[str, Any]], check: dict[str, Any], missing: set[str] | None = None,
-                 threshold: float = 0.5, squaring_not_scored: frozenset[str] = SQUARING_NOT_SCORED) -> dict[str, Any]:
-    """Corner findings, scores (None = not scorable, with reasons) for the classifier and the ordinal model."""
-    findings: dict[str, dict[str, bool]] = {}
-    bridged: dict[str, bool] = {}
-    scorable: dict[str, bool] = {}
-    reasons: dict[str, list[str]] = {c: [] for c in scored_corners(view)}
-    ordinal_scores: dict[str, int | None] = {}
-    for lv in levels:
-        bridged[lv["level"]] = lv["bridging"] >= threshold
-        for slot, c in enumerate(lv["corners"]):
-            findings[c] = {les: lv["lesions"][les][slot] >= threshold for les in CORNER_LESIONS}
-            if lv["scorable"][slot] < threshold:
-                reasons[c].append(f"not visible or covered (classifier p_scorable {lv['scorable'][slot]:.2f})")
-            if "ordinal" in lv:
-                ordinal_scores[c] = int(lv["ordinal"]["score"][slot])
-    if not check["view_ok"]:
-        for c in reasons:
-            reasons[c].append("implausible landmarks: " + "; ".join(check["view_flags"]))
-    for c, flags in check["corner_flags"].items():
-        reasons[c].extend(flags)
-    for c in missing or ():
-        if c in reasons:
-            reasons[c].append("marked missing")
-    for c in reasons:
-        scorable[c] = not reasons[c]
-    scores = score_view(view, findings, bridged, scorable, squaring_not_scored)
-    ordinal = {c: (v if scorable[c] else None) for c, v in ordinal_scores.items()} if ordinal_scores else None
-    return {"scores": scores, "findings": findings, "bridged": bridged,
-            "not_scorable": {c: r for c, r in reasons.items() if r},
-            "ordinal_scores": ordinal}
-
-
-def analyse_view(system: MsasssSystem, array: np.ndarray, spacing_mm: tuple[float, float], view: str,
-                 points_xy: np.ndarray | None = None, missing: set[str] | None = None,
+def score_levels(view: str, o: Mapping[str, np.ndarray], check: dict[str, Any], missing: set[str] | None = None,
                  threshold: float = 0.5) -> dict[str, Any]:
-    """One lateral view: points (found, or given for re-scoring), anatomy checks, level outputs, scores."""
-    if view not in VIEWS:
-        raise ValueError(f"unknown view {view!r}; views: {', '.join(VIEWS)}")
-    array = np.asarray(array, np.float32)
-    if points_xy is None:
-        pts, conf = locate(system, array, spacing_mm, view)
-    else:
-        pts = np.asarray(points_xy, float).reshape(21, 2)
-        conf = None
-    check = check_points(view, pts, array.shape, spacing_mm, confidence=conf)
-    if np.isfinite(pts).all():
-        try:
-            levels = classify_levels(system, array, spacing_mm, view, pts)
-        except ValueError as exc:  # coincident centres: nothing can be cropped
-            check["view_ok"] = False
-            check["view_flags"].append(str(exc))
-            levels = []
-    else:
-        levels = []
-    if not levels:
-        levels = [{"level": lvl.name, "corners": list(lvl.corners),
-                   "lesions": {les: [0.0, 0.0] for les in CORNER_LESIONS},
-                   "bridging": 0.0, "scorable": [0.0, 0.0]} for lvl in disc_levels(view)]
-    scored = score_levels(view, levels, check, missing, threshold)
-    return {"view": view, "points_xy": pts.tolist(), "point_names": point_names(view),
-            "confidence": None if conf is None else conf.tolist(), "check": check, "levels": levels, **scored}
+    """Per-level dicts, corner findings and scores (None = not scorable, with reasons) of both models."""
+    levels, findings, bridged, ordinal = [], {}, {}, {}
+    reasons: dict[str, list[str]] = {c: [] for c in scored_corners(view)}
+    for i, lvl in enumerate(disc_levels(view)):
+        d = {"level": lvl.name, "corners": list(lvl.corners), "bridging": float(o["bridging"][i]),
+             "lesions": {les: o["lesions"][i, j].tolist() for j, les in enumerate(CORNER_LESIONS)},
+             "scorable": o["scorable"][i].tolist()}
+        bridged[lvl.name] = d["bridging"] >= threshold
+        for slot, c in enumerate(lvl.corners):
+            findings[c] = {les: d["lesions"][les][slot] >= threshold for les in CORNER_LESIONS}
+            if d["scorable"][slot] < threshold:
+                reasons[c].append(f"not visible or covered (classifier p_scorable {d['scorable'][slot]:.2f})")
+            if o["ordinal"][i, slot] >= 0:
+                ordinal[c] = int(o["ordinal"][i, slot])
+        if (o["ordinal"][i] >= 0).all():
+            d["ordinal"] = {"score": [int(s) for s in o["ordinal"][i]]}
+        levels.append(d)
+    for c in reasons:
+        if not check["view_ok"]:
+            reasons[c].append("implausible landmarks: " + "; ".join(check["view_flags"]))
+        reasons[c].extend(check["corner_flags"][c])
+        if c in (missing or ()):
+            reasons[c].append("marked missing")
+    scorable = {c: not r for c, r in reasons.items()}
+    return {"levels": levels, "scores": score_view(view, findings, bridged, scorable, SQUARING_NOT_SCORED),
+            "findings": findings, "bridged": bridged, "not_scorable": {c: r for c, r in reasons.items() if r},
+            "ordinal_scores": {c: (v if scorable[c] else None) for c, v in ordinal.items()} or None}
 
 
-def analyse_study(system: MsasssSystem, views: Mapping[str, tuple[np.ndarray, tuple[float, float]]],
-                  points: Mapping[str, np.ndarray] | None = None, missing: Mapping[str, set[str]] | None = None,
-                  missing_method: str = "segment_mean", threshold: float = 0.5) -> dict[str, Any]:
-    """Both views ({view: (array, spacing_mm)}); a view not given counts as 12 missing corners."""
-    per_view = {}
-    for view, (arr, sp) in views.items():
-        per_view[view] = analyse_view(system, arr, sp, view, None if points is None else points.get(view),
-                                      None if missing is None else missing.get(view), threshold)
-    scores = {v: r["scores"] for v, r in per_view.items()}
-    result: dict[str, Any] = {"views": per_view, "total": total_score(scores, missing_method)}
-    if all(r.get("ordinal_scores") for r in per_view.values()):
-        result["total_ordinal"] = total_score({v: r["ordinal_scores"] for v, r in per_view.items()}, missing_method)
+def view_points_lps(image: sitk.Image, view: Mapping[str, Any]) -> dict[str, Any]:
+    """The 12 scored corners of a view: label, LPS mm, pixels, status ("missing" = not scorable),
+    score and reason (the markups content of :mod:`rheumai_mrml.landmark_scene`)."""
+    names, xy = view["point_names"], np.asarray(view["points_xy"], float)
+    lps = points_to_lps(image, xy)
+    out = []
+    for c in scored_corners(view["view"]):
+        i, score = names.index(c), view["scores"][c]
+        out.append({"label": c, "lps": lps[i].tolist(), "xy": xy[i].tolist(), "status": "missing" if score is None
+                    else "ok", "score": score, "reason": "; ".join(view["not_scorable"].get(c, []))})
+    return {"view": view["view"], "points": out}
+
+
+def corner_table(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per-corner rows: view, level, corner, score (empty = not scorable), probabilities, reason."""
+    rows = []
+    for v, r in result["views"].items():
+        for lv in r["levels"]:
+            for slot, c in enumerate(lv["corners"]):
+                s = r["scores"][c]
+                row = {"view": v, "level": lv["level"], "corner": c, "score": "" if s is None else int(s),
+                       "status": "missing" if s is None else "ok"}
+                row.update({f"p_{k}": round(float(p[slot]), 3) for k, p in lv["lesions"].items()})
+                row["p_bridging"] = round(float(lv["bridging"]), 3)
+                row["p_scorable"] = round(float(lv["scorable"][slot]), 3)
+                if r.get("ordinal_scores"):
+                    o = r["ordinal_scores"][c]
+                    row["ordinal_score"] = "" if o is None else int(o)
+                row["reason"] = "; ".join(r["not_scorable"].get(c, []))
+                rows.append(row)
+    return rows
+
+
+def summary(result: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat totals: total, per-view subtotals, corners scored and missing, the missing-corner rule."""
+    t = result["total"]
+    out = {"total_msasss": "" if t["total"] is None else round(t["total"], 2), "corners_scored": t["n_scored"],
+           "corners_missing": t["n_missing"], "missing_method": t["missing_method"]}
+    for v, d in t["views"].items():
+        out[f"{v}_subtotal"] = "" if d["subtotal"] is None else round(d["subtotal"], 2)
+    return out
+
+
+def postprocess(outputs: Mapping[str, torch.Tensor], card: dict[str, Any], sample: MsasssSample) -> dict[str, Any]:
+    """One study's raw outputs -> per view points, checks, levels, scores; totals, LPS points, the
+    corner table, :func:`summary`, ``label`` (the total) and a one-line ``summary``."""
+    views = {}
+    for v, rad in sample.rads.items():
+        o = {k: outputs[f"{k}_{v}"].numpy() for k in ("points", "confidence", "lesions", "bridging", "scorable",
+                                                      "ordinal")}
+        conf = None if np.isnan(o["confidence"]).all() else o["confidence"]
+        check = check_points(v, o["points"], rad.array.shape, rad.spacing_mm, confidence=conf)
+        views[v] = {"view": v, "points_xy": o["points"].tolist(), "point_names": point_names(v),
+                    "confidence": None if conf is None else conf.tolist(), "check": check,
+                    **score_levels(v, o, check, sample.missing.get(v))}
+    result: dict[str, Any] = {"views": views, "total": total_score({v: r["scores"] for v, r in views.items()})}
+    if all(r["ordinal_scores"] for r in views.values()):
+        result["total_ordinal"] = total_score({v: r["ordinal_scores"] for v, r in views.items()})
+    result["points"] = {v: view_points_lps(sample.rads[v].image, r) for v, r in views.items()}
+    result["corner_table"] = corner_table(result)
+    result.update(summary(result), label=summary(result)["total_msasss"])
+    t = result["total"]
+    total = "not computed (too many corners missing)" if t["total"] is None else f"{t['total']:.1f}"
+    result["summary"] = (f"mSASSS {total}; {t['n_scored']}/24 corners scored (" + ", ".join(
+        f"{v} {'-' if d['subtotal'] is None else round(d['subtotal'], 1)}" for v, d in t["views"].items()) + ")")
     return result
 
 
-def rescore(system: MsasssSystem, views: Mapping[str, tuple[np.ndarray, tuple[float, float]]],
-            points_xy: Mapping[str, np.ndarray], missing: Mapping[str, set[str]] | None = None,
-            missing_method: str = "segment_mean") -> dict[str, Any]:
-    """Scores from corrected points ({view: (21, 2) pixels}); the landmark model is not run."""
-    for view, p in points_xy.items():
-        if np.asarray(p).shape != (21, 2):
-            raise ValueError(f"{view}: expected 21 points (x, y), got shape {np.asarray(p).shape}")
-    return analyse_study(system, views, points_xy, missing, missing_method)
+def predictor(model: str | Path | Predictor) -> Predictor:
+    """The engine's predictor of an mSASSS checkpoint folder (a Predictor passes through)."""
+    pred = model if isinstance(model, Predictor) else Predictor(model)
+    if pred.task.name != "msasss":
+        raise InputError(pred.checkpoint, f"not an mSASSS checkpoint (task {pred.task.name!r})")
+    return pred
 
 
-def view_points_lps(image: Any, result_view: dict[str, Any]) -> dict[str, Any]:
-    """The 24-corner markups content of one view: labels, LPS mm, and the status of each point
-    ("missing" for a corner that is not scorable), for :mod:`rheumai_mrml.landmark_scene`."""
-    names = result_view["point_names"]
-    xy = np.asarray(result_view["points_xy"], float)
-    lps = points_to_lps(image, xy)
-    out = []
-    for c in scored_corners(result_view["view"]):
-        i = names.index(c)
-        score = result_view["scores"][c]
-        out.append({"label": c, "lps": lps[i].tolist(), "xy": xy[i].tolist(),
-                    "status": "missing" if score is None else "ok", "score": score,
-                    "reason": "; ".join(result_view["not_scorable"].get(c, []))})
-    return {"view": result_view["view"], "points": out}
+def predict_study(model: str | Path | Predictor, study: Mapping[str, Any]) -> dict[str, Any]:
+    """Landmarks, corner scores, total and the 24 corner points in LPS of one study (the values of
+    :meth:`Predictor.predict`)."""
+    return predictor(model).predict(study, saliency=None).values
+
+
+def rescore_points(model: str | Path | Predictor, study: Mapping[str, Any],
+                   points: Mapping[str, Mapping[str, Any]], previous: Mapping[str, Any] | None = None,
+                   points_xy: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Re-score from corrected points; the landmark networks are not run.
+
+    points: {view: {label: (x, y, z) LPS mm | None}} for the landmarks moved (any of the 21, e.g.
+    "L3 centre") or, for a scored corner, marked missing (None / NaN: not scored). The other points
+    keep the positions of ``previous`` (a result of :func:`predict_study`; predicted when not
+    given), or of ``points_xy`` ({view: (21, 2) pixels}) when given.
+    """
+    pred = predictor(model)
+    inputs = pred.inputs_of(study)
+    sample = load_sample(inputs)
+    if points_xy is None:
+        previous = previous or pred.predict(study, saliency=None).values
+        points_xy = {v: previous["views"][v]["points_xy"] for v in sample.rads}
+    for v, rad in sample.rads.items():
+        names = point_names(v)
+        pts = np.array(points_xy[v], float).reshape(21, 2)
+        gone: set[str] = set()
+        for label, lps in (points.get(v) or {}).items():
+            if label not in names:
+                raise InputError(None, f"{v}: {label!r} is not a landmark of this view ({', '.join(names)})")
+            if lps is None or not np.isfinite(np.asarray(lps, float)).all():
+                if label not in scored_corners(v):
+                    raise InputError(None, f"{v}: only scored corners can be marked missing, not {label!r}")
+                gone.add(label)
+            else:
+                pts[names.index(label)] = lps_to_points(rad.image, np.asarray(lps, float).reshape(1, 3))[0]
+        sample.points[v], sample.missing[v] = pts, gone
+    prepared = Prepared(key="rescore", name="", inputs=inputs, sample=sample, x=to_tensors(sample, pred.card))
+    res = pred.run([prepared], saliency=None)[0].values
+    res["landmarks_source"] = "corrected"
+    return res
+
+
+def write_scene(out_path: str | Path, result: Mapping[str, Any], study: Mapping[str, Any]) -> Path:
+    """A Slicer scene of a result: per view the radiograph, its 12 corners as a labelled point list
+    (status "missing" where not scorable), the per-corner table and the totals (needs slicer-core)."""
+    from rheumai_mrml.landmark_scene import write_landmark_scene
+
+    rads = load_sample(study).rads
+    table = corner_table(result)
+    return write_landmark_scene(out_path, [
+        {"name": f"{study.get('id') or 'study'} {v}", "image": rad.image, "result": summary(result),
+         "points": result["points"][v]["points"], "rows": [r for r in table if r["view"] == v], "rows_name": "corners"}
+        for v, rad in rads.items()])

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..base import InputSpec, Task
-from . import hooks as H
+from . import predict as P
+from .model import build_model
 
 
 def default_params() -> dict[str, Any]:
@@ -13,25 +14,15 @@ def default_params() -> dict[str, Any]:
             "missing": "segment_mean", "max_missing_per_view": 3}
 
 
-def build_model(arch: dict[str, Any]) -> Any:
-    """The checkpoint's network: the whole system (kind "system") or one of its parts."""
-    from .model import build_model as build_part
-    from .predict import MsasssSystem
-
-    return MsasssSystem(arch) if arch.get("kind") == "system" else build_part(arch)
-
-
 def default_architecture(**kw: Any) -> dict[str, Any]:
-    from .train import TrainConfig, system_architecture
+    from .train import TrainConfig
 
-    arch = system_architecture(TrainConfig())
-    arch.update(kw)
-    return arch
+    return {**TrainConfig().system_architecture(), **kw}
 
 
 def preprocess(study_inputs: Any, params: dict[str, Any] | None = None) -> Any:
     """Study inputs ``{"cervical": path, "lumbar": path}`` -> the sample (radiographs per view)."""
-    return H.load_sample(study_inputs, {"preprocessing": params or default_params()})
+    return P.load_sample(study_inputs)
 
 
 TASK = Task(
@@ -60,16 +51,14 @@ TASK = Task(
              "24 corner points per study as markups point lists (labels 'C2 lower' ..., status 'missing' where "
              "not scorable)"),
     api={"synth": "rheumai.tasks.msasss.synth:make_cohort",
-         "train": "rheumai.tasks.msasss.train:train_system",
+         "train": "rheumai.tasks.msasss.train:train",
          "evaluate": "rheumai.tasks.msasss.evaluate:evaluate",
-         "predict": "rheumai.tasks.msasss.console:predict_study",
-         "result": "rheumai.tasks.msasss.console:predict_study",
-         "rescore": "rheumai.tasks.msasss.console:rescore_points",
-         "rescore_points": "rheumai.tasks.msasss.console:rescore_study",
-         "scene": "rheumai.tasks.msasss.console:write_scene",
+         "predict": "rheumai.api:predict",
+         "rescore_points": "rheumai.tasks.msasss.predict:rescore_points",
+         "scene": "rheumai.tasks.msasss.predict:write_scene",
          "demo": "rheumai.tasks.msasss.demo:run_demo"},
-    load_sample=H.load_sample,
-    to_tensors=H.to_tensors,
-    forward=H.forward,
-    postprocess=H.postprocess,
+    load_sample=P.load_sample,
+    to_tensors=P.to_tensors,
+    forward=P.forward,
+    postprocess=P.postprocess,
 )

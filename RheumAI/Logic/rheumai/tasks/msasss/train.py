@@ -1,106 +1,181 @@
-"""Training the mSASSS system on the shared engine (``rheumai.engine.fit``), one stage at a time.
+"""Training the mSASSS system on the engine (``rheumai.engine.fit``): one ``fit`` per stage.
 
-Stages: (1) coarse landmarks on the letterboxed view; (2) corner refinement on disc-level crops
-cut from jittered true points (jitter of the size of the coarse error); (3) the per-lesion
-classifiers on crops cut from slightly jittered true points, with the paper's imbalance handling
-(:func:`.dataset.imbalance_indices`: negatives reduced to 3 per positive, positives repeated);
-(4) optionally the ordinal 0-3 alternative on the same crops. Vertical flips swap the corner
-labels (:class:`.dataset.LevelCropDataset`). The four networks are saved as one checkpoint
-(:class:`.predict.MsasssSystem`, safetensors + model card naming the task).
-
-With ``arch["shared"] = False`` (the paper's configuration: one DenseNet-121 per lesion) each
-lesion network is fitted on its own with its own balanced index; the demo's shared small
-DenseNet is fitted once with "any finding in the crop" as the positive class.
+Stages, each in its own folder under ``out_dir``: ``landmarks`` (coarse, on the letterboxed view);
+``refine`` (the corners on disc-level crops cut from true points jittered by the size of the
+coarse error, ``refine_jitter`` = (mm, deg, scale)); ``lesions`` (the per-lesion classifiers on
+crops from slightly jittered true points, ``crop_jitter``, with the paper's imbalance handling:
+:func:`.dataset.imbalance_indices`); ``ordinal`` (the 0-3 alternative, ``with_ordinal``). Vertical
+flips swap the corner labels. With ``crop_models = "paper"`` (one DenseNet-121 per lesion) each
+lesion network is fitted on its own balanced index; the ``demo`` crop model (one small DenseNet
+shared by the outputs) once, with "any finding in the crop" as the positive class. The networks
+are saved as one :class:`.model.MsasssSystem` checkpoint (``out_dir/model``). ``configs/msasss.toml``
+holds the defaults; ``[<stage>.arch]`` overrides a stage's architecture.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Subset
 
-from ...checkpoint import save_checkpoint
+from ...atomic import write_json
+from ...checkpoint import find_training_state, save_checkpoint
+from ...config import tomllib
 from ...engine.fit import fit
+from ...errors import InputError
 from .anatomy import VIEWS
-from .dataset import LandmarkDataset, LevelCropDataset, ViewRecord, crop_targets, imbalance_indices
-from .model import CropNet, build_model, crop_architecture, landmark_architecture, make_heads
-from .predict import MsasssSystem, refine_architecture
+from .dataset import LandmarkDataset, LevelCropDataset, ViewRecord, cohort_split, imbalance_indices, load_cohort
+from .model import (CropNet, MsasssSystem, build_model, crop_architecture, landmark_architecture, make_heads,
+                    refine_architecture)
 from .scoring import CORNER_LESIONS, SQUARING_NOT_SCORED
+
+STAGES = ("landmarks", "refine", "lesions", "ordinal")
 
 
 @dataclass
 class StageConfig:
-    """Engine settings of one stage (mapped onto :class:`rheumai.engine.fit.FitConfig`)."""
+    """Engine settings of one stage (:class:`rheumai.engine.fit.FitConfig`) + architecture overrides."""
 
     epochs: int = 8
-    batch_size: int = 16
+    batch_size: int = 32
     lr: float = 3e-3
     scheduler: str = "onecycle"
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
+    arch: dict[str, Any] = field(default_factory=dict)
 
     def fit_config(self, seed: int) -> dict[str, Any]:
-        return {**asdict(self), "seed": seed, "bn_recalibration": "final", "select": "last", "device": "auto"}
+        d = {k: v for k, v in asdict(self).items() if k != "arch"}
+        return {**d, "seed": seed, "bn_recalibration": "final", "select": "last", "device": "auto"}
 
 
 @dataclass
 class TrainConfig:
-    """The whole run; ``config`` "demo" (small networks, CPU minutes) or "paper" (DenseNet-121 per lesion)."""
+    """The whole run (``configs/msasss.toml``); ``split``: train / val / test fractions of the
+    patients when the cohort table has no ``split`` column."""
 
-    config: str = "demo"
+    crop_models: str = "demo"
     seed: int = 0
-    landmarks: StageConfig = field(default_factory=lambda: StageConfig(epochs=8, batch_size=16, lr=3e-3))
-    refine: StageConfig = field(default_factory=lambda: StageConfig(epochs=4, batch_size=32, lr=3e-3))
-    lesions: StageConfig = field(default_factory=lambda: StageConfig(epochs=12, batch_size=32, lr=3e-3))
-    ordinal: StageConfig | None = field(default_factory=lambda: StageConfig(epochs=8, batch_size=32, lr=3e-3))
-    landmark_arch: dict[str, Any] = field(
-        default_factory=lambda: landmark_architecture(channels=[16, 32, 64, 128, 128]))
-    refine_arch: dict[str, Any] = field(default_factory=refine_architecture)
-    refine_jitter: tuple[float, float, float] = (4.0, 10.0, 0.15)
-    crop_jitter: tuple[float, float, float] = (1.0, 5.0, 0.06)
+    manifest: str = ""
+    split: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.3])
+    separate_views: bool = False  # crop models per view (cervical, lumbar) instead of one for both
+    with_ordinal: bool = True
+    landmarks: StageConfig = field(default_factory=lambda: StageConfig(
+        epochs=8, batch_size=16, arch={"channels": [16, 32, 64, 128, 128]}))
+    refine: StageConfig = field(default_factory=lambda: StageConfig(epochs=4))
+    lesions: StageConfig = field(default_factory=lambda: StageConfig(epochs=12))
+    ordinal: StageConfig = field(default_factory=lambda: StageConfig(epochs=8))
+    refine_jitter: list[float] = field(default_factory=lambda: [4.0, 10.0, 0.15])
+    crop_jitter: list[float] = field(default_factory=lambda: [1.0, 5.0, 0.06])
     neg_per_pos: float = 3.0
     pos_repeat: int = 1
     max_pos_weight: float = 10.0
-    show_progress: bool = False  # tqdm bars per stage
-    separate_views: bool = False  # crop models per view (cervical, lumbar) instead of one for both
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def arch(self, stage: str) -> dict[str, Any]:
+        """The architecture of a stage's network: its default with ``[<stage>.arch]`` applied."""
+        default = {"landmarks": landmark_architecture, "refine": refine_architecture}.get(
+            stage, lambda: crop_architecture(stage, self.crop_models))()
+        over = getattr(self, stage).arch
+        bad = sorted(set(over) - set(default) - {"kind"})
+        if bad:
+            raise ValueError(f"unknown key(s) {bad} in [{stage}.arch]; allowed: {sorted(set(default) - {'kind'})}")
+        return {**default, **over, "kind": default["kind"]}
 
+    def system_architecture(self) -> dict[str, Any]:
+        return {"kind": "system", "separate_views": self.separate_views,
+                **{s: self.arch(s) for s in STAGES[:3]}, "ordinal": self.arch("ordinal") if self.with_ordinal else None}
 
-class _Unaugmented(Dataset):
-    """The same samples without augmentation (for the engine's BatchNorm recalibration)."""
-
-    def __init__(self, ds: Any) -> None:
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> Any:
-        aug = self.ds.augment
-        self.ds.augment = False
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: Path | None = None) -> "TrainConfig":
+        allowed = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - allowed)
+        if bad:
+            raise InputError(source, f"unknown key(s) {bad}; allowed: {sorted(allowed)}")
+        kw = dict(d)
         try:
-            return self.ds[i]
-        finally:
-            self.ds.augment = aug
+            for s in set(STAGES) & set(d):
+                if not isinstance(d[s], Mapping):
+                    raise ValueError(f"[{s}] must be a table")
+                unknown = sorted(set(d[s]) - {f.name for f in fields(StageConfig)})
+                if unknown:
+                    raise ValueError(f"unknown key(s) {unknown} in [{s}]")
+                base = getattr(cls(), s)
+                kw[s] = replace(base, **{**d[s], "arch": {**base.arch, **d[s].get("arch", {})}})
+            cfg = cls(**kw)
+            if cfg.crop_models not in ("demo", "paper"):
+                raise ValueError(f"crop_models must be 'demo' or 'paper', not {cfg.crop_models!r}")
+            if len(cfg.split) != 3 or min(cfg.split) < 0 or abs(sum(cfg.split) - 1) > 1e-6:
+                raise ValueError(f"split must be three fractions (train, val, test) summing to 1, not {cfg.split}")
+            cfg.system_architecture()
+        except (TypeError, ValueError) as exc:
+            raise InputError(source, str(exc)) from None
+        return cfg
+
+
+def load_config(config: str | Path | Mapping[str, Any]) -> tuple[TrainConfig, Path | None]:
+    """A TOML file (``task = "msasss"``) or a mapping of the same -> (config, file or None)."""
+    source = None
+    if isinstance(config, (str, Path)):
+        source = Path(config)
+        if not source.is_file():
+            raise InputError(source, "config file not found")
+        try:
+            config = tomllib.loads(source.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(source, f"not valid TOML: {exc}") from None
+    d = dict(config)
+    if d.pop("task", "msasss") != "msasss":
+        raise InputError(source, f"the config is for task {config['task']!r}, not msasss")
+    return TrainConfig.from_dict(d, source), source
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path | None  # None when stopped before the end (continue with resume=True)
+    out_dir: Path
+    stopped: bool = False
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+class _Stopped(Exception):
+    pass
+
+
+@dataclass
+class Run:
+    """What every stage's ``fit`` shares: the config, the output folder and the caller's hooks."""
+
+    cfg: TrainConfig
+    out: Path
+    resume: bool = False
+    progress: Callable[[dict[str, Any]], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    show_progress: bool = False
+
+    def fit(self, stage: str, folder: str, model: nn.Module, train: Any, val: Any, heads: dict[str, Any],
+            **kw: Any) -> nn.Module:
+        out = self.out / folder
+        progress = self.progress
+        res = fit(model, train, val, heads, {**getattr(self.cfg, stage).fit_config(self.cfg.seed), **kw}, out,
+                  progress=None if progress is None else (lambda d: progress({**d, "part": folder})),
+                  should_stop=self.should_stop, resume=self.resume and find_training_state(out / "state") is not None,
+                  show_progress=self.show_progress, desc=folder)
+        if res.stopped:
+            raise _Stopped(folder)
+        return res.model
 
 
 class _Indexed(Subset):
-    """A subset that keeps ``augment`` of the dataset it indexes reachable."""
+    """A subset of the (balanced) indices; the BatchNorm recalibration uses the whole unaugmented set."""
 
-    @property
-    def augment(self) -> bool:
-        return self.dataset.augment
-
-    @augment.setter
-    def augment(self, v: bool) -> None:
-        self.dataset.augment = v
+    def unaugmented(self) -> LevelCropDataset:
+        return self.dataset.unaugmented()
 
 
 class _OneOutput(nn.Module):
@@ -112,151 +187,142 @@ class _OneOutput(nn.Module):
         return {self.name: self.net(x)}
 
 
-def _any_finding(ds: LevelCropDataset) -> np.ndarray:
-    pos = []
-    for k in range(len(ds)):
-        t = ds.targets(k)
-        v = np.concatenate([t[les] for les in (*CORNER_LESIONS, "bridging")])
-        pos.append(bool(np.nansum(v) > 0) or bool((t["not_scorable"] > 0).any()))
-    return np.array(pos)
-
-
-def _positive(ds: LevelCropDataset, name: str) -> np.ndarray:
+def _positive(ds: LevelCropDataset, name: str | None) -> np.ndarray:
+    """Crops positive for lesion ``name``, or (None) with any finding or a corner not scorable."""
     out = []
     for k in range(len(ds)):
         t = ds.targets(k)
-        v = t[name]
-        out.append(bool(np.nansum(v) > 0))
+        if name is not None:
+            out.append(bool(np.nansum(t[name]) > 0))
+        else:
+            v = np.concatenate([t[les] for les in (*CORNER_LESIONS, "bridging")])
+            out.append(bool(np.nansum(v) > 0) or bool((t["not_scorable"] > 0).any()))
     return np.array(out)
 
 
 def _set_pos_weights(heads: dict[str, Any], ds: LevelCropDataset, idx: np.ndarray, cap: float) -> None:
-    """BCE ``pos_weight`` of each binary head = sqrt(negatives / positives) among the sampled crops (capped):
-    the lesion types stay rare inside the balanced "any finding" sample of a shared network."""
+    """BCE ``pos_weight`` of each binary head = sqrt(negatives / positives) among the sampled crops
+    (capped; the full ratio over-calls, measured): lesion types stay rare inside the balanced
+    "any finding" sample of a shared network."""
     counts: dict[str, list[float]] = {}
     for k in idx:
         t = ds.targets(int(k))
-        for name in heads:
-            if name in t and name != "ordinal":
-                v = t[name]
-                counts.setdefault(name, []).extend(v[np.isfinite(v)].tolist())
+        for name in set(heads) & set(t) - {"ordinal"}:
+            counts.setdefault(name, []).extend(t[name][np.isfinite(t[name])].tolist())
     for name, vals in counts.items():
         pos = float(np.sum(vals))
         if pos > 0 and hasattr(heads[name], "pos_weight"):
-            w = np.sqrt((len(vals) - pos) / pos)  # square root: the full ratio over-calls (measured)
-            heads[name].pos_weight = float(np.clip(w, 1.0, cap))
+            heads[name].pos_weight = float(np.clip(np.sqrt((len(vals) - pos) / pos), 1.0, cap))
 
 
-def train_landmarks(train: Sequence[ViewRecord], val: Sequence[ViewRecord], out_dir: Path, cfg: TrainConfig,
-                    progress: Callable[[dict[str, Any]], None] | None = None) -> nn.Module:
-    arch = cfg.landmark_arch
-    shape = tuple(arch["input_size"])
-    model = build_model(arch)
-    res = fit(model, LandmarkDataset(train, shape, augment=True, seed=cfg.seed), LandmarkDataset(val, shape),
-              make_heads("landmarks", arch), cfg.landmarks.fit_config(cfg.seed), out_dir / "landmarks",
-              progress=progress, show_progress=cfg.show_progress, recal_ds=LandmarkDataset(train, shape),
-              desc="landmarks")
-    return res.model
-
-
-def train_refine(train: Sequence[ViewRecord], val: Sequence[ViewRecord], out_dir: Path, cfg: TrainConfig,
-                 progress: Callable[[dict[str, Any]], None] | None = None) -> nn.Module:
-    arch = cfg.refine_arch
-    net_arch = {**arch, "kind": "landmarks"}
-    model = build_model(net_arch)
-    size, side = int(arch["crop_size"]), float(arch["side_factor"])
-
-    class _Refine(LevelCropDataset):
-        def __getitem__(self, k: int) -> dict[str, Any]:
-            s = super().__getitem__(k)
-            s["target"] = {"keypoints": s["target"]["corners"]}
-            return s
-
-    kw = dict(size=size, jitter=cfg.refine_jitter, flip=True, side_factor=side)
-    tr = _Refine(train, augment=True, seed=cfg.seed, **kw)
-    va = _Refine(val, augment=True, seed=cfg.seed + 1, **kw)  # jittered like the coarse points at predict time
-    res = fit(model, tr, va, make_heads("landmarks", {**net_arch}), cfg.refine.fit_config(cfg.seed),
-              out_dir / "refine", progress=progress, show_progress=cfg.show_progress, recal_ds=_Unaugmented(tr),
-              desc="refine")
-    return res.model
-
-
-def train_crop_model(kind: str, train: Sequence[ViewRecord], val: Sequence[ViewRecord], out_dir: Path,
-                     cfg: TrainConfig, arch: dict[str, Any] | None = None,
-                     progress: Callable[[dict[str, Any]], None] | None = None) -> CropNet:
+def train_crop_model(kind: str, train: Sequence[ViewRecord], val: Sequence[ViewRecord], run: Run,
+                     arch: dict[str, Any], folder: str = "") -> CropNet:
     """The lesion classifiers (``kind`` "lesions") or the ordinal alternative ("ordinal")."""
-    arch = arch or crop_architecture(kind, cfg.config)
-    stage = cfg.lesions if kind == "lesions" else cfg.ordinal
-    if stage is None:
-        raise ValueError(f"no stage configuration for {kind}")
-    model = CropNet(arch)
-    heads = make_heads(kind, arch)
+    cfg, folder = run.cfg, folder or kind
+    model, heads = CropNet(arch), make_heads(kind, arch)
     size = int(arch["crop_size"])
-    tr = LevelCropDataset(train, size=size, augment=True, jitter=cfg.crop_jitter, seed=cfg.seed)
+    tr = LevelCropDataset(train, size=size, augment=True, jitter=tuple(cfg.crop_jitter), seed=cfg.seed)
     va = LevelCropDataset(val, size=size)
     rng = np.random.default_rng(cfg.seed)
     if model.shared:
-        idx = imbalance_indices(_any_finding(tr), rng, cfg.neg_per_pos, cfg.pos_repeat)
+        idx = imbalance_indices(_positive(tr, None), rng, cfg.neg_per_pos, cfg.pos_repeat)
         _set_pos_weights(heads, tr, idx, cfg.max_pos_weight)
-        fit(model, _Indexed(tr, idx.tolist()), va, heads, {**stage.fit_config(cfg.seed), "monitor": next(iter(heads))},
-            out_dir / kind, progress=progress, show_progress=cfg.show_progress, recal_ds=_Unaugmented(tr), desc=kind)
+        run.fit(kind, folder, model, _Indexed(tr, idx.tolist()), va, heads, monitor=next(iter(heads)))
         return model
     for name, net in model.nets.items():  # the paper: one classifier per lesion, each balanced on its own
-        one = _OneOutput(name, net)
-        sub = {name: heads[name]} if name in heads else {name: heads["ordinal"]}
-        pos = _positive(tr, name) if name != "ordinal" else _any_finding(tr)
-        idx = imbalance_indices(pos, rng, cfg.neg_per_pos, cfg.pos_repeat)
-        fit(one, _Indexed(tr, idx.tolist()), va, sub, stage.fit_config(cfg.seed), out_dir / f"{kind}_{name}",
-            progress=progress, show_progress=cfg.show_progress, recal_ds=_Unaugmented(tr), desc=f"{kind}:{name}")
+        idx = imbalance_indices(_positive(tr, None if name == "ordinal" else name), rng, cfg.neg_per_pos,
+                                cfg.pos_repeat)
+        run.fit(kind, f"{folder}_{name}", _OneOutput(name, net), _Indexed(tr, idx.tolist()), va,
+                {name: heads[name]})
     return model
 
 
-def system_architecture(cfg: TrainConfig, with_ordinal: bool = True) -> dict[str, Any]:
-    return {"kind": "system", "separate_views": cfg.separate_views, "landmarks": cfg.landmark_arch,
-            "refine": cfg.refine_arch,
-            "lesions": crop_architecture("lesions", cfg.config),
-            "ordinal": crop_architecture("ordinal", cfg.config) if with_ordinal and cfg.ordinal is not None else None}
-
-
-def train_system(train: Sequence[ViewRecord], val: Sequence[ViewRecord], out_dir: str | Path,
-                 cfg: TrainConfig | None = None, progress: Callable[[dict[str, Any]], None] | None = None,
+def train_system(train: Sequence[ViewRecord], val: Sequence[ViewRecord], run: Run,
                  log: Callable[[str], None] | None = None) -> tuple[MsasssSystem, Path]:
-    """Train all stages and save the checkpoint to ``out_dir/model``; returns (system, folder)."""
-    import time
-
-    cfg = cfg or TrainConfig()
-    out = Path(out_dir)
+    """Train every stage and save the checkpoint to ``run.out/model``; returns (system, folder)."""
+    cfg, out = run.cfg, run.out
     torch.manual_seed(cfg.seed)
-    arch = system_architecture(cfg)
+    arch = cfg.system_architecture()
     system = MsasssSystem(arch)
-    timings = {}
+
+    def landmarks() -> nn.Module:
+        a, shape = arch["landmarks"], tuple(arch["landmarks"]["input_size"])
+        return run.fit("landmarks", "landmarks", build_model(a), LandmarkDataset(train, shape, True, cfg.seed),
+                       LandmarkDataset(val, shape), make_heads("landmarks", a))
+
+    def refine() -> nn.Module:
+        a = arch["refine"]
+        kw = dict(size=int(a["crop_size"]), jitter=tuple(cfg.refine_jitter), side_factor=float(a["side_factor"]))
+        # validation crops jittered like the coarse points at predict time
+        tr, va = (_Refine(recs, augment=True, seed=s, **kw) for recs, s in ((train, cfg.seed), (val, cfg.seed + 1)))
+        return run.fit("refine", "refine", build_model(a), tr, va, make_heads("refine", a))
+
     def crops(kind: str) -> nn.Module:
         if not cfg.separate_views:
-            return train_crop_model(kind, train, val, out, cfg, arch[kind], progress)
+            return train_crop_model(kind, train, val, run, arch[kind])
         return nn.ModuleDict({v: train_crop_model(kind, [r for r in train if r.view == v],
-                                                  [r for r in val if r.view == v], out / v, cfg, arch[kind], progress)
+                                                  [r for r in val if r.view == v], run, arch[kind], f"{v}/{kind}")
                               for v in VIEWS})
 
-    for name, fn in (("landmarks", lambda: train_landmarks(train, val, out, cfg, progress)),
-                     ("refine", lambda: train_refine(train, val, out, cfg, progress)),
-                     ("lesions", lambda: crops("lesions")),
+    timings = {}
+    for name, fn in (("landmarks", landmarks), ("refine", refine), ("lesions", lambda: crops("lesions")),
                      ("ordinal", lambda: crops("ordinal"))):
-        if name == "ordinal" and arch["ordinal"] is None:
+        if arch[name] is None:
             continue
         t = time.perf_counter()
-        trained = fn()
+        getattr(system, name).load_state_dict(fn().state_dict())
         timings[name] = round(time.perf_counter() - t, 1)
-        getattr(system, name).load_state_dict(trained.state_dict())
         if log:
             log(f"  {name}: trained in {timings[name]:.0f} s")
     system.eval()
     card = {"task": "msasss", "architecture": arch, "heads": {"landmarks": "keypoints", "lesions": "binary per lesion",
                                                               "ordinal": "ordinal 0-3 per corner"},
             "preprocessing": {"input_size": arch["landmarks"]["input_size"], "normalise": "percentile 1-99",
-                              "crop": "disc level, side 0.9 x centre distance, 48 px, z-score"},
+                              "crop": "disc level, side 0.9 x centre distance, z-score"},
             "threshold": 0.5, "threshold_rule": "fixed:0.5",
             "scoring": {"squaring_not_scored": sorted(SQUARING_NOT_SCORED), "missing": "segment_mean, <= 3 per view"},
-            "training_data": {"views": len(train), "val_views": len(val)}, "train_config": cfg.to_dict(),
+            "training_data": {"views": len(train), "val_views": len(val)}, "train_config": asdict(cfg),
             "timings_s": timings}
-    folder = save_checkpoint(out / "model", system, card)
-    return system, folder
+    return system, save_checkpoint(out / "model", system, card)
+
+
+class _Refine(LevelCropDataset):
+    """Disc-level crops with the two corners as the keypoints target."""
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        s = super().__getitem__(k)
+        s["target"] = {"keypoints": s["target"]["corners"]}
+        return s
+
+    def unaugmented(self) -> "_Refine":
+        return _Refine(self.records, self.index, self.size, flip=self.flip, side_factor=self.side_factor)
+
+
+def train(config: str | Path | Mapping[str, Any], manifest: str | Path | None, out_dir: str | Path, *,
+          resume: bool = False, progress: Callable[[dict[str, Any]], None] | None = None,
+          should_stop: Callable[[], bool] | None = None, show_progress: bool = True,
+          log: Callable[[str], None] | None = None) -> TrainResult:
+    """Config (``configs/msasss.toml`` or a mapping) + cohort table (``studies.csv`` with
+    ``labels.csv`` beside it; None: the config's ``manifest``, relative to the config file) ->
+    checkpoint ``out_dir/model``. The split is the table's ``split`` column or the config's
+    seeded ``split`` fractions (``out_dir/split.json``); training uses train and val patients."""
+    cfg, source = load_config(config)
+    if manifest is None:
+        if not cfg.manifest:
+            raise InputError(source, "no cohort table: pass one or set manifest in the config")
+        manifest = Path(cfg.manifest) if source is None else source.parent / cfg.manifest
+    records = load_cohort(manifest)
+    split = cohort_split(records, cfg.split, cfg.seed)
+    train_recs, val_recs = ([r for r in records if split[r.patient_id] == s] for s in ("train", "val"))
+    if not train_recs:
+        raise InputError(manifest, "no training patients")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "split.json", split)
+    run = Run(cfg, out, resume, progress, should_stop, show_progress)
+    t = time.perf_counter()
+    try:
+        _, folder = train_system(train_recs, val_recs, run, log)
+    except _Stopped:
+        return TrainResult(None, out, stopped=True)
+    return TrainResult(folder, out, timings_s={"train": round(time.perf_counter() - t, 1)})
