@@ -1,32 +1,27 @@
 """Write a SimpleITK volume as a DICOM MR series (one file per slice), geometry preserved.
 
-Hand-written with pydicom because the archive tools of :mod:`rheumai.dataset.archive_tools` copy an
-existing DICOM series (their headers and pixels) while the generator creates new pixels and
-geometry; SimpleITK's own DICOM writer needs every tag passed as strings and cannot write the
-per-series MR tags in a form the archive indexer reads reliably.
-
-Geometry: the image's direction columns give ImageOrientationPatient (i = row direction along a
-row, j = column direction down the rows), the slice normal is i x j and must equal the k direction
-(right-handed grid), ImagePositionPatient of slice k is the LPS position (mm) of voxel (0, 0, k).
-Pixels are stored unsigned 16 bit with RescaleSlope 1 / RescaleIntercept 0, so the stored value is
-the image value (rounded, clipped to 0..65535). Reading the folder back with SimpleITK's
-ImageSeriesReader gives the same origin, spacing, direction and values.
+pydicom, because the generator makes new pixels and geometry (:mod:`rheumai.dataset.archive_tools`
+copies existing series) and SimpleITK's writer cannot write the MR tags the archive indexer reads.
+ImageOrientationPatient comes from the direction's i and j columns, the slice normal i x j must be
+the k direction, ImagePositionPatient of slice k is voxel (0, 0, k) in LPS mm; pixels are uint16
+with slope 1 / intercept 0, so SimpleITK's ImageSeriesReader reads back the same image.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
 from ...atomic import atomic_path
+from ...dataset.archive_tools import uid as deterministic_uid
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -37,11 +32,6 @@ SEQUENCE_TAGS: dict[str, dict[str, object]] = {
     "T1": {"EchoTime": 10.0, "RepetitionTime": 500.0, "ScanningSequence": "SE",
            "SequenceVariant": ["SK", "SP"], "SequenceName": "*tse2d1_3"},
 }
-
-
-def deterministic_uid(*parts: object) -> str:
-    """A DICOM UID derived from ``parts`` (same parts -> same UID; pydicom's root, hashed entropy)."""
-    return generate_uid(entropy_srcs=[str(p) for p in parts])
 
 
 def _ds(x: float) -> DSfloat:
@@ -69,7 +59,6 @@ class SeriesHeader:
     institution: str = ""
     body_part: str = "CSPINE"
     field_strength_t: float = 1.5
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def _base_dataset(h: SeriesHeader) -> Dataset:
@@ -115,13 +104,10 @@ def _base_dataset(h: SeriesHeader) -> Dataset:
     ds.RescaleIntercept = _ds(0.0)
     ds.RescaleSlope = _ds(1.0)
     ds.RescaleType = "US"
-    for k, v in h.extra.items():
-        setattr(ds, k, v)
     return ds
 
 
-def write_series(image: sitk.Image, folder: str | Path, header: SeriesHeader,
-                 file_pattern: str = "IM{index:04d}.dcm") -> list[Path]:
+def write_series(image: sitk.Image, folder: str | Path, header: SeriesHeader) -> list[Path]:
     """Write ``image`` (3D, LPS, values 0..65535 after rounding) as one DICOM file per k slice.
 
     Returns the written paths (InstanceNumber 1..n along k). Raises ValueError on a 2D image or a
@@ -164,7 +150,7 @@ def write_series(image: sitk.Image, folder: str | Path, header: SeriesHeader,
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
         ds.file_meta = meta
-        path = folder / file_pattern.format(index=k + 1)
+        path = folder / f"IM{k + 1:04d}.dcm"
         with atomic_path(path) as tmp:
             ds.save_as(tmp, enforce_file_format=True)
         paths.append(path)

@@ -1,27 +1,14 @@
-"""Planted craniocervical lesions: T2-hyperintense retro-axial pannus and axis (C2) erosion.
+"""Planted craniocervical lesions: T2-bright retro-axial pannus and axis (C2) erosion, in the
+template's LPS space (mm) before the per-subject deformation (:mod:`.synth` warps image and mask together).
 
-Everything here works in the *template's* LPS physical space (mm), on the real cervical T2 of
-``Testing/Data/cervical_t2_sag/t2.nii.gz``, before the per-subject deformation; the subject's image
-and its truth mask are then warped together by the same transform (see :mod:`.cervical`).
-
-Landmarks of the template (found by eye on mid-sagittal PNGs, x = 6.2 mm, and by intensity profiles
-along y at several heights; see the numbers below):
-
-* The template's superior edge is z = 45.7 mm. The C3 and C5 point labels of
-  ``Testing/Data/sct_t2_crop/labels.nii.gz`` (same subject, same physical space) lie at
-  z = 24.7 and z = -10.3 mm (x = 6.2, y = -0.8: in the cord). T2-bright intervertebral discs lie at
-  z ~ 33, 15, -3 and -22 mm, so C3 is the body between z 15 and 33 and the body above the
-  z ~ 33 disc is the axis (C2). Its upper part, up to the field-of-view edge at 45.7 mm, is the
-  highest bone in the volume: the dens tip, the atlas and the clivus lie some 25-30 mm above the
-  acquired field of view. The planted lesions therefore sit at the highest reachable part of the
-  craniocervical region, around the upper C2 body (the base of the dens), with the same relations
-  as in the paper's findings: pannus *behind* the axis, between its posterior wall and the
-  thecal sac / cord, and erosion of the axis' posterior-superior bone.
-* Midline (LR): the anterior CSF and the cord are centred at x = 6.0-6.8 mm over z 20-44 mm
-  (intensity-weighted centre of the bright CSF across x); volume centre x = 6.7 mm.
-* At z = 40 mm on the midline: C2 body marrow y = -27 .. -12 (T2 ~ 130-170), posterior cortex
-  y ~ -10 (dark), anterior CSF y = -8 .. -6 (~550-950), cord y = -4 .. +2 (~250-280), posterior
-  CSF y ~ +4 (~950).
+Template landmarks (mid-sagittal PNGs at x = 6.2 mm and intensity profiles along y): the field of
+view ends at z = 45.7 mm; ``Testing/Data/sct_t2_crop/labels.nii.gz`` (same subject and space) puts
+C3 at z = 24.7 and C5 at -10.3 mm; T2-bright discs lie at z ~ 33, 15, -3, -22 mm, so the body above
+the z ~ 33 disc is the axis, whose upper part is the highest bone in the volume (dens tip, atlas and
+clivus lie 25-30 mm above it). The lesions sit there with the paper's relations: pannus between the
+axis' posterior wall and the thecal sac, erosion of its posterior-superior bone. Midline: CSF and
+cord centred at x = 6.0-6.8 mm. At z = 40 mm: C2 marrow y = -27 .. -12, posterior cortex y ~ -10,
+anterior CSF y = -8 .. -6, cord y = -4 .. +2, posterior CSF y ~ +4.
 """
 
 from __future__ import annotations
@@ -32,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-# --- template landmarks (LPS mm), see the module docstring for how they were found ---------------
+# template landmarks (LPS mm), see the module docstring
 TEMPLATE_MIDLINE_X = 6.5
 TEMPLATE_TOP_Z = 45.7
 C2_C3_DISC_Z = 33.0

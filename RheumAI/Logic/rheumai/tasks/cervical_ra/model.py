@@ -1,16 +1,10 @@
-"""Networks built from a model card's ``architecture`` dict.
+"""Cervical RA networks from a model card's ``architecture`` dict: input (N, C, H, W) = C sagittal
+slices (right -> left), H superior -> inferior, W anterior -> posterior; one logit (deformity).
 
-Cervical RA task, input (N, C, H, W): C sagittal slices (patient right -> left), H superior ->
-inferior, W anterior -> posterior; one logit out (sigmoid -> probability of deformity).
-
-Families (``architecture["family"]``):
-
-``resnet``           the paper's design: MONAI ResNet (``spatial_dims=2``), the C slices are the
-                     channels of one 2D image. Cannot say which slice holds the evidence.
-``slice_attention``  a shared 2D MONAI ResNet encoder applied to every slice on its own, then
-                     gated attention pooling over the slices (Ilse et al., ICML 2018) and one
-                     linear layer. The attention weights (one per slice, summing to 1) say which
-                     slice carried the decision; Grad-CAM at ``encoder.layer4`` is per slice.
+``family`` ``resnet``: the paper's design, the slices are the channels of one 2D MONAI ResNet (it
+cannot say which slice holds the evidence). ``slice_attention``: one shared 2D ResNet encoder per
+slice, gated attention pooling over the slices (Ilse et al., ICML 2018) and a linear layer; the
+attention weights say which slice carried the decision, Grad-CAM at ``encoder.layer4`` is per slice.
 """
 
 from __future__ import annotations
@@ -19,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ...engine.networks import RESNET_DEPTHS, resnet2d
+from ...engine.networks import resnet2d
 
 FAMILIES = ("resnet", "slice_attention")
 
@@ -81,8 +75,6 @@ def build_model(architecture: dict[str, Any]) -> torch.nn.Module:
     if family not in FAMILIES:
         raise ValueError(f"architecture family {family!r} not supported; choose one of {FAMILIES}")
     depth = int(architecture.get("depth", 101))
-    if depth not in RESNET_DEPTHS:
-        raise ValueError(f"ResNet depth {depth} not available; choose one of {RESNET_DEPTHS}")
     if int(architecture.get("spatial_dims", 2)) != 2:
         raise ValueError("only 2D networks (spatial_dims=2) are supported")
     in_ch, stride = int(architecture.get("in_channels", 6)), int(architecture.get("conv1_t_stride", 2))

@@ -1,20 +1,14 @@
-"""Slice selection: the paper's 6 x 512 x 512 input, and the way back to the source.
+"""Slice selection: the paper's 6 x 512 x 512 input (six middle sagittal slices at 1 mm), and the way back.
 
-Lebouille-Veldman et al. resample the sagittal T2 to 1 mm isotropic and take the six middle
-sagittal slices, 512 x 512 in-plane. We compute exactly those grid points and nothing else: the
-selection grid is built in the sagittal frame (see :mod:`rheumai.geometry`) around the volume
-centre (or an override), and only the part of it that overlaps the source is resampled
-(SimpleITK, linear by default). ``select_slices_full_resample`` is the literal
-"resample everything, then pick" reference; the benchmark and the tests show both agree.
-
-Array convention: (C, H, W) = (slices right -> left, rows superior -> inferior,
-columns anterior -> posterior). Pad value: grid points outside the source's field of view are 0
-after normalisation (``mask`` marks the points inside).
+Only the selection grid's points are sampled (sagittal frame, :mod:`rheumai.geometry`, centred on
+the volume or an override; SimpleITK, linear by default), over the part overlapping the source;
+:func:`select_slices_full_resample` is the literal "resample everything, then pick" reference.
+Arrays (C, H, W) = (slices right -> left, rows superior -> inferior, columns anterior -> posterior);
+points outside the source's field of view are 0 after normalisation (``mask`` marks those inside).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -84,10 +78,6 @@ class SliceParams:
     def from_dict(cls, d: dict[str, Any]) -> "SliceParams":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
-
-    def digest(self) -> str:
-        """Stable hash of the parameters (for caches)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -1,30 +1,16 @@
 """Generated cervical RA cohort with known truth, made from the real cervical T2 of the repository.
 
-Per subject (template: ``Testing/Data/cervical_t2_sag/t2.nii.gz``, 1 mm, LPS):
+Per subject (template ``Testing/Data/cervical_t2_sag/t2.nii.gz``, 1 mm, LPS): a lesion planted in
+template space (:mod:`.lesions`; it sits at the upper axis, the highest craniocervical part the
+template holds); a rigid jitter + B-spline deformation mapping the subject grid into the template,
+applied to image and soft mask alike (the mask stays truthful); a random standard sagittal DICOM
+grid (AP 200-250 mm, SI 150-180 mm, 36-44 slices of 1 mm, in-plane 0.90-1.10 mm); gain, gamma,
+smooth bias and Rician noise, stored as unsigned 16 bit.
 
-1. positives (and "intermediate" / baseline-deformity subjects) get a planted lesion in template
-   space (:mod:`.lesions`: retro-axial T2-bright pannus with mass effect and/or axis erosion);
-2. a random smooth deformation (B-spline, control points every ~50-65 mm, ``deform_mm`` std) and a
-   small rigid jitter (flexion +-4 deg, other rotations +-3 deg, shifts +-4 mm AP, +-2.5 mm SI, +-1 mm LR) map
-   the subject's grid into the template; image and soft lesion mask are resampled through the very
-   same (dense) transform, so the mask stays truthful;
-3. the subject grid is a standard sagittal DICOM grid (rows anterior -> posterior along a row,
-   superior -> inferior down the rows, slices left -> right; direction columns (0,1,0), (0,0,-1),
-   (-1,0,0)) with a random field of view (AP 200-250 mm, SI 150-180 mm, 36-44 slices of 1 mm,
-   in-plane 0.90-1.10 mm, left-right slab centre +-1.5 mm off the midline), always holding the
-   craniocervical region at its top;
-4. intensity: gain, gamma, smooth multiplicative bias (2nd-order polynomial in the log domain) and
-   Rician noise; stored as unsigned 16 bit.
-
-The template's field of view ends ~13 mm above the C2/C3 disc (see :mod:`.lesions`), so the
-lesion sits at the upper axis, the highest part of the craniocervical region the real image holds.
-
-Cohort: exact counts per role (rounded rates): ``intermediate`` (small lesion, outcome
-"intermediate"), ``baseline_deformity`` (lesion, outcome yes, deformity at baseline),
-``short_followup`` (follow-up < 1000 days, outcome drawn at the prevalence), and ``included``
-(the rest), among which round(prevalence * n_included) are positives. Deterministic: everything
-a subject needs is drawn from ``numpy.random.default_rng([seed, subject_index])``, the cohort plan
-from ``default_rng([seed])``, UIDs are hashes of (seed, patient, series).
+Cohort roles in exact (rounded) counts: ``intermediate``, ``baseline_deformity``,
+``short_followup`` (< 1000 days) and ``included``, of which round(prevalence * n_included) are
+positive. Deterministic: a subject draws from ``default_rng([seed, index])``, the plan from
+``default_rng([seed])``; UIDs hash (seed, patient, series).
 """
 
 from __future__ import annotations
@@ -61,15 +47,11 @@ ROLES = ("included", "intermediate", "baseline_deformity", "short_followup")
 
 @dataclass(frozen=True)
 class CohortParams:
-    """All knobs of the generator (rates are fractions of ``n_subjects``, rounded to counts).
+    """All knobs of the generator (rates: fractions of ``n_subjects``, rounded to counts).
 
-    lesion_mix: probabilities of (pannus, pannus + erosion, erosion) for a positive.
-    deform_mm: std of the B-spline control-point displacements (AP/SI; LR gets 40 %).
-    noise: (low, high) Rician noise std as a fraction of the template's 99th percentile.
-    lesion_scale: multiplies the lesion semi-axes; pannus_level: (low, high) pannus signal as a
-    fraction of the CSF signal (see :func:`.lesions.sample_lesions`).
-    p_followup_series: share of patients whose follow-up study holds a small T2 SAG series.
-    p_axial_distractor: share of baseline studies that also hold a T2 axial series.
+    lesion_mix: weights of (pannus, pannus + erosion, erosion) for a positive; deform_mm: std of the
+    B-spline displacements (LR gets 40 %); noise: Rician std range as a fraction of the template's
+    99th percentile; lesion_scale, pannus_level: see :func:`.lesions.sample_lesions`.
     """
 
     n_subjects: int = 60
@@ -185,9 +167,6 @@ class CohortInfo:
                 f"labels {self.labels_csv}, truth {self.truth_csv}")
 
 
-# --------------------------------------------------------------------------------------------
-# Cohort plan
-
 
 def _counts(n: int, params: CohortParams) -> dict[str, int]:
     c = {
@@ -253,9 +232,6 @@ def plan_cohort(params: CohortParams) -> list[SubjectPlan]:
         ))
     return plans
 
-
-# --------------------------------------------------------------------------------------------
-# Images
 
 
 @dataclass
@@ -434,9 +410,6 @@ def synthesize_subject(template: Template, plan: SubjectPlan, params: CohortPara
     return SubjectVolumes(plan, t2, mask, lesions, t1, t2_ax, t2_fu)
 
 
-# --------------------------------------------------------------------------------------------
-# Writing
-
 
 def mask_truth(mask: sitk.Image) -> dict:
     """Centre (LPS mm, mean of the mask's voxel centres) and volume (mm^3) of a binary mask."""
@@ -524,44 +497,41 @@ def label_row(plan: SubjectPlan) -> dict:
 
 
 def _generate_chunk(template_path: str | Path | None, plans: list[SubjectPlan], params: CohortParams,
-                    out_dir: Path) -> dict[str, list[dict]]:
-    """Worker: synthesise and write ``plans``; returns {patient_id: template-space lesion specs}."""
+                    out_dir: Path) -> int:
+    """Synthesise and write ``plans`` (a worker's share); returns how many."""
     template = load_template(template_path)
-    done = {}
     for plan in plans:
-        vols = synthesize_subject(template, plan, params)
-        write_subject(vols, out_dir, params.seed)
-        done[plan.patient_id] = [les.to_dict() for les in vols.lesions]
-    return done
+        write_subject(synthesize_subject(template, plan, params), out_dir, params.seed)
+    return len(plans)
 
 
-def _generate_parallel(template_path: str | Path | None, todo: list[SubjectPlan], params: CohortParams,
-                       out_dir: Path, workers: int, progress: bool,
-                       should_stop: Callable[[], bool] | None) -> dict[str, list[dict]]:
-    """Subjects in ``workers`` spawned processes, in chunks of a few subjects (same files as serial:
-    every subject is a pure function of (seed, index))."""
+def _generate(template_path: str | Path | None, todo: list[SubjectPlan], params: CohortParams, out_dir: Path,
+              workers: int, progress: bool, should_stop: Callable[[], bool] | None) -> None:
+    """Write the ``todo`` subjects, in chunks of a few subjects, in ``workers`` spawned processes when
+    > 1 (the same files: every subject is a pure function of (seed, index))."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     from tqdm import tqdm
 
-    size = max(1, min(8, -(-len(todo) // (workers * 3))))
+    size = 1 if workers <= 1 else max(1, min(8, -(-len(todo) // (workers * 3))))
     chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
-    done: dict[str, list[dict]] = {}
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex, \
-            tqdm(total=len(todo), desc="synth cohort", unit="subject", disable=not progress) as bar:
-        pending = {ex.submit(_generate_chunk, template_path, c, params, out_dir) for c in chunks}
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for f in finished:
-                part = f.result()
-                done.update(part)
-                bar.update(len(part))
-            if should_stop is not None and should_stop():
-                for f in pending:
-                    f.cancel()
-                raise KeyboardInterrupt
-    return done
+    with tqdm(total=len(todo), desc="synth cohort", unit="subject", disable=not progress) as bar:
+        if workers <= 1:
+            for c in chunks:
+                if should_stop is not None and should_stop():
+                    raise KeyboardInterrupt
+                bar.update(_generate_chunk(template_path, c, params, out_dir))
+            return
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+            pending = {ex.submit(_generate_chunk, template_path, c, params, out_dir) for c in chunks}
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                bar.update(sum(f.result() for f in finished))
+                if should_stop is not None and should_stop():
+                    for f in pending:
+                        f.cancel()
+                    raise KeyboardInterrupt
 
 
 def generate_cohort(out_dir: str | Path, n: int = 60, prevalence: float = 0.15, seed: int = 0,
@@ -570,18 +540,14 @@ def generate_cohort(out_dir: str | Path, n: int = 60, prevalence: float = 0.15, 
                     **options) -> CohortInfo:
     """Generate the cohort into ``out_dir`` (resumable) and return what was written.
 
-    ``workers`` > 1 synthesises subjects in that many processes (identical files); ``preview``: PNGs
-    of the first N subjects with a lesion in ``preview/`` (:func:`save_cohort_subject_png`).
-
     Writes ``dicom/<patient>/ST1|ST2/SE<n>/IM<nnnn>.dcm``, ``labels.csv`` (the label sheet),
-    ``masks/<patient>.nii.gz`` (uint8 lesion mask in the baseline T2 SAG geometry, empty for
-    subjects without a lesion), ``truth.csv`` / ``truth.json`` (per-patient truth; the JSON also
-    holds the template-space lesion specs) and ``cohort.json`` (parameters). ``options`` are the
-    other :class:`CohortParams` fields. A subject whose mask exists is not generated again; a
-    different parameter set in an existing ``cohort.json`` is an error.
+    ``masks/<patient>.nii.gz`` (uint8 lesion mask on the baseline T2 SAG grid, empty without a
+    lesion), ``truth.csv`` / ``truth.json`` (per-patient truth; the JSON adds the template-space
+    lesion specs) and ``cohort.json`` (parameters). ``options``: the other :class:`CohortParams`
+    fields. A subject whose mask exists is kept; other parameters in an existing ``cohort.json``
+    are an error. ``workers`` > 1: that many processes (identical files); ``preview``: PNGs of the
+    first N subjects with a lesion in ``preview/`` (:func:`save_cohort_subject_png`).
     """
-    from tqdm import tqdm
-
     params = CohortParams(n_subjects=n, prevalence=prevalence, seed=seed, **options)
     out = Path(out_dir)
     template = load_template(template_path)
@@ -599,26 +565,13 @@ def generate_cohort(out_dir: str | Path, n: int = 60, prevalence: float = 0.15, 
     out.mkdir(parents=True, exist_ok=True)
     write_json(cfile, record)
     plans = plan_cohort(params)
-    made: dict[str, list[dict]] = {}
     todo = [p for p in plans if not (out / "masks" / f"{p.patient_id}.nii.gz").exists()]
-    if workers > 1 and len(todo) > 1:
-        made = _generate_parallel(template_path, todo, params, out, workers, progress, should_stop)
+    _generate(template_path, todo, params, out, workers, progress, should_stop)
     truth, details = [], []
-    for plan in tqdm(plans, desc="synth cohort", unit="subject", disable=not progress or bool(made)):
-        if should_stop is not None and should_stop():
-            raise KeyboardInterrupt
-        mpath = out / "masks" / f"{plan.patient_id}.nii.gz"
-        lesions: list[dict] | None = made.get(plan.patient_id)
-        if mpath.exists():
-            mask = sitk.ReadImage(str(mpath))
-        else:
-            vols = synthesize_subject(template, plan, params)
-            write_subject(vols, out, seed)
-            mask = vols.mask
-            lesions = [les.to_dict() for les in vols.lesions]
-        if lesions is None:  # resumed: the specs are a pure function of the seed; redraw them
-            rng = np.random.default_rng([params.seed, plan.index])
-            lesions = [les.to_dict() for les in _lesions(rng, plan, params)]
+    for plan in plans:
+        mask = sitk.ReadImage(str(out / "masks" / f"{plan.patient_id}.nii.gz"))
+        # the lesion specs are the subject's first draws: a pure function of (seed, index)
+        lesions = [les.to_dict() for les in _lesions(np.random.default_rng([seed, plan.index]), plan, params)]
         row = {"patient_id": plan.patient_id, "label": "" if plan.label is None else plan.label,
                "outcome": plan.outcome, "role": plan.role,
                "lesion_type": "+".join(plan.lesion_kinds) if plan.lesion_kinds else "none",
@@ -637,22 +590,6 @@ def generate_cohort(out_dir: str | Path, n: int = 60, prevalence: float = 0.15, 
 def subject_series_dir(out_dir: str | Path, patient_id: str) -> Path:
     """Folder of a generated patient's baseline sagittal T2 series."""
     return Path(out_dir) / "dicom" / patient_id / "ST1" / "SE2"
-
-
-def lesion_slab_coverage(mask: sitk.Image, n_slices: int = 6, spacing_mm: float = 1.0) -> list[int]:
-    """Mask voxel counts in the ``n_slices`` sagittal planes around the volume centre (LR).
-
-    The planes are those of the paper's input (``spacing_mm`` apart, centred on the volume centre
-    in LPS x); each count is the number of mask voxels of the nearest k slice.
-    """
-    arr = sitk.GetArrayViewFromImage(mask)
-    centre = mask.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in mask.GetSize()])
-    out = []
-    for c in range(n_slices):
-        x = centre[0] + (c - (n_slices - 1) / 2) * spacing_mm
-        k = int(round(mask.TransformPhysicalPointToContinuousIndex((x, centre[1], centre[2]))[2]))
-        out.append(int(arr[k].sum()) if 0 <= k < arr.shape[0] else 0)
-    return out
 
 
 def mid_sagittal(image: sitk.Image, n_slices: int = 6, spacing_mm: float = 1.0, size_mm: float | None = None,
