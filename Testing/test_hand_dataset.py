@@ -13,7 +13,7 @@ from rheumai.tasks.hand_svdh.dataset import (IGNORE, HandDataset, HandParams, Jo
                                              WholeHandDataset, crops, load_cohort, prepare)
 from rheumai.tasks.hand_svdh.scoring import EROSION_MASK, JOINT_NAMES, JSN_MASK
 from rheumai.tasks.hand_svdh.synth import make_cohort
-from rheumai.tasks.hand_svdh.train import split_ids
+from rheumai.tasks.hand_svdh.train import split_cases
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,9 @@ def test_load_cohort_truth_in_canonical_frame(cohort):
     assert js.unaugmented()._crops.shape == before.shape
     h = HandDataset(cases)[0]
     assert set(h["input"]) == {"small", "hires", "hspacing"} and h["target"]["landmarks"].shape == (22, 2)
-    split = split_ids(cases, {"train": 0.5, "test": 0.5}, seed=0)
-    assert sorted(split["train"] + split["test"]) == sorted(c.patient_id for c in cases)
+    split = {k: [c.patient_id for c in v] for k, v in split_cases(cases, {"train_fraction": 0.5,
+                                                                          "val_fraction": 0.0}, seed=0).items()}
+    assert sorted(split["train"] + split["test"]) == sorted(c.patient_id for c in cases) and not split["val"]
     assert not set(split["train"]) & set(split["test"])
 
 

@@ -1,23 +1,25 @@
-"""Hand SvdH end to end on a tiny generated cohort: train through the engine (1 epoch per stage),
-predict through the engine's Predictor with Grad-CAM, write + read back the Slicer scene, re-score
-from corrected landmarks, evaluate, pretrain + fine-tune, stacking ensemble."""
+"""Hand SvdH end to end on a tiny generated cohort: config, train through the task's entry point
+(engine, 1 epoch per stage), predict through the engine's Predictor with Grad-CAM, write + read back
+the Slicer scene, re-score from corrected landmarks, evaluate, pretrain + fine-tune, stacking ensemble."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 
 
-from rheumai.checkpoint import load_checkpoint  # noqa: E402
+from rheumai.errors import InputError  # noqa: E402
 from rheumai.landmarks import points_to_lps  # noqa: E402
 from rheumai.tasks import get_task  # noqa: E402
 from rheumai.tasks.hand_svdh.dataset import HandParams, load_cohort  # noqa: E402
 from rheumai.tasks.hand_svdh.synth import make_cohort  # noqa: E402
-from rheumai.tasks.hand_svdh.train import HandTrainConfig, StageConfig, train_hand  # noqa: E402
+from rheumai.tasks.hand_svdh.train import HandTrainConfig, StageConfig, load_config  # noqa: E402
 
-TINY = HandTrainConfig(whole=StageConfig(epochs=1, batch_size=4), landmarks=StageConfig(epochs=1, batch_size=4),
-                       joints=StageConfig(epochs=1, batch_size=32))
+TINY = {"task": "hand_svdh", "whole": {"epochs": 1, "batch_size": 4}, "landmarks": {"epochs": 1, "batch_size": 4},
+        "joints": {"epochs": 1, "batch_size": 32}}
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +29,25 @@ def trained(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("hand_pipeline")
     labels = make_cohort(root / "cohort", n=6, seed=1)
+    sheet = pd.read_csv(labels)
+    sheet["split"] = ["train"] * 3 + ["test"] * 3
+    sheet.to_csv(labels, index=False)
     cases = load_cohort(labels, HandParams(), root / "cohort" / "landmarks.csv")
-    ckpt = train_hand(None, root / "run", cfg=TINY, cases=cases, train_ids=[c.patient_id for c in cases[:4]])
+    ckpt = get_task("hand_svdh").entry("train")(TINY, labels, root / "run", show_progress=False).checkpoint
     return root, cases, ckpt
+
+
+def test_config_defaults_and_errors(tmp_path):
+    shipped = load_config(CONFIGS / "hand_svdh.toml")
+    assert shipped == HandTrainConfig(source=str(CONFIGS / "hand_svdh.toml"))
+    assert load_config(TINY).whole.epochs == 1 and load_config(TINY).whole.lr == HandTrainConfig().whole.lr
+    bad = tmp_path / "bad.toml"
+    for text, msg in (('task = "hand_svdh"\n[whole]\nepochs = 3\nlearning_rate = 1\n', "learning_rate"),
+                      ('task = "msasss"\n', "not hand_svdh"), ('task = "hand_svdh"\nepoch = 3\n', "unknown key"),
+                      ('[whole]\nfinetune = "head_only"\n', "pretrained backbone")):
+        bad.write_text(text)
+        with pytest.raises(InputError, match=f"bad.toml.*{msg}"):
+            load_config(bad)
 
 
 def test_registered_and_predicts_through_the_engine(trained, tmp_path):
@@ -95,22 +113,24 @@ def test_rescore_uses_corrected_points(trained):
 
 
 def test_evaluation_report(trained, tmp_path):
-    from rheumai.tasks.hand_svdh.evaluate import evaluate_cases, write_report
-
-    _, cases, ckpt = trained
-    model, card = load_checkpoint(ckpt)
-    res = evaluate_cases(model, card, cases, n_boot=20)
+    root, cases, ckpt = trained
+    evaluate = get_task("hand_svdh").entry("evaluate")
+    res = evaluate(ckpt, root / "cohort" / "labels.csv", tmp_path, show_progress=False)
+    assert res["n"] == 3 and [c["patient_id"] for c in res["cases"]] == [c.patient_id for c in cases[3:]]
+    res = evaluate(ckpt, root / "cohort" / "labels.csv", tmp_path, split="all", show_progress=False)
     for key in ("total", "joint_total"):
         assert {"pcc", "rmse", "mae", "icc", "bland_altman"} <= set(res[key])
     assert np.array(res["class"]["confusion"]).sum() == len(cases)
     assert res["landmarks"]["n_points"] == 22 * len(cases) and len(res["per_joint"]) == 22
-    md = write_report(tmp_path, res, "tiny").read_text()
+    md = (tmp_path / "report.md").read_text()
     assert "| PCC |" in md and "truth \\ predicted" in md and "| MCP2 |" in md
-    assert (tmp_path / "agreement.png").stat().st_size > 1000
+    assert (tmp_path / "agreement.png").stat().st_size > 1000 and (tmp_path / "metrics.json").is_file()
+    with pytest.raises(InputError, match="no patients in split 'val'"):
+        evaluate(ckpt, root / "cohort" / "labels.csv", tmp_path, split="val", show_progress=False)
 
 
 def test_pretrain_finetune_and_stacking(trained, tmp_path):
-    from rheumai.tasks.hand_svdh.ensemble import fit_stacking, predict_stacked
+    from rheumai.tasks.hand_svdh.ensemble import fit_stacking, load_stacking, predict_stacked
     from rheumai.tasks.hand_svdh.model import default_architecture
     from rheumai.tasks.hand_svdh.train import pretrain_backbone, train_whole
 
@@ -127,8 +147,11 @@ def test_pretrain_finetune_and_stacking(trained, tmp_path):
     assert np.allclose(net.state_dict()[conv].numpy(), pre[conv].numpy())  # frozen backbone kept its weights
     with pytest.raises(ValueError, match="pretrained backbone"):
         train_whole(cases[:4], None, arch, StageConfig(epochs=1), tmp_path / "x", finetune="last_blocks")
-    archs = {"resnet18": arch, "mobilenetv2": default_architecture("mobilenetv2")["whole"]}
-    ens, nets = fit_stacking(cases, archs, StageConfig(epochs=1, batch_size=4), tmp_path / "ens", k=2)
-    assert all(c >= 0 for c in ens.coef) and len(nets["resnet18"]) == 2
-    cols = predict_stacked(ens, nets, cases[:2], float(arch["total_scale"]))
+    archs = {"resnet": arch, "mobilenetv2": default_architecture("mobilenetv2")["whole"]}
+    ens, nets = fit_stacking(cases, archs, StageConfig(epochs=1, batch_size=4), tmp_path / "ens", k=2,
+                             show_progress=False)
+    assert all(c >= 0 for c in ens.coef) and len(nets["resnet"]) == 2
+    cols = predict_stacked(ens, nets, cases[:2])
     assert cols["stacked"].shape == (2,) and (tmp_path / "ens" / "stacking.json").is_file()
+    np.testing.assert_allclose(predict_stacked(*load_stacking(tmp_path / "ens"), cases[:2])["stacked"],
+                               cols["stacked"], rtol=1e-5)

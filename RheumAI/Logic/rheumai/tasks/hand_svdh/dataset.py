@@ -12,7 +12,7 @@ canonical frame, so radiographs of any pixel size give the same physical crop.
 Label sheet (CSV): ``patient_id, file`` (path relative to the sheet's folder), optional
 ``laterality`` (L / R; else the DICOM tag), ``total`` (one-hand SvdH total), optional ``class``
 (else computed from ``total`` with the class edges) and per-area ``ero_<joint>`` / ``jsn_<joint>``
-(empty = not scored / unknown). Landmark sheet (CSV): ``patient_id, joint, x, y`` (pixels of the
+(empty = not scored / unknown), optional ``split`` (train / val / test). Landmark sheet (CSV): ``patient_id, joint, x, y`` (pixels of the
 file). Each sample dict follows docs/ENGINE.md: ``{"input", "target", "id"}``.
 """
 
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from ...errors import InputError
 from ...radiograph import CanonicalTransform, Radiograph, read_radiograph, to_canonical
@@ -51,18 +52,11 @@ class HandParams:
     class_edges: tuple[float, ...] = DEFAULT_CLASS_EDGES
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["input_size"], d["hires_size"] = list(self.input_size), list(self.hires_size)
-        d["class_edges"] = list(self.class_edges)
-        return d
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HandParams":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for k in ("input_size", "hires_size", "class_edges"):
-            if k in known:
-                known[k] = tuple(known[k])
-        return cls(**known)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -207,7 +201,7 @@ def _num(v: str, sheet: Path, pid: str, col: str) -> float | None:
 
 
 def load_cohort(labels_csv: str | Path, params: HandParams, landmarks_csv: str | Path | None = None,
-                ids: Sequence[str] | None = None, progress: bool = False) -> list[Case]:
+                progress: bool = False) -> list[Case]:
     """Read and prepare every radiograph of a label sheet (see module docstring for columns)."""
     sheet = Path(labels_csv)
     if not sheet.is_file():
@@ -231,29 +225,22 @@ def load_cohort(labels_csv: str | Path, params: HandParams, landmarks_csv: str |
                     raise InputError(lm, f"unknown joint {r.get('joint')!r}; known: {', '.join(JOINT_NAMES)}")
                 arr = points.setdefault(r["patient_id"], np.full((len(JOINT_NAMES), 2), np.nan))
                 arr[jidx[r["joint"]]] = (float(r["x"]), float(r["y"]))
-    wanted = None if ids is None else set(ids)
-    seen: set[str] = set()
+    if len({r["patient_id"].strip() for r in rows}) < len(rows):
+        raise InputError(sheet, "a patient appears twice")
     cases = []
-    it = rows
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(rows, desc="reading radiographs", unit="img")
-    for r in it:
+    for r in tqdm(rows, desc="reading radiographs", unit="img", disable=not progress):
         pid = r["patient_id"].strip()
-        if pid in seen:
-            raise InputError(sheet, f"patient {pid} appears twice")
-        seen.add(pid)
-        if wanted is not None and pid not in wanted:
-            continue
-        path = (sheet.parent / r["file"]).resolve()
         lat = (r.get("laterality") or "").strip().upper() or None
         if lat not in (None, "L", "R"):
             raise InputError(sheet, f"patient {pid}: laterality must be L or R, not {lat!r}")
-        prep = prepare(read_radiograph(path), params, laterality=lat)
-        ero = np.array([_num(r.get(f"ero_{n}", ""), sheet, pid, f"ero_{n}") for n in JOINT_NAMES], dtype=object)
-        jsn = np.array([_num(r.get(f"jsn_{n}", ""), sheet, pid, f"jsn_{n}") for n in JOINT_NAMES], dtype=object)
-        ero = np.array([IGNORE if (v is None or not m) else int(v) for v, m in zip(ero, EROSION_MASK)], np.int64)
-        jsn = np.array([IGNORE if (v is None or not m) else int(v) for v, m in zip(jsn, JSN_MASK)], np.int64)
+        if r.get("split", "").strip() not in ("", "train", "val", "test"):
+            raise InputError(sheet, f"patient {pid}: split must be train, val or test, not {r['split']!r}")
+        prep = prepare(read_radiograph((sheet.parent / r["file"]).resolve()), params, laterality=lat)
+        grades = {}
+        for key, mask in (("ero", EROSION_MASK), ("jsn", JSN_MASK)):
+            v = [_num(r.get(f"{key}_{n}", ""), sheet, pid, f"{key}_{n}") for n in JOINT_NAMES]
+            grades[key] = np.array([IGNORE if g is None or not m else int(g) for g, m in zip(v, mask)], np.int64)
+        ero, jsn = grades["ero"], grades["jsn"]
         total = _num(r.get("total", ""), sheet, pid, "total")
         if total is None:
             if (ero[EROSION_MASK] < 0).any() or (jsn[JSN_MASK] < 0).any():
@@ -264,9 +251,8 @@ def load_cohort(labels_csv: str | Path, params: HandParams, landmarks_csv: str |
         cls_v = _num(r.get("class", ""), sheet, pid, "class")
         cls = int(cls_v) if cls_v is not None else int(severity_class(total, params.class_edges))
         pts = points.get(pid)
-        pts_c = None if pts is None else prep.tf.points_to_canonical(pts)
-        extra = {k: r[k] for k in ("hand_length_mm",) if k in r}
-        cases.append(Case(pid, prep, float(total), cls, ero, jsn, pts_c, extra))
+        cases.append(Case(pid, prep, float(total), cls, ero, jsn, None if pts is None else prep.from_source(pts),
+                          {k: r[k].strip() for k in ("hand_length_mm", "split") if (r.get(k) or "").strip()}))
     return cases
 
 
@@ -278,7 +264,8 @@ def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 class WholeHandDataset(Dataset):
-    """Whole-hand samples: input (1, h, w); target {"total": () one-hand total, "class": () index}."""
+    """Whole-hand samples: input (1, h, w) (``Prepared.small``, augmented per (seed, epoch, index));
+    target {"total": () one-hand total, "class": () index}."""
 
     def __init__(self, cases: Sequence[Case], augment: bool = False, seed: int = 0) -> None:
         self.cases, self.augment, self.seed, self.epoch = list(cases), augment, seed, 0
@@ -286,48 +273,31 @@ class WholeHandDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cases)
 
+    def target(self, c: Case) -> dict[str, torch.Tensor]:
+        return {"total": torch.tensor(c.total, dtype=torch.float32), "class": torch.tensor(c.cls, dtype=torch.long)}
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         c = self.cases[i]
-        x = c.prep.small
-        if self.augment:
-            x = _augment(x, np.random.default_rng((self.seed, self.epoch, i)))
-        return {"input": torch.from_numpy(np.ascontiguousarray(x))[None],
-                "target": {"total": torch.tensor(c.total, dtype=torch.float32),
-                           "class": torch.tensor(c.cls, dtype=torch.long)},
-                "id": c.patient_id}
+        x = _augment(c.prep.small, np.random.default_rng((self.seed, self.epoch, i))) if self.augment else c.prep.small
+        return {"input": torch.from_numpy(np.ascontiguousarray(x))[None], "target": self.target(c), "id": c.patient_id}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def unaugmented(self) -> "WholeHandDataset":
         """The same cases without augmentation (the engine's BatchNorm recalibration)."""
-        return WholeHandDataset(self.cases, augment=False, seed=self.seed)
+        return type(self)(self.cases, augment=False, seed=self.seed)
 
 
-class LandmarkDataset(Dataset):
-    """Landmark samples: input (1, h, w); target {"landmarks": (K, 2) (x, y) input px, NaN unknown}."""
+class LandmarkDataset(WholeHandDataset):
+    """Landmark samples (cases with landmarks): input as :class:`WholeHandDataset`; target
+    {"landmarks": (K, 2) (x, y) input px, NaN unknown}."""
 
     def __init__(self, cases: Sequence[Case], augment: bool = False, seed: int = 0) -> None:
-        self.cases = [c for c in cases if c.points_canon is not None]
-        self.augment, self.seed, self.epoch = augment, seed, 0
+        super().__init__([c for c in cases if c.points_canon is not None], augment, seed)
 
-    def __len__(self) -> int:
-        return len(self.cases)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        c = self.cases[i]
-        x = c.prep.small
-        if self.augment:
-            x = _augment(x, np.random.default_rng((self.seed, self.epoch, i)))
-        pts = c.prep.to_small(c.points_canon).astype(np.float32)
-        return {"input": torch.from_numpy(np.ascontiguousarray(x))[None],
-                "target": {"landmarks": torch.from_numpy(pts)}, "id": c.patient_id}
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def unaugmented(self) -> "LandmarkDataset":
-        return LandmarkDataset(self.cases, augment=False, seed=self.seed)
+    def target(self, c: Case) -> dict[str, torch.Tensor]:
+        return {"landmarks": torch.from_numpy(c.prep.to_small(c.points_canon).astype(np.float32))}
 
 
 class JointDataset(Dataset):

@@ -2,9 +2,10 @@
 
 Figures (``evaluate_cases``): whole-hand total (regression report: PCC, RMSE, MAE, ICC, Bland-Altman
 with CIs); severity class (accuracy, weighted kappa, MAE in classes, confusion); joint-level path:
-the sum of per-joint grades as a total (same regression report), landmark radial error in mm
-(keypoints report, on each radiograph's own pixel spacing), per-joint MAE of erosion and JSN grades
-and pooled ordinal reports. ``write_report`` writes ``report.md`` + ``metrics.json`` + plots.
+the sum of per-joint grades as a total (same report), landmark radial error in mm (keypoints
+report, on each radiograph's own pixel spacing), per-joint MAE of erosion and JSN grades and pooled
+ordinal reports. :func:`evaluate` (``api["evaluate"]``) writes ``metrics.json``, ``report.md`` /
+``.html`` and ``agreement.png``.
 """
 
 from __future__ import annotations
@@ -16,74 +17,92 @@ import numpy as np
 import torch
 
 from ...atomic import atomic_path, write_json, write_text
+from ...engine.fit import predict
 from ...engine.heads import make_head
-from .dataset import Case, HandDataset, load_cohort
-from .heads import MaskedOrdinalHead
-from .scoring import DEFAULT_CLASS_NAMES, EROSION_MASK, JOINT_NAMES, JSN_MASK, MAX_EROSION, MAX_JSN
-from .train import run_network
+from ...errors import InputError
+from ...report import render_html, render_markdown
+from .dataset import Case, HandDataset
+from .heads import joint_heads
+from .scoring import DEFAULT_CLASS_NAMES, EROSION_MASK, JOINT_NAMES, JSN_MASK
+
+
+def _mae(pred: np.ndarray, true: np.ndarray) -> float | None:
+    """Mean absolute grade error over the scored (true >= 0) entries; None if none is scored."""
+    ok = true >= 0
+    return float(np.abs(pred[ok] - true[ok]).mean()) if ok.any() else None
 
 
 def evaluate_cases(model: torch.nn.Module, card: dict[str, Any], cases: Sequence[Case], n_boot: int = 1000,
                    seed: int = 0) -> dict[str, Any]:
-    """All figures for ``cases`` (see module docstring); also returns per-case predictions."""
-    out = run_network(model, HandDataset(cases), batch_size=16)
-    arch = card["architecture"]
-    y_total = np.array([c.total for c in cases], float)
-    y_cls = np.array([c.cls for c in cases], int)
-    n_classes = int(arch["whole"]["n_classes"])
-    reg = make_head("regression", name="total", scale=float(arch["whole"]["total_scale"]))
+    """All figures for ``cases`` (see module docstring), with per-case predictions."""
+    out = predict(model, HandDataset(cases), torch.device("cpu"), batch_size=16)[0]
+    whole = card["architecture"]["whole"]
+    n_classes = int(whole["n_classes"])
+    kw = {"n_boot": n_boot, "seed": seed}
+    reg = make_head("regression", name="total", scale=float(whole["total_scale"]))
     ordc = make_head("ordinal", name="class", n_classes=n_classes)
+    y_total = np.array([c.total for c in cases], float)
     pred_total = np.clip(reg.decode(out["total"])["value"], 0, None)
     pred_cls = ordc.decode(out["class"])["class"]
-    res: dict[str, Any] = {"n": len(cases),
-                           "total": reg.report({"value": pred_total}, y_total, n_boot=n_boot, seed=seed),
-                           "class": ordc.report({"class": pred_cls}, y_cls, n_boot=n_boot, seed=seed),
-                           "class_names": list(card.get("class_names") or DEFAULT_CLASS_NAMES)[:n_classes],
-                           "class_edges": card.get("class_edges")}
-    ero_h, jsn_h = MaskedOrdinalHead(name="erosion", n_classes=MAX_EROSION + 1), \
-        MaskedOrdinalHead(name="jsn", n_classes=MAX_JSN + 1)
     K = len(JOINT_NAMES)
-    pe = ero_h.decode(out["erosion"].reshape(-1, MAX_EROSION))["class"].reshape(-1, K)
-    pj = jsn_h.decode(out["jsn"].reshape(-1, MAX_JSN))["class"].reshape(-1, K)
-    te = np.stack([c.erosion for c in cases])
-    tj = np.stack([c.jsn for c in cases])
-    joint_total = (pe * EROSION_MASK).sum(1) + (pj * JSN_MASK).sum(1)
-    res["joint_total"] = reg.report({"value": joint_total.astype(float)}, y_total, n_boot=n_boot, seed=seed)
-    res["erosion_grades"] = ero_h.report({"class": pe.ravel()}, te.ravel(), n_boot=n_boot, seed=seed)
-    res["jsn_grades"] = jsn_h.report({"class": pj.ravel()}, tj.ravel(), n_boot=n_boot, seed=seed)
-    per_joint = []
-    for j, name in enumerate(JOINT_NAMES):
-        row: dict[str, Any] = {"joint": name}
-        for key, p, t in (("erosion", pe, te), ("jsn", pj, tj)):
-            ok = t[:, j] >= 0
-            row[f"{key}_mae"] = float(np.abs(p[ok, j] - t[ok, j]).mean()) if ok.any() else None
-        per_joint.append(row)
-    res["per_joint"] = per_joint
+    jh = joint_heads()
+    pred = {k: h.decode(out[k].reshape(-1, h.n_classes - 1))["class"].reshape(-1, K) for k, h in jh.items()}
+    true = {"erosion": np.stack([c.erosion for c in cases]), "jsn": np.stack([c.jsn for c in cases])}
+    joint_total = (pred["erosion"] * EROSION_MASK).sum(1) + (pred["jsn"] * JSN_MASK).sum(1)
+    res: dict[str, Any] = {
+        "n": len(cases), "class_names": list(card.get("class_names") or DEFAULT_CLASS_NAMES)[:n_classes],
+        "class_edges": card.get("class_edges"), "total": reg.report({"value": pred_total}, y_total, **kw),
+        "class": ordc.report({"class": pred_cls}, np.array([c.cls for c in cases]), **kw),
+        "joint_total": reg.report({"value": joint_total.astype(float)}, y_total, **kw),
+        "erosion_grades": jh["erosion"].report({"class": pred["erosion"].ravel()}, true["erosion"].ravel(), **kw),
+        "jsn_grades": jh["jsn"].report({"class": pred["jsn"].ravel()}, true["jsn"].ravel(), **kw),
+        "per_joint": [{"joint": name, **{f"{k}_mae": _mae(pred[k][:, j], true[k][:, j]) for k in true}}
+                      for j, name in enumerate(JOINT_NAMES)]}
     have = [i for i, c in enumerate(cases) if c.points_canon is not None]
     if have:
         pts = out["points"].numpy()
         pred_c = np.stack([cases[i].prep.from_hires(pts[i]) for i in have])
         true_c = np.stack([cases[i].points_canon for i in have])
         sp = np.array([cases[i].prep.rad.spacing_mm for i in have], float)
-        kp = make_head("keypoints", name="landmarks", n_points=K)
-        res["landmarks"] = kp.report({"points": pred_c}, true_c, spacing_mm=sp, n_boot=n_boot, seed=seed)
-        res["landmarks"]["per_point"] = dict(zip(JOINT_NAMES, res["landmarks"].pop("per_point_mean_mm")))
+        lm = make_head("keypoints", name="landmarks", n_points=K).report({"points": pred_c}, true_c, spacing_mm=sp,
+                                                                         **kw)
+        lm["per_point"] = dict(zip(JOINT_NAMES, lm.pop("per_point_mean_mm")))
+        res["landmarks"] = lm
     res["cases"] = [{"patient_id": c.patient_id, "total": c.total, "pred_total": float(pred_total[i]),
                      "joint_total": int(joint_total[i]), "class": int(c.cls), "pred_class": int(pred_cls[i])}
                     for i, c in enumerate(cases)]
     return res
 
 
-def evaluate_hand(checkpoint: str | Path, labels_csv: str | Path, out_dir: str | Path,
-                  landmarks_csv: str | Path | None = None, ids: Sequence[str] | None = None) -> dict[str, Any]:
-    """Evaluate a checkpoint on a label sheet (optionally only ``ids``) and write the report."""
+def evaluate(model: str | Path, manifest: str | Path, out_dir: str | Path, *, split: str = "test",
+             show_progress: bool = True) -> dict[str, Any]:
+    """The task's ``api["evaluate"]``: a checkpoint on a label sheet's ``split`` patients (the sheet's
+    ``split`` column, else the card's training split recomputed; ``"all"``: every patient) ->
+    report files in ``out_dir``; returns the figures. Landmarks: ``landmarks.csv`` beside the sheet."""
     from ...checkpoint import load_checkpoint
+    from .dataset import load_cohort
     from .predict import params_of
+    from .train import split_cases
 
-    model, card = load_checkpoint(checkpoint)
-    cases = load_cohort(labels_csv, params_of(card), landmarks_csv, ids=ids)
-    res = evaluate_cases(model, card, cases)
-    write_report(out_dir, res, title=f"Hand SvdH evaluation: {Path(checkpoint)}")
+    net, card = load_checkpoint(model)
+    lms = Path(manifest).parent / "landmarks.csv"
+    cases = load_cohort(manifest, params_of(card), lms if lms.is_file() else None, progress=show_progress)
+    if split != "all":
+        t = card["training"]
+        cases = split_cases(cases, t["data"], int(t["seed"])).get(split, [])
+    if not cases:
+        raise InputError(manifest, f"no patients in split {split!r}")
+    res = evaluate_cases(net, card, cases)
+    res["split"] = split
+    ens = Path(model).parent / "ensemble"
+    if (ens / "stacking.json").is_file():
+        from .ensemble import load_stacking, predict_stacked
+
+        y = np.array([c.total for c in cases], float)
+        cols = predict_stacked(*load_stacking(ens), cases)
+        res["ensemble"] = {k: {"pcc": float(np.corrcoef(v, y)[0, 1]), "mae": float(np.abs(v - y).mean())}
+                           for k, v in cols.items()}
+    write_report(out_dir, res, f"Hand SvdH evaluation: {Path(model)} on {Path(manifest).name} ({split})")
     return res
 
 
@@ -91,51 +110,50 @@ def _ci(e: dict[str, Any], nd: int = 3) -> str:
     return f"{e['value']:.{nd}f} ({e['lo']:.{nd}f} to {e['hi']:.{nd}f})"
 
 
-def regression_lines(r: dict[str, Any]) -> list[str]:
+def _regression(r: dict[str, Any]) -> list[list[str]]:
     ba = r["bland_altman"]
-    return [f"| PCC | {_ci(r['pcc'])} |", f"| RMSE | {_ci(r['rmse'], 2)} |", f"| MAE | {_ci(r['mae'], 2)} |",
-            f"| ICC(A,1) | {_ci(r['icc'])} |", f"| Bland-Altman bias | {_ci(ba['bias'], 2)} |",
-            f"| limits of agreement | {ba['loa_lower']['value']:.2f} to {ba['loa_upper']['value']:.2f} |"]
+    return [["metric", "value (95 % CI)"], ["PCC", _ci(r["pcc"])], ["RMSE", _ci(r["rmse"], 2)],
+            ["MAE", _ci(r["mae"], 2)], ["ICC(A,1)", _ci(r["icc"])], ["Bland-Altman bias", _ci(ba["bias"], 2)],
+            ["limits of agreement", f"{ba['loa_lower']['value']:.2f} to {ba['loa_upper']['value']:.2f}"]]
 
 
-def confusion_lines(c: dict[str, Any], names: Sequence[str]) -> list[str]:
-    k = len(c["confusion"])
-    head = "| truth \\ predicted | " + " | ".join(str(i) for i in range(k)) + " |"
-    lines = [head, "|" + "---|" * (k + 1)]
-    for i, row in enumerate(c["confusion"]):
-        label = f"{i} {names[i]}" if i < len(names) else str(i)
-        lines.append(f"| {label} | " + " | ".join(str(v) for v in row) + " |")
-    return lines
+def _grades(name: str, r: dict[str, Any]) -> str:
+    return (f"{name}: accuracy {_ci(r['accuracy'])}, weighted kappa {_ci(r['kappa_quadratic'])}, "
+            f"MAE {_ci(r['mae_classes'])}.")
 
 
-def report_markdown(res: dict[str, Any], title: str, extra: Sequence[str] = ()) -> str:
-    """Markdown of the figures (values with 95 % CIs)."""
-    L = [f"# {title}", "", f"Held-out radiographs: {res['n']}.", "", *extra,
-         "## Whole-hand path (the paper's): total SvdH score (one hand, 0-140)", "", "| metric | value (95 % CI) |",
-         "|---|---|", *regression_lines(res["total"]), "",
-         "## Severity class (whole-hand class head)", "",
-         f"Class edges on the one-hand total: {res.get('class_edges')} (classes {', '.join(res['class_names'])}).", "",
-         f"Accuracy {_ci(res['class']['accuracy'])}, quadratic-weighted kappa {_ci(res['class']['kappa_quadratic'])}, "
-         f"MAE {_ci(res['class']['mae_classes'], 2)} classes.", "", *confusion_lines(res["class"], res["class_names"]),
-         "", "## Joint-level path: sum of per-joint grades", "", "| metric | value (95 % CI) |", "|---|---|",
-         *regression_lines(res["joint_total"]), ""]
+def report_blocks(res: dict[str, Any], title: str, extra: Sequence[Any] = (), image: str = "agreement.png"
+                  ) -> list[Any]:
+    """Report blocks (``rheumai.report``) of the figures (values with 95 % CIs); ``extra``: blocks
+    placed after the heading; ``image``: the agreement plot's path relative to the report."""
+    c, names = res["class"], res["class_names"]
+    f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    pp = res.get("landmarks", {}).get("per_point", {})
+    b: list[Any] = [("h1", title), ("p", f"Held-out radiographs: {res['n']}."), *extra,
+                    ("h2", "Whole-hand path (the paper's): total SvdH score (one hand, 0-140)"),
+                    ("table", _regression(res["total"])),
+                    ("h2", "Severity class (whole-hand class head)"),
+                    ("p", f"Class edges on the one-hand total: {res.get('class_edges')} (classes {', '.join(names)}). "
+                          f"Accuracy {_ci(c['accuracy'])}, quadratic-weighted kappa {_ci(c['kappa_quadratic'])}, "
+                          f"MAE {_ci(c['mae_classes'], 2)} classes."),
+                    ("table", [["truth \\ predicted", *map(str, range(len(c["confusion"])))]]
+                     + [[f"{i} {names[i]}" if i < len(names) else str(i), *map(str, row)]
+                        for i, row in enumerate(c["confusion"])]),
+                    ("h2", "Joint-level path: sum of per-joint grades"), ("table", _regression(res["joint_total"]))]
     if "landmarks" in res:
         lm = res["landmarks"]
-        L += ["### Landmarks (22 SvdH areas)", "",
-              f"Radial error: mean {_ci(lm['mean_mm'], 2)} mm, median {_ci(lm['median_mm'], 2)} mm; within 2 mm "
-              f"{_ci(lm['success_2mm'])}, within 4 mm {_ci(lm['success_4mm'])} ({lm['n_points']} points).", ""]
-    L += ["### Per-joint grades", "",
-          f"Erosion (0-5, all scored areas pooled): accuracy {_ci(res['erosion_grades']['accuracy'])}, "
-          f"weighted kappa {_ci(res['erosion_grades']['kappa_quadratic'])}, MAE {_ci(res['erosion_grades']['mae_classes'])}.",
-          f"JSN (0-4): accuracy {_ci(res['jsn_grades']['accuracy'])}, weighted kappa "
-          f"{_ci(res['jsn_grades']['kappa_quadratic'])}, MAE {_ci(res['jsn_grades']['mae_classes'])}.", "",
-          "| joint | erosion MAE | JSN MAE | landmark error (mm) |", "|---|---|---|---|"]
-    pp = res.get("landmarks", {}).get("per_point", {})
-    for row in res["per_joint"]:
-        f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        L.append(f"| {row['joint']} | {f(row['erosion_mae'])} | {f(row['jsn_mae'])} | {f(pp.get(row['joint']))} |")
-    L.append("")
-    return "\n".join(L)
+        b.append(("p", f"Landmarks (22 SvdH areas): radial error mean {_ci(lm['mean_mm'], 2)} mm, median "
+                       f"{_ci(lm['median_mm'], 2)} mm; within 2 mm {_ci(lm['success_2mm'])}, within 4 mm "
+                       f"{_ci(lm['success_4mm'])} ({lm['n_points']} points)."))
+    b += [("p", _grades("Erosion (0-5, all scored areas pooled)", res["erosion_grades"]) + " "
+           + _grades("JSN (0-4)", res["jsn_grades"])),
+          ("table", [["joint", "erosion MAE", "JSN MAE", "landmark error (mm)"]]
+           + [[r["joint"], f(r["erosion_mae"]), f(r["jsn_mae"]), f(pp.get(r["joint"]))] for r in res["per_joint"]])]
+    if "ensemble" in res:
+        b += [("h2", "Stacking ensemble (whole hand)"),
+              ("table", [["model", "PCC", "MAE"]] + [[k, f"{v['pcc']:.3f}", f"{v['mae']:.2f}"]
+                                                   for k, v in res["ensemble"].items()])]
+    return b + [("img", (image, "agreement"))]
 
 
 def plot_agreement(res: dict[str, Any], path: Path) -> Path:
@@ -145,9 +163,7 @@ def plot_agreement(res: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t = np.array([c["total"] for c in res["cases"]])
-    p = np.array([c["pred_total"] for c in res["cases"]])
-    q = np.array([c["joint_total"] for c in res["cases"]], float)
+    t, p, q = (np.array([c[k] for c in res["cases"]], float) for k in ("total", "pred_total", "joint_total"))
     fig, ax = plt.subplots(1, 2, figsize=(10, 4.5))
     hi = max(t.max(), p.max(), q.max()) * 1.05 + 1
     ax[0].plot([0, hi], [0, hi], "k--", lw=0.8)
@@ -167,10 +183,12 @@ def plot_agreement(res: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def write_report(out_dir: str | Path, res: dict[str, Any], title: str, extra: Sequence[str] = ()) -> Path:
+def write_report(out_dir: str | Path, res: dict[str, Any], title: str, extra: Sequence[Any] = ()) -> Path:
+    """``metrics.json``, ``agreement.png``, ``report.md`` / ``.html`` into ``out_dir``; returns report.md."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", res)
     plot_agreement(res, out / "agreement.png")
-    md = report_markdown(res, title, extra) + "\n![agreement](agreement.png)\n"
-    return write_text(out / "report.md", md)
+    blocks = report_blocks(res, title, extra)
+    write_text(out / "report.html", render_html(blocks, title))
+    return write_text(out / "report.md", render_markdown(blocks))

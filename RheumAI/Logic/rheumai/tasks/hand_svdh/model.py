@@ -127,6 +127,7 @@ class WholeHandNet(nn.Module):
     def __init__(self, arch: dict[str, Any]) -> None:
         super().__init__()
         self.backbone = build_backbone(arch)
+        self.total_scale = float(arch.get("total_scale", MAX_TOTAL / 10))
         c = self.backbone.out_channels
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(float(arch.get("dropout", 0.0)))

@@ -1,19 +1,12 @@
 """Predict-side hooks of the hand SvdH task (:class:`rheumai.engine.predict.Predictor`), re-scoring.
 
-Sample: one radiograph prepared by :func:`.dataset.prepare` (canonical left-hand frame). Network
-input: ``{"small", "hires", "hspacing"}`` (see :class:`.model.HandSvdHNet`); ``points`` is added
-when re-scoring from corrected landmarks. Values per study (``postprocess``):
-
-* ``total``: whole-hand regression of the one-hand SvdH total (0-140), the paper's path;
-  ``class`` / ``class_name`` / ``class_probabilities``: severity class head (card's class edges).
-* ``joint_total`` / ``joint_erosion`` / ``joint_jsn``: sums of the per-joint grades (argmax of each
-  ordinal head), the joint-level path; ``joints``: per-joint table (grades, points in pixels of the
-  file as stored and in LPS mm).
-* ``landmarks_lps``: (K, 3) LPS mm, ``landmark_labels``: SvdH area names (for a Slicer point list).
-
-Saliency: Grad-CAM of the whole-hand total on a backbone layer (default ``layer3`` of the ResNet,
-``stage4`` of the MobileNetV2), mapped back through the letterbox and the mirroring onto the
-radiograph's own one-slice geometry.
+Network input ``{"small", "hires", "hspacing"[, "points"]}`` (see :class:`.model.HandSvdHNet`;
+``points`` when re-scoring from corrected landmarks). ``postprocess`` values: ``total`` (whole-hand
+regression, 0-140, the paper's path), ``class`` / ``class_name`` / ``class_probabilities``,
+``joint_total`` / ``joint_erosion`` / ``joint_jsn`` (sums of the per-joint grades), ``joints``
+(per-joint table, points in pixels of the file and LPS mm), ``landmarks_lps`` (K, 3) LPS mm with
+``landmark_labels``. Saliency: Grad-CAM of the total on a backbone layer, mapped back through the
+letterbox and the mirroring onto the radiograph's own one-slice geometry.
 """
 
 from __future__ import annotations
@@ -163,13 +156,8 @@ def saliency_maps(model: torch.nn.Module, batch: dict[str, torch.Tensor], sample
         def to_source(grid: np.ndarray, prep: Prepared = sample.prep) -> sitk.Image:
             return prep.rad.with_array(prep.small_map_to_source(grid))
 
-        kw: dict[str, Any] = {"role": ROLE, "grid": m, "images": sample.prep.small[None], "overlay": m[None],
-                              "input_map": m[None]}
-        if "to_source" in RoleMap.__dataclass_fields__:  # volume computed on first use
-            kw["to_source"] = to_source
-        else:
-            kw["volume"] = to_source(m)
-        out.append({ROLE: RoleMap(**kw)})
+        out.append({ROLE: RoleMap(role=ROLE, grid=m, images=sample.prep.small[None], overlay=m[None],
+                                  input_map=m[None], to_source=to_source)})
     return None, out
 
 
