@@ -97,7 +97,7 @@ def test_manifest_series_choice_split_and_cache(built):
     n = {s: sum(r["split"] == s for r in rows) for s in ("train", "test")}
     assert n == {"train": 20, "test": 14} and pos == {"train": 6, "test": 5}
     meta = json.loads((base / "out" / "dataset.json").read_text())
-    assert meta["slice_params"] == PARAMS.to_dict() and meta["rules"]["min_followup_days"] == 1000
+    assert meta["preprocessing"] == PARAMS.to_dict() and meta["rules"]["min_followup_days"] == 1000
     assert meta["counts"]["included"] == 34 and meta["params_hash"] == rows[0]["params_hash"]
     assert sorted(res.cache.computed) == sorted(split) and not res.cache.failed
 

@@ -2,18 +2,16 @@
 
 Output folder::
 
-    manifest.csv    one row per included patient (docs/CONTRACT.md columns + clinical columns)
-    dataset.json    rules, split config, SliceParams, hashes, counts (what a training run needs)
+    manifest.csv    one row per included patient (MANIFEST_COLUMNS [+ input columns] + clinical columns)
+    dataset.json    task, rules, split, preprocessing parameters, hashes, counts
     cohort.csv      included patients with dates, follow-up days and the chosen series
     flow.txt / flow.json / flow.png / excluded.csv   the inclusion flow
     cache/          task inputs (<source>-<params>.npy/.json) and the file-hash memo
 
 Re-running with the same inputs writes byte-identical manifest.csv, dataset.json, cohort.csv,
-flow.txt, flow.json and excluded.csv (sorted rows, fixed formatting, no timestamps).
-
-The set is built in a staging folder beside the output folder and replaces it as a whole
-(:func:`rheumai.atomic.replace_dir`): a failed or killed build leaves the previous set untouched.
-Cohorts given as a table of image files go through :mod:`rheumai.dataset.images`.
+flow.txt, flow.json and excluded.csv. The set is built in a staging folder beside the output
+folder and replaces it as a whole (:func:`rheumai.atomic.replace_dir`): a failed or killed build
+leaves the previous set untouched. Image tables go through :mod:`rheumai.dataset.images`.
 """
 
 from __future__ import annotations
@@ -24,14 +22,13 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from .. import __version__
 from ..atomic import replace_dir, staging_dir, write_json, write_text
 from ..errors import InputError
-from ..tasks.cervical_ra.slices import SliceParams
 from .cache import CacheJob, CacheReport, FileHasher, build_cache, entry_name, params_hash
-from .cohort import CohortResult, CohortRules, Step, apply_cohort
+from .cohort import CohortEntry, CohortResult, CohortRules, Step, apply_cohort
 from .flow import flow_dict, flow_text, write_flow
 from .index import ArchiveIndex
 from .labels import load_labels
@@ -39,12 +36,14 @@ from .split import SplitConfig, assign_splits
 
 MANIFEST_COLUMNS = ["patient_id", "split", "fold", "site", "label", "outcome", "series_uid", "study_uid",
                     "source_path", "cache_file", "source_hash", "params_hash"]
+DATASET_FILES = ("manifest.csv", "dataset.json", "cohort.csv", "flow.txt", "flow.json", "flow.png", "excluded.csv")
 ProgressFn = Callable[[str, int, int], None]
+FilesFn = Callable[[CohortEntry], tuple[list[str], tuple[str, ...]]]  # entry -> (files to hash, series files)
 
 
 @dataclass
 class DatasetResult:
-    """What :func:`build_dataset` produced. ``paths``: name -> written file."""
+    """What a build produced. ``paths``: name -> written file."""
 
     out_dir: Path
     manifest: Path
@@ -59,7 +58,7 @@ class DatasetResult:
         return len(self.split)
 
 
-def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
+def csv_text(header: list[str], rows: list[list[Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -67,8 +66,14 @@ def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
-DATASET_FILES = ("manifest.csv", "dataset.json", "cohort.csv", "flow.txt", "flow.json", "flow.png", "excluded.csv",
-                 "cache")
+def task_params(task: str, params: Any) -> dict[str, Any]:
+    """The task's default preprocessing parameters updated by ``params`` (``to_dict()`` or a mapping)."""
+    from ..tasks import get_task
+
+    given = params.to_dict() if hasattr(params, "to_dict") else params or {}
+    if not isinstance(given, Mapping):
+        raise TypeError(f"params must be a mapping or have to_dict(), not {type(params).__name__}")
+    return {**get_task(task).default_params(), **given}
 
 
 def build_dataset(
@@ -77,62 +82,45 @@ def build_dataset(
     out_dir: str | Path,
     rules: CohortRules = CohortRules(),
     split_cfg: SplitConfig = SplitConfig(),
-    slice_params: SliceParams = SliceParams(),
+    slice_params: Any = None,
     workers: int = 1,
     progress: ProgressFn | None = None,
     compute_cache: bool = True,
 ) -> DatasetResult:
-    """Build a training dataset from an index and a label sheet; see the module docstring.
+    """Build the cervical dataset from an index and a label sheet; see the module docstring.
 
     Raises :class:`~rheumai.dataset.labels.LabelSheetError` (every bad row named) before any
-    output is written. A series that the imaging core cannot read excludes its patient at the
-    last flow step ("Task input computed") with the reason; nothing is dropped silently.
-    ``compute_cache=False`` stops after the flow report and split (no manifest): a dry run, refused
-    into a folder that holds a built dataset (it would replace it).
-
-    The set is written into a staging folder beside ``out_dir`` and swapped in as a whole
-    (:func:`rheumai.atomic.replace_dir`): a build that fails (bad split, no patient included,
-    a kill) leaves ``out_dir`` exactly as it was; other files in ``out_dir`` are kept.
-    Raises :class:`InputError` (with the inclusion flow) when no patient is included.
+    output is written. A series the imaging core cannot read excludes its patient at the last
+    flow step ("Task input computed") with the reason. ``compute_cache=False``: a dry run (flow
+    and split, no manifest), refused into a folder that holds a built dataset. Raises
+    :class:`InputError` (with the inclusion flow) when no patient is included.
     """
-    out = Path(out_dir)
     index = ArchiveIndex.open(index_path)
     sheet = load_labels(labels_csv, index)
     cohort = apply_cohort(index, sheet, rules)
     header = (f"label sheet: {Path(labels_csv).name} ({len(sheet.rows)} rows); index: {Path(index_path).name} "
               f"({len(index.patients)} patients, {len(index.series)} series)")
 
-    def jobs_for(cache_dir: Path, p_hash: str, hashes: dict[str, str]) -> list[CacheJob]:
-        hasher = FileHasher(cache_dir / "filehash.sqlite")
-        jobs = []
-        try:
-            for k, e in enumerate(cohort.included, 1):
-                files = index.series_files(e.series_uid)
-                hashes[e.patient_id] = hasher.series(files)
-                jobs.append(CacheJob(e.patient_id, e.series_uid, tuple(files), e.folder,
-                                     str(cache_dir / entry_name(hashes[e.patient_id], p_hash))))
-                if progress is not None:
-                    progress("hashing source series", k, len(cohort.included))
-        finally:
-            hasher.close()
-        return jobs
+    def files(e: CohortEntry) -> tuple[list[str], tuple[str, ...]]:
+        found = index.series_files(e.series_uid)
+        return found, tuple(found)
 
-    return _build_staged(out, cohort, sheet, header, index_path, labels_csv, "cervical_ra", rules, split_cfg,
-                         slice_params, jobs_for, workers, progress, compute_cache)
+    return _build_staged(Path(out_dir), cohort, sheet, header, index_path, "cervical_ra", rules, split_cfg,
+                         slice_params, files, workers, progress, compute_cache)
 
 
-def _build_staged(out: Path, cohort: CohortResult, sheet: Any, header: str, index_path: str | Path | None,
-                  labels_csv: str | Path, task: str, rules: Any, split_cfg: SplitConfig, slice_params: SliceParams,
-                  jobs_for: Callable[[Path, str, dict[str, str]], list[CacheJob]], workers: int,
+def _build_staged(out: Path, cohort: CohortResult, sheet: Any, header: str, index_path: str | Path | None, task: str,
+                  rules: Any, split_cfg: SplitConfig, params: Any, files: FilesFn, workers: int,
                   progress: ProgressFn | None, compute_cache: bool) -> DatasetResult:
     """Cache -> split -> manifest + flow into a staging folder, then swap it in as ``out``."""
     if not compute_cache and (out / "manifest.csv").is_file():
         raise InputError(out, "holds a built dataset (manifest.csv); a flow-only dry run would replace it with a "
                               "flow report alone, so nothing was written: choose another output folder")
+    params = task_params(task, params)
     with staging_dir(out) as stage:
         _carry_over(out, stage)
-        result = _build_into(stage, cohort, sheet, header, index_path, labels_csv, task, rules, split_cfg,
-                             slice_params, jobs_for, workers, progress, compute_cache)
+        result = _build_into(stage, cohort, sheet, header, index_path, task, rules, split_cfg, params, files,
+                             workers, progress, compute_cache)
         replace_dir(stage, out)
     result.out_dir, result.manifest = out, out / "manifest.csv"
     result.paths = {k: out / p.relative_to(stage) for k, p in result.paths.items()}
@@ -140,13 +128,9 @@ def _build_staged(out: Path, cohort: CohortResult, sheet: Any, header: str, inde
 
 
 def _carry_over(out: Path, stage: Path) -> None:
-    """Seed ``stage`` from the previous ``out``: cache entries and files that are not part of the
-    dataset set (e.g. an index kept there) are hard-linked (copied where links fail); the file-hash
-    memo is copied (it is written to). Entries are immutable (written by atomic rename).
-
-    An ``out`` holding other folders (a DICOM archive, training runs) is refused before anything
-    is written: replacing the folder would have to carry them over too.
-    """
+    """Seed ``stage`` from the previous ``out``: cache entries (immutable, written by atomic rename) and
+    loose files that are not part of the dataset are hard-linked (copied where links fail); the
+    file-hash memo is copied. An ``out`` holding other folders is refused before anything is written."""
     if not out.is_dir():
         if out.exists():
             raise InputError(out, "output folder is a file")
@@ -157,15 +141,13 @@ def _carry_over(out: Path, stage: Path) -> None:
         raise InputError(out, f"holds folders that are not part of a dataset ({shown}); a dataset is replaced as a "
                               "whole, so its output folder holds the dataset (and loose files) only: choose another")
     for src in out.iterdir():
-        if src.name in DATASET_FILES and src.name != "cache":
-            continue
         dst = stage / src.name
-        if src.is_dir() and not src.is_symlink():
+        if src.name == "cache" and not src.is_symlink():
             shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy,
                             ignore=shutil.ignore_patterns(".*", "filehash.sqlite*"))
-            if src.name == "cache" and (src / "filehash.sqlite").is_file():
+            if (src / "filehash.sqlite").is_file():
                 shutil.copy2(src / "filehash.sqlite", dst / "filehash.sqlite")
-        else:
+        elif src.name not in DATASET_FILES:
             _link_or_copy(src, dst)
 
 
@@ -179,68 +161,89 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _flow_text_of(cohort: CohortResult, header: str) -> str:
-    return flow_text(flow_dict(cohort), header=header)
+def _jobs(cohort: CohortResult, cache_dir: Path, p_hash: str, files: FilesFn,
+          progress: ProgressFn | None) -> tuple[list[CacheJob], dict[str, str]]:
+    hasher = FileHasher(cache_dir / "filehash.sqlite")
+    jobs, hashes = [], {}
+    try:
+        for k, e in enumerate(cohort.included, 1):
+            hash_files, series_files = files(e)
+            hashes[e.patient_id] = hasher.series(hash_files)
+            jobs.append(CacheJob(e.patient_id, tuple(e.inputs.items()),
+                                 str(cache_dir / entry_name(hashes[e.patient_id], p_hash)), e.series_uid,
+                                 series_files))
+            if progress is not None:
+                progress("hashing sources", k, len(cohort.included))
+    finally:
+        hasher.close()
+    return jobs, hashes
 
 
-def _build_into(out: Path, cohort: CohortResult, sheet: Any, header: str, index_path: str | Path | None,
-                labels_csv: str | Path, task: str, rules: Any, split_cfg: SplitConfig, slice_params: SliceParams,
-                jobs_for: Callable[[Path, str, dict[str, str]], list[CacheJob]], workers: int,
+def _build_into(out: Path, cohort: CohortResult, sheet: Any, header: str, index_path: str | Path | None, task: str,
+                rules: Any, split_cfg: SplitConfig, params: dict[str, Any], files: FilesFn, workers: int,
                 progress: ProgressFn | None, compute_cache: bool) -> DatasetResult:
-    p_hash = params_hash(slice_params)
+    p_hash = params_hash(params)
     report: CacheReport | None = None
     hashes: dict[str, str] = {}
     if compute_cache and cohort.included:
-        jobs = jobs_for(out / "cache", p_hash, hashes)
-        report = build_cache(jobs, slice_params, workers=workers, progress=progress)
-        step = Step("input", "Task input computed", note="")
+        jobs, hashes = _jobs(cohort, out / "cache", p_hash, files, progress)
+        report = build_cache(jobs, task, params, workers=workers, progress=progress)
+        step = Step("input", "Task input computed")
         step.excluded = [(p, f"series could not be read or sampled: {report.failed[p]}") for p in sorted(report.failed)]
         cohort.included = [e for e in cohort.included if e.patient_id not in report.failed]
         step.remaining = len(cohort.included)
         cohort.steps.append(step)
 
+    def no_dataset(problem: str, path: Path | None) -> InputError:
+        return InputError(path, f"{problem}, so nothing was written; the inclusion flow:\n"
+                          + flow_text(flow_dict(cohort), header=header))
+
     if not cohort.included:
-        raise InputError(Path(labels_csv), "no patient is included in the dataset, so nothing was written; "
-                         "the inclusion flow:\n" + _flow_text_of(cohort, header))
+        raise no_dataset("no patient is included in the dataset", Path(sheet.path))
     labels = {e.patient_id: e.label for e in cohort.included}
-    try:
-        split = assign_splits([(e.patient_id, e.label, e.site) for e in cohort.included], split_cfg)
-    except InputError as exc:
-        raise InputError(exc.path, f"{exc.problem}; nothing was written. The inclusion flow:\n"
-                         + _flow_text_of(cohort, header)) from None
+    given = any(e.split for e in cohort.included)
+    split_desc = "the table's split column" if given else split_cfg.describe()
+    if given:
+        split = {e.patient_id: (e.split, -1) for e in sorted(cohort.included, key=lambda e: e.patient_id)}
+    else:
+        try:
+            split = assign_splits([(e.patient_id, e.label, e.site) for e in cohort.included], split_cfg)
+        except InputError as exc:
+            raise no_dataset(exc.problem, exc.path) from None
     flow = flow_dict(cohort, split, labels)
-    paths = write_flow(out, flow, header=header, split_desc=split_cfg.describe())
+    paths = write_flow(out, flow, header=header, split_desc=split_desc)
     result = DatasetResult(out_dir=out, manifest=out / "manifest.csv", cohort=cohort, split=split, cache=report,
                            flow=flow, paths=paths)
     if not compute_cache:
         return result
 
     clinical = sheet.clinical_columns
+    first = cohort.included[0].inputs
+    extra = list(first) if len(first) > 1 else []  # one column per input for several inputs (+ ROI)
     rows, cohort_rows = [], []
     for e in sorted(cohort.included, key=lambda e: e.patient_id):
         name, fold = split[e.patient_id]
         src = hashes[e.patient_id]
         rows.append([e.patient_id, name, fold, e.site, e.label, e.outcome, e.series_uid, e.study_uid, e.folder,
-                     f"cache/{entry_name(src, p_hash)}", src, p_hash] + [e.clinical.get(c, "") for c in clinical])
+                     f"cache/{entry_name(src, p_hash)}", src, p_hash] + [e.inputs[c] for c in extra]
+                    + [e.clinical.get(c, "") for c in clinical])
         cohort_rows.append([e.patient_id, e.label, e.outcome, _iso(e.baseline_date), _iso(e.followup_date),
-                            e.followup_days, e.study_uid, e.series_uid, e.series_description, e.n_slices, e.folder])
-    paths["manifest"] = write_text(out / "manifest.csv", _csv_text(MANIFEST_COLUMNS + clinical, rows))
-    paths["cohort"] = write_text(out / "cohort.csv", _csv_text(
+                            "" if e.followup_days is None else e.followup_days, e.study_uid, e.series_uid,
+                            e.series_description, e.n_slices, e.folder])
+    paths["manifest"] = write_text(out / "manifest.csv", csv_text(MANIFEST_COLUMNS + extra + clinical, rows))
+    paths["cohort"] = write_text(out / "cohort.csv", csv_text(
         ["patient_id", "label", "outcome", "baseline_date", "followup_date", "followup_days", "study_uid",
          "series_uid", "series_description", "n_slices", "source_path"], cohort_rows))
-    split_counts = flow.get("split", {})
     paths["dataset"] = write_json(out / "dataset.json", {
-        "format": "rheumai-dataset", "format_version": 1, "task": task,
-        "rheumai_version": __version__,
+        "format": "rheumai-dataset", "format_version": 1, "task": task, "rheumai_version": __version__,
         "index": str(Path(index_path).resolve()) if index_path is not None else None,
-        "labels": {"path": str(Path(labels_csv).resolve()), "sha256": sheet.sha256},
+        "labels": {"path": str(Path(sheet.path).resolve()), "sha256": sheet.sha256},
         "rules": rules.to_dict(), "series_rule": rules.series_rule_text(),
-        "split": split_cfg.to_dict(), "split_description": split_cfg.describe(),
-        "slice_params": slice_params.to_dict(), "params_hash": p_hash,
-        "clinical_columns": clinical,
+        "split": split_cfg.to_dict(), "split_description": split_desc,
+        "preprocessing": params, "params_hash": p_hash, "clinical_columns": clinical,
         "counts": {"label_rows": len(sheet.rows), "included": len(rows),
                    "positive": sum(r[4] for r in rows), "negative": sum(1 - r[4] for r in rows),
-                   "split": split_counts},
+                   "split": flow.get("split", {})},
         "manifest": "manifest.csv",
     })
     return result

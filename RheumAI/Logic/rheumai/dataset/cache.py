@@ -1,13 +1,11 @@
-"""Cache of task inputs: each selected series read once through the imaging core, stored by hash.
+"""Cache of task inputs: each study preprocessed once by its task, stored by content hash.
 
-An entry is ``cache/<source_hash[:16]>-<params_hash[:16]>`` (``.npy`` + ``.json``, written by
-:meth:`rheumai.tasks.cervical_ra.slices.SliceSelection.save`, each file atomically). ``source_hash`` is the SHA-256
-of the sorted SHA-256 digests of the series' files (content only: a moved archive keeps its
-hashes); ``params_hash`` is the SHA-256 of the canonical JSON of the SliceParams plus the cache
-format version. A changed parameter or a changed file therefore points at a new entry, so exactly
-the affected entries are recomputed; an entry whose two files exist is reused. File digests are
-memoised in ``cache/filehash.sqlite`` keyed by (path, size, mtime), so re-runs do not re-read
-unchanged files.
+An entry is ``cache/<source_hash[:16]>-<params_hash[:16]>`` (``.npy`` + ``.json``, each written
+atomically by the sample's ``save``). ``source_hash``: SHA-256 over the sorted SHA-256 digests of
+the study's files (content only); ``params_hash``: SHA-256 of the canonical JSON of the task's
+preprocessing parameters and the cache version. A changed file or parameter points at a new
+entry; an entry whose two files exist is reused. File digests are memoised in
+``cache/filehash.sqlite`` keyed by (path, size, mtime).
 """
 
 from __future__ import annotations
@@ -21,11 +19,10 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import RheumAIError
 from ..process_guard import die_with_parent, stop_pool
-from ..tasks.cervical_ra.slices import SliceParams
 
 CACHE_VERSION = 1
 ProgressFn = Callable[[str, int, int], None]
@@ -33,13 +30,14 @@ ProgressFn = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class CacheJob:
-    """One series to turn into a task input. files: its DICOM files; folder: reported source."""
+    """One study. inputs: (role, path) pairs for the task's ``preprocess`` (the ROI too);
+    series_files: an indexed DICOM series' files, read as one study for the first role."""
 
     patient_id: str
-    series_uid: str
-    files: tuple[str, ...]
-    folder: str
+    inputs: tuple[tuple[str, str], ...]
     stem: str  # absolute stem of the entry (no suffix)
+    series_uid: str = ""
+    series_files: tuple[str, ...] = ()
 
 
 @dataclass
@@ -49,9 +47,9 @@ class CacheReport:
     failed: dict[str, str]  # patient_id -> reason
 
 
-def params_hash(params: SliceParams) -> str:
-    """SHA-256 (hex) of the slice parameters and the cache format version."""
-    blob = json.dumps({"cache_version": CACHE_VERSION, "params": params.to_dict()}, sort_keys=True)
+def params_hash(params: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the preprocessing parameters and the cache format version."""
+    blob = json.dumps({"cache_version": CACHE_VERSION, "params": dict(params)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -81,7 +79,7 @@ class FileHasher:
         return digest
 
     def series(self, files: Sequence[str]) -> str:
-        """Content hash of a series: order- and path-independent."""
+        """Content hash of a set of files: order- and path-independent."""
         digests = sorted(self.file(f) for f in files)
         return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
@@ -95,55 +93,48 @@ def entry_exists(stem: str | Path) -> bool:
     return stem.with_name(stem.name + ".npy").is_file() and stem.with_name(stem.name + ".json").is_file()
 
 
-def compute_entry(job: CacheJob, params: SliceParams) -> str | None:
-    """Read the series through the imaging core, select the slices, save. Returns an error or None.
+def compute_entry(job: CacheJob, task: str, params: Mapping[str, Any]) -> str | None:
+    """Preprocess one study with the task and save it; returns the error or None.
 
-    The series' files are linked into a private folder first, because ``read_study`` reads every
+    An indexed series' files are linked into a private folder first: ``read_study`` reads every
     DICOM file under the folder it is given and hospital exports mix series in one folder.
     """
-    from ..io import is_image_file, read_study
-    from ..tasks.cervical_ra.slices import select_slices
+    from ..io import read_study
+    from ..tasks import get_task
 
-    if len(job.files) == 1 and is_image_file(job.files[0]):  # an image file (image-table cohorts)
-        try:
-            study = read_study(job.files[0], require_modality=None)
-            select_slices(study, params).save(job.stem)
-        except RheumAIError as exc:
-            return str(exc)
-        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the others; reported per patient
-            return f"{type(exc).__name__}: {exc}"
-        return None
+    inputs: dict[str, Any] = dict(job.inputs)
     # Inside the cache folder (a build's staging folder): a killed run's leftovers go with it.
     with tempfile.TemporaryDirectory(prefix=".rheumai-series-", dir=Path(job.stem).parent) as tmp:
+        folder = job.inputs[0][1]
         try:
-            for i, f in enumerate(job.files):
-                os.symlink(os.path.abspath(f), os.path.join(tmp, f"{i:06d}.dcm"))
-            study = read_study(tmp, series_uid=job.series_uid or None)
-            study.path = job.folder
-            select_slices(study, params).save(job.stem)
+            if job.series_files:
+                for i, f in enumerate(job.series_files):
+                    os.symlink(os.path.abspath(f), os.path.join(tmp, f"{i:06d}.dcm"))
+                study = read_study(tmp, series_uid=job.series_uid or None)
+                study.path = folder
+                inputs[job.inputs[0][0]] = study
+            get_task(task).preprocess(inputs, params).save(job.stem)
         except RheumAIError as exc:
-            return str(exc).replace(tmp, job.folder)
-        except Exception as exc:  # noqa: BLE001 - one bad series must not stop the others; reported per patient
-            return f"{type(exc).__name__}: {exc}".replace(tmp, job.folder)
+            return str(exc).replace(tmp, folder)
+        except Exception as exc:  # noqa: BLE001 - one bad study must not stop the others; reported per patient
+            return f"{type(exc).__name__}: {exc}".replace(tmp, folder)
     return None
 
 
-def _run(job: CacheJob, params: SliceParams) -> tuple[str, str | None]:
-    return job.patient_id, compute_entry(job, params)
+def _run(job: CacheJob, task: str, params: Mapping[str, Any]) -> tuple[str, str | None]:
+    return job.patient_id, compute_entry(job, task, params)
 
 
-def build_cache(jobs: Sequence[CacheJob], params: SliceParams, workers: int = 1,
+def build_cache(jobs: Sequence[CacheJob], task: str, params: Mapping[str, Any], workers: int = 1,
                 progress: ProgressFn | None = None) -> CacheReport:
     """Compute the missing entries of ``jobs`` (``workers`` processes), reuse the present ones."""
     todo = [j for j in jobs if not entry_exists(j.stem)]
     report = CacheReport(computed=[], reused=sorted(j.patient_id for j in jobs if entry_exists(j.stem)), failed={})
-    for j in todo:
-        Path(j.stem).parent.mkdir(parents=True, exist_ok=True)
     bar = None
     if progress is None and todo:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(todo), desc="computing task inputs", unit="series")
+        bar = tqdm(total=len(todo), desc="computing task inputs", unit="study")
 
     def done(i: int, pid: str, err: str | None) -> None:
         if err is None:
@@ -161,7 +152,7 @@ def build_cache(jobs: Sequence[CacheJob], params: SliceParams, workers: int = 1,
         pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn"),
                                    initializer=die_with_parent, initargs=(os.getpid(),))
         try:
-            futures = [pool.submit(_run, j, params) for j in todo]
+            futures = [pool.submit(_run, j, task, params) for j in todo]
             for i, fut in enumerate(as_completed(futures), 1):
                 done(i, *fut.result())
         except BaseException:
@@ -170,7 +161,7 @@ def build_cache(jobs: Sequence[CacheJob], params: SliceParams, workers: int = 1,
         pool.shutdown(wait=True)
     else:
         for i, j in enumerate(todo, 1):
-            done(i, *_run(j, params))
+            done(i, *_run(j, task, params))
     if bar is not None:
         bar.close()
     report.computed.sort()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import signal
 import sys
 import threading
@@ -58,10 +59,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--kfold", type=int, default=0, help="k folds over the train part")
     s.add_argument("--test-site", action="append", default=[], help="external-site split: test site (repeatable)")
     s.add_argument("--seed", type=int, default=0)
-    c = pb.add_argument_group("task input (SliceParams)")
-    c.add_argument("--slices", type=int, default=6)
-    c.add_argument("--spacing", type=float, default=1.0, help="mm")
-    c.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
+    c = pb.add_argument_group("task and its input")
+    c.add_argument("--task", default="cervical_ra", help="registered task (`rheumai tasks`); --index builds cervical_ra")
+    c.add_argument("--clinical", type=Path, help="with --images: a CSV of clinical columns keyed by patient_id")
+    c.add_argument("--slices", type=int, help="slices per input (n_slices; cervical 6)")
+    c.add_argument("--spacing", type=float, help="cervical: sampling step in mm (1.0)")
+    c.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input pixels (cervical 512 512)")
+    c.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="any preprocessing parameter of the task, value as JSON (e.g. slice_spacing_mm=4)")
     c.add_argument("--workers", type=int, default=1, help="processes computing the cache")
     c.add_argument("--flow-only", action="store_true", help="validate, report the flow and split; no cache/manifest")
     pb.set_defaults(func=_build)
@@ -92,9 +97,9 @@ def _index(args: argparse.Namespace) -> int:
     summary = index_archive(args.root, args.out, oblique_deg=args.oblique_deg)
     print(summary.text())
     if args.unreadable_csv:
-        from .build import _csv_text
+        from .build import csv_text
 
-        write_text(args.unreadable_csv, _csv_text(["path", "reason"], [list(r) for r in summary.unreadable]))
+        write_text(args.unreadable_csv, csv_text(["path", "reason"], [list(r) for r in summary.unreadable]))
     return 0
 
 
@@ -107,11 +112,32 @@ def _make_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _params(args: argparse.Namespace) -> dict[str, object]:
+    """Preprocessing overrides from --slices / --spacing / --size / --param; ValueError on unknown keys."""
+    from .build import task_params
+
+    given = {"n_slices": args.slices, "spacing_mm": args.spacing, "size": args.size}
+    out: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    known = task_params(args.task, None)
+    unknown = sorted(set(out) - set(known))
+    if unknown:
+        raise ValueError(f"task {args.task} has no preprocessing parameter(s) {', '.join(unknown)} "
+                         f"(it has: {', '.join(known)})")
+    return out
+
+
 def _build(args: argparse.Namespace) -> int:
-    from ..tasks.cervical_ra.slices import SliceParams
     from .build import build_dataset
-    from .cohort import CohortRules
-    from .images import ImageRules, build_image_dataset
+    from .cohort import CohortRules, ImageRules
+    from .images import build_image_dataset
     from .split import SplitConfig
 
     dicom = args.images is None and args.index is not None and args.labels is not None
@@ -119,23 +145,30 @@ def _build(args: argparse.Namespace) -> int:
     if not (dicom or table):
         print("rheumai dataset build: error: give either --images TABLE, or both --index and --labels", file=sys.stderr)
         return 2
+    if dicom and (args.task != "cervical_ra" or args.clinical):
+        print("rheumai dataset build: error: --index / --labels build the cervical_ra task; for another task or "
+              "--clinical give --images TABLE", file=sys.stderr)
+        return 2
     try:
         image_rules = ImageRules(min_followup_days=args.min_followup_days, intermediate=args.intermediate,
                                  exclude_baseline_deformity=not args.keep_baseline_deformity)
-        rules = CohortRules(min_followup_days=args.min_followup_days, intermediate=args.intermediate,
-                            exclude_baseline_deformity=not args.keep_baseline_deformity, min_slices=args.min_slices,
+        rules = CohortRules(**image_rules.to_dict(), min_slices=args.min_slices,
                             baseline_date_tolerance_days=args.date_tolerance_days,
                             allow_fat_suppressed=args.allow_fat_suppressed, regions=tuple(args.regions))
         split = SplitConfig(train_fraction=args.split, val_fraction=args.val, kfold=args.kfold,
                             test_sites=tuple(args.test_site), seed=args.seed)
-        params = SliceParams(n_slices=args.slices, spacing_mm=args.spacing, size=tuple(args.size))
-    except ValueError as exc:
+        params = _params(args)
+        if args.task == "cervical_ra":
+            from ..tasks.cervical_ra.slices import SliceParams
+
+            SliceParams.from_dict({**SliceParams().to_dict(), **params})  # validates
+    except (ValueError, KeyError) as exc:
         print(f"rheumai dataset build: error: {exc}", file=sys.stderr)
         return 2
     with _sigterm_as_exit():
-        if args.images is not None:
+        if table:
             res = build_image_dataset(args.images, args.out, image_rules, split, params, workers=args.workers,
-                                      compute_cache=not args.flow_only)
+                                      compute_cache=not args.flow_only, task=args.task, clinical_csv=args.clinical)
         else:
             res = build_dataset(args.index, args.labels, args.out, rules, split, params, workers=args.workers,
                                 compute_cache=not args.flow_only)

@@ -15,9 +15,7 @@ from typing import Any
 
 from ..atomic import atomic_path, write_json, write_text
 from .cohort import CohortResult
-
-
-_ORDER = ("train", "val", "test")
+from .split import SPLITS
 
 
 def flow_dict(cohort: CohortResult, split: dict[str, tuple[str, int]] | None = None,
@@ -34,16 +32,15 @@ def flow_dict(cohort: CohortResult, split: dict[str, tuple[str, int]] | None = N
         ],
         "included": cohort.steps[-1].remaining if cohort.steps else cohort.n_start,
         "not_in_label_sheet": cohort.not_in_sheet,
+        "rule_lines": cohort.rules.rule_lines(),
     }
-    if hasattr(cohort.rules, "rule_lines"):  # rules of an image table (no DICOM series rules)
-        d["rule_lines"] = cohort.rules.rule_lines()
     if split is not None and labels is not None:
         table: dict[str, dict[str, int]] = {}
         for p, (name, _fold) in split.items():
             row = table.setdefault(name, {"n": 0, "positive": 0, "negative": 0})
             row["n"] += 1
             row["positive" if labels[p] else "negative"] += 1
-        d["split"] = {k: table[k] for k in ("train", "val", "test") if k in table}
+        d["split"] = {k: table[k] for k in SPLITS if k in table}
         folds = Counter(f for _, f in split.values() if f >= 0)
         if folds:
             d["folds"] = {str(k): folds[k] for k in sorted(folds)}
@@ -67,17 +64,11 @@ def flow_text(flow: dict[str, Any], header: str = "", split_desc: str = "") -> s
     neg = sum(v["negative"] for v in sp.values())
     tail = f"   (positive {pos}, negative {neg})" if sp else ""
     out.append(f"     {'Included':<{w}}{flow['included']:>10}{'':>10}{tail}")
-    r = flow["rules"]
-    out += ["", "Rules"] + (flow.get("rule_lines") or [
-            f"  baseline study: MR study on the baseline date (± {r['baseline_date_tolerance_days']} days) or the named StudyInstanceUID",
-            f"  baseline series: {flow['series_rule']}",
-            f"  follow-up: >= {r['min_followup_days']} days after the baseline study date",
-            f"  deformity at baseline: {'excluded' if r['exclude_baseline_deformity'] else 'kept'}",
-            f"  intermediate outcome: {r['intermediate']}"])
+    out += ["", "Rules", *flow["rule_lines"]]
     if sp:
         out += ["", f"Split: {split_desc}" if split_desc else "Split",
                 f"  {'split':<8}{'patients':>10}{'positive':>10}{'negative':>10}"]
-        for k, v in ((k, sp[k]) for k in _ORDER if k in sp):
+        for k, v in ((k, sp[k]) for k in SPLITS if k in sp):
             out.append(f"  {k:<8}{v['n']:>10}{v['positive']:>10}{v['negative']:>10}")
         if "folds" in flow:
             out.append("  folds: " + ", ".join(f"{k}: {n}" for k, n in flow["folds"].items()))
@@ -139,7 +130,7 @@ def flow_png(flow: dict[str, Any], path: str | Path) -> Path:
             box(5.3, y + 0.6, 4.3, 0.7, "\n".join(lines), "#f6dede" if s["n_excluded"] else "#eeeeee")
     sp = flow.get("split")
     if sp:
-        txt = "   ".join(f"{k}: {sp[k]['n']} (+{sp[k]['positive']}/-{sp[k]['negative']})" for k in _ORDER if k in sp)
+        txt = "   ".join(f"{k}: {sp[k]['n']} (+{sp[k]['positive']}/-{sp[k]['negative']})" for k in SPLITS if k in sp)
         ax.text(0.3, 0.05, f"Split: {txt}", fontsize=9, va="bottom")
     path = Path(path)
     with atomic_path(path) as tmp:

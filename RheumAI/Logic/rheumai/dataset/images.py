@@ -1,84 +1,61 @@
-"""Cohorts without DICOM: a table of image paths + labels, through the same rules, flow, split and cache.
+"""Cohorts as a table of image paths + labels, for any registered task, through the same rules,
+flow report, split and cache as a DICOM archive.
 
 CSV (comma, semicolon or tab separated; UTF-8), one row per patient:
 
 =====================  ========================================================================
 patient_id             required, unique
-image                  required: a NIfTI / NRRD / MHA file or a DICOM folder holding one series;
-                       relative paths are relative to the table's folder
+<role>                 one column per input role of the task (``rheumai tasks``; a one-input task
+                       also takes ``image``): a NIfTI / NRRD / MHA file or a DICOM folder with one
+                       series; relative paths are relative to the table's folder
+<roi>                  the task's ROI file when it declares one (NegSpA-AI: ``box``)
 outcome | label        required, one of them: outcome yes | no | intermediate, or label 1 | 0
 followup_days          optional: days from the baseline image to the follow-up, or
 baseline_date +        optional (YYYY-MM-DD) instead of followup_days
 followup_date
 baseline_deformity     yes | no, optional (blank = not recorded)
 site                   optional (used by the external-site split)
-anything else          clinical variables, copied verbatim into the manifest
+split                  optional, train | val | test on every row: the table's own split
+anything else          clinical columns, copied verbatim; a task that declares its clinical
+                       variables gets those only, parsed by its ``clinical_table`` entry point
 =====================  ========================================================================
 
-Steps of the inclusion flow (each excluded patient with the reason): image found, follow-up
-(only where the table records it), deformity at baseline, intermediate outcome, then "task input
-computed" when the cache reads the image through the imaging core (:func:`rheumai.io.read_study`).
-Every bad row is reported at once (:class:`~rheumai.dataset.labels.LabelSheetError`) before
-anything is written.
+Clinical columns may also come from a second CSV keyed by patient_id (``clinical_csv``). Flow:
+image found, follow-up (where recorded), baseline deformity, intermediate outcome, task input
+computed (the task's preprocessing in the cache). Every bad row is reported at once
+(:class:`~rheumai.dataset.labels.LabelSheetError`) before anything is written.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from ..errors import InputError
 from ..io import is_image_file
-from ..tasks.cervical_ra.slices import SliceParams
 from .build import DatasetResult, ProgressFn, _build_staged
-from .cache import CacheJob, FileHasher, entry_name
-from .cohort import INTERMEDIATE_POLICIES, CohortEntry, CohortResult, Step
-from .labels import LabelSheetError, RowProblem, _parse_date, _read_csv
-from .split import SplitConfig
+from .cohort import CohortEntry, CohortResult, ImageRules, Step, outcome_steps
+from .labels import LabelSheetError, _parse_date, _read_csv, parse_deformity, parse_outcome, parse_rows
+from .split import SPLITS, SplitConfig
 
 RESERVED = ("patient_id", "image", "outcome", "label", "followup_days", "baseline_date", "followup_date",
-            "baseline_deformity", "site")
-
-
-@dataclass(frozen=True)
-class ImageRules:
-    """Rules for an image table (the DICOM series rules do not apply: the table names the image)."""
-
-    min_followup_days: int = 1000
-    intermediate: str = "exclude"
-    exclude_baseline_deformity: bool = True
-    baseline_date_tolerance_days: int = 0  # unused; kept so flow reports read both rule kinds alike
-
-    def __post_init__(self) -> None:
-        if self.intermediate not in INTERMEDIATE_POLICIES:
-            raise ValueError(f"intermediate policy must be one of {INTERMEDIATE_POLICIES}, not {self.intermediate!r}")
-        if self.min_followup_days < 0:
-            raise ValueError(f"invalid rules: {self}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def series_rule_text(self) -> str:
-        return "the table's image, read as one 3D volume (NIfTI / NRRD / MHA file or a DICOM folder with one series)"
-
-    def rule_lines(self) -> list[str]:
-        return [f"  image: {self.series_rule_text()}",
-                f"  follow-up: >= {self.min_followup_days} days (where the table records it)",
-                f"  deformity at baseline: {'excluded' if self.exclude_baseline_deformity else 'kept'}",
-                f"  intermediate outcome: {self.intermediate}"]
+            "baseline_deformity", "site", "split")
 
 
 @dataclass(frozen=True)
 class ImageRow:
     row: int
     patient_id: str
-    image: str  # absolute path
+    inputs: dict[str, str]  # role (and ROI) -> absolute path
     outcome: str  # yes | no | intermediate
     followup_days: int | None
     baseline_deformity: str | None
     site: str
+    split: str
     clinical: dict[str, str] = field(default_factory=dict)
 
 
@@ -89,66 +66,55 @@ class ImageTable:
     rows: list[ImageRow]
     clinical_columns: list[str]
     has_followup: bool
+    roi: str | None = None  # the key of the ROI file in each row's inputs
 
 
-def read_image_table(path: str | Path) -> ImageTable:
-    """Read and validate an image table; raises LabelSheetError listing every bad row."""
-    path = Path(path)
+def read_image_table(path: str | Path, task: str = "cervical_ra", clinical_csv: str | Path | None = None) -> ImageTable:
+    """Read and validate an image table for ``task``; raises LabelSheetError listing every bad row."""
+    from ..tasks import get_task
+
+    spec, path = get_task(task), Path(path)
     header, body = _read_csv(path)
-    missing = [c for c in ("patient_id", "image") if c not in header]
+    roles = list(spec.roles) + ([spec.roi.kind] if spec.roi else [])
+    cols = {r: "image" if len(spec.roles) == 1 and r == spec.roles[0] and r not in header else r for r in roles}
+    missing = [c for c in ("patient_id", *cols.values()) if c not in header]
     if "outcome" not in header and "label" not in header:
         missing.append("outcome or label")
     if missing:
         raise InputError(path, f"image table lacks the column(s) {', '.join(missing)}; it has: {', '.join(header)}")
-    if not body:
-        raise InputError(path, "image table has a header but no rows")
-    clinical = [h for h in header if h not in RESERVED and h]
+    clinical = [h for h in header if h and h not in RESERVED and h not in roles]
     has_followup = "followup_days" in header or ("baseline_date" in header and "followup_date" in header)
-    problems: list[RowProblem] = []
-    rows: list[ImageRow] = []
-    first: dict[str, int] = {}
-    for n, raw in enumerate(body, start=2):
-        if not any(c.strip() for c in raw):
-            continue
-        v = {h: (raw[i].strip() if i < len(raw) else "") for i, h in enumerate(header)}
-        pid, errs = v["patient_id"], []
-        if not pid:
-            errs.append("missing patient_id")
-        elif pid in first:
-            errs.append(f"duplicate patient_id (first on row {first[pid]})")
-        else:
-            first[pid] = n
-        if not v["image"]:
-            errs.append("missing image path")
-        outcome = _outcome(v, errs)
+
+    def parse(n: int, v: dict[str, str], errs: list[str]) -> ImageRow:
+        errs += [f"missing {'image' if c == 'image' else c} path" for c in cols.values() if not v[c]]
         days = _followup_days(v, errs) if has_followup else None
-        deform = v.get("baseline_deformity", "").lower() or None
-        if deform not in (None, "yes", "no"):
-            errs.append(f"baseline_deformity must be yes, no or blank, not '{v['baseline_deformity']}'")
-        if errs:
-            problems += [RowProblem(n, pid, e) for e in errs]
-            continue
-        image = Path(v["image"]).expanduser()
-        image = image if image.is_absolute() else path.parent / image
-        rows.append(ImageRow(n, pid, str(image.resolve()), outcome, days, deform, v.get("site", ""),
-                             {c: v.get(c, "") for c in clinical}))
+        if v.get("split", "") not in ("", *SPLITS):
+            errs.append(f"split must be one of {', '.join(SPLITS)} or blank, not '{v['split']}'")
+        inputs = {r: str((path.parent / Path(v[c]).expanduser()).resolve()) for r, c in cols.items()}
+        return ImageRow(n, v["patient_id"], inputs, parse_outcome(v, errs, label_column=True), days,
+                        parse_deformity(v, errs), v.get("site", ""), v.get("split", ""), {c: v[c] for c in clinical})
+
+    rows, problems = parse_rows(path, header, body, parse, what="image table")
     if problems:
         raise LabelSheetError(path, problems)
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    return ImageTable(str(path), sha, rows, clinical, has_followup)
-
-
-def _outcome(v: dict[str, str], errs: list[str]) -> str:
-    if v.get("outcome"):
-        o = v["outcome"].lower()
-        if o not in ("yes", "no", "intermediate"):
-            errs.append(f"outcome must be yes, no or intermediate, not '{v['outcome']}'")
-        return o
-    lab = v.get("label", "")
-    if lab in ("0", "1"):
-        return "yes" if lab == "1" else "no"
-    errs.append(f"label must be 0 or 1, not '{lab}'" if lab else "missing outcome / label")
-    return ""
+    if len({bool(r.split) for r in rows}) > 1:
+        raise InputError(path, "the split column is filled on some rows only: fill it on every row or on none")
+    if clinical_csv is not None:
+        extra_header, extra_body = _read_csv(Path(clinical_csv))
+        extra = {v["patient_id"]: v for v in (dict(zip(extra_header, (x.strip() for x in b))) for b in extra_body)
+                 if v.get("patient_id")}
+        clinical += [c for c in extra_header if c != "patient_id" and c not in clinical]
+        for r in rows:
+            r.clinical.update({c: extra.get(r.patient_id, {}).get(c, "") for c in extra_header if c != "patient_id"})
+    if spec.clinical:
+        clinical = [c.name for c in spec.clinical]
+        raw = pd.DataFrame([{"patient_id": r.patient_id, **r.clinical} for r in rows])
+        parsed = spec.entry("clinical_table")(raw, clinical_csv if clinical_csv is not None else path)
+        for r, (_, values) in zip(rows, parsed.iterrows()):
+            r.clinical.clear()
+            r.clinical.update({c: "" if pd.isna(values[c]) else repr(float(values[c])) for c in clinical})
+    return ImageTable(str(path), hashlib.sha256(path.read_bytes()).hexdigest(), rows, clinical, has_followup,
+                      spec.roi.kind if spec.roi else None)
 
 
 def _followup_days(v: dict[str, str], errs: list[str]) -> int | None:
@@ -167,60 +133,29 @@ def _followup_days(v: dict[str, str], errs: list[str]) -> int | None:
 
 
 def apply_image_rules(table: ImageTable, rules: ImageRules) -> CohortResult:
-    """The inclusion steps on an image table (the last step, reading the image, runs in the cache)."""
-    steps = [Step("image", "Image found"),
-             Step("followup", f"Follow-up >= {rules.min_followup_days} days"),
+    """The inclusion steps on an image table (the last step, preprocessing, runs in the cache)."""
+    steps = [Step("image", "Image found"), Step("followup", f"Follow-up >= {rules.min_followup_days} days"),
              Step("baseline_deformity", "No deformity at baseline"),
              Step("intermediate", f"Intermediate outcome: {rules.intermediate}")]
-    kept: list[ImageRow] = []
+    kept = []
     for r in sorted(table.rows, key=lambda r: r.patient_id):
-        p = Path(r.image)
-        if not p.exists():
-            steps[0].excluded.append((r.patient_id, f"image not found: {r.image}"))
-        elif p.is_file() and not is_image_file(p) and p.suffix.lower() not in ("", ".dcm", ".ima"):
-            steps[0].excluded.append((r.patient_id, f"not an image file (NIfTI / NRRD / MHA) or DICOM folder: {r.image}"))
+        why = []
+        for role, p in r.inputs.items():
+            if not Path(p).exists():
+                why.append(f"{role if role == table.roi else 'image'} not found: {p}")
+            elif role != table.roi and Path(p).is_file() and not is_image_file(p) and \
+                    Path(p).suffix.lower() not in ("", ".dcm", ".ima"):
+                why.append(f"not an image file (NIfTI / NRRD / MHA) or DICOM folder: {p}")
+        if why:
+            steps[0].excluded.append((r.patient_id, "; ".join(why)))
         else:
-            kept.append(r)
+            kept.append((r, r.followup_days, ""))
     steps[0].remaining = len(kept)
-    nxt = []
-    for r in kept:
-        if not table.has_followup:
-            nxt.append(r)
-        elif r.followup_days is None:
-            steps[1].excluded.append((r.patient_id, "follow-up not recorded"))
-        elif r.followup_days < rules.min_followup_days:
-            steps[1].excluded.append((r.patient_id, f"follow-up {r.followup_days} days < {rules.min_followup_days}"))
-        else:
-            nxt.append(r)
-    if not table.has_followup:
-        steps[1].note = "not applied: the table records no follow-up"
-    kept, steps[1].remaining = nxt, len(nxt)
-    nxt = []
-    for r in kept:
-        if rules.exclude_baseline_deformity and r.baseline_deformity == "yes":
-            steps[2].excluded.append((r.patient_id, "deformity at baseline"))
-        else:
-            nxt.append(r)
-    kept, steps[2].remaining = nxt, len(nxt)
-    nxt = []
-    relabelled = 0
-    for r in kept:
-        if r.outcome == "intermediate" and rules.intermediate == "exclude":
-            steps[3].excluded.append((r.patient_id, "intermediate outcome (policy: exclude)"))
-        else:
-            relabelled += r.outcome == "intermediate"
-            nxt.append(r)
-    kept, steps[3].remaining = nxt, len(nxt)
-    if relabelled:
-        steps[3].note = f"{relabelled} intermediate relabelled {rules.intermediate}"
-    included = [CohortEntry(
-        patient_id=r.patient_id, outcome=r.outcome, site=r.site,
-        label=1 if r.outcome == "yes" or (r.outcome == "intermediate" and rules.intermediate == "positive") else 0,
-        baseline_date=None, followup_date=None, followup_days=r.followup_days,  # type: ignore[arg-type]
-        study_uid="", series_uid="", series_description=Path(r.image).name, n_slices=0, folder=r.image,
-        clinical=r.clinical) for r in kept]
-    return CohortResult(rules=rules, n_start=len(table.rows), steps=steps, included=included,  # type: ignore[arg-type]
-                        not_in_sheet=[])
+    included = [CohortEntry(patient_id=r.patient_id, label=label, outcome=r.outcome, site=r.site, clinical=r.clinical,
+                            inputs=r.inputs, split=r.split, followup_days=r.followup_days,
+                            series_description=Path(r.inputs[next(iter(r.inputs))]).name)
+                for r, label in outcome_steps(kept, rules, steps, table.has_followup)]
+    return CohortResult(rules=rules, n_start=len(table.rows), steps=steps, included=included, not_in_sheet=[])
 
 
 def _image_files(image: str) -> list[str]:
@@ -235,33 +170,21 @@ def build_image_dataset(
     out_dir: str | Path,
     rules: ImageRules = ImageRules(),
     split_cfg: SplitConfig = SplitConfig(),
-    slice_params: SliceParams = SliceParams(),
+    params: Any = None,
     workers: int = 1,
     progress: ProgressFn | None = None,
     compute_cache: bool = True,
     task: str = "cervical_ra",
+    clinical_csv: str | Path | None = None,
 ) -> DatasetResult:
-    """Build a dataset from an image table: the same outputs as
-    :func:`rheumai.dataset.build.build_dataset` (manifest, flow, split, cache, dataset.json), the
-    same staging and swap (a failed build changes nothing)."""
-    table = read_image_table(table_csv)
+    """Build ``task``'s dataset from an image table: the outputs of
+    :func:`rheumai.dataset.build.build_dataset` (manifest, flow, split, cache, dataset.json) with
+    the same staging and swap. ``params``: the task's preprocessing parameters (an object with
+    ``to_dict`` or a dict of overrides; None: the task's defaults)."""
+    table = read_image_table(table_csv, task, clinical_csv)
     cohort = apply_image_rules(table, rules)
     header = f"image table: {Path(table_csv).name} ({len(table.rows)} rows)"
+    return _build_staged(Path(out_dir), cohort, table, header, None, task, rules, split_cfg, params,
+                         lambda e: ([f for p in e.inputs.values() for f in _image_files(p)], ()),
+                         workers, progress, compute_cache)
 
-    def jobs_for(cache_dir: Path, p_hash: str, hashes: dict[str, str]) -> list[CacheJob]:
-        hasher = FileHasher(cache_dir / "filehash.sqlite")
-        jobs = []
-        try:
-            for k, e in enumerate(cohort.included, 1):
-                files = _image_files(e.folder)
-                hashes[e.patient_id] = hasher.series(files)
-                jobs.append(CacheJob(e.patient_id, "", tuple(files), e.folder,
-                                     str(cache_dir / entry_name(hashes[e.patient_id], p_hash))))
-                if progress is not None:
-                    progress("hashing source images", k, len(cohort.included))
-        finally:
-            hasher.close()
-        return jobs
-
-    return _build_staged(Path(out_dir), cohort, table, header, None, table_csv, task, rules, split_cfg,
-                         slice_params, jobs_for, workers, progress, compute_cache)

@@ -24,12 +24,12 @@ import datetime as dt
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from ..errors import InputError
 from .index import ArchiveIndex
 
 OUTCOMES = ("yes", "no", "intermediate")
-YES_NO = ("yes", "no")
 RESERVED = ("patient_id", "baseline_date", "baseline_study_uid", "followup_date", "outcome",
             "baseline_deformity", "site")
 
@@ -105,34 +105,19 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
     delim = max((",", ";", "\t"), key=first.count)
     rows = list(csv.reader(text.splitlines(), delimiter=delim))
     header = [h.strip() for h in rows[0]]
-    return header, rows[1:]
-
-
-def read_labels(path: str | Path, index: ArchiveIndex | None = None) -> tuple[LabelSheet, list[RowProblem]]:
-    """Parse and validate a label sheet. Returns the valid rows and every problem found.
-
-    With ``index``, patients and baseline study UIDs are checked against it. Bad rows are left
-    out of ``LabelSheet.rows`` and described in the problem list; see :func:`load_labels`.
-    """
-    path = Path(path)
-    header, body = _read_csv(path)
     if len(set(header)) != len(header):
         dup = sorted({h for h in header if header.count(h) > 1})
         raise InputError(path, f"duplicate column(s) in the header: {', '.join(dup)}")
-    missing = [c for c in ("patient_id", "followup_date", "outcome") if c not in header]
-    if "baseline_date" not in header and "baseline_study_uid" not in header:
-        missing.append("baseline_date or baseline_study_uid")
-    if missing:
-        raise InputError(path, f"missing column(s): {', '.join(missing)}; header is: {', '.join(header)}")
-    clinical = [h for h in header if h not in RESERVED]
-    known_patients = index.patients if index is not None else None
-    studies_of: dict[str, set[str]] = {}
-    if index is not None:
-        for p, s in zip(index.series["patient_id"], index.series["study_uid"]):
-            studies_of.setdefault(str(p), set()).add(str(s))
+    return header, rows[1:]
 
+
+def parse_rows(path: Path, header: list[str], body: list[list[str]],
+               parse: Callable[[int, dict[str, str], list[str]], Any], what: str = "label sheet",
+               ) -> tuple[list[Any], list[RowProblem]]:
+    """Rows as {column: stripped value} through ``parse(row number, values, errors)``; blank rows are
+    skipped, wrong field counts and missing or repeated patient IDs named. Returns (parsed, problems)."""
     problems: list[RowProblem] = []
-    good: list[LabelRow] = []
+    good: list[Any] = []
     first_row: dict[str, int] = {}
     for n, raw in enumerate(body, start=2):
         if not any(v.strip() for v in raw):
@@ -141,55 +126,88 @@ def read_labels(path: str | Path, index: ArchiveIndex | None = None) -> tuple[La
             problems.append(RowProblem(n, raw[0].strip() if raw else "", f"has {len(raw)} fields, the header has {len(header)}"))
             continue
         v = {h: x.strip() for h, x in zip(header, raw)}
-        pid = v["patient_id"]
-        errs: list[str] = []
+        pid, errs = v["patient_id"], []
         if not pid:
             errs.append("missing patient_id")
         elif pid in first_row:
             errs.append(f"duplicate patient_id (first on row {first_row[pid]})")
         else:
             first_row[pid] = n
-            if known_patients is not None and pid not in known_patients:
-                errs.append("unknown patient (not in the index)")
-        dates: dict[str, dt.date | None] = {}
-        for col in ("baseline_date", "followup_date"):
-            text = v.get(col, "")
-            dates[col] = None
-            if not text:
-                if col == "followup_date":
-                    errs.append("missing followup_date")
-                continue
-            try:
-                dates[col] = _parse_date(text)
-            except ValueError as exc:
-                errs.append(f"{col}: {exc}")
+        row = parse(n, v, errs)
+        if errs:
+            problems += [RowProblem(n, pid, e) for e in errs]
+        else:
+            good.append(row)
+    if not good and not problems:
+        raise InputError(path, f"{what} has a header but no rows")
+    return good, problems
+
+
+def parse_outcome(v: dict[str, str], errs: list[str], label_column: bool = False) -> str:
+    """``outcome`` yes | no | intermediate, or (``label_column``, when outcome is blank) ``label`` 1 | 0."""
+    if label_column and not v.get("outcome"):
+        lab = v.get("label", "")
+        if lab not in ("0", "1"):
+            errs.append(f"label must be 0 or 1, not '{lab}'" if lab else "missing outcome / label")
+        return "yes" if lab == "1" else "no"
+    outcome = v["outcome"].lower()
+    if not outcome:
+        errs.append("missing outcome")
+    elif outcome not in OUTCOMES:
+        errs.append(f"outcome '{v['outcome']}' is not one of {', '.join(OUTCOMES)}")
+    return outcome
+
+
+def parse_deformity(v: dict[str, str], errs: list[str]) -> str | None:
+    deform = v.get("baseline_deformity", "").lower() or None
+    if deform not in (None, "yes", "no"):
+        errs.append(f"baseline_deformity '{v['baseline_deformity']}' is not yes, no or blank")
+    return deform
+
+
+def read_labels(path: str | Path, index: ArchiveIndex | None = None) -> tuple[LabelSheet, list[RowProblem]]:
+    """Parse and validate a label sheet: (valid rows, every problem found). With ``index``, patients
+    and baseline study UIDs are checked against it; see :func:`load_labels`."""
+    path = Path(path)
+    header, body = _read_csv(path)
+    missing = [c for c in ("patient_id", "followup_date", "outcome") if c not in header]
+    if "baseline_date" not in header and "baseline_study_uid" not in header:
+        missing.append("baseline_date or baseline_study_uid")
+    if missing:
+        raise InputError(path, f"missing column(s): {', '.join(missing)}; header is: {', '.join(header)}")
+    clinical = [h for h in header if h not in RESERVED]
+    studies_of: dict[str, set[str]] = {}
+    if index is not None:
+        for p, s in zip(index.series["patient_id"], index.series["study_uid"]):
+            studies_of.setdefault(str(p), set()).add(str(s))
+
+    def parse(n: int, v: dict[str, str], errs: list[str]) -> LabelRow:
+        pid = v["patient_id"]
+        if index is not None and not errs and pid not in studies_of:
+            errs.append("unknown patient (not in the index)")
+        dates: dict[str, dt.date | None] = {"baseline_date": None, "followup_date": None}
+        for col in dates:
+            if v.get(col):
+                try:
+                    dates[col] = _parse_date(v[col])
+                except ValueError as exc:
+                    errs.append(f"{col}: {exc}")
+            elif col == "followup_date":
+                errs.append("missing followup_date")
         uid = v.get("baseline_study_uid", "") or None
         if dates["baseline_date"] is None and uid is None and not v.get("baseline_date"):
             errs.append("missing baseline (neither baseline_date nor baseline_study_uid)")
-        if uid is not None and pid and known_patients is not None and pid in known_patients \
-                and uid not in studies_of.get(pid, set()):
+        if uid is not None and pid in studies_of and uid not in studies_of[pid]:
             errs.append(f"baseline_study_uid {uid} is not a study of this patient in the index")
         b, f = dates["baseline_date"], dates["followup_date"]
         if b is not None and f is not None and f <= b:
             errs.append(f"impossible dates: followup_date {f} is not after baseline_date {b}")
-        outcome = v["outcome"].lower()
-        if not outcome:
-            errs.append("missing outcome")
-        elif outcome not in OUTCOMES:
-            errs.append(f"outcome '{v['outcome']}' is not one of {', '.join(OUTCOMES)}")
-        deform = v.get("baseline_deformity", "").lower() or None
-        if deform is not None and deform not in YES_NO:
-            errs.append(f"baseline_deformity '{v['baseline_deformity']}' is not yes, no or blank")
-        if errs:
-            problems += [RowProblem(n, pid, e) for e in errs]
-            continue
-        good.append(LabelRow(
-            row=n, patient_id=pid, baseline_date=b, baseline_study_uid=uid, followup_date=f,  # type: ignore[arg-type]
-            outcome=outcome, baseline_deformity=deform, site=v.get("site", ""),
-            clinical={c: v[c] for c in clinical},
-        ))
-    if not good and not problems:
-        raise InputError(path, "label sheet has a header but no rows")
+        return LabelRow(row=n, patient_id=pid, baseline_date=b, baseline_study_uid=uid,
+                        followup_date=f, outcome=parse_outcome(v, errs),  # type: ignore[arg-type]
+                        baseline_deformity=parse_deformity(v, errs), site=v.get("site", ""),
+                        clinical={c: v[c] for c in clinical})
+
+    good, problems = parse_rows(path, header, body, parse)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     return LabelSheet(path=str(path), sha256=sha, rows=good, clinical_columns=clinical), problems
 

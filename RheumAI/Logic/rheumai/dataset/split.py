@@ -21,6 +21,8 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from ..errors import InputError
 
+SPLITS = ("train", "val", "test")
+
 
 @dataclass(frozen=True)
 class SplitConfig:
