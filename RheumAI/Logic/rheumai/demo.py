@@ -91,8 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--pannus-level", type=float, nargs=2, metavar=("LO", "HI"),
                    help="pannus T2 signal as a fraction of CSF (0.42 0.58)", **opt)
     g.add_argument("--sites", nargs="+", help="site names (A B C)", **opt)
-    g.add_argument("--template", dest="template_path", type=Path, help="template T2 (default: the repository's real T2)",
-                   **opt)
+    g.add_argument("--template", dest="template_path", type=Path, help="template T2 (default: the repository's)", **opt)
     g.add_argument("--preview", type=int, metavar="N", help="PNGs of the first N subjects with a lesion", **opt)
     g = s.add_argument_group("negspa generator")
     g.add_argument("--spacing", type=float, help="T1 in-plane step in mm (1.0; T2 x1.25, STIR x1.5)", **opt)

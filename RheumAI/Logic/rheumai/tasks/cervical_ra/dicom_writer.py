@@ -69,7 +69,8 @@ def _base_dataset(h: SeriesHeader) -> Dataset:
     ds.SOPClassUID = MR_IMAGE_STORAGE
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = da
     ds.StudyTime = h.study_time
-    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = f"{int(h.study_time[:2]) % 24:02d}{h.series_number % 60:02d}00"
+    series_time = f"{int(h.study_time[:2]) % 24:02d}{h.series_number % 60:02d}00"
+    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = series_time
     ds.AccessionNumber = h.accession_number
     ds.Modality = "MR"
     ds.Manufacturer = "RheumAI synthetic"

@@ -1,13 +1,11 @@
-"""Clinical SpA features for NegSpA-AI: declaration, parsing, and an explicit missing-value encoding.
+"""Clinical SpA features for NegSpA-AI: declaration, parsing, explicit missing-value encoding.
 
-Variables (Lu et al., QIMS 2024 use the ASAS SpA features of HLA-B27-negative patients): the
-binary features below (1 = present), CRP (mg/L), age (years), sex, disease duration (months).
-
-Encoding (per variable, two numbers): ``value`` and ``missing`` (1 when the value was absent).
-A missing value is replaced by the training cohort's median (continuous) or prevalence (binary)
-*and* flagged, so the model can tell "absent" from "not recorded". Continuous values are then
-z-scored with the training cohort's mean / sd (after log1p for CRP, which is right-skewed).
-The fitted statistics go into the model card, so prediction encodes exactly as training did.
+Variables: the ASAS SpA features Lu et al. (QIMS 2024) use for HLA-B27-negative patients, binary
+(1 = present), CRP (mg/L), age (years), sex, disease duration (months). Each variable encodes as a
+``value`` and a ``missing`` flag: a missing value takes the training cohort's median (continuous) or
+prevalence (binary) and is flagged, so "absent" differs from "not recorded"; continuous values are
+z-scored with the training mean / sd (after log1p for the right-skewed CRP). The fitted statistics
+go into the model card, so prediction encodes exactly as training did.
 """
 
 from __future__ import annotations
@@ -161,9 +159,6 @@ class ClinicalEncoder:
                 values[:, j] = (tr - self.mean[var.name]) / self.std[var.name]
         return np.concatenate([values, missing], axis=1)
 
-    def feature_names(self) -> list[str]:
-        return list(NAMES) + [f"{n}_missing" for n in NAMES]
-
     def to_dict(self) -> dict[str, Any]:
         return {"variables": list(NAMES), "fill": self.fill, "mean": self.mean, "std": self.std,
                 "log1p": sorted(_LOG), "layout": "values then missing flags"}
@@ -171,5 +166,6 @@ class ClinicalEncoder:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ClinicalEncoder":
         if list(d.get("variables", [])) != list(NAMES):
-            raise ValueError(f"clinical encoder variables {d.get('variables')} differ from this version's {list(NAMES)}")
+            raise ValueError(f"clinical encoder variables {d.get('variables')} differ from this version's "
+                             f"{list(NAMES)}")
         return cls(fill=dict(d["fill"]), mean=dict(d["mean"]), std=dict(d["std"]))

@@ -1,27 +1,15 @@
 """MixCut for multi-sequence inputs: mixup inside one CutMix box shared by all sequences.
 
-Reading of the published method (Lu et al., QIMS 2024, "ASMixCut" code dump on GitHub,
-MedImgPro/ASMixCut, ``mixup.py: mixup_box`` and ``resnet_mixup.py``), stated because the dump is
-incomplete:
-
-* One batch permutation and one mixing coefficient ``lam ~ Beta(alpha, alpha)`` per batch.
-* One CutMix box per batch, **shared by the three sequences** (T1, T2, fat-suppressed): the series
-  are anatomically aligned, so the same box covers the same anatomy in each. The box has sides
-  ``sqrt(1 - lam)`` times the image sides, at a uniformly random centre, clipped to the image.
-* Inside the box the pixels are *blended* (mixup), not pasted (CutMix):
-  ``x_box = lam * x + (1 - lam) * x[perm]``; outside the box ``x`` is unchanged.
-* The dump's label weight, ``1 - box_area_fraction * lam`` for the original label, does not match
-  this pixel mix (the partner contributes ``(1 - lam)`` inside the box, not ``lam``).
-
-What we implement, so that the label matches the pixels: with ``A`` the *actual* (clipped) box
-area fraction and ``m = 1 - lam`` the partner's share inside the box, the partner's share of the
-whole image's pixel mass is ``w = m * A`` and the target is ``(1 - w) * y + w * y[perm]``.
-The property ``mean(mix(zeros, ones)) == w`` is tested. Here the joint halves of a study are
-treated like the sequences: both halves are mirrored to lateral -> medial, so they share the box
-too. The box is in pixel (row, column) coordinates of the (H, W) inputs.
-
-MixCut is applied in stage 1 only (image branches); stage 2 trains the clinical fusion on
-unmixed images, because a blended image has no single patient's clinical vector.
+Our reading of the published code (Lu et al., QIMS 2024; MedImgPro/ASMixCut ``mixup.py: mixup_box``,
+``resnet_mixup.py``; the dump is incomplete): one batch permutation, ``lam ~ Beta(alpha, alpha)`` and
+one box per batch, shared by T1, T2 and the fat-suppressed series (aligned anatomy), with sides
+``sqrt(1 - lam)`` times the image's at a uniform random centre, clipped; inside the box the pixels
+are blended, ``lam * x + (1 - lam) * x[perm]``, not pasted. The dump's label weight
+(``1 - box_fraction * lam``) does not match that pixel mix, so ours does: with ``A`` the clipped
+box's area fraction, the partner's share of the pixel mass is ``w = (1 - lam) * A`` and the target
+``(1 - w) * y + w * y[perm]`` (``mean(mix(zeros, ones)) == w`` is tested). Both joint halves
+(mirrored lateral -> medial) share the box too; it is in (row, column) pixels of the (H, W) inputs.
+Stage 1 only: a blended image has no single patient's clinical vector for the stage-2 fusion.
 """
 
 from __future__ import annotations

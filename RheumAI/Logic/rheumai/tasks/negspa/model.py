@@ -1,21 +1,14 @@
 """Tri-input ResNet with clinical fusion (NegSpA-AI).
 
-Input, packed into one tensor so that MONAI's Grad-CAM (which takes one input tensor) works:
-``x``: float32 (N, S * 2 * C, H, W), ordered sequence-major (t1, t2, stir), then joint half
-(right, left), then slice (A -> P); ``clinical``: float32 (N, D) from
-:class:`~rheumai.tasks.negspa.clinical.ClinicalEncoder` (values then missing flags).
-
-Per sequence, one MONAI ResNet branch (``spatial_dims=2``, ``n_input_channels=C``,
-``conv1_t_stride=2``, no classification layer) encodes each joint half (halves folded into the
-batch: branch batch = N * 2). Separate weights per sequence, as the issue asks (the published dump
-shares one backbone between the three sequences; ``shared_backbone=True`` reproduces that).
-
-Two heads, one logit per joint half:
-* ``image`` head (stage 1): linear on the concatenated sequence features;
-* ``fusion`` head (stage 2): MLP on [sequence features, MLP embedding of the clinical vector].
-The patient logit is the **max over the two halves** (a patient is positive when either joint is;
-the paper labels patients, so the loss is on the patient logit and the halves need no labels).
-``forward(x, clinical)`` returns (N, 1) patient logits; ``forward(..., output="halves")`` (N, 2).
+Input packed into one tensor (MONAI's Grad-CAM takes one): ``x`` float32 (N, S * 2 * C, H, W),
+sequence-major (t1, t2, stir), then joint half (right, left), then slice (A -> P); ``clinical``
+float32 (N, D) from :class:`~rheumai.tasks.negspa.clinical.ClinicalEncoder`. One MONAI ResNet
+branch per sequence (``spatial_dims=2``, C channels, no classifier) encodes each half (halves folded
+into the batch); separate weights per sequence (``shared_backbone=True``: one, as the published dump).
+Heads, one logit per half: ``image`` (stage 1, linear on the sequence features) and ``fusion``
+(stage 2, MLP on [features, clinical embedding]). The patient logit is the max over the halves
+(either joint positive; the loss is on the patient, halves need no labels): ``forward`` returns
+(N, 1), ``output="halves"`` (N, 2).
 """
 
 from __future__ import annotations
@@ -58,7 +51,8 @@ class TriInputResNet(nn.Module):
         d, e = int(a.get("clinical_dim", 26)), int(a.get("clinical_embed", 32))
         self.clinical_dim = d
         self.image_head = nn.Linear(feat * len(self.roles), 1)
-        self.clinical_mlp = nn.Sequential(nn.Linear(d, e), nn.ReLU(inplace=True), nn.Linear(e, e), nn.ReLU(inplace=True))
+        self.clinical_mlp = nn.Sequential(nn.Linear(d, e), nn.ReLU(inplace=True), nn.Linear(e, e),
+                                          nn.ReLU(inplace=True))
         self.fusion_head = nn.Sequential(nn.Dropout(0.2), nn.Linear(feat * len(self.roles) + e, 64),
                                          nn.ReLU(inplace=True), nn.Linear(64, 1))
         self.mode = "fusion"

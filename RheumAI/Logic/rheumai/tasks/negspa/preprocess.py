@@ -1,26 +1,16 @@
 """NegSpA-AI preprocessing: per sequence, sample the sacroiliac box, normalise, split into joint halves.
 
-Coordinates: LPS mm throughout (SimpleITK's convention); arrays are (k, j, i) = (slice, row, column).
-
-Choice of planes. Lu et al. read the sacroiliac joints on oblique-coronal slices (parallel to the
-sacrum's long axis), where each joint appears as a cleft between sacrum and ilium. We sample
-*coronal* slices in the coronal-like frame of one reference series (default: the fat-suppressed
-one, :func:`rheumai.geometry.snap_frame` onto :data:`CORONAL_FRAME`): an oblique-coronal
-acquisition keeps its obliquity, an axial one gives true coronal planes. All three sequences are
-sampled on the *same* planes (identical half grids), so the network's three inputs are
-anatomically aligned whatever each series' own orientation and spacing (MixCut relies on that). The published code feeds three slices per sequence as the
-three input channels; we do the same (``n_slices`` = 3, centred on the box, ``slice_spacing_mm``
-apart along anterior -> posterior).
-
-The box (both joints) is split at its centre along left-right into two halves. Each half is sampled
-on its own grid whose columns run **lateral -> medial** (the left half's column axis is mirrored),
-so both joints look alike to the network; its rows run superior -> inferior, its slices
-anterior -> posterior. Half 0 = patient right joint, half 1 = patient left joint. Each half keeps
-its :class:`~rheumai.geometry.Grid`, so a map on a half goes back into the series' own geometry
-with :meth:`SequenceSample.to_source` (``sitk.Resample`` onto the series' grid).
-
-Intensity: :func:`rheumai.normalize.normalize_intensity` per sequence over both halves together
-(one scaling, so left/right asymmetry survives), only over points inside the series' field of view.
+LPS mm throughout; arrays (k, j, i) = (slice, row, column). Lu et al. read the joints on
+oblique-coronal slices (each joint a cleft between sacrum and ilium); we sample coronal slices in
+the coronal-like frame of one reference series (default the fat-suppressed one,
+:func:`rheumai.geometry.snap_frame` onto :data:`CORONAL_FRAME`) and sample all three sequences on
+those same planes, so the three inputs are aligned whatever each series' geometry (MixCut relies on
+it). As the published code, three slices per sequence are the channels (``n_slices``, centred on the
+box, ``slice_spacing_mm`` apart, A -> P). The box splits at its centre into halves, each on its own
+grid with columns lateral -> medial (the left half mirrored), rows S -> I; half 0 = patient right.
+:meth:`SequenceSample.to_source` maps a half's map back into the series' own grid. Intensity:
+:func:`rheumai.normalize.normalize_intensity` per sequence over both halves together (asymmetry
+survives), over points inside the series' field of view.
 """
 
 from __future__ import annotations
@@ -58,17 +48,14 @@ class Box:
     def __post_init__(self) -> None:
         lo, hi = np.asarray(self.min_lps, float), np.asarray(self.max_lps, float)
         if lo.shape != (3,) or hi.shape != (3,) or np.any(hi <= lo):
-            raise ValueError(f"box needs 3 min and 3 max LPS coordinates with max > min, got {self.min_lps}, {self.max_lps}")
+            raise ValueError(f"box needs 3 min and 3 max LPS coordinates with max > min, got {self.min_lps}, "
+                             f"{self.max_lps}")
         object.__setattr__(self, "min_lps", tuple(map(float, lo)))
         object.__setattr__(self, "max_lps", tuple(map(float, hi)))
 
     @property
     def center(self) -> np.ndarray:
         return (np.asarray(self.min_lps) + np.asarray(self.max_lps)) / 2
-
-    @property
-    def size(self) -> np.ndarray:
-        return np.asarray(self.max_lps) - np.asarray(self.min_lps)
 
     def corners(self) -> np.ndarray:
         lo, hi = np.asarray(self.min_lps), np.asarray(self.max_lps)
@@ -118,7 +105,8 @@ def read_box(path: str | Path) -> Box:
                 return Box(tuple(row[f"min_{a}"] for a in "xyz"), tuple(row[f"max_{a}"] for a in "xyz"))
             return Box.from_center_size([row[f"center_{a}"] for a in "xyz"], [row[f"size_{a}"] for a in "xyz"])
         except (KeyError, IndexError, ValueError, pd.errors.ParserError) as exc:
-            raise InputError(path, f"box CSV needs min_x..max_z or center_x..size_z columns in LPS mm ({exc})") from None
+            raise InputError(path, f"box CSV needs min_x..max_z or center_x..size_z columns in LPS mm ({exc})"
+                             ) from None
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -136,11 +124,10 @@ def as_box(box: Box | Mapping[str, Any] | str | Path) -> Box:
 
 @dataclass(frozen=True)
 class NegSpaParams:
-    """Sampling parameters. size: (H, W) pixels per joint half; n_slices per sequence (channels);
-    slice_spacing_mm between slices (anterior -> posterior); pixel_mm: in-plane step (mm), None =
-    the smallest isotropic step that fits the half box; frame: "acquisition" (the coronal-like
-    planes of the ``frame_reference`` series, used for all sequences) or "patient" (pure LPS
-    coronal); norm: see rheumai.normalize."""
+    """size: (H, W) pixels per joint half; n_slices per sequence (channels), slice_spacing_mm apart
+    (A -> P); pixel_mm: in-plane step (mm), None = the smallest that fits the half box; frame:
+    "acquisition" (the ``frame_reference`` series' coronal-like planes, for all sequences) or
+    "patient" (pure LPS coronal); norm: see rheumai.normalize."""
 
     size: tuple[int, int] = (224, 224)
     n_slices: int = 3
@@ -286,26 +273,6 @@ class NegSpaSample:
                               "source_path": s.source_path, "inside_fraction": float(s.mask.mean())}
                           for r, s in self.sequences.items()}})
         return npy, meta
-
-    @classmethod
-    def load(cls, stem: str | Path) -> "NegSpaSample":
-        """Read a saved sample. The field-of-view masks are not stored (only their inside
-        fraction in the JSON): loaded samples have all-True masks."""
-        stem = Path(stem)
-        npy, meta_path = stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".json")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            arr = np.load(npy, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise InputError(stem, f"is not a readable NegSpA sample ({exc})") from None
-        seqs = {}
-        for s, r in enumerate(meta["roles"]):
-            m = meta["sequences"][r]
-            seqs[r] = SequenceSample(role=r, array=arr[s], mask=np.ones(arr[s].shape, bool),
-                                     grids=tuple(Grid.from_dict(g) for g in m["grids"]),
-                                     source_grid=Grid.from_dict(m["source_grid"]), source_path=m["source_path"])
-        return cls(sequences=seqs, box=box_from_dict(meta["box"], meta_path),
-                   params=NegSpaParams.from_dict(meta["params"]), provenance=meta.get("provenance", {}))
 
 
 def _as_image(src: Any, role: str) -> tuple[sitk.Image, str | None]:

@@ -1,23 +1,17 @@
 """Generated NegSpA cohort with known truth: three co-registered MRI series per subject.
 
-The phantom is an analytic pelvis defined in LPS mm (coronal cross-section: sacrum in the middle,
-the two sacroiliac joint clefts as thin bands, the iliac bones lateral to them, soft tissue
-around), tilted and warped per subject. Each series samples the *same* phantom on its own grid, so
-the series are co-registered by construction yet stored in different geometries:
+An analytic pelvis in LPS mm (coronal cross-section: sacrum, the two sacroiliac clefts as thin
+bands, iliac bones lateral, soft tissue around), tilted and warped per subject; each series samples
+the same phantom on its own grid (co-registered, stored in different geometries): ``t1`` oblique
+coronal (tilted about LPS x like the sacrum), in-plane ``spacing``; ``t2`` axial, 1.25 x ``spacing``;
+``stir`` oblique coronal, 1.5 x ``spacing``; 4 mm slices. Signal per sequence follows the usual
+contrast (marrow bright on T1, dark on STIR; fluid bright on T2 / STIR; oedema dark on T1, bright on
+STIR). Positives carry one or two oedema ellipsoids in subchondral bone next to a joint (truth mask
+on the STIR grid); clinical features have label-dependent prevalences, ~10 % left empty.
 
-* ``t1``: oblique coronal (tilted about LPS x like the sacrum), in-plane ``spacing`` mm, 4 mm slices;
-* ``t2``: axial, in-plane 1.25 x ``spacing``, 4 mm slices;
-* ``stir``: oblique coronal, in-plane 1.5 x ``spacing``, 4 mm slices.
-
-Tissue signal per sequence follows the usual contrast: marrow bright on T1 and dark on STIR,
-joint fluid bright on T2 / STIR, oedema dark on T1 and bright on STIR. Positives carry one or two
-oedema-like ellipsoids in the subchondral bone next to a joint (the truth mask, written on the
-STIR grid). Clinical features are drawn with label-dependent prevalences (inflammatory back pain,
-CRP, NSAID response... higher in positives) and ~10 % of values are left empty (missing).
-
-Outputs in ``out_dir``: ``<id>/t1.nii.gz, t2.nii.gz, stir.nii.gz, box.json, truth_oedema.nii.gz``,
-``cohort.csv`` (patient_id, label, split, paths relative to out_dir, oedema side) and
-``clinical.csv``. Deterministic per ``seed``; existing complete subjects are kept (resumable).
+Writes ``<id>/t1.nii.gz, t2.nii.gz, stir.nii.gz, box.json, truth_oedema.nii.gz``, ``cohort.csv``
+(patient_id, label, split, paths relative to out_dir, oedema side) and ``clinical.csv``.
+Deterministic per ``seed``; complete subjects are kept (resumable).
 """
 
 from __future__ import annotations
