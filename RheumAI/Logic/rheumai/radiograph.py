@@ -1,19 +1,13 @@
 """Projection radiographs (DICOM CR / DX, PNG / JPEG / TIFF) as one-slice images with geometry.
 
-Conventions:
-
-* ``Radiograph.array`` is (H, W) float32 with **bone bright** (MONOCHROME1 is inverted on read),
-  after BitsStored masking and RescaleSlope / RescaleIntercept.
-* Pixel coordinates are (x, y) = (column, row), in pixels, origin at the centre of the first pixel.
-* ``Radiograph.image`` is a one-slice 3D ``SimpleITK.Image`` (size (W, H, 1)) in LPS mm: from
-  ImagePositionPatient / ImageOrientationPatient when the file has them, else identity direction at
-  origin (0, 0, 0). Spacing is (col, row, 1) mm. Anything mapped through this image overlays the
-  radiograph exactly in Slicer.
-* Spacing: ``PixelSpacing`` (calibrated to the patient plane) is preferred; ``ImagerPixelSpacing``
-  (detector plane, magnification not corrected) is used when it is the only one and flagged as not
-  calibrated; missing or zero spacing gives 1.0 mm, flagged ``spacing_source="none"``.
-* ``to_canonical(rad, want="L")`` mirrors a radiograph of the other side into one frame and returns
-  the :class:`CanonicalTransform` that maps points and maps back.
+``Radiograph.array`` is (H, W) float32, **bone bright** (MONOCHROME1 inverted on read), after
+BitsStored masking and rescale. Pixel coordinates are (x, y) = (column, row), origin at the centre
+of the first pixel. ``Radiograph.image`` is a one-slice 3D ``SimpleITK.Image`` (size (W, H, 1)) in
+LPS mm (ImagePositionPatient / ImageOrientationPatient when present, else identity at the origin),
+spacing (col, row, 1) mm, so anything mapped through it overlays the radiograph in Slicer. Spacing:
+``PixelSpacing`` (calibrated) is preferred; ``ImagerPixelSpacing`` (detector plane) is used but
+flagged not calibrated; missing or zero gives 1.0 mm, ``spacing_source="none"``.
+``to_canonical`` mirrors a radiograph of the other side into one frame (:class:`CanonicalTransform`).
 """
 
 from __future__ import annotations
@@ -31,9 +25,6 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from .atomic import atomic_path
 from .errors import InputError
-
-__all__ = ["Radiograph", "CanonicalTransform", "read_radiograph", "to_canonical", "write_radiograph_dicom",
-           "radiograph_from_array", "RASTER_SUFFIXES", "SOP_CLASS"]
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 SOP_CLASS = {"CR": "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
@@ -60,11 +51,6 @@ class Radiograph:
     photometric: str
     path: str
     meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(H, W) pixels."""
-        return tuple(self.array.shape)  # type: ignore[return-value]
 
     def with_array(self, array: np.ndarray) -> sitk.Image:
         """``array`` (H, W) as a one-slice image with this radiograph's geometry (for maps)."""
@@ -100,11 +86,9 @@ class CanonicalTransform:
 
     map_from_canonical = map_to_canonical
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"flip_x": self.flip_x, "width": self.width}
 
-
-def to_canonical(rad: Radiograph, want: str = "L", laterality: str | None = None) -> tuple[np.ndarray, CanonicalTransform]:
+def to_canonical(rad: Radiograph, want: str = "L", laterality: str | None = None
+                 ) -> tuple[np.ndarray, CanonicalTransform]:
     """The radiograph's array in the frame of a ``want`` ("L" / "R") side, and the transform back.
 
     ``laterality`` overrides the radiograph's own; when neither says which side, the image is kept
@@ -268,97 +252,79 @@ def radiograph_from_array(array: np.ndarray, spacing_mm: tuple[float, float] | N
                       photometric="MONOCHROME2", path=path)
 
 
+def as_radiograph(src: str | Path | Radiograph | sitk.Image) -> Radiograph:
+    """A file path, a :class:`Radiograph` or a one-slice SimpleITK image (LPS, bone bright; e.g. a
+    Slicer volume node's image, whose geometry is kept) as a :class:`Radiograph`."""
+    if isinstance(src, Radiograph):
+        return src
+    if not isinstance(src, sitk.Image):
+        return read_radiograph(src)
+    arr = sitk.GetArrayFromImage(src)
+    sp = src.GetSpacing()
+    rad = radiograph_from_array(arr[0] if arr.ndim == 3 else arr, spacing_mm=(float(sp[1]), float(sp[0])))
+    if src.GetDimension() == 3:
+        rad.image = sitk.Cast(src, sitk.sitkFloat32)
+    return rad
+
+
 def write_radiograph_dicom(path: str | Path, array: np.ndarray, spacing_mm: tuple[float, float] | None,
                            modality: str = "CR", laterality: str | None = None, photometric: str = "MONOCHROME2",
                            patient_id: str = "ANON", bits_stored: int = 12, spacing_tag: str = "ImagerPixelSpacing",
                            **tags: Any) -> Path:
     """Write a bone-bright (H, W) ``array`` as a single-frame 16-bit DICOM CR / DX file (atomic).
 
-    array: float values in [0, 1] (scaled to 0..2**bits_stored - 1) or integers in that range.
+    array: floats in [0, 1] (scaled to 0..2**bits_stored - 1) or integers in that range.
     spacing_mm: (row, col) mm, written to ``spacing_tag`` ("PixelSpacing" | "ImagerPixelSpacing" |
-    "both"); None writes no spacing. photometric "MONOCHROME1" stores the inverted values, so a
-    reader that honours the photometric interpretation gets ``array`` back. Extra ``tags`` are set
-    by keyword (e.g. StudyInstanceUID, StudyDate, SeriesDescription, BodyPartExamined).
+    "both"); None writes none. MONOCHROME1 stores inverted values, so a reader honouring it gets
+    ``array`` back. Extra ``tags`` are set by keyword (StudyInstanceUID, SeriesDescription...).
     """
-    if modality not in SOP_CLASS:
-        raise ValueError(f"modality must be one of {sorted(SOP_CLASS)}, not {modality!r}")
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, not {photometric!r}")
-    if spacing_tag not in ("PixelSpacing", "ImagerPixelSpacing", "both"):
-        raise ValueError(f"spacing_tag must be PixelSpacing, ImagerPixelSpacing or both, not {spacing_tag!r}")
-    if not 8 <= bits_stored <= 16:
-        raise ValueError("bits_stored must be within 8..16")
+    checks = [(modality in SOP_CLASS, f"modality must be one of {sorted(SOP_CLASS)}, not {modality!r}"),
+              (photometric in ("MONOCHROME1", "MONOCHROME2"), f"photometric {photometric!r} unknown"),
+              (spacing_tag in ("PixelSpacing", "ImagerPixelSpacing", "both"), f"spacing_tag {spacing_tag!r} unknown"),
+              (8 <= bits_stored <= 16, "bits_stored must be within 8..16"),
+              (laterality in (None, "L", "R"), f"laterality must be 'L' or 'R', not {laterality!r}"),
+              (np.ndim(array) == 2, f"expected an (H, W) array, got shape {np.shape(array)}")]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
     arr = np.asarray(array)
-    if arr.ndim != 2:
-        raise ValueError(f"expected an (H, W) array, got shape {arr.shape}")
     top = 2 ** bits_stored - 1
     if np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 1:
             raise ValueError("float arrays must hold finite values in [0, 1]")
-        stored = np.rint(arr * top).astype(np.uint16)
-    else:
-        if arr.min() < 0 or arr.max() > top:
-            raise ValueError(f"integer arrays must lie in 0..{top}")
-        stored = arr.astype(np.uint16)
-    if photometric == "MONOCHROME1":
-        stored = (top - stored).astype(np.uint16)
-
+        arr = np.rint(arr * top)
+    elif arr.min() < 0 or arr.max() > top:
+        raise ValueError(f"integer arrays must lie in 0..{top}")
+    stored = (top - arr if photometric == "MONOCHROME1" else arr).astype("<u2")
     sop_uid = tags.pop("SOPInstanceUID", None) or generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SOP_CLASS[modality]
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
     ds = Dataset()
-    ds.file_meta = meta
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.update({"MediaStorageSOPClassUID": SOP_CLASS[modality], "MediaStorageSOPInstanceUID": sop_uid,
+                         "TransferSyntaxUID": ExplicitVRLittleEndian,
+                         "ImplementationClassUID": pydicom.uid.PYDICOM_IMPLEMENTATION_UID})
     today = _dt.date.today().strftime("%Y%m%d")
-    ds.SOPClassUID = SOP_CLASS[modality]
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = today
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "000000"
-    ds.Modality = modality
-    ds.PatientID = patient_id
-    ds.PatientName = patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = ""
-    ds.AccessionNumber = ""
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.Manufacturer = "RheumAI"
-    ds.PatientOrientation = ""
+    values: dict[str, Any] = {
+        "SOPClassUID": SOP_CLASS[modality], "SOPInstanceUID": sop_uid, "StudyInstanceUID": generate_uid(),
+        "SeriesInstanceUID": generate_uid(), "StudyDate": today, "SeriesDate": today, "ContentDate": today,
+        "StudyTime": "000000", "SeriesTime": "000000", "ContentTime": "000000", "Modality": modality,
+        "PatientID": patient_id, "PatientName": patient_id, "PatientBirthDate": "", "PatientSex": "",
+        "AccessionNumber": "", "ReferringPhysicianName": "", "StudyID": "1", "SeriesNumber": 1, "InstanceNumber": 1,
+        "Manufacturer": "RheumAI", "PatientOrientation": "", "SamplesPerPixel": 1,
+        "PhotometricInterpretation": photometric, "Rows": int(arr.shape[0]), "Columns": int(arr.shape[1]),
+        "BitsAllocated": 16, "BitsStored": bits_stored, "HighBit": bits_stored - 1, "PixelRepresentation": 0,
+        "RescaleSlope": "1", "RescaleIntercept": "0", "RescaleType": "US"}
     if modality == "DX":
-        ds.ImageType = ["ORIGINAL", "PRIMARY"]
-        ds.PresentationIntentType = "FOR PRESENTATION"
-        ds.PixelIntensityRelationship = "LOG"
-        ds.PixelIntensityRelationshipSign = 1 if photometric == "MONOCHROME2" else -1
+        values.update(ImageType=["ORIGINAL", "PRIMARY"], PresentationIntentType="FOR PRESENTATION",
+                      PixelIntensityRelationship="LOG",
+                      PixelIntensityRelationshipSign=1 if photometric == "MONOCHROME2" else -1)
     if laterality is not None:
-        if laterality not in ("L", "R"):
-            raise ValueError(f"laterality must be 'L' or 'R', not {laterality!r}")
-        ds.Laterality = laterality
-        ds.ImageLaterality = laterality
+        values.update(Laterality=laterality, ImageLaterality=laterality)
     if spacing_mm is not None:
         sp = [f"{float(spacing_mm[0]):.6g}", f"{float(spacing_mm[1]):.6g}"]
-        if spacing_tag in ("PixelSpacing", "both"):
-            ds.PixelSpacing = sp
-        if spacing_tag in ("ImagerPixelSpacing", "both"):
-            ds.ImagerPixelSpacing = sp
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.Rows, ds.Columns = int(arr.shape[0]), int(arr.shape[1])
-    ds.BitsAllocated = 16
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 0
-    ds.RescaleSlope = "1"
-    ds.RescaleIntercept = "0"
-    ds.RescaleType = "US"
-    for key, value in tags.items():
+        values.update({k: sp for k in ("PixelSpacing", "ImagerPixelSpacing") if spacing_tag in (k, "both")})
+    for key, value in {**values, **tags}.items():
         setattr(ds, key, value)
-    ds.PixelData = np.ascontiguousarray(stored).astype("<u2").tobytes()
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
     path = Path(path)
     with atomic_path(path) as tmp:
         ds.save_as(tmp, enforce_file_format=True)

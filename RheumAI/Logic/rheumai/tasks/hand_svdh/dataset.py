@@ -12,8 +12,8 @@ canonical frame, so radiographs of any pixel size give the same physical crop.
 Label sheet (CSV): ``patient_id, file`` (path relative to the sheet's folder), optional
 ``laterality`` (L / R; else the DICOM tag), ``total`` (one-hand SvdH total), optional ``class``
 (else computed from ``total`` with the class edges) and per-area ``ero_<joint>`` / ``jsn_<joint>``
-(empty = not scored / unknown), optional ``split`` (train / val / test). Landmark sheet (CSV): ``patient_id, joint, x, y`` (pixels of the
-file). Each sample dict follows docs/ENGINE.md: ``{"input", "target", "id"}``.
+(empty = not scored / unknown), optional ``split`` (train / val / test). Landmark sheet (CSV):
+``patient_id, joint, x, y`` (pixels of the file). Samples follow docs/ENGINE.md: ``{"input", "target", "id"}``.
 """
 
 from __future__ import annotations

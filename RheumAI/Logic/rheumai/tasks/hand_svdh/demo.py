@@ -45,7 +45,8 @@ def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress:
     t_gen = time.perf_counter() - t0
     d = HandTrainConfig()
     cfg = {"task": "hand_svdh", "seed": seed, "ensemble": {"bases": ["resnet", "mobilenetv2"] if ensemble else []},
-           **{k: {"epochs": max(1, round(getattr(d, k).epochs * epochs_scale))} for k in ("whole", "landmarks", "joints")}}
+           **{k: {"epochs": max(1, round(getattr(d, k).epochs * epochs_scale))}
+              for k in ("whole", "landmarks", "joints")}}
     if progress:
         print("[hand_svdh] training (whole hand, landmarks, joints) ...", flush=True)
     t1 = time.perf_counter()

@@ -1,14 +1,10 @@
-"""Networks of the hand SvdH task: whole-hand regressor/classifier, joint-crop scorer, MobileNetV2.
+"""Networks of the hand SvdH task (ordinal outputs are CORAL cumulative logits, engine ordinal heads).
 
-* :class:`WholeHandNet`: backbone (MONAI ResNet, or :class:`MobileNetV2`) + global pooling + two
-  heads: ``total`` (B, 1), the one-hand total divided by ``total_scale`` (14), and ``class``
-  (B, n_classes - 1) severity cumulative logits. The paper's whole-hand path.
-* :class:`JointScorer`: a small MONAI ResNet on a joint crop plus a learned joint embedding;
-  ordinal heads ``erosion`` (0-5) and ``jsn`` (0-4) as cumulative logits (B, 5) / (B, 4).
-
-MONAI has no MobileNetV2 and torchvision does not import here, so :class:`MobileNetV2` is a compact
-re-implementation of Sandler et al. 2018 (inverted residual blocks, linear bottlenecks, ReLU6, width
-multiplier), built from MONAI-free torch layers only.
+:class:`WholeHandNet` (the paper's path): ResNet (MONAI) or :class:`MobileNetV2` backbone, pooled,
+``total`` (B, 1) = one-hand total / ``total_scale`` and severity ``class`` (B, n_classes - 1).
+:class:`JointScorer`: a small MONAI ResNet on a joint crop + a joint embedding -> ``erosion`` (B, 5)
+and ``jsn`` (B, 4). MONAI has no MobileNetV2 and torchvision does not import beside the pinned
+torch, so :class:`MobileNetV2` re-implements Sandler et al. 2018 in plain torch layers.
 """
 
 from __future__ import annotations
@@ -20,7 +16,6 @@ import torch.nn as nn
 from monai.networks.nets import ResNet
 
 from ...engine.heads import CoralLayer
-
 from .scoring import MAX_EROSION, MAX_JSN, MAX_TOTAL
 
 BACKBONES = ("resnet", "mobilenetv2")
@@ -227,23 +222,15 @@ class HandSvdHNet(nn.Module):
 
     def forward(self, small: torch.Tensor, hires: torch.Tensor, hspacing: torch.Tensor,
                 points: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        out = dict(self.whole(small))
         hm, pts = self.locate(small, tuple(hires.shape[-2:]))
-        out["heatmaps"] = hm
-        use = pts if points is None else points.to(pts.dtype)
-        out["points"] = use
-        out.update(self.score_joints(hires, use, hspacing))
-        return out
+        pts = pts if points is None else points.to(pts.dtype)
+        return {**self.whole(small), "heatmaps": hm, "points": pts, **self.score_joints(hires, pts, hspacing)}
 
 
 def default_architecture(backbone: str = "resnet", **kw: Any) -> dict[str, Any]:
-    """Model-card ``architecture`` of the whole task network (:class:`HandSvdHNet`).
-
-    whole: quarter-width ResNet-18 (or MobileNetV2 x0.5) on the 160 x 128 input; landmarks: a
-    4-level U-Net on the input pooled by 2, heatmaps at its stride 2 (40 x 32, 4 input px per cell,
-    sub-cell positions by soft-argmax); joints: a one-block-per-stage ResNet (stem stride 2) on
-    32 x 32 crops.
-    """
+    """Model-card ``architecture`` of :class:`HandSvdHNet`: whole: quarter-width ResNet-18 (or
+    MobileNetV2 x0.5) on 160 x 128; landmarks: 4-level U-Net on the input pooled by 2, heatmaps at
+    stride 2 (4 input px per cell, soft-argmax); joints: one-block-per-stage ResNet on 32 x 32 crops."""
     from .dataset import HandParams
     from .scoring import JOINT_NAMES
 
@@ -263,15 +250,11 @@ def default_architecture(backbone: str = "resnet", **kw: Any) -> dict[str, Any]:
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
-    """Network for a model-card architecture: the task network or one of its parts."""
-    family = arch.get("family", "hand_svdh")
-    if family == "hand_svdh":
-        return HandSvdHNet(arch)
-    if family == "hand_svdh_whole":
-        return WholeHandNet(arch)
-    if family == "hand_svdh_joint":
-        return JointScorer(arch)
-    raise ValueError(f"unknown hand_svdh architecture family {family!r}")
+    """Network for a model-card architecture: the task network or a whole-hand network (ensembles)."""
+    nets = {"hand_svdh": HandSvdHNet, "hand_svdh_whole": WholeHandNet}
+    if arch.get("family", "hand_svdh") not in nets:
+        raise ValueError(f"unknown hand_svdh architecture family {arch.get('family')!r}")
+    return nets[arch.get("family", "hand_svdh")](arch)
 
 
 FINETUNE_SCHEMES = ("whole", "last_blocks", "head_only")
@@ -280,9 +263,8 @@ FINETUNE_SCHEMES = ("whole", "last_blocks", "head_only")
 def apply_finetune_scheme(model: WholeHandNet, scheme: str, n_last: int = 2) -> int:
     """Freeze parameters per fine-tuning scheme; returns the number of trainable parameters.
 
-    whole: everything trains. last_blocks: the last ``n_last`` backbone block groups and the heads.
-    head_only: the linear heads only (the backbone is a fixed feature extractor; its BatchNorm
-    layers still update running statistics unless the caller puts them in eval mode).
+    whole: everything; last_blocks: the last ``n_last`` backbone block groups and the heads;
+    head_only: the linear heads (BatchNorm running statistics still update in train mode).
     """
     if scheme not in FINETUNE_SCHEMES:
         raise ValueError(f"fine-tuning scheme must be one of {FINETUNE_SCHEMES}, not {scheme!r}")

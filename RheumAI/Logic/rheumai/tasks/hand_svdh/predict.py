@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 
 from ...landmarks import lps_to_points, points_to_lps
-from ...radiograph import Radiograph, radiograph_from_array, read_radiograph
+from ...radiograph import Radiograph, as_radiograph
 from .dataset import HandParams, Prepared, prepare
 from .scoring import (DEFAULT_CLASS_NAMES, EROSION_MASK, JOINT_NAMES, JSN_MASK, MAX_EROSION, MAX_JSN, MAX_TOTAL,
                       joint_table)
@@ -62,20 +62,7 @@ def params_of(card: Mapping[str, Any]) -> HandParams:
 def load_sample(inputs: Mapping[str, Any], card: dict[str, Any]) -> HandSample:
     """``inputs["hand"]``: a radiograph file (DICOM CR / DX, PNG / JPEG / TIFF), a
     :class:`~rheumai.radiograph.Radiograph` or a one-slice sitk image (bone bright)."""
-    src = inputs[ROLE]
-    if isinstance(src, (str, Path)):
-        src = read_radiograph(src)
-    elif isinstance(src, sitk.Image):
-        arr = sitk.GetArrayFromImage(src)
-        arr = arr[0] if arr.ndim == 3 else arr
-        rad = radiograph_from_array(arr)
-        rad.image = sitk.Cast(src, sitk.sitkFloat32) if src.GetDimension() == 3 else rad.image
-        sp = src.GetSpacing()
-        rad.spacing_mm = (float(sp[1]), float(sp[0]))
-        src = rad
-    if not isinstance(src, Radiograph):
-        raise TypeError(f"input {ROLE!r} must be a path, Radiograph or SimpleITK image, not {type(src).__name__}")
-    return HandSample(prepare(src, params_of(card)))
+    return HandSample(prepare(as_radiograph(inputs[ROLE]), params_of(card)))
 
 
 def to_tensors(sample: HandSample, card: dict[str, Any]) -> dict[str, torch.Tensor]:

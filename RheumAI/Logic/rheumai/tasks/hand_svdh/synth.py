@@ -18,14 +18,13 @@ SvdH area, (x, y) pixels in the written file).
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy.ndimage import gaussian_filter
+from tqdm import tqdm
 
 from ...atomic import write_json, write_text
 from ...paths import safe_child
@@ -53,9 +52,6 @@ class SynthParams:
     ring_fraction: float = 0.15
     monochrome1_fraction: float = 0.5
     noise_range: tuple[float, float] = (0.008, 0.025)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -391,11 +387,7 @@ def make_cohort(out_dir: str | Path, n: int = 200, seed: int = 0, params: SynthP
     (out / "dicom").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     label_rows, lm_rows = [], []
-    it = range(n)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="hand radiographs", unit="img")
-    for i in it:
+    for i in tqdm(range(n), desc="hand radiographs", unit="img", disable=not progress):
         pid = f"HND{i:04d}"
         s = make_hand(rng, params)
         mono1 = bool(rng.random() < params.monochrome1_fraction)
@@ -417,28 +409,8 @@ def make_cohort(out_dir: str | Path, n: int = 200, seed: int = 0, params: SynthP
         for j, name in enumerate(JOINT_NAMES):
             lm_rows.append({"patient_id": pid, "joint": name, "x": round(float(s.points_xy[j, 0]), 3),
                             "y": round(float(s.points_xy[j, 1]), 3)})
-    _write_csv(out / "labels.csv", label_rows)
-    _write_csv(out / "landmarks.csv", lm_rows)
-    write_json(out / "cohort.json", {"n": n, "seed": seed, "params": params.to_dict(),
+    write_text(out / "labels.csv", pd.DataFrame(label_rows).to_csv(index=False))
+    write_text(out / "landmarks.csv", pd.DataFrame(lm_rows).to_csv(index=False))
+    write_json(out / "cohort.json", {"n": n, "seed": seed, "params": asdict(params),
                                     "class_edges": list(class_edges), "joints": list(JOINT_NAMES)})
     return out / "labels.csv"
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    write_text(path, buf.getvalue())
-
-
-def preview(sample: HandSample) -> np.ndarray:
-    """RGB uint8 preview with landmarks drawn (for eyeballing the generator)."""
-    rgb = np.repeat((sample.array * 255).astype(np.uint8)[..., None], 3, axis=2)
-    for x, y in np.rint(sample.points_xy).astype(int):
-        rgb[max(0, y - 1):y + 2, max(0, x - 1):x + 2] = (255, 0, 0)
-    return rgb
-
-
-__all__ = ["SynthParams", "HandSample", "make_hand", "make_cohort", "draw_grades", "build_anatomy", "render",
-           "preview"]
