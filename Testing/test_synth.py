@@ -176,7 +176,7 @@ def test_subjects_differ_and_seed_is_deterministic(template):
     assert np.array_equal(sitk.GetArrayFromImage(first[1].t2), sitk.GetArrayFromImage(again.t2))
     assert first[1].t2.GetOrigin() == again.t2.GetOrigin()
     # Different subjects: compare on a common mid-sagittal grid.
-    grids = [mid_sagittal(v.t2, 6, 2.0, 200, 2.0) for v in first]
+    grids = [mid_sagittal(v.t2, 6, 2.0, 200) for v in first]
     for i in range(3):
         for j in range(i + 1, 3):
             ga, gb = grids[i] / grids[i].mean(), grids[j] / grids[j].mean()

@@ -11,31 +11,7 @@ import SimpleITK as sitk
 from ...atomic import atomic_path, write_json
 from ...io import read_study
 from ...montage import save_montage
-from .slices import SliceParams, select_slices
-
-
-def add_slice_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by every command that selects slices."""
-    g = p.add_argument_group("slice selection (defaults: the paper's)")
-    g.add_argument("--n-slices", type=int, default=None, help="sagittal slices / channels (6)")
-    g.add_argument("--spacing", type=float, default=None, help="isotropic step in mm (1.0)")
-    g.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="in-plane size (512 512)")
-    g.add_argument("--center-lps", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help="slab centre in LPS mm (default: volume centre)")
-    g.add_argument("--lr-mm", type=float, default=None,
-                   help="left-right centre only, as LPS x in mm (Slicer shows RAS: R = -x)")
-    g.add_argument("--frame", choices=["acquisition", "patient"], default=None)
-    g.add_argument("--norm", choices=["percentile", "zscore", "minmax", "none"], default=None)
-
-
-def params_from_args(args: argparse.Namespace, base: SliceParams | None = None) -> SliceParams:
-    d = (base or SliceParams()).to_dict()
-    for key, attr in (("n_slices", "n_slices"), ("spacing_mm", "spacing"), ("size", "size"),
-                      ("center_lps", "center_lps"), ("lr_mm", "lr_mm"), ("frame", "frame"), ("norm", "norm")):
-        v = getattr(args, attr, None)
-        if v is not None:
-            d[key] = v
-    return SliceParams.from_dict(d)
+from .slices import params_from, select_slices
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--series-uid", default=None, help="SeriesInstanceUID when the folder holds several")
     p.add_argument("--format", choices=["nii.gz", "nrrd"], default="nii.gz")
-    add_slice_arguments(p)
+    g = p.add_argument_group("slice selection (defaults: the paper's)")
+    g.add_argument("--n-slices", type=int, help="sagittal slices / channels (6)")
+    g.add_argument("--spacing", dest="spacing_mm", type=float, help="isotropic step in mm (1.0)")
+    g.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="in-plane size (512 512)")
+    g.add_argument("--center-lps", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="slab centre in LPS mm (default: volume centre)")
+    g.add_argument("--lr-mm", type=float, help="left-right centre only, as LPS x in mm (Slicer shows RAS: R = -x)")
+    g.add_argument("--frame", choices=["acquisition", "patient"])
+    g.add_argument("--norm", choices=["percentile", "zscore", "minmax", "none"])
     p.set_defaults(func=run)
     v = sub.add_parser("synth-preview", help="PNG of a generated cervical subject's mid-sagittal slices, mask outlined")
     v.add_argument("--out", required=True, type=Path, help="cohort folder (as given to 'rheumai synth')")
@@ -68,7 +52,8 @@ def _preview(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     study = read_study(args.study, series_uid=args.series_uid)
-    sel = select_slices(study, params_from_args(args))
+    keys = ("n_slices", "spacing_mm", "size", "center_lps", "lr_mm", "frame", "norm")
+    sel = select_slices(study, params_from(None, **{k: getattr(args, k) for k in keys}))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     vol = out / f"slices.{args.format}"
