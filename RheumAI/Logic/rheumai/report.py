@@ -1,9 +1,8 @@
-"""Human-readable evaluation report: Markdown + HTML + CSV + PNG plots (ROC, confusion, calibration).
+"""Evaluation report: Markdown + HTML + CSV + PNG plots (ROC, confusion, calibration).
 
-The report is built as a list of blocks (heading, paragraph, table, image) rendered to both
-Markdown and HTML, so the two never disagree. Every threshold metric is derived from the
-confusion counts (``metrics.metrics_from_counts``); ``counts_report`` does the same for a
-published confusion matrix and lists where the publication disagrees with its own counts.
+The report is a list of blocks (heading, paragraph, list, table, image) rendered to both Markdown
+and HTML, so the two never disagree. ``counts_report`` derives the metrics of a published confusion
+matrix and lists where the publication disagrees with its own counts.
 """
 
 from __future__ import annotations
@@ -19,17 +18,17 @@ import pandas as pd
 from .atomic import atomic_path, write_text
 from .metrics import COUNT_METRICS, compare_with_reported, metrics_from_counts
 
-LABELS = {"sensitivity": "Sensitivity (recall)", "specificity": "Specificity", "ppv": "PPV (precision)",
-          "npv": "NPV", "accuracy": "Accuracy", "f1": "F1"}
+LABELS = {"auc": "ROC AUC", "sensitivity": "Sensitivity (recall)", "specificity": "Specificity",
+          "ppv": "PPV (precision)", "npv": "NPV", "accuracy": "Accuracy", "f1": "F1"}
 Block = tuple[str, Any]
 
 
-def _fmt(v: float, nd: int = 3) -> str:
+def _fmt(v: float | None, nd: int = 3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
 
 
 def metrics_table(report: dict[str, Any]) -> pd.DataFrame:
-    """One row per metric: value, CI, numerator / denominator (for metrics.csv and the report)."""
+    """One row per metric: value, CI, numerator / denominator, CI method (metrics.csv)."""
     rows = []
     if "auc" in report:
         a = report["auc"]
@@ -37,9 +36,8 @@ def metrics_table(report: dict[str, Any]) -> pd.DataFrame:
                      "numerator": None, "denominator": None, "ci_method": a["method"]})
     for name in COUNT_METRICS:
         m = report["metrics"][name]
-        rows.append({"metric": name, "value": m["value"], "ci_low": m["lo"], "ci_high": m["hi"],
-                     "numerator": m["k"], "denominator": m["n"],
-                     "ci_method": "bootstrap (percentile)" if name == "f1" else "Wilson"})
+        rows.append({"metric": name, "value": m["value"], "ci_low": m["lo"], "ci_high": m["hi"], "numerator": m["k"],
+                     "denominator": m["n"], "ci_method": "bootstrap (percentile)" if name == "f1" else "Wilson"})
     if "calibration" in report:
         rows.append({"metric": "brier", "value": report["calibration"]["brier"], "ci_low": None, "ci_high": None,
                      "numerator": None, "denominator": None, "ci_method": ""})
@@ -48,14 +46,10 @@ def metrics_table(report: dict[str, Any]) -> pd.DataFrame:
 
 def _metric_rows(report: dict[str, Any]) -> list[list[str]]:
     ci = int(round(100 * (1 - report.get("alpha", 0.05))))
-    rows = []
-    if "auc" in report:
-        a = report["auc"]
-        rows.append(["ROC AUC", _fmt(a["value"]), f"{_fmt(a['lo'])} – {_fmt(a['hi'])}", "", a["method"]])
-    for name in COUNT_METRICS:
-        m = report["metrics"][name]
-        rows.append([LABELS[name], _fmt(m["value"]), f"{_fmt(m['lo'])} – {_fmt(m['hi'])}", f"{m['k']}/{m['n']}",
-                     "bootstrap" if name == "f1" else "Wilson"])
+    rows = [[LABELS[r.metric], _fmt(r.value), f"{_fmt(r.ci_low)} – {_fmt(r.ci_high)}",
+             *(["", r.ci_method] if r.metric == "auc" else [f"{int(r.numerator)}/{int(r.denominator)}",
+                                                            r.ci_method.split(" ")[0]])]
+            for r in metrics_table(report).itertuples() if r.metric in LABELS]
     return [["Metric", "Value", f"{ci}% CI", "Counts", "CI method"]] + rows
 
 
@@ -71,10 +65,8 @@ def _confusion_rows(c: dict[str, int]) -> list[list[str]]:
 def render_markdown(blocks: Sequence[Block]) -> str:
     out: list[str] = []
     for kind, content in blocks:
-        if kind == "h1":
-            out.append(f"# {content}\n")
-        elif kind == "h2":
-            out.append(f"## {content}\n")
+        if kind in ("h1", "h2"):
+            out.append(f"{'#' * int(kind[1])} {content}\n")
         elif kind == "p":
             out.append(f"{content}\n")
         elif kind == "list":
@@ -90,9 +82,7 @@ def render_markdown(blocks: Sequence[Block]) -> str:
 
 def render_html(blocks: Sequence[Block], title: str) -> str:
     def inline(s: str) -> str:
-        s = html.escape(str(s))
-        parts = s.split("**")
-        return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+        return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(html.escape(str(s)).split("**")))
 
     body: list[str] = []
     for kind, content in blocks:
@@ -119,6 +109,15 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
 
 # ---------------------------------------------------------------- plots
 
+def _subplots(*args: Any, **kw: Any) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kw)
+
+
 def _save_fig(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -129,12 +128,7 @@ def _save_fig(fig: Any, path: Path) -> Path:
 
 
 def plot_roc(report: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    fig, ax = _subplots(figsize=(4.6, 4.4))
     ax.plot([0, 1], [0, 1], ls="--", c="0.6", lw=1)
     if report.get("roc"):
         a = report["auc"]
@@ -150,28 +144,19 @@ def plot_roc(report: dict[str, Any], path: Path) -> Path:
 
 
 def plot_confusion(report: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
 
     c = report["counts"]
-    cm = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
-    ConfusionMatrixDisplay(cm, display_labels=["negative", "positive"]).plot(ax=ax, cmap="Blues", colorbar=False)
+    fig, ax = _subplots(figsize=(4.2, 3.8))
+    ConfusionMatrixDisplay(np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]]),
+                           display_labels=["negative", "positive"]).plot(ax=ax, cmap="Blues", colorbar=False)
     ax.set_title(f"Confusion matrix at threshold {report['threshold']:.3f}")
     return _save_fig(fig, path)
 
 
 def plot_calibration(report: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cal = report["calibration"]
-    fig, (ax, hx) = plt.subplots(2, 1, figsize=(4.6, 5.2), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    fig, (ax, hx) = _subplots(2, 1, figsize=(4.6, 5.2), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     ax.plot([0, 1], [0, 1], ls="--", c="0.6", lw=1, label="perfect calibration")
     ax.plot(cal["prob_pred"], cal["prob_true"], "o-", label=f"model (Brier {cal['brier']:.3f})")
     ax.set(ylabel="Observed fraction positive", ylim=(-0.02, 1.02), title="Reliability curve")
@@ -185,21 +170,20 @@ def plot_calibration(report: dict[str, Any], path: Path) -> Path:
 # ---------------------------------------------------------------- reports
 
 def write_evaluation_report(out_dir: str | Path, report: dict[str, Any], context: dict[str, Any]) -> dict[str, Path]:
-    """Write report.md, report.html, metrics.csv and the three PNGs into ``out_dir``.
+    """Write report.md, report.html, metrics.csv and the three PNGs into ``out_dir``; returns the paths.
 
     ``context``: {"title", "model_id", "split", "threshold_source", "card" (model card),
-    "warnings" (list of str), "extra_blocks" (report blocks placed before the plots)}. Returns the written paths by name.
+    "warnings" (list of str), "extra_blocks" (report blocks placed before the plots)}.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"roc": plot_roc(report, out / "roc.png"), "confusion": plot_confusion(report, out / "confusion_matrix.png"),
-             "calibration": plot_calibration(report, out / "calibration.png")}
-    table = metrics_table(report)
-    paths["metrics_csv"] = write_text(out / "metrics.csv", table.to_csv(index=False))
+    paths = {"roc": plot_roc(report, out / "roc.png"),
+             "confusion": plot_confusion(report, out / "confusion_matrix.png"),
+             "calibration": plot_calibration(report, out / "calibration.png"),
+             "metrics_csv": write_text(out / "metrics.csv", metrics_table(report).to_csv(index=False))}
     card = context.get("card", {})
-    arch = card.get("architecture", {})
-    td = card.get("training_data", {})
+    arch, cal = card.get("architecture", {}), report["calibration"]
     title = context.get("title", "RheumAI evaluation")
+    prevalence = report["n_positive"] / max(report["n"], 1)
     blocks: list[Block] = [
         ("h1", title),
         ("p", f"Model **{context.get('model_id', card.get('model_id', '?'))}** "
@@ -212,21 +196,21 @@ def write_evaluation_report(out_dir: str | Path, report: dict[str, Any], context
     if context.get("warnings"):
         blocks += [("h2", "Warnings"), ("list", context["warnings"])]
     blocks += [("h2", "Discrimination and operating point"), ("table", _metric_rows(report)),
-               ("p", "Every threshold metric is computed from the confusion counts below (scikit-learn); "
-                     "proportions carry Wilson intervals, F1 a percentile bootstrap interval, the AUC a "
+               ("p", "Every threshold metric is computed from the confusion counts below; proportions carry "
+                     "Wilson intervals, F1 a percentile bootstrap interval, the AUC a "
                      f"{report['auc']['method']} interval."),
                ("h2", "Confusion matrix"), ("table", _confusion_rows(report["counts"])),
                ("h2", "Calibration"),
-               ("p", f"Brier score {report['calibration']['brier']:.4f} (0 is perfect; always predicting the "
-                     f"prevalence {report['n_positive'] / max(report['n'], 1):.3f} scores "
-                     f"{_prevalence_brier(report):.4f})."),
+               ("p", f"Brier score {cal['brier']:.4f} (0 is perfect; always predicting the prevalence "
+                     f"{prevalence:.3f} scores {prevalence * (1 - prevalence):.4f})."),
                ("table", [["Mean predicted", "Observed positive fraction"]]
-                + [[_fmt(a), _fmt(b)] for a, b in zip(report["calibration"]["prob_pred"], report["calibration"]["prob_true"])]),
+                + [[_fmt(a), _fmt(b)] for a, b in zip(cal["prob_pred"], cal["prob_true"])]),
                *context.get("extra_blocks", []),
-               ("h2", "Plots"), ("img", ("roc.png", "ROC curve")), ("img", ("confusion_matrix.png", "Confusion matrix")),
+               ("h2", "Plots"), ("img", ("roc.png", "ROC curve")),
+               ("img", ("confusion_matrix.png", "Confusion matrix")),
                ("img", ("calibration.png", "Reliability curve"))]
-    if td:
-        blocks += [("h2", "Training data (counts)"), ("list", [f"{k}: {v}" for k, v in td.items()])]
+    if card.get("training_data"):
+        blocks += [("h2", "Training data (counts)"), ("list", [f"{k}: {v}" for k, v in card["training_data"].items()])]
     if card.get("software"):
         blocks += [("h2", "Software"), ("list", [f"{k} {v}" for k, v in card["software"].items()])]
     blocks.append(("p", "Files: predictions.csv (one row per patient), metrics.csv, metrics.json, roc.png, "
@@ -236,29 +220,25 @@ def write_evaluation_report(out_dir: str | Path, report: dict[str, Any], context
     return paths
 
 
-def _prevalence_brier(report: dict[str, Any]) -> float:
-    prev = report["n_positive"] / max(report["n"], 1)
-    return prev * (1 - prev)
-
-
 def counts_report(counts: dict[str, int], reported: dict[str, float] | None = None,
                   stated_positives: int | None = None, alpha: float = 0.05, title: str = "Confusion-matrix check",
                   out_dir: str | Path | None = None, tol: float = 0.005) -> dict[str, Any]:
-    """Metrics derived from a confusion matrix alone (e.g. a paper's), compared with what the
-    paper reports. Returns {"metrics", "discrepancies", "markdown"}; writes ``counts_report.md``
-    and ``counts_metrics.csv`` into ``out_dir`` if given."""
-    derived = metrics_from_counts(counts["tp"], counts["fn"], counts["fp"], counts["tn"], alpha=alpha)
+    """Metrics derived from a confusion matrix alone (e.g. a paper's), compared with what the paper
+    reports. Returns {"metrics", "discrepancies", "markdown"}; writes ``counts_report.md`` and
+    ``counts_metrics.csv`` into ``out_dir`` if given."""
+    rep = {"metrics": metrics_from_counts(counts["tp"], counts["fn"], counts["fp"], counts["tn"], alpha=alpha),
+           "alpha": alpha}
     issues = compare_with_reported(counts, reported or {}, tol, stated_positives)
-    rep = {"metrics": derived, "alpha": alpha}
     rows = _metric_rows(rep)
     if reported:
         rows = [rows[0] + ["Reported"]] + [r + [_fmt(reported.get(n, float("nan")), 2)]
                                            for r, n in zip(rows[1:], COUNT_METRICS)]
     blocks: list[Block] = [("h1", title), ("h2", "Confusion matrix"), ("table", _confusion_rows(counts)),
                            ("h2", "Derived from the counts"), ("table", rows)]
-    blocks += [("h2", "Inconsistencies"), ("list", issues)] if issues else [("p", "The reported values match the counts.")]
+    blocks += ([("h2", "Inconsistencies"), ("list", issues)] if issues
+               else [("p", "The reported values match the counts.")])
     md = render_markdown(blocks)
     if out_dir is not None:
         write_text(Path(out_dir) / "counts_report.md", md)
         write_text(Path(out_dir) / "counts_metrics.csv", metrics_table(rep).to_csv(index=False))
-    return {"metrics": derived, "discrepancies": issues, "markdown": md}
+    return {"metrics": rep["metrics"], "discrepancies": issues, "markdown": md}
