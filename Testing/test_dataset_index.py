@@ -72,7 +72,7 @@ def test_problems_and_unreadable_files(archive, tmp_path):
     root, u = archive
     summary = index_archive(root, tmp_path / "index.sqlite", progress=lambda *a: None)
     s = ArchiveIndex.open(tmp_path / "index.sqlite").series.set_index("series_uid")
-    assert any(p.startswith("uneven slice spacing") for p in s.loc[u["gap"], "problems"])
+    assert any(p.startswith("about 1 missing slice(s): gap of") for p in s.loc[u["gap"], "problems"])
     assert "files spread over 2 folders" in s.loc[u["split"], "problems"]
     assert s.loc[u["split"], "n_slices"] == 8 and s.loc[u["split"], "n_files"] == 8
     bad = dict(summary.unreadable)

@@ -115,7 +115,7 @@ def test_index_does_not_call_a_series_with_a_truncated_file_clean(dicom_t1_dir, 
     files[20].write_bytes(b"")
     index_archive(tmp_path / "s", idx, progress=QUIET)
     row = ArchiveIndex.open(idx).series.iloc[0]
-    assert row["severe"] == 1 and any("missing slices" in p for p in row["problems"])
+    assert row["severe"] == 1 and any("missing slice(s)" in p for p in row["problems"])
 
 
 def test_index_of_an_older_schema_is_upgraded_in_place(enh, tmp_path):

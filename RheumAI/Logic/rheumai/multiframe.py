@@ -182,7 +182,7 @@ def stack_of(frames: list[Frame], rel_tol: float = 0.05) -> Stack:
     if bad.size:
         i = int(bad[0])
         missing = int(round(steps[i] / spacing)) - 1
-        what = f"about {missing} missing frame(s)" if missing >= 1 else "uneven slice spacing"
+        what = f"about {missing} missing slice(s)" if missing >= 1 else "uneven slice spacing"
         return Stack(frames, distinct, 1, f"{what}: gap of {steps[i]:.3f} mm after position {dist[i]:.3f} mm "
                      f"along the normal where the spacing is {spacing:.3f} mm", True)
     return Stack(frames, distinct, 1, None, False)

@@ -1,14 +1,11 @@
 """Index a hospital DICOM export: headers only, grouped into patient / study / series.
 
-Storage is one SQLite file (standard library, transactional, fine at 100k+ rows): table
-``files`` holds one row per file seen (path, size, mtime, status, header fields), and the tables
-``series`` / ``studies`` are rebuilt from it after every run. Re-running on a grown or changed
-archive reads only files whose (size, mtime) differ from the stored row; files that vanished are
-dropped. Reading commits every ``COMMIT_EVERY`` files, so an interrupted run resumes where it
-stopped. Unreadable files are recorded with the reason (status "unreadable" / "not_image"), never
-fatal.
-
-Positions are DICOM LPS millimetres; dates are ISO ``YYYY-MM-DD`` strings.
+One SQLite file: table ``files`` (one row per file seen: path, size, mtime, status, header
+fields); ``series`` / ``studies`` are rebuilt from it. Re-running reads only files whose (size,
+mtime) changed and drops vanished ones; reading commits every ``COMMIT_EVERY`` files, so an
+interrupted run resumes. Unreadable files are recorded with the reason, never fatal. Slice
+geometry goes through :func:`rheumai.multiframe.stack_of`, as in the reader. Positions: DICOM
+LPS mm; dates: ISO ``YYYY-MM-DD``.
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import pydicom
@@ -29,44 +26,72 @@ from pydicom.errors import InvalidDicomError
 from ..errors import InputError
 from ..io import pixel_data_problem
 from ..multiframe import PART_SEP, Frame, frames_of, is_enhanced, split_parts, stack_of
-from .classify import guess_region, guess_sequence, orientation_class, slice_normal
+from .classify import guess_region, guess_sequence, orientation_class
 
 SCHEMA_VERSION = 2
 COMMIT_EVERY = 500
-
-# Header tags read from each file (pydicom keywords). Pixel data is never read.
-TAGS = [
-    "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "StudyDate",
-    "SeriesDate", "AcquisitionDate", "StudyDescription", "SeriesDescription", "ProtocolName",
-    "SeriesNumber", "Modality", "BodyPartExamined", "InstitutionName", "ScanningSequence",
-    "SequenceVariant", "ScanOptions", "SequenceName", "EchoTime", "RepetitionTime",
-    "InversionTime", "ImageOrientationPatient", "ImagePositionPatient", "InstanceNumber", "Rows",
-    "Columns", "PixelSpacing", "SliceThickness", "NumberOfFrames", "ImageType", "PixelData",
-    "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
-]
-
-_FILE_COLUMNS = [
-    ("path", "TEXT PRIMARY KEY"), ("size", "INTEGER"), ("mtime_ns", "INTEGER"), ("status", "TEXT"),
-    ("error", "TEXT"), ("patient_id", "TEXT"), ("study_uid", "TEXT"), ("series_uid", "TEXT"),
-    ("sop_uid", "TEXT"), ("study_date", "TEXT"), ("study_description", "TEXT"),
-    ("series_description", "TEXT"), ("protocol_name", "TEXT"), ("series_number", "INTEGER"),
-    ("modality", "TEXT"), ("body_part", "TEXT"), ("institution", "TEXT"),
-    ("scanning_sequence", "TEXT"), ("sequence_variant", "TEXT"), ("scan_options", "TEXT"),
-    ("sequence_name", "TEXT"), ("echo_time", "REAL"), ("repetition_time", "REAL"),
-    ("inversion_time", "REAL"), ("iop", "TEXT"), ("ipp", "TEXT"), ("instance_number", "INTEGER"),
-    ("rows", "INTEGER"), ("cols", "INTEGER"), ("pixel_spacing", "TEXT"), ("slice_thickness", "REAL"),
-    ("n_frames", "INTEGER"), ("frames", "TEXT"), ("problem", "TEXT"),
-]
-FILE_FIELDS = [c for c, _ in _FILE_COLUMNS]
-
-SERIES_COLUMNS = [
-    "series_uid", "patient_id", "study_uid", "study_date", "series_number", "description",
-    "modality", "orientation", "sequence", "fat_suppressed", "sequence_source", "region",
-    "n_files", "n_slices", "rows", "cols", "folder", "n_folders", "institution", "problems",
-    "severe",
-]
-
 ProgressFn = Callable[[str, int, int], None]
+
+
+def _str(ds: pydicom.Dataset, key: str) -> str:
+    v = ds.get(key)
+    if v is None:
+        return ""
+    return "\\".join(str(x) for x in v) if isinstance(v, pydicom.multival.MultiValue) else str(v).strip()
+
+
+def _float(ds: pydicom.Dataset, key: str) -> float | None:
+    try:
+        f = float(ds.get(key))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _int(ds: pydicom.Dataset, key: str) -> int | None:
+    f = _float(ds, key)
+    return None if f is None else int(f)
+
+
+def _vec(n: int) -> Callable[[pydicom.Dataset, str], str | None]:
+    def read(ds: pydicom.Dataset, key: str) -> str | None:
+        try:
+            vals = [float(x) for x in ds.get(key)]  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            return None
+        return json.dumps(vals) if len(vals) == n else None
+    return read
+
+
+# files columns read from the header: (column, SQL type, DICOM keyword, reader). Pixel data is never read.
+_HEADER = [
+    ("patient_id", "TEXT", "PatientID", _str), ("study_uid", "TEXT", "StudyInstanceUID", _str),
+    ("series_uid", "TEXT", "SeriesInstanceUID", _str), ("sop_uid", "TEXT", "SOPInstanceUID", _str),
+    ("study_description", "TEXT", "StudyDescription", _str),
+    ("series_description", "TEXT", "SeriesDescription", _str), ("protocol_name", "TEXT", "ProtocolName", _str),
+    ("series_number", "INTEGER", "SeriesNumber", _int), ("modality", "TEXT", "Modality", _str),
+    ("body_part", "TEXT", "BodyPartExamined", _str), ("institution", "TEXT", "InstitutionName", _str),
+    ("scanning_sequence", "TEXT", "ScanningSequence", _str), ("sequence_variant", "TEXT", "SequenceVariant", _str),
+    ("scan_options", "TEXT", "ScanOptions", _str), ("sequence_name", "TEXT", "SequenceName", _str),
+    ("echo_time", "REAL", "EchoTime", _float), ("repetition_time", "REAL", "RepetitionTime", _float),
+    ("inversion_time", "REAL", "InversionTime", _float), ("iop", "TEXT", "ImageOrientationPatient", _vec(6)),
+    ("ipp", "TEXT", "ImagePositionPatient", _vec(3)), ("instance_number", "INTEGER", "InstanceNumber", _int),
+    ("rows", "INTEGER", "Rows", _int), ("cols", "INTEGER", "Columns", _int),
+    ("pixel_spacing", "TEXT", "PixelSpacing", _vec(2)), ("slice_thickness", "REAL", "SliceThickness", _float),
+    ("n_frames", "INTEGER", "NumberOfFrames", _int),
+]
+_DATES = ("StudyDate", "SeriesDate", "AcquisitionDate")
+TAGS = [k for _, _, k, _ in _HEADER] + list(_DATES) + ["ImageType", "PixelData", "PerFrameFunctionalGroupsSequence",
+                                                       "SharedFunctionalGroupsSequence"]
+_FILE_COLUMNS = ([("path", "TEXT PRIMARY KEY"), ("size", "INTEGER"), ("mtime_ns", "INTEGER"), ("status", "TEXT"),
+                  ("error", "TEXT"), ("study_date", "TEXT")] + [(c, t) for c, t, _, _ in _HEADER]
+                 + [("frames", "TEXT"), ("problem", "TEXT")])
+FILE_FIELDS = [c for c, _ in _FILE_COLUMNS]
+SERIES_COLUMNS = [
+    "series_uid", "patient_id", "study_uid", "study_date", "series_number", "description", "modality",
+    "orientation", "sequence", "fat_suppressed", "sequence_source", "region", "n_files", "n_slices", "rows",
+    "cols", "folder", "n_folders", "institution", "problems", "severe",
+]
 
 
 @dataclass
@@ -85,14 +110,11 @@ class IndexSummary:
     n_series: int = 0
 
     def text(self, max_unreadable: int = 20) -> str:
-        lines = [
-            f"index {self.index_path} (root {self.root})",
-            f"  files: {self.files_seen} seen, {self.files_read} read, {self.files_unchanged} unchanged, "
-            f"{self.files_removed} removed, {len(self.unreadable)} unreadable or not images",
-            f"  holds {self.n_patients} patients, {self.n_studies} studies, {self.n_series} series",
-        ]
-        for p, why in self.unreadable[:max_unreadable]:
-            lines.append(f"  unreadable: {p}: {why}")
+        lines = [f"index {self.index_path} (root {self.root})",
+                 f"  files: {self.files_seen} seen, {self.files_read} read, {self.files_unchanged} unchanged, "
+                 f"{self.files_removed} removed, {len(self.unreadable)} unreadable or not images",
+                 f"  holds {self.n_patients} patients, {self.n_studies} studies, {self.n_series} series"]
+        lines += [f"  unreadable: {p}: {why}" for p, why in self.unreadable[:max_unreadable]]
         if len(self.unreadable) > max_unreadable:
             lines.append(f"  ... and {len(self.unreadable) - max_unreadable} more unreadable files")
         return "\n".join(lines)
@@ -104,77 +126,33 @@ def _connect(index_path: Path) -> sqlite3.Connection:
     con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
     row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     if row is not None and int(row[0]) < SCHEMA_VERSION:
-        # An older index lacks per-file columns (enhanced frames, pixel-data problems): every file
-        # is read again once, into the same index file.
+        # An older index lacks per-file columns: every file is read again once, into the same file.
         for table in ("files", "series", "studies"):
             con.execute(f"DROP TABLE IF EXISTS {table}")
         con.execute("DELETE FROM meta WHERE key = 'schema_version'")
         row = None
-    cols = ", ".join(f"{c} {t}" for c, t in _FILE_COLUMNS)
-    con.execute(f"CREATE TABLE IF NOT EXISTS files ({cols})")
+    con.execute(f"CREATE TABLE IF NOT EXISTS files ({', '.join(f'{c} {t}' for c, t in _FILE_COLUMNS)})")
     if row is None:
         con.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
     elif int(row[0]) != SCHEMA_VERSION:
         con.close()
-        raise InputError(index_path, f"index schema version {row[0]}, this rheumai reads {SCHEMA_VERSION}; re-index into a new file")
+        raise InputError(index_path, f"index schema version {row[0]}, this rheumai reads {SCHEMA_VERSION}; "
+                                     "re-index into a new file")
     con.commit()
     return con
 
 
 def _walk(root: Path) -> Iterator[Path]:
-    """All regular files under root (sorted; hidden entries skipped; symlinked folders are not
-    followed, so a link loop cannot hang the walk)."""
+    """Regular files under root, sorted; hidden entries skipped; symlinked folders not followed."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield Path(dirpath) / name
+        yield from (Path(dirpath) / n for n in sorted(filenames) if not n.startswith("."))
 
 
-def _str(ds: pydicom.Dataset, key: str) -> str | None:
-    v = ds.get(key)
-    if v is None or v == "":
-        return None
-    if isinstance(v, pydicom.multival.MultiValue):
-        return "\\".join(str(x) for x in v)
-    return str(v).strip()
-
-
-def _float(ds: pydicom.Dataset, key: str) -> float | None:
-    v = ds.get(key)
-    try:
-        f = float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _int(ds: pydicom.Dataset, key: str) -> int | None:
-    f = _float(ds, key)
-    return None if f is None else int(f)
-
-
-def _date(ds: pydicom.Dataset, *keys: str) -> str | None:
-    for key in keys:
-        v = _str(ds, key)
-        if v and len(v) >= 8 and v[:8].isdigit():
-            return f"{v[:4]}-{v[4:6]}-{v[6:8]}"
-    return None
-
-
-def _vec(ds: pydicom.Dataset, key: str, n: int) -> str | None:
-    v = ds.get(key)
-    try:
-        vals = [float(x) for x in v]  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        return None
-    return json.dumps(vals) if len(vals) == n else None
-
-
-def read_header(path: Path) -> dict:
+def read_header(path: Path) -> dict[str, Any]:
     """One ``files`` row for ``path`` (status "ok", "unreadable" or "not_image")."""
     st = path.stat()
-    row: dict = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    row: dict[str, Any] = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     try:  # pixel data deferred: its length is checked against the file size, never read
         ds = pydicom.dcmread(path, defer_size=4096, specific_tags=TAGS)
     except InvalidDicomError:
@@ -188,27 +166,12 @@ def read_header(path: Path) -> dict:
         return {**row, "status": "unreadable", "error": f"{type(exc).__name__}: {exc}"[:300]}
     try:
         if not _str(ds, "SeriesInstanceUID") or not _str(ds, "SOPInstanceUID"):
-            return {**row, "status": "not_image", "error": "no SeriesInstanceUID/SOPInstanceUID in the header (truncated file, DICOMDIR or non-image object)"}
-        row.update(
-            status="ok", error=None, patient_id=_str(ds, "PatientID") or "",
-            study_uid=_str(ds, "StudyInstanceUID") or "", series_uid=_str(ds, "SeriesInstanceUID"),
-            sop_uid=_str(ds, "SOPInstanceUID"),
-            study_date=_date(ds, "StudyDate", "SeriesDate", "AcquisitionDate"),
-            study_description=_str(ds, "StudyDescription") or "",
-            series_description=_str(ds, "SeriesDescription") or "",
-            protocol_name=_str(ds, "ProtocolName") or "", series_number=_int(ds, "SeriesNumber"),
-            modality=_str(ds, "Modality") or "", body_part=_str(ds, "BodyPartExamined") or "",
-            institution=_str(ds, "InstitutionName") or "",
-            scanning_sequence=_str(ds, "ScanningSequence") or "",
-            sequence_variant=_str(ds, "SequenceVariant") or "",
-            scan_options=_str(ds, "ScanOptions") or "", sequence_name=_str(ds, "SequenceName") or "",
-            echo_time=_float(ds, "EchoTime"), repetition_time=_float(ds, "RepetitionTime"),
-            inversion_time=_float(ds, "InversionTime"), iop=_vec(ds, "ImageOrientationPatient", 6),
-            ipp=_vec(ds, "ImagePositionPatient", 3), instance_number=_int(ds, "InstanceNumber"),
-            rows=_int(ds, "Rows"), cols=_int(ds, "Columns"), pixel_spacing=_vec(ds, "PixelSpacing", 2),
-            slice_thickness=_float(ds, "SliceThickness"), n_frames=_int(ds, "NumberOfFrames"),
-            frames=None, problem=pixel_data_problem(path, ds),
-        )
+            return {**row, "status": "not_image", "error": "no SeriesInstanceUID/SOPInstanceUID in the header "
+                                                           "(truncated file, DICOMDIR or non-image object)"}
+        row.update({c: f(ds, k) for c, _, k, f in _HEADER}, status="ok", error=None, frames=None,
+                   problem=pixel_data_problem(path, ds))
+        date = next((v for v in map(lambda k: _str(ds, k), _DATES) if len(v) >= 8 and v[:8].isdigit()), None)
+        row["study_date"] = f"{date[:4]}-{date[4:6]}-{date[6:8]}" if date else None
         if is_enhanced(ds):
             row["frames"] = json.dumps(_frames_json(ds, path))
     except InputError as exc:  # malformed functional groups: the file is there but cannot be placed
@@ -218,14 +181,14 @@ def read_header(path: Path) -> dict:
     return row
 
 
-def _frames_json(ds: pydicom.Dataset, path: Path) -> list[dict]:
-    """The frames of an enhanced file, compactly: one entry per (frame type, stack, echo time,
-    orientation, pixel spacing) with the frames' positions (LPS mm), in frame order."""
-    groups: dict[tuple, dict] = {}
+def _frames_json(ds: pydicom.Dataset, path: Path) -> list[dict[str, Any]]:
+    """An enhanced file's frames, one entry per (frame type, stack, echo time, orientation, pixel
+    spacing) with the frames' positions (LPS mm), in frame order."""
+    groups: dict[tuple, dict[str, Any]] = {}
     for fr in frames_of(ds, path):
-        key = (fr.frame_type, fr.stack, fr.echo_ms, fr.iop, fr.pixel_spacing)
-        g = groups.setdefault(key, {"type": list(fr.frame_type), "stack": fr.stack, "echo_ms": fr.echo_ms,
-                                    "iop": list(fr.iop), "spacing": list(fr.pixel_spacing), "index": [], "ipp": []})
+        g = groups.setdefault((fr.frame_type, fr.stack, fr.echo_ms, fr.iop, fr.pixel_spacing), {
+            "type": list(fr.frame_type), "stack": fr.stack, "echo_ms": fr.echo_ms, "iop": list(fr.iop),
+            "spacing": list(fr.pixel_spacing), "index": [], "ipp": []})
         g["index"].append(fr.index)
         g["ipp"].append([round(v, 5) for v in fr.ipp])
     return list(groups.values())
@@ -236,17 +199,13 @@ def _frames_from_json(path: str, text: str) -> list[Frame]:
                   g.get("echo_ms")) for g in json.loads(text) for i, ipp in zip(g["index"], g["ipp"])]
 
 
-def index_archive(
-    root: str | Path,
-    index_path: str | Path,
-    progress: ProgressFn | None = None,
-    oblique_deg: float = 30.0,
-) -> IndexSummary:
+def index_archive(root: str | Path, index_path: str | Path, progress: ProgressFn | None = None,
+                  oblique_deg: float = 30.0) -> IndexSummary:
     """Index (or update the index of) the DICOM files under ``root`` into ``index_path``.
 
-    Only new or changed files (by size and modification time) are read. One index may hold
-    several roots; files that vanished from under ``root`` are removed from it.
-    ``progress(stage, done, total)`` replaces the tqdm bar when given (for GUIs).
+    Only new or changed files are read; one index may hold several roots; files that vanished
+    from under ``root`` are removed. ``progress(stage, done, total)`` replaces the tqdm bar.
+    ``oblique_deg``: see :func:`rheumai.dataset.classify.orientation_class`.
     """
     root = Path(root).resolve()
     if not root.is_dir():
@@ -255,14 +214,10 @@ def index_archive(
     index_path.parent.mkdir(parents=True, exist_ok=True)
     con = _connect(index_path)
     summary = IndexSummary(index_path=str(index_path), root=str(root))
+    under = (str(root) + os.sep, str(root) + chr(ord(os.sep) + 1))
     try:
-        known = {
-            p: (s, m)
-            for p, s, m in con.execute(
-                "SELECT path, size, mtime_ns FROM files WHERE path >= ? AND path < ?",
-                (str(root) + os.sep, str(root) + chr(ord(os.sep) + 1)),
-            )
-        }
+        known = {p: (s, m) for p, s, m in con.execute(
+            "SELECT path, size, mtime_ns FROM files WHERE path >= ? AND path < ?", under)}
         todo: list[Path] = []
         seen: set[str] = set()
         for p in _walk(root):
@@ -271,9 +226,8 @@ def index_archive(
             except OSError as exc:
                 summary.unreadable.append((str(p), f"cannot stat: {exc}"))
                 continue
-            key = str(p)
-            seen.add(key)
-            if known.get(key) == (st.st_size, st.st_mtime_ns):
+            seen.add(str(p))
+            if known.get(str(p)) == (st.st_size, st.st_mtime_ns):
                 summary.files_unchanged += 1
             else:
                 todo.append(p)
@@ -296,7 +250,7 @@ def index_archive(
             except OSError as exc:  # vanished between walk and read
                 row = {"path": str(p), "size": -1, "mtime_ns": -1, "status": "unreadable", "error": str(exc)}
             batch.append(tuple(row.get(c) for c in FILE_FIELDS))
-            if len(batch) >= COMMIT_EVERY:
+            if len(batch) >= COMMIT_EVERY or i == len(todo):
                 con.executemany(sql, batch)
                 con.commit()
                 batch.clear()
@@ -304,18 +258,11 @@ def index_archive(
                 bar.update(1)
             else:
                 progress("reading DICOM headers", i, len(todo))
-        con.executemany(sql, batch)
-        con.commit()
         if bar is not None:
             bar.close()
         summary.files_read = len(todo)
-        summary.unreadable += [
-            (p, e or "")
-            for p, e in con.execute(
-                "SELECT path, error FROM files WHERE status != 'ok' AND path >= ? AND path < ? ORDER BY path",
-                (str(root) + os.sep, str(root) + chr(ord(os.sep) + 1)),
-            )
-        ]
+        summary.unreadable += [(p, e or "") for p, e in con.execute(
+            "SELECT path, error FROM files WHERE status != 'ok' AND path >= ? AND path < ? ORDER BY path", under)]
         # The series tables depend only on the files table and oblique_deg: skip the rebuild
         # (about 10 s per 100k files) when neither changed.
         has_series = con.execute("SELECT 1 FROM sqlite_master WHERE name = 'series'").fetchone()
@@ -325,96 +272,71 @@ def index_archive(
             con.execute("INSERT OR REPLACE INTO meta VALUES ('oblique_deg', ?)", (repr(float(oblique_deg)),))
             con.commit()
         summary.n_patients, summary.n_studies, summary.n_series = con.execute(
-            "SELECT COUNT(DISTINCT patient_id), COUNT(DISTINCT study_uid), COUNT(*) FROM series"
-        ).fetchone()
+            "SELECT COUNT(DISTINCT patient_id), COUNT(DISTINCT study_uid), COUNT(*) FROM series").fetchone()
     finally:
         con.close()
     return summary
 
 
-def _series_row(g: pd.DataFrame, oblique_deg: float, frames: list[Frame] | None = None) -> dict:
-    """Aggregate the ``files`` rows of one series into one ``series`` row.
-
-    ``frames``: for enhanced multi-frame files, the frames of this series (or part) from their
-    functional groups; slice count, orientation and geometry problems then come from
-    :func:`rheumai.multiframe.stack_of`, as when the reader reads it.
-    """
+def _series_row(g: pd.DataFrame, oblique_deg: float, frames: list[Frame] | None = None) -> dict[str, Any]:
+    """Aggregate the ``files`` rows of one series (or part: ``frames`` of enhanced files) into one
+    ``series`` row; slice count and geometry problems from :func:`rheumai.multiframe.stack_of`."""
     problems: list[str] = []
     severe = False
     first = g.iloc[0]
 
-    def one(col: str, what: str, is_severe: bool = False) -> object:
+    def one(col: str, what: str, is_severe: bool = False) -> Any:
         nonlocal severe
-        vals = g[col].dropna()
-        counts = Counter(vals)
+        counts = Counter(g[col].dropna())
         if len(counts) > 1:
             problems.append(f"{len(counts)} different {what} in one series")
             severe = severe or is_severe
         return counts.most_common(1)[0][0] if counts else None
 
-    patient = one("patient_id", "patient IDs", True)
-    study = one("study_uid", "study UIDs", True)
+    patient, study = one("patient_id", "patient IDs", True), one("study_uid", "study UIDs", True)
     date = one("study_date", "study dates")
     if date is None:
         problems.append("no study date")
     iop_txt = one("iop", "orientations", True) if frames is None else json.dumps(list(frames[0].iop))
-    rows = one("rows", "row counts", True)
-    cols = one("cols", "column counts", True)
-    orientation = orientation_class(json.loads(iop_txt) if iop_txt else None, oblique_deg)
+    rows, cols = one("rows", "row counts", True), one("cols", "column counts", True)
     for path, problem in zip(g["path"], g["problem"]):
         if isinstance(problem, str) and problem:
             problems.append(f"{os.path.basename(path)}: {problem}")
             severe = True
-
-    n_slices = 0
     n_frames = int(g["n_frames"].fillna(1).max())
-    ipps = [json.loads(v) for v in g["ipp"].dropna()]
-    if frames is not None:
-        stack = stack_of(frames)
-        n_slices = stack.n_slices if not (stack.severe and stack.n_slices == 0) else len(frames)
+    if frames is None and (iop_txt is None or g["ipp"].isna().any()):
+        problems.append("missing ImageOrientationPatient/ImagePositionPatient")
+        severe, n_slices = True, len(g)
+    else:
+        stack = stack_of(frames or [Frame(p, 0, tuple(json.loads(ipp)), tuple(json.loads(iop)), (1.0, 1.0), 1.0, 0.0,
+                                          (), "") for p, ipp, iop in zip(g["path"], g["ipp"], g["iop"].fillna(iop_txt))])
+        n_slices = stack.n_slices if not (stack.severe and stack.n_slices == 0) else len(stack.frames)
         if stack.problem:
             problems.append(stack.problem)
             severe = severe or stack.severe
-    elif iop_txt is None or len(ipps) < len(g):
-        problems.append("missing ImageOrientationPatient/ImagePositionPatient")
-        severe = True
-        n_slices = len(g)
-    else:
-        n = slice_normal(json.loads(iop_txt))
-        dist = sorted({round(sum(a * b for a, b in zip(n, p)), 3) for p in ipps})
-        n_slices = len(dist)
-        if n_slices < len(g):
-            problems.append(f"{len(g) - n_slices} files repeat a slice position (multi-echo or duplicates)")
-            severe = True
-        if n_slices >= 3:
-            gaps = [b - a for a, b in zip(dist, dist[1:])]
-            med = sorted(gaps)[len(gaps) // 2]
-            if med > 0 and max(gaps) > 1.5 * med:  # the reader refuses such a stack: severe
-                problems.append(f"uneven slice spacing (largest gap {max(gaps):.2f} mm, median {med:.2f} mm): missing slices?")
-                severe = True
     if n_frames > 1 and frames is None:
         problems.append(f"multi-frame file ({n_frames} frames)")
-    if n_slices < 3 and (n_frames <= 1 or frames is not None):
+    if n_slices < 3 and (n_frames <= 1 or frames is not None) and f"only {n_slices} slice" not in problems:
         problems.append(f"only {n_slices} slice(s)")
     desc = str(first["series_description"] or first["protocol_name"] or "")
     seq, fat, source, seq_problems = guess_sequence(
         " ".join(str(x) for x in (first["series_description"], first["protocol_name"], first["sequence_name"]) if x),
         first["echo_time"], first["repetition_time"], first["inversion_time"],
-        first["scanning_sequence"] or "", first["scan_options"] or "",
-    )
+        first["scanning_sequence"] or "", first["scan_options"] or "")
     problems += seq_problems
     folders = sorted({os.path.dirname(p) for p in g["path"]})
     if len(folders) > 1:
         problems.append(f"files spread over {len(folders)} folders")
-    region = guess_region(str(first["body_part"] or ""), str(first["study_description"] or ""), desc)
     return {
-        "series_uid": first["series_uid"], "patient_id": patient, "study_uid": study,
-        "study_date": date, "series_number": None if pd.isna(first["series_number"]) else int(first["series_number"]),
-        "description": desc, "modality": first["modality"], "orientation": orientation,
-        "sequence": seq, "fat_suppressed": int(fat), "sequence_source": source, "region": region,
+        "series_uid": first["series_uid"], "patient_id": patient, "study_uid": study, "study_date": date,
+        "series_number": None if pd.isna(first["series_number"]) else int(first["series_number"]),
+        "description": desc, "modality": first["modality"],
+        "orientation": orientation_class(json.loads(iop_txt) if iop_txt else None, oblique_deg),
+        "sequence": seq, "fat_suppressed": int(fat), "sequence_source": source,
+        "region": guess_region(str(first["body_part"] or ""), str(first["study_description"] or ""), desc),
         "n_files": len(g), "n_slices": n_slices, "rows": rows, "cols": cols, "folder": folders[0],
-        "n_folders": len(folders), "institution": first["institution"],
-        "problems": json.dumps(problems), "severe": int(severe),
+        "n_folders": len(folders), "institution": first["institution"], "problems": json.dumps(problems),
+        "severe": int(severe),
     }
 
 
@@ -426,11 +348,9 @@ def _rebuild_series(con: sqlite3.Connection, oblique_deg: float) -> None:
         if enhanced.empty:
             rows.append(_series_row(g, oblique_deg))
             continue
-        frames = [fr for p, t in zip(enhanced["path"], enhanced["frames"]) for fr in _frames_from_json(p, t)]
-        parts = split_parts(frames)
+        parts = split_parts([fr for p, t in zip(enhanced["path"], enhanced["frames"]) for fr in _frames_from_json(p, t)])
         for key, part in parts.items():
-            names = {fr.file for fr in part}
-            row = _series_row(g[g["path"].isin(names)], oblique_deg, frames=part)
+            row = _series_row(g[g["path"].isin({fr.file for fr in part})], oblique_deg, frames=part)
             if len(enhanced) < len(g):
                 row["problems"] = json.dumps(json.loads(row["problems"]) + [
                     f"mixes {len(enhanced)} enhanced multi-frame files with {len(g) - len(enhanced)} single-frame files"])
@@ -438,17 +358,14 @@ def _rebuild_series(con: sqlite3.Connection, oblique_deg: float) -> None:
             if len(parts) > 1:  # the same key as rheumai.io.list_series gives the part
                 row["series_uid"] = f"{uid}{PART_SEP}{key}"
             rows.append(row)
-    series = pd.DataFrame(rows, columns=SERIES_COLUMNS)
     # Built under new names, then swapped in one transaction: a reader (a dataset build while the
     # archive is re-indexed) sees the old tables or the new ones, never none.
     con.execute("DROP TABLE IF EXISTS series_new")
     con.execute("DROP TABLE IF EXISTS studies_new")
     con.commit()
-    series.to_sql("series_new", con, index=False)
-    con.execute(
-        "CREATE TABLE studies_new AS SELECT study_uid, patient_id, MIN(study_date) AS study_date, "
-        "COUNT(*) AS n_series FROM series_new GROUP BY study_uid, patient_id ORDER BY patient_id, study_uid"
-    )
+    pd.DataFrame(rows, columns=SERIES_COLUMNS).to_sql("series_new", con, index=False)
+    con.execute("CREATE TABLE studies_new AS SELECT study_uid, patient_id, MIN(study_date) AS study_date, "
+                "COUNT(*) AS n_series FROM series_new GROUP BY study_uid, patient_id ORDER BY patient_id, study_uid")
     con.commit()
     con.execute("BEGIN IMMEDIATE")
     con.execute("DROP TABLE IF EXISTS series")
@@ -461,7 +378,7 @@ def _rebuild_series(con: sqlite3.Connection, oblique_deg: float) -> None:
 
 @dataclass
 class ArchiveIndex:
-    """Read-only view of an index: ``series`` and ``files`` as pandas frames (sorted)."""
+    """Read-only view of an index: ``series`` as a pandas frame (sorted)."""
 
     path: str
     series: pd.DataFrame
@@ -487,19 +404,10 @@ class ArchiveIndex:
         return set(self.series["patient_id"].astype(str))
 
     def series_files(self, series_uid: str) -> list[str]:
-        """Paths of the readable files of one series, sorted."""
+        """Paths of the readable files of one series (a part "<uid>#<key>": those of <uid>), sorted."""
         con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
         try:
-            return [r[0] for r in con.execute(  # a part "<uid>#<key>" lives in the files of <uid>
-                "SELECT path FROM files WHERE series_uid = ? AND status = 'ok' ORDER BY path",
-                (series_uid.split(PART_SEP, 1)[0],)
-            )]
-        finally:
-            con.close()
-
-    def unreadable(self) -> list[tuple[str, str]]:
-        con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
-        try:
-            return [(p, e or "") for p, e in con.execute("SELECT path, error FROM files WHERE status != 'ok' ORDER BY path")]
+            return [r[0] for r in con.execute("SELECT path FROM files WHERE series_uid = ? AND status = 'ok' "
+                                              "ORDER BY path", (series_uid.split(PART_SEP, 1)[0],))]
         finally:
             con.close()
