@@ -126,8 +126,3 @@ def snap_frame(direction: np.ndarray, target: np.ndarray = SAGITTAL_FRAME) -> np
         return target.copy()
     return frame
 
-
-def obliquity_deg(direction: np.ndarray) -> float:
-    """Largest angle (degrees) between an image axis and its nearest LPS axis."""
-    d = np.abs(np.asarray(direction, dtype=float).reshape(3, 3))
-    return float(np.degrees(np.arccos(np.clip(d.max(axis=0).min(), -1, 1))))

@@ -1,15 +1,12 @@
 """Enhanced (multi-frame) DICOM: per-frame geometry from the functional groups, split into 3D parts.
 
-An enhanced file holds many frames. Each frame's position (ImagePositionPatient), orientation
-(ImageOrientationPatient), pixel spacing and rescale live in its PerFrameFunctionalGroupsSequence
-item, or in the SharedFunctionalGroupsSequence when common to all frames. One file (or a series
-of such files) may interleave several image types (a Philips field map: magnitude + field-map
-frames at the same positions) or several time points (4D). Frames are grouped into **parts** by
-the FrameType values that differ between frames, by echo time and by StackID; each part is one candidate 3D
-volume, and a part whose frames repeat positions is a 4D series, which is refused.
-
-Used by both the reader (:mod:`rheumai.io`) and the index (:mod:`rheumai.dataset.index`), so both
-see the same parts, slice counts and geometry. Positions are DICOM LPS millimetres.
+Each frame's position, orientation, pixel spacing and rescale live in its per-frame functional
+group item, or in the shared one. A series may interleave image types (a Philips field map:
+magnitude + field-map frames at the same positions) or time points (4D): frames are grouped into
+**parts** by the FrameType values that differ, by StackID and by echo time; each part is one
+candidate 3D volume, and one whose frames repeat positions (4D) is refused. Used by the reader
+(:mod:`rheumai.io`) and the index (:mod:`rheumai.dataset.index`), so both see the same parts,
+slice counts and geometry. Positions: DICOM LPS mm.
 """
 
 from __future__ import annotations
@@ -28,8 +25,8 @@ PART_SEP = "#"  # series key of a part: "<SeriesInstanceUID>#<part>"
 
 @dataclass(frozen=True)
 class Frame:
-    """One frame of an enhanced file. ``index``: 0-based frame number in ``file``.
-    ``pixel_spacing``: (row spacing, column spacing) in mm. ``iop``: row then column cosines."""
+    """One frame. ``index``: 0-based in ``file``; ``pixel_spacing``: (row, column) mm; ``iop``: row
+    then column cosines."""
 
     file: str
     index: int
@@ -59,7 +56,6 @@ class Stack:
 
 
 def is_enhanced(ds: pydicom.Dataset) -> bool:
-    """True for files whose geometry lives in per-frame functional groups."""
     return "PerFrameFunctionalGroupsSequence" in ds
 
 
@@ -117,9 +113,9 @@ def frames_of(ds: pydicom.Dataset, path: str | Path) -> list[Frame]:
 
 
 def part_keys(frames: list[Frame]) -> list[str]:
-    """One key per frame: the FrameType values that differ between frames (e.g. ``M`` / ``FIELD_MAP``),
-    the stack (``stack2``) when there are several, and the echo time (``TE4.92``) where frames of one
-    type and stack have several; ``""`` for every frame when all agree."""
+    """One key per frame: the differing FrameType values (``M`` / ``FIELD_MAP``), the stack
+    (``stack2``) when there are several, the echo time (``TE4.92``) where one type and stack has
+    several; ``""`` when all agree."""
     types = sorted({f.frame_type for f in frames})
     width = max((len(t) for t in types), default=0)
     padded = {t: t + ("",) * (width - len(t)) for t in types}
@@ -152,12 +148,9 @@ def split_parts(frames: list[Frame]) -> dict[str, list[Frame]]:
 
 
 def stack_of(frames: list[Frame], rel_tol: float = 0.05) -> Stack:
-    """Sort a part's frames along the slice normal and check that they form one 3D volume.
-
-    Problems found (``problem``; ``severe`` when the part cannot be read as one volume): frames
-    of different orientations, repeated positions (4D: ``k`` volumes of ``n`` slices), fewer
-    than two slices, uneven spacing (missing frames).
-    """
+    """Sort a part's frames along the slice normal and check that they form one 3D volume:
+    one orientation, no repeated position (4D: ``k`` volumes), >= 2 slices, even spacing within
+    ``rel_tol`` (``problem``; ``severe`` when it cannot be read as one volume)."""
     iop0 = np.asarray(frames[0].iop)
     for f in frames:
         if np.abs(np.asarray(f.iop) - iop0).max() > 1e-3:
@@ -189,11 +182,8 @@ def stack_of(frames: list[Frame], rel_tol: float = 0.05) -> Stack:
 
 
 def read_volume(stack: Stack, pixels: dict[str, np.ndarray]) -> tuple[np.ndarray, tuple, tuple, tuple]:
-    """Assemble a checked stack into (array (k, j, i) float32, origin, spacing, direction) in LPS.
-
-    ``pixels``: file -> stored values (frames, rows, cols). Each frame is rescaled with its own
-    slope / intercept (Philips stores one per frame and per image type).
-    """
+    """A checked stack as (array (k, j, i) float32, origin, spacing, direction) in LPS. ``pixels``:
+    file -> stored values (frames, rows, cols); each frame rescaled with its own slope / intercept."""
     if stack.severe:
         raise ValueError(stack.problem)
     f0 = stack.frames[0]
