@@ -9,7 +9,10 @@ points outside the source's field of view are 0 after normalisation (``mask`` ma
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -78,6 +81,10 @@ class SliceParams:
     def from_dict(cls, d: dict[str, Any]) -> "SliceParams":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+    def digest(self) -> str:
+        """Stable hash of the parameters (for caches)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -149,17 +156,11 @@ class SliceSelection:
 
 def _pack_mask(mask: np.ndarray) -> dict[str, Any]:
     """Compact JSON storage of a bool mask: packed bits, zlib-compressed, base64 text."""
-    import base64
-    import zlib
-
     return {"shape": list(mask.shape),
             "zlib_b64": base64.b64encode(zlib.compress(np.packbits(mask.astype(bool)).tobytes())).decode()}
 
 
 def _unpack_mask(d: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
-    import base64
-    import zlib
-
     bits = np.frombuffer(zlib.decompress(base64.b64decode(d["zlib_b64"])), dtype=np.uint8)
     return np.unpackbits(bits)[: int(np.prod(shape))].reshape(shape).astype(bool)
 
