@@ -138,7 +138,7 @@ def saliency_maps(model: torch.nn.Module, batch: dict[str, torch.Tensor], sample
                                plusplus=method == "gradcampp")
     out = []
     for sample, cam in zip(samples, cams):
-        m = normalize_max(cam[0].detach().cpu().numpy())
+        m = normalize_max(cam.detach().cpu().numpy())[0]  # (1, H, W): one maximum per map
 
         def to_source(grid: np.ndarray, prep: Prepared = sample.prep) -> sitk.Image:
             return prep.rad.with_array(prep.small_map_to_source(grid))
