@@ -141,32 +141,25 @@ def prepare(rad: Radiograph, params: HandParams, laterality: str | None = None) 
     return Prepared(rad=rad, canon=canon, tf=tf, hires=hires, hscale=hscale, small=small, scale=scale)
 
 
-def crop_grid(points_hires: torch.Tensor, hspacing_mm: torch.Tensor, hires_shape: Sequence[int],
-              params: HandParams) -> torch.Tensor:
-    """grid_sample grid (B*K, c, c, 2) for crops of ``crop_mm`` around hires points (B, K, 2).
+def crop_batch(hires: torch.Tensor, points_hires: torch.Tensor, hspacing_mm: torch.Tensor,
+               params: HandParams) -> torch.Tensor:
+    """Joint crops (B, K, c, c) from hires images (B, 1, H, W) at points (B, K, 2) hires px, 0 outside.
 
-    hspacing_mm: (B, 2) (row, col) mm per hires pixel. Crops are axis-aligned, ``crop_px`` square.
+    hspacing_mm: (B, 2) (row, col) mm per hires pixel. Crops are axis-aligned, ``crop_mm`` wide,
+    ``crop_px`` square (``grid_sample``, bilinear).
     """
     B, K, _ = points_hires.shape
     n = params.crop_px
-    H, W = int(hires_shape[0]), int(hires_shape[1])
+    H, W = hires.shape[-2:]
     off = (torch.arange(n, dtype=torch.float32, device=points_hires.device) - (n - 1) / 2.0) * (params.crop_mm / n)
     step = 1.0 / hspacing_mm.float()  # (B, 2) hires px per mm (row, col)
     gx = points_hires[..., 0, None, None] + off[None, None, None, :] * step[:, 1, None, None, None]
     gy = points_hires[..., 1, None, None] + off[None, None, :, None] * step[:, 0, None, None, None]
     gx, gy = torch.broadcast_tensors(gx, gy)
-    grid = torch.stack([gx * 2 / max(W - 1, 1) - 1, gy * 2 / max(H - 1, 1) - 1], -1)
-    return grid.reshape(B * K, n, n, 2)
-
-
-def crop_batch(hires: torch.Tensor, points_hires: torch.Tensor, hspacing_mm: torch.Tensor,
-               params: HandParams) -> torch.Tensor:
-    """Joint crops (B, K, c, c) from hires images (B, 1, H, W) at points (B, K, 2), 0 outside."""
-    B, K, _ = points_hires.shape
-    grid = crop_grid(points_hires, hspacing_mm, hires.shape[-2:], params)
-    img = hires.expand(B, 1, *hires.shape[-2:]).repeat_interleave(K, dim=0)
+    grid = torch.stack([gx * 2 / max(W - 1, 1) - 1, gy * 2 / max(H - 1, 1) - 1], -1).reshape(B * K, n, n, 2)
+    img = hires.expand(B, 1, H, W).repeat_interleave(K, dim=0)
     out = F.grid_sample(img, grid.to(hires.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out.reshape(B, K, params.crop_px, params.crop_px)
+    return out.reshape(B, K, n, n)
 
 
 def crops(prep: Prepared, points_canon: np.ndarray, params: HandParams) -> np.ndarray:
@@ -301,20 +294,16 @@ class LandmarkDataset(WholeHandDataset):
 
 
 class JointDataset(Dataset):
-    """Per-joint samples: input {"x": (1, c, c), "joint": ()}; target {"erosion", "jsn"} (IGNORE = -1).
+    """Per-joint samples at the true landmarks: input {"x": (1, c, c), "joint": ()}; target
+    {"erosion", "jsn"} (IGNORE = -1). ``jitter_mm``: random shift (SD, mm) of each crop centre, drawn
+    anew per epoch (training on imperfect points); an epoch's crops are computed at once."""
 
-    ``points``: canonical full-res points per case ((K, 2) arrays, e.g. predicted landmarks); None
-    uses the truth. ``jitter_mm``: random shift (SD, mm) of each crop centre, drawn anew per epoch
-    (training on imperfect points); crops of an epoch are computed at once, vectorised.
-    """
-
-    def __init__(self, cases: Sequence[Case], params: HandParams, points: Sequence[np.ndarray] | None = None,
-                 jitter_mm: float = 0.0, augment: bool = False, seed: int = 0) -> None:
+    def __init__(self, cases: Sequence[Case], params: HandParams, jitter_mm: float = 0.0, augment: bool = False,
+                 seed: int = 0) -> None:
         self.cases, self.params, self.jitter, self.augment = list(cases), params, jitter_mm, augment
-        self.points = [c.points_canon if points is None else np.asarray(points[i]) for i, c in enumerate(self.cases)]
-        for c, p in zip(self.cases, self.points):
-            if p is None:
-                raise ValueError(f"case {c.patient_id} has no landmarks to crop at")
+        missing = [c.patient_id for c in self.cases if c.points_canon is None]
+        if missing:
+            raise ValueError(f"no landmarks to crop at for {', '.join(missing)}")
         self.K = len(JOINT_NAMES)
         self.seed, self.epoch = seed, 0
         self._crops = self._make_crops()
@@ -322,8 +311,8 @@ class JointDataset(Dataset):
     def _make_crops(self) -> np.ndarray:
         rng = np.random.default_rng((self.seed, self.epoch, 7))
         out = []
-        for c, p in zip(self.cases, self.points):
-            p = np.nan_to_num(np.asarray(p, np.float64), nan=-1e4)
+        for c in self.cases:
+            p = np.nan_to_num(np.asarray(c.points_canon, np.float64), nan=-1e4)
             if self.jitter > 0:
                 p = p + rng.normal(0, self.jitter, p.shape) / np.array(c.prep.rad.spacing_mm[::-1])
             out.append(crops(c.prep, p, self.params))
@@ -349,7 +338,7 @@ class JointDataset(Dataset):
                 self._crops = self._make_crops()
 
     def unaugmented(self) -> "JointDataset":
-        return JointDataset(self.cases, self.params, self.points, jitter_mm=0.0, augment=False, seed=self.seed)
+        return JointDataset(self.cases, self.params, seed=self.seed)
 
 
 class HandDataset(Dataset):

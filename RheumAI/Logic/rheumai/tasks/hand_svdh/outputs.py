@@ -1,22 +1,18 @@
 """Prediction outputs of the hand SvdH task: result dict (MRML-free), files and the Slicer scene.
 
-``predict_result`` returns what a panel needs: the values (total, class, per-joint table), the
-landmarks in LPS mm with their labels, and the saliency map as a one-slice image in the
-radiograph's geometry. ``predict_files`` writes, per radiograph, into ``out_dir``:
-``<key>.json`` (values), ``<key>_joints.csv`` (per-joint grades and points), ``<key>_saliency.nrrd``
-(one-slice map in [0, 1] on the radiograph's grid), and with ``scene=True`` ``<key>.mrb`` (the
-radiograph, saliency overlay, result table, landmark point list and per-joint table; needs
-slicer-core), plus ``predictions.csv`` (one row per radiograph).
+Per radiograph ``<key>``: ``<key>.json`` (values), ``<key>_joints.csv`` (per-joint grades and
+points), ``<key>_saliency.nrrd`` (one-slice map in [0, 1] on the radiograph's grid) and with
+``scene=True`` ``<key>.mrb`` (radiograph, saliency, result table, landmark point list, per-joint
+table; needs slicer-core); ``predict_files`` adds ``predictions.csv`` (one row per radiograph).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 import SimpleITK as sitk
 
 from ...atomic import atomic_path, write_json, write_text
@@ -34,7 +30,7 @@ def _predictor(model: Any) -> Any:
 
 
 def result_from(res: Any) -> dict[str, Any]:
-    """A PredictionResult of this task as {values, points_lps, labels, saliency, source}."""
+    """A PredictionResult of this task as {values, points_lps, labels, saliency, source, ...}."""
     v = dict(res.values)
     m = res.maps.get(ROLE)
     return {"values": v, "points_lps": np.asarray(v["landmarks_lps"], float), "labels": list(v["landmark_labels"]),
@@ -47,37 +43,28 @@ def predict_result(model: Any, radiograph: Any, saliency: str | None = "gradcam"
     return result_from(_predictor(model).predict(radiograph, saliency=saliency))
 
 
-def table_values(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: values.get(k) for k in TABLE_KEYS}
-
-
 def write_result(out_dir: str | Path, key: str, result: dict[str, Any], scene: bool = False) -> dict[str, str]:
     """Write one radiograph's files (see module docstring); returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     v = result["values"]
-    files: dict[str, str] = {}
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(v["joints"][0]))
-    w.writeheader()
-    w.writerows(v["joints"])
-    files["joints_file"] = str(write_text(safe_child(out, key, "_joints.csv", what="study key"), buf.getvalue()))
+    files = {"joints_file": str(write_text(safe_child(out, key, "_joints.csv", what="study key"),
+                                           pd.DataFrame(v["joints"]).to_csv(index=False)))}
     if result.get("saliency") is not None:
         path = safe_child(out, key, "_saliency.nrrd", what="study key")
         with atomic_path(path) as tmp:
             sitk.WriteImage(result["saliency"], str(tmp), useCompression=True)
         files["saliency_file"] = str(path)
+    src = {"source_path": result.get("source_path"), "model_id": result.get("model_id")}
     if scene:
         from rheumai_mrml.radiograph_scene import write_radiograph_scene
 
-        shown = dict(table_values(v), study=key, source_path=result.get("source_path"),
-                     model_id=result.get("model_id"))
         files["scene_file"] = str(write_radiograph_scene(
-            safe_child(out, key, ".mrb", what="study key"), result["source"], result.get("saliency"), shown,
-            points_lps=result["points_lps"], labels=result["labels"], rows=v["joints"], rows_name="SvdH joints"))
-    files["result_file"] = str(write_json(safe_child(out, key, ".json", what="study key"),
-                                          dict(v, source_path=result.get("source_path"),
-                                               model_id=result.get("model_id"), files=files)))
+            safe_child(out, key, ".mrb", what="study key"), result["source"], result.get("saliency"),
+            {**{k: v.get(k) for k in TABLE_KEYS}, "study": key, **src}, points_lps=result["points_lps"],
+            labels=result["labels"], rows=v["joints"], rows_name="SvdH joints"))
+    path = safe_child(out, key, ".json", what="study key")
+    files["result_file"] = str(write_json(path, {**v, **src, "files": files}))
     return files
 
 
@@ -85,22 +72,15 @@ def predict_files(radiographs: Sequence[str | Path], model: Any, out_dir: str | 
                   scene: bool = False) -> list[dict[str, Any]]:
     """Predict and write every radiograph; ``predictions.csv`` lists them (errors as rows)."""
     pred = _predictor(model)
-    out = Path(out_dir)
     rows = []
     for path in radiographs:
         key = Path(path).name.rsplit(".", 1)[0] if Path(path).suffix else Path(path).name
         row: dict[str, Any] = {"study": key, "source_path": str(path)}
         try:
             res = result_from(pred.predict(path, saliency=saliency))
-            row.update(table_values(res["values"]))
-            row.update(write_result(out, key, res, scene=scene))
+            row.update({k: res["values"].get(k) for k in TABLE_KEYS}, **write_result(out_dir, key, res, scene=scene))
         except Exception as exc:  # noqa: BLE001 - reported per radiograph, the batch goes on
             row["error"] = f"{type(exc).__name__}: {exc}"
         rows.append(row)
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-    write_text(out / "predictions.csv", buf.getvalue())
+    write_text(Path(out_dir) / "predictions.csv", pd.DataFrame(rows).to_csv(index=False))
     return rows

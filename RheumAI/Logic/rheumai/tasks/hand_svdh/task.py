@@ -45,6 +45,7 @@ TASK = Task(
     api={"synth": "rheumai.tasks.hand_svdh.synth:make_cohort",
          "train": "rheumai.tasks.hand_svdh.train:train",
          "evaluate": "rheumai.tasks.hand_svdh.evaluate:evaluate",
+         "load_config": "rheumai.tasks.hand_svdh.train:load_config",
          "pretrain": "rheumai.tasks.hand_svdh.train:pretrain_backbone",
          "ensemble": "rheumai.tasks.hand_svdh.ensemble:fit_stacking",
          "predict": "rheumai.tasks.hand_svdh.outputs:predict_files",
