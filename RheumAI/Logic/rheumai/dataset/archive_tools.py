@@ -1,11 +1,6 @@
-"""Write re-identified copies of a real DICOM series: building blocks for test / demo archives.
-
-:func:`write_series` copies a source series (any real DICOM folder) into a new patient / study /
-series with the identifiers, date, description and sequence tags you give, optionally turned into
-an axial acquisition, thinned to a subset of slices, or downsampled in-plane. Geometry stays
-consistent: ImagePositionPatient / ImageOrientationPatient (DICOM LPS, mm) are rewritten together.
-:func:`write_demo_archive` builds a whole synthetic hospital export with a label sheet whose
-inclusion flow is known (documented in :data:`DEMO_SCENARIOS`).
+"""Re-identified copies of a real DICOM series (:func:`write_series`) and a synthetic hospital
+export with a label sheet whose inclusion flow is known (:func:`write_demo_archive`), for tests
+and demos. Geometry stays consistent: positions / orientations (DICOM LPS, mm) change together.
 """
 
 from __future__ import annotations
@@ -16,7 +11,7 @@ import datetime as dt
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pydicom
@@ -65,11 +60,8 @@ def _load_source(source: str) -> tuple[pydicom.Dataset, ...]:
 
 
 def _clone(src: pydicom.Dataset) -> pydicom.FileDataset | pydicom.Dataset:
-    """Copy of ``src`` with new element objects (values shared, sequences deep-copied).
-
-    ``copy.deepcopy`` of a pydicom dataset costs ~4 ms per slice, most of the archive writing
-    time; values are only ever replaced, never mutated in place, so sharing them is safe.
-    """
+    """Copy of ``src`` with new element objects, values shared (they are only replaced, never mutated)
+    and sequences deep-copied: ``copy.deepcopy`` costs ~4 ms per slice."""
     def elems(ds: pydicom.Dataset) -> pydicom.Dataset:
         out = pydicom.Dataset()
         for el in ds:
@@ -115,14 +107,11 @@ def write_series(
     institution: str = "",
     file_pattern: str = "IM{index:04d}.dcm",
 ) -> list[Path]:
-    """Copy the series in ``source`` into ``out_dir`` as a new patient / study / series.
+    """Copy the series in ``source`` into ``out_dir`` as a new patient / study / series; returns the paths.
 
-    sequence: "T1" | "T2" | "STIR" sets the timing tags of :data:`SEQUENCE_TAGS` (None keeps them).
-    orientation: "axial" rewrites ImageOrientationPatient to (1,0,0, 0,1,0) and stacks the slices
-    along LPS +z at the source's slice spacing (pixels unchanged: a geometrically valid distractor);
-    None keeps the source orientation. slices: indices (after sorting along the normal) to keep.
-    downsample: in-plane integer stride; PixelSpacing grows accordingly and the first pixel's
-    centre (ImagePositionPatient) is unchanged. Returns the written paths.
+    sequence: timing tags of :data:`SEQUENCE_TAGS` (None keeps them). orientation "axial": slices
+    stacked along LPS +z at the source spacing (a valid distractor). slices: indices along the
+    normal to keep. downsample: in-plane stride (PixelSpacing grows, first pixel centre kept).
     """
     dss = _load_source(str(Path(source).resolve()))
     keep = list(range(len(dss))) if slices is None else list(slices)
@@ -139,24 +128,15 @@ def write_series(
     for n, i in enumerate(keep, 1):
         ds = _clone(dss[i])
         sop = uid("sop", series_uid, i)
-        ds.PatientID = patient_id
-        ds.PatientName = patient_id
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = sop
         ds.file_meta.MediaStorageSOPInstanceUID = sop
-        ds.FrameOfReferenceUID = frame_uid
-        for tag in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "InstanceCreationDate",
-                    "PerformedProcedureStepStartDate"):
-            setattr(ds, tag, da)
-        ds.SeriesDescription = description
-        ds.ProtocolName = description
-        ds.StudyDescription = study_description
-        ds.SeriesNumber = series_number
-        ds.InstanceNumber = n
-        ds.BodyPartExamined = body_part
-        ds.InstitutionName = institution
-        ds.StudyID = ""
+        for tag, value in {"PatientID": patient_id, "PatientName": patient_id, "StudyInstanceUID": study_uid,
+                           "SeriesInstanceUID": series_uid, "SOPInstanceUID": sop, "FrameOfReferenceUID": frame_uid,
+                           **dict.fromkeys(("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate",
+                                            "InstanceCreationDate", "PerformedProcedureStepStartDate"), da),
+                           "SeriesDescription": description, "ProtocolName": description,
+                           "StudyDescription": study_description, "SeriesNumber": series_number, "InstanceNumber": n,
+                           "BodyPartExamined": body_part, "InstitutionName": institution, "StudyID": ""}.items():
+            setattr(ds, tag, value)
         if sequence is not None:
             if sequence not in SEQUENCE_TAGS:
                 raise ValueError(f"sequence must be one of {sorted(SEQUENCE_TAGS)}, not {sequence!r}")
@@ -207,7 +187,7 @@ _DEMO_CYCLE = (
 
 @dataclass
 class DemoArchive:
-    """What :func:`write_demo_archive` wrote: the archive root, the label sheet and the truth."""
+    """What :func:`write_demo_archive` wrote and the truth."""
 
     root: Path
     labels_csv: Path
@@ -226,14 +206,10 @@ def write_demo_archive(
     sites: Sequence[str] = ("A", "B"),
     seed: int = 0,
 ) -> DemoArchive:
-    """Write a nested, mixed synthetic export of ``n_patients`` plus its label sheet.
-
-    Each patient follows a scenario of :data:`DEMO_SCENARIOS` (cycled in a fixed order). The
-    sagittal T2 series that should be selected are complete copies of ``source``; distractor
-    series keep ``distractor_slices`` slices. Outcomes alternate yes / no within each scenario
-    (``seed`` shifts the dates). Also writes a non-DICOM file, a truncated DICOM file and one
-    patient without a label row, so indexing and validation see realistic debris.
-    """
+    """A nested, mixed synthetic export of ``n_patients`` (scenarios of :data:`DEMO_SCENARIOS`, cycled)
+    plus its label sheet. The T2 series to select are complete copies of ``source``; distractors keep
+    ``distractor_slices`` slices; ``seed`` shifts the dates. Debris: a non-DICOM file, a truncated
+    DICOM file and a patient without a label row."""
     root, labels_csv = Path(root), Path(labels_csv)
     rng = np.random.default_rng(seed)
     few = list(range(0, 35, max(1, 35 // max(1, distractor_slices))))[:distractor_slices]
@@ -253,38 +229,28 @@ def write_demo_archive(
         # Nested, mixed layout: patient folder / study date folder / series folder.
         pdir = root / f"export_{k % 3}" / pid
         study = uid("study", pid, "base", seed)
-        sdir = pdir / base.isoformat()
-        t2 = uid("series", pid, "t2", seed)
+
+        def series(sub: str, key: str, description: str, number: int, sequence: str, **kw: Any) -> str:
+            series_uid = uid("series", pid, key, seed)
+            write_series(source, pdir / base.isoformat() / sub, patient_id=pid, study_uid=study, series_uid=series_uid,
+                         study_date=base, description=description, series_number=number, sequence=sequence,
+                         downsample=downsample, **kw)
+            return series_uid
+
         if kind != "no_t2":
-            write_series(source, sdir / "S3", patient_id=pid, study_uid=study, series_uid=t2, study_date=base,
-                         description="t2_tse_sag", series_number=3, sequence="T2", downsample=downsample)
-            chosen[pid] = t2
-        write_series(source, sdir / "S2", patient_id=pid, study_uid=study, series_uid=uid("series", pid, "t1", seed),
-                     study_date=base, description="t1_tse_sag", series_number=2, sequence="T1",
-                     slices=few, downsample=downsample)
-        write_series(source, sdir / "S4", patient_id=pid, study_uid=study, series_uid=uid("series", pid, "ax", seed),
-                     study_date=base, description="t2_tse_tra", series_number=4, sequence="T2",
-                     orientation="axial", slices=few, downsample=downsample)
+            chosen[pid] = series("S3", "t2", "t2_tse_sag", 3, "T2")
+        series("S2", "t1", "t1_tse_sag", 2, "T1", slices=few)
+        series("S4", "ax", "t2_tse_tra", 4, "T2", orientation="axial", slices=few)
         if kind == "two_t2":
-            write_series(source, sdir / "S5", patient_id=pid, study_uid=study, series_uid=uid("series", pid, "t2b", seed),
-                         study_date=base, description="t2_tse_sag_repeat", series_number=5, sequence="T2",
-                         slices=range(10, 22), downsample=downsample)
-        fstudy = uid("study", pid, "follow", seed)
-        write_series(source, pdir / follow.isoformat() / "S3", patient_id=pid, study_uid=fstudy,
+            series("S5", "t2b", "t2_tse_sag_repeat", 5, "T2", slices=range(10, 22))
+        write_series(source, pdir / follow.isoformat() / "S3", patient_id=pid, study_uid=uid("study", pid, "follow", seed),
                      series_uid=uid("series", pid, "fu_t2", seed), study_date=follow, description="t2_tse_sag",
                      series_number=3, sequence="T2", slices=few, downsample=downsample)
         label_base = base + dt.timedelta(days=40) if kind == "no_study" else base
-        rows.append({
-            "patient_id": pid,
-            "baseline_date": "" if kind == "by_uid" else label_base.isoformat(),
-            "baseline_study_uid": study if kind == "by_uid" else "",
-            "followup_date": follow.isoformat(),
-            "outcome": outcome,
-            "baseline_deformity": "yes" if kind == "deformity" else "no",
-            "site": sites[k % len(sites)],
-            "age": str(45 + (k * 7) % 30),
-            "sex": "F" if k % 3 else "M",
-        })
+        rows.append({"patient_id": pid, "baseline_date": "" if kind == "by_uid" else label_base.isoformat(),
+                     "baseline_study_uid": study if kind == "by_uid" else "", "followup_date": follow.isoformat(),
+                     "outcome": outcome, "baseline_deformity": "yes" if kind == "deformity" else "no",
+                     "site": sites[k % len(sites)], "age": str(45 + (k * 7) % 30), "sex": "F" if k % 3 else "M"})
     # Debris: a patient with images but no label row, a text file, a truncated DICOM file.
     write_series(source, root / "unlabelled" / "X999", patient_id="X999", study_uid=uid("study", "X999", seed),
                  series_uid=uid("series", "X999", seed), study_date="2015-05-05", description="t2_tse_sag",

@@ -16,8 +16,6 @@ leaves the previous set untouched. Image tables go through :mod:`rheumai.dataset
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -29,7 +27,7 @@ from ..atomic import replace_dir, staging_dir, write_json, write_text
 from ..errors import InputError
 from .cache import CacheJob, CacheReport, FileHasher, build_cache, entry_name, params_hash
 from .cohort import CohortEntry, CohortResult, CohortRules, Step, apply_cohort
-from .flow import flow_dict, flow_text, write_flow
+from .flow import csv_text, flow_dict, flow_text, write_flow
 from .index import ArchiveIndex
 from .labels import load_labels
 from .split import SplitConfig, assign_splits
@@ -56,14 +54,6 @@ class DatasetResult:
     @property
     def n_included(self) -> int:
         return len(self.split)
-
-
-def csv_text(header: list[str], rows: list[list[Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
 
 
 def task_params(task: str, params: Any) -> dict[str, Any]:

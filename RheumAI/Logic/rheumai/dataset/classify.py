@@ -1,14 +1,10 @@
 """Classify a DICOM MR series from its header tags: slice orientation, sequence weighting, region.
 
-Orientation uses ImageOrientationPatient (IOP), six direction cosines in DICOM LPS patient space
-(row direction, then column direction). The slice normal is row x column; its dominant LPS axis
-gives the plane: L-R (x) -> sagittal, P-A (y) -> coronal, S-I (z) -> axial. A normal more than
-``oblique_deg`` degrees away from every axis is "oblique".
-
-The sequence guess is a documented heuristic (no library classifies MR weightings from tags):
-description keywords first (SeriesDescription, ProtocolName, SequenceName), then the timing tags
-(EchoTime / RepetitionTime / InversionTime in ms, ScanningSequence, ScanOptions). When the two
-disagree the series keeps the keyword guess and a problem is recorded.
+Orientation: the slice normal (row x column cosines of ImageOrientationPatient, LPS) picks the
+plane by its dominant axis (x sagittal, y coronal, z axial); more than ``oblique_deg`` degrees from
+every axis is "oblique". Sequence: a documented heuristic (no library classifies MR weightings
+from tags): description keywords first, then EchoTime / RepetitionTime / InversionTime (ms),
+ScanningSequence and ScanOptions; a disagreement keeps the keyword guess and records a problem.
 """
 
 from __future__ import annotations
@@ -24,8 +20,7 @@ REGIONS = ("cervical", "thoracic", "lumbar", "brain", "hand", "unknown")
 
 def slice_normal(iop: Sequence[float]) -> tuple[float, float, float]:
     """Unit normal (LPS) of a slice from its six IOP direction cosines."""
-    r = [float(v) for v in iop[:3]]
-    c = [float(v) for v in iop[3:6]]
+    r, c = [float(v) for v in iop[:3]], [float(v) for v in iop[3:6]]
     n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
     norm = math.sqrt(sum(v * v for v in n))
     if norm < 1e-6:
@@ -34,11 +29,8 @@ def slice_normal(iop: Sequence[float]) -> tuple[float, float, float]:
 
 
 def orientation_class(iop: Sequence[float] | None, oblique_deg: float = 30.0) -> str:
-    """'sagittal' | 'coronal' | 'axial' | 'oblique' from IOP; 'unknown' if IOP is absent/bad.
-
-    ``oblique_deg``: largest angle (degrees) between the slice normal and the nearest LPS axis
-    still counted as that axis's plane. 30 degrees admits the usual tilted spine acquisitions.
-    """
+    """'sagittal' | 'coronal' | 'axial' | 'oblique' from IOP ('unknown' if absent / bad);
+    ``oblique_deg``: largest angle (degrees) from an axis still called that axis's plane."""
     if iop is None or len(iop) != 6:
         return "unknown"
     try:
@@ -46,13 +38,11 @@ def orientation_class(iop: Sequence[float] | None, oblique_deg: float = 30.0) ->
     except (ValueError, TypeError):
         return "unknown"
     axis = max(range(3), key=lambda i: abs(n[i]))
-    if abs(n[axis]) < math.cos(math.radians(oblique_deg)):
-        return "oblique"
-    return ("sagittal", "coronal", "axial")[axis]
+    return "oblique" if abs(n[axis]) < math.cos(math.radians(oblique_deg)) else ORIENTATIONS[axis]
 
 
-# Keyword patterns, tested in this order on the lower-cased description text. The look-arounds
-# keep "t2" from matching inside "st2x" while accepting "t2_tse", "t2w", "sag-t2".
+# Tested in this order on the lower-cased description; the look-arounds keep "t2" from matching
+# inside "st2x" while accepting "t2_tse", "t2w", "sag-t2".
 _KEYWORDS: list[tuple[str, re.Pattern[str]]] = [
     ("STIR", re.compile(r"(?<![a-z0-9])(stir|tirm|t2[ _-]?stir)(?![a-z])")),
     ("FLAIR", re.compile(r"(?<![a-z0-9])(flair|dark[ _-]?fluid)")),
@@ -72,7 +62,7 @@ def _num(v: object) -> float | None:
 
 
 def sequence_from_tags(te: float | None, tr: float | None, ti: float | None, scanning_sequence: str) -> str:
-    """Weighting from timing (ms). Thresholds are the textbook 1.5/3 T spin-echo ranges."""
+    """Weighting from timing (ms); thresholds are the textbook 1.5 / 3 T spin-echo ranges."""
     if "IR" in scanning_sequence.upper().split("\\") and ti is not None:
         if ti < 300:
             return "STIR"
@@ -82,29 +72,18 @@ def sequence_from_tags(te: float | None, tr: float | None, ti: float | None, sca
         return "unknown"
     if tr < 1000 and te < 30:
         return "T1"
-    if tr >= 1500 and te >= 60:
-        return "T2"
-    if tr >= 1500 and te < 40:
-        return "PD"
+    if tr >= 1500:
+        return "T2" if te >= 60 else "PD" if te < 40 else "unknown"
     return "unknown"
 
 
-def guess_sequence(
-    description: str,
-    te: object = None,
-    tr: object = None,
-    ti: object = None,
-    scanning_sequence: str = "",
-    scan_options: str = "",
-) -> tuple[str, bool, str, list[str]]:
-    """Guess the weighting of a series.
-
-    Returns ``(sequence, fat_suppressed, source, problems)``: ``sequence`` in :data:`SEQUENCES`;
-    ``source`` is "description", "tags" or "none"; ``problems`` lists disagreements.
-    """
+def guess_sequence(description: str, te: object = None, tr: object = None, ti: object = None,
+                   scanning_sequence: str = "", scan_options: str = "") -> tuple[str, bool, str, list[str]]:
+    """``(sequence, fat_suppressed, source, problems)``: ``sequence`` in :data:`SEQUENCES`, ``source``
+    "description" | "tags" | "none", ``problems`` the disagreements between keywords and tags."""
     text = description.lower()
-    te_f, tr_f, ti_f = _num(te), _num(tr), _num(ti)
-    by_tags = sequence_from_tags(te_f, tr_f, ti_f, scanning_sequence or "")
+    te_f, tr_f = _num(te), _num(tr)
+    by_tags = sequence_from_tags(te_f, tr_f, _num(ti), scanning_sequence or "")
     by_words = next((name for name, pat in _KEYWORDS if pat.search(text)), "unknown")
     options = (scan_options or "").upper().replace("\\", " ").split()
     fat_sup = bool(_FAT_SUPPRESSED.search(text)) or "FS" in options or "SFS" in options
@@ -112,20 +91,16 @@ def guess_sequence(
     if by_words != "unknown":
         seq, source = by_words, "description"
         if by_tags not in ("unknown", by_words) and not (by_words == "STIR" and by_tags == "T2"):
-            problems.append(
-                f"description suggests {by_words} but TE {te_f} ms / TR {tr_f} ms suggest {by_tags}"
-            )
-    elif by_tags != "unknown":
-        seq, source = by_tags, "tags"
+            problems.append(f"description suggests {by_words} but TE {te_f} ms / TR {tr_f} ms suggest {by_tags}")
     else:
-        seq, source = "unknown", "none"
-    if seq == "STIR":
-        fat_sup = True
-    return seq, fat_sup, source, problems
+        seq, source = by_tags, "tags" if by_tags != "unknown" else "none"
+    return seq, fat_sup or seq == "STIR", source, problems
 
 
+# Includes the Dutch / German spine abbreviations (CWK / HWK cervical, BWK / TWK thoracic, LWK lumbar).
 _REGION_WORDS: list[tuple[str, re.Pattern[str]]] = [
-    ("cervical", re.compile(r"cervical|c[ _-]?spine|cspine|(?<![a-z])cwk(?![a-z])|(?<![a-z])hwk(?![a-z])|neck|(?<![a-z])hals|(?<![a-z])c[ _-]?wk")),
+    ("cervical", re.compile(r"cervical|c[ _-]?spine|cspine|(?<![a-z])cwk(?![a-z])|(?<![a-z])hwk(?![a-z])|neck|"
+                            r"(?<![a-z])hals|(?<![a-z])c[ _-]?wk")),
     ("thoracic", re.compile(r"thoracic|t[ _-]?spine|tspine|(?<![a-z])twk(?![a-z])|(?<![a-z])bwk(?![a-z])")),
     ("lumbar", re.compile(r"lumbar|l[ _-]?spine|lspine|(?<![a-z])lwk(?![a-z])")),
     ("brain", re.compile(r"brain|head|(?<![a-z])cerebr|hersenen|(?<![a-z])schedel")),
@@ -134,14 +109,10 @@ _REGION_WORDS: list[tuple[str, re.Pattern[str]]] = [
 
 
 def guess_region(body_part: str, *descriptions: str) -> str:
-    """Anatomical region from BodyPartExamined, then the study / series descriptions.
-
-    Keywords include the Dutch/German spine abbreviations (CWK/HWK cervical, BWK/TWK thoracic,
-    LWK lumbar) common in Dutch hospital exports.
-    """
+    """Anatomical region from BodyPartExamined, then the study / series descriptions."""
     for text in (body_part, *descriptions):
         t = (text or "").lower()
-        for name, pat in _REGION_WORDS:
-            if pat.search(t):
-                return name
+        found = next((name for name, pat in _REGION_WORDS if pat.search(t)), None)
+        if found:
+            return found
     return "unknown"

@@ -42,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pb.add_argument("--index", type=Path, help="index from `rheumai dataset index` (with --labels)")
     pb.add_argument("--labels", type=Path, help="label sheet CSV (see rheumai.dataset.labels)")
     pb.add_argument("--images", type=Path, metavar="TABLE",
-                    help="instead of --index/--labels: a CSV of patient_id, image (NIfTI / NRRD / MHA or DICOM "
-                         "folder), outcome or label [, site, followup_days, clinical columns] (rheumai.dataset.images)")
+                    help="instead of --index/--labels: a CSV of patient_id, one column per input role of the task "
+                         "(or image), its ROI, outcome or label [, site, split, followup_days, clinical columns]")
     pb.add_argument("--out", type=Path, required=True, help="output folder")
     g = pb.add_argument_group("cohort rules")
     g.add_argument("--min-followup-days", type=int, default=1000)
@@ -76,18 +76,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _sigterm_as_exit() -> Iterator[None]:
     """SIGTERM ends the command like an error (exit 143): pool workers are stopped and the
     staging folder is removed on the way out, so ``out`` stays as it was."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
     def handler(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    old = signal.signal(signal.SIGTERM, handler)
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, handler) if main else None
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        if main:
+            signal.signal(signal.SIGTERM, old)
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -97,7 +95,7 @@ def _index(args: argparse.Namespace) -> int:
     summary = index_archive(args.root, args.out, oblique_deg=args.oblique_deg)
     print(summary.text())
     if args.unreadable_csv:
-        from .build import csv_text
+        from .flow import csv_text
 
         write_text(args.unreadable_csv, csv_text(["path", "reason"], [list(r) for r in summary.unreadable]))
     return 0

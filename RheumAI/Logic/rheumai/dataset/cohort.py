@@ -45,10 +45,6 @@ class ImageRules:
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ImageRules":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
     def series_rule_text(self) -> str:
         return "the table's image, read as one 3D volume (NIfTI / NRRD / MHA file or a DICOM folder with one series)"
 
@@ -171,7 +167,7 @@ def outcome_steps(items: Sequence[tuple[Any, int | None, str]], rules: ImageRule
     return out
 
 
-def _outcome_step_list(rules: ImageRules) -> list[Step]:
+def outcome_step_list(rules: ImageRules) -> list[Step]:
     return [Step("followup", f"Follow-up >= {rules.min_followup_days} days"),
             Step("baseline_deformity", "No deformity at baseline"),
             Step("intermediate", f"Intermediate outcome: {rules.intermediate}")]
@@ -202,7 +198,7 @@ def apply_cohort(index: ArchiveIndex, sheet: LabelSheet, rules: CohortRules, rol
     rows = sorted(sheet.rows, key=lambda r: r.patient_id)
     steps = [Step("baseline_study", "Baseline MRI study found"),
              Step("baseline_series", f"Baseline {rules.orientation} {rules.sequence} series"),
-             *_outcome_step_list(rules)]
+             *outcome_step_list(rules)]
     kept: list[tuple[LabelRow, pd.Series, dt.date]] = []
     for r in rows:
         g = by_patient.get(r.patient_id)

@@ -1,7 +1,5 @@
-"""The inclusion flow report: flow.txt (text table), flow.json, excluded.csv, flow.png (diagram).
-
-All outputs are deterministic for the same inputs (sorted, no timestamps) and written atomically.
-"""
+"""The inclusion flow report: flow.txt, flow.json, excluded.csv, flow.png (CONSORT-style diagram);
+deterministic for the same inputs (sorted, no timestamps), written atomically."""
 
 from __future__ import annotations
 
@@ -18,22 +16,24 @@ from .cohort import CohortResult
 from .split import SPLITS
 
 
+def csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
 def flow_dict(cohort: CohortResult, split: dict[str, tuple[str, int]] | None = None,
               labels: dict[str, int] | None = None) -> dict[str, Any]:
     """JSON-able flow: start count, steps (remaining, excluded with reasons), split table."""
     d: dict[str, Any] = {
-        "rules": cohort.rules.to_dict(),
-        "series_rule": cohort.rules.series_rule_text(),
-        "start": cohort.n_start,
-        "steps": [
-            {"key": s.key, "title": s.title, "remaining": s.remaining, "n_excluded": len(s.excluded),
-             "excluded": [{"patient_id": p, "reason": r} for p, r in s.excluded], "note": s.note}
-            for s in cohort.steps
-        ],
+        "rules": cohort.rules.to_dict(), "series_rule": cohort.rules.series_rule_text(), "start": cohort.n_start,
+        "steps": [{"key": s.key, "title": s.title, "remaining": s.remaining, "n_excluded": len(s.excluded),
+                   "excluded": [{"patient_id": p, "reason": r} for p, r in s.excluded], "note": s.note}
+                  for s in cohort.steps],
         "included": cohort.steps[-1].remaining if cohort.steps else cohort.n_start,
-        "not_in_label_sheet": cohort.not_in_sheet,
-        "rule_lines": cohort.rules.rule_lines(),
-    }
+        "not_in_label_sheet": cohort.not_in_sheet, "rule_lines": cohort.rules.rule_lines()}
     if split is not None and labels is not None:
         table: dict[str, dict[str, int]] = {}
         for p, (name, _fold) in split.items():
@@ -85,16 +85,6 @@ def flow_text(flow: dict[str, Any], header: str = "", split_desc: str = "") -> s
     return "\n".join(out) + "\n"
 
 
-def excluded_csv(flow: dict[str, Any]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["patient_id", "step", "reason"])
-    for s in flow["steps"]:
-        for e in s["excluded"]:
-            w.writerow([e["patient_id"], s["key"], e["reason"]])
-    return buf.getvalue()
-
-
 def flow_png(flow: dict[str, Any], path: str | Path) -> Path:
     """CONSORT-style diagram: the remaining counts down the left, exclusions to the right."""
     # A bare Figure renders with Agg and touches no pyplot state (safe inside Slicer's Qt process).
@@ -103,11 +93,8 @@ def flow_png(flow: dict[str, Any], path: str | Path) -> Path:
 
     steps = flow["steps"]
     n = len(steps) + 1
-    fig_h = 1.2 + 1.25 * n
-    fig = Figure(figsize=(9, fig_h), dpi=100)
-    ax = fig.subplots()
-    ax.set_xlim(0, 10)
-    ax.set_ylim(0, n * 1.25 + 0.4)
+    ax = Figure(figsize=(9, 1.2 + 1.25 * n), dpi=100).subplots()
+    ax.set(xlim=(0, 10), ylim=(0, n * 1.25 + 0.4))
     ax.axis("off")
 
     def box(x: float, y: float, w: float, h: float, text: str, color: str) -> None:
@@ -135,7 +122,7 @@ def flow_png(flow: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         # A fixed Software / no date metadata keeps the PNG byte-stable across runs.
-        fig.savefig(tmp, format="png", metadata={"Software": None})
+        ax.figure.savefig(tmp, format="png", metadata={"Software": None})
     return path
 
 
@@ -153,7 +140,8 @@ def write_flow(out_dir: str | Path, flow: dict[str, Any], header: str = "", spli
     paths = {
         "txt": write_text(out / "flow.txt", flow_text(flow, header, split_desc)),
         "json": write_json(out / "flow.json", flow),
-        "excluded": write_text(out / "excluded.csv", excluded_csv(flow)),
+        "excluded": write_text(out / "excluded.csv", csv_text(["patient_id", "step", "reason"], [
+            [e["patient_id"], s["key"], e["reason"]] for s in flow["steps"] for e in s["excluded"]])),
     }
     paths["png"] = flow_png(flow, out / "flow.png")
     return paths

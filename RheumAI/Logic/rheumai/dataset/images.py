@@ -38,8 +38,8 @@ import pandas as pd
 from ..errors import InputError
 from ..io import is_image_file
 from .build import DatasetResult, ProgressFn, _build_staged
-from .cohort import CohortEntry, CohortResult, ImageRules, Step, outcome_steps
-from .labels import LabelSheetError, _parse_date, _read_csv, parse_deformity, parse_outcome, parse_rows
+from .cohort import CohortEntry, CohortResult, ImageRules, Step, outcome_step_list, outcome_steps
+from .labels import LabelSheet, LabelSheetError, _parse_date, _read_csv, parse_deformity, parse_outcome, parse_rows
 from .split import SPLITS, SplitConfig
 
 RESERVED = ("patient_id", "image", "outcome", "label", "followup_days", "baseline_date", "followup_date",
@@ -59,17 +59,7 @@ class ImageRow:
     clinical: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
-class ImageTable:
-    path: str
-    sha256: str
-    rows: list[ImageRow]
-    clinical_columns: list[str]
-    has_followup: bool
-    roi: str | None = None  # the key of the ROI file in each row's inputs
-
-
-def read_image_table(path: str | Path, task: str = "cervical_ra", clinical_csv: str | Path | None = None) -> ImageTable:
+def read_image_table(path: str | Path, task: str = "cervical_ra", clinical_csv: str | Path | None = None) -> LabelSheet:
     """Read and validate an image table for ``task``; raises LabelSheetError listing every bad row."""
     from ..tasks import get_task
 
@@ -113,7 +103,7 @@ def read_image_table(path: str | Path, task: str = "cervical_ra", clinical_csv: 
         for r, (_, values) in zip(rows, parsed.iterrows()):
             r.clinical.clear()
             r.clinical.update({c: "" if pd.isna(values[c]) else repr(float(values[c])) for c in clinical})
-    return ImageTable(str(path), hashlib.sha256(path.read_bytes()).hexdigest(), rows, clinical, has_followup,
+    return LabelSheet(str(path), hashlib.sha256(path.read_bytes()).hexdigest(), rows, clinical, has_followup,
                       spec.roi.kind if spec.roi else None)
 
 
@@ -132,11 +122,9 @@ def _followup_days(v: dict[str, str], errs: list[str]) -> int | None:
     return None
 
 
-def apply_image_rules(table: ImageTable, rules: ImageRules) -> CohortResult:
+def apply_image_rules(table: LabelSheet, rules: ImageRules) -> CohortResult:
     """The inclusion steps on an image table (the last step, preprocessing, runs in the cache)."""
-    steps = [Step("image", "Image found"), Step("followup", f"Follow-up >= {rules.min_followup_days} days"),
-             Step("baseline_deformity", "No deformity at baseline"),
-             Step("intermediate", f"Intermediate outcome: {rules.intermediate}")]
+    steps = [Step("image", "Image found"), *outcome_step_list(rules)]
     kept = []
     for r in sorted(table.rows, key=lambda r: r.patient_id):
         why = []

@@ -1,20 +1,12 @@
 """Label sheet: read and validate strictly, naming every bad row.
 
 CSV (comma, semicolon or tab separated; UTF-8, Excel's BOM accepted), one row per patient:
-
-=====================  ========================================================================
-patient_id             required; must be a patient of the index
-baseline_date          YYYY-MM-DD, the date of the baseline MRI study  } at least one of the two
-baseline_study_uid     StudyInstanceUID of the baseline study          } per row
-followup_date          YYYY-MM-DD, required, after the baseline
-outcome                yes | no | intermediate (deformity at follow-up), required
-baseline_deformity     yes | no, optional (blank = not recorded)
-site                   optional (used by the external-site split)
-anything else          clinical variables, copied verbatim into the manifest
-=====================  ========================================================================
-
-Rows are numbered as a spreadsheet shows them (header = row 1). Values are compared after
-stripping spaces; yes/no/intermediate are case-insensitive.
+``patient_id`` (a patient of the index), ``baseline_date`` (YYYY-MM-DD, of the baseline MRI study)
+and / or ``baseline_study_uid``, ``followup_date`` (after the baseline), ``outcome`` yes | no |
+intermediate (deformity at follow-up), optional ``baseline_deformity`` yes | no (blank = not
+recorded) and ``site`` (external-site split); any other column is clinical, copied verbatim into
+the manifest. Rows are numbered as a spreadsheet shows them (header = row 1); values are
+stripped; yes / no / intermediate are case-insensitive.
 """
 
 from __future__ import annotations
@@ -36,8 +28,7 @@ RESERVED = ("patient_id", "baseline_date", "baseline_study_uid", "followup_date"
 
 @dataclass(frozen=True)
 class LabelRow:
-    """One valid label row. Dates are ``datetime.date``; ``baseline_date`` may be None when the
-    row names the baseline by ``baseline_study_uid`` (the date then comes from the index)."""
+    """One valid row; ``baseline_date`` is None when the row names ``baseline_study_uid``."""
 
     row: int
     patient_id: str
@@ -52,10 +43,14 @@ class LabelRow:
 
 @dataclass
 class LabelSheet:
+    """The valid rows of a label sheet or image table (``has_followup``, ``roi``: image tables)."""
+
     path: str
     sha256: str
-    rows: list[LabelRow]
+    rows: list[Any]
     clinical_columns: list[str]
+    has_followup: bool = True
+    roi: str | None = None  # the key of the ROI file in each image-table row's inputs
 
 
 @dataclass(frozen=True)
@@ -65,12 +60,11 @@ class RowProblem:
     problem: str
 
     def __str__(self) -> str:
-        who = f" (patient {self.patient_id})" if self.patient_id else ""
-        return f"row {self.row}{who}: {self.problem}"
+        return f"row {self.row}{f' (patient {self.patient_id})' if self.patient_id else ''}: {self.problem}"
 
 
 class LabelSheetError(InputError):
-    """The label sheet has bad rows; ``problems`` lists every one."""
+    """The sheet has bad rows; ``problems`` lists every one."""
 
     def __init__(self, path: str | Path, problems: list[RowProblem]):
         self.problems = problems
@@ -208,8 +202,7 @@ def read_labels(path: str | Path, index: ArchiveIndex | None = None) -> tuple[La
                         clinical={c: v[c] for c in clinical})
 
     good, problems = parse_rows(path, header, body, parse)
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    return LabelSheet(path=str(path), sha256=sha, rows=good, clinical_columns=clinical), problems
+    return LabelSheet(str(path), hashlib.sha256(path.read_bytes()).hexdigest(), good, clinical), problems
 
 
 def load_labels(path: str | Path, index: ArchiveIndex | None = None) -> LabelSheet:

@@ -1,14 +1,7 @@
-"""Patient-level, label-stratified, seeded splits (scikit-learn's splitters).
-
-Each patient has exactly one row, so a patient can never be on both sides. Modes:
-
-* random hold-out (default 60:40 train:test, as in the paper), optional validation part of train;
-* k-fold: the non-test patients get ``fold`` 0..k-1 (StratifiedKFold); test may be empty;
-* external site: patients of ``test_sites`` form the test set, the other sites train (and val /
-  folds are drawn from them).
-
-Input order does not matter: patients are sorted by id before splitting, so the same patients,
-labels and seed always give the same split.
+"""Patient-level, label-stratified, seeded splits (scikit-learn's splitters): random hold-out
+(default 60:40 train:test, as in the paper) with an optional validation part of train; k folds
+over the non-test patients (StratifiedKFold); or an external-site test set. One row per patient,
+sorted by id first, so the same patients, labels and seed always give the same split.
 """
 
 from __future__ import annotations
@@ -48,13 +41,7 @@ class SplitConfig:
             raise ValueError("use either kfold or val_fraction (the folds provide the validation sets)")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["test_sites"] = list(self.test_sites)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SplitConfig":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        return {**asdict(self), "test_sites": list(self.test_sites)}
 
     def describe(self) -> str:
         if self.test_sites:
