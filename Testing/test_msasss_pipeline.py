@@ -15,11 +15,11 @@ from rheumai.tasks.msasss.evaluate import corner_metrics
 from rheumai.tasks.msasss.synth import make_cohort
 
 SMALL = {"init_features": 4, "growth_rate": 4, "block_config": [1, 1, 1], "crop_size": 32}
-TINY = {"task": "msasss", "separate_views": True,
-        "landmarks": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "arch": {"channels": [4, 8, 16], "input_size": [64, 48]}},
-        "refine": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "arch": {"channels": [4, 8], "crop_size": 32}},
-        "lesions": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "arch": SMALL},
-        "ordinal": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "arch": SMALL}}
+STAGE = {"epochs": 1, "batch_size": 8, "lr": 1e-3}
+TINY = {"task": "msasss", "separate_views": True, "split": [0.34, 0.33, 0.33],
+        "landmarks": {**STAGE, "arch": {"channels": [4, 8, 16], "input_size": [64, 48]}},
+        "refine": {**STAGE, "arch": {"channels": [4, 8], "crop_size": 32}},
+        "lesions": {**STAGE, "arch": SMALL}, "ordinal": {**STAGE, "arch": SMALL}}
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +186,9 @@ def test_checkpoint_predictor_rescore_and_scene(cohort, records, tiny_model):
 def test_paper_configuration_is_one_densenet121_per_output(one_torch_thread):
     from monai.networks.nets import DenseNet121
 
-    from rheumai.tasks.msasss.model import LESION_OUTPUTS, CropNet, crop_architecture, make_heads
+    from rheumai.tasks.msasss.model import LESION_OUTPUTS, CropNet, architecture, make_heads
 
-    net = CropNet(crop_architecture("lesions", "paper"))
+    net = CropNet(architecture("lesions", "paper"))
     assert not net.shared and set(net.nets) == set(LESION_OUTPUTS)
     assert all(isinstance(m, DenseNet121) for m in net.nets.values())
     with torch.no_grad():
@@ -200,10 +200,10 @@ def test_paper_configuration_is_one_densenet121_per_output(one_torch_thread):
 
 
 def test_shared_crop_model_trains_on_both_views(tmp_path, records, one_torch_thread):
-    from rheumai.tasks.msasss.model import CropNet, crop_architecture
+    from rheumai.tasks.msasss.model import CropNet, architecture
     from rheumai.tasks.msasss.train import Run, StageConfig, TrainConfig, train_crop_model
 
-    arch = crop_architecture("lesions", init_features=4, growth_rate=4, block_config=[1, 1, 1], crop_size=32)
+    arch = architecture("lesions", init_features=4, growth_rate=4, block_config=[1, 1, 1], crop_size=32)
     run = Run(TrainConfig(lesions=StageConfig(epochs=1, batch_size=8)), tmp_path)
     net = train_crop_model("lesions", records[:4], records[4:], run, arch)
     assert isinstance(net, CropNet) and net.shared
@@ -217,7 +217,8 @@ def test_train_config_file_resume_and_evaluate_entry(cohort, tiny_model, tmp_pat
     from rheumai.tasks import get_task
 
     task = get_task("msasss")
-    lines = ['task = "msasss"', 'manifest = "cohort/studies.csv"', "separate_views = true"]
+    lines = ['task = "msasss"', 'manifest = "cohort/studies.csv"', "separate_views = true",
+             "split = [0.34, 0.33, 0.33]"]
     for stage, d in TINY.items():
         if isinstance(d, dict):
             arch = ", ".join(f"{k} = {json.dumps(v)}" for k, v in d["arch"].items())

@@ -1,11 +1,9 @@
 """Landmarks on radiographs: heatmap targets, a small heatmap network, soft-argmax, errors in mm.
 
-Conventions. A point is ``(x, y)`` in **pixels of the array it was found in**: x = column,
-y = row, pixel centres at integers (the array element ``a[r, c]`` is the point ``(c, r)``).
-Heatmaps are ``(K, H, W)`` (one channel per point); a network may predict them at a stride
-(``H = H_in / stride``), and :func:`soft_argmax` maps heatmap pixels back to input pixels.
-Physical points are LPS millimetres of a one-slice 3D ``sitk.Image`` (what
-:mod:`rheumai.radiograph` reads), so points can be shown in Slicer exactly on the image.
+A point is ``(x, y)`` in pixels of the array it was found in (x = column, y = row, centres at
+integers: ``a[r, c]`` is the point ``(c, r)``). Heatmaps are ``(K, H, W)``, possibly at a stride
+(``H = H_in / stride``); :func:`soft_argmax` maps back to input pixels. Physical points are LPS mm
+of a one-slice 3D ``sitk.Image`` (what :mod:`rheumai.radiograph` reads).
 """
 
 from __future__ import annotations
@@ -18,9 +16,6 @@ import torch
 from monai.networks.blocks import Convolution
 from torch import nn
 from torch.nn import functional as F
-
-__all__ = ["heatmap_targets", "soft_argmax", "keypoint_loss", "LandmarkNet", "radial_errors_mm",
-           "success_rates", "points_to_lps", "lps_to_points", "input_to_heatmap_xy"]
 
 
 def input_to_heatmap_xy(xy: np.ndarray | torch.Tensor, stride: int) -> np.ndarray | torch.Tensor:
@@ -42,13 +37,9 @@ def _gaussians(pts: torch.Tensor, shape: Sequence[int], sigma: float) -> torch.T
 
 def heatmap_targets(points_xy: np.ndarray | torch.Tensor, shape: Sequence[int], sigma: float,
                     stride: int = 1) -> np.ndarray:
-    """Gaussian target heatmaps (K, H, W) float32, peak 1, from points (K, 2) (x, y) in input pixels.
-
-    ``shape`` is the heatmap's (H, W); ``sigma`` in heatmap pixels. Points with a NaN coordinate
-    give an all-zero channel (not visible). Centres are sub-pixel: MONAI's ``GenerateHeatmap``
-    rounds them to the pixel grid (up to half a heatmap pixel, i.e. ``stride / 2`` input pixels,
-    of bias), which is why it is not used here.
-    """
+    """Gaussian target heatmaps (K, H, W) float32, peak 1, from points (K, 2) (x, y) in input pixels;
+    ``shape`` the heatmap's (H, W), ``sigma`` in heatmap pixels; a NaN point gives a zero channel.
+    Sub-pixel centres (MONAI's ``GenerateHeatmap`` rounds them: up to ``stride / 2`` px of bias)."""
     pts = torch.as_tensor(np.asarray(points_xy.detach().cpu() if isinstance(points_xy, torch.Tensor)
                                      else points_xy, np.float64))
     if pts.ndim != 2 or pts.shape[1] != 2:
@@ -70,12 +61,9 @@ def soft_argmax(heatmaps: torch.Tensor, stride: int = 1, beta: float = 1.0) -> t
 
 def keypoint_loss(heatmaps: torch.Tensor, target_xy: torch.Tensor, sigma: float = 1.5, stride: int = 1,
                   coord_weight: float = 1.0) -> torch.Tensor:
-    """Heatmap + coordinate loss for logits (B, K, H, W) and true points (B, K, 2) (input pixels).
-
-    Cross-entropy of the spatial softmax against the normalised Gaussian target (DSNT-style
-    regulariser) plus the L1 error of the soft-argmax in heatmap pixels. Points with a NaN
-    coordinate are not visible and do not count.
-    """
+    """Heatmap + coordinate loss for logits (B, K, H, W) and true points (B, K, 2) (input pixels):
+    cross-entropy of the spatial softmax against the normalised Gaussian target (DSNT-style) plus
+    the L1 error of the soft-argmax in heatmap pixels; NaN points (not visible) do not count."""
     b, k, h, w = heatmaps.shape
     tgt = _gaussians(input_to_heatmap_xy(target_xy.detach().float(), stride), (h, w), sigma).reshape(b, k, h * w)
     visible = torch.isfinite(target_xy).all(-1)  # (B, K)
@@ -91,15 +79,12 @@ def keypoint_loss(heatmaps: torch.Tensor, target_xy: torch.Tensor, sigma: float 
 
 
 class LandmarkNet(nn.Module):
-    """A small U-Net (MONAI conv blocks) that outputs ``n_points`` heatmap logits at ``out_stride``.
-
-    Input (B, C, H, W) with H, W divisible by ``2 ** (len(channels) - 1)``; output
-    (B, n_points, H / out_stride, W / out_stride). ``out_stride`` is a power of two below the
-    deepest level; decode with :func:`soft_argmax` (``stride=out_stride``).
-    """
+    """A small U-Net (MONAI conv blocks): input (B, C, H, W), H and W divisible by
+    ``2 ** (len(channels) - 1)``; output (B, n_points, H / out_stride, W / out_stride) heatmap logits
+    (``out_stride`` a power of two below the deepest level; decode with :func:`soft_argmax`)."""
 
     def __init__(self, n_points: int, in_channels: int = 1, channels: Sequence[int] = (16, 32, 64, 128),
-                 out_stride: int = 1, norm: str = "batch") -> None:
+                 out_stride: int = 1) -> None:
         super().__init__()
         levels = len(channels)
         out_level = int(round(np.log2(out_stride)))
@@ -108,8 +93,8 @@ class LandmarkNet(nn.Module):
         self.n_points, self.out_stride = n_points, out_stride
 
         def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-            return nn.Sequential(Convolution(2, cin, cout, strides=stride, kernel_size=3, norm=norm, act="relu"),
-                                 Convolution(2, cout, cout, kernel_size=3, norm=norm, act="relu"))
+            return nn.Sequential(Convolution(2, cin, cout, strides=stride, kernel_size=3, norm="batch", act="relu"),
+                                 Convolution(2, cout, cout, kernel_size=3, norm="batch", act="relu"))
 
         self.down = nn.ModuleList([block(in_channels, channels[0])] +
                                   [block(channels[i - 1], channels[i], stride=2) for i in range(1, levels)])

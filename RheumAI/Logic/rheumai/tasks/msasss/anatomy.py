@@ -1,12 +1,10 @@
 """mSASSS anatomy: vertebrae, points, scored corners and disc levels per view; plausibility checks.
 
-Each view (lateral cervical, lateral lumbar) has seven vertebrae and 21 landmarks: per vertebra
-the anterior-superior corner ("upper"), the anterior-inferior corner ("lower") and the body
-centre, in that order. The mSASSS scores 12 anterior corners per view (C2 lower .. T1 upper,
-T12 lower .. S1 upper): 24 in all, 0-3 each, total 0-72. The corners of one disc level (the lower
-corner of the vertebra above, the upper corner of the one below) are scored from one crop.
-
-Points are (x, y) pixels of the radiograph (x = column, y = row; superior is up, i.e. smaller y).
+Per view (lateral cervical, lateral lumbar) seven vertebrae and 21 landmarks: per vertebra the
+anterior-superior corner ("upper"), the anterior-inferior corner ("lower") and the body centre.
+The mSASSS scores 12 anterior corners per view (C2 lower .. T1 upper, T12 lower .. S1 upper),
+0-3 each, total 0-72; the two corners of a disc level are scored from one crop. Points are (x, y)
+pixels of the radiograph (x = column, y = row; superior is up, i.e. smaller y).
 """
 
 from __future__ import annotations
@@ -75,22 +73,16 @@ def _vertebrae(view: str) -> tuple[str, ...]:
 
 
 def check_points(view: str, xy: np.ndarray, shape: tuple[int, int], spacing_mm: tuple[float, float],
-                 confidence: np.ndarray | None = None, min_confidence: float = 0.0,
                  ratio_limits: tuple[float, float] = (0.5, 2.0)) -> dict[str, Any]:
-    """Plausibility of the 21 landmarks of a view; flags, never silent corrections.
+    """Plausibility of the 21 landmarks of a view: flags, never silent corrections.
 
-    Checks: all points finite; vertebral centres in cranio-caudal order along the spine (the
-    topmost vertebra is the view's first: C2 / T12, so C2-C3 is the topmost cervical disc) with
-    centre-to-centre steps within ``ratio_limits`` of their median; in every vertebra with two
-    scored corners the upper corner above the lower one, and every scored corner on the same
-    (anterior) side of its centre. A failure of these makes the level labels unreliable and flags
-    the whole view. Local checks flag the corners concerned: vertebral height and each corner's
-    distance from its centre within ``ratio_limits`` of the view's medians, corner inside the
-    image, heatmap confidence (if given) >= ``min_confidence``. The two unscored end corners
-    (C2 / T12 upper, T1 / S1 lower) take part in no check.
-
-    Returns {"view_ok": bool, "view_flags": [str], "corner_flags": {corner: [str]}} over the 12
-    scored corners.
+    View flags (the level labels are unreliable): points not finite; centres not in cranio-caudal
+    order along the spine or their steps outside ``ratio_limits`` of the median; an inner
+    vertebra's upper corner not above its lower one, or its corners not on the anterior side.
+    Corner flags (12 scored corners): vertebral height or corner-to-centre distance outside
+    ``ratio_limits`` of the view's medians, outside the image. The unscored end corners (C2 / T12
+    upper, T1 / S1 lower) take part in no check.
+    Returns {"view_ok": bool, "view_flags": [str], "corner_flags": {corner: [str]}}.
     """
     xy = np.asarray(xy, float).reshape(N_POINTS, 2)
     names = point_names(view)
@@ -115,8 +107,6 @@ def check_points(view: str, xy: np.ndarray, shape: tuple[int, int], spacing_mm: 
         i = int(np.argmax(steps <= 0))
         view_flags.append(f"vertebrae out of order along the spine at {verts[i]}-{verts[i + 1]}")
     normal = np.array([-axis[1], axis[0]])  # perpendicular to the spine axis (image left when axis points down)
-    # Only the scored corners count: the upper corner of the first vertebra and the lower corner of
-    # the last one (C2 / T12 upper, T1 / S1 lower) are landmarks of no score.
     inner = range(1, len(verts) - 1)
     scored_pts = [up[i] for i in inner] + [lo[i] for i in inner] + [lo[0], up[-1]]
     scored_ce = [ce[i] for i in inner] * 2 + [ce[0], ce[-1]]
@@ -135,8 +125,6 @@ def check_points(view: str, xy: np.ndarray, shape: tuple[int, int], spacing_mm: 
         if med <= 0 or not lo_r <= val / med <= hi_r:
             view_flags.append(f"centre spacing at {verts[i]}-{verts[i + 1]} is {val:.1f} mm, implausible against "
                               f"the median {med:.1f} mm")
-    # Local checks flag the corners concerned: vertebral height (inner vertebrae) and, for every
-    # scored corner, its distance from its vertebra's centre, against the medians of the view.
     heights = {verts[i]: float(np.linalg.norm(lo[i] - up[i])) for i in inner}
     med_h = float(np.median(list(heights.values())))
     reach = {f"{verts[i]} upper": float(np.linalg.norm(up[i] - ce[i])) for i in inner}
@@ -157,6 +145,4 @@ def check_points(view: str, xy: np.ndarray, shape: tuple[int, int], spacing_mm: 
         x, y = xy[i]
         if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
             corner_flags[c].append("outside the image")
-        if confidence is not None and float(confidence[i]) < min_confidence:
-            corner_flags[c].append(f"low landmark confidence {float(confidence[i]):.2f}")
     return {"view_ok": not view_flags, "view_flags": view_flags, "corner_flags": corner_flags}

@@ -1,14 +1,11 @@
-"""Sampling grids on a radiograph: the letterboxed network input and the per-disc-level crop.
+"""Sampling grids on a radiograph: the letterboxed network input and the disc-level crop.
 
-A :class:`Grid` maps output pixels to source pixels affinely, ``src_xy = A @ out_xy + b``
-((x, y) = (column, row) pixels, centres at integers), so points found in a crop or a resized
-image map back exactly to the radiograph, and corrected points map forward.
-
-The disc-level crop is oriented along the spine: its rows run cranio-caudal along the line
-from the centre of the vertebra above to the centre of the one below, its columns run from
-anterior (left) to posterior; it holds the lower anterior corner of the vertebra above (top) and
-the upper anterior corner of the one below (bottom). Its side is ``side_factor`` times the
-centre-to-centre distance, so the crop has the same anatomical scale at every level and view.
+A :class:`Grid` maps output pixels to source pixels affinely, ``src_xy = A @ out_xy + b`` ((x, y)
+= (column, row), centres at integers), so points found on a grid map back exactly and corrected
+points map forward. The disc-level crop runs along the spine: rows cranio-caudal along the line
+between the two vertebral centres, columns anterior (left) to posterior; the lower corner of the
+vertebra above on top, the upper corner of the one below at the bottom; side ``side_factor`` x
+the centre-to-centre distance (the same anatomical scale at every level and view).
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ class Grid:
     def from_source(self, xy: np.ndarray) -> np.ndarray:
         return (np.asarray(xy, float) - self.b) @ np.linalg.inv(self.A).T
 
-    def sample(self, array: np.ndarray, order: int = 1) -> np.ndarray:
+    def sample(self, array: np.ndarray) -> np.ndarray:
         """Resample ``array`` (H_src, W_src) on this grid (linear; outside -> nearest edge value),
         low-pass filtered first when the grid is coarser than the source."""
         h, w = self.shape
@@ -44,17 +41,14 @@ class Grid:
         step = np.sqrt(abs(np.linalg.det(self.A)))
         if step > 1.3:
             array = gaussian_filter(array, 0.4 * step)
-        out = map_coordinates(array, [src[:, 1], src[:, 0]], order=order, mode="nearest")
+        out = map_coordinates(array, [src[:, 1], src[:, 0]], order=1, mode="nearest")
         return out.reshape(h, w).astype(np.float32)
 
 
 def fit_grid(src_shape: tuple[int, int], out_shape: tuple[int, int], rng: np.random.Generator | None = None,
              rotate_deg: float = 0.0, scale: float = 0.0, shift: float = 0.0) -> Grid:
-    """Letterbox grid: the whole source fitted into ``out_shape`` (aspect kept, centred).
-
-    With ``rng``: a random rotation (+-rotate_deg), zoom (1 +- scale) and shift (+- shift of the
-    output size) about the centre, for augmentation.
-    """
+    """Letterbox grid: the whole source fitted into ``out_shape`` (aspect kept, centred); with ``rng``
+    a random rotation (+-rotate_deg), zoom (1 +- scale) and shift (+- shift of the size) about the centre."""
     sh, sw = src_shape
     oh, ow = out_shape
     f = max(sh / oh, sw / ow)  # source pixels per output pixel
@@ -73,12 +67,9 @@ def fit_grid(src_shape: tuple[int, int], out_shape: tuple[int, int], rng: np.ran
 def level_grid(points_xy: np.ndarray, view: str, level: int, spacing_mm: tuple[float, float], size: int = 48,
                side_factor: float = 0.9, posterior_shift: float = 0.2, rng: np.random.Generator | None = None,
                jitter_mm: float = 0.0, jitter_deg: float = 0.0, jitter_scale: float = 0.0) -> Grid:
-    """Crop grid (size x size) of disc level ``level`` (0 = topmost) from the 21 points of a view.
-
-    spacing_mm: (row, col) of the source. The crop centre is the midpoint of the two corners,
-    shifted posteriorly by ``posterior_shift`` of the side. With ``rng``, the centre, angle and
-    side are jittered (uniform within +-jitter_mm, +-jitter_deg, 1 +- jitter_scale).
-    """
+    """Crop grid (size x size) of disc level ``level`` (0 = topmost) from the 21 points of a view;
+    spacing_mm (row, col). Centre: the corners' midpoint, shifted posteriorly by ``posterior_shift``
+    of the side; with ``rng`` centre, angle and side jittered (+-jitter_mm, +-jitter_deg, 1 +- jitter_scale)."""
     lvl = disc_levels(view)[level]
     pts = np.asarray(points_xy, float)
     sx, sy = float(spacing_mm[1]), float(spacing_mm[0])

@@ -30,13 +30,13 @@ from .scoring import CORNER_LESIONS
 
 @dataclass
 class ViewRecord:
-    """One lateral view with its truth (points (21, 2) pixels; per-corner dicts) when known."""
+    """One lateral view with its truth: points (21, 2) pixels; per-corner dicts (24 scored corners)."""
 
     patient_id: str
     view: str
     array: np.ndarray
     spacing_mm: tuple[float, float]
-    points_xy: np.ndarray | None = None
+    points_xy: np.ndarray
     findings: dict[str, dict[str, bool]] = field(default_factory=dict)
     scorable: dict[str, bool] = field(default_factory=dict)
     scores: dict[str, int | None] = field(default_factory=dict)
@@ -49,11 +49,15 @@ class ViewRecord:
                 for lvl in disc_levels(self.view)}
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def _read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
     if not path.is_file():
         raise InputError(path, "missing (an mSASSS cohort needs studies.csv and labels.csv beside it)")
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or ())]
+        if missing:
+            raise InputError(path, f"missing column(s) {missing}")
+        return list(reader)
 
 
 def load_cohort(table: str | Path) -> list[ViewRecord]:
@@ -61,14 +65,15 @@ def load_cohort(table: str | Path) -> list[ViewRecord]:
     table = Path(table)
     root = table if table.is_dir() else table.parent
     table = root / "studies.csv" if table.is_dir() else table
-    studies = _read_csv(table)
+    studies = _read_csv(table, ("patient_id", "view", "file"))
     splits = {s.get("split") or "" for s in studies}
     if splits != {""} and not splits <= {"train", "val", "test"}:
         raise InputError(table, "the split column must say train, val or test for every row, or be absent")
-    labels = _read_csv(root / "labels.csv")
-    by_view: dict[tuple[str, str], list[dict[str, str]]] = {}
-    for r in labels:
-        by_view.setdefault((r["patient_id"], r["view"]), []).append(r)
+    labels_csv = root / "labels.csv"
+    by_view: dict[tuple[str, str], dict[str, dict[str, str]]] = {}
+    for r in _read_csv(labels_csv, ("patient_id", "view", "point", "x", "y", "scored", "scorable", "score",
+                                    *CORNER_LESIONS, "bridging")):
+        by_view.setdefault((r["patient_id"], r["view"]), {})[r["point"]] = r
     out = []
     for s in studies:
         pid, view = s["patient_id"], s["view"]
@@ -77,22 +82,21 @@ def load_cohort(table: str | Path) -> list[ViewRecord]:
         path = (root / s["file"]).resolve()
         if root.resolve() not in path.parents:
             raise InputError(table, f"patient {pid}: file {s['file']!r} lies outside the cohort folder")
+        rows, names = by_view.get((pid, view), {}), point_names(view)
+        missing = [n for n in names if n not in rows]
+        if missing:
+            raise InputError(labels_csv, f"patient {pid} {view}: points missing: {', '.join(missing)}")
         rad = read_radiograph(path)
-        rows = {r["point"]: r for r in by_view.get((pid, view), [])}
-        rec = ViewRecord(pid, view, rad.array.astype(np.float32), rad.spacing_mm, path=str(path),
-                         split=s.get("split") or "")
-        if rows:
-            names = point_names(view)
-            missing = [n for n in names if n not in rows]
-            if missing:
-                raise InputError(root / "labels.csv", f"patient {pid} {view}: points missing: {', '.join(missing)}")
-            rec.points_xy = np.array([[float(rows[n]["x"]), float(rows[n]["y"])] for n in names])
-            for n in names:
-                r = rows[n]
-                if r.get("scored") == "1":
-                    rec.scorable[n] = r["scorable"] == "1"
-                    rec.scores[n] = int(r["score"]) if r["score"] != "" else None
-                    rec.findings[n] = {les: r[les] == "1" for les in (*CORNER_LESIONS, "bridging")}
+        try:
+            rec = ViewRecord(pid, view, rad.array.astype(np.float32), rad.spacing_mm,
+                             np.array([[float(rows[n]["x"]), float(rows[n]["y"])] for n in names]), path=str(path),
+                             split=s.get("split") or "")
+            for n in (n for n in names if rows[n]["scored"] == "1"):
+                rec.scorable[n] = rows[n]["scorable"] == "1"
+                rec.scores[n] = int(rows[n]["score"]) if rows[n]["score"] != "" else None
+                rec.findings[n] = {les: rows[n][les] == "1" for les in (*CORNER_LESIONS, "bridging")}
+        except ValueError as exc:
+            raise InputError(labels_csv, f"patient {pid} {view}: {exc}") from None
         out.append(rec)
     return out
 
@@ -124,25 +128,20 @@ class LandmarkDataset(Dataset):
         if self.augment:
             x = np.clip(x * self.rng.uniform(0.8, 1.2) + self.rng.uniform(-0.1, 0.1), 0, 1)
             x = x ** self.rng.uniform(0.8, 1.25)
-        sample: dict[str, Any] = {"input": torch.from_numpy(x[None].astype(np.float32)), "id": rec.patient_id}
-        if rec.points_xy is not None:
-            sample["target"] = {"keypoints": torch.from_numpy(grid.from_source(rec.points_xy).astype(np.float32))}
-        return sample
+        return {"input": torch.from_numpy(x[None].astype(np.float32)), "id": rec.patient_id,
+                "target": {"keypoints": torch.from_numpy(grid.from_source(rec.points_xy).astype(np.float32))}}
 
 
 def crop_targets(rec: ViewRecord, level: int) -> dict[str, np.ndarray]:
     """Per-slot targets of one disc level (module doc); NaN where a corner is not scorable."""
     lvl = disc_levels(rec.view)[level]
-    t: dict[str, np.ndarray] = {}
     ok = np.array([rec.scorable.get(c, True) for c in lvl.corners], bool)
-    for les in CORNER_LESIONS:
-        v = np.array([float(rec.findings.get(c, {}).get(les, False)) for c in lvl.corners], np.float32)
-        v[~ok] = np.nan
-        t[les] = v
-    t["bridging"] = np.array([float(rec.bridged[lvl.name]) if ok.all() else np.nan], np.float32)
-    t["not_scorable"] = (~ok).astype(np.float32)
-    t["ordinal"] = np.array([np.nan if rec.scores.get(c) is None else rec.scores[c] for c in lvl.corners], np.float32)
-    return t
+    t = {les: np.where(ok, [float(rec.findings.get(c, {}).get(les, False)) for c in lvl.corners], np.nan)
+         for les in CORNER_LESIONS}
+    t["bridging"] = np.array([float(rec.bridged[lvl.name]) if ok.all() else np.nan])
+    t["not_scorable"] = (~ok).astype(float)
+    t["ordinal"] = np.array([np.nan if rec.scores.get(c) is None else rec.scores[c] for c in lvl.corners], float)
+    return {k: v.astype(np.float32) for k, v in t.items()}
 
 
 class LevelCropDataset(Dataset):
@@ -169,7 +168,7 @@ class LevelCropDataset(Dataset):
         self.rng = np.random.default_rng((self.seed, epoch))
 
     def unaugmented(self) -> "LevelCropDataset":
-        return LevelCropDataset(self.records, self.index, self.size, flip=self.flip, side_factor=self.side_factor)
+        return LevelCropDataset(self.records, self.index, self.size, side_factor=self.side_factor)
 
     def targets(self, k: int) -> dict[str, np.ndarray]:
         r, lvl = self.index[k]
@@ -177,34 +176,23 @@ class LevelCropDataset(Dataset):
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         r, lvl = self.index[k]
-        rec = self.records[r]
-        aug = self.augment
-        jm, jd, js = self.jitter
+        rec, aug, (jm, jd, js) = self.records[r], self.augment, self.jitter
         grid = level_grid(rec.points_xy, rec.view, lvl, rec.spacing_mm, self.size, side_factor=self.side_factor,
                           rng=self.rng if aug else None, jitter_mm=jm, jitter_deg=jd, jitter_scale=js)
         x = grid.sample(rec.array)
         flip = aug and self.flip and bool(self.rng.random() < 0.5)
         if aug:
             x = x * self.rng.uniform(0.8, 1.2) + self.rng.normal(0, 0.01 * float(x.std() + 1e-6), x.shape)
-        x = normalise_crop(x)
-        sample: dict[str, Any] = {"id": f"{rec.patient_id}:{rec.view}:{disc_levels(rec.view)[lvl].name}"}
-        if rec.scores:
-            t = crop_targets(rec, lvl)
-            if rec.points_xy is not None:
-                lv = disc_levels(rec.view)[lvl]
-                names = point_names(rec.view)
-                t["corners"] = grid.from_source(rec.points_xy[[names.index(c) for c in lv.corners]]).astype(np.float32)
-            if flip:
-                for k2 in (*CORNER_LESIONS, "not_scorable", "ordinal"):
-                    t[k2] = t[k2][::-1].copy()
-                if "corners" in t:
-                    c = t["corners"][::-1].copy()
-                    c[:, 1] = self.size - 1 - c[:, 1]
-                    t["corners"] = c
-            sample["target"] = {k2: torch.from_numpy(np.ascontiguousarray(v)) for k2, v in t.items()}
-        if flip:
-            x = x[::-1]
-        sample["input"] = torch.from_numpy(np.ascontiguousarray(x[None], np.float32))
+        x = normalise_crop(x)[::-1] if flip else normalise_crop(x)
+        sample: dict[str, Any] = {"id": f"{rec.patient_id}:{rec.view}:{disc_levels(rec.view)[lvl].name}",
+                                  "input": torch.from_numpy(np.ascontiguousarray(x[None], np.float32))}
+        t = crop_targets(rec, lvl)
+        t["corners"] = grid.from_source(rec.points_xy[[point_names(rec.view).index(c)
+                                                       for c in disc_levels(rec.view)[lvl].corners]])
+        if flip:  # the flipped crop shows the level upside down: the slots swap
+            t = {name: v[::-1].copy() for name, v in t.items()}
+            t["corners"][:, 1] = self.size - 1 - t["corners"][:, 1]
+        sample["target"] = {name: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for name, v in t.items()}
         return sample
 
 

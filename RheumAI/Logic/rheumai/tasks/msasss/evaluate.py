@@ -70,8 +70,8 @@ def _keypoints(records: Sequence[ViewRecord], results: Sequence[dict[str, Any]],
         xy = np.asarray(xy, float)
         return xy[[point_names(view).index(c) for c in scored_corners(view)]] if corners else xy
 
-    return KeypointsHead().report({"points": np.stack([pts(r.view, res["points_xy"]) for r, res in zip(records, results)])},
-                                  np.stack([pts(r.view, r.points_xy) for r in records]),
+    pred = np.stack([pts(r.view, res["points_xy"]) for r, res in zip(records, results)])
+    return KeypointsHead().report({"points": pred}, np.stack([pts(r.view, r.points_xy) for r in records]),
                                   spacing_mm=np.array([r.spacing_mm for r in records]))
 
 
@@ -134,7 +134,8 @@ def report_markdown(m: dict[str, Any]) -> str:
     c, ns, k, a, t = m["corners"], m["not_scorable"], m["keypoints_corners"], m["keypoints_all_points"], m["total"]
     lines = ["# mSASSS evaluation (held-out patients)", "",
              f"{m['n_patients']} patients, {m['n_views']} views, {m['n_corners']} corners.", "", "## Corners", "",
-             f"Accuracy (corners scorable in the truth; 'not scorable' predicted counts as wrong): {_fmt(c['accuracy'])}",
+             "Accuracy (corners scorable in the truth; 'not scorable' predicted counts as wrong): "
+             f"{_fmt(c['accuracy'])}",
              f"Accuracy where both call the corner scorable: {_fmt(c['accuracy_both_scorable'])}", "",
              "| true score | accuracy (95% CI) | n |", "|---|---|---|"]
     lines += [f"| {s} | {_fmt(e)} | {e['n']} |" for s, e in c["accuracy_by_true_score"].items()]

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,6 @@ import numpy as np
 import torch
 from monai.networks.nets import DenseNet, DenseNet121
 from torch import nn
-from torch.nn import functional as F
 
 from ...engine.heads import BinaryHead, KeypointsHead, OrdinalHead
 from ...landmarks import LandmarkNet
@@ -31,33 +31,26 @@ LESION_OUTPUTS: dict[str, int] = {**{les: 2 for les in CORNER_LESIONS}, "bridgin
 ORDINAL_OUTPUTS: dict[str, int] = {"ordinal": 6, "not_scorable": 2}
 
 
-def landmark_architecture(**kw: Any) -> dict[str, Any]:
-    arch = {"kind": "landmarks", "n_points": N_POINTS, "channels": [16, 32, 64, 128], "out_stride": 2,
-            "input_size": [160, 128], "sigma": 1.5}
-    arch.update(kw)
-    return arch
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "landmarks": {"kind": "landmarks", "n_points": N_POINTS, "channels": [16, 32, 64, 128], "out_stride": 2,
+                  "input_size": [160, 128], "sigma": 1.5},
+    "refine": {"kind": "refine", "n_points": 2, "channels": [16, 32, 64], "out_stride": 2, "crop_size": 48,
+               "sigma": 1.0, "side_factor": 1.1},
+    "demo": {"backbone": "densenet", "shared": True, "crop_size": 48, "init_features": 16, "growth_rate": 12,
+             "block_config": [4, 4, 4], "dropout": 0.1},
+    "paper": {"backbone": "densenet121", "shared": False, "crop_size": 224}}
 
 
-def crop_architecture(kind: str = "lesions", config: str = "demo", **kw: Any) -> dict[str, Any]:
-    """Crop classifier architecture: ``kind`` "lesions" | "ordinal"; ``config`` "demo" | "paper"."""
-    if kind not in ("lesions", "ordinal"):
-        raise ValueError(f"crop model kind must be 'lesions' or 'ordinal', not {kind!r}")
-    if config == "paper":
-        arch = {"kind": kind, "backbone": "densenet121", "shared": False, "crop_size": 224}
-    elif config == "demo":
-        arch = {"kind": kind, "backbone": "densenet", "shared": True, "crop_size": 48, "init_features": 16,
-                "growth_rate": 12, "block_config": [4, 4, 4], "dropout": 0.1}
-    else:
-        raise ValueError(f"config must be 'demo' or 'paper', not {config!r}")
-    arch.update(kw)
-    return arch
-
-
-def refine_architecture(**kw: Any) -> dict[str, Any]:
-    arch = {"kind": "refine", "n_points": 2, "channels": [16, 32, 64], "out_stride": 2, "crop_size": 48,
-            "sigma": 1.0, "side_factor": 1.1}
-    arch.update(kw)
-    return arch
+def architecture(kind: str, crop_models: str = "demo", **kw: Any) -> dict[str, Any]:
+    """Default architecture of a network (``kind`` landmarks | refine | lesions | ordinal; the crop
+    models' ``crop_models`` demo | paper), with ``kw`` applied."""
+    if kind in ("lesions", "ordinal"):
+        if crop_models not in ("demo", "paper"):
+            raise ValueError(f"crop_models must be 'demo' or 'paper', not {crop_models!r}")
+        return copy.deepcopy({"kind": kind, **ARCHITECTURES[crop_models], **kw})
+    if kind not in ("landmarks", "refine"):
+        raise ValueError(f"unknown mSASSS model kind {kind!r} (landmarks | refine | lesions | ordinal)")
+    return copy.deepcopy({**ARCHITECTURES[kind], **kw})
 
 
 def _backbone(arch: dict[str, Any], n_out: int) -> nn.Module:
@@ -84,9 +77,7 @@ class CropNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.shared:
-            z = self.net(x)
-            parts = torch.split(z, list(self.outputs.values()), dim=1)
-            out = dict(zip(self.outputs, parts))
+            out = dict(zip(self.outputs, torch.split(self.net(x), list(self.outputs.values()), dim=1)))
         else:
             out = {k: net(x) for k, net in self.nets.items()}
         if "ordinal" in out:
@@ -125,7 +116,7 @@ class MsasssSystem(nn.Module):
         super().__init__()
         self.arch = arch
         self.landmarks = build_model(arch["landmarks"])
-        self.refine = build_model({**arch["refine"], "kind": "refine"})
+        self.refine = build_model(arch["refine"])
         self.separate_views = bool(arch.get("separate_views", False))
 
         def crop_model(a: dict[str, Any]) -> nn.Module:
@@ -140,56 +131,39 @@ class MsasssSystem(nn.Module):
         return net[view] if net is not None and self.separate_views else net
 
 
-@dataclass
-class MaskedBinaryHead(BinaryHead):
-    """Binary head over per-slot logits (N, S) with targets (N, S); NaN targets are ignored."""
+class _PerSlot:
+    """For heads over the corner slots: output (N, S[, K-1]), target (N, S); NaN targets are left out."""
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        t = target.float().reshape(output.shape)
+        t = target.float().reshape(output.shape[:2])
         ok = torch.isfinite(t)
-        if not bool(ok.any()):
-            return output.sum() * 0.0
-        pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=output.device)
-        return F.binary_cross_entropy_with_logits(output.float()[ok], t[ok], pos_weight=pw)
-
-    def decode(self, output: torch.Tensor) -> dict[str, np.ndarray]:
-        z = output.detach().float().cpu().numpy().astype(np.float64)
-        return {"logit": z, "probability": 1.0 / (1.0 + np.exp(-z))}
+        return super().loss(output[ok], t[ok]) if bool(ok.any()) else output.sum() * 0.0  # type: ignore[misc]
 
     def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
-        t = np.asarray(target, float).reshape(pred["probability"].shape)
+        t = np.asarray(target, float).reshape(-1)
         ok = np.isfinite(t)
-        return super().score({"probability": pred["probability"][ok]}, t[ok])
+        flat = {k: v.reshape(t.size, -1)[ok] for k, v in pred.items()}
+        return super().score({k: v[:, 0] if v.shape[1] == 1 else v for k, v in flat.items()}, t[ok])  # type: ignore
 
 
 @dataclass
-class SlotOrdinalHead(OrdinalHead):
-    """Ordinal head over slots: output (N, S, K-1), target (N, S); NaN targets are ignored."""
+class MaskedBinaryHead(_PerSlot, BinaryHead):
+    """Binary head over per-slot logits (N, S) with targets (N, S); NaN targets are ignored."""
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        k = output.shape[-1]
-        t = target.float().reshape(-1)
-        ok = torch.isfinite(t)
-        if not bool(ok.any()):
-            return output.sum() * 0.0
-        return super().loss(output.reshape(-1, k)[ok], t[ok])
+
+@dataclass
+class SlotOrdinalHead(_PerSlot, OrdinalHead):
+    """Ordinal head over slots: output (N, S, K-1), target (N, S); NaN targets are ignored."""
 
     def decode(self, output: torch.Tensor) -> dict[str, np.ndarray]:
         n, s, k = output.shape
-        d = super().decode(output.reshape(n * s, k))
-        return {"class": d["class"].reshape(n, s), "probabilities": d["probabilities"].reshape(n, s, k + 1),
-                "expected": d["expected"].reshape(n, s)}
-
-    def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
-        t = np.asarray(target, float).reshape(pred["class"].shape)
-        ok = np.isfinite(t)
-        return super().score({"class": pred["class"][ok]}, t[ok])
+        return {key: v.reshape(n, s, *v.shape[1:]) for key, v in super().decode(output.reshape(n * s, k)).items()}
 
 
 def make_heads(kind: str, arch: dict[str, Any] | None = None) -> dict[str, Any]:
     """Engine heads ({name: Head}) of an mSASSS model kind."""
     if kind in ("landmarks", "refine"):
-        a = arch or landmark_architecture()
+        a = arch or architecture(kind)
         return {"keypoints": KeypointsHead(name="keypoints", n_points=int(a["n_points"]), sigma=float(a["sigma"]),
                                            stride=int(a["out_stride"]))}
     if kind == "lesions":

@@ -27,7 +27,7 @@ from ...radiograph import Radiograph, radiograph_from_array, read_radiograph
 from .anatomy import VIEWS, check_points, disc_levels, point_names, scored_corners
 from .crops import fit_grid, level_grid, normalise_crop, normalise_image
 from .model import MsasssSystem
-from .scoring import CORNER_LESIONS, SQUARING_NOT_SCORED, score_view, total_score
+from .scoring import CORNER_LESIONS, score_view, total_score
 
 
 @dataclass
@@ -184,7 +184,7 @@ def score_levels(view: str, o: Mapping[str, np.ndarray], check: dict[str, Any], 
         if c in (missing or ()):
             reasons[c].append("marked missing")
     scorable = {c: not r for c, r in reasons.items()}
-    return {"levels": levels, "scores": score_view(view, findings, bridged, scorable, SQUARING_NOT_SCORED),
+    return {"levels": levels, "scores": score_view(view, findings, bridged, scorable),
             "findings": findings, "bridged": bridged, "not_scorable": {c: r for c, r in reasons.items() if r},
             "ordinal_scores": {c: (v if scorable[c] else None) for c, v in ordinal.items()} or None}
 
@@ -240,7 +240,7 @@ def postprocess(outputs: Mapping[str, torch.Tensor], card: dict[str, Any], sampl
         o = {k: outputs[f"{k}_{v}"].numpy() for k in ("points", "confidence", "lesions", "bridging", "scorable",
                                                       "ordinal")}
         conf = None if np.isnan(o["confidence"]).all() else o["confidence"]
-        check = check_points(v, o["points"], rad.array.shape, rad.spacing_mm, confidence=conf)
+        check = check_points(v, o["points"], rad.array.shape, rad.spacing_mm)
         views[v] = {"view": v, "points_xy": o["points"].tolist(), "point_names": point_names(v),
                     "confidence": None if conf is None else conf.tolist(), "check": check,
                     **score_levels(v, o, check, sample.missing.get(v))}

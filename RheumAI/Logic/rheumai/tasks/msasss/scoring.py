@@ -1,20 +1,14 @@
 """The mSASSS corner rule and totals.
 
 Per anterior corner: 3 = bridging syndesmophyte (a bridge scores both corners it joins), 2 =
-syndesmophyte, 1 = erosion, sclerosis or squaring, 0 = none of these (the highest finding wins).
-A corner that cannot be read (not visible, covered by an implant, implausible landmarks) is
-``None`` ("not scorable"), never 0. Totals say how many corners were scored and how the missing
-ones were handled.
-
-ASSUMPTION (the paper's text is not available here): squaring, a finding of the whole anterior
-border of a vertebral body, is not scored at the four corners whose vertebra lies outside the
-scored range of a view and is only partly read (C2 lower, T1 upper, T12 lower, S1 upper);
-:data:`SQUARING_NOT_SCORED` holds them and every function takes the set as a parameter.
-
-Missing corners (Ramiro et al.'s convention for mSASSS in cohort studies, used as the default):
-within a view (segment of 12 corners) up to ``max_missing`` (3) missing corners are imputed by
-the mean of the scored corners of that view; with more missing the view's subtotal, and so the
-total, is not computed. ``missing="none"`` sums the scored corners only and marks the total partial.
+syndesmophyte, 1 = erosion, sclerosis or squaring, 0 = none (the highest finding wins). A corner
+that cannot be read (not visible, implant, implausible landmarks) is ``None`` ("not scorable"),
+never 0. ASSUMPTION (the paper's text is not available here): squaring, a finding of the whole
+anterior border, is not scored at the four corners whose vertebra lies outside the scored range
+and is only partly read (:data:`SQUARING_NOT_SCORED`). Missing corners (Ramiro et al.'s cohort
+convention, the default): within a view up to ``max_missing`` (3) are imputed by the mean of its
+scored corners; with more the view's subtotal, and so the total, is not computed.
+``missing="none"`` sums the scored corners only and marks the total partial.
 """
 
 from __future__ import annotations
@@ -31,22 +25,20 @@ SQUARING_NOT_SCORED = frozenset({"C2 lower", "T1 upper", "T12 lower", "S1 upper"
 MISSING_METHODS = ("segment_mean", "none")
 
 
-def corner_score(findings: Mapping[str, bool], corner: str, bridged: bool,
-                 squaring_not_scored: frozenset[str] = SQUARING_NOT_SCORED) -> int:
+def corner_score(findings: Mapping[str, bool], corner: str, bridged: bool) -> int:
     """Score 0-3 of one scorable corner from its findings and whether its disc level is bridged."""
     if bridged or findings.get("bridging", False):
         return 3
     if findings.get("syndesmophyte", False):
         return 2
-    squaring = findings.get("squaring", False) and corner not in squaring_not_scored
+    squaring = findings.get("squaring", False) and corner not in SQUARING_NOT_SCORED
     if findings.get("erosion", False) or findings.get("sclerosis", False) or squaring:
         return 1
     return 0
 
 
 def score_view(view: str, findings: Mapping[str, Mapping[str, bool]], bridged: Mapping[str, bool],
-               scorable: Mapping[str, bool] | None = None,
-               squaring_not_scored: frozenset[str] = SQUARING_NOT_SCORED) -> dict[str, int | None]:
+               scorable: Mapping[str, bool] | None = None) -> dict[str, int | None]:
     """Scores of the 12 corners of a view.
 
     findings: {corner: {lesion: bool}} for the corner lesions; bridged: {disc level name
@@ -58,7 +50,7 @@ def score_view(view: str, findings: Mapping[str, Mapping[str, bool]], bridged: M
             if scorable is not None and not scorable.get(c, True):
                 out[c] = None
             else:
-                out[c] = corner_score(findings.get(c, {}), c, bool(bridged.get(lvl.name, False)), squaring_not_scored)
+                out[c] = corner_score(findings.get(c, {}), c, bool(bridged.get(lvl.name, False)))
     return out
 
 

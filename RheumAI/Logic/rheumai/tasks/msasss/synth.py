@@ -1,36 +1,28 @@
 """Procedural lateral cervical and lumbar radiographs with known mSASSS truth.
 
-Anatomy is laid out in millimetres in the image frame (x right, y down; anterior faces image
-left, superior is up). Seven vertebral bodies per view follow a lordotic curve (tangent angle
-linear in arc length; the sacrum tilted further). A body is a rectangle in its own frame (u
-anterior, v caudal) with a concave anterior border, soft edges, a brighter cortex / endplates and
-trabecular texture; posterior elements are ellipses behind it. Soft tissue (neck / abdomen), the
-shoulders over C7-T1, exposure, gamma, blur and noise complete the image. An implant (anterior
-plate and two screws over one disc level) occasionally covers two corners: those are "not
-scorable". Lesions are planted per corner and drawn where they are seen on films:
-
-* erosion: a notch cut out of the corner; sclerosis: a dense band under the endplate at the
-  corner; squaring: the anterior border of the vertebra straight instead of concave (a finding
-  of the vertebra, labelled at both its corners); syndesmophyte: a thin bony spur growing from
-  the corner into the disc space, 25-40 % of the way (two opposing spurs never meet); bridging:
-  a bony bar from the lower corner of one vertebra to the upper corner of the next (scores both
-  corners).
-
-Corner scores follow :mod:`.scoring`. Written as DICOM DX (bone bright, 12 bit, PixelSpacing) +
-``labels.csv`` (one row per landmark: position in pixels of the written file, and for the 24
-scored corners scorable / score / lesion flags), ``studies.csv`` and ``totals.csv``.
+Anatomy in mm in the image frame (x right, y down; anterior faces image left). Seven vertebral
+bodies per view on a lordotic curve: rectangles (u anterior, v caudal) with a concave anterior
+border, soft edges, brighter cortex and trabecular texture; posterior elements behind; soft
+tissue, shoulders over C7-T1, exposure, gamma, blur and noise. An implant (plate and two screws
+over one disc level) occasionally covers two corners: "not scorable". Lesions per corner: erosion
+(a notch), sclerosis (a dense band under the endplate), squaring (a straight anterior border, at
+both corners of the vertebra), syndesmophyte (a spur 25-40 % into the disc space; two never meet),
+bridging (a bony bar joining the two corners of a disc level). Scores follow :mod:`.scoring`.
+Written as DICOM DX (bone bright, PixelSpacing) + ``labels.csv`` (one row per landmark, pixels of
+the written file; for the 24 scored corners scorable / score / lesion flags), ``studies.csv`` and
+``totals.csv``.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy.ndimage import gaussian_filter
+from tqdm import tqdm
 
 from ...atomic import write_json, write_text
 from ...paths import safe_child
@@ -74,9 +66,6 @@ class SynthParams:
     tilt_deg: float = 6.0
     shift_mm: float = 8.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
 class ViewTruth:
@@ -90,7 +79,6 @@ class ViewTruth:
     scorable: dict[str, bool]
     scores: dict[str, int | None]
     implant_level: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def _soft(z: np.ndarray, e: float) -> np.ndarray:
@@ -252,8 +240,7 @@ def render_view(rng: np.random.Generator, view: str, severity: float, params: Sy
     img = np.clip(img / 1.9, 0, 1) ** rng.uniform(0.85, 1.15)
     points_px = points / sp
     scores = score_view(view, findings, bridged, scorable)
-    truth = ViewTruth(view, (sp, sp), points_px, findings, bridged, scorable, scores, implant_level,
-                      {"severity": severity, "squared": squared})
+    truth = ViewTruth(view, (sp, sp), points_px, findings, bridged, scorable, scores, implant_level)
     return img.astype(np.float32), truth
 
 
@@ -276,36 +263,28 @@ def make_cohort(out_dir: str | Path, n: int = 40, seed: int = 0, params: SynthPa
     label_rows: list[dict[str, Any]] = []
     study_rows: list[dict[str, Any]] = []
     total_rows: list[dict[str, Any]] = []
-    it = range(n)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="mSASSS cohort", unit="patient")
-    for k in it:
+    for k in tqdm(range(n), desc="mSASSS cohort", unit="patient", disable=not progress):
         pid = f"MS{k:04d}"
         sev = _patient_severity(rng, p)
         scores: dict[str, dict[str, int | None]] = {}
         for view in VIEWS:
             arr, truth = render_view(rng, view, sev, p)
-            fname = f"{pid}_{view}.dcm"
+            fname = f"dicom/{pid}_{view}.dcm"
             write_radiograph_dicom(safe_child(out / "dicom", pid, f"_{view}.dcm", what="patient ID"), arr,
                                    truth.spacing_mm, modality="DX", patient_id=pid, spacing_tag="PixelSpacing",
                                    BodyPartExamined="CSPINE" if view == "cervical" else "LSPINE",
                                    ViewPosition="LL", SeriesDescription=f"lateral {view} spine")
             scores[view] = truth.scores
-            names = point_names(view)
-            for idx, name in enumerate(names):
-                vert, kind = name.split()
-                row: dict[str, Any] = {"patient_id": pid, "view": view, "file": f"dicom/{fname}", "point": name,
-                                       "vertebra": vert, "kind": kind, "x": round(float(truth.points_xy[idx, 0]), 3),
-                                       "y": round(float(truth.points_xy[idx, 1]), 3)}
+            for (x, y), name in zip(truth.points_xy, point_names(view)):
                 scored = name in truth.scores
-                row["scored"] = int(scored)
-                row["scorable"] = int(truth.scorable[name]) if scored else ""
-                row["score"] = "" if not scored or truth.scores[name] is None else truth.scores[name]
-                for les in LESIONS:
-                    row[les] = int(truth.findings[name][les]) if scored and truth.scorable[name] else ""
-                label_rows.append(row)
-            study_rows.append({"patient_id": pid, "view": view, "file": f"dicom/{fname}",
+                ok = scored and truth.scorable[name]
+                label_rows.append({"patient_id": pid, "view": view, "file": fname, "point": name,
+                                   "vertebra": name.split()[0], "kind": name.split()[1], "x": round(float(x), 3),
+                                   "y": round(float(y), 3), "scored": int(scored),
+                                   "scorable": int(truth.scorable[name]) if scored else "",
+                                   "score": "" if not scored or truth.scores[name] is None else truth.scores[name],
+                                   **{les: int(truth.findings[name][les]) if ok else "" for les in LESIONS}})
+            study_rows.append({"patient_id": pid, "view": view, "file": fname,
                                "spacing_mm": round(truth.spacing_mm[0], 5), "severity": round(sev, 4),
                                "implant_level": truth.implant_level or ""})
         tot = total_score(scores)
@@ -313,12 +292,8 @@ def make_cohort(out_dir: str | Path, n: int = 40, seed: int = 0, params: SynthPa
                            "lumbar": tot["views"]["lumbar"]["subtotal"], "total": tot["total"],
                            "n_scored": tot["n_scored"]})
     for name, rows in (("labels.csv", label_rows), ("studies.csv", study_rows), ("totals.csv", total_rows)):
-        buf = io.StringIO()
-        wr = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        wr.writeheader()
-        wr.writerows(rows)
-        write_text(out / name, buf.getvalue())
-    write_json(out / "synth.json", {"n": n, "seed": seed, "params": p.to_dict(), "kinds": list(POINT_KINDS),
+        write_text(out / name, pd.DataFrame(rows, dtype=object).to_csv(index=False))
+    write_json(out / "synth.json", {"n": n, "seed": seed, "params": asdict(p), "kinds": list(POINT_KINDS),
                                     "lesions": list(LESIONS), "corner_lesions": list(CORNER_LESIONS)})
     return {"out_dir": str(out), "n_patients": n, "n_images": len(study_rows),
             "mean_total": float(np.mean([r["total"] for r in total_rows if r["total"] is not None]))}

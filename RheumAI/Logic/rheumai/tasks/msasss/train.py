@@ -31,8 +31,7 @@ from ...engine.fit import fit
 from ...errors import InputError
 from .anatomy import VIEWS
 from .dataset import LandmarkDataset, LevelCropDataset, ViewRecord, cohort_split, imbalance_indices, load_cohort
-from .model import (CropNet, MsasssSystem, build_model, crop_architecture, landmark_architecture, make_heads,
-                    refine_architecture)
+from .model import CropNet, MsasssSystem, architecture, build_model, make_heads
 from .scoring import CORNER_LESIONS, SQUARING_NOT_SCORED
 
 STAGES = ("landmarks", "refine", "lesions", "ordinal")
@@ -79,8 +78,7 @@ class TrainConfig:
 
     def arch(self, stage: str) -> dict[str, Any]:
         """The architecture of a stage's network: its default with ``[<stage>.arch]`` applied."""
-        default = {"landmarks": landmark_architecture, "refine": refine_architecture}.get(
-            stage, lambda: crop_architecture(stage, self.crop_models))()
+        default = architecture(stage, self.crop_models)
         over = getattr(self, stage).arch
         bad = sorted(set(over) - set(default) - {"kind"})
         if bad:
@@ -108,8 +106,6 @@ class TrainConfig:
                 base = getattr(cls(), s)
                 kw[s] = replace(base, **{**d[s], "arch": {**base.arch, **d[s].get("arch", {})}})
             cfg = cls(**kw)
-            if cfg.crop_models not in ("demo", "paper"):
-                raise ValueError(f"crop_models must be 'demo' or 'paper', not {cfg.crop_models!r}")
             if len(cfg.split) != 3 or min(cfg.split) < 0 or abs(sum(cfg.split) - 1) > 1e-6:
                 raise ValueError(f"split must be three fractions (train, val, test) summing to 1, not {cfg.split}")
             cfg.system_architecture()
@@ -140,7 +136,6 @@ class TrainResult:
     checkpoint: Path | None  # None when stopped before the end (continue with resume=True)
     out_dir: Path
     stopped: bool = False
-    timings_s: dict[str, float] = field(default_factory=dict)
 
 
 class _Stopped(Exception):
@@ -187,32 +182,23 @@ class _OneOutput(nn.Module):
         return {self.name: self.net(x)}
 
 
-def _positive(ds: LevelCropDataset, name: str | None) -> np.ndarray:
+def _positive(t: dict[str, np.ndarray], name: str | None) -> np.ndarray:
     """Crops positive for lesion ``name``, or (None) with any finding or a corner not scorable."""
-    out = []
-    for k in range(len(ds)):
-        t = ds.targets(k)
-        if name is not None:
-            out.append(bool(np.nansum(t[name]) > 0))
-        else:
-            v = np.concatenate([t[les] for les in (*CORNER_LESIONS, "bridging")])
-            out.append(bool(np.nansum(v) > 0) or bool((t["not_scorable"] > 0).any()))
-    return np.array(out)
+    if name is not None:
+        return np.nansum(t[name], 1) > 0
+    findings = np.concatenate([t[les] for les in (*CORNER_LESIONS, "bridging")], 1)
+    return (np.nansum(findings, 1) > 0) | (t["not_scorable"] > 0).any(1)
 
 
-def _set_pos_weights(heads: dict[str, Any], ds: LevelCropDataset, idx: np.ndarray, cap: float) -> None:
+def _set_pos_weights(heads: dict[str, Any], t: dict[str, np.ndarray], idx: np.ndarray, cap: float) -> None:
     """BCE ``pos_weight`` of each binary head = sqrt(negatives / positives) among the sampled crops
     (capped; the full ratio over-calls, measured): lesion types stay rare inside the balanced
     "any finding" sample of a shared network."""
-    counts: dict[str, list[float]] = {}
-    for k in idx:
-        t = ds.targets(int(k))
-        for name in set(heads) & set(t) - {"ordinal"}:
-            counts.setdefault(name, []).extend(t[name][np.isfinite(t[name])].tolist())
-    for name, vals in counts.items():
-        pos = float(np.sum(vals))
-        if pos > 0 and hasattr(heads[name], "pos_weight"):
-            heads[name].pos_weight = float(np.clip(np.sqrt((len(vals) - pos) / pos), 1.0, cap))
+    for name in set(heads) & set(t) - {"ordinal"}:
+        v = t[name][idx]
+        v = v[np.isfinite(v)]
+        if v.sum() > 0:
+            heads[name].pos_weight = float(np.clip(np.sqrt((v.size - v.sum()) / v.sum()), 1.0, cap))
 
 
 def train_crop_model(kind: str, train: Sequence[ViewRecord], val: Sequence[ViewRecord], run: Run,
@@ -224,13 +210,15 @@ def train_crop_model(kind: str, train: Sequence[ViewRecord], val: Sequence[ViewR
     tr = LevelCropDataset(train, size=size, augment=True, jitter=tuple(cfg.crop_jitter), seed=cfg.seed)
     va = LevelCropDataset(val, size=size)
     rng = np.random.default_rng(cfg.seed)
+    crops = [tr.targets(k) for k in range(len(tr))]
+    t = {name: np.stack([c[name] for c in crops]) for name in crops[0]}  # {name: (crops, slots)}
     if model.shared:
-        idx = imbalance_indices(_positive(tr, None), rng, cfg.neg_per_pos, cfg.pos_repeat)
-        _set_pos_weights(heads, tr, idx, cfg.max_pos_weight)
+        idx = imbalance_indices(_positive(t, None), rng, cfg.neg_per_pos, cfg.pos_repeat)
+        _set_pos_weights(heads, t, idx, cfg.max_pos_weight)
         run.fit(kind, folder, model, _Indexed(tr, idx.tolist()), va, heads, monitor=next(iter(heads)))
         return model
     for name, net in model.nets.items():  # the paper: one classifier per lesion, each balanced on its own
-        idx = imbalance_indices(_positive(tr, None if name == "ordinal" else name), rng, cfg.neg_per_pos,
+        idx = imbalance_indices(_positive(t, None if name == "ordinal" else name), rng, cfg.neg_per_pos,
                                 cfg.pos_repeat)
         run.fit(kind, f"{folder}_{name}", _OneOutput(name, net), _Indexed(tr, idx.tolist()), va,
                 {name: heads[name]})
@@ -295,7 +283,7 @@ class _Refine(LevelCropDataset):
         return s
 
     def unaugmented(self) -> "_Refine":
-        return _Refine(self.records, self.index, self.size, flip=self.flip, side_factor=self.side_factor)
+        return _Refine(self.records, self.index, self.size, side_factor=self.side_factor)
 
 
 def train(config: str | Path | Mapping[str, Any], manifest: str | Path | None, out_dir: str | Path, *,
@@ -319,10 +307,8 @@ def train(config: str | Path | Mapping[str, Any], manifest: str | Path | None, o
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "split.json", split)
-    run = Run(cfg, out, resume, progress, should_stop, show_progress)
-    t = time.perf_counter()
     try:
-        _, folder = train_system(train_recs, val_recs, run, log)
+        _, folder = train_system(train_recs, val_recs, Run(cfg, out, resume, progress, should_stop, show_progress), log)
     except _Stopped:
         return TrainResult(None, out, stopped=True)
-    return TrainResult(folder, out, timings_s={"train": round(time.perf_counter() - t, 1)})
+    return TrainResult(folder, out)
