@@ -10,9 +10,10 @@ import torch
 
 from rheumai.checkpoint import load_checkpoint
 from rheumai.config import TrainConfig
-from rheumai.data import SliceStackDataset, build_eval_transform, read_manifest, write_toy_cohort
+from rheumai.engine.train import read_manifest
+from rheumai.tasks.cervical_ra.train import SliceStackDataset, build_eval_transform, write_toy_cohort
 from rheumai.engine.batchnorm import recalibrate_batchnorm, trainable_batchnorms
-from rheumai.train import train
+from rheumai.engine.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from rheumai.config import TrainConfig
-from rheumai.data import write_toy_cohort
+from rheumai.tasks.cervical_ra.train import write_toy_cohort
 from rheumai.engine.crossfit import (choose_threshold_with_ci, crossfit, needs_oof, patient_folds, select_epoch)
-from rheumai.train import train
+from rheumai.engine.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

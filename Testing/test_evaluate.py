@@ -11,8 +11,8 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
-from rheumai.data import write_toy_cohort
-from rheumai.evaluate import evaluate
+from rheumai.tasks.cervical_ra.train import write_toy_cohort
+from rheumai.engine.evaluate import evaluate
 from rheumai.train_cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,12 +81,13 @@ def test_evaluate_cli_report(trained: tuple[Path, Path], tmp_path: Path) -> None
 def test_evaluate_threshold_rules(trained: tuple[Path, Path], tmp_path: Path) -> None:
     manifest, model = trained
     r = evaluate(model, manifest, tmp_path / "fixed", threshold_rule="fixed:0.5", n_bootstrap=100, show_progress=False)
-    p, y = r.predictions["probability"].to_numpy(), r.predictions["label"].to_numpy()
-    assert r.threshold == 0.5 and r.report["counts"]["tp"] == int(((p >= 0.5) & (y == 1)).sum())
+    preds = pd.read_csv(r["files"]["predictions"])
+    p, y = preds["probability"].to_numpy(), preds["label"].to_numpy()
+    assert r["threshold"] == 0.5 and r["counts"]["tp"] == int(((p >= 0.5) & (y == 1)).sum())
     s = evaluate(model, manifest, tmp_path / "sens", threshold_rule="sensitivity:0.9", n_bootstrap=100,
                  auc_ci="bootstrap", show_progress=False)
-    assert s.report["metrics"]["sensitivity"]["value"] >= 0.9
-    assert any("optimistic" in w for w in s.warnings)
+    assert s["metrics"]["sensitivity"]["value"] >= 0.9
+    assert any("optimistic" in w for w in s["warnings"])
     assert "optimistic" in (tmp_path / "sens" / "report.md").read_text()
 
 
@@ -135,7 +136,7 @@ def test_external_validation_and_recalibrated_checkpoint(trained: tuple[Path, Pa
     rc = new["recalibration"]
     assert rc["slope"] == pytest.approx(cal["slope"]["value"]) and rc["source_model_id"] == card["model_id"]
     r2 = evaluate(recal, other, tmp_path / "after", split="all", n_bootstrap=50, show_progress=False)
-    p2 = r2.predictions["probability"].to_numpy()
+    p2 = pd.read_csv(r2["files"]["predictions"])["probability"].to_numpy()
     np.testing.assert_allclose(p2, recalibrate_probability(p, rc["intercept"], rc["slope"]), rtol=1e-6, atol=1e-9)
     after = logistic_calibration(y, p2)
     assert after["slope"]["value"] == pytest.approx(1.0, abs=1e-6)

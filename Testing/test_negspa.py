@@ -179,52 +179,71 @@ def test_synth_deterministic_with_truth(cohort, tmp_path):
 
 # ---------------------------------------------------------------- train / evaluate / predict
 
+def _config(**over) -> dict:
+    """A small NegSpA config: ResNet-18 branches, 3 image + 12 fusion epochs, validation selection."""
+    cfg = {"task": "negspa", "model": {"depth": 18}, "data": {"num_workers": 0},
+           "train": {"epochs": 3, "batch_size": 3, "lr": 1e-3, "seed": 0, "device": "cpu", "state_every": 0,
+                     "select": "last"},
+           "fusion": {"epochs": 12, "lr": 3e-3}, "selection": {"method": "validation"},
+           "evaluate": {"n_bootstrap": 100}}
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def trained(cohort, tmp_path_factory):
-    from rheumai.tasks.negspa.train import build_dataset, train_negspa
+    from rheumai import api
+    from rheumai.tasks.negspa.train import build_dataset
 
     out = tmp_path_factory.mktemp("spa_run")
     manifest = build_dataset(cohort, out / "ds", NegSpaParams(size=SIZE), show_progress=False)
-    res = train_negspa(manifest, out / "run", depth=18, epochs_stage1=3, epochs_stage2=12, batch_size=3,
-                       lr=1e-3, lr_fusion=3e-3, seed=0, device="cpu", state_every=0, show_progress=False)
-    return manifest, res
+    return manifest, api.train(_config(), manifest, out / "run", show_progress=False)
 
 
-def test_two_stage_training_lowers_loss_and_round_trips(trained):
-    from rheumai.checkpoint import read_card
-    from rheumai.tasks.negspa.train import NegSpaDataset, load_negspa_checkpoint, predict_loader, read_manifest
+def test_two_stage_training_on_the_engine_lowers_loss_and_round_trips(trained):
+    """Two stages through the engine's recipe; the card is the engine's (threshold with its
+    selection, model selection); the reloaded weights give the validation probabilities."""
+    from rheumai.checkpoint import load_checkpoint, read_card
+    from rheumai.engine.fit import predict
+    from rheumai.engine.heads import BinaryHead
     from rheumai.tasks.negspa.model import TriInputResNet
+    from rheumai.tasks.negspa.train import eval_dataset
 
     manifest, res = trained
-    stages = [h["stage"] for h in res.history]
-    assert stages == [1] * 3 + [2] * 12
-    s2 = [h["loss"] for h in res.history if h["stage"] == 2]
+    assert [h["stage"] for h in res.history] == ["image"] * 3 + ["fusion"] * 12
+    s2 = [h["train_loss"] for h in res.history if h["stage"] == "fusion"]
     assert np.mean(s2[-3:]) < s2[0]
-    assert res.final_loss < res.initial_loss
     card = read_card(res.checkpoint)
     assert card["task"] == "negspa" and card["architecture"]["depth"] == 18
-    assert card["preprocessing"]["size"] == list(SIZE)
-    model, card2 = load_negspa_checkpoint(res.checkpoint)
-    assert isinstance(model, TriInputResNet) and card2 == card
-    df = read_manifest(manifest)
-    from rheumai.tasks.negspa.clinical import ClinicalEncoder
+    assert card["preprocessing"]["size"] == list(SIZE) and "clinical_encoder" in card
+    assert card["threshold_selection"]["method"] in ("validation", "default")
+    assert [s["name"] for s in card["training"]["stages"]] == ["image", "fusion"]
+    model, card2 = load_checkpoint(res.checkpoint)
+    assert isinstance(model, TriInputResNet) and card2 == card and model.mode == "fusion"
+    val = pd.read_csv(res.out_dir / "val_predictions.csv", dtype={"patient_id": str})
+    from rheumai.engine.train import read_manifest
 
-    ds = NegSpaDataset(df[df["split"] == "train"], ClinicalEncoder.from_dict(card["clinical_encoder"]))
-    p = predict_loader(model, ds, torch.device("cpu"), "fusion")
-    loss = -np.mean(ds.labels * np.log(p) + (1 - ds.labels) * np.log(1 - p))
-    assert loss == pytest.approx(res.final_loss, rel=1e-4)  # the reloaded weights are the trained ones
+    df = read_manifest(manifest).set_index("patient_id").loc[val["patient_id"]].reset_index()
+    out, _, _ = predict(model, eval_dataset(df, card), torch.device("cpu"), {"out": BinaryHead()})
+    p = BinaryHead().decode(out["out"])["probability"]
+    np.testing.assert_allclose(p, val["probability"], rtol=1e-4, atol=1e-6)  # the reloaded weights are the trained ones
 
 
-def test_resume_continues_from_saved_state(trained, tmp_path):
-    from rheumai.tasks.negspa.train import train_negspa
+def test_stop_in_the_fusion_stage_then_resume(trained, tmp_path):
+    from rheumai import api
 
     manifest, _ = trained
-    kw = dict(depth=10, epochs_stage1=1, epochs_stage2=1, batch_size=3, device="cpu", state_every=0, show_progress=False)
-    first = train_negspa(manifest, tmp_path, **kw)
-    again = train_negspa(manifest, tmp_path, resume=True, **kw)  # nothing left to do: same history
-    assert [h["epoch"] for h in again.history] == [h["epoch"] for h in first.history]
-    longer = train_negspa(manifest, tmp_path, resume=True, **dict(kw, epochs_stage2=2))
-    assert [(h["stage"], h["epoch"]) for h in longer.history] == [(1, 0), (2, 0), (2, 1)]
+    cfg = _config(model={"depth": 10}, train={"epochs": 1, "state_every": 1}, fusion={"epochs": 2})
+    seen: list[str] = []
+    first = api.train(cfg, manifest, tmp_path, progress=lambda e: seen.append(e["stage"]),
+                      should_stop=lambda: seen.count("epoch") >= 2, show_progress=False)
+    assert first.stopped and first.checkpoint is None
+    with pytest.raises(InputError, match="--resume"):
+        api.train(cfg, manifest, tmp_path, show_progress=False)
+    done = api.train(cfg, manifest, tmp_path, resume=True, show_progress=False)
+    assert [(h["stage"], h["epoch"]) for h in done.history] == [("image", 1), ("fusion", 1), ("fusion", 2)]
+    assert api.train(cfg, manifest, tmp_path, resume=True, show_progress=False).already_finished
 
 
 def test_predict_saliency_in_each_series_geometry(trained, cohort, tmp_path):
@@ -244,9 +263,9 @@ def test_predict_saliency_in_each_series_geometry(trained, cohort, tmp_path):
     assert 0 <= out.probability <= 1 and out.probability == pytest.approx(max(v["p_right"], v["p_left"]))
     assert "uveitis" in v["clinical_missing"] and "crp" not in v["clinical_missing"]
     # The probability is the network's: the packed input through the fusion head, max over halves.
-    from rheumai.tasks.negspa.train import load_negspa_checkpoint
+    from rheumai.checkpoint import load_checkpoint
 
-    model, _ = load_negspa_checkpoint(res.checkpoint)
+    model, _ = load_checkpoint(res.checkpoint)
     x = pred.task.to_tensors(out.sample, pred.card)
     with torch.no_grad():
         p_ref = torch.sigmoid(model(x["x"][None], x["clinical"][None])).item()
@@ -300,10 +319,11 @@ def test_rheumai_predict_reads_negspa_task_from_card(trained, cohort, tmp_path):
 
 
 def test_evaluate_writes_report(trained, tmp_path):
-    from rheumai.tasks.negspa.train import evaluate_negspa
+    from rheumai import api
 
     manifest, res = trained
-    rep = evaluate_negspa(res.checkpoint, manifest, tmp_path, split="all", n_bootstrap=50, device="cpu")
+    rep = api.evaluate(res.checkpoint, manifest, tmp_path, split="all", n_bootstrap=50, device="cpu",
+                       show_progress=False)
     assert rep["n"] == 10 and 0 <= rep["auc"]["value"] <= 1
     pred = pd.read_csv(tmp_path / "predictions.csv")
     assert len(pred) == 10 and {"probability", "predicted"} <= set(pred.columns)
@@ -311,29 +331,27 @@ def test_evaluate_writes_report(trained, tmp_path):
 
 
 def test_cli_end_to_end(tmp_path):
-    from rheumai.tasks.negspa import cli
-
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers())
+    """Generic commands with the task from the config / card; `rheumai negspa dataset` builds the cache."""
+    from rheumai.cli import main
+    from rheumai.config import dumps_toml
 
     def run(*argv):
-        a = parser.parse_args(["negspa", *map(str, argv)])
-        return a.func(a)
+        return main([str(a) for a in argv])
 
-    assert run("synth", tmp_path / "c", "--n", 8, "--seed", 2, "--spacing", 4) == 0
-    assert run("dataset", tmp_path / "c" / "cohort.csv", "--out", tmp_path / "ds", "--size", 32, 32) == 0
-    assert run("train", tmp_path / "ds" / "manifest.csv", "--out", tmp_path / "run", "--depth", 10,
-               "--epochs-stage1", 1, "--epochs-stage2", 1, "--batch-size", 3, "--device", "cpu", "--state-every", 0) == 0
+    assert run("synth", "--task", "negspa", "--out", tmp_path / "c", "--n", 8, "--seed", 2, "--spacing", 4) == 0
+    cohort = next((tmp_path / "c").rglob("cohort.csv"))
+    assert run("negspa", "dataset", cohort, "--out", tmp_path / "ds", "--size", 32, 32) == 0
+    cfg = tmp_path / "spa.toml"
+    cfg.write_text(dumps_toml(_config(model={"depth": 10}, train={"epochs": 1}, fusion={"epochs": 1})))
+    assert run("train", "--config", cfg, "--manifest", tmp_path / "ds" / "manifest.csv", "--out", tmp_path / "run",
+               "--quiet") == 0
     ckpt = tmp_path / "run" / "model"
-    assert run("evaluate", ckpt, tmp_path / "ds" / "manifest.csv", "--out", tmp_path / "ev", "--split", "all",
-               "--n-bootstrap", 20, "--device", "cpu") == 0
-    d = tmp_path / "c" / "SPA0000"
-    assert run("predict", ckpt, "--out", tmp_path / "p1", "--t1", d / "t1.nii.gz", "--t2", d / "t2.nii.gz",
-               "--stir", d / "stir.nii.gz", "--box", d / "box.json", "--clinical", '{"crp": 3}', "--device", "cpu") == 0
+    assert run("evaluate", "--model", ckpt, "--manifest", tmp_path / "ds" / "manifest.csv", "--out", tmp_path / "ev",
+               "--split", "all", "--n-bootstrap", 20, "--device", "cpu", "--quiet") == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 8
+    d = cohort.parent / "SPA0000"
+    assert run("predict", "--model", ckpt, "--out", tmp_path / "p1", "--input", f"t1={d / 't1.nii.gz'}",
+               "--input", f"t2={d / 't2.nii.gz'}", "--input", f"stir={d / 'stir.nii.gz'}", "--roi", d / "box.json",
+               "--clinical", "crp=3") == 0
     assert len(list((tmp_path / "p1").glob("*_saliency_stir.nii.gz"))) == 1
-    assert run("predict", ckpt, "--out", tmp_path / "p2", "--cohort", tmp_path / "c" / "cohort.csv",
-               "--no-saliency", "--device", "cpu") == 0
-    assert len(pd.read_csv(tmp_path / "p2" / "predictions.csv")) == 8
-    with pytest.raises(InputError, match="--box"):
-        run("predict", ckpt, "--out", tmp_path / "p3", "--t1", d / "t1.nii.gz", "--t2", d / "t2.nii.gz",
-            "--stir", d / "stir.nii.gz")
+    assert run("train", "--config", cfg, "--task", "cervical_ra", "--out", tmp_path / "x") == 1  # config says negspa

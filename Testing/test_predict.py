@@ -20,7 +20,7 @@ import torch
 from rheumai.checkpoint import save_checkpoint
 from rheumai.errors import InputError
 from rheumai.tasks.cervical_ra.model import build_model, default_architecture
-from rheumai.predict import Predictor, predict_batch, study_stem
+from rheumai.engine.predict import Predictor, predict_batch, study_stem
 from rheumai.tasks.cervical_ra.slices import SliceParams
 
 SIZE = 64
@@ -79,10 +79,10 @@ def test_predict_accepts_image_and_tta(predictor, t2_crop_path):
 
 
 def test_sanity_figures_in_result(predictor, t2_crop_path, tmp_path):
-    from rheumai.predict import write_outputs
+    from rheumai.engine.write import write_study
 
     res = predictor.predict(t2_crop_path, saliency="gradxinput", sanity=True)
-    files = write_outputs(res, tmp_path, "s")
+    files = write_study(res, tmp_path, "s")
     saved = json.loads(Path(files["result_file"]).read_text())
     assert set(saved["sanity"]) == {"randomization", "faithfulness"}
     assert len(saved["sanity"]["faithfulness"]["deletion"]["saliency_order"]) == 11
@@ -119,7 +119,7 @@ def test_batch_goes_on_past_corrupt_study_and_resumes(ckpt, t2_crop_path, t2_pat
 
 _KILL_SCRIPT = """
 import sys
-from rheumai.predict import predict_batch
+from rheumai.engine.predict import predict_batch
 predict_batch(sys.argv[3:], sys.argv[1], sys.argv[2], show_progress=False)
 """
 
@@ -216,7 +216,7 @@ def test_cli_scene(ckpt, t2_crop_path, tmp_path):
 def test_card_input_transform_crop_and_resize(t2_crop_path, tmp_path):
     """A network trained on a centre crop resized to 32 px: predict applies the card's transform,
     and the maps go back into the crop box of the 64 px selection grid."""
-    from rheumai.data import eval_transform_from_card
+    from rheumai.tasks.cervical_ra.train import eval_transform_from_card
 
     torch.manual_seed(1)
     arch = default_architecture(depth=18, input_size=(32, 32))

@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 
 from rheumai.checkpoint import load_checkpoint
 from rheumai.config import TrainConfig, dumps_toml, load_config
-from rheumai.data import read_manifest, split_train_val, write_toy_cohort
 from rheumai.engine.fit import GlobalBatchSampler
+from rheumai.engine.train import read_manifest, split_train_val, train
 from rheumai.errors import InputError
-from rheumai.train import train
+from rheumai.tasks.cervical_ra.train import write_toy_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_loss_falls_and_checkpoint_round_trips(cohort: Path, tmp_path: Path) -> 
 KILL_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
     from rheumai.config import TrainConfig
-    from rheumai.train import train
+    from rheumai.engine.train import train
     cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
     def progress(ev):
         if ev["stage"] == "step" and ev["epoch"] == 2 and ev["step"] == 2:

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from rheumai.config import TrainConfig, save_config
-from rheumai.data import write_toy_cohort
-from rheumai.train import train
+from rheumai.tasks.cervical_ra.train import write_toy_cohort
+from rheumai.engine.train import train
 
 
 def _config(accumulate: int) -> TrainConfig:

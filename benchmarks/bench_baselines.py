@@ -6,7 +6,7 @@
 2. a small CNN: MONAI ``Classifier`` (3 strided residual stages, 8/16/32 channels, instance norm) on
    the inputs resized to 64 x 64, BCE + Adam, a fixed number of epochs, no augmentation, no
    selection on the test patients;
-3. the trainer: the checkpoint's held-out test AUC (``rheumai.evaluate``), when one is given.
+3. the trainer: the checkpoint's held-out test AUC (``rheumai.api.evaluate``), when one is given.
 
 Train = the manifest's train + val rows (the trainer's validation patients are training data for
 the baselines); test = its test rows. AUCs with DeLong 95% CIs. The table ends with whether the
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rheumai.data import load_array, read_manifest
+from rheumai.engine.train import read_manifest
+from rheumai.tasks.cervical_ra.train import load_array
 from rheumai.metrics import auc_ci
 
 
@@ -99,9 +100,9 @@ def run(manifest: Path, checkpoint: Path | None = None, cnn_epochs: int = 30, se
     if checkpoint is not None:
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            from rheumai.evaluate import evaluate
+            from rheumai.api import evaluate
 
-            rep = evaluate(checkpoint, manifest, Path(tmp), split="test").report["auc"]
+            rep = evaluate(checkpoint, manifest, Path(tmp), split="test")["auc"]
         rows.append({"method": f"RheumAI trainer ({checkpoint})", "auc": rep["value"], "lo": rep["lo"],
                      "hi": rep["hi"], "s": time.perf_counter() - t})
     return rows

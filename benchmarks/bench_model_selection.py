@@ -1,5 +1,5 @@
 """Training-side fixes measured on a small learnable cohort (not imaging data: the toy cohort of
-``rheumai.data.write_toy_cohort``), CPU, one thread.
+``rheumai.tasks.cervical_ra.train.write_toy_cohort``), CPU, one thread.
 
 1. BatchNorm recalibration (``[train] bn_recalibration``): with batches of 2 and strong intensity
    augmentation, the first BatchNorm's running variance against the true variance of its input on
@@ -23,9 +23,9 @@ import torch
 
 from rheumai.checkpoint import load_checkpoint
 from rheumai.config import TrainConfig
-from rheumai.data import SliceStackDataset, build_eval_transform, read_manifest, write_toy_cohort
-from rheumai.evaluate import evaluate
-from rheumai.train import train
+from rheumai.api import evaluate, train
+from rheumai.engine.train import read_manifest
+from rheumai.tasks.cervical_ra.train import SliceStackDataset, build_eval_transform, write_toy_cohort
 
 AUG = {"crop": "random_center", "contrast_prob": 1.0, "contrast_gamma": [0.5, 2.0], "scale_intensity_prob": 1.0,
        "scale_intensity_factor": 0.5, "shift_intensity_prob": 1.0, "shift_intensity_offset": 0.3}
@@ -54,10 +54,10 @@ def bn_recalibration(tmp: Path, epochs: int) -> list[str]:
             f = model.conv1(x).double()
         ratio = (model.bn1.running_var.double() / f.transpose(0, 1).reshape(f.shape[1], -1).var(1)).numpy()
         ev = evaluate(r.checkpoint, m, tmp / f"ev_{mode}", split="test", n_bootstrap=200, show_progress=False)
-        p = ev.predictions["probability"].to_numpy()
+        p = pd.read_csv(ev["files"]["predictions"])["probability"].to_numpy()
         lines.append(f"bn_recalibration={mode:5s}: bn1 running var / true var median {np.median(ratio):6.2f} "
-                     f"(range {ratio.min():.2f}-{ratio.max():.2f}); test AUC {ev.report['auc']['value']:.3f}, "
-                     f"p range {p.min():.3f}-{p.max():.3f}, Brier {ev.report['calibration']['brier']:.3f}")
+                     f"(range {ratio.min():.2f}-{ratio.max():.2f}); test AUC {ev['auc']['value']:.3f}, "
+                     f"p range {p.min():.3f}-{p.max():.3f}, Brier {ev['calibration']['brier']:.3f}")
     return lines
 
 
@@ -73,9 +73,9 @@ def selection(tmp: Path, epochs: int, folds: int) -> list[str]:
         card = load_checkpoint(r.checkpoint)[1]
         ts = card["threshold_selection"]
         ci = f"{ts['ci_lo']:.3f}-{ts['ci_hi']:.3f}" if ts.get("ci_lo") is not None else "n/a"
-        mm = ev.report["metrics"]
+        mm = ev["metrics"]
         lines.append(f"selection={method:10s}: {r.epochs_run} epochs, threshold {ts['value']:.3f} (CI {ci}); "
-                     f"test AUC {ev.report['auc']['value']:.3f}, sensitivity {mm['sensitivity']['value']:.2f}, "
+                     f"test AUC {ev['auc']['value']:.3f}, sensitivity {mm['sensitivity']['value']:.2f}, "
                      f"specificity {mm['specificity']['value']:.2f}")
     return lines
 

@@ -13,8 +13,9 @@ import time
 
 import torch
 
-from rheumai.config import AugmentConfig
-from rheumai.data import SliceStackDataset, build_train_transform, read_manifest, write_toy_cohort
+from rheumai.engine.train import read_manifest
+from rheumai.tasks.cervical_ra.train import (AugmentConfig, SliceStackDataset, build_train_transform,
+                                             write_toy_cohort)
 from rheumai.tasks.cervical_ra.model import build_model, default_architecture
 
 

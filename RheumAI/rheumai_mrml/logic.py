@@ -474,7 +474,7 @@ class RheumAIConsoleLogic:
 
     def showResult(self, res: Any, inputNodeOrImage: Any, opacity: float = 0.5,
                    lowerThreshold: float | None = 0.05, name: str | None = None) -> dict[str, Any]:
-        """Nodes for a cervical ``rheumai.predict.PredictionResult`` under its input (node or image)."""
+        """Nodes for a cervical ``rheumai.engine.predict.PredictionResult`` under its input (node or image)."""
         node = inputNodeOrImage
         if isinstance(node, sitk.Image):
             node = volume_node_from_image(self.scene, node, _strip(name) if name else "Input")
@@ -587,9 +587,9 @@ class RheumAIConsoleLogic:
     def train(self, configPath: str | Path, manifestPath: str | Path | None, outDir: str | Path | None,
               progressCallback: ProgressCallback | None = None, resume: bool = False,
               shouldStop: Callable[[], bool] | None = None) -> dict[str, Any]:
-        """Train from a TOML config and a manifest in this process (see ``rheumai.train.train``).
+        """Train from a TOML config and a manifest in this process (``rheumai.api.train``: the task from the config).
         Returns the TrainResult as a dict (checkpoint folder, best epoch, val AUC, threshold)."""
-        from rheumai.train import train
+        from rheumai.api import train
 
         def progress(ev: dict[str, Any]) -> None:
             if progressCallback and ev.get("epochs"):

@@ -1,4 +1,4 @@
-"""Console API for prediction, the same for every task (Slicer's Python console, scripts, notebooks).
+"""Console API, the same for every task (Slicer's Python console, scripts, notebooks).
 
 ::
 
@@ -8,8 +8,11 @@
                                         "roi": "box.json", "clinical": {"crp": 12}}, out_dir="pred")
     rows = api.predict_many("spa/run/model", api.read_studies("cohort.csv", "spa/run/model"), "pred")
     api.merge(["pred_shard0", "pred_shard1"], "pred")
+    run = api.train("configs/negspa.toml", "cohort/manifest.csv", "run")    # task from the config
+    api.evaluate(run.checkpoint, "cohort/manifest.csv", "eval")             # task from the card
 
-The task comes from the model card. Results: :class:`rheumai.engine.predict.PredictionResult`
+The task comes from the model card (training: from the config). Results:
+:class:`rheumai.engine.predict.PredictionResult`
 (``probability``, ``label``, ``threshold``, ``values`` with the task's extras, ``maps`` per input
 role with the saliency volume in that series' geometry); files as in :mod:`rheumai.engine.write`.
 """
@@ -20,7 +23,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .engine.predict import PredictionResult, Predictor, predict_batch, study_key, task_of
+from .engine.run import evaluate, train
 from .engine.write import merge_folders, write_study
+
+
+__all__ = ["load", "predict", "predict_many", "read_studies", "merge", "train", "evaluate"]
 
 
 def load(model: str | Path, device: str = "cpu", task: str | None = None) -> Predictor:

@@ -14,7 +14,7 @@ from .errors import RheumAIError
 
 # Commands that belong to no single task (predict reads the task from the model card); each task
 # in the registry adds its own (Task.cli_modules), so a new task adds commands without editing this file.
-GENERAL_MODULES = ["rheumai.demo", "rheumai.tasks.cli", "rheumai.predict_cli"]
+GENERAL_MODULES = ["rheumai.demo", "rheumai.tasks.cli", "rheumai.predict_cli", "rheumai.train_cli"]
 
 
 def command_modules() -> list[str]:

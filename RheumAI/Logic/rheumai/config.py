@@ -1,39 +1,28 @@
 """Training configuration: one TOML file holds the whole protocol and is saved beside the results.
 
-Sections: ``[model]``, ``[data]``, ``[augment]``, ``[train]``, ``[threshold]``, ``[selection]``,
-``[evaluate]``.
-Unknown keys are errors (a typo must not silently fall back to a default). Defaults are the
-paper's protocol (Lebouille-Veldman et al. 2025): ResNet-101, BCE, Adam 1e-4, batch 4, 100 epochs,
-random initialisation.
+Top-level ``task = "<name>"`` (default ``cervical_ra``); the engine's sections ``[data]``,
+``[train]``, ``[threshold]``, ``[selection]``, ``[evaluate]`` plus the task's own (its recipe's
+``sections``, e.g. ``[model]``, ``[augment]``; NegSpA also ``[fusion]``). Unknown keys are
+errors naming the file (a typo must not silently fall back to a default).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
-from dataclasses import dataclass, field
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .atomic import write_text
 from .errors import InputError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+DEFAULT_TASK = "cervical_ra"
 
 
-@dataclass
-class ModelConfig:
-    """Network: MONAI ResNet (spatial_dims=2), slices as channels, one logit."""
-
-    family: str = "resnet"
-    depth: int = 101
-    in_channels: int = 6
-    conv1_t_stride: int = 2
-    # (H, W) pixels fed to the network; empty = the cached arrays' size (paper: 512 x 512).
-    input_size: list[int] = field(default_factory=list)
+def _choice(src: str | None, where: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise InputError(src, f"{where} {value!r}: use one of {', '.join(map(str, allowed))}")
 
 
 @dataclass
@@ -42,30 +31,9 @@ class DataConfig:
     val_fraction: float = 0.15  # used only when the manifest has no `val` rows (stratified, per patient)
     num_workers: int = 2
 
-
-@dataclass
-class AugmentConfig:
-    """On-the-fly augmentation (training only), MONAI array transforms on (C, H, W).
-
-    crop: "none" | "center" (fixed centre crop, also applied at inference) | "random_center"
-    (centre crop of random size in [crop_fraction, 1], training only) | "random" (crop_fraction
-    at a random position, training only). After cropping the image is resized back to input_size.
-    flip_axes: in-plane spatial axes, 0 = H (superior-inferior), 1 = W (anterior-posterior).
-    flip_channels_prob: reverse channel order = mirror patient left-right (channels run R -> L).
-    """
-
-    enabled: bool = True
-    crop: str = "random_center"
-    crop_fraction: float = 0.85
-    flip_prob: float = 0.5
-    flip_axes: list[int] = field(default_factory=lambda: [1])
-    flip_channels_prob: float = 0.0
-    contrast_prob: float = 0.5
-    contrast_gamma: list[float] = field(default_factory=lambda: [0.8, 1.25])
-    scale_intensity_prob: float = 0.5
-    scale_intensity_factor: float = 0.1   # multiply by 1 + U(-f, f)
-    shift_intensity_prob: float = 0.5
-    shift_intensity_offset: float = 0.1   # add U(-o, o) (intensities are normalised to ~[0, 1])
+    def check(self, src: str | None) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise InputError(src, "[data] val_fraction must be in [0, 1)")
 
 
 @dataclass
@@ -86,31 +54,49 @@ class TrainSection:
     channels_last: bool = True      # CUDA only
     sync_batchnorm: bool = True     # under DDP on CUDA (gloo/CPU has no SyncBatchNorm)
     eval_batch_size: int = 8
-    pretrained: bool = False        # the paper trained from random initialisation
-    # BatchNorm running statistics recomputed on the un-augmented training images (exact pooled
-    # mean / variance, rheumai.engine.batchnorm): "epoch" (before every validation, so selection
-    # sees eval-mode outputs as they will be) | "final" (on the selected weights only) | "none"
+    pretrained: bool = False        # the papers trained from random initialisation
+    # BatchNorm statistics recomputed on the un-augmented training images (rheumai.engine.batchnorm):
+    # "epoch" (before every validation) | "final" (on the selected weights only) | "none"
     bn_recalibration: str = "epoch"
+    state_every: int = 1            # resume state every N epochs (0: at the end of each stage only)
+
+    def check(self, src: str | None) -> None:
+        if self.loss != "bce" or self.optimizer != "adam":
+            raise InputError(src, "[train] only loss='bce' and optimizer='adam' are implemented")
+        if self.batch_size < 1 or self.accumulate_steps < 1 or self.batch_size % self.accumulate_steps:
+            raise InputError(src, f"[train] batch_size {self.batch_size} must be a positive multiple of "
+                                  f"accumulate_steps {self.accumulate_steps}")
+        _choice(src, "[train] class_weighting", self.class_weighting, ("none", "balanced"))
+        _choice(src, "[train] select", self.select, ("best_val_auc", "last"))
+        _choice(src, "[train] bn_recalibration", self.bn_recalibration, ("epoch", "final", "none"))
+        _choice(src, "[train] device", self.device, ("auto", "cpu", "cuda"))
+        if self.epochs < 1:
+            raise InputError(src, "[train] epochs must be >= 1")
+        if self.pretrained:
+            raise InputError(src, "[train] pretrained=true: no pretrained weights for these inputs exist; "
+                                  "the papers used random initialisation")
 
 
 @dataclass
 class ThresholdConfig:
     rule: str = "youden"            # "youden" | "fixed:0.5" | "sensitivity:0.75"
 
+    def check(self, src: str | None) -> None:
+        from .metrics import parse_threshold_rule
+
+        try:
+            parse_threshold_rule(self.rule)
+        except ValueError as exc:
+            raise InputError(src, f"[threshold] {exc}") from None
+
 
 @dataclass
 class SelectionConfig:
-    """How the epoch count and the operating threshold are chosen (rheumai.engine.crossfit).
-
-    method: "auto" (out-of-fold selection when the validation split has fewer than
-    ``min_val_positives`` positives or negatives, else the validation split) | "oof" | "validation".
-    Out-of-fold: ``folds`` patient-level stratified folds over the train patients, each trained for
-    [train] epochs; the pooled held-out probabilities choose the epoch count (highest AUC averaged
-    over ``epoch_smoothing`` epochs) and the threshold; the final model is trained on all train
-    patients for that many epochs (cost: folds + 1 trainings). A threshold is never chosen from
-    fewer than ``min_threshold_positives`` positives or negatives: 0.5 is used and the card says so.
-    The threshold's CI: stratified bootstrap (``threshold_ci_bootstrap`` resamples, 0 = none).
-    """
+    """Epoch count and threshold (rheumai.engine.crossfit): "auto" selects out of fold when the
+    validation split has fewer than ``min_val_positives`` positives or negatives ("oof" /
+    "validation" force one); ``folds`` patient-level folds; AUC averaged over ``epoch_smoothing``
+    epochs; no threshold from fewer than ``min_threshold_positives`` cases of a class (0.5 used);
+    ``threshold_ci_bootstrap`` resamples for its CI (0 = none)."""
 
     method: str = "auto"
     min_val_positives: int = 10
@@ -118,6 +104,12 @@ class SelectionConfig:
     epoch_smoothing: int = 3
     min_threshold_positives: int = 3
     threshold_ci_bootstrap: int = 1000
+
+    def check(self, src: str | None) -> None:
+        _choice(src, "[selection] method", self.method, ("auto", "oof", "validation"))
+        if self.folds < 2 or self.epoch_smoothing < 1 or self.min_threshold_positives < 1 or self.min_val_positives < 0:
+            raise InputError(src, "[selection] folds >= 2, epoch_smoothing >= 1, min_threshold_positives >= 1, "
+                                  "min_val_positives >= 0")
 
 
 @dataclass
@@ -127,106 +119,100 @@ class EvaluateConfig:
     alpha: float = 0.05
     calibration_bins: int = 10
 
+    def check(self, src: str | None) -> None:
+        _choice(src, "[evaluate] auc_ci", self.auc_ci, ("delong", "bootstrap"))
 
-@dataclass
+
+ENGINE_SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainSection, "threshold": ThresholdConfig,
+                                    "selection": SelectionConfig, "evaluate": EvaluateConfig}
+
+
+def task_sections(task: str, source: str | Path | None = None) -> dict[str, type]:
+    """The task's own config sections (its training recipe's ``sections``)."""
+    from .tasks import get_task
+
+    try:
+        t = get_task(task)
+    except KeyError as exc:
+        raise InputError(source, f"task {task!r}: {exc.args[0]}") from None
+    if not t.recipe:
+        raise InputError(source, f"task {task!r} trains from its own configuration (its api['train'])")
+    return dict(t.training_recipe().sections)
+
+
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    train: TrainSection = field(default_factory=TrainSection)
-    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    source: str = ""                # file it was read from (not saved)
+    """A parsed config: ``cfg.task`` and one dataclass per section (``cfg.train.epochs``, ...)."""
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "source"}
+    def __init__(self, task: str, sections: dict[str, Any], source: str = ""):
+        self.task, self.sections, self.source = task, sections, source
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"config has no section {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, **{k: dataclasses.asdict(v) for k, v in self.sections.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> "TrainConfig":
-        sections = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-        unknown = sorted(set(d) - set(sections))
+    def from_dict(cls, d: Mapping[str, Any], source: str | Path | None = None, task: str | None = None
+                  ) -> "TrainConfig":
+        """``task``: used when ``d`` names none (default ``cervical_ra``)."""
+        d = dict(d)
+        name = str(d.pop("task", None) or task or DEFAULT_TASK)
+        schema = {**ENGINE_SECTIONS, **task_sections(name, source)}
+        unknown = sorted(set(d) - set(schema))
         if unknown:
-            raise InputError(source, f"unknown config section(s) {unknown}; expected {sorted(sections)}")
-        kwargs: dict[str, Any] = {}
-        for name, f in sections.items():
-            sec_cls = f.default_factory  # type: ignore[misc]
-            values = d.get(name, {})
+            raise InputError(source, f"unknown config section(s) {unknown}; expected {sorted(schema)}")
+        sections: dict[str, Any] = {}
+        for sec, sec_cls in schema.items():
+            values = d.get(sec, {})
             if not isinstance(values, dict):
-                raise InputError(source, f"[{name}] must be a table")
-            allowed = {x.name: x for x in dataclasses.fields(sec_cls)}
-            bad = sorted(set(values) - set(allowed))
+                raise InputError(source, f"[{sec}] must be a table")
+            allowed = {f.name for f in dataclasses.fields(sec_cls)}
+            bad = sorted(set(values) - allowed)
             if bad:
-                raise InputError(source, f"unknown key(s) {bad} in [{name}]; allowed: {sorted(allowed)}")
-            kwargs[name] = sec_cls(**values)
-        cfg = cls(**kwargs, source=str(source or ""))
+                raise InputError(source, f"unknown key(s) {bad} in [{sec}]; allowed: {sorted(allowed)}")
+            try:
+                sections[sec] = sec_cls(**values)
+            except TypeError as exc:
+                raise InputError(source, f"[{sec}] bad value: {exc}") from None
+        cfg = cls(name, sections, str(source or ""))
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
-        src = self.source or None
-        m, t, a = self.model, self.train, self.augment
-        from .tasks.cervical_ra.model import FAMILIES
-
-        if m.family not in FAMILIES:
-            raise InputError(src, f"[model] family {m.family!r} not supported; choose one of {FAMILIES}")
-        if m.depth not in (10, 18, 34, 50, 101, 152, 200):
-            raise InputError(src, f"[model] depth {m.depth} not a MONAI ResNet depth (18, 34, 50, 101...)")
-        if m.input_size and (len(m.input_size) != 2 or min(m.input_size) < 16):
-            raise InputError(src, f"[model] input_size must be [H, W] >= 16 px, got {m.input_size}")
-        if t.loss != "bce" or t.optimizer != "adam":
-            raise InputError(src, "[train] only loss='bce' and optimizer='adam' are implemented")
-        if t.batch_size < 1 or t.accumulate_steps < 1 or t.batch_size % t.accumulate_steps:
-            raise InputError(src, f"[train] batch_size {t.batch_size} must be a positive multiple of accumulate_steps {t.accumulate_steps}")
-        if t.class_weighting not in ("none", "balanced"):
-            raise InputError(src, f"[train] class_weighting {t.class_weighting!r}: use 'none' or 'balanced'")
-        if t.select not in ("best_val_auc", "last"):
-            raise InputError(src, f"[train] select {t.select!r}: use 'best_val_auc' or 'last'")
-        if t.bn_recalibration not in ("epoch", "final", "none"):
-            raise InputError(src, f"[train] bn_recalibration {t.bn_recalibration!r}: use 'epoch', 'final' or 'none'")
-        if t.device not in ("auto", "cpu", "cuda"):
-            raise InputError(src, f"[train] device {t.device!r}: use auto, cpu or cuda")
-        if t.epochs < 1:
-            raise InputError(src, "[train] epochs must be >= 1")
-        if t.pretrained:
-            raise InputError(src, "[train] pretrained=true: no 2D 6-channel pretrained weights exist; the paper used random init")
-        if a.crop not in ("none", "center", "random_center", "random"):
-            raise InputError(src, f"[augment] crop {a.crop!r}: none, center, random_center or random")
-        if not 0.1 <= a.crop_fraction <= 1.0:
-            raise InputError(src, "[augment] crop_fraction must be in [0.1, 1]")
-        if any(ax not in (0, 1) for ax in a.flip_axes):
-            raise InputError(src, "[augment] flip_axes: in-plane axes only, 0 (H) and/or 1 (W)")
-        if not 0.0 <= self.data.val_fraction < 1.0:
-            raise InputError(src, "[data] val_fraction must be in [0, 1)")
-        from .metrics import parse_threshold_rule
-
-        try:
-            parse_threshold_rule(self.threshold.rule)
-        except ValueError as exc:
-            raise InputError(src, f"[threshold] {exc}") from None
-        sel = self.selection
-        if sel.method not in ("auto", "oof", "validation"):
-            raise InputError(src, f"[selection] method {sel.method!r}: use auto, oof or validation")
-        if sel.folds < 2 or sel.epoch_smoothing < 1 or sel.min_threshold_positives < 1 or sel.min_val_positives < 0:
-            raise InputError(src, "[selection] folds >= 2, epoch_smoothing >= 1, min_threshold_positives >= 1, "
-                                  "min_val_positives >= 0")
-        if self.evaluate.auc_ci not in ("delong", "bootstrap"):
-            raise InputError(src, "[evaluate] auc_ci: delong or bootstrap")
+        for sec in self.sections.values():
+            if hasattr(sec, "check"):
+                sec.check(self.source or None)
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read a TOML config; errors name the file."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "config file not found")
     try:
-        d = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(path, f"not valid TOML: {exc}") from None
+
+
+def load_config(path: str | Path, task: str | None = None) -> Any:
+    """Read a training config (the file's ``task``, else ``task``, else cervical_ra). Tasks with
+    their own format (no recipe) parse it with their ``api["load_config"]``, else get the TOML dict."""
+    d = read_toml(path)
+    name = str(d.get("task") or task or DEFAULT_TASK)
+    from .tasks import get_task
+
     try:
-        return TrainConfig.from_dict(d, source=path)
-    except TypeError as exc:
-        raise InputError(path, f"bad value: {exc}") from None
+        t = get_task(name)
+    except KeyError:
+        t = None
+    if t is not None and not t.recipe:
+        return t.entry("load_config")(path) if "load_config" in t.api else d
+    return TrainConfig.from_dict(d, source=path, task=name)
 
 
 def resolve_manifest(cfg: TrainConfig) -> Path | None:
@@ -234,17 +220,12 @@ def resolve_manifest(cfg: TrainConfig) -> Path | None:
     if not cfg.data.manifest:
         return None
     p = Path(cfg.data.manifest)
-    if not p.is_absolute() and cfg.source:
-        p = Path(cfg.source).parent / p
-    return p
+    return Path(cfg.source).parent / p if not p.is_absolute() and cfg.source else p
 
 
-def dumps_toml(d: dict[str, dict[str, Any]]) -> str:
-    """Serialise a config dict (tables of scalars / flat lists) as TOML.
-
-    Hand-written because the standard library reads TOML but cannot write it, and the config
-    schema (one level of tables, scalar or list values) is small; round-trip tested with tomllib.
-    """
+def dumps_toml(d: Mapping[str, Any]) -> str:
+    """A config dict (top-level scalars, then one level of tables of scalars / flat lists) as TOML;
+    hand-written because the standard library reads TOML but cannot write it."""
 
     def val(v: Any) -> str:
         if isinstance(v, bool):
@@ -257,14 +238,14 @@ def dumps_toml(d: dict[str, dict[str, Any]]) -> str:
             return "[" + ", ".join(val(x) for x in v) + "]"
         raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
-    out: list[str] = []
+    out = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, Mapping)] + [""]
     for section, values in d.items():
-        out.append(f"[{section}]")
-        out += [f"{k} = {val(v)}" for k, v in values.items()]
-        out.append("")
+        if isinstance(values, Mapping):
+            out += [f"[{section}]", *(f"{k} = {val(v)}" for k, v in values.items()), ""]
     return "\n".join(out)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:
     """Write the full, resolved config (every default spelled out) atomically."""
-    return write_text(path, "# RheumAI training config (resolved: every value spelled out)\n" + dumps_toml(cfg.to_dict()))
+    head = "# RheumAI training config (resolved: every value spelled out)\n"
+    return write_text(path, head + dumps_toml(cfg.to_dict()))

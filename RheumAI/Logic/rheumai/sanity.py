@@ -1,18 +1,11 @@
-"""Is the saliency map trustworthy? Two measurements, reported per study.
+"""Is the saliency map trustworthy? Two measurements per study, as JSON-able dicts.
 
-1. Model-parameter randomisation (Adebayo et al., "Sanity checks for saliency maps", 2018): the
-   map of the trained model is compared with the map of a copy whose weights are re-initialised.
-   A map that barely changes (high rank correlation) does not explain *this* model; it mostly
-   reflects the input (edges) or the architecture. We report Spearman's rank correlation (and
-   Pearson's) over all grid points; low is good.
-2. Deletion / insertion faithfulness (Petsiuk et al., RISE, 2018): grid points are removed from
-   the input in order of decreasing saliency (replaced by 0, the pad value) and the probability
-   is recorded (deletion), or added to a blurred copy (insertion). A faithful map makes the
-   deletion curve fall faster (lower area under the curve) and the insertion curve rise faster
-   (higher area) than a random order, which is reported beside it.
-
-All curves are probabilities of the explained class (the positive class, index 0 of a one-logit
-network) at fractions 0, 1/n, ..., 1 of the grid points. Figures are plain JSON-able dicts.
+1. Model-parameter randomisation (Adebayo et al. 2018): Spearman (and Pearson) correlation over
+   all grid points between the trained model's map and a re-initialised copy's; low is good.
+2. Deletion / insertion (Petsiuk et al. 2018): grid points removed in order of decreasing
+   saliency (set to 0), or added to a blurred copy; a faithful map's deletion curve falls faster
+   (lower area) and its insertion curve rises faster (higher area) than a random order's.
+Curves: probability of the explained class (index 0 of a one-logit network) at fractions 0, 1/n, ..., 1.
 """
 
 from __future__ import annotations
@@ -112,7 +105,8 @@ def deletion_insertion(model: torch.nn.Module, x: torch.Tensor, saliency_map: np
     rand = np.random.default_rng(seed).permutation(sal.size)
     x0 = x[0]
     zeros = torch.zeros_like(x0)
-    blurred = torch.as_tensor(ndimage.gaussian_filter(x0.detach().cpu().numpy(), sigma=(0, blur_sigma_px, blur_sigma_px)),
+    sigma = (0, blur_sigma_px, blur_sigma_px)
+    blurred = torch.as_tensor(ndimage.gaussian_filter(x0.detach().cpu().numpy(), sigma=sigma),
                               dtype=x0.dtype, device=x0.device)
     out: dict[str, Any] = {"fractions": fractions.tolist(), "n_steps": n_steps, "deletion_baseline": "zero",
                            "insertion_baseline": f"gaussian blur sigma {blur_sigma_px} px"}

@@ -161,7 +161,7 @@ def job_build_dataset(args: dict[str, Any]) -> dict[str, Any]:
 
 def job_train(args: dict[str, Any]) -> dict[str, Any]:
     """args: config, manifest, out_dir, resume."""
-    from rheumai.train import train
+    from rheumai.api import train
 
     def progress(ev: dict[str, Any]) -> None:
         epochs = int(ev.get("epochs") or 1)

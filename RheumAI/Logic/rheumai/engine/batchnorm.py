@@ -1,12 +1,10 @@
 """BatchNorm running statistics recomputed on un-augmented training images.
 
-Small batches and strong augmentation leave the exponential running averages that BatchNorm keeps
-during training far from the statistics of clean inputs (issue: eval-mode probabilities all near
-1). :func:`recalibrate_batchnorm` replaces them, for every BatchNorm layer that is trained, by the
-exact pooled mean and unbiased variance of that layer's input over a whole data set, as seen in a
-training-mode forward pass without gradients (the algorithm of
-``torch.optim.swa_utils.update_bn`` with momentum=None, pooled over elements instead of averaging
-per-batch variances, so the result does not depend on the batch size).
+With small batches and strong augmentation the running averages drift far from the statistics of
+clean inputs. :func:`recalibrate_batchnorm` sets them, for every trained BatchNorm layer, to the
+exact pooled mean and unbiased variance of the layer's input over a data set in a training-mode
+forward pass (``torch.optim.swa_utils.update_bn`` with momentum=None, pooled over elements, so
+independent of the batch size).
 """
 
 from __future__ import annotations

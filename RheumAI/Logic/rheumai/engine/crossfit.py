@@ -1,18 +1,10 @@
-"""Model selection when the validation split is too small: out-of-fold (OOF) predictions.
+"""Out-of-fold (OOF) model selection when the validation split is too small.
 
-With one or two validation positives, the best epoch is whichever first ranks them on top and
-Youden's threshold sits on one patient's probability. Instead, k patient-level stratified folds
-over the *training* patients each train a model on k-1 folds and score the held-out fold after
-every epoch; the pooled out-of-fold probabilities choose
-
-* the epoch count (highest pooled OOF AUC, averaged over a window of ``smooth`` epochs), used to
-  train the final model on all training patients, and
-* the operating threshold (the configured rule on the OOF probabilities at that epoch), with a
-  stratified-bootstrap percentile CI of the threshold.
-
-A threshold is never chosen from fewer than ``min_positives`` positives (or negatives): the
-probability 0.5 is used instead and the choice says so. This module is task-agnostic: the caller
-supplies ``run_fold`` (train on some rows, return per-epoch probabilities for the others).
+k patient-level stratified folds over the *training* patients each train on k-1 folds and score
+the held-out fold after every epoch; the pooled OOF probabilities choose the epoch count
+(highest pooled AUC averaged over ``smooth`` epochs) and the threshold (the rule on them, with a
+stratified-bootstrap CI). A threshold is never chosen from fewer than ``min_positives``
+positives or negatives (0.5 is used and the choice says so). ``run_fold`` is the caller's.
 """
 
 from __future__ import annotations

@@ -1,27 +1,31 @@
-"""Evaluation by head: any task's model on a dataset of sample dicts -> one report per head.
+"""Evaluation: one report per head for any task, and the binary tasks' full report.
 
-:func:`evaluate_heads` runs the network once (:func:`rheumai.engine.fit.predict`), decodes each
-head's output and calls its ``report`` (binary: ROC AUC, threshold metrics, calibration;
-regression: PCC, RMSE, MAE, ICC, Bland-Altman; ordinal / multiclass: accuracy, weighted kappa,
-MAE, confusion; keypoints: radial error in mm, success within 2 / 4 mm; all with CIs). With
-``out_dir`` it writes ``predictions.csv`` (one row per sample: id, decoded values and targets per
-head), ``metrics.json`` (every report) and ``report.md`` / ``report.html`` (a table per head).
-A binary single-head task's full report with plots is :func:`rheumai.evaluate.evaluate`.
+:func:`evaluate_heads`: one pass (:func:`rheumai.engine.fit.predict`), each head's decode and
+report (binary: ROC AUC, threshold metrics, calibration; regression: PCC, RMSE, MAE, ICC,
+Bland-Altman; ordinal / multiclass: accuracy, weighted kappa, MAE, confusion; keypoints: radial
+error in mm, success within 2 / 4 mm; all with CIs); with ``out_dir`` ``predictions.csv``,
+``metrics.json``, ``report.md`` / ``.html``. :func:`evaluate`: a binary task's checkpoint on a
+manifest split (ROC, confusion, calibration plots), optionally as external validation with
+logistic recalibration into a new checkpoint.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ..atomic import write_json, write_text
-from ..report import render_html, render_markdown
+from ..errors import InputError
+from ..metrics import (apply_card_recalibration, binary_report, choose_threshold, logistic_calibration,
+                       parse_threshold_rule, recalibrate_probability)
+from ..report import render_html, render_markdown, write_evaluation_report
 from .fit import predict
-from .heads import Head
+from .heads import BinaryHead, Head
+from .train import read_dataset_info, read_manifest
 
 
 def _fmt(e: Any) -> str:
@@ -29,9 +33,12 @@ def _fmt(e: Any) -> str:
         v, lo, hi = e["value"], e.get("lo"), e.get("hi")
         if v is None or not np.isfinite(v):
             return "-"
-        ci = f" ({lo:.3f}-{hi:.3f})" if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi) else ""
+        finite = lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi)
+        ci = f" ({lo:.3f}-{hi:.3f})" if finite else ""
         return f"{v:.3f}{ci}"
-    return "-" if e is None else str(e)
+    if e is None or (isinstance(e, float) and not np.isfinite(e)):
+        return "-"
+    return f"{e:.3f}" if isinstance(e, float) else str(e)
 
 
 def _rows(kind: str, rep: dict[str, Any]) -> list[list[str]]:
@@ -115,3 +122,139 @@ def evaluate_heads(model: torch.nn.Module, dataset: torch.utils.data.Dataset, he
         write_text(out / "report.md", render_markdown(blocks))
         write_text(out / "report.html", render_html(blocks, title))
     return reports
+
+
+def evaluate(model: str | Path, manifest: str | Path, out_dir: str | Path, *, split: str = "test",
+             threshold_rule: str | None = None, external: bool = False, recalibrate_out: str | Path | None = None,
+             auc_ci: str = "delong", n_bootstrap: int = 2000, alpha: float = 0.05, seed: int = 0, batch_size: int = 8,
+             device: str = "auto", calibration_bins: int = 10, should_stop: Callable[[], bool] | None = None,
+             show_progress: bool = True) -> dict[str, Any]:
+    """A binary task's checkpoint on the manifest rows of ``split`` (or "all"); returns the metrics
+    (metrics.json, plus ``files``: the written paths by name).
+
+    Files: predictions.csv, metrics.json, metrics.csv, report.md / .html, roc.png,
+    confusion_matrix.png, calibration.png. The threshold is the card's unless ``threshold_rule``
+    (``fixed:<p>`` as is; ``youden`` / ``sensitivity:<x>`` chosen on this split: optimistic, said
+    so). ``external``: another site's cohort; discrimination and calibration (intercept, slope)
+    beside the development figures in the card (``comparison.csv``); ``recalibrate_out``: a new
+    checkpoint there, same weights (hash checked), whose card records the logistic recalibration
+    ``p' = sigmoid(a + b * logit(p))`` fitted here and the threshold mapped through it.
+    """
+    from ..checkpoint import load_checkpoint, read_card, save_checkpoint
+    from ..tasks import get_task
+
+    if recalibrate_out is not None and not external:
+        raise InputError(None, "recalibration needs external validation (--external)")
+    if external and threshold_rule:
+        raise InputError(None, "--external keeps the model card's threshold; drop --threshold-rule")
+    try:
+        rule = parse_threshold_rule(threshold_rule) if threshold_rule is not None else None
+    except ValueError as exc:
+        raise InputError(None, f"--threshold-rule: {exc}") from None
+    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    net, card = load_checkpoint(model, dev)
+    df = read_manifest(manifest)
+    df = df[df["label"] >= 0]
+    rows = (df if split == "all" else df[df["split"] == split]).reset_index(drop=True)
+    if rows.empty:
+        raise InputError(manifest, f"no rows with split == {split!r} and a label "
+                                   f"(splits present: {sorted(df['split'].unique())})")
+    warnings: list[str] = []
+    prep, card_prep = read_dataset_info(manifest).get("preprocessing"), card.get("preprocessing")
+    if prep is not None and card_prep is not None and prep != card_prep:
+        diff = sorted(k for k in set(prep) | set(card_prep) if prep.get(k) != card_prep.get(k))
+        warnings.append(f"the evaluated cache was built with other preprocessing than the model's ({', '.join(diff)})")
+    if split in ("train", "val", "all") and not external:
+        warnings.append(f"evaluating on the {split} split: it holds patients that shaped the model or its threshold")
+    ds = get_task(card["task"]).training_recipe().eval_dataset(rows, card)
+    outputs, _, _ = predict(net, ds, dev, {"out": BinaryHead()}, batch_size, should_stop=should_stop,
+                            desc=f"evaluate {split}" if show_progress else None)
+    p = apply_card_recalibration(BinaryHead().decode(outputs["out"])["probability"], card)
+    y = rows["label"].to_numpy(dtype=int)
+    if rule is None:
+        threshold = float(card["threshold"])
+        source = f"from the model card ({card.get('threshold_note') or 'rule ' + str(card.get('threshold_rule', '?'))})"
+    else:
+        try:
+            threshold = choose_threshold(y, p, rule)
+        except ValueError as exc:
+            raise InputError(manifest, f"threshold rule {rule} on split {split!r}: {exc}") from None
+        source = f"fixed by rule {rule}" if rule.kind == "fixed" else f"chosen on this {split} split by rule {rule}"
+        if rule.kind != "fixed":
+            warnings.append(f"the threshold was chosen on the evaluated data ({rule}): threshold metrics are "
+                            "optimistic")
+    if min(y.sum(), (1 - y).sum()) < 5:
+        warnings.append(f"only {int(y.sum())} positive / {int((1 - y).sum())} negative cases: intervals are wide")
+    report = binary_report(y, p, threshold, alpha=alpha, auc_method=auc_ci, n_boot=n_bootstrap, seed=seed,
+                           n_bins=calibration_bins)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "predictions.csv", pd.DataFrame({"patient_id": rows["patient_id"].astype(str), "label": y,
+                                                      "probability": p, "predicted": (p >= threshold).astype(int)}
+                                                     ).to_csv(index=False))
+    metrics = {**report, "split": split, "threshold_source": source, "model_id": card.get("model_id"),
+               "model": str(model), "manifest": str(manifest), "warnings": warnings}
+    blocks: list[Any] = []
+    if external:
+        try:
+            cal = logistic_calibration(y, p, alpha)
+        except ValueError as exc:
+            raise InputError(manifest, f"calibration intercept / slope on split {split!r}: {exc}") from None
+        cm = card.get("metrics") or {}
+        vm, dcal = cm.get("validation") or {}, cm.get("calibration") or {}
+        g = lambda d, k: (d.get(k) or {}).get("value") if isinstance(d.get(k), dict) else d.get(k)  # noqa: E731
+        dev_fig = {"n": vm.get("n"), "n_positive": vm.get("n_positive"), "auc": g(vm, "auc"), "brier": vm.get("brier"),
+                   "sensitivity": g(vm, "sensitivity"), "specificity": g(vm, "specificity"),
+                   "calibration_intercept": g(dcal, "intercept"), "calibration_slope": g(dcal, "slope"),
+                   "source": "model card: validation split of the development site"}
+        m = report["metrics"]
+        ext = {"n": report["n"], "n_positive": report["n_positive"], "auc": report["auc"]["value"],
+               "brier": report["calibration"]["brier"], "sensitivity": m["sensitivity"]["value"],
+               "specificity": m["specificity"]["value"], "calibration_intercept": cal["intercept"]["value"],
+               "calibration_slope": cal["slope"]["value"], "source": f"{manifest} ({split})"}
+        table = [{"metric": k, "development": dev_fig.get(k), "external": ext[k]} for k in ext if k != "source"]
+        recal = None
+        if recalibrate_out is not None:
+            a, b = cal["slope_model_intercept"]["value"], cal["slope"]["value"]
+            if b <= 0:
+                raise InputError(manifest, f"calibration slope {b:.3f} <= 0 on this cohort: the model does not rank "
+                                           "its patients; recalibration would invert it")
+            thr = float(recalibrate_probability(np.array([threshold]), a, b)[0])
+            new_card = {k: v for k, v in card.items() if k not in ("model_id", "weights_sha256")}
+            new_card.update({
+                "threshold": thr, "threshold_rule": f"recalibrated from {threshold:.6g}",
+                "threshold_note": f"the development threshold {threshold:.4f} mapped through the recalibration",
+                "recalibration": {"intercept": a, "slope": b, "fitted_on": str(manifest), "split": split,
+                                  "n": int(y.size), "n_positive": int(y.sum()), "calibration_before": cal,
+                                  "source_model_id": card.get("model_id"),
+                                  "source_weights_sha256": card.get("weights_sha256"), "source_threshold": threshold}})
+            recal = save_checkpoint(recalibrate_out, net, new_card)
+            if read_card(recal).get("weights_sha256") != card.get("weights_sha256"):
+                raise RuntimeError("recalibrated checkpoint: weights changed")  # the same tensors were hashed
+            after = logistic_calibration(y, recalibrate_probability(p, a, b), alpha)
+            table += [{"metric": f"calibration_{k}_after_recalibration", "development": None,
+                       "external": after[k]["value"]} for k in ("slope", "intercept")]
+        write_text(out / "comparison.csv", pd.DataFrame(table).to_csv(index=False))
+        metrics["external_validation"] = {"development": dev_fig, "external": ext, "calibration": cal,
+                                          "recalibrated_checkpoint": str(recal) if recal else None}
+        blocks = [("h2", "External validation: development vs external site"),
+                  ("table", [["metric", "development site", "external site"]]
+                   + [[r["metric"], _fmt(r["development"]), _fmt(r["external"])] for r in table]),
+                  ("p", "Calibration intercept (slope fixed at 1; 0 ideal, < 0 risks overestimated) and slope (1 "
+                        "ideal, < 1 predictions too extreme), logistic models, Wald CIs "
+                        f"{_fmt(cal['slope']['lo'])}-{_fmt(cal['slope']['hi'])} for the slope."
+                        + (f" Recalibrated checkpoint: {recal}." if recal else ""))]
+    write_json(out / "metrics.json", metrics)
+    files = write_evaluation_report(out, report, {
+        "title": f"RheumAI {'external validation' if external else 'evaluation'}: {card.get('task', '')} ({split})",
+        "model_id": card.get("model_id"), "split": split, "threshold_source": source, "card": card,
+        "warnings": warnings, "extra_blocks": blocks})
+    metrics["files"] = {k: str(v) for k, v in {**files, "metrics_json": out / "metrics.json",
+                                                "predictions": out / "predictions.csv"}.items()}
+    if show_progress:
+        a, m = report["auc"], report["metrics"]
+        print(f"rheumai evaluate: {split} n={report['n']} AUC {a['value']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}] "
+              f"sens {m['sensitivity']['value']:.3f} spec {m['specificity']['value']:.3f} at {threshold:.3f}"
+              + (f"; calibration slope {metrics['external_validation']['external']['calibration_slope']:.3f}"
+                 if external else "") + f"; report {files['markdown']}")
+    return metrics

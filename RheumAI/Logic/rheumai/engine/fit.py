@@ -1,27 +1,16 @@
 """The one training loop: any task's model, datasets of sample dicts, and heads.
 
-``fit(model, train_ds, val_ds, heads, cfg, out_dir)`` trains ``model`` in place and returns a
-:class:`FitResult`. Samples follow ``docs/ENGINE.md``: ``{"input": Tensor | dict[str, Tensor],
-"target": {head name: Tensor}, "id": str}``; the model returns ``{head name: Tensor}`` (a bare
-Tensor is the output of the single head). The loss is the weighted sum of the heads' losses.
-
-What the loop does, for every task:
-
-* Adam / AdamW, optional one-cycle or cosine schedule, global batch ``batch_size`` split into
-  ``accumulate_steps`` micro-batches; under ``torchrun`` DistributedDataParallel (NCCL on GPU with
-  SyncBatchNorm, gloo on CPU): every process gets its share of the same seeded global batches
-  (:class:`GlobalBatchSampler`), so N processes follow the single-process run; AMP on CUDA.
-* After each epoch: BatchNorm statistics recomputed on un-augmented training images
-  (:mod:`.batchnorm`; ``recal_ds`` or ``train_ds.unaugmented()``), then the validation outputs,
-  loss and the monitored head's score (AUC, kappa, -MAE, ...); best weights kept; early stopping.
-* ``<out>/state``: resume state at every epoch boundary (safetensors + JSON, no pickle);
-  ``resume=True`` continues bit-identically on CPU. ``<out>/history.csv`` (fixed column order).
-* ``should_stop()`` polled every step (GUI cancel), ``progress(dict)`` per step and epoch, tqdm.
-
-Task hooks: ``batch_transform(batch, generator, epoch)`` (e.g. MixCut; the generator is seeded
-per step, so resumed runs see the same mixes), ``params`` (what the optimiser trains; default
-every parameter with ``requires_grad``), ``train_mode(model)`` (e.g. keep frozen branches in
-eval mode).
+``fit(model, train_ds, val_ds, heads, cfg, out_dir)`` trains ``model`` in place. Samples:
+``{"input": Tensor | {name: Tensor}, "target": {head: Tensor}, "id": str}``; the model returns
+``{head: Tensor}`` (a bare Tensor: the single head); the loss is the heads' weighted sum
+(``docs/ENGINE.md``). Adam / AdamW, optional one-cycle / cosine schedule, global batch split into
+accumulation micro-batches; under ``torchrun`` DDP (NCCL + SyncBatchNorm on GPU, gloo on CPU) on
+the seeded global batch order of :class:`GlobalBatchSampler`, so N processes follow the
+single-process run; AMP on CUDA. Each epoch: BatchNorm statistics recomputed on un-augmented
+training images (:mod:`.batchnorm`), validation loss and the monitored head's score, best
+weights, early stopping; ``<out>/state`` (safetensors + JSON, no pickle; ``resume=True``
+continues bit-identically on CPU) and ``<out>/history.csv``. Hooks: ``batch_transform(batch,
+generator, epoch)`` (seeded per step), ``params`` (what the optimiser trains), ``train_mode(model)``.
 """
 
 from __future__ import annotations
@@ -54,7 +43,7 @@ BatchTransform = Callable[[dict[str, Any], torch.Generator, int], dict[str, Any]
 
 @dataclass
 class FitConfig:
-    """The loop's settings (a task's config maps onto these; a plain dict of them also works)."""
+    """The loop's settings (or a plain dict of them)."""
 
     epochs: int = 100
     batch_size: int = 4                 # global batch (all processes, all accumulation steps)
@@ -109,8 +98,8 @@ class FitConfig:
 
 @dataclass
 class FitResult:
-    """``model`` holds the selected weights (eval mode). ``val_outputs``: raw outputs per head of
-    the selected weights on ``val_ds``; ``epoch_val_outputs``: per epoch (collect_val_outputs)."""
+    """``model`` holds the selected weights (eval mode); ``val_outputs``: their raw outputs per head
+    on ``val_ds``; ``epoch_val_outputs``: every epoch's (collect_val_outputs)."""
 
     model: torch.nn.Module
     history: list[dict[str, Any]]
@@ -123,8 +112,6 @@ class FitResult:
     weights: str = "last"
     bn_recalibration: str = "none"
     val_outputs: dict[str, torch.Tensor] | None = None
-    val_targets: dict[str, torch.Tensor] | None = None
-    val_ids: list[str] = field(default_factory=list)
     epoch_val_outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
     world_size: int = 1
     device: str = "cpu"
@@ -181,19 +168,16 @@ def autocast(device: torch.device, enabled: bool) -> Any:
 # ---------------------------------------------------------------- batches
 
 class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Per-process micro-batches of a seeded global batch order.
-
-    Each epoch the dataset is permuted with (seed, epoch); the permutation is cut into global
-    batches of ``batch_size``; the last one is completed by wrapping around to the start, so no
-    case is dropped. Global batch b is split into ``world_size * accumulate`` equal micro-batches;
-    process ``rank`` gets, for each global batch, micro-batches ``rank*accumulate ...``. With
-    world_size=1 and accumulate=A a single process sees exactly what A x DDP processes see.
-    """
+    """Per-process micro-batches of a seeded global batch order: each epoch a (seed, epoch)
+    permutation cut into global batches (the last completed by wrapping around: nothing dropped),
+    each split into ``world_size * accumulate`` micro-batches, process ``rank`` taking
+    ``rank*accumulate ...``: one process with accumulate=A sees what A DDP processes see."""
 
     def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0, accumulate: int = 1,
                  seed: int = 0, shuffle: bool = True):
         if batch_size % (world_size * accumulate):
-            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} x accumulate {accumulate}")
+            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} x accumulate "
+                             f"{accumulate}")
         if n < 1:
             raise ValueError("empty dataset")
         self.n, self.batch_size, self.world_size, self.rank = n, batch_size, world_size, rank
@@ -243,7 +227,8 @@ def forward(model: torch.nn.Module, inputs: Any, heads: Mapping[str, Head] | Non
     return {name: out}
 
 
-def total_loss(heads: Mapping[str, Head], out: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def total_loss(heads: Mapping[str, Head], out: Mapping[str, torch.Tensor],
+               target: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Weighted sum of the heads' losses."""
     missing = [n for n in heads if n not in out or n not in target]
     if missing:
@@ -316,12 +301,9 @@ def fit(model: torch.nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torc
         params: Iterable[torch.nn.Parameter] | None = None, train_mode: Callable[[torch.nn.Module], None] | None = None,
         config_record: Mapping[str, Any] | None = None, resumable: Iterable[str] = (), show_progress: bool = False,
         desc: str = "training") -> FitResult:
-    """Train ``model`` in place (see the module docstring); returns the :class:`FitResult`.
-
-    ``config_record``: the task's whole config, saved with the resume state and compared on
-    ``resume`` (keys in :data:`RESUMABLE` and ``resumable``, dotted, may change). Rank 0 writes
-    ``out_dir``.
-    """
+    """Train ``model`` in place (module docstring). ``config_record``: the task's whole config,
+    saved with the resume state and compared on ``resume`` (dotted keys in :data:`RESUMABLE` and
+    ``resumable`` may change). Rank 0 writes ``out_dir``."""
     c = FitConfig.from_any(cfg)
     heads = dict(heads)
     if not heads:
@@ -329,25 +311,22 @@ def fit(model: torch.nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torc
     monitor = c.monitor or next(iter(heads))
     if monitor not in heads:
         raise ValueError(f"monitor {monitor!r} is not a head ({sorted(heads)})")
-    score_name = heads[monitor].score_name
-    out = Path(out_dir)
-    use_cuda = c.device in ("auto", "cuda") and torch.cuda.is_available()
-    d = dist_setup(use_cuda)
+    d = dist_setup(c.device in ("auto", "cuda") and torch.cuda.is_available())
     try:
-        device = select_device(c.device, d)
-        return _fit(model, train_ds, val_ds, heads, c, out, d, device, monitor, score_name, progress, should_stop,
-                    resume, recal_ds, batch_transform, params, train_mode, dict(config_record or {}), resumable,
-                    show_progress, desc)
+        return _fit(model, train_ds, val_ds, heads, c, Path(out_dir), d, select_device(c.device, d), monitor,
+                    progress, should_stop, resume, recal_ds, batch_transform, params, train_mode,
+                    dict(config_record or {}), resumable, show_progress, desc)
     finally:
         if d.created:
             dist.destroy_process_group()
 
 
 def _fit(model: torch.nn.Module, train_ds: Any, val_ds: Any, heads: dict[str, Head], c: FitConfig, out: Path,
-         d: DistContext, device: torch.device, monitor: str, score_name: str, progress: ProgressFn | None,
+         d: DistContext, device: torch.device, monitor: str, progress: ProgressFn | None,
          should_stop: Callable[[], bool] | None, resume: bool, recal_ds: Any, batch_transform: BatchTransform | None,
          params: Iterable[torch.nn.Parameter] | None, train_mode: Callable[[torch.nn.Module], None] | None,
          config_record: dict[str, Any], resumable: Iterable[str], show_progress: bool, desc: str) -> FitResult:
+    score_name = heads[monitor].score_name
     cuda = device.type == "cuda"
     amp, cl = c.amp and cuda, c.channels_last and cuda
     record = {"fit": dataclasses.asdict(c), **config_record}
@@ -394,23 +373,15 @@ def _fit(model: torch.nn.Module, train_ds: Any, val_ds: Any, heads: dict[str, He
         if scheduler is not None and meta.get("scheduler"):
             scheduler.load_state_dict(meta["scheduler"])
     elif find_training_state(state_dir) is not None:
-        raise InputError(out, "holds an earlier run's training state: pass --resume to continue it, or choose a new --out")
+        raise InputError(out, "holds an earlier run's training state: pass --resume to continue it, "
+                              "or choose a new --out")
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
     columns = ["epoch", "train_loss", "val_loss", f"val_{score_name}", f"best_val_{score_name}", "lr"]
 
-    def _stop() -> bool:
-        return bool(should_stop is not None and should_stop())
-
     def _recalibrate() -> None:
         batches = torch.utils.data.DataLoader(recal_ds, batch_size=c.eval_batch_size, shuffle=False)
         recalibrate_batchnorm(model, batches, lambda m, b: forward(m, _to(b["input"], device, cl), heads))
-
-    def _set_train() -> None:
-        if train_mode is not None:
-            train_mode(net)
-        else:
-            net.train()
 
     stopped = early = False
     epoch_bar = tqdm(range(start_epoch, c.epochs), desc=desc, unit="epoch", initial=start_epoch, total=c.epochs,
@@ -419,13 +390,13 @@ def _fit(model: torch.nn.Module, train_ds: Any, val_ds: Any, heads: dict[str, He
         sampler.set_epoch(epoch)
         if hasattr(train_ds, "set_epoch"):
             train_ds.set_epoch(epoch)
-        _set_train()
+        train_mode(net) if train_mode is not None else net.train()
         it = iter(loader)
         loss_sum = torch.zeros(2, dtype=torch.float64)
         step_bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{c.epochs}", leave=False,
                         disable=not (d.main and show_progress))
         for step in step_bar:
-            if _stop():
+            if should_stop is not None and should_stop():
                 stopped = True
                 break
             optimizer.zero_grad(set_to_none=True)
@@ -521,7 +492,6 @@ def _fit(model: torch.nn.Module, train_ds: Any, val_ds: Any, heads: dict[str, He
     if bn_mode == "final":
         _recalibrate()
     if val_ds is not None and len(val_ds):
-        res.val_outputs, res.val_targets, res.val_ids = predict(model, val_ds, device, heads, c.eval_batch_size, 0,
-                                                                amp, cl)
+        res.val_outputs = predict(model, val_ds, device, heads, c.eval_batch_size, 0, amp, cl)[0]
     model.eval()
     return res

@@ -1,26 +1,9 @@
-"""Output heads: loss, decode and report per kind of target (``make_head(kind, **kw)``).
+"""Output heads: loss, decode, validation score and report with CIs per kind (``make_head(kind, **kw)``).
 
-A head turns the network's output for its name into a training loss, decoded predictions and a
-report with confidence intervals. Kinds and shapes (N = batch):
-
-* ``binary``: output (N,) or (N, 1) logits; target (N,) 0/1. decode: probability, logit.
-  Report: :func:`rheumai.metrics.binary_report` (ROC AUC, threshold metrics, calibration).
-* ``regression``: output (N,) or (N, 1); target (N,) in the task's unit. decode: value. Report:
-  PCC (Fisher z CI), RMSE and MAE (bootstrap CI), ICC(2,1) absolute agreement (F-based CI,
-  McGraw & Wong 1996), Bland-Altman bias and 95 % limits of agreement with CIs (Bland & Altman 1999).
-* ``ordinal`` (n_classes K): output (N, K-1) cumulative logits, logit_k = log-odds(y > k)
-  (CORAL / cumulative link; :class:`CoralLayer` makes them rank-consistent). decode: class
-  (number of P(y > k) >= 0.5), class probabilities, expected value.
-* ``multiclass`` (n_classes K): output (N, K) logits; cross-entropy. decode: class, probabilities.
-  Ordinal and multiclass report accuracy (Wilson CI), quadratic-weighted kappa and MAE in classes
-  (bootstrap CIs) and the confusion matrix.
-* ``keypoints`` (n_points P): output (N, P, h, w) heatmap logits at ``stride``; target (N, P, 2)
-  (x, y) in input pixels (NaN = not visible). Loss :func:`rheumai.landmarks.keypoint_loss`; decode:
-  soft-argmax points (x, y) input pixels. Report: radial error in mm (``spacing_mm`` (row, col)),
-  success within 2 and 4 mm (Wilson CIs).
-
-``score(pred, target)`` is the validation score the training loop maximises (its name is
-``score_name``): AUC, negative MAE, quadratic kappa, accuracy, negative mean radial error (px).
+Shapes (N = batch): ``binary`` (N,) or (N, 1) logits, target 0/1; ``regression`` (N,) in the
+task's unit; ``ordinal`` (N, K-1) cumulative logits log-odds(y > k) (CORAL); ``multiclass`` (N, K)
+logits; ``keypoints`` (N, P, h, w) heatmap logits at ``stride``, target (N, P, 2) (x, y) input
+pixels (NaN: not visible). ``score`` is what the training loop maximises (``score_name``).
 """
 
 from __future__ import annotations
@@ -352,7 +335,8 @@ class KeypointsHead(Head):
         if not e.size:
             raise ValueError("keypoint report: no visible points")
         out: dict[str, Any] = {"n_points": int(e.size), "n_cases": int(pts.shape[0]), "alpha": alpha,
-                               "mean_mm": _est(e.mean(), _boot_ci(np.mean, (e,), n_boot, alpha, seed), method="bootstrap"),
+                               "mean_mm": _est(e.mean(), _boot_ci(np.mean, (e,), n_boot, alpha, seed),
+                                               method="bootstrap"),
                                "median_mm": _est(np.median(e), _boot_ci(np.median, (e,), n_boot, alpha, seed),
                                                  method="bootstrap"),
                                "per_point_mean_mm": np.nanmean(err, axis=0).tolist()}

@@ -1,12 +1,9 @@
-"""Task registry: the seed systems RheumAI knows, declared once and read by every layer.
+"""Task registry: ``list_tasks()`` / ``get_task(name)`` / ``register_task(task)``.
 
-``list_tasks()`` / ``get_task(name)`` / ``register_task(task)``. Built-in tasks are named here as
-``"module:attribute"`` strings and imported on first use; other packages can add tasks through
-the ``rheumai.tasks`` entry-point group (each entry point loads a :class:`~rheumai.tasks.base.Task`)
-or by calling :func:`register_task`. See ``docs/ADDING_A_TASK.md``.
-
-The registry is the one piece of module state here: a name -> Task table that only grows, which
-is what a registry is; :func:`register_task` refuses to silently replace a different task.
+Built-in tasks are ``"module:attribute"`` strings imported on first use; other packages add tasks
+through the ``rheumai.tasks`` entry-point group or :func:`register_task` (``docs/ADDING_A_TASK.md``).
+The name -> Task table is the one piece of module state (a registry); it refuses to silently
+replace a different task.
 """
 
 from __future__ import annotations

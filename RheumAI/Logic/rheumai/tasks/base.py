@@ -1,21 +1,8 @@
-"""The task declaration: what a seed system needs as input, how it samples it, what it outputs.
-
-A :class:`Task` is plain data plus a few callables. The layers above (command line, console API,
-Slicer panels, dataset builder) read it instead of hard-coding one paper:
-
-* ``inputs``: the series a study must provide (role, required sequence / orientation for the
-  dataset builder's series matching), whether a box ROI is needed, and the clinical variables.
-* ``preprocess(study_inputs, params) -> sample``: network input arrays plus the grids needed to
-  map maps back into each source series (LPS mm, arrays (k, j, i) as everywhere in RheumAI).
-* ``build_model(architecture) -> torch.nn.Module`` and ``default_architecture(**kw) -> dict``
-  (the model card's ``architecture`` entry).
-* ``head``: the main head kind, "binary" | "regression" | "ordinal" | "multiclass" | "keypoints";
-  ``heads``: every head as ``{name: {"kind": ..., **options}}`` (``make_heads()`` builds the
-  engine's :mod:`rheumai.engine.heads` objects for :func:`rheumai.engine.fit.fit`); ``metrics``: names of the reported
-  metrics; ``saliency_targets``: default Grad-CAM layer per input role; ``outputs``: what a
-  prediction writes.
-* ``api``: console entry points as ``"module:function"`` strings, resolved lazily by
-  :meth:`Task.entry` so listing tasks never imports torch-heavy modules.
+"""The task declaration (:class:`Task`): plain data plus a few callables that the command line,
+console API, Slicer panels, dataset builder, engine and predictor read instead of hard-coding one
+paper. ``preprocess`` returns the network input and the grids to map maps back into each source
+(LPS mm, arrays (k, j, i)); ``api`` entry points and ``recipe`` are ``"module:attribute"``
+strings imported on use, so listing tasks never imports torch-heavy modules.
 """
 
 from __future__ import annotations
@@ -95,13 +82,14 @@ class Task:
     cli_modules: tuple[str, ...] = ()
     # Predict side, run by rheumai.engine.predict.Predictor (see its module docstring for the contract).
     load_sample: Callable[[Mapping[str, Any], dict[str, Any]], Any] | None = None  # (study inputs, card) -> sample
-    to_tensors: Callable[[Any, dict[str, Any]], Any] | None = None  # (sample, card) -> Tensor | {name: Tensor}, unbatched
+    to_tensors: Callable[[Any, dict[str, Any]], Any] | None = None  # (sample, card) -> unbatched Tensor | {name: Tensor}
     forward: Callable[[Any, Any], Any] | None = None  # (model, batch) -> {head: Tensor}; None: model(x) / model(**x)
     postprocess: Callable[[dict[str, Any], dict[str, Any], Any], dict[str, Any]] | None = None  # one study's values
     saliency_maps: Callable[..., Any] | None = None  # (model, batch, samples, card, method, layer) -> (outputs, maps)
     saliency_methods: tuple[str, ...] = ()  # methods saliency_maps accepts (empty: none)
     # training side: the heads as make_head specs ({} = one head "out" of kind ``head``)
     heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    recipe: str = ""  # "module:attribute" of a binary task's rheumai.engine.train.Recipe (imported on use)
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -133,6 +121,13 @@ class Task:
         specs = self.heads or {"out": {"kind": self.head}}
         return {n: make_head(spec["kind"], name=n, **{k: v for k, v in spec.items() if k != "kind"})
                 for n, spec in specs.items()}
+
+    def training_recipe(self) -> Any:
+        """The task's :class:`rheumai.engine.train.Recipe` (binary tasks on the engine's recipe)."""
+        if not self.recipe:
+            raise KeyError(f"task {self.name} trains through its own api['train'], not the engine's binary recipe")
+        module, _, attr = self.recipe.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
     def entry(self, name: str) -> Callable[..., Any]:
         """The console entry point ``name`` ("train", "evaluate", "predict", ...), imported on use."""

@@ -163,10 +163,9 @@ def _train_and_score(out: Path, ds: Any, seed: int, epochs: int | None, family: 
                      timings: dict[str, float], progress: bool, scene: bool) -> dict[str, Any]:
     """Train one design on the dataset, evaluate it on the test split, predict + saliency on the
     test subjects and on the real T2; returns the figures (and file lists for the report)."""
+    from ...api import evaluate, train
     from ...config import TrainConfig, save_config
-    from ...evaluate import evaluate
     from ...predict import Predictor, write_outputs
-    from ...train import train
 
     cfg_dict = _train_config(seed, epochs, family)
     t = _step(f"3/7 training ({FAMILY_TITLES[family]}, ResNet-{cfg_dict['model']['depth']}, "
@@ -216,7 +215,7 @@ def _train_and_score(out: Path, ds: Any, seed: int, epochs: int | None, family: 
     real = predictor.predict(REAL_T2, saliency=SALIENCY, tta=8)
     real_files = write_outputs(real, pred_dir, "real_t2", scene=scene)
     timings["predict_s"] = time.perf_counter() - t
-    rep = ev.report
+    rep = ev
     return {
         "checkpoint": str(tr.checkpoint), "family": family, "depth": cfg.model.depth,
         "epochs": cfg.train.epochs,
@@ -229,7 +228,7 @@ def _train_and_score(out: Path, ds: Any, seed: int, epochs: int | None, family: 
                     "tta_std": real.tta_std, "saliency": real_files["saliency_file"],
                     "scene": real_files["scene_file"]},
         "scene_positive": scene_pos, "train_s": round(train_s, 1),
-        "evaluation": {k: str(v) for k, v in ev.files.items()},
+        "evaluation": ev["files"],
         "rows": rows, "montages": montages, "real_files": real_files,
     }
 

@@ -83,7 +83,7 @@ def to_tensors(sample: CervicalSample, card: dict[str, Any]) -> torch.Tensor:
     arr = np.ascontiguousarray(sample.selection.array, dtype=np.float32)
     if _crop_box(card, tuple(sample.selection.params.size)) is None:
         return torch.from_numpy(arr)
-    from ...data import eval_transform_from_card
+    from .train import eval_transform_from_card
 
     return torch.as_tensor(np.asarray(eval_transform_from_card(card)(arr)), dtype=torch.float32)
 

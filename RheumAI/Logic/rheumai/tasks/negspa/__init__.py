@@ -2,18 +2,18 @@
 
 Console API (works in Slicer's Python console)::
 
+    from rheumai import api
     from rheumai.tasks import negspa
     cohort = negspa.make_cohort("/tmp/spa", n=24)                  # generated cohort with truth
     manifest = negspa.build_dataset(cohort, "/tmp/spa/ds", {"size": (64, 64)})
-    run = negspa.train_negspa(manifest, "/tmp/spa/run", depth=18)  # ResNet-50 branches by default
-    negspa.evaluate_negspa(run.checkpoint, manifest, "/tmp/spa/eval")
-    from rheumai import api
+    run = api.train("configs/negspa.toml", manifest, "/tmp/spa/run")  # two stages on the engine
+    api.evaluate(run.checkpoint, manifest, "/tmp/spa/eval")
     res = api.predict(run.checkpoint, {"t1": ..., "t2": ..., "stir": ..., "roi": "box.json",
                                        "clinical": {"crp": 12, "inflammatory_back_pain": "yes"}}, "/tmp/spa/pred")
 
 Modules: preprocess (box, half grids), clinical (variables, missing-value encoding), model
-(tri-input ResNet + fusion), mixcut, train (dataset, two-stage training, evaluation), predict
-(the engine's predict hooks: clinical encoding, half probabilities, Grad-CAM per sequence), synth (generated cohort), cli (`rheumai negspa ...`), task (declaration).
+(tri-input ResNet + fusion), mixcut, train (dataset, the engine recipe: config sections, two
+stages), predict (the engine's predict hooks), synth (generated cohort), cli, task (declaration).
 Names below are imported on first use, so importing the package stays light.
 """
 
@@ -22,11 +22,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {
-    "make_cohort": "synth", "build_dataset": "train", "train_negspa": "train", "evaluate_negspa": "train",
-    "load_negspa_checkpoint": "train", "read_box": "preprocess", "Box": "preprocess",
-    "NegSpaParams": "preprocess", "TASK": "task",
-}
+_EXPORTS = {"make_cohort": "synth", "build_dataset": "train", "read_box": "preprocess", "Box": "preprocess",
+            "NegSpaParams": "preprocess", "TASK": "task"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -39,7 +39,7 @@ TASK = Task(
     outputs=("probability", "label", "threshold", "probability per joint half (right, left)",
              "Grad-CAM volume per sequence (each in its own series' geometry)", "montage PNG per sequence"),
     api={"synth": "rheumai.tasks.negspa.synth:make_cohort", "build_dataset": "rheumai.tasks.negspa.train:build_dataset",
-         "train": "rheumai.tasks.negspa.train:train_negspa", "evaluate": "rheumai.tasks.negspa.train:evaluate_negspa",
+         "train": "rheumai.engine.train:train", "evaluate": "rheumai.engine.evaluate:evaluate",
          "predict": "rheumai.api:predict", "predict_batch": "rheumai.api:predict_many",
          "predictor": "rheumai.engine.predict:Predictor"},
     cli_modules=("rheumai.tasks.negspa.cli",),
@@ -49,4 +49,5 @@ TASK = Task(
     postprocess=_predict.postprocess,
     saliency_maps=_predict.saliency_maps,
     saliency_methods=_predict.SALIENCY_METHODS,
+    recipe="rheumai.tasks.negspa.train:RECIPE",
 )
