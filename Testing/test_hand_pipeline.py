@@ -143,7 +143,7 @@ def test_pretrain_finetune_and_stacking(trained, tmp_path):
     from safetensors.torch import load_file
 
     pre = load_file(str(weights))
-    conv = "backbone.net.conv1.weight"
+    conv = "backbone.conv1.weight"
     assert np.allclose(net.state_dict()[conv].numpy(), pre[conv].numpy())  # frozen backbone kept its weights
     with pytest.raises(ValueError, match="pretrained backbone"):
         train_whole(cases[:4], None, arch, StageConfig(epochs=1), tmp_path / "x", finetune="last_blocks")

@@ -83,23 +83,20 @@ class MobileNetV2(nn.Module):
         return [self.stem, self.stage1, self.stage2, self.stage3, self.stage4, self.stage5, self.head_conv]
 
 
-class _ResNetFeatures(nn.Module):
-    """MONAI ResNet (2D, ``feed_forward=False``) returning the layer4 feature map (B, C, h, w)."""
+class _ResNetFeatures(ResNet):
+    """MONAI ResNet (2D, basic blocks) returning the layer4 feature map (B, C, h, w)."""
 
     def __init__(self, depth: int, widths: list[int], in_channels: int) -> None:
-        super().__init__()
-        self.net = ResNet("basic", _RESNET_LAYERS[depth], widths, spatial_dims=2, n_input_channels=in_channels,
-                          conv1_t_size=7, conv1_t_stride=2, feed_forward=False)
+        super().__init__("basic", _RESNET_LAYERS[depth], widths, spatial_dims=2, n_input_channels=in_channels,
+                         conv1_t_size=7, conv1_t_stride=2, feed_forward=False)
         self.out_channels = widths[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.net
-        x = n.maxpool(n.act(n.bn1(n.conv1(x))))
-        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        x = self.maxpool(self.act(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def block_groups(self) -> list[nn.Module]:
-        n = self.net
-        return [nn.ModuleList([n.conv1, n.bn1]), n.layer1, n.layer2, n.layer3, n.layer4]
+        return [nn.ModuleList([self.conv1, self.bn1]), self.layer1, self.layer2, self.layer3, self.layer4]
 
 
 def build_backbone(arch: dict[str, Any]) -> nn.Module:

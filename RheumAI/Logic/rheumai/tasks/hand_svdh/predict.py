@@ -115,15 +115,6 @@ class _Total(torch.nn.Module):
         return self.whole(x)["total"]
 
 
-def default_layer(net: torch.nn.Module) -> str:
-    return "stage4" if hasattr(net.whole.backbone, "stage4") else "layer3"
-
-
-def _layer_path(net: torch.nn.Module, layer: str) -> str:
-    bb = net.whole.backbone
-    return f"whole.backbone.net.{layer}" if hasattr(bb, "net") else f"whole.backbone.{layer}"
-
-
 def saliency_maps(model: torch.nn.Module, batch: dict[str, torch.Tensor], samples: Sequence[HandSample],
                   card: dict[str, Any], method: str, target_layer: str | None
                   ) -> tuple[None, list[dict[str, Any]]]:
@@ -133,9 +124,8 @@ def saliency_maps(model: torch.nn.Module, batch: dict[str, torch.Tensor], sample
 
     if method not in SALIENCY_METHODS:
         raise ValueError(f"saliency method {method!r} unknown for hand_svdh; choose one of {SALIENCY_METHODS}")
-    layer = target_layer or default_layer(model)
-    _, cams = gradcam_backward(_Total(model), batch["small"], _layer_path(model, layer),
-                               plusplus=method == "gradcampp")
+    layer = target_layer or ("stage4" if hasattr(model.whole.backbone, "stage4") else "layer3")
+    _, cams = gradcam_backward(_Total(model), batch["small"], f"whole.backbone.{layer}", plusplus=method == "gradcampp")
     out = []
     for sample, cam in zip(samples, cams):
         m = normalize_max(cam.detach().cpu().numpy())[0]  # (1, H, W): one maximum per map
