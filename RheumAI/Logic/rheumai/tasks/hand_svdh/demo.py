@@ -53,26 +53,15 @@ def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress:
     ckpt = train(cfg, labels, out / "train", show_progress=progress).checkpoint
     t_train = time.perf_counter() - t1
     res = evaluate(ckpt, labels, out / "eval", show_progress=False)
-    f: dict[str, Any] = {
-        "n": n, "n_test": res["n"], "seed": seed,
-        "total_pcc": res["total"]["pcc"]["value"], "total_rmse": res["total"]["rmse"]["value"],
-        "total_mae": res["total"]["mae"]["value"], "total_icc": res["total"]["icc"]["value"],
-        "class_accuracy": res["class"]["accuracy"]["value"], "class_kappa": res["class"]["kappa_quadratic"]["value"],
-        "class_confusion": res["class"]["confusion"],
-        "joint_total_pcc": res["joint_total"]["pcc"]["value"], "joint_total_mae": res["joint_total"]["mae"]["value"],
-        "landmark_mean_mm": res["landmarks"]["mean_mm"]["value"],
-        "landmark_within_4mm": res["landmarks"]["success_4mm"]["value"],
-        "erosion_grade_mae": res["erosion_grades"]["mae_classes"]["value"],
-        "jsn_grade_mae": res["jsn_grades"]["mae_classes"]["value"],
-        "generate_s": round(t_gen, 1), "train_s": round(t_train, 1), "ensemble": res.get("ensemble")}
     top = max(res["cases"], key=lambda c: c["total"])
-    f.update(_predict_one(out, ckpt, labels, top["patient_id"]))
+    f: dict[str, Any] = {"n": n, "seed": seed, "generate_s": round(t_gen, 1), "train_s": round(t_train, 1),
+                         **_predict_one(out, ckpt, labels, top["patient_id"])}
     f["total_s"] = round(time.perf_counter() - t0, 1)
-    title = "Hand SvdH demo: held-out generated patients"
+    pcc = res["total"]["pcc"]["value"]
     extra = [("p", f"Generated cohort: {n} patients (one hand each), {res['n']} held out, seed {seed}. Generation "
                    f"{f['generate_s']} s, training {f['train_s']} s (CPU). Target: whole-hand total PCC >= 0.9 "
-                   f"({'met' if f['total_pcc'] >= 0.9 else 'NOT met'}: {f['total_pcc']:.3f}).")]
-    blocks = report_blocks(res, title, extra, image="eval/agreement.png") + [
+                   f"({'met' if pcc >= 0.9 else 'NOT met'}: {pcc:.3f}).")]
+    blocks = report_blocks(res, "Hand SvdH demo: held-out generated patients", extra, image="eval/agreement.png") + [
         ("h2", "One prediction (engine Predictor, Grad-CAM) and re-scoring"),
         ("p", f"Radiograph `{f['predict_study']}`: total {f['predict_total']}, class {f['predict_class']}, sum of "
               f"joints {f['predict_joint_total']} (truth {f['predict_truth_total']}); re-scored at the true "
@@ -80,6 +69,8 @@ def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress:
         ("p", f"Slicer scene read back by slicer-core: {f['scene_nodes']}." if f.get("scene_nodes")
          else f"Slicer scene not written: {f.get('scene_error')}")]
     write_text(out / "report.md", render_markdown(blocks))
+    f["metrics"] = {k: res[k] for k in ("n", "total", "class", "joint_total", "landmarks", "erosion_grades",
+                                        "jsn_grades", "ensemble") if k in res}
     write_json(out / "demo.json", f)
     if progress:
         print(summary(f, out), flush=True)
@@ -128,16 +119,19 @@ def _predict_one(out: Path, ckpt: Path, labels: Path, patient_id: str) -> dict[s
 
 
 def summary(f: dict[str, Any], out: Path) -> str:
-    lines = ["", "Hand SvdH demo (held-out generated patients)",
-             f"  whole-hand total: PCC {f['total_pcc']:.3f}, RMSE {f['total_rmse']:.2f}, MAE {f['total_mae']:.2f}, "
-             f"ICC {f['total_icc']:.3f}  (target PCC >= 0.9: {'met' if f['total_pcc'] >= 0.9 else 'NOT met'})",
-             f"  severity class: accuracy {f['class_accuracy']:.3f}, weighted kappa {f['class_kappa']:.3f}",
-             "  class confusion (rows truth, columns predicted):"]
-    lines += ["    " + " ".join(f"{v:3d}" for v in row) for row in f["class_confusion"]]
-    lines += [f"  joint-level path: sum-of-joints PCC {f['joint_total_pcc']:.3f}, MAE {f['joint_total_mae']:.2f}; "
-              f"per-grade MAE erosion {f['erosion_grade_mae']:.2f}, JSN {f['jsn_grade_mae']:.2f}",
-              f"  landmarks: mean radial error {f['landmark_mean_mm']:.2f} mm, within 4 mm "
-              f"{f['landmark_within_4mm']:.3f}",
-              f"  times: generate {f['generate_s']} s, train {f['train_s']} s, total {f['total_s']} s",
-              f"  report: {out / 'report.md'}"]
+    """The console summary of the demo's figures (``run_demo``'s return value)."""
+    m = f["metrics"]
+    t, c, j, lm = m["total"], m["class"], m["joint_total"], m["landmarks"]
+    v = lambda r, k: r[k]["value"]  # noqa: E731
+    lines = ["", f"Hand SvdH demo ({m['n']} held-out generated patients)",
+             f"  whole-hand total: PCC {v(t, 'pcc'):.3f}, RMSE {v(t, 'rmse'):.2f}, MAE {v(t, 'mae'):.2f}, ICC "
+             f"{v(t, 'icc'):.3f}  (target PCC >= 0.9: {'met' if v(t, 'pcc') >= 0.9 else 'NOT met'})",
+             f"  severity class: accuracy {v(c, 'accuracy'):.3f}, weighted kappa {v(c, 'kappa_quadratic'):.3f}",
+             "  class confusion (rows truth, columns predicted):",
+             *("    " + " ".join(f"{x:3d}" for x in row) for row in c["confusion"]),
+             f"  joint-level path: sum-of-joints PCC {v(j, 'pcc'):.3f}, MAE {v(j, 'mae'):.2f}; per-grade MAE erosion "
+             f"{v(m['erosion_grades'], 'mae_classes'):.2f}, JSN {v(m['jsn_grades'], 'mae_classes'):.2f}",
+             f"  landmarks: mean radial error {v(lm, 'mean_mm'):.2f} mm, within 4 mm {v(lm, 'success_4mm'):.3f}",
+             f"  times: generate {f['generate_s']} s, train {f['train_s']} s, total {f['total_s']} s",
+             f"  report: {out / 'report.md'}"]
     return "\n".join(lines)
