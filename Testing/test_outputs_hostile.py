@@ -179,9 +179,9 @@ def _hostile_cohort(cohort: Path, dest: Path, names: list[str]) -> Path:
 
 
 def test_negspa_cohort_predict_with_hostile_ids(negspa_setup, tmp_path, one_torch_thread):
-    """The reported failure: `rheumai negspa predict --cohort` wrote outside --out for IDs like
-    '../../x'. Now hostile IDs are error rows and nothing lands outside."""
-    from rheumai.tasks.negspa import cli
+    """The reported failure: a NegSpA cohort prediction wrote outside --out for IDs like '../../x'.
+    Now hostile IDs are error rows and nothing lands outside (`rheumai predict --cohort`)."""
+    from rheumai.cli import main
 
     cohort, ckpt = negspa_setup
     names = [n for n in hostile_names(24, seed=4) if "\n" not in n and "\x00" not in n and n.strip()]
@@ -189,11 +189,8 @@ def test_negspa_cohort_predict_with_hostile_ids(negspa_setup, tmp_path, one_torc
     table = _hostile_cohort(cohort, tmp_path / "tables" / "cohort.csv", names)
     out = tmp_path / "deep" / "er" / "out"
     before = tree(tmp_path)
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers())
-    a = parser.parse_args(["negspa", "predict", str(ckpt), "--out", str(out), "--cohort", str(table),
-                           "--device", "cpu", "--no-saliency"])
-    assert a.func(a) == 1  # some studies failed (refused IDs): the exit status says so
+    assert main(["predict", "--model", str(ckpt), "--out", str(out), "--cohort", str(table), "--device", "cpu",
+                 "--saliency", "none"]) == 1  # some studies failed (refused IDs): the exit status says so
     assert outside(tmp_path, out, before) == set()
     rows = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     assert rows.loc[rows["study"] == "SAFE1", "error"].iloc[0] == ""

@@ -163,39 +163,31 @@ def _check_threshold(card_path: Path, value: Any, where: str = "threshold") -> N
         raise InputError(card_path, f"model card {where} {value!r} is not a probability in [0, 1]")
 
 
-def check_binding(folder: str | Path, card: dict[str, Any]) -> str | None:
-    """Refuse a card beside weights it does not belong to; returns the weights hash (None for
-    checkpoints written before cards named their weights: neither side holds a hash)."""
-    folder = Path(folder)
-    weights = folder / str(card.get("weights_file", WEIGHTS))
-    if not weights.is_file():
-        raise InputError(weights, f"weights file not found (named by {folder / CARD})")
-    meta = weights_metadata(weights)
-    in_card, in_file = card.get("weights_sha256"), meta.get("weights_sha256")
-    if in_card != in_file:
-        raise InputError(folder / CARD, f"belongs to weights {str(in_card)[:16]}... but {weights} holds weights "
-                                        f"{str(in_file)[:16]}... (model {meta.get('model_id', '?')}, card model "
-                                        f"{card.get('model_id', '?')}): the card and the weights come from different "
-                                        "runs; use the card written with these weights")
-    return in_card
-
-
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Build the card's task architecture and load its weights (strict); model in eval mode."""
+    """Build the card's task architecture and load its weights (strict); model in eval mode.
+
+    A card beside weights it does not belong to is refused (no hash on either side: a checkpoint
+    written before cards named their weights).
+    """
     from .tasks import get_task
 
     folder = _checkpoint_folder(Path(path))
     card = read_card(folder)
-    sha = check_binding(folder, card)
+    weights = folder / str(card.get("weights_file", WEIGHTS))
+    if not weights.is_file():
+        raise InputError(weights, f"weights file not found (named by {folder / CARD})")
+    meta = weights_metadata(weights)
+    sha, in_file = card.get("weights_sha256"), meta.get("weights_sha256")
+    if sha != in_file:
+        raise InputError(folder / CARD, f"belongs to weights {str(sha)[:16]}... but {weights} holds weights "
+                                        f"{str(in_file)[:16]}... (model {meta.get('model_id', '?')}, card model "
+                                        f"{card.get('model_id', '?')}): the card and the weights come from different "
+                                        "runs; use the card written with these weights")
     try:
-        task = get_task(str(card["task"]))
-    except KeyError as exc:
+        model = get_task(str(card["task"])).build_model(card["architecture"])
+    except (KeyError, ValueError) as exc:  # unknown task, unusable architecture
         raise InputError(folder / CARD, str(exc.args[0])) from None
-    try:
-        model = task.build_model(card["architecture"])
-    except ValueError as exc:
-        raise InputError(folder / CARD, str(exc)) from None
-    load_weights(folder / card.get("weights_file", WEIGHTS), model, expected_sha256=sha)
+    load_weights(weights, model, expected_sha256=sha)
     return model.to(device).eval(), card
 
 

@@ -19,11 +19,8 @@ _PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent(parent_pid: int, period_s: float = 0.5) -> None:
-    """Pool initializer: end this process when ``parent_pid`` is no longer its parent.
-
-    On Linux the kernel sends SIGKILL when the parent exits (``prctl(PR_SET_PDEATHSIG)``);
-    everywhere a daemon thread checks the parent every ``period_s`` seconds.
-    """
+    """Pool initializer: end this process when ``parent_pid`` is no longer its parent (Linux: the kernel
+    sends SIGKILL, ``prctl(PR_SET_PDEATHSIG)``; everywhere: a daemon thread checks every ``period_s`` s)."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

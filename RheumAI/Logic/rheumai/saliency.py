@@ -1,21 +1,17 @@
 """Saliency maps for 2D classifiers, and their way back to the source volume.
 
-Every method explains one logit (``class_idx``: evidence *for* that class, whatever is predicted):
+Every method explains one logit (``class_idx``: evidence *for* that class, whatever is predicted).
+``gradxinput_smooth`` (default): |gradient x input| per slice, Gaussian-smoothed in-plane (``sigma_px``;
+pixel resolution, |.| keeps dark findings such as erosions); ``gradxinput``: ReLU(x * dY/dx), unsmoothed;
+``gradcam`` / ``gradcampp``: Grad-CAM / Grad-CAM++, COARSE at the default ``layer4`` (1/16-1/32 of the
+input), kept because the paper reports it; with layer4 -> global average pooling -> linear Grad-CAM
+equals CAM up to a constant and comes from the forward pass alone (:func:`forward_with_cam`, equal to
+``monai.visualize.GradCAM`` in the tests); ``occlusion``: ReLU(p - p_occluded), one forward per window.
 
-``gradxinput_smooth`` (default) |gradient x input| per slice, Gaussian-smoothed in-plane (``sigma_px``,
-    1 px = 2 mm on the demo grid): pixel resolution, and |.| keeps dark findings (erosions).
-``gradxinput`` ReLU(x * dY/dx) per slice, unsmoothed.
-``gradcam`` Grad-CAM (Selvaraju et al.). COARSE at the default target ``layer4`` (1/16-1/32 of the
-    input); kept because the paper reports it. With layer4 -> global average pooling -> linear it equals
-    CAM up to a constant, so it comes from the forward pass alone (:func:`forward_with_cam`; the tests
-    prove equality with ``monai.visualize.GradCAM``). ``gradcampp``: Grad-CAM++, coarse likewise.
-``occlusion`` ``monai.visualize.OcclusionSensitivity``: ReLU(p - p_occluded), one forward per window.
-
-Slices as channels (family ``resnet``): Grad-CAM(++) and occlusion give one in-plane map repeated on
-every slice; the gradient x input methods, and Grad-CAM at ``encoder.layer4`` of the
-``slice_attention`` family, attribute per slice. Maps are >= 0, divided by their maximum over the
-whole study (0 = no evidence, an all-zero map stays zero), float32 (N, C, H, W) on the selection grid
-(C: right -> left, H: superior -> inferior, W: anterior -> posterior).
+Slices as channels: Grad-CAM(++) and occlusion give one in-plane map repeated on every slice; the
+gradient x input methods, and Grad-CAM at ``encoder.layer4`` of ``slice_attention``, are per slice.
+Maps are >= 0 and divided by their maximum over the whole study (an all-zero map stays zero): float32
+(N, C, H, W) on the selection grid (C: right -> left, H: superior -> inferior, W: anterior -> posterior).
 """
 
 from __future__ import annotations
