@@ -1,15 +1,10 @@
-"""Anatomical frames and sampling grids, in LPS physical space (mm).
+"""Anatomical frames and sampling grids in LPS physical space (mm).
 
-A *grid* is (origin, direction, spacing, size) exactly as in ITK: the physical point of index
-(i, j, k) is ``origin + direction @ (spacing * (i, j, k))``; ``direction`` columns are the unit
-vectors of the i, j, k axes in LPS. Numpy arrays on a grid are indexed (k, j, i).
-
-The *selection frame* used for sagittal slices has
-  i (array W, columns) : anterior -> posterior  (LPS +y)
-  j (array H, rows)    : superior -> inferior   (LPS -z)
-  k (array C, slices)  : right -> left          (LPS +x)
-so a slice shows the patient's profile facing left with the head up, whatever the acquisition
-(PSR, RAS, LPI storage; supine, prone or decubitus: DICOM patient coordinates follow the patient).
+A *grid* is (origin, direction, spacing, size) as in ITK: index (i, j, k) lies at
+``origin + direction @ (spacing * (i, j, k))``, ``direction`` columns being the i, j, k axes in
+LPS; arrays on a grid are indexed (k, j, i). The sagittal *selection frame* has i (columns)
+anterior -> posterior (+y), j (rows) superior -> inferior (-z), k (slices) right -> left (+x): a
+slice shows the profile facing left, head up, whatever the acquisition or patient position.
 """
 
 from __future__ import annotations
@@ -52,9 +47,7 @@ class Grid:
         return (np.asarray(xyz, dtype=float) - np.asarray(self.origin)) @ np.linalg.inv(m).T
 
     def reference_image(self, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
-        img = sitk.Image([int(s) for s in self.size], pixel_type)
-        apply_grid(img, self)
-        return img
+        return apply_grid(sitk.Image([int(s) for s in self.size], pixel_type), self)
 
     def to_dict(self) -> dict:
         return {"origin": list(self.origin), "direction": [list(r) for r in self.direction],
@@ -69,10 +62,8 @@ class Grid:
     @classmethod
     def of(cls, image: sitk.Image) -> "Grid":
         """The grid of a 3D SimpleITK image."""
-        d = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-        return cls(origin=tuple(map(float, image.GetOrigin())),
-                   direction=tuple(tuple(map(float, r)) for r in d),
-                   spacing=tuple(map(float, image.GetSpacing())), size=tuple(map(int, image.GetSize())))
+        return cls.from_dict({"origin": image.GetOrigin(), "direction": np.reshape(image.GetDirection(), (3, 3)),
+                              "spacing": image.GetSpacing(), "size": image.GetSize()})
 
 
 def apply_grid(image: sitk.Image, grid: Grid) -> sitk.Image:
@@ -98,7 +89,7 @@ def voxel_center(image: sitk.Image) -> np.ndarray:
 
 
 def corners(image: sitk.Image) -> np.ndarray:
-    """(8, 3) LPS points of the outer voxel *edges* (half a voxel beyond the corner centres)."""
+    """(8, 3) LPS points of the outer voxel edges (half a voxel beyond the corner centres)."""
     size = np.asarray(image.GetSize(), dtype=float)
     pts = [np.asarray(image.TransformContinuousIndexToPhysicalPoint((np.array(c) * size - 0.5).tolist()))
            for c in itertools.product((0, 1), repeat=3)]
@@ -106,21 +97,13 @@ def corners(image: sitk.Image) -> np.ndarray:
 
 
 def snap_frame(direction: np.ndarray, target: np.ndarray = SAGITTAL_FRAME) -> np.ndarray:
-    """The image's own axes, permuted and sign-flipped to be as close as possible to ``target``.
-
-    ``direction`` and ``target`` are 3x3 with axes as columns (LPS). For a non-oblique image the
-    result equals ``target`` exactly; for an oblique one it keeps the acquisition's obliquity, so
-    slices stay parallel to the acquired planes. Returns a 3x3 matrix with axes as columns.
-    """
+    """The image's own axes (3x3, columns, LPS), permuted and sign-flipped to be closest to ``target``:
+    ``target`` exactly for a non-oblique image, else the acquisition's obliquity is kept (slices stay
+    parallel to the acquired planes)."""
     direction = np.asarray(direction, dtype=float).reshape(3, 3)
     dots = direction.T @ target  # [image axis a, target axis b]
     best = max(itertools.permutations(range(3)), key=lambda p: sum(abs(dots[p[b], b]) for b in range(3)))
-    cols = []
-    for b in range(3):
-        a = best[b]
-        col = direction[:, a] * np.sign(dots[a, b] or 1.0)
-        cols.append(col)
-    frame = np.stack(cols, axis=1)
+    frame = np.stack([direction[:, best[b]] * np.sign(dots[best[b], b] or 1.0) for b in range(3)], axis=1)
     # Exact target when the image axes are the anatomical axes up to rounding (avoid 1e-7 noise).
     if np.abs(frame - target).max() < 1e-6:
         return target.copy()

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 from .. import __version__
 from ..atomic import replace_dir, staging_dir, write_json, write_text
 from ..errors import InputError
-from .cache import CacheJob, CacheReport, FileHasher, build_cache, entry_name, params_hash
+from .cache import CacheJob, CacheReport, FileHasher, ProgressFn, build_cache, entry_name, params_hash
 from .cohort import CohortEntry, CohortResult, CohortRules, Step, apply_cohort
 from .flow import csv_text, flow_dict, flow_text, write_flow
 from .index import ArchiveIndex
@@ -35,7 +35,6 @@ from .split import SplitConfig, assign_splits
 MANIFEST_COLUMNS = ["patient_id", "split", "fold", "site", "label", "outcome", "series_uid", "study_uid",
                     "source_path", "cache_file", "source_hash", "params_hash"]
 DATASET_FILES = ("manifest.csv", "dataset.json", "cohort.csv", "flow.txt", "flow.json", "flow.png", "excluded.csv")
-ProgressFn = Callable[[str, int, int], None]
 FilesFn = Callable[[CohortEntry], tuple[list[str], tuple[str, ...]]]  # entry -> (files to hash, series files)
 
 
@@ -109,8 +108,8 @@ def _build_staged(out: Path, cohort: CohortResult, sheet: Any, header: str, inde
     params = task_params(task, params)
     with staging_dir(out) as stage:
         _carry_over(out, stage)
-        result = _build_into(stage, cohort, sheet, header, index_path, task, rules, split_cfg, params, files,
-                             workers, progress, compute_cache)
+        result = _build_into(stage, cohort, sheet, header, index_path, task, rules, split_cfg, params, files, workers,
+                             progress, compute_cache)
         replace_dir(stage, out)
     result.out_dir, result.manifest = out, out / "manifest.csv"
     result.paths = {k: out / p.relative_to(stage) for k, p in result.paths.items()}
@@ -172,6 +171,7 @@ def _jobs(cohort: CohortResult, cache_dir: Path, p_hash: str, files: FilesFn,
 def _build_into(out: Path, cohort: CohortResult, sheet: Any, header: str, index_path: str | Path | None, task: str,
                 rules: Any, split_cfg: SplitConfig, params: dict[str, Any], files: FilesFn, workers: int,
                 progress: ProgressFn | None, compute_cache: bool) -> DatasetResult:
+    """Cache, flow, split, manifest, cohort.csv and dataset.json written into ``out`` (a staging folder)."""
     p_hash = params_hash(params)
     report: CacheReport | None = None
     hashes: dict[str, str] = {}

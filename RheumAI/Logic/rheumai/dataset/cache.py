@@ -10,6 +10,7 @@ entry; an entry whose two files exist is reused. File digests are memoised in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -19,7 +20,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from ..errors import RheumAIError
 from ..process_guard import die_with_parent, stop_pool
@@ -125,44 +126,46 @@ def _run(job: CacheJob, task: str, params: Mapping[str, Any]) -> tuple[str, str 
     return job.patient_id, compute_entry(job, task, params)
 
 
+@contextlib.contextmanager
+def reporting(progress: ProgressFn | None, stage: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+    """``tick(done)``: calls ``progress(stage, done, total)``, or moves a tqdm bar when it is None."""
+    if progress is not None:
+        yield lambda i: progress(stage, i, total)
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=stage, unit=unit, disable=not total) as bar:
+        yield lambda i: bar.update(1)
+
+
 def build_cache(jobs: Sequence[CacheJob], task: str, params: Mapping[str, Any], workers: int = 1,
                 progress: ProgressFn | None = None) -> CacheReport:
     """Compute the missing entries of ``jobs`` (``workers`` processes), reuse the present ones."""
     todo = [j for j in jobs if not entry_exists(j.stem)]
     report = CacheReport(computed=[], reused=sorted(j.patient_id for j in jobs if entry_exists(j.stem)), failed={})
-    bar = None
-    if progress is None and todo:
-        from tqdm import tqdm
+    with reporting(progress, "computing task inputs", len(todo), "study") as tick:
+        def done(i: int, pid: str, err: str | None) -> None:
+            if err is None:
+                report.computed.append(pid)
+            else:
+                report.failed[pid] = err
+            tick(i)
 
-        bar = tqdm(total=len(todo), desc="computing task inputs", unit="study")
-
-    def done(i: int, pid: str, err: str | None) -> None:
-        if err is None:
-            report.computed.append(pid)
+        if workers > 1 and len(todo) > 1:
+            # "spawn": workers are children of this process (so they can die with it) and inherit
+            # no threads, locks or open files from it.
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn"),
+                                       initializer=die_with_parent, initargs=(os.getpid(),))
+            try:
+                futures = [pool.submit(_run, j, task, params) for j in todo]
+                for i, fut in enumerate(as_completed(futures), 1):
+                    done(i, *fut.result())
+            except BaseException:
+                stop_pool(pool)
+                raise
+            pool.shutdown(wait=True)
         else:
-            report.failed[pid] = err
-        if bar is not None:
-            bar.update(1)
-        elif progress is not None:
-            progress("computing task inputs", i, len(todo))
-
-    if workers > 1 and len(todo) > 1:
-        # "spawn": workers are children of this process (so they can die with it) and inherit
-        # no threads, locks or open files from it.
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn"),
-                                   initializer=die_with_parent, initargs=(os.getpid(),))
-        try:
-            futures = [pool.submit(_run, j, task, params) for j in todo]
-            for i, fut in enumerate(as_completed(futures), 1):
-                done(i, *fut.result())
-        except BaseException:
-            stop_pool(pool)
-            raise
-        pool.shutdown(wait=True)
-    else:
-        for i, j in enumerate(todo, 1):
-            done(i, *_run(j, task, params))
-    if bar is not None:
-        bar.close()
+            for i, j in enumerate(todo, 1):
+                done(i, *_run(j, task, params))
     report.computed.sort()
     return report

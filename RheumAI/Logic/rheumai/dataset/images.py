@@ -1,29 +1,16 @@
 """Cohorts as a table of image paths + labels, for any registered task, through the same rules,
 flow report, split and cache as a DICOM archive.
 
-CSV (comma, semicolon or tab separated; UTF-8), one row per patient:
-
-=====================  ========================================================================
-patient_id             required, unique
-<role>                 one column per input role of the task (``rheumai tasks``; a one-input task
-                       also takes ``image``): a NIfTI / NRRD / MHA file or a DICOM folder with one
-                       series; relative paths are relative to the table's folder
-<roi>                  the task's ROI file when it declares one (NegSpA-AI: ``box``)
-outcome | label        required, one of them: outcome yes | no | intermediate, or label 1 | 0
-followup_days          optional: days from the baseline image to the follow-up, or
-baseline_date +        optional (YYYY-MM-DD) instead of followup_days
-followup_date
-baseline_deformity     yes | no, optional (blank = not recorded)
-site                   optional (used by the external-site split)
-split                  optional, train | val | test on every row: the table's own split
-anything else          clinical columns, copied verbatim; a task that declares its clinical
-                       variables gets those only, parsed by its ``clinical_table`` entry point
-=====================  ========================================================================
-
-Clinical columns may also come from a second CSV keyed by patient_id (``clinical_csv``). Flow:
-image found, follow-up (where recorded), baseline deformity, intermediate outcome, task input
-computed (the task's preprocessing in the cache). Every bad row is reported at once
-(:class:`~rheumai.dataset.labels.LabelSheetError`) before anything is written.
+CSV (comma, semicolon or tab separated; UTF-8), one row per patient: ``patient_id``; one column
+per input role of the task (a one-input task also takes ``image``): a NIfTI / NRRD / MHA file or a
+DICOM folder with one series, relative to the table's folder; the task's ROI file when it declares
+one (NegSpA-AI: ``box``); ``outcome`` yes | no | intermediate or ``label`` 1 | 0; optional
+``followup_days`` (or ``baseline_date`` + ``followup_date``), ``baseline_deformity`` yes | no,
+``site``, ``split`` (train | val | test on every row: the table's own split). Other columns are
+clinical, copied verbatim; a task that declares clinical variables gets those only, parsed by its
+``clinical_table`` entry point. They may also come from a CSV keyed by patient_id
+(``clinical_csv``). Every bad row is reported at once (:class:`~rheumai.dataset.labels.LabelSheetError`)
+before anything is written.
 """
 
 from __future__ import annotations
@@ -76,7 +63,7 @@ def read_image_table(path: str | Path, task: str = "cervical_ra", clinical_csv: 
     has_followup = "followup_days" in header or ("baseline_date" in header and "followup_date" in header)
 
     def parse(n: int, v: dict[str, str], errs: list[str]) -> ImageRow:
-        errs += [f"missing {'image' if c == 'image' else c} path" for c in cols.values() if not v[c]]
+        errs += [f"missing {c} path" for c in cols.values() if not v[c]]
         days = _followup_days(v, errs) if has_followup else None
         if v.get("split", "") not in ("", *SPLITS):
             errs.append(f"split must be one of {', '.join(SPLITS)} or blank, not '{v['split']}'")

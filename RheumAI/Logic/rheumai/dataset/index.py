@@ -26,11 +26,11 @@ from pydicom.errors import InvalidDicomError
 from ..errors import InputError
 from ..io import pixel_data_problem
 from ..multiframe import PART_SEP, Frame, frames_of, is_enhanced, split_parts, stack_of
+from .cache import ProgressFn, reporting
 from .classify import guess_region, guess_sequence, orientation_class
 
 SCHEMA_VERSION = 2
 COMMIT_EVERY = 500
-ProgressFn = Callable[[str, int, int], None]
 
 
 def _str(ds: pydicom.Dataset, key: str) -> str:
@@ -238,28 +238,19 @@ def index_archive(root: str | Path, index_path: str | Path, progress: ProgressFn
         con.commit()
 
         sql = f"INSERT OR REPLACE INTO files ({', '.join(FILE_FIELDS)}) VALUES ({', '.join('?' * len(FILE_FIELDS))})"
-        bar = None
-        if progress is None:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(todo), desc="reading DICOM headers", unit="file", disable=not todo)
         batch: list[tuple] = []
-        for i, p in enumerate(todo, 1):
-            try:
-                row = read_header(p)
-            except OSError as exc:  # vanished between walk and read
-                row = {"path": str(p), "size": -1, "mtime_ns": -1, "status": "unreadable", "error": str(exc)}
-            batch.append(tuple(row.get(c) for c in FILE_FIELDS))
-            if len(batch) >= COMMIT_EVERY or i == len(todo):
-                con.executemany(sql, batch)
-                con.commit()
-                batch.clear()
-            if bar is not None:
-                bar.update(1)
-            else:
-                progress("reading DICOM headers", i, len(todo))
-        if bar is not None:
-            bar.close()
+        with reporting(progress, "reading DICOM headers", len(todo), "file") as tick:
+            for i, p in enumerate(todo, 1):
+                try:
+                    row = read_header(p)
+                except OSError as exc:  # vanished between walk and read
+                    row = {"path": str(p), "size": -1, "mtime_ns": -1, "status": "unreadable", "error": str(exc)}
+                batch.append(tuple(row.get(c) for c in FILE_FIELDS))
+                if len(batch) >= COMMIT_EVERY or i == len(todo):
+                    con.executemany(sql, batch)
+                    con.commit()
+                    batch.clear()
+                tick(i)
         summary.files_read = len(todo)
         summary.unreadable += [(p, e or "") for p, e in con.execute(
             "SELECT path, error FROM files WHERE status != 'ok' AND path >= ? AND path < ? ORDER BY path", under)]
