@@ -45,7 +45,7 @@ def software_versions() -> dict[str, str]:
             "scikit-learn": sklearn.__version__, "platform": platform.platform()}
 
 
-def _plain_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict without DDP's ``module.`` prefix, as contiguous, unshared CPU tensors."""
     module = getattr(module, "module", module)
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
@@ -115,7 +115,7 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, card: dict[str, 
     missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
     if missing:
         raise ValueError(f"model card lacks {missing}")
-    state = _plain_state_dict(model)
+    state = cpu_state_dict(model)
     card = {"software": software_versions(), "model_id": uuid.uuid4().hex[:12], **card, "weights_file": WEIGHTS,
             "format": "rheumai-checkpoint/1", "weights_sha256": tensors_sha256(state)}
     with atomic_path(folder / WEIGHTS) as tmp:
@@ -211,9 +211,9 @@ def save_training_state(folder: str | Path, model: torch.nn.Module, optimizer: t
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     with staging_dir(folder) as new:
-        save_file(_plain_state_dict(model), str(new / "model.safetensors"))
+        save_file(cpu_state_dict(model), str(new / "model.safetensors"))
         if best_model is not None:
-            best = best_model if isinstance(best_model, dict) else _plain_state_dict(best_model)
+            best = best_model if isinstance(best_model, dict) else cpu_state_dict(best_model)
             save_file({k: v.contiguous() for k, v in best.items()}, str(new / "best_model.safetensors"))
         elif keep_best and (folder / "best_model.safetensors").is_file():
             try:  # unchanged: link instead of rewriting

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..atomic import write_text
-from ..checkpoint import find_training_state, load_training_state, save_training_state
+from ..checkpoint import cpu_state_dict, find_training_state, load_training_state, save_training_state
 from ..errors import InputError
 from .batchnorm import recalibrate_batchnorm
 from .heads import Head
@@ -290,10 +290,6 @@ def config_diff(saved: Mapping[str, Any], now: Mapping[str, Any], resumable: Ite
     return out
 
 
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
 def fit(model: torch.nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.utils.data.Dataset | None,
         heads: Mapping[str, Head], cfg: FitConfig | Mapping[str, Any], out_dir: str | Path,
         progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None, resume: bool = False, *,
@@ -452,7 +448,7 @@ def _fit(model: torch.nn.Module, train_ds: Any, val_ds: Any, heads: dict[str, He
         improved = math.isfinite(score) and score > best
         if improved:
             best, best_epoch, bad_epochs = score, epoch + 1, 0
-            best_state = _cpu_state(model)
+            best_state = cpu_state_dict(model)
         elif math.isfinite(score):
             bad_epochs += 1
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, f"val_{score_name}": score,
