@@ -239,3 +239,17 @@ def test_train_config_file_resume_and_evaluate_entry(cohort, tiny_model, tmp_pat
     assert m["n_patients"] == 3 and m["n_corners"] == 72 and 0 <= m["corners"]["accuracy"]["value"] <= 1
     assert (tmp_path / "eval" / "metrics.json").is_file() and "# mSASSS evaluation" in (
         tmp_path / "eval" / "report.md").read_text()
+
+
+def test_shipped_config_is_the_default_run():
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from rheumai.tasks.msasss.train import STAGES, TrainConfig, load_config
+
+    cfg, _ = load_config(Path(__file__).parents[1] / "configs" / "msasss.toml")
+    default = TrainConfig()
+    assert cfg.system_architecture() == default.system_architecture()
+    assert all(getattr(cfg, s).fit_config(0) == getattr(default, s).fit_config(0) for s in STAGES)
+    assert {k: v for k, v in asdict(cfg).items() if k not in STAGES} == \
+        {k: v for k, v in asdict(default).items() if k not in STAGES}

@@ -17,6 +17,8 @@ from monai.networks.blocks import Convolution
 from torch import nn
 from torch.nn import functional as F
 
+from .geometry import Grid
+
 
 def input_to_heatmap_xy(xy: np.ndarray | torch.Tensor, stride: int) -> np.ndarray | torch.Tensor:
     """Input-pixel (x, y) -> heatmap-pixel (x, y) for a heatmap at ``stride`` (centres aligned)."""
@@ -133,30 +135,12 @@ def success_rates(errors_mm: np.ndarray, thresholds_mm: Sequence[float] = (2.0, 
     return out
 
 
-def _index_to_lps(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    if image.GetDimension() == 2:
-        d = np.eye(3)
-        d[:2, :2] = np.asarray(image.GetDirection(), float).reshape(2, 2)
-        sp = np.array(list(image.GetSpacing()) + [1.0])
-        org = np.array(list(image.GetOrigin()) + [0.0])
-    else:
-        d = np.asarray(image.GetDirection(), float).reshape(3, 3)
-        sp = np.asarray(image.GetSpacing(), float)
-        org = np.asarray(image.GetOrigin(), float)
-    return d * sp[None, :], org
-
-
 def points_to_lps(image: sitk.Image, xy: np.ndarray) -> np.ndarray:
-    """Pixel (x, y) points (N, 2) of a one-slice image (slice 0) -> LPS mm (N, 3)."""
-    m, org = _index_to_lps(image)
+    """Pixel (x, y) points (N, 2) of a one-slice 3D image (slice 0) -> LPS mm (N, 3)."""
     xy = np.asarray(xy, float).reshape(-1, 2)
-    idx = np.column_stack([xy, np.zeros(len(xy))])
-    return idx @ m.T + org
+    return Grid.of(image).index_to_physical(np.column_stack([xy, np.zeros(len(xy))]))
 
 
 def lps_to_points(image: sitk.Image, lps: np.ndarray) -> np.ndarray:
-    """LPS mm points (N, 3) -> pixel (x, y) (N, 2) of a one-slice image (the slice offset is dropped)."""
-    m, org = _index_to_lps(image)
-    p = np.asarray(lps, float).reshape(-1, 3)
-    idx = np.linalg.solve(m, (p - org).T).T
-    return idx[:, :2]
+    """LPS mm points (N, 3) -> pixel (x, y) (N, 2) of a one-slice 3D image (the slice offset is dropped)."""
+    return Grid.of(image).physical_to_index(np.asarray(lps, float).reshape(-1, 3))[:, :2]

@@ -22,15 +22,13 @@ DEFAULT_N = 120
 TARGETS = {"corner_accuracy": (">=", 0.85), "total_mae": ("<=", 3.0), "corner_keypoint_median_mm": ("<=", 2.0)}
 
 
-def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress: bool = True,
-             epochs_scale: float = 1.0) -> dict[str, Any]:
-    """Run the demo into ``out_dir/msasss`` (its cohort/run/eval/scene folders are replaced);
-    returns the figures. ``epochs_scale`` shortens every training stage (tests)."""
+def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the demo into ``out_dir/msasss`` (its cohort/run/eval/scene folders are replaced); returns the figures."""
     from .dataset import load_cohort
     from .evaluate import evaluate
     from .predict import predict_study, rescore_points, write_scene
     from .synth import make_cohort
-    from .train import STAGES, TrainConfig, train
+    from .train import train
 
     say = print if progress else (lambda *a: None)
     out = Path(out_dir) / "msasss"
@@ -44,12 +42,9 @@ def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress:
     table = out / "cohort" / "studies.csv"
     t_gen = time.perf_counter() - t0
 
-    base = TrainConfig()
-    config = {"task": "msasss", "seed": seed,
-              **{s: {"epochs": max(1, round(getattr(base, s).epochs * epochs_scale))} for s in STAGES}}
     say("[msasss] training: landmarks, corner refinement, lesion classifiers, ordinal alternative ...")
     t1 = time.perf_counter()
-    model = train(config, table, out / "run", show_progress=progress, log=say).checkpoint
+    model = train({"task": "msasss", "seed": seed}, table, out / "run", show_progress=progress, log=say).checkpoint
     t_train = time.perf_counter() - t1
 
     say("[msasss] predicting and evaluating the held-out patients ...")
@@ -71,7 +66,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress:
     else:
         scene = str(write_scene(out / "scene" / f"{pid}.mrb", predict_study(model, study), {**study, "id": pid}))
 
-    c, t, k = metrics["corners"], metrics["total"], metrics["keypoints_corners"]
+    c, k, t = metrics["corners"], metrics["keypoints_corners"], metrics["total"]
     figures = {
         "n_patients": n, "n_test_patients": metrics["n_patients"], "n_test_corners": metrics["n_corners"],
         "corner_accuracy": c["accuracy"]["value"], "corner_accuracy_ci": [c["accuracy"]["lo"], c["accuracy"]["hi"]],
@@ -83,19 +78,15 @@ def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress:
         "seconds": {"generate": round(t_gen, 1), "train": round(t_train, 1), "predict_evaluate": round(t_pred, 1),
                     "total": round(time.perf_counter() - t0, 1)},
         "report": str(out / "eval" / "report.md"), "model": str(model), "scene": scene,
-        "rescore_example_total": re["total"]["total"],
-    }
-    figures["targets"] = {}
+        "rescore_example_total": re["total"]["total"], "targets": {}}
+    say("\n=== mSASSS demo (held-out generated patients) ===")
     for key, (op, target) in TARGETS.items():
         v = figures[key]
         ok = bool(v is not None and np.isfinite(v) and (v >= target if op == ">=" else v <= target))
         figures["targets"][key] = {"target": f"{op} {target}", "value": v, "reached": ok}
-    write_json(out / "summary.json", figures)
-    say("\n=== mSASSS demo (held-out generated patients) ===")
-    for key, d in figures["targets"].items():
-        val = "n/a" if d["value"] is None else f"{d['value']:.3f}"
-        say(f"  {key:28s} {val:>6s}   target {d['target']:8s} {'reached' if d['reached'] else 'NOT reached'}")
+        say(f"  {key:28s} {'n/a' if v is None else f'{v:.3f}':>6s}   target {op} {target:<5} "
+            f"{'reached' if ok else 'NOT reached'}")
     say(f"  ordinal alternative: corner accuracy {figures['corner_accuracy_ordinal_model']}, "
-        f"total MAE {figures['total_mae_ordinal_model']}")
-    say(f"  time: {figures['seconds']}\n  report: {figures['report']}")
+        f"total MAE {figures['total_mae_ordinal_model']}\n  time: {figures['seconds']}\n  report: {figures['report']}")
+    write_json(out / "summary.json", figures)
     return figures

@@ -11,12 +11,11 @@ ordinal alternative is scored beside the per-lesion classifiers.
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 
 from ...atomic import write_json, write_text
 from ...checkpoint import read_card
@@ -178,11 +177,7 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], rows: list[dict[s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)
-    buf = io.StringIO()
-    wr = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])
-    wr.writeheader()
-    wr.writerows(rows)
-    write_text(out / "corners.csv", buf.getvalue())
+    write_text(out / "corners.csv", pd.DataFrame(rows, dtype=object).to_csv(index=False))
     return write_text(out / "report.md", report_markdown(metrics))
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from ...engine.predict import Predictor, Prepared
 from ...errors import InputError
 from ...landmarks import lps_to_points, points_to_lps, soft_argmax
-from ...radiograph import Radiograph, radiograph_from_array, read_radiograph
+from ...radiograph import Radiograph, as_radiograph
 from .anatomy import VIEWS, check_points, disc_levels, point_names, scored_corners
 from .crops import fit_grid, level_grid, normalise_crop, normalise_image
 from .model import MsasssSystem
@@ -32,12 +32,12 @@ from .scoring import CORNER_LESIONS, score_view, total_score
 
 @dataclass
 class MsasssSample:
-    """One study: radiographs per view; for re-scoring, given points (21, 2) and corners marked missing."""
+    """One study: radiographs per view (file paths, Radiographs or one-slice SimpleITK images in LPS);
+    for re-scoring, given points (21, 2) and corners marked missing."""
 
     rads: dict[str, Radiograph]
     points: dict[str, np.ndarray] = field(default_factory=dict)
     missing: dict[str, set[str]] = field(default_factory=dict)
-    series_uid: str | None = None
 
     @property
     def sources(self) -> dict[str, str]:
@@ -48,26 +48,11 @@ class MsasssSample:
         return {v: r.image for v, r in self.rads.items()}
 
 
-def _radiograph(src: Any) -> Radiograph:
-    """A file path, a :class:`Radiograph` or a one-slice SimpleITK image (LPS, bone bright; e.g. a
-    Slicer volume node's image, whose geometry is kept)."""
-    if isinstance(src, Radiograph):
-        return src
-    if isinstance(src, sitk.Image):
-        arr = sitk.GetArrayFromImage(src)
-        sp = src.GetSpacing()
-        rad = radiograph_from_array(arr[0] if arr.ndim == 3 else arr, spacing_mm=(float(sp[1]), float(sp[0])))
-        if src.GetDimension() == 3:
-            rad.image = sitk.Cast(src, sitk.sitkFloat32)
-        return rad
-    return read_radiograph(src)
-
-
 def load_sample(inputs: Mapping[str, Any], card: dict[str, Any] | None = None) -> MsasssSample:
     unknown = sorted(set(inputs) - set(VIEWS) - {"id", "series_uid"})
     if unknown:
         raise InputError(None, f"unknown view(s) {unknown}; an mSASSS study has views {', '.join(VIEWS)}")
-    rads = {v: _radiograph(p) for v, p in inputs.items() if v in VIEWS and p is not None and not
+    rads = {v: as_radiograph(p) for v, p in inputs.items() if v in VIEWS and p is not None and not
             (isinstance(p, str) and not p)}
     if not rads:
         raise InputError(None, "an mSASSS study needs a lateral cervical and/or a lateral lumbar radiograph")
@@ -85,9 +70,8 @@ def to_tensors(sample: MsasssSample, card: dict[str, Any]) -> dict[str, torch.Te
 
 
 def _run(net: nn.Module, x: np.ndarray) -> dict[str, torch.Tensor]:
-    net.eval()
-    with torch.inference_mode():
-        return net(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+    """A network on an array (the engine's predictor runs the hooks in eval and inference mode)."""
+    return net(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
 
 
 def locate(system: MsasssSystem, array: np.ndarray, spacing_mm: tuple[float, float], view: str
@@ -189,37 +173,23 @@ def score_levels(view: str, o: Mapping[str, np.ndarray], check: dict[str, Any], 
             "ordinal_scores": {c: (v if scorable[c] else None) for c, v in ordinal.items()} or None}
 
 
-def view_points_lps(image: sitk.Image, view: Mapping[str, Any]) -> dict[str, Any]:
-    """The 12 scored corners of a view: label, LPS mm, pixels, status ("missing" = not scorable),
-    score and reason (the markups content of :mod:`rheumai_mrml.landmark_scene`)."""
-    names, xy = view["point_names"], np.asarray(view["points_xy"], float)
+def _corners(view: Mapping[str, Any], image: sitk.Image) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The 12 scored corners of a view as markups points (label, LPS mm, pixels, status "missing" =
+    not scorable, score, reason; :mod:`rheumai_mrml.landmark_scene`) and as corner-table rows."""
+    xy = np.asarray(view["points_xy"], float)
     lps = points_to_lps(image, xy)
-    out = []
-    for c in scored_corners(view["view"]):
-        i, score = names.index(c), view["scores"][c]
-        out.append({"label": c, "lps": lps[i].tolist(), "xy": xy[i].tolist(), "status": "missing" if score is None
-                    else "ok", "score": score, "reason": "; ".join(view["not_scorable"].get(c, []))})
-    return {"view": view["view"], "points": out}
-
-
-def corner_table(result: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per-corner rows: view, level, corner, score (empty = not scorable), probabilities, reason."""
-    rows = []
-    for v, r in result["views"].items():
-        for lv in r["levels"]:
-            for slot, c in enumerate(lv["corners"]):
-                s = r["scores"][c]
-                row = {"view": v, "level": lv["level"], "corner": c, "score": "" if s is None else int(s),
-                       "status": "missing" if s is None else "ok"}
-                row.update({f"p_{k}": round(float(p[slot]), 3) for k, p in lv["lesions"].items()})
-                row["p_bridging"] = round(float(lv["bridging"]), 3)
-                row["p_scorable"] = round(float(lv["scorable"][slot]), 3)
-                if r.get("ordinal_scores"):
-                    o = r["ordinal_scores"][c]
-                    row["ordinal_score"] = "" if o is None else int(o)
-                row["reason"] = "; ".join(r["not_scorable"].get(c, []))
-                rows.append(row)
-    return rows
+    points, rows = [], []
+    for lv in view["levels"]:
+        for slot, c in enumerate(lv["corners"]):
+            i, s, o = view["point_names"].index(c), view["scores"][c], (view["ordinal_scores"] or {}).get(c)
+            common = {"score": s, "status": "missing" if s is None else "ok",
+                      "reason": "; ".join(view["not_scorable"].get(c, []))}
+            points.append({"label": c, "lps": lps[i].tolist(), "xy": xy[i].tolist(), **common})
+            rows.append({"view": view["view"], "level": lv["level"], "corner": c, **common, "score": "" if s is None
+                         else s, **{f"p_{k}": round(p[slot], 3) for k, p in lv["lesions"].items()},
+                         "p_bridging": round(lv["bridging"], 3), "p_scorable": round(lv["scorable"][slot], 3),
+                         **({"ordinal_score": "" if o is None else o} if view["ordinal_scores"] else {})})
+    return points, rows
 
 
 def summary(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -247,8 +217,9 @@ def postprocess(outputs: Mapping[str, torch.Tensor], card: dict[str, Any], sampl
     result: dict[str, Any] = {"views": views, "total": total_score({v: r["scores"] for v, r in views.items()})}
     if all(r["ordinal_scores"] for r in views.values()):
         result["total_ordinal"] = total_score({v: r["ordinal_scores"] for v, r in views.items()})
-    result["points"] = {v: view_points_lps(sample.rads[v].image, r) for v, r in views.items()}
-    result["corner_table"] = corner_table(result)
+    corners = {v: _corners(r, sample.rads[v].image) for v, r in views.items()}
+    result["points"] = {v: {"view": v, "points": c[0]} for v, c in corners.items()}
+    result["corner_table"] = [row for c in corners.values() for row in c[1]]
     result.update(summary(result), label=summary(result)["total_msasss"])
     t = result["total"]
     total = "not computed (too many corners missing)" if t["total"] is None else f"{t['total']:.1f}"
@@ -312,9 +283,7 @@ def write_scene(out_path: str | Path, result: Mapping[str, Any], study: Mapping[
     (status "missing" where not scorable), the per-corner table and the totals (needs slicer-core)."""
     from rheumai_mrml.landmark_scene import write_landmark_scene
 
-    rads = load_sample(study).rads
-    table = corner_table(result)
     return write_landmark_scene(out_path, [
         {"name": f"{study.get('id') or 'study'} {v}", "image": rad.image, "result": summary(result),
-         "points": result["points"][v]["points"], "rows": [r for r in table if r["view"] == v], "rows_name": "corners"}
-        for v, rad in rads.items()])
+         "points": result["points"][v]["points"], "rows": [r for r in result["corner_table"] if r["view"] == v],
+         "rows_name": "corners"} for v, rad in load_sample(study).rads.items()])
