@@ -33,8 +33,10 @@ def trained(tmp_path_factory):
     sheet["split"] = ["train"] * 3 + ["test"] * 3
     sheet.to_csv(labels, index=False)
     cases = load_cohort(labels, HandParams(), root / "cohort" / "landmarks.csv")
-    ckpt = get_task("hand_svdh").entry("train")(TINY, labels, root / "run", show_progress=False).checkpoint
-    return root, cases, ckpt
+    cfg = {**TINY, "ensemble": {"bases": ["resnet"], "folds": 2}}
+    result = get_task("hand_svdh").entry("train")(cfg, labels, root / "run", show_progress=False)
+    assert result.ensemble == root / "run" / "ensemble" and result.checkpoint == root / "run" / "model"
+    return root, cases, result.checkpoint
 
 
 def test_config_defaults_and_errors(tmp_path):
@@ -117,6 +119,7 @@ def test_evaluation_report(trained, tmp_path):
     evaluate = get_task("hand_svdh").entry("evaluate")
     res = evaluate(ckpt, root / "cohort" / "labels.csv", tmp_path, show_progress=False)
     assert res["n"] == 3 and [c["patient_id"] for c in res["cases"]] == [c.patient_id for c in cases[3:]]
+    assert set(res["ensemble"]) == {"resnet", "stacked"}  # the stacking ensemble trained beside the model
     res = evaluate(ckpt, root / "cohort" / "labels.csv", tmp_path, split="all", show_progress=False)
     for key in ("total", "joint_total"):
         assert {"pcc", "rmse", "mae", "icc", "bland_altman"} <= set(res[key])
