@@ -10,15 +10,13 @@ checked by :func:`rheumai.paths.safe_child`):
 ``OUT/rows/<key>.json``                the study's table row: the record of truth for the tables
 ``OUT/predictions.csv`` / ``.json``    every row of ``OUT/rows``, rebuilt by :func:`merge_tables`
 
-Single-input tasks drop the ``_<role>`` part. The tables are a view of the row files: several
-processes (``--shard i/N`` or two runs by mistake) may write into one ``OUT``; each writes its own
-row files and rebuilds the tables under an exclusive ``fcntl`` lock on ``OUT/.predictions.lock``,
-so the last rebuild always sees every row written before it and no row is lost.
+Single-input tasks drop the ``_<role>`` part. Several processes (``--shard i/N``, or two runs by
+mistake) may share ``OUT``: each writes its own row files and rebuilds the tables under an
+exclusive ``fcntl`` lock on ``OUT/.predictions.lock``, so the last rebuild sees every row.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import fcntl
 import io
@@ -26,9 +24,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import SimpleITK as sitk
+from isal import igzip
 
 from ..atomic import atomic_path, write_json, write_text
 from ..errors import InputError, RheumAIError
@@ -38,14 +37,11 @@ if TYPE_CHECKING:
     from .predict import PredictionResult
 
 ROWS = "rows"
-LOCK = ".predictions.lock"
 BASE_COLUMNS = ("study", "key", "task", "source_path", "series_uid", "probability", "label", "threshold",
                 "model_id", "tta_mean", "tta_std", "saliency", "saliency_file", "montage_file", "result_file",
                 "scene_file", "error")
 VOLUME_FORMATS = ("nii.gz", "nii", "nrrd")
 
-
-# ------------------------------------------------------------------------------------ per study
 
 def scene_writer() -> Callable[..., Path]:
     """``rheumai_mrml.scene.write_result_scene``, imported lazily; a clear error without slicer-core."""
@@ -60,36 +56,47 @@ def scene_writer() -> Callable[..., Path]:
     return write_result_scene
 
 
+def save_volume(image: sitk.Image, path: Path, fmt: str) -> None:
+    """Atomic write. ``nii.gz``: ITK writes plain NIfTI and ISA-L's igzip compresses it at level 1
+    (the maps are mostly zeros: higher levels cost time, not size; ITK's zlib took 5x longer)."""
+    with atomic_path(path) as tmp:
+        if fmt != "nii.gz":
+            sitk.WriteImage(image, str(tmp), useCompression=fmt == "nrrd", compressionLevel=1)
+            return
+        raw = tmp.with_name(tmp.name[:-3])
+        try:
+            sitk.WriteImage(image, str(raw), useCompression=False)
+            with open(raw, "rb") as src, igzip.open(tmp, "wb", compresslevel=1) as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+        finally:
+            raw.unlink(missing_ok=True)
+
+
 def write_study(res: "PredictionResult", out_dir: str | Path, key: str, fmt: str = "nii.gz", montage: bool = True,
                 scene: bool = False, write_volume: bool = True) -> dict[str, Any]:
-    """Write one study's files into ``out_dir`` (see module docstring); returns their paths.
-
-    ``saliency_file`` / ``montage_file`` name the first role's files (the only ones for a
-    single-input task); ``saliency_files`` / ``montage_files`` map every role to its file.
-    """
+    """Write one study's files into ``out_dir`` (see module docstring); returns their paths:
+    ``saliency_files`` / ``montage_files`` by role, ``saliency_file`` / ``montage_file`` the first role's."""
     if fmt not in VOLUME_FORMATS:
         raise ValueError(f"volume format must be one of {VOLUME_FORMATS}, not '{fmt}'")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     safe_child(out, key, what="study key")
+    out.mkdir(parents=True, exist_ok=True)
     many = len(res.maps) > 1
-    files: dict[str, Any] = {"saliency_file": None, "montage_file": None, "result_file": None, "scene_file": None,
-                             "sanity_plot": None, "saliency_files": {}, "montage_files": {}}
+    files: dict[str, Any] = {"sanity_plot": None, "scene_file": None, "saliency_files": {}, "montage_files": {}}
     for role, m in res.maps.items():
         tag = f"_{role}" if many else ""
         if write_volume and m.volume is not None:
             path = safe_child(out, key, f"_saliency{tag}.{fmt}", what="study key")
-            with atomic_path(path) as tmp:
-                # Level 1: the maps are mostly zeros; higher levels cost time, not size.
-                sitk.WriteImage(m.volume, str(tmp), useCompression=fmt != "nii", compressionLevel=1)
+            save_volume(m.volume, path, fmt)
             files["saliency_files"][role] = str(path)
         if montage:
             from ..montage import save_montage
 
-            head = (f"{res.study_name}: {res.values['summary']}" if res.values.get("summary")  # non-binary tasks
-                    else f"{res.study_name}: p = {res.probability:.3f} (class {res.label} at {res.threshold:.3f})")
-            title = f"{head}; {res.saliency_method}{' - ' + role if many else ''}"
+            name = res.study_id or Path(res.source_path or "image").name
+            head = (f"{name}: {res.values['summary']}" if res.values.get("summary")  # non-binary tasks
+                    else f"{name}: p = {res.probability:.3f} (class {res.label} at {res.threshold:.3f})")
             path = safe_child(out, key, f"_montage{tag}.png", what="study key")
+            title = f"{head}; {res.saliency_method}{' - ' + role if many else ''}"
             files["montage_files"][role] = str(save_montage(path, m.images, overlay=m.overlay, titles=m.titles,
                                                             suptitle=title))
     first = next(iter(res.maps), None)
@@ -100,31 +107,14 @@ def write_study(res: "PredictionResult", out_dir: str | Path, key: str, fmt: str
 
         files["sanity_plot"] = str(save_sanity_plot(safe_child(out, key, "_sanity.png"), res.sanity, title=key))
     if scene:
-        writer = scene_writer()
         role = first or next(iter(res.source_images), None)
-        if role is None or res.source_images.get(role) is None:
+        if res.source_images.get(role) is None:
             raise ValueError("the scene needs the source image")
         volume = res.maps[role].volume if role in res.maps else None
-        files["scene_file"] = str(writer(safe_child(out, key, ".mrb"), res.source_images[role], volume,
-                                         dict(res.to_dict(), files=dict(files))))
+        files["scene_file"] = str(scene_writer()(safe_child(out, key, ".mrb"), res.source_images[role], volume,
+                                                 dict(res.to_dict(), files=dict(files))))
     files["result_file"] = str(write_json(safe_child(out, key, ".json"), dict(res.to_dict(), files=files)))
     return files
-
-
-# ------------------------------------------------------------------------------------ tables
-
-@contextlib.contextmanager
-def table_lock(out_dir: str | Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``out_dir/.predictions.lock`` (blocks until free; released on
-    exit and by the kernel if the process dies)."""
-    path = Path(out_dir) / LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def put_row(out_dir: str | Path, row: dict[str, Any]) -> Path:
@@ -142,65 +132,50 @@ class RowReader:
     def read(self) -> list[dict[str, Any]]:
         """All rows, in the order they were finished (``finished`` time, then key)."""
         rows = []
-        if self.folder.is_dir():
-            for entry in os.scandir(self.folder):
-                if entry.name.startswith(".") or not entry.name.endswith(".json"):
-                    continue  # temporary files of atomic writes in flight
+        for entry in os.scandir(self.folder) if self.folder.is_dir() else ():
+            if entry.name.startswith(".") or not entry.name.endswith(".json"):
+                continue  # temporary files of atomic writes in flight
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            sig = (st.st_mtime_ns, st.st_size)
+            hit = self._cache.get(entry.name)
+            if hit is None or hit[0] != sig:
                 try:
-                    st = entry.stat()
-                except FileNotFoundError:
-                    continue
-                sig = (st.st_mtime_ns, st.st_size)
-                hit = self._cache.get(entry.name)
-                if hit is None or hit[0] != sig:
-                    try:
-                        hit = (sig, json.loads(Path(entry.path).read_text(encoding="utf-8")))
-                    except (OSError, json.JSONDecodeError) as exc:
-                        raise InputError(entry.path, f"unreadable result row ({exc}); delete it to predict that study again") from None
-                    self._cache[entry.name] = hit
-                rows.append(hit[1])
+                    hit = self._cache[entry.name] = (sig, json.loads(Path(entry.path).read_text(encoding="utf-8")))
+                except (OSError, json.JSONDecodeError) as exc:
+                    raise InputError(entry.path, f"unreadable result row ({exc}); delete it to predict that "
+                                                 "study again") from None
+            rows.append(hit[1])
         return sorted(rows, key=lambda r: (r.get("finished", 0.0), str(r.get("key"))))
 
 
-def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """BASE_COLUMNS, then any other scalar field of the rows (task extras), in first-seen order."""
-    cols = list(BASE_COLUMNS)
-    for r in rows:
-        for k, v in r.items():
-            if k not in cols and k not in ("finished", "files") and not isinstance(v, (dict, list)):
-                cols.append(k)
-    return cols
-
-
-def write_tables(out_dir: str | Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """``predictions.csv`` (scalar columns) and ``predictions.json`` (meta + full rows), atomically."""
-    out = Path(out_dir)
-    cols = _columns(rows)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    write_text(out / "predictions.csv", buf.getvalue())
-    write_json(out / "predictions.json", dict(meta, predictions=list(rows)))
-
-
 def merge_tables(out_dir: str | Path, meta: dict[str, Any], reader: RowReader | None = None) -> list[dict[str, Any]]:
-    """Rebuild the tables of ``out_dir`` from its row files under the folder's lock; returns the rows."""
-    reader = reader or RowReader(out_dir)
-    with table_lock(out_dir):
-        rows = reader.read()
-        write_tables(out_dir, rows, meta)
+    """Rebuild ``predictions.csv`` (BASE_COLUMNS, then the rows' other scalar fields in first-seen
+    order) and ``predictions.json`` (meta + full rows) from the row files, under the folder's lock
+    (released by the kernel if the process dies). Returns the rows."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".predictions.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        rows = (reader or RowReader(out)).read()
+        cols = list(BASE_COLUMNS)
+        cols += dict.fromkeys(k for r in rows for k, v in r.items() if k not in cols and k not in ("finished", "files")
+                              and not isinstance(v, (dict, list)))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in cols} for r in rows)
+        write_text(out / "predictions.csv", buf.getvalue())
+        write_json(out / "predictions.json", dict(meta, predictions=rows))
     return rows
 
 
 def merge_folders(sources: Sequence[str | Path], out_dir: str | Path) -> list[dict[str, Any]]:
-    """Merge the results of several output folders (e.g. shards) into ``out_dir``.
-
-    Every source's row files and per-study files are copied in (a study done in several sources
-    keeps the row without error, then the latest); the tables are rebuilt under the lock.
-    Returns the merged rows. Sources that are ``out_dir`` itself are skipped.
-    """
+    """Merge output folders (e.g. shards) into ``out_dir``: every source's row files and per-study
+    files are copied in (a study in several sources keeps the row without error, then the latest;
+    file paths in the rows are moved into ``out_dir``), the tables rebuilt. Returns the rows."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {}
@@ -214,6 +189,13 @@ def merge_folders(sources: Sequence[str | Path], out_dir: str | Path) -> list[di
                     if k != "predictions"} or meta
         except (OSError, json.JSONDecodeError):
             pass
+        s = str(src.resolve()) + os.sep
+
+        def move(v: Any) -> Any:
+            if isinstance(v, dict):
+                return {k: move(x) for k, x in v.items()}
+            return str(out.resolve() / v[len(s):]) if isinstance(v, str) and v.startswith(s) else v
+
         for row in RowReader(src).read():
             dest = safe_child(out / ROWS, row["key"], ".json", what="study key")
             if dest.is_file():
@@ -224,19 +206,5 @@ def merge_folders(sources: Sequence[str | Path], out_dir: str | Path) -> list[di
                 if f.is_file() and (f.name.startswith(row["key"] + "_") or f.name.startswith(row["key"] + ".")):
                     with atomic_path(out / f.name) as tmp:
                         shutil.copyfile(f, tmp)
-            put_row(out, _rebase(row, src, out))
+            put_row(out, move(row))
     return merge_tables(out, meta)
-
-
-def _rebase(row: dict[str, Any], src: Path, out: Path) -> dict[str, Any]:
-    """The row with file paths that pointed into ``src`` pointing into ``out``."""
-    s = str(src.resolve())
-
-    def move(v: Any) -> Any:
-        if isinstance(v, str) and v.startswith(s + os.sep):
-            return str(out.resolve() / Path(v).relative_to(s))
-        if isinstance(v, dict):
-            return {k: move(x) for k, x in v.items()}
-        return v
-
-    return {k: move(v) for k, v in row.items()}
