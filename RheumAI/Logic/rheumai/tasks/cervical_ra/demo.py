@@ -165,7 +165,8 @@ def _train_and_score(out: Path, ds: Any, seed: int, epochs: int | None, family: 
     test subjects and on the real T2; returns the figures (and file lists for the report)."""
     from ...api import evaluate, train
     from ...config import TrainConfig, save_config
-    from ...predict import Predictor, write_outputs
+    from ...engine.predict import Predictor
+    from ...engine.write import write_study
 
     cfg_dict = _train_config(seed, epochs, family)
     t = _step(f"3/7 training ({FAMILY_TITLES[family]}, ResNet-{cfg_dict['model']['depth']}, "
@@ -195,7 +196,7 @@ def _train_and_score(out: Path, ds: Any, seed: int, epochs: int | None, family: 
             continue
         res = predictor.predict(r["source_path"], saliency=SALIENCY, series_uid=r["series_uid"])
         stem, positive = r["patient_id"], int(r["label"]) == 1
-        files = write_outputs(res, pred_dir, stem, scene=scene and positive and scene_pos is None)
+        files = write_study(res, pred_dir, stem, scene=scene and positive and scene_pos is None)
         scene_pos = scene_pos or files["scene_file"]
         row = {"patient_id": stem, "label": int(r["label"]), "probability": res.probability,
                "predicted": res.label, "saliency_file": files["saliency_file"]}
@@ -213,7 +214,7 @@ def _train_and_score(out: Path, ds: Any, seed: int, epochs: int | None, family: 
             montages.append(files["montage_file"])
         rows.append(row)
     real = predictor.predict(REAL_T2, saliency=SALIENCY, tta=8)
-    real_files = write_outputs(real, pred_dir, "real_t2", scene=scene)
+    real_files = write_study(real, pred_dir, "real_t2", scene=scene)
     timings["predict_s"] = time.perf_counter() - t
     rep = ev
     return {
@@ -260,8 +261,8 @@ def outside_check(checkpoint: str | Path, seed: int, n: int, prevalence: float, 
     """
     from tqdm import tqdm
 
+    from ...engine.predict import Predictor
     from ...metrics import binary_report
-    from ...predict import Predictor
     from ...saliency import peak_distance_mm
     from .synth import CohortParams, load_template, plan_cohort, synthesize_subject
 
