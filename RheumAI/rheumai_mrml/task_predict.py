@@ -11,7 +11,7 @@ Select slices honours, so Predict samples the same slab.
 
 Which predictor runs: the engine's (``rheumai.api.load``: one Predictor for every task) when the
 task declares its predict-side hooks (``Task.load_sample``), else the task's own console entry point
-(``api["predictor"]``, e.g. NegSpA-AI) or, for the cervical task, ``rheumai.predict.Predictor``.
+(``api["predictor"]``).
 """
 
 from __future__ import annotations
@@ -121,10 +121,6 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> Any:
         from rheumai.api import load
 
         return load(model_path, device=device)
-    if task.name == "cervical_ra":
-        from rheumai.predict import Predictor
-
-        return Predictor(model_path, device=device)
     return task.entry("predictor")(model_path, device)
 
 
