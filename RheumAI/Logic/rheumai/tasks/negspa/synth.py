@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -213,8 +212,3 @@ def read_cohort(path: str | Path) -> pd.DataFrame:
         if c in df.columns:
             df[c] = [str((path.parent / str(v)).resolve()) if isinstance(v, str) and v else v for v in df[c]]
     return df
-
-
-def describe(cohort_csv: str | Path) -> dict[str, Any]:
-    df = pd.read_csv(cohort_csv)
-    return {"n": len(df), "positive": int(df["label"].sum()), "splits": df["split"].value_counts().to_dict()}
