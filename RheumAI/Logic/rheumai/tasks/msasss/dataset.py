@@ -148,13 +148,14 @@ class LevelCropDataset(Dataset):
     """Disc-level crops of views; ``index`` lists (record, level) pairs (default: all, in order).
 
     augment: jittered crop placement (``jitter`` = (mm, deg, scale)), vertical flip with the slot
-    labels swapped (``flip``), intensity changes.
+    labels swapped (``flip``), intensity changes. ``keypoints``: the target is the two corners only
+    (``{"keypoints": (2, 2)}``, the refinement network's).
     """
 
     def __init__(self, records: Sequence[ViewRecord], index: Sequence[tuple[int, int]] | None = None,
                  size: int = 48, augment: bool = False, jitter: tuple[float, float, float] = (1.5, 6.0, 0.08),
-                 flip: bool = True, seed: int = 0, side_factor: float = 0.9) -> None:
-        self.records = list(records)
+                 flip: bool = True, seed: int = 0, side_factor: float = 0.9, keypoints: bool = False) -> None:
+        self.records, self.keypoints = list(records), keypoints
         self.side_factor, self.seed = side_factor, seed
         self.index = list(index) if index is not None else [(r, l) for r in range(len(self.records)) for l in range(6)]
         self.size, self.augment, self.jitter, self.flip = size, augment, jitter, flip
@@ -168,7 +169,8 @@ class LevelCropDataset(Dataset):
         self.rng = np.random.default_rng((self.seed, epoch))
 
     def unaugmented(self) -> "LevelCropDataset":
-        return LevelCropDataset(self.records, self.index, self.size, side_factor=self.side_factor)
+        return LevelCropDataset(self.records, self.index, self.size, side_factor=self.side_factor,
+                                keypoints=self.keypoints)
 
     def targets(self, k: int) -> dict[str, np.ndarray]:
         r, lvl = self.index[k]
@@ -192,6 +194,8 @@ class LevelCropDataset(Dataset):
         if flip:  # the flipped crop shows the level upside down: the slots swap
             t = {name: v[::-1].copy() for name, v in t.items()}
             t["corners"][:, 1] = self.size - 1 - t["corners"][:, 1]
+        if self.keypoints:
+            t = {"keypoints": t["corners"]}
         sample["target"] = {name: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for name, v in t.items()}
         return sample
 

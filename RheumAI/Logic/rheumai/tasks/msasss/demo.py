@@ -86,7 +86,8 @@ def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress:
         figures["targets"][key] = {"target": f"{op} {target}", "value": v, "reached": ok}
         say(f"  {key:28s} {'n/a' if v is None else f'{v:.3f}':>6s}   target {op} {target:<5} "
             f"{'reached' if ok else 'NOT reached'}")
-    say(f"  ordinal alternative: corner accuracy {figures['corner_accuracy_ordinal_model']}, "
-        f"total MAE {figures['total_mae_ordinal_model']}\n  time: {figures['seconds']}\n  report: {figures['report']}")
+    acc, mae = figures["corner_accuracy_ordinal_model"], figures["total_mae_ordinal_model"]
+    say(f"  ordinal alternative: corner accuracy {acc if acc is None else round(acc, 3)}, total MAE "
+        f"{mae if mae is None else round(mae, 2)}\n  time: {figures['seconds']}\n  report: {figures['report']}")
     write_json(out / "summary.json", figures)
     return figures

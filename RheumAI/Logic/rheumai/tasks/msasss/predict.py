@@ -60,12 +60,11 @@ def load_sample(inputs: Mapping[str, Any], card: dict[str, Any] | None = None) -
 
 
 def to_tensors(sample: MsasssSample, card: dict[str, Any]) -> dict[str, torch.Tensor]:
-    out = {}
+    """Per view the array, ``<view>_spacing`` (row, col) mm and, when given, ``<view>_points`` (21, 2)."""
+    out = {f"{v}_points": torch.as_tensor(np.asarray(p, np.float64).reshape(21, 2)) for v, p in sample.points.items()}
     for v, r in sample.rads.items():
-        out[v] = torch.from_numpy(np.ascontiguousarray(r.array, np.float32))
+        out[v] = torch.from_numpy(r.array.astype(np.float32))
         out[f"{v}_spacing"] = torch.tensor(r.spacing_mm, dtype=torch.float64)
-        if v in sample.points:
-            out[f"{v}_points"] = torch.as_tensor(np.asarray(sample.points[v], np.float64).reshape(21, 2))
     return out
 
 
@@ -129,14 +128,13 @@ def forward(model: MsasssSystem, batch: Mapping[str, torch.Tensor]) -> dict[str,
                 pts, conf = batch[f"{v}_points"][b].cpu().numpy(), np.full(21, np.nan)
             else:
                 pts, conf = locate(model, arr, sp, v)
-            vals = {"points": pts, "confidence": conf}
-            try:
-                if not np.isfinite(pts).all():
-                    raise ValueError("points missing")
-                vals.update(classify_levels(model, arr, sp, v, pts))
-            except ValueError:  # missing or coincident centres: nothing to crop, the checks flag the view
-                vals.update(lesions=np.zeros((6, 4, 2)), bridging=np.zeros(6), scorable=np.zeros((6, 2)),
-                            ordinal=np.full((6, 2), -1.0))
+            vals = {"points": pts, "confidence": conf, "lesions": np.zeros((6, 4, 2)), "bridging": np.zeros(6),
+                    "scorable": np.zeros((6, 2)), "ordinal": np.full((6, 2), -1.0)}
+            if np.isfinite(pts).all():
+                try:
+                    vals.update(classify_levels(model, arr, sp, v, pts))
+                except ValueError:  # coincident centres: nothing to crop (the checks flag the view)
+                    pass
             for key, val in vals.items():
                 out.setdefault(f"{key}_{v}", []).append(torch.as_tensor(np.asarray(val, np.float64)))
     return {k: torch.stack(v) for k, v in out.items()}

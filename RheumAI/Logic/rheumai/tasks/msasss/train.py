@@ -240,9 +240,10 @@ def train_system(train: Sequence[ViewRecord], val: Sequence[ViewRecord], run: Ru
 
     def refine() -> nn.Module:
         a = arch["refine"]
-        kw = dict(size=int(a["crop_size"]), jitter=tuple(cfg.refine_jitter), side_factor=float(a["side_factor"]))
+        kw = dict(size=int(a["crop_size"]), jitter=tuple(cfg.refine_jitter), side_factor=float(a["side_factor"]),
+                  augment=True, keypoints=True)
         # validation crops jittered like the coarse points at predict time
-        tr, va = (_Refine(recs, augment=True, seed=s, **kw) for recs, s in ((train, cfg.seed), (val, cfg.seed + 1)))
+        tr, va = (LevelCropDataset(recs, seed=s, **kw) for recs, s in ((train, cfg.seed), (val, cfg.seed + 1)))
         return run.fit("refine", "refine", build_model(a), tr, va, make_heads("refine", a))
 
     def crops(kind: str) -> nn.Module:
@@ -272,18 +273,6 @@ def train_system(train: Sequence[ViewRecord], val: Sequence[ViewRecord], run: Ru
             "training_data": {"views": len(train), "val_views": len(val)}, "train_config": asdict(cfg),
             "timings_s": timings}
     return system, save_checkpoint(out / "model", system, card)
-
-
-class _Refine(LevelCropDataset):
-    """Disc-level crops with the two corners as the keypoints target."""
-
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        s = super().__getitem__(k)
-        s["target"] = {"keypoints": s["target"]["corners"]}
-        return s
-
-    def unaugmented(self) -> "_Refine":
-        return _Refine(self.records, self.index, self.size, side_factor=self.side_factor)
 
 
 def train(config: str | Path | Mapping[str, Any], manifest: str | Path | None, out_dir: str | Path, *,
