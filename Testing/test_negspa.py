@@ -194,10 +194,11 @@ def _config(**over) -> dict:
 @pytest.fixture(scope="module")
 def trained(cohort, tmp_path_factory):
     from rheumai import api
-    from rheumai.tasks.negspa.train import build_dataset
+    from rheumai.dataset import build_image_dataset
 
     out = tmp_path_factory.mktemp("spa_run")
-    manifest = build_dataset(cohort, out / "ds", NegSpaParams(size=SIZE), show_progress=False)
+    manifest = build_image_dataset(cohort, out / "ds", params=NegSpaParams(size=SIZE), task="negspa",
+                                   clinical_csv=cohort.parent / "clinical.csv", progress=lambda *a: None).manifest
     return manifest, api.train(_config(), manifest, out / "run", show_progress=False)
 
 
@@ -331,7 +332,7 @@ def test_evaluate_writes_report(trained, tmp_path):
 
 
 def test_cli_end_to_end(tmp_path):
-    """Generic commands with the task from the config / card; `rheumai negspa dataset` builds the cache."""
+    """Generic commands with the task from the config / card; `rheumai dataset build --task negspa` builds the cache."""
     from rheumai.cli import main
     from rheumai.config import dumps_toml
 
@@ -340,7 +341,8 @@ def test_cli_end_to_end(tmp_path):
 
     assert run("synth", "--task", "negspa", "--out", tmp_path / "c", "--n", 8, "--seed", 2, "--spacing", 4) == 0
     cohort = next((tmp_path / "c").rglob("cohort.csv"))
-    assert run("negspa", "dataset", cohort, "--out", tmp_path / "ds", "--size", 32, 32) == 0
+    assert run("dataset", "build", "--task", "negspa", "--images", cohort, "--clinical", cohort.parent / "clinical.csv",
+               "--out", tmp_path / "ds", "--size", 32, 32) == 0
     cfg = tmp_path / "spa.toml"
     cfg.write_text(dumps_toml(_config(model={"depth": 10}, train={"epochs": 1}, fusion={"epochs": 1})))
     assert run("train", "--config", cfg, "--manifest", tmp_path / "ds" / "manifest.csv", "--out", tmp_path / "run",

@@ -197,18 +197,21 @@ def test_negspa_cohort_predict_with_hostile_ids(negspa_setup, tmp_path, one_torc
     assert (rows["error"] != "").sum() >= 8
 
 
-def test_negspa_dataset_cache_refuses_hostile_ids(negspa_setup, tmp_path):
-    from rheumai.tasks.negspa.preprocess import NegSpaParams
-    from rheumai.tasks.negspa.train import build_dataset
+def test_negspa_dataset_cache_never_names_a_file_after_an_id(negspa_setup, tmp_path):
+    """`rheumai dataset build --task negspa`: cache entries are named by content hashes, so hostile
+    IDs reach the manifest verbatim and nothing lands outside the output folder."""
+    from rheumai.dataset import build_image_dataset
 
     cohort, _ = negspa_setup
-    for bad in ("../../escaped", "/abs/pid", "a/b"):
-        table = _hostile_cohort(cohort, tmp_path / "t" / "cohort.csv", [bad])
-        out = tmp_path / "ds" / "out"
-        before = tree(tmp_path)
-        with pytest.raises(InputError, match="patient ID"):
-            build_dataset(table, out, NegSpaParams(size=(16, 16)), show_progress=False)
-        assert outside(tmp_path, out, before) == set()
+    bad = ["../../escaped", "/abs/pid", "a/b"]
+    table = _hostile_cohort(cohort, tmp_path / "t" / "cohort.csv", bad)
+    out = tmp_path / "ds" / "out"
+    before = tree(tmp_path)
+    res = build_image_dataset(table, out, params={"size": [16, 16]}, task="negspa", progress=lambda *a: None)
+    assert outside(tmp_path, out, before) == set()
+    manifest = pd.read_csv(res.manifest, dtype=str)
+    assert sorted(manifest["patient_id"]) == sorted(bad)
+    assert all(c.startswith("cache/") and "/" not in c[len("cache/"):] for c in manifest["cache_file"])
 
 
 def test_synth_preview_refuses_hostile_patient(tmp_path):

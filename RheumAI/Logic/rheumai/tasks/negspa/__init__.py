@@ -3,17 +3,19 @@
 Console API (works in Slicer's Python console)::
 
     from rheumai import api
+    from rheumai.dataset import build_image_dataset
     from rheumai.tasks import negspa
     cohort = negspa.make_cohort("/tmp/spa", n=24)                  # generated cohort with truth
-    manifest = negspa.build_dataset(cohort, "/tmp/spa/ds", {"size": (64, 64)})
+    manifest = build_image_dataset(cohort, "/tmp/spa/ds", params={"size": (64, 64)}, task="negspa",
+                                   clinical_csv="/tmp/spa/clinical.csv").manifest
     run = api.train("configs/negspa.toml", manifest, "/tmp/spa/run")  # two stages on the engine
     api.evaluate(run.checkpoint, manifest, "/tmp/spa/eval")
     res = api.predict(run.checkpoint, {"t1": ..., "t2": ..., "stir": ..., "roi": "box.json",
                                        "clinical": {"crp": 12, "inflammatory_back_pain": "yes"}}, "/tmp/spa/pred")
 
 Modules: preprocess (box, half grids), clinical (variables, missing-value encoding), model
-(tri-input ResNet + fusion), mixcut, train (dataset, the engine recipe: config sections, two
-stages), predict (the engine's predict hooks), synth (generated cohort), cli, task (declaration).
+(tri-input ResNet + fusion), mixcut, train (the engine recipe: config sections, two stages),
+predict (the engine's predict hooks), synth (generated cohort), task (declaration).
 Names below are imported on first use, so importing the package stays light.
 """
 
@@ -22,8 +24,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"make_cohort": "synth", "build_dataset": "train", "read_box": "preprocess", "Box": "preprocess",
-            "NegSpaParams": "preprocess", "TASK": "task"}
+_EXPORTS = {"make_cohort": "synth", "read_box": "preprocess", "Box": "preprocess", "NegSpaParams": "preprocess",
+            "TASK": "task"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -1,10 +1,8 @@
-"""NegSpA-AI on the engine's binary recipe: dataset cache, config sections, two training stages.
+"""NegSpA-AI on the engine's binary recipe: config sections, two training stages.
 
-Dataset: :func:`build_dataset` preprocesses every study of a cohort CSV (patient_id, t1, t2, stir,
-box, label, split) into ``cache/<patient_id>.npy/.json`` (:class:`NegSpaSample`) and writes
-``manifest.csv`` (the contract's columns + the parsed clinical columns) and ``dataset.json``
-(parameters, excluded studies with the reason). Re-running skips cached studies whose parameters
-match; a study that fails is listed, not silently dropped.
+Dataset: ``rheumai dataset build --task negspa --images cohort.csv --clinical clinical.csv``
+(:func:`rheumai.dataset.images.build_image_dataset`): the cache holds one :class:`NegSpaSample` per
+study, the manifest the parsed clinical columns.
 
 Training (Lu et al.), two stages of :func:`rheumai.engine.train.train` (state in ``<out>/image/``
 and ``<out>/fusion/``): 1. ``image``: the three ResNet branches + the image-only head, BCE on the
@@ -16,8 +14,6 @@ lr. Selection, threshold with CI, card and evaluation are the engine's.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,77 +21,16 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
-from ...atomic import write_json, write_text
 from ...config import TrainConfig
 from ...engine.train import Prepared, Recipe, Stage
-from ...errors import InputError, RheumAIError
-from ...paths import safe_child
-from .clinical import NAMES, ClinicalEncoder, parse_table, read_clinical_csv
+from ...errors import InputError
+from .clinical import NAMES, ClinicalEncoder
 from .mixcut import mixcut
 from .model import build_model, default_architecture, pack
-from .preprocess import ROLES, NegSpaParams, preprocess
-from .synth import read_cohort
+from .preprocess import ROLES, NegSpaParams
 
 TASK_NAME = "negspa"
-
-
-# ---------------------------------------------------------------- dataset
-
-def _params_hash(params: NegSpaParams) -> str:
-    return hashlib.sha256(json.dumps(params.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def build_dataset(cohort_csv: str | Path, out_dir: str | Path, params: NegSpaParams | dict | None = None,
-                  clinical_csv: str | Path | None = None, show_progress: bool = True) -> Path:
-    """Preprocess a cohort into a cache + ``manifest.csv``; returns the manifest path.
-
-    ``clinical_csv`` defaults to ``clinical.csv`` beside the cohort CSV when present; clinical
-    columns may also sit in the cohort CSV itself.
-    """
-    p = params if isinstance(params, NegSpaParams) else NegSpaParams.from_dict(dict(params or {}))
-    cohort_csv = Path(cohort_csv)
-    df = read_cohort(cohort_csv)
-    if clinical_csv is None and (cohort_csv.parent / "clinical.csv").is_file():
-        clinical_csv = cohort_csv.parent / "clinical.csv"
-    if clinical_csv is not None:
-        clin = read_clinical_csv(clinical_csv)
-        df = df.drop(columns=[c for c in NAMES if c in df.columns]).merge(clin, on="patient_id", how="left")
-    else:
-        df = pd.concat([df.drop(columns=[c for c in NAMES if c in df.columns]),
-                        parse_table(df.astype(str).replace("nan", ""), cohort_csv)], axis=1)
-    out = Path(out_dir)
-    (out / "cache").mkdir(parents=True, exist_ok=True)
-    ph = _params_hash(p)
-    rows, excluded = [], []
-    for _, r in tqdm(df.iterrows(), total=len(df), desc="negspa dataset", disable=not show_progress):
-        pid = str(r["patient_id"])
-        stem = safe_child(out / "cache", pid, ".json", what="patient ID", source=cohort_csv).with_name(pid)
-        meta = stem.with_name(pid + ".json")
-        cached = meta.is_file() and stem.with_name(pid + ".npy").is_file() and \
-            json.loads(meta.read_text()).get("params") == p.to_dict()
-        if not cached:
-            try:
-                sample = preprocess({k: r[k] for k in ("t1", "t2", "stir", "box")}, p)
-            except RheumAIError as exc:
-                excluded.append({"patient_id": pid, "reason": str(exc)})
-                print(f"negspa dataset: skipped {pid}: {exc}")
-                continue
-            sample.provenance["patient_id"] = pid
-            sample.save(stem)
-        rows.append({"patient_id": pid, "split": r.get("split", "train"), "fold": -1, "site": r.get("site", ""),
-                     "label": int(r["label"]) if "label" in r and pd.notna(r["label"]) else -1,
-                     "t1": r["t1"], "t2": r["t2"], "stir": r["stir"], "box": r["box"],
-                     "cache_file": f"cache/{pid}", "params_hash": ph, **{c: r[c] for c in NAMES}})
-    man = pd.DataFrame(rows).sort_values("patient_id")
-    path = out / "manifest.csv"
-    write_text(path, man.to_csv(index=False))
-    write_json(out / "dataset.json", {"task": TASK_NAME, "preprocessing": p.to_dict(), "params_hash": ph,
-                                      "cohort": str(cohort_csv),
-                                      "clinical": None if clinical_csv is None else str(clinical_csv),
-                                      "n": len(man), "excluded": excluded})
-    return path
 
 
 class NegSpaDataset(torch.utils.data.Dataset):
