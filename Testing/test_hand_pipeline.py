@@ -40,8 +40,11 @@ def trained(tmp_path_factory):
 
 
 def test_config_defaults_and_errors(tmp_path):
+    from rheumai.config import load_config as read_any_config
+
     shipped = load_config(CONFIGS / "hand_svdh.toml")
     assert shipped == HandTrainConfig(source=str(CONFIGS / "hand_svdh.toml"))
+    assert read_any_config(CONFIGS / "hand_svdh.toml") == shipped  # rheumai train reads it through the registry
     assert load_config(TINY).whole.epochs == 1 and load_config(TINY).whole.lr == HandTrainConfig().whole.lr
     bad = tmp_path / "bad.toml"
     for text, msg in (('task = "hand_svdh"\n[whole]\nepochs = 3\nlearning_rate = 1\n', "learning_rate"),
@@ -68,7 +71,7 @@ def test_registered_and_predicts_through_the_engine(trained, tmp_path):
     assert res["points_lps"].shape == (22, 3)
     sal = res["saliency"]
     src = case.prep.rad.image
-    assert sal.GetSize() == src.GetSize() and sal.GetSpacing() == src.GetSpacing() and sal.GetOrigin() == src.GetOrigin()
+    assert (sal.GetSize(), sal.GetSpacing(), sal.GetOrigin()) == (src.GetSize(), src.GetSpacing(), src.GetOrigin())
     arr = sitk.GetArrayFromImage(sal)
     assert arr.min() >= 0 and arr.max() <= 1 + 1e-6
     # per-joint points are in the file's own pixel frame: pixel -> LPS through the image's geometry
@@ -132,6 +135,23 @@ def test_evaluation_report(trained, tmp_path):
         evaluate(ckpt, root / "cohort" / "labels.csv", tmp_path, split="val", show_progress=False)
 
 
+def test_command_line_train_and_evaluate(trained, tmp_path):
+    from rheumai.cli import main
+
+    root, _, _ = trained
+    cfg = tmp_path / "tiny.toml"
+    stages = "".join(f"[{k}]\nepochs = 1\nbatch_size = {32 if k == 'joints' else 4}\n"
+                     for k in ("whole", "landmarks", "joints"))
+    cfg.write_text('task = "hand_svdh"\n' + stages)
+    labels = str(root / "cohort" / "labels.csv")
+    assert main(["train", "--config", str(cfg), "--manifest", labels, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert (tmp_path / "run" / "model" / "model_card.json").is_file()
+    assert main(["evaluate", "--model", str(tmp_path / "run" / "model"), "--manifest", labels,
+                 "--out", str(tmp_path / "eval"), "--quiet"]) == 0
+    metrics = __import__("json").loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 3 and metrics["split"] == "test" and (tmp_path / "eval" / "report.md").is_file()
+
+
 def test_pretrain_finetune_and_stacking(trained, tmp_path):
     from rheumai.tasks.hand_svdh.ensemble import fit_stacking, load_stacking, predict_stacked
     from rheumai.tasks.hand_svdh.model import default_architecture
@@ -141,7 +161,8 @@ def test_pretrain_finetune_and_stacking(trained, tmp_path):
     weights = pretrain_backbone(root / "cohort" / "labels.csv", "hand_length_mm", tmp_path / "pre.safetensors",
                                 cfg=StageConfig(epochs=1, batch_size=4))
     arch = default_architecture("resnet")["whole"]
-    net = train_whole(cases[:4], None, arch, StageConfig(epochs=1, batch_size=4), tmp_path / "ft", init_backbone=weights,
+    net = train_whole(cases[:4], None, arch, StageConfig(epochs=1, batch_size=4), tmp_path / "ft",
+                      init_backbone=weights,
                       finetune="head_only")
     from safetensors.torch import load_file
 

@@ -15,7 +15,6 @@ backbone on an auxiliary label (e.g. bone age) for ``init_backbone``.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -33,11 +32,6 @@ from .heads import joint_heads, landmark_heads, whole_heads
 from .model import (BACKBONES, FINETUNE_SCHEMES, HandSvdHNet, PooledLandmarkNet, JointScorer, WholeHandNet,
                     apply_finetune_scheme, default_architecture)
 from .scoring import JOINT_NAMES
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 @dataclass
@@ -124,18 +118,13 @@ class HandTrainConfig:
 def load_config(config: str | Path | Mapping[str, Any]) -> HandTrainConfig:
     """A TOML file or a mapping -> :class:`HandTrainConfig`; unknown keys and bad values raise
     :class:`InputError` naming the file."""
-    src = None
-    if not isinstance(config, Mapping):
-        src = Path(config)
-        if not src.is_file():
-            raise InputError(src, "config file not found")
-        try:
-            config = tomllib.loads(src.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(src, f"not valid TOML: {exc}") from None
-    d = dict(config)
-    if d.pop("task", "hand_svdh") != "hand_svdh":
-        raise InputError(src, f"config is for task {config['task']!r}, not hand_svdh")
+    from ...config import read_toml
+
+    src = None if isinstance(config, Mapping) else Path(config)
+    d = dict(config if src is None else read_toml(src))
+    task = d.pop("task", "hand_svdh")
+    if task != "hand_svdh":
+        raise InputError(src, f"config is for task {task!r}, not hand_svdh")
     fields = {f.name: f for f in dataclasses.fields(HandTrainConfig) if f.name != "source"}
     kw: dict[str, Any] = {}
     for key, value in d.items():
