@@ -1,18 +1,15 @@
 """Predict-side hooks of NegSpA-AI for :class:`rheumai.engine.predict.Predictor`.
 
 Sample: the three sequences sampled on the two joint-half grids of the box
-(:class:`~rheumai.tasks.negspa.preprocess.NegSpaSample`) plus the encoded clinical vector (the
+(:class:`~rheumai.tasks.negspa.preprocess.NegSpaSample`) and the encoded clinical vector (the
 card's ``clinical_encoder``, missing values flagged). Network input ``{"x": (S*2*C, H, W),
-"clinical": (D,)}``; output: one logit per joint half; the patient probability is the maximum of
-the two half probabilities (sigmoid is monotone), the class is probability >= card threshold.
+"clinical": (D,)}``; output: one logit per joint half; the patient probability is the larger half
+probability, the class is probability >= the card's threshold.
 
-Saliency: Grad-CAM (:func:`rheumai.saliency.gradcam_backward`, hooks removed after each call) at
-``branches.<role>.<layer>`` of the tri-input network (the task's saliency target per role, default
-``layer4``), once per sequence and joint half, each time explaining that half's logit. A branch
-sees a half's three slices as channels, so each half gets one in-plane map repeated over its
-slices. Per sequence, the map of both halves is divided by its maximum over both halves (0 = no
-positive evidence, 1 = strongest point; left/right contrast kept), then resampled onto that
-series' exact grid (:meth:`SequenceSample.to_source`).
+Saliency: Grad-CAM at ``branches.<role>.<layer>`` (default ``layer4``), once per sequence and joint
+half, each time explaining that half's logit; a branch sees a half's slices as channels, so a half
+gets one in-plane map repeated over its slices. Per sequence both halves' maps are divided by their
+joint maximum (left/right contrast kept), then resampled onto that series' exact grid.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ import torch
 
 from ...errors import InputError, RheumAIError
 from ...io import Study, read_study
-from ...saliency import gradcam_backward
+from ...saliency import gradcam_backward, normalize_max
 from .clinical import NAMES, ClinicalEncoder, parse_table
 from .model import pack
 from .preprocess import HALVES, ROLES, NegSpaParams, NegSpaSample, preprocess
@@ -38,21 +35,15 @@ SALIENCY_METHODS = ("gradcam",)
 
 @dataclass
 class NegSpaStudy:
-    """One study ready for the network: the sampled sequences, the encoded clinical vector (D,),
-    the variables that were missing, and the source images (LPS) by role."""
+    """One study for the network: sampled sequences, encoded clinical vector (D,), the names of the
+    missing clinical variables, and the source images (LPS) by role."""
 
     sample: NegSpaSample
     clinical: np.ndarray
     clinical_missing: list[str]
-    images: dict[str, sitk.Image] = field(default_factory=dict, repr=False)
+    source_images: dict[str, sitk.Image] = field(default_factory=dict, repr=False)
 
-    @property
-    def sources(self) -> dict[str, str | None]:
-        return dict(self.sample.provenance.get("sources", {}))
-
-    @property
-    def source_images(self) -> dict[str, sitk.Image]:
-        return self.images
+    sources = property(lambda self: dict(self.sample.provenance.get("sources", {})))
 
     def describe(self) -> dict[str, Any]:
         return {"box": self.sample.box.to_dict(), "params": self.sample.params.to_dict()}
@@ -63,7 +54,7 @@ def encode_clinical(clinical: Mapping[str, Any] | None, card: dict[str, Any]) ->
     unknown = sorted(set(clinical or {}) - set(NAMES))
     if unknown:
         raise InputError(None, f"unknown clinical variable(s) {', '.join(unknown)}; NegSpA-AI knows {', '.join(NAMES)}")
-    raw = {k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in dict(clinical or {}).items()}
+    raw = {k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in (clinical or {}).items()}
     parsed = parse_table(pd.DataFrame([raw]) if raw else pd.DataFrame(index=[0]))
     missing = [n for n in NAMES if math.isnan(float(parsed[n].iloc[0]))]
     enc = ClinicalEncoder.from_dict(card["clinical_encoder"]).encode(parsed)
@@ -73,23 +64,21 @@ def encode_clinical(clinical: Mapping[str, Any] | None, card: dict[str, Any]) ->
 def load_sample(inputs: Mapping[str, Any], card: dict[str, Any]) -> NegSpaStudy:
     """``inputs``: {"t1", "t2", "stir": path | Study | image, "roi" (or "box"): box file / dict /
     Box, "clinical": {name: value}}; sampled with the card's ``preprocessing``."""
-    missing = [r for r in ROLES if inputs.get(r) is None]
     box = inputs.get("roi", inputs.get("box"))
-    if missing or box is None:
+    missing = [r for r in ROLES if inputs.get(r) is None] + ([] if box is not None else ["roi"])
+    if missing:
         raise InputError(None, "NegSpA-AI needs the T1, T2 and fat-suppressed (STIR/SPAIR) series and a box around "
-                               f"both sacroiliac joints; missing: {', '.join(missing + ([] if box is not None else ['roi']))}")
+                               f"both sacroiliac joints; missing: {', '.join(missing)}")
     studies = {r: read_study(inputs[r]) if isinstance(inputs[r], (str, bytes)) or hasattr(inputs[r], "__fspath__")
                else inputs[r] for r in ROLES}
-    images = {r: (s.image if isinstance(s, Study) else s) for r, s in studies.items()}
     sample = preprocess({**studies, "box": box}, NegSpaParams.from_dict(card["preprocessing"]))
     clin, miss = encode_clinical(inputs.get("clinical"), card)
-    return NegSpaStudy(sample=sample, clinical=clin, clinical_missing=miss, images=images)
+    return NegSpaStudy(sample, clin, miss, {r: (s.image if isinstance(s, Study) else s) for r, s in studies.items()})
 
 
 def to_tensors(study: NegSpaStudy, card: dict[str, Any]) -> dict[str, torch.Tensor]:
     """{"x": float32 (S*2*C, H, W) packed sequences/halves/slices, "clinical": float32 (D,)}."""
-    x = pack(torch.from_numpy(study.sample.stacked())[None])[0]
-    return {"x": x, "clinical": torch.from_numpy(study.clinical)}
+    return {"x": pack(torch.from_numpy(study.sample.stacked())[None])[0], "clinical": torch.from_numpy(study.clinical)}
 
 
 def forward(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,8 +89,7 @@ def forward(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[s
 def postprocess(outputs: dict[str, torch.Tensor], card: dict[str, Any], study: NegSpaStudy) -> dict[str, Any]:
     """Patient probability (max over halves), class, per-half probabilities, missing clinical variables."""
     halves = torch.sigmoid(outputs["halves"].reshape(-1)).tolist()
-    prob = float(max(halves))
-    thr = float(card["threshold"])
+    prob, thr = float(max(halves)), float(card["threshold"])
     return {"probability": prob, "label": int(prob >= thr), "threshold": thr,
             **{f"p_{h}": float(p) for h, p in zip(HALVES, halves)}, "clinical_missing": list(study.clinical_missing)}
 
@@ -111,8 +99,7 @@ class _HalvesOf(torch.nn.Module):
 
     def __init__(self, net: torch.nn.Module, clinical: torch.Tensor):
         super().__init__()
-        self.net = net
-        self.clinical = clinical
+        self.net, self.clinical = net, clinical
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x, self.clinical, output="halves", mode="fusion")
@@ -123,8 +110,6 @@ def saliency_maps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], stu
     """Grad-CAM per sequence and half, normalised per sequence, each in its own series' geometry."""
     from ...engine.predict import RoleMap
 
-    if method not in SALIENCY_METHODS:
-        raise ValueError(f"saliency method '{method}' unknown for NegSpA-AI; choose one of {SALIENCY_METHODS}")
     if card["architecture"].get("shared_backbone"):
         raise RheumAIError("per-sequence Grad-CAM needs separate branches; this model shares one backbone")
     layer = target_layer or card.get("saliency_layer", "layer4")
@@ -132,21 +117,16 @@ def saliency_maps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], stu
     n = len(studies)
     out: list[dict[str, Any]] = [{} for _ in studies]
     for role in ROLES:
-        per_half = []
-        for h in range(2):
-            # The branch folds the halves into its batch: maps come as (N * 2, 1, H, W), half-minor.
-            cam = gradcam_backward(view, batch["x"], f"net.branches.{role}.{layer}", class_idx=h)[1]
-            per_half.append(cam.reshape(n, 2, *cam.shape[-2:])[:, h])
-        cams = torch.stack(per_half, dim=1).clamp_min(0).cpu().numpy()  # (N, 2 halves, H, W)
-        for i, st in enumerate(studies):
-            m = cams[i]
-            peak = float(m.max())
-            m = m / peak if peak > 0 else np.zeros_like(m)
+        # The branch folds the halves into its batch: maps come as (N * 2, 1, H, W), half-minor.
+        per_half = [gradcam_backward(view, batch["x"], f"net.branches.{role}.{layer}", class_idx=h)[1]
+                    for h in range(2)]
+        cams = normalize_max(torch.stack([c.reshape(n, 2, *c.shape[-2:])[:, h] for h, c in enumerate(per_half)], 1))
+        for i, (st, m) in enumerate(zip(studies, cams)):  # m: (2 halves, H, W), one maximum per study
             seq = st.sample.sequences[role]
             c = seq.array.shape[1]
             grid = np.repeat(m[:, None], c, axis=1).astype(np.float32) * seq.mask
-            titles = [f"R s{k}" for k in range(c)] + [f"L s{k}" for k in range(c)]
             out[i][role] = RoleMap(role=role, grid=grid, to_source=seq.to_source,
                                    images=np.concatenate([seq.array[0], seq.array[1]]),
-                                   overlay=np.concatenate([grid[0], grid[1]]), titles=titles)
+                                   overlay=np.concatenate([grid[0], grid[1]]),
+                                   titles=[f"{s} s{k}" for s in "RL" for k in range(c)])
     return None, out
