@@ -13,7 +13,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from rheumai.tasks.cervical_ra.train import write_toy_cohort
 from rheumai.engine.evaluate import evaluate
-from rheumai.train_cli import main
+from rheumai.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

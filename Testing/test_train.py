@@ -234,7 +234,7 @@ def test_resume_keeps_history_columns_and_finished_run_is_left_alone(cohort: Pat
     again = train(cfg, cohort, tmp_path / "r", resume=True, show_progress=False)
     assert again.already_finished and again.checkpoint == res.checkpoint and again.threshold == res.threshold
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*") if p.is_file()} == files
-    from rheumai.train_cli import main
+    from rheumai.cli import main
 
     cfg_path = tmp_path / "cfg.toml"
     cfg_path.write_text(dumps_toml(cfg.to_dict()))

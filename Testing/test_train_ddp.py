@@ -42,7 +42,7 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     cfg_path = save_config(_config(accumulate=1), tmp_path / "ddp.toml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "rheumai.train_cli", "train", "--config", str(cfg_path), "--manifest", str(manifest),
+           "-m", "rheumai.cli", "train", "--config", str(cfg_path), "--manifest", str(manifest),
            "--out", str(tmp_path / "ddp"), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

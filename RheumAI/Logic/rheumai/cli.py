@@ -28,18 +28,14 @@ def command_modules() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="rheumai", description="Rheumatology imaging AI toolkit")
-    parser.add_argument("--version", action="version", version=f"rheumai {_version()}")
+    parser.add_argument("--version", action="version", version=f"rheumai {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in command_modules():
         importlib.import_module(name).register(sub)
     return parser
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

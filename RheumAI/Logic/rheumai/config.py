@@ -9,13 +9,18 @@ errors naming the file (a typo must not silently fall back to a default).
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from .atomic import write_text
 from .errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 DEFAULT_TASK = "cervical_ra"
 
@@ -39,7 +44,7 @@ class DataConfig:
 @dataclass
 class TrainSection:
     loss: str = "bce"
-    optimizer: str = "adam"
+    optimizer: str = "adam"         # "adam" | "adamw"
     lr: float = 1e-4
     weight_decay: float = 0.0
     batch_size: int = 4             # global batch (all processes, all accumulation steps)
@@ -61,20 +66,24 @@ class TrainSection:
     state_every: int = 1            # resume state every N epochs (0: at the end of each stage only)
 
     def check(self, src: str | None) -> None:
-        if self.loss != "bce" or self.optimizer != "adam":
-            raise InputError(src, "[train] only loss='bce' and optimizer='adam' are implemented")
-        if self.batch_size < 1 or self.accumulate_steps < 1 or self.batch_size % self.accumulate_steps:
-            raise InputError(src, f"[train] batch_size {self.batch_size} must be a positive multiple of "
-                                  f"accumulate_steps {self.accumulate_steps}")
+        if self.loss != "bce":
+            raise InputError(src, "[train] only loss='bce' is implemented")
         _choice(src, "[train] class_weighting", self.class_weighting, ("none", "balanced"))
         _choice(src, "[train] select", self.select, ("best_val_auc", "last"))
-        _choice(src, "[train] bn_recalibration", self.bn_recalibration, ("epoch", "final", "none"))
-        _choice(src, "[train] device", self.device, ("auto", "cpu", "cuda"))
-        if self.epochs < 1:
-            raise InputError(src, "[train] epochs must be >= 1")
         if self.pretrained:
             raise InputError(src, "[train] pretrained=true: no pretrained weights for these inputs exist; "
                                   "the papers used random initialisation")
+        try:
+            self.fit_config()
+        except ValueError as exc:
+            raise InputError(src, f"[train] {exc}") from None
+
+    def fit_config(self, **override: Any) -> Any:
+        """The engine loop's :class:`rheumai.engine.fit.FitConfig` from this section (+ ``override``)."""
+        from .engine.fit import FitConfig
+
+        names = {f.name for f in dataclasses.fields(FitConfig)}
+        return FitConfig.from_any({**{k: v for k, v in dataclasses.asdict(self).items() if k in names}, **override})
 
 
 @dataclass

@@ -75,23 +75,3 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     evaluate(args.model, args.manifest, args.out, split=args.split or ("all" if args.external else "test"),
              show_progress=not args.quiet, **kw)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m rheumai.train_cli train ...``, e.g. under torchrun)."""
-    import sys
-
-    from .errors import RheumAIError
-
-    parser = argparse.ArgumentParser(prog="rheumai")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except RheumAIError as exc:
-        print(f"rheumai {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -231,10 +231,19 @@ class RegressionHead(Head):
 
 
 @dataclass
-class OrdinalHead(Head):
-    """K ordered classes 0..K-1 from K-1 cumulative logits (see the module docstring)."""
+class _ClassHead(Head):
+    """K classes 0..K-1, reported by :func:`class_report`."""
 
     n_classes: int = 2
+
+    def report(self, pred: dict[str, np.ndarray], target: np.ndarray, alpha: float = 0.05, n_boot: int = 1000,
+               seed: int = 0, **kw: Any) -> dict[str, Any]:
+        return class_report(pred["class"], target, self.n_classes, alpha, n_boot, seed)
+
+
+@dataclass
+class OrdinalHead(_ClassHead):
+    """K ordered classes 0..K-1 from K-1 cumulative logits (see the module docstring)."""
 
     def __post_init__(self) -> None:
         self.kind, self.score_name = "ordinal", "kappa_quadratic"
@@ -256,10 +265,6 @@ class OrdinalHead(Head):
     def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
         return _qwk_or_acc(pred["class"], target, self.n_classes)
 
-    def report(self, pred: dict[str, np.ndarray], target: np.ndarray, alpha: float = 0.05, n_boot: int = 1000,
-               seed: int = 0, **kw: Any) -> dict[str, Any]:
-        return class_report(pred["class"], target, self.n_classes, alpha, n_boot, seed)
-
 
 def _qwk_or_acc(pred: np.ndarray, target: np.ndarray, n: int) -> float:
     t = np.asarray(target).astype(int)
@@ -269,10 +274,9 @@ def _qwk_or_acc(pred: np.ndarray, target: np.ndarray, n: int) -> float:
 
 
 @dataclass
-class MulticlassHead(Head):
+class MulticlassHead(_ClassHead):
     """K unordered classes, cross-entropy on (N, K) logits (optional per-class ``class_weights``)."""
 
-    n_classes: int = 2
     class_weights: list[float] | None = None
 
     def __post_init__(self) -> None:
@@ -288,10 +292,6 @@ class MulticlassHead(Head):
 
     def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
         return float(np.mean(pred["class"] == np.asarray(target).astype(int)))
-
-    def report(self, pred: dict[str, np.ndarray], target: np.ndarray, alpha: float = 0.05, n_boot: int = 1000,
-               seed: int = 0, **kw: Any) -> dict[str, Any]:
-        return class_report(pred["class"], target, self.n_classes, alpha, n_boot, seed)
 
 
 @dataclass

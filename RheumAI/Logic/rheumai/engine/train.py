@@ -340,13 +340,8 @@ def _has_state(out: Path) -> bool:
 
 def _fit_config(cfg: TrainConfig, stage: Stage, epochs: int, collect: bool) -> FitConfig:
     t = cfg.train
-    return FitConfig(epochs=epochs, batch_size=t.batch_size, accumulate_steps=t.accumulate_steps, lr=stage.lr,
-                     weight_decay=t.weight_decay, seed=t.seed, device=t.device, amp=t.amp,
-                     channels_last=t.channels_last, sync_batchnorm=t.sync_batchnorm, eval_batch_size=t.eval_batch_size,
-                     num_workers=cfg.data.num_workers, early_stopping_patience=t.early_stopping_patience,
-                     select=stage.select or ("best" if t.select == "best_val_auc" else "last"),
-                     bn_recalibration=stage.bn_recalibration or t.bn_recalibration, collect_val_outputs=collect,
-                     state_every=t.state_every)
+    return t.fit_config(epochs=epochs, lr=stage.lr, num_workers=cfg.data.num_workers, collect_val_outputs=collect,
+                        select=stage.select or t.select, bn_recalibration=stage.bn_recalibration or t.bn_recalibration)
 
 
 def _run(cfg: TrainConfig, ctx: _Ctx, train_df: pd.DataFrame, val_df: pd.DataFrame, val_how: str, out: Path, *,

@@ -48,11 +48,7 @@ def _load_all() -> None:
     for name, ref in BUILTIN_TASKS.items():
         if name not in _REGISTRY:
             register_task(_load(ref))
-    try:
-        eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
-    except TypeError:  # pragma: no cover - Python < 3.10 API
-        eps = metadata.entry_points().get(ENTRY_POINT_GROUP, [])
-    for ep in eps:
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in _REGISTRY:
             register_task(ep.load())
 

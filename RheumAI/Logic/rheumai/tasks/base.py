@@ -108,12 +108,6 @@ class Task:
     def roles(self) -> tuple[str, ...]:
         return tuple(i.role for i in self.inputs)
 
-    def input(self, role: str) -> InputSpec:
-        for spec in self.inputs:
-            if spec.role == role:
-                return spec
-        raise KeyError(f"task {self.name} has no input {role!r} (inputs: {', '.join(self.roles)})")
-
     def make_heads(self) -> dict[str, Any]:
         """The engine's head objects, ``{name: Head}`` (imports torch on use)."""
         from ..engine.heads import make_head
