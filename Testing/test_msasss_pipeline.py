@@ -42,7 +42,8 @@ def test_level_crop_holds_both_corners_oriented_along_the_spine(records):
         corners = g.from_source(rec.points_xy[[names.index(c) for c in disc_levels(rec.view)[lvl].corners]])
         assert corners[0, 1] < 23.5 < corners[1, 1]            # lower corner of the vertebra above on top
         assert np.allclose(corners[:, 0], 23.5 - 0.2 * 48, atol=3.0)  # anterior side, left of centre
-        assert np.allclose(g.to_source(corners), rec.points_xy[[names.index(c) for c in disc_levels(rec.view)[lvl].corners]])
+        idx = [names.index(c) for c in disc_levels(rec.view)[lvl].corners]
+        assert np.allclose(g.to_source(corners), rec.points_xy[idx])
     g = fit_grid((320, 256), (160, 128))
     assert np.allclose(g.to_source(g.from_source(rec.points_xy)), rec.points_xy)
 
@@ -51,7 +52,8 @@ def test_vertical_flip_swaps_the_corner_labels(records):
     rec_i = next(i for i, r in enumerate(records) for lv in disc_levels(r.view)
                  if r.findings[lv.corners[0]] != r.findings[lv.corners[1]])
     rec = records[rec_i]
-    lvl = next(k for k, lv in enumerate(disc_levels(rec.view)) if rec.findings[lv.corners[0]] != rec.findings[lv.corners[1]])
+    lvl = next(k for k, lv in enumerate(disc_levels(rec.view))
+               if rec.findings[lv.corners[0]] != rec.findings[lv.corners[1]])
     plain = LevelCropDataset(records, index=[(rec_i, lvl)])[0]
     seen = set()
     for seed in range(20):
@@ -82,7 +84,8 @@ def _truth_result(rec):
         levels.append({"level": lv.name, "corners": list(lv.corners),
                        "lesions": {k: [float(rec.findings[c][k]) for c in lv.corners]
                                    for k in ("erosion", "sclerosis", "squaring", "syndesmophyte")},
-                       "bridging": float(rec.bridged[lv.name]), "scorable": [float(rec.scorable[c]) for c in lv.corners]})
+                       "bridging": float(rec.bridged[lv.name]),
+                       "scorable": [float(rec.scorable[c]) for c in lv.corners]})
     return {"points_xy": rec.points_xy.tolist(), "scores": dict(rec.scores), "levels": levels,
             "ordinal_scores": dict(rec.scores)}
 
@@ -94,7 +97,7 @@ def test_evaluation_of_a_perfect_prediction(records):
     assert m["total"]["n_compared"] + m["total"]["n_without_total"] == 3
     if "mae" in m["total"]:
         assert m["total"]["mae"]["value"] == 0.0
-    assert all(e["specificity"]["value"] in (1.0,) or np.isnan(e["specificity"]["value"]) for e in m["lesions"].values())
+    assert all(e["specificity"]["value"] == 1.0 or np.isnan(e["specificity"]["value"]) for e in m["lesions"].values())
     worse = [_truth_result(r) for r in records]
     worse[0]["scores"] = {c: (None if s is None else (s + 1) % 4) for c, s in worse[0]["scores"].items()}
     m2, _ = corner_metrics(records, worse)

@@ -85,15 +85,13 @@ def check_points(view: str, xy: np.ndarray, shape: tuple[int, int], spacing_mm: 
     Returns {"view_ok": bool, "view_flags": [str], "corner_flags": {corner: [str]}}.
     """
     xy = np.asarray(xy, float).reshape(N_POINTS, 2)
-    names = point_names(view)
-    verts = _vertebrae(view)
+    names, verts = point_names(view), _vertebrae(view)
     view_flags: list[str] = []
     corner_flags: dict[str, list[str]] = {c: [] for c in scored_corners(view)}
     if not np.isfinite(xy).all():
         bad = [names[i] for i in np.where(~np.isfinite(xy).all(1))[0]]
         return {"view_ok": False, "view_flags": [f"points missing: {', '.join(bad)}"], "corner_flags": corner_flags}
-    sp = np.array([spacing_mm[1], spacing_mm[0]], float)  # (x, y) mm per pixel
-    mm = xy * sp
+    mm = xy * np.array([spacing_mm[1], spacing_mm[0]], float)  # (x, y) mm per pixel
     up, lo, ce = mm[0::3], mm[1::3], mm[2::3]
     axis = ce[-1] - ce[0]
     if np.linalg.norm(axis) == 0:
@@ -101,8 +99,7 @@ def check_points(view: str, xy: np.ndarray, shape: tuple[int, int], spacing_mm: 
     axis /= np.linalg.norm(axis)
     if axis[1] <= 0:
         view_flags.append(f"{verts[0]} is not above {verts[-1]} (image upside down or points swapped)")
-    proj = ce @ axis
-    steps = np.diff(proj)
+    steps = np.diff(ce @ axis)
     if (steps <= 0).any():
         i = int(np.argmax(steps <= 0))
         view_flags.append(f"vertebrae out of order along the spine at {verts[i]}-{verts[i + 1]}")
@@ -139,10 +136,7 @@ def check_points(view: str, xy: np.ndarray, shape: tuple[int, int], spacing_mm: 
         if med_r <= 0 or not lo_r <= reach[c] / med_r <= hi_r:
             corner_flags[c].append(f"corner {reach[c]:.1f} mm from its vertebra's centre, implausible against the "
                                    f"median {med_r:.1f} mm")
-    h, w = shape
-    for c in corner_flags:
-        i = names.index(c)
-        x, y = xy[i]
-        if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
+        x, y = xy[names.index(c)]
+        if not (0 <= x <= shape[1] - 1 and 0 <= y <= shape[0] - 1):
             corner_flags[c].append("outside the image")
     return {"view_ok": not view_flags, "view_flags": view_flags, "corner_flags": corner_flags}
