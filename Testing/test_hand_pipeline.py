@@ -79,10 +79,11 @@ def test_registered_and_predicts_through_the_engine(trained, tmp_path):
     lps = src.TransformContinuousIndexToPhysicalPoint((first["x_px"], first["y_px"], 0.0))
     np.testing.assert_allclose(lps, (first["L"], first["P"], first["S"]), atol=1e-6)
 
-    from rheumai.tasks.hand_svdh.outputs import predict_files
-
-    rows = predict_files([case.prep.rad.path, tmp_path / "missing.dcm"], pred, tmp_path / "batch", saliency=None)
-    assert rows[0]["total"] == v["total"] and "error" not in rows[0] and "no such file" in rows[1]["error"]
+    # batch prediction is the engine's (the task's api["predict_batch"]): one row per radiograph, errors as rows
+    rows = task.entry("predict_batch")(pred, [case.prep.rad.path, str(tmp_path / "missing.dcm")], tmp_path / "batch",
+                                       saliency=None)
+    ok, bad = sorted(rows, key=lambda r: bool(r.get("error")))
+    assert ok["total"] == v["total"] and not ok.get("error") and "no such file" in bad["error"]
     assert (tmp_path / "batch" / "predictions.csv").is_file()
 
     from rheumai_mrml.radiograph_scene import point_list_lps

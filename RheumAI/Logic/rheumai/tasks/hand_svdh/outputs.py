@@ -1,15 +1,16 @@
-"""Prediction outputs of the hand SvdH task: result dict (MRML-free), files and the Slicer scene.
+"""The hand SvdH task's files beside the engine's (``rheumai predict`` / ``rheumai.api``): the
+per-joint table and a Slicer scene with the landmarks as a labelled point list.
 
 Per radiograph ``<key>``: ``<key>.json`` (values), ``<key>_joints.csv`` (per-joint grades and
 points), ``<key>_saliency.nrrd`` (one-slice map in [0, 1] on the radiograph's grid) and with
 ``scene=True`` ``<key>.mrb`` (radiograph, saliency, result table, landmark point list, per-joint
-table; needs slicer-core); ``predict_files`` adds ``predictions.csv`` (one row per radiograph).
+table; needs slicer-core).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,12 +24,6 @@ TABLE_KEYS = ("total", "class", "class_name", "joint_total", "joint_erosion", "j
               "mirrored", "spacing_calibrated", "spacing_source", "landmarks_source")
 
 
-def _predictor(model: Any) -> Any:
-    from ...engine.predict import Predictor
-
-    return model if isinstance(model, Predictor) else Predictor(model)
-
-
 def result_from(res: Any) -> dict[str, Any]:
     """A PredictionResult of this task as {values, points_lps, labels, saliency, source, ...}."""
     v = dict(res.values)
@@ -36,11 +31,6 @@ def result_from(res: Any) -> dict[str, Any]:
     return {"values": v, "points_lps": np.asarray(v["landmarks_lps"], float), "labels": list(v["landmark_labels"]),
             "saliency": None if m is None else m.volume, "source": res.source_images.get(ROLE),
             "source_path": res.source_path, "model_id": res.model_id}
-
-
-def predict_result(model: Any, radiograph: Any, saliency: str | None = "gradcam") -> dict[str, Any]:
-    """Predict one radiograph (path / Radiograph / one-slice image) with a checkpoint or Predictor."""
-    return result_from(_predictor(model).predict(radiograph, saliency=saliency))
 
 
 def write_result(out_dir: str | Path, key: str, result: dict[str, Any], scene: bool = False) -> dict[str, str]:
@@ -66,21 +56,3 @@ def write_result(out_dir: str | Path, key: str, result: dict[str, Any], scene: b
     path = safe_child(out, key, ".json", what="study key")
     files["result_file"] = str(write_json(path, {**v, **src, "files": files}))
     return files
-
-
-def predict_files(radiographs: Sequence[str | Path], model: Any, out_dir: str | Path, saliency: str | None = "gradcam",
-                  scene: bool = False) -> list[dict[str, Any]]:
-    """Predict and write every radiograph; ``predictions.csv`` lists them (errors as rows)."""
-    pred = _predictor(model)
-    rows = []
-    for path in radiographs:
-        key = Path(path).name.rsplit(".", 1)[0] if Path(path).suffix else Path(path).name
-        row: dict[str, Any] = {"study": key, "source_path": str(path)}
-        try:
-            res = result_from(pred.predict(path, saliency=saliency))
-            row.update({k: res["values"].get(k) for k in TABLE_KEYS}, **write_result(out_dir, key, res, scene=scene))
-        except Exception as exc:  # noqa: BLE001 - reported per radiograph, the batch goes on
-            row["error"] = f"{type(exc).__name__}: {exc}"
-        rows.append(row)
-    write_text(Path(out_dir) / "predictions.csv", pd.DataFrame(rows).to_csv(index=False))
-    return rows
