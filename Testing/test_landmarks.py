@@ -7,8 +7,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from rheumai.engine.heads import KeypointsHead
 from rheumai.landmarks import (LandmarkNet, heatmap_targets, keypoint_loss, lps_to_points, points_to_lps,
-                               radial_errors_mm, soft_argmax, success_rates)
+                               radial_errors_mm, soft_argmax)
 
 
 def test_heatmap_targets_peak_and_invisible():
@@ -75,9 +76,11 @@ def test_landmark_net_learns_a_bright_square(one_torch_thread):
 def test_radial_errors_use_row_and_column_spacing():
     e = radial_errors_mm(np.array([[3.0, 4.0]]), np.array([[0.0, 0.0]]), spacing_mm=(0.5, 2.0))
     assert e[0] == pytest.approx(np.hypot(6.0, 2.0))
-    s = success_rates(np.array([1.0, 3.0, 5.0, np.nan]))
-    assert s["n"] == 3 and s["within_2mm"] == pytest.approx(1 / 3) and s["within_4mm"] == pytest.approx(2 / 3)
-    assert s["median_mm"] == 3.0
+    # success rates and the median through the engine's keypoints report (a NaN target is not visible)
+    pred = np.array([[[1.0, 0.0], [3.0, 0.0]], [[5.0, 0.0], [0.0, 0.0]]])
+    s = KeypointsHead().report({"points": pred}, np.array([[[0.0, 0.0]] * 2, [[0.0, 0.0], [np.nan, np.nan]]]))
+    assert s["n_points"] == 3 and s["success_2mm"]["value"] == pytest.approx(1 / 3)
+    assert s["success_4mm"]["value"] == pytest.approx(2 / 3) and s["median_mm"]["value"] == 3.0
 
 
 def test_points_lps_roundtrip_matches_simpleitk():

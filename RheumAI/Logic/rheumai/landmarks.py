@@ -123,18 +123,6 @@ def radial_errors_mm(pred_xy: np.ndarray, true_xy: np.ndarray, spacing_mm: Seque
     return np.hypot(d[..., 0] * float(spacing_mm[1]), d[..., 1] * float(spacing_mm[0]))
 
 
-def success_rates(errors_mm: np.ndarray, thresholds_mm: Sequence[float] = (2.0, 4.0)) -> dict[str, float]:
-    """Fraction of finite errors within each threshold, plus the median and mean (mm) and the count."""
-    e = np.asarray(errors_mm, float).ravel()
-    e = e[np.isfinite(e)]
-    out: dict[str, float] = {"n": float(e.size),
-                             "median_mm": float(np.median(e)) if e.size else float("nan"),
-                             "mean_mm": float(e.mean()) if e.size else float("nan")}
-    for t in thresholds_mm:
-        out[f"within_{t:g}mm"] = float((e <= t).mean()) if e.size else float("nan")
-    return out
-
-
 def points_to_lps(image: sitk.Image, xy: np.ndarray) -> np.ndarray:
     """Pixel (x, y) points (N, 2) of a one-slice 3D image (slice 0) -> LPS mm (N, 3)."""
     xy = np.asarray(xy, float).reshape(-1, 2)
