@@ -9,22 +9,12 @@ import numpy as np
 from .atomic import atomic_path
 
 
-def save_montage(
-    path: str | Path,
-    slices: np.ndarray,
-    overlay: np.ndarray | None = None,
-    titles: list[str] | None = None,
-    overlay_alpha: float = 0.45,
-    cmap: str = "inferno",
-    suptitle: str | None = None,
-    contour: np.ndarray | None = None,
-) -> Path:
-    """Write a one-row montage of the (C, H, W) ``slices`` as PNG.
-
-    Rows are superior -> inferior, columns anterior -> posterior (the selection frame), so each
-    panel shows the patient's profile facing left with the head up. ``overlay`` (C, H, W) in
-    [0, 1] is blended with ``cmap``; ``contour`` (C, H, W) bool is outlined in cyan (truth masks).
-    """
+def save_montage(path: str | Path, slices: np.ndarray, overlay: np.ndarray | None = None,
+                 titles: list[str] | None = None, suptitle: str | None = None,
+                 contour: np.ndarray | None = None) -> Path:
+    """A one-row PNG of the (C, H, W) ``slices`` (rows superior -> inferior, columns anterior ->
+    posterior: the profile faces left, head up); ``overlay`` (C, H, W) in [0, 1] blended with
+    inferno, ``contour`` (C, H, W) bool outlined in cyan (truth masks)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,12 +23,11 @@ def save_montage(
     slices = np.asarray(slices, dtype=np.float32)
     c = slices.shape[0]
     fig, axes = plt.subplots(1, c, figsize=(2.4 * c, 2.6), squeeze=False)
-    for k in range(c):
-        ax = axes[0, k]
+    for k, ax in enumerate(axes[0]):
         ax.imshow(slices[k], cmap="gray", vmin=0, vmax=max(float(slices.max()), 1e-6), interpolation="nearest")
         if overlay is not None:
             ov = np.ma.masked_less(np.asarray(overlay[k], dtype=np.float32), 0.05)
-            im = ax.imshow(ov, cmap=cmap, vmin=0, vmax=1, alpha=overlay_alpha, interpolation="bilinear")
+            im = ax.imshow(ov, cmap="inferno", vmin=0, vmax=1, alpha=0.45, interpolation="bilinear")
         if contour is not None and np.any(contour[k]):
             ax.contour(np.asarray(contour[k], dtype=float), levels=[0.5], colors="cyan", linewidths=0.8)
         ax.set_title(titles[k] if titles else f"slice {k}", fontsize=8)
@@ -47,8 +36,7 @@ def save_montage(
         fig.colorbar(im, ax=axes[0, :].tolist(), fraction=0.015, pad=0.01, label="saliency")
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
-    path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
-    return path
+    return Path(path)

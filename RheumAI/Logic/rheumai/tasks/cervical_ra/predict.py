@@ -1,13 +1,12 @@
 """Predict-side hooks of the cervical RA task for :class:`rheumai.engine.predict.Predictor`.
 
-Sample: the six sagittal slices (:class:`~rheumai.tasks.cervical_ra.slices.SliceSelection`, (C, H, W) = (slices
-right -> left, superior -> inferior, anterior -> posterior)) plus the source image. Network input:
-the selection array through the card's inference transform (``input_transform``: optional fixed
-centre crop, resize to the architecture's ``input_size``; the identity when those match the
-selection). One logit: probability = sigmoid(logit), class = probability >= the card's threshold.
-Saliency (:func:`rheumai.saliency.compute_saliency`) is computed on the network input, sent back
-into the crop box of the selection grid, zeroed outside the source's field of view and resampled
-into the source image's exact grid (:meth:`SliceSelection.to_source`, LPS).
+Sample: the six sagittal slices (:class:`~rheumai.tasks.cervical_ra.slices.SliceSelection`,
+(C, H, W) = (slices right -> left, superior -> inferior, anterior -> posterior)) and the source
+image. Network input: the selection through the card's inference transform (optional centre crop,
+resize to the architecture's ``input_size``; the identity when those match the selection). One
+logit: probability = sigmoid(logit) (+ the card's recalibration), class = probability >= threshold.
+Saliency is computed on the network input, sent back into the crop box of the selection grid,
+zeroed outside the source's field of view and resampled into the source's exact grid (LPS).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from ...io import Study, read_study
 from .slices import SliceParams, SliceSelection, select_slices
 
 ROLE = "t2_sag"
-SLICE_NOTE = "one in-plane map for the 6-slice input, repeated on every slice (slices are channels)"
 
 
 @dataclass
@@ -31,27 +29,19 @@ class CervicalSample:
     """The task input of one study and the image it was sampled from (LPS)."""
 
     selection: SliceSelection
-    image: sitk.Image | None
+    image: sitk.Image
 
-    @property
-    def sources(self) -> dict[str, str | None]:
-        return {ROLE: self.selection.provenance.get("source_path")}
-
-    @property
-    def series_uid(self) -> str | None:
-        return self.selection.provenance.get("series_uid")
-
-    @property
-    def source_images(self) -> dict[str, sitk.Image]:
-        return {} if self.image is None else {ROLE: self.image}
+    sources = property(lambda self: {ROLE: self.selection.provenance.get("source_path")})
+    series_uid = property(lambda self: self.selection.provenance.get("series_uid"))
+    source_images = property(lambda self: {ROLE: self.image})
 
     def describe(self) -> dict[str, Any]:
         return {"grid": self.selection.grid.to_dict(), "params": self.selection.params.to_dict()}
 
 
 def load_sample(inputs: Mapping[str, Any], card: dict[str, Any]) -> CervicalSample:
-    """``inputs[ROLE]``: path / DICOM folder / Study / LPS image (``inputs["series_uid"]`` picks a
-    series in a folder); slices sampled with the card's ``preprocessing``."""
+    """``inputs[ROLE]``: path / DICOM folder (``inputs["series_uid"]`` picks a series) / Study / LPS
+    image; slices sampled with the card's ``preprocessing``."""
     src = inputs[ROLE]
     if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__"):
         src = read_study(src, series_uid=inputs.get("series_uid"))
@@ -60,9 +50,8 @@ def load_sample(inputs: Mapping[str, Any], card: dict[str, Any]) -> CervicalSamp
 
 
 def _crop_box(card: dict[str, Any], size: tuple[int, int]) -> tuple[int, int, int, int] | None:
-    """(r0, c0, r1, c1) of the card's centre crop on the (H, W) selection, None when there is no
-    crop and no resize (network input = selection). The box is found by sending an index image
-    through MONAI's own crop, so it is MONAI's, not a re-derivation."""
+    """(r0, c0, r1, c1) of the card's centre crop on the (H, W) selection; None when the network
+    input is the selection. Found by sending an index image through MONAI's own crop."""
     arch_size = tuple(int(v) for v in card.get("architecture", {}).get("input_size") or size)
     frac = float(card.get("input_transform", {}).get("center_crop_fraction", 1.0))
     if arch_size == tuple(size) and frac >= 1.0:
@@ -73,9 +62,7 @@ def _crop_box(card: dict[str, Any], size: tuple[int, int]) -> tuple[int, int, in
     from monai.transforms import CenterScaleCrop
 
     idx = np.asarray(CenterScaleCrop(roi_scale=frac)(np.arange(h * w, dtype=np.int64).reshape(1, h, w)))
-    r0, c0 = divmod(int(idx.min()), w)
-    r1, c1 = divmod(int(idx.max()), w)
-    return r0, c0, r1, c1
+    return (*divmod(int(idx.min()), w), *divmod(int(idx.max()), w))
 
 
 def to_tensors(sample: CervicalSample, card: dict[str, Any]) -> torch.Tensor:
@@ -89,8 +76,8 @@ def to_tensors(sample: CervicalSample, card: dict[str, Any]) -> torch.Tensor:
 
 
 def _from_input(card: dict[str, Any], size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
-    """Maps (C, h, w) on the network input -> (C, H, W) on the selection grid (bilinear into the
-    crop box, zero outside it)."""
+    """(C, h, w) on the network input -> (C, H, W) on the selection grid (bilinear into the crop
+    box, zero outside it)."""
     box = _crop_box(card, size)
     if box is None:
         return lambda m: m
@@ -99,8 +86,8 @@ def _from_input(card: dict[str, Any], size: tuple[int, int]) -> Callable[[np.nda
     r0, c0, r1, c1 = box
 
     def inverse(m: np.ndarray) -> np.ndarray:
-        inner = upsample(torch.as_tensor(m, dtype=torch.float32)[None], (r1 - r0 + 1, c1 - c0 + 1))[0]
         out = np.zeros((m.shape[0], *size), np.float32)
+        inner = upsample(torch.as_tensor(m, dtype=torch.float32)[None], (r1 - r0 + 1, c1 - c0 + 1))[0]
         out[:, r0:r1 + 1, c0:c1 + 1] = inner.clamp(0, 1).numpy()
         return out
 
@@ -120,7 +107,7 @@ def saliency_maps(model: torch.nn.Module, batch: torch.Tensor, samples: Sequence
                   method: str, target_layer: str | None) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Logits of the same pass and one map per study on the sagittal T2 (see module docstring)."""
     from ...engine.predict import RoleMap
-    from ...saliency import compute_saliency, saliency_volume
+    from ...saliency import compute_saliency
 
     logits, maps = compute_saliency(model, batch, method, target_layer)
     out = []
@@ -128,5 +115,5 @@ def saliency_maps(model: torch.nn.Module, batch: torch.Tensor, samples: Sequence
         sel = sample.selection
         grid = _from_input(card, tuple(sel.params.size))(input_map) * sel.mask
         out.append({ROLE: RoleMap(role=ROLE, grid=grid, images=sel.array, overlay=grid, input_map=input_map,
-                                  to_source=lambda g, sel=sel: saliency_volume(sel, g))})
+                                  to_source=sel.to_source)})  # grid is zero outside the field of view
     return {"out": logits}, out
