@@ -106,47 +106,31 @@ def evaluate(model: str | Path, manifest: str | Path, out_dir: str | Path, *, sp
     return res
 
 
-def _ci(e: dict[str, Any], nd: int = 3) -> str:
-    return f"{e['value']:.{nd}f} ({e['lo']:.{nd}f} to {e['hi']:.{nd}f})"
-
-
-def _regression(r: dict[str, Any]) -> list[list[str]]:
-    ba = r["bland_altman"]
-    return [["metric", "value (95 % CI)"], ["PCC", _ci(r["pcc"])], ["RMSE", _ci(r["rmse"], 2)],
-            ["MAE", _ci(r["mae"], 2)], ["ICC(A,1)", _ci(r["icc"])], ["Bland-Altman bias", _ci(ba["bias"], 2)],
-            ["limits of agreement", f"{ba['loa_lower']['value']:.2f} to {ba['loa_upper']['value']:.2f}"]]
-
-
-def _grades(name: str, r: dict[str, Any]) -> str:
-    return (f"{name}: accuracy {_ci(r['accuracy'])}, weighted kappa {_ci(r['kappa_quadratic'])}, "
-            f"MAE {_ci(r['mae_classes'])}.")
-
-
 def report_blocks(res: dict[str, Any], title: str, extra: Sequence[Any] = (), image: str = "agreement.png"
                   ) -> list[Any]:
-    """Report blocks (``rheumai.report``) of the figures (values with 95 % CIs); ``extra``: blocks
-    placed after the heading; ``image``: the agreement plot's path relative to the report."""
+    """Report blocks (``rheumai.report``) of the figures, tables per head as the engine's evaluator
+    writes them; ``extra``: blocks after the heading; ``image``: the agreement plot's path."""
+    from ...engine.evaluate import _rows as head_rows
+
     c, names = res["class"], res["class_names"]
     f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     pp = res.get("landmarks", {}).get("per_point", {})
+    ero, jsn = (head_rows("ordinal", res[k])[1:] for k in ("erosion_grades", "jsn_grades"))
     b: list[Any] = [("h1", title), ("p", f"Held-out radiographs: {res['n']}."), *extra,
                     ("h2", "Whole-hand path (the paper's): total SvdH score (one hand, 0-140)"),
-                    ("table", _regression(res["total"])),
+                    ("table", head_rows("regression", res["total"])),
                     ("h2", "Severity class (whole-hand class head)"),
-                    ("p", f"Class edges on the one-hand total: {res.get('class_edges')} (classes {', '.join(names)}). "
-                          f"Accuracy {_ci(c['accuracy'])}, quadratic-weighted kappa {_ci(c['kappa_quadratic'])}, "
-                          f"MAE {_ci(c['mae_classes'], 2)} classes."),
+                    ("p", f"Class edges on the one-hand total: {res.get('class_edges')} (classes {', '.join(names)})."),
+                    ("table", head_rows("ordinal", c)),
                     ("table", [["truth \\ predicted", *map(str, range(len(c["confusion"])))]]
                      + [[f"{i} {names[i]}" if i < len(names) else str(i), *map(str, row)]
                         for i, row in enumerate(c["confusion"])]),
-                    ("h2", "Joint-level path: sum of per-joint grades"), ("table", _regression(res["joint_total"]))]
+                    ("h2", "Joint-level path: sum of per-joint grades"),
+                    ("table", head_rows("regression", res["joint_total"]))]
     if "landmarks" in res:
-        lm = res["landmarks"]
-        b.append(("p", f"Landmarks (22 SvdH areas): radial error mean {_ci(lm['mean_mm'], 2)} mm, median "
-                       f"{_ci(lm['median_mm'], 2)} mm; within 2 mm {_ci(lm['success_2mm'])}, within 4 mm "
-                       f"{_ci(lm['success_4mm'])} ({lm['n_points']} points)."))
-    b += [("p", _grades("Erosion (0-5, all scored areas pooled)", res["erosion_grades"]) + " "
-           + _grades("JSN (0-4)", res["jsn_grades"])),
+        b += [("h2", "Landmarks (22 SvdH areas)"), ("table", head_rows("keypoints", res["landmarks"]))]
+    b += [("h2", "Per-joint grades (all scored areas pooled)"),
+          ("table", [["metric", "erosion (0-5)", "JSN (0-4)"]] + [[e[0], e[1], j[1]] for e, j in zip(ero, jsn)]),
           ("table", [["joint", "erosion MAE", "JSN MAE", "landmark error (mm)"]]
            + [[r["joint"], f(r["erosion_mae"]), f(r["jsn_mae"]), f(pp.get(r["joint"]))] for r in res["per_joint"]])]
     if "ensemble" in res:
