@@ -237,6 +237,13 @@ def test_train_config_file_resume_and_evaluate_entry(cohort, tiny_model, tmp_pat
         task.entry("train")(bad, cohort / "cohort" / "studies.csv", tmp_path / "run")
     with pytest.raises(InputError, match="already holds|earlier run"):
         task.entry("train")(cfg, None, cohort / "run", show_progress=False)
+    # The one command line: the config names the task (its manifest too); the card names it for evaluate.
+    from rheumai.cli import main
+
+    assert main(["train", "--config", str(cfg), "--out", str(cohort / "run"), "--resume", "--quiet"]) == 0
+    assert main(["evaluate", "--model", str(res.checkpoint), "--manifest", str(cohort / "cohort" / "studies.csv"),
+                 "--out", str(tmp_path / "cli"), "--split", "test", "--quiet"]) == 0
+    assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["n_patients"] == 1
     m = task.entry("evaluate")(res.checkpoint, cohort / "cohort" / "studies.csv", tmp_path / "eval", split="all",
                                show_progress=False)
     assert m["n_patients"] == 3 and m["n_corners"] == 72 and 0 <= m["corners"]["accuracy"]["value"] <= 1
