@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ...atomic import atomic_path, write_json, write_text
+from ...atomic import write_json, write_text
 from ...engine.fit import predict
 from ...engine.heads import make_head
 from ...errors import InputError
@@ -142,13 +142,10 @@ def report_blocks(res: dict[str, Any], title: str, extra: Sequence[Any] = (), im
 
 def plot_agreement(res: dict[str, Any], path: Path) -> Path:
     """Scatter (predicted vs true total, both paths) and Bland-Altman of the whole-hand total."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ...report import _save_fig, _subplots
 
     t, p, q = (np.array([c[k] for c in res["cases"]], float) for k in ("total", "pred_total", "joint_total"))
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4.5))
+    fig, ax = _subplots(1, 2, figsize=(10, 4.5))
     hi = max(t.max(), p.max(), q.max()) * 1.05 + 1
     ax[0].plot([0, hi], [0, hi], "k--", lw=0.8)
     ax[0].scatter(t, p, s=14, label=f"whole hand (PCC {res['total']['pcc']['value']:.3f})")
@@ -160,11 +157,7 @@ def plot_agreement(res: dict[str, Any], path: Path) -> Path:
     for v, ls in ((ba["bias"]["value"], "-"), (ba["loa_lower"]["value"], "--"), (ba["loa_upper"]["value"], "--")):
         ax[1].axhline(v, color="k", ls=ls, lw=0.8)
     ax[1].set(xlabel="mean of predicted and true", ylabel="predicted - true", title="Bland-Altman (whole hand)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return _save_fig(fig, path)
 
 
 def write_report(out_dir: str | Path, res: dict[str, Any], title: str, extra: Sequence[Any] = ()) -> Path:
