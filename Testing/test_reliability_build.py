@@ -85,7 +85,7 @@ def test_build_that_includes_no_patient_says_so(archive, tmp_path):
                       SplitConfig(), PARAMS, progress=QUIET)
     assert "Follow-up >= 99999 days" in str(err.value) and "P001" in str(err.value)
     assert not (tmp_path / "none").exists()
-    cmd = [sys.executable, "-m", "rheumai.dataset.cli", "build", "--index", str(base / "index.sqlite"),
+    cmd = [sys.executable, "-m", "rheumai.cli", "dataset", "build", "--index", str(base / "index.sqlite"),
            "--labels", str(d.labels_csv), "--out", str(tmp_path / "none"), "--min-followup-days", "99999"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 1 and "no patient is included" in res.stderr and "Traceback" not in res.stderr
@@ -154,7 +154,7 @@ def test_killed_build_leaves_no_workers_and_no_change(archive, tmp_path, sig):
     out = tmp_path / "ds"
     build_dataset(base / "index.sqlite", d.labels_csv, out, CohortRules(), SplitConfig(), PARAMS, compute_cache=False)
     before = _snapshot(out)
-    cmd = [sys.executable, "-m", "rheumai.dataset.cli", "build", "--index", str(base / "index.sqlite"),
+    cmd = [sys.executable, "-m", "rheumai.cli", "dataset", "build", "--index", str(base / "index.sqlite"),
            "--labels", str(d.labels_csv), "--out", str(out), "--workers", "2", "--size", "384", "384",
            "--slices", "12", "--spacing", "0.5"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

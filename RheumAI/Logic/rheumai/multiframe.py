@@ -107,8 +107,8 @@ def frames_of(ds: pydicom.Dataset, path: str | Path) -> list[Frame]:
         stack = str(content.get("StackID", "") or "") if content is not None else ""
         echo = _item(f, shared, "MREchoSequence")
         te = _floats([echo.get("EffectiveEchoTime")], 1) if echo is not None else None
-        frames.append(Frame(str(path), i, ipp, iop, spacing, slope, intercept, frame_type, stack,  # type: ignore[arg-type]
-                            te[0] if te else None))
+        frames.append(Frame(str(path), i, ipp, iop, spacing, slope, intercept,  # type: ignore[arg-type]
+                            frame_type, stack, te[0] if te else None))
     return frames
 
 

@@ -82,12 +82,6 @@ def _downsampled(source: str, i: int, step: int) -> tuple[bytes, tuple[int, int]
     return np.ascontiguousarray(arr).tobytes(), arr.shape
 
 
-def _as_da(date: dt.date | str) -> str:
-    if isinstance(date, str):
-        date = dt.date.fromisoformat(date)
-    return date.strftime("%Y%m%d")
-
-
 def write_series(
     source: str | Path,
     out_dir: str | Path,
@@ -117,13 +111,10 @@ def write_series(
     keep = list(range(len(dss))) if slices is None else list(slices)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    da = _as_da(study_date)
+    da = str(study_date).replace("-", "")
     frame_uid = uid("frame", series_uid)
-    spacing = 1.0
-    if len(dss) > 1:
-        a = np.array([float(v) for v in dss[0].ImagePositionPatient])
-        b = np.array([float(v) for v in dss[1].ImagePositionPatient])
-        spacing = float(np.linalg.norm(b - a))
+    ipp = [np.asarray(d.ImagePositionPatient, float) for d in dss[:2]]
+    spacing = float(np.linalg.norm(ipp[1] - ipp[0])) if len(ipp) > 1 else 1.0
     written = []
     for n, i in enumerate(keep, 1):
         ds = _clone(dss[i])
@@ -243,7 +234,8 @@ def write_demo_archive(
         series("S4", "ax", "t2_tse_tra", 4, "T2", orientation="axial", slices=few)
         if kind == "two_t2":
             series("S5", "t2b", "t2_tse_sag_repeat", 5, "T2", slices=range(10, 22))
-        write_series(source, pdir / follow.isoformat() / "S3", patient_id=pid, study_uid=uid("study", pid, "follow", seed),
+        write_series(source, pdir / follow.isoformat() / "S3", patient_id=pid,
+                     study_uid=uid("study", pid, "follow", seed),
                      series_uid=uid("series", pid, "fu_t2", seed), study_date=follow, description="t2_tse_sag",
                      series_number=3, sequence="T2", slices=few, downsample=downsample)
         label_base = base + dt.timedelta(days=40) if kind == "no_study" else base

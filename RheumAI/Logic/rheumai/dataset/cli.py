@@ -14,7 +14,8 @@ from typing import Iterator
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("dataset", help="build a training dataset from a DICOM export and a label sheet",
-                              description="Index a DICOM export, then build a dataset (cohort, flow, split, cache, manifest).")
+                              description="Index a DICOM export (or take a table of images), then build a dataset "
+                                          "(cohort, flow, split, cache, manifest).")
     sub = p.add_subparsers(dest="dataset_command", metavar="STEP")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -60,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--test-site", action="append", default=[], help="external-site split: test site (repeatable)")
     s.add_argument("--seed", type=int, default=0)
     c = pb.add_argument_group("task and its input")
-    c.add_argument("--task", default="cervical_ra", help="registered task (`rheumai tasks`); --index builds cervical_ra")
+    c.add_argument("--task", default="cervical_ra",
+                   help="registered task (`rheumai tasks`); --index builds cervical_ra")
     c.add_argument("--clinical", type=Path, help="with --images: a CSV of clinical columns keyed by patient_id")
     c.add_argument("--slices", type=int, help="slices per input (n_slices; cervical 6)")
     c.add_argument("--spacing", type=float, help="cervical: sampling step in mm (1.0)")
@@ -172,28 +174,7 @@ def _build(args: argparse.Namespace) -> int:
                                 compute_cache=not args.flow_only)
     print(res.paths["txt"].read_text(), end="")
     if res.cache is not None:
-        print(f"\ncache: {len(res.cache.computed)} computed, {len(res.cache.reused)} reused, {len(res.cache.failed)} failed")
+        c = res.cache
+        print(f"\ncache: {len(c.computed)} computed, {len(c.reused)} reused, {len(c.failed)} failed")
         print(f"manifest: {res.manifest} ({res.n_included} patients)")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m rheumai.dataset.cli STEP ...``: the ``rheumai dataset`` commands without loading
-    the task registry (a lighter process for batch jobs); same messages and exit status."""
-    from ..errors import RheumAIError
-
-    parser = argparse.ArgumentParser(prog="rheumai")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["dataset", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except RheumAIError as exc:
-        print(f"rheumai dataset: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("rheumai dataset: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

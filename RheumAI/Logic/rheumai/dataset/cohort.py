@@ -174,22 +174,15 @@ def outcome_step_list(rules: ImageRules) -> list[Step]:
 
 
 def _series_fails(s: pd.Series, rules: CohortRules) -> list[str]:
-    why = []
-    if str(s["modality"]).upper() != rules.modality.upper():
-        why.append(f"modality {s['modality'] or 'unknown'}")
-    if s["orientation"] != rules.orientation:
-        why.append(str(s["orientation"]))
-    if s["sequence"] != rules.sequence:
-        why.append(f"sequence {s['sequence']}")
-    if s["fat_suppressed"] and not rules.allow_fat_suppressed:
-        why.append("fat-suppressed")
-    if not (s["region"] in rules.regions or (s["region"] == "unknown" and rules.accept_unknown_region)):
-        why.append(f"region {s['region']}")
-    if int(s["n_slices"]) < rules.min_slices:
-        why.append(f"{s['n_slices']} slices")
-    if s["severe"]:
-        why.append("; ".join(s["problems"]))
-    return why
+    region_ok = s["region"] in rules.regions or (s["region"] == "unknown" and rules.accept_unknown_region)
+    checks = [(str(s["modality"]).upper() != rules.modality.upper(), f"modality {s['modality'] or 'unknown'}"),
+              (s["orientation"] != rules.orientation, str(s["orientation"])),
+              (s["sequence"] != rules.sequence, f"sequence {s['sequence']}"),
+              (s["fat_suppressed"] and not rules.allow_fat_suppressed, "fat-suppressed"),
+              (not region_ok, f"region {s['region']}"),
+              (int(s["n_slices"]) < rules.min_slices, f"{s['n_slices']} slices"),
+              (s["severe"], "; ".join(s["problems"]))]
+    return [why for bad, why in checks if bad]
 
 
 def apply_cohort(index: ArchiveIndex, sheet: LabelSheet, rules: CohortRules, role: str = "t2_sag") -> CohortResult:

@@ -299,8 +299,9 @@ def _series_row(g: pd.DataFrame, oblique_deg: float, frames: list[Frame] | None 
         problems.append("missing ImageOrientationPatient/ImagePositionPatient")
         severe, n_slices = True, len(g)
     else:
-        stack = stack_of(frames or [Frame(p, 0, tuple(json.loads(ipp)), tuple(json.loads(iop)), (1.0, 1.0), 1.0, 0.0,
-                                          (), "") for p, ipp, iop in zip(g["path"], g["ipp"], g["iop"].fillna(iop_txt))])
+        stack = stack_of(frames or [
+            Frame(p, 0, tuple(json.loads(ipp)), tuple(json.loads(iop)), (1.0, 1.0), 1.0, 0.0, (), "")
+            for p, ipp, iop in zip(g["path"], g["ipp"], g["iop"].fillna(iop_txt))])
         n_slices = stack.n_slices if not (stack.severe and stack.n_slices == 0) else len(stack.frames)
         if stack.problem:
             problems.append(stack.problem)
@@ -339,12 +340,13 @@ def _rebuild_series(con: sqlite3.Connection, oblique_deg: float) -> None:
         if enhanced.empty:
             rows.append(_series_row(g, oblique_deg))
             continue
-        parts = split_parts([fr for p, t in zip(enhanced["path"], enhanced["frames"]) for fr in _frames_from_json(p, t)])
+        parts = split_parts([fr for p, t in zip(enhanced["path"], enhanced["frames"])
+                             for fr in _frames_from_json(p, t)])
         for key, part in parts.items():
             row = _series_row(g[g["path"].isin({fr.file for fr in part})], oblique_deg, frames=part)
             if len(enhanced) < len(g):
-                row["problems"] = json.dumps(json.loads(row["problems"]) + [
-                    f"mixes {len(enhanced)} enhanced multi-frame files with {len(g) - len(enhanced)} single-frame files"])
+                row["problems"] = json.dumps(json.loads(row["problems"]) + [f"mixes {len(enhanced)} enhanced "
+                                            f"multi-frame files with {len(g) - len(enhanced)} single-frame files"])
                 row["severe"] = 1
             if len(parts) > 1:  # the same key as rheumai.io.list_series gives the part
                 row["series_uid"] = f"{uid}{PART_SEP}{key}"

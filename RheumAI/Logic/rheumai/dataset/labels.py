@@ -117,7 +117,8 @@ def parse_rows(path: Path, header: list[str], body: list[list[str]],
         if not any(v.strip() for v in raw):
             continue  # blank line (Excel often leaves some at the end)
         if len(raw) != len(header):
-            problems.append(RowProblem(n, raw[0].strip() if raw else "", f"has {len(raw)} fields, the header has {len(header)}"))
+            problems.append(RowProblem(n, raw[0].strip() if raw else "",
+                                       f"has {len(raw)} fields, the header has {len(header)}"))
             continue
         v = {h: x.strip() for h, x in zip(header, raw)}
         pid, errs = v["patient_id"], []

@@ -77,7 +77,8 @@ def assign_splits(patients: Sequence[tuple[str, int, str]], cfg: SplitConfig) ->
     if cfg.test_sites:
         missing = [p for p in ids if not site[p]]
         if missing:
-            raise InputError(None, f"external-site split needs a site for every patient; none for: {', '.join(missing)}")
+            raise InputError(None, "external-site split needs a site for every patient; none for: "
+                                   + ", ".join(missing))
         test = [p for p in ids if site[p] in cfg.test_sites]
         train = [p for p in ids if site[p] not in cfg.test_sites]
         if not test:
