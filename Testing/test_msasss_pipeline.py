@@ -235,6 +235,9 @@ def test_train_config_file_resume_and_evaluate_entry(cohort, tiny_model, tmp_pat
     bad.write_text('task = "msasss"\n[lesions]\nepoch = 3\n')
     with pytest.raises(InputError, match="bad.toml.*epoch"):
         task.entry("train")(bad, cohort / "cohort" / "studies.csv", tmp_path / "run")
+    bad.write_text('task = "negspa"\n')
+    with pytest.raises(InputError, match="bad.toml.*not msasss"):
+        task.entry("train")(bad, cohort / "cohort" / "studies.csv", tmp_path / "run")
     with pytest.raises(InputError, match="already holds|earlier run"):
         task.entry("train")(cfg, None, cohort / "run", show_progress=False)
     # The one command line: the config names the task (its manifest too); the card names it for evaluate.

@@ -26,7 +26,7 @@ from torch.utils.data import Subset
 
 from ...atomic import write_json
 from ...checkpoint import find_training_state, save_checkpoint
-from ...config import tomllib
+from ...config import read_toml
 from ...engine.fit import fit
 from ...errors import InputError
 from .anatomy import VIEWS
@@ -116,18 +116,11 @@ class TrainConfig:
 
 def load_config(config: str | Path | Mapping[str, Any]) -> tuple[TrainConfig, Path | None]:
     """A TOML file (``task = "msasss"``) or a mapping of the same -> (config, file or None)."""
-    source = None
-    if isinstance(config, (str, Path)):
-        source = Path(config)
-        if not source.is_file():
-            raise InputError(source, "config file not found")
-        try:
-            config = tomllib.loads(source.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(source, f"not valid TOML: {exc}") from None
-    d = dict(config)
-    if d.pop("task", "msasss") != "msasss":
-        raise InputError(source, f"the config is for task {config['task']!r}, not msasss")
+    source = Path(config) if isinstance(config, (str, Path)) else None
+    d = read_toml(source) if source is not None else dict(config)
+    task = d.pop("task", "msasss")
+    if task != "msasss":
+        raise InputError(source, f"the config is for task {task!r}, not msasss")
     return TrainConfig.from_dict(d, source), source
 
 
