@@ -97,6 +97,9 @@ def test_bad_tables_are_named_row_by_row(tmp_path):
     t.write_text("patient_id,path,outcome\nA,a,yes\n")
     with pytest.raises(InputError, match="lacks the column\\(s\\) image"):
         read_image_table(t)
+    t.write_text("patient_id,t1,t2,label\nA,a,b,1\n")  # NegSpA-AI: one column per input role + its box
+    with pytest.raises(InputError, match="lacks the column\\(s\\) stir, box"):
+        read_image_table(t, task="negspa")
 
 
 def test_cli_build_from_image_table(table, tmp_path, capsys):
@@ -138,3 +141,35 @@ def test_hostile_patient_ids_never_name_a_path(table, tmp_path):
     assert outside == [] and res.n_included == len(hostile)
     ids = [r["patient_id"] for r in csv.DictReader(open(res.manifest))]
     assert sorted(ids) == sorted(h.strip() for h in hostile)
+
+
+def test_table_split_column_clinical_csv_and_task_params(table, tmp_path, capsys):
+    """The table's own split column is kept (no split is drawn), clinical columns come from a
+    second CSV by patient_id, and preprocessing parameters are checked against the task."""
+    base, path = table
+    header, *rows = list(csv.reader(open(path)))
+    t = base / "with_split.csv"
+    with open(t, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header + ["split"])
+        w.writerows(r + ["test" if k % 3 == 0 else "val" if k % 3 == 1 else "train"] for k, r in enumerate(rows[:12]))
+    clin = base / "clinical_extra.csv"
+    clin.write_text("patient_id,crp\nS00,5\nS02,7\n")
+    res = build_image_dataset(t, tmp_path / "ds", ImageRules(), SplitConfig(), PARAMS, progress=QUIET,
+                              clinical_csv=clin)
+    got = {r["patient_id"]: r for r in csv.DictReader(open(res.manifest))}
+    assert (got["S00"]["split"], got["S01"]["split"], got["S02"]["split"]) == ("test", "val", "train")
+    assert (got["S00"]["crp"], got["S02"]["crp"], got["S01"]["crp"], got["S00"]["age"]) == ("5", "7", "", "40")
+    assert "Split: the table's split column" in (tmp_path / "ds" / "flow.txt").read_text()
+    with open(t, "a", newline="") as fh:
+        fh.write("S12,img/S00.nii.gz,no,A,1500,70,\n")
+    with pytest.raises(InputError, match="split column is filled on some rows only"):
+        read_image_table(t)
+    parser = argparse.ArgumentParser(prog="rheumai")
+    dataset_cli.register(parser.add_subparsers(dest="command"))
+    for argv, message in ((["--param", "no_such=1"], "task cervical_ra has no preprocessing parameter(s) no_such"),
+                          (["--task", "negspa", "--index", str(path), "--labels", str(path)],
+                           "--index / --labels build")):
+        args = parser.parse_args(["dataset", "build", "--out", str(tmp_path / "x")]
+                                 + (["--images", str(path)] if "--index" not in argv else []) + argv)
+        assert args.func(args) == 2 and message in capsys.readouterr().err
