@@ -1,8 +1,8 @@
 """Reading studies: image files (NIfTI / NRRD / MHA) or DICOM folders, into LPS images.
 
-Every image returned is a 3D ``SimpleITK.Image`` (float32) whose origin / spacing / direction are
-in DICOM patient coordinates (LPS, mm), which is what SimpleITK and ITK use for every format
-(NIfTI's RAS is converted on read). Every error names the file or folder and the problem.
+Every image returned is a 3D float32 ``SimpleITK.Image`` whose origin / spacing / direction are in
+DICOM patient coordinates (LPS, mm), as SimpleITK gives them for every format (NIfTI's RAS is
+converted on read). Every error names the file or folder and the problem.
 """
 
 from __future__ import annotations
@@ -19,34 +19,24 @@ import SimpleITK as sitk
 from .errors import AmbiguousSeriesError, InputError
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-# Tags copied from the first file of a DICOM series into Study.meta.
-META_TAGS = (
+META_TAGS = (  # copied from the first file of a DICOM series into Study.meta
     "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "StudyDate", "SeriesDate",
     "SeriesDescription", "Modality", "PatientPosition", "Manufacturer", "MagneticFieldStrength",
     "EchoTime", "RepetitionTime", "InversionTime", "ScanningSequence", "SequenceName",
     "SliceThickness", "SeriesNumber", "BodyPartExamined",
 )
-
-# Storage classes that hold no image (reports, presentation states, raw data...).
 _IMAGE_SOP_PREFIX = "1.2.840.10008.5.1.4.1.1."
-_NON_IMAGE_SOP = {
-    "1.2.840.10008.5.1.4.1.1.66",  # Raw Data
-    "1.2.840.10008.5.1.4.1.1.11.1",  # Grayscale Softcopy Presentation State
-    "1.2.840.10008.5.1.4.1.1.88.11", "1.2.840.10008.5.1.4.1.1.88.22",  # SR
-    "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.104.1",  # SR, encapsulated PDF
-    "1.2.840.10008.5.1.4.1.1.4.2",  # MR Spectroscopy
+_NON_IMAGE_SOP = {  # storage classes that hold no image: raw data, presentation state, SR, PDF, spectroscopy
+    "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.11.1", "1.2.840.10008.5.1.4.1.1.88.11",
+    "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.104.1",
+    "1.2.840.10008.5.1.4.1.1.4.2",
 }
 
 
 @dataclass
 class Study:
-    """One 3D image with its provenance.
-
-    image: float32 SimpleITK image, LPS geometry (mm). path: the file or DICOM folder read.
-    series_uid: DICOM SeriesInstanceUID (None for image files). meta: selected DICOM tags.
-    files: the DICOM files of the series, sorted along the slice normal (empty for image files).
-    """
+    """One 3D image (float32, LPS mm) with its provenance: the file or DICOM folder read, the
+    SeriesInstanceUID and selected tags (DICOM only), the series' files sorted along the normal."""
 
     image: sitk.Image
     path: str
@@ -57,7 +47,9 @@ class Study:
 
 @dataclass
 class SeriesInfo:
-    """A DICOM series found in a folder (headers only)."""
+    """A DICOM series found in a folder (headers only). Enhanced files split by image type / stack:
+    one entry per ``part`` with its ``frames`` (:class:`rheumai.multiframe.Frame`); ``problem``: why
+    the series cannot be read (malformed functional groups, mixed files)."""
 
     uid: str
     description: str
@@ -66,93 +58,83 @@ class SeriesInfo:
     is_image: bool
     n_frames: int = 1
     headers: list = field(default_factory=list, repr=False)  # pydicom headers, same order as files
-    part: str = ""  # enhanced files split by image type / stack: the part's key ("" when whole)
-    frames: list = field(default_factory=list, repr=False)  # enhanced: rheumai.multiframe.Frame list
-    problem: str | None = None  # why the series cannot be read (malformed functional groups)
+    part: str = ""
+    frames: list = field(default_factory=list, repr=False)
+    problem: str | None = None
 
     def describe(self) -> str:
-        kind = "" if self.is_image else ", no image"
         frames = f", {len(self.frames)} frames" if self.frames else ""
         part = f", image type/stack {self.part}" if self.part else ""
+        kind = "" if self.is_image else ", no image"
         return f"{self.uid}  [{self.modality}] '{self.description}' ({len(self.files)} files{frames}{part}{kind})"
 
 
 @dataclass
 class FolderScan:
-    """What :func:`scan_folder` found: series, and broken DICOM files (path, reason) that belong to
-    no series (empty, or truncated before the series UID) or whose pixel data is cut short."""
+    """Series of a folder, and broken DICOM files (path, reason): empty, truncated before the
+    series UID, or with pixel data cut short."""
 
     series: list[SeriesInfo]
     broken: list[tuple[str, str]]
 
 
 def is_image_file(path: str | Path) -> bool:
-    name = str(path).lower()
-    return any(name.endswith(s) for s in IMAGE_SUFFIXES)
+    return str(path).lower().endswith(IMAGE_SUFFIXES)
 
 
-def read_study(
-    path: str | Path,
-    series_uid: str | None = None,
-    require_modality: str | None = "MR",
-) -> Study:
-    """Read a 3D study from an image file or a DICOM folder.
+def read_study(path: str | Path, series_uid: str | None = None, require_modality: str | None = "MR") -> Study:
+    """A 3D study from an image file, a DICOM folder or a single (e.g. enhanced multi-frame) DICOM file.
 
-    For a folder holding several image series, ``series_uid`` chooses one; without it a folder
-    with more than one candidate series (of ``require_modality`` when given) raises
-    :class:`AmbiguousSeriesError` listing them. ``require_modality`` applies to DICOM only
-    (image files carry no modality). Raises :class:`InputError` naming the file on any problem.
+    ``series_uid`` chooses a series in a folder; without it a folder with more than one candidate
+    series (of ``require_modality`` when given; DICOM only) raises :class:`AmbiguousSeriesError`
+    listing them. Raises :class:`InputError` naming the file on any problem.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(path, "does not exist")
-    if path.is_dir():
-        return _read_dicom_folder(path, series_uid, require_modality)
-    if is_image_file(path):
-        return Study(image=_read_image_file(path), path=str(path))
-    # A single DICOM file (e.g. enhanced multi-frame) is accepted too.
-    if _looks_like_dicom(path):
+    if is_image_file(path) and not path.is_dir():
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            raise InputError(path, f"cannot be read as an image ({_first_line(exc)})") from None
+        return Study(image=_as_volume(image, path), path=str(path))
+    if path.is_dir() or _looks_like_dicom(path):
         return _read_dicom_folder(path, series_uid, require_modality)
     raise InputError(path, f"unsupported file type (expected a DICOM folder or one of {', '.join(IMAGE_SUFFIXES)})")
 
 
-def _read_image_file(path: Path) -> sitk.Image:
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise InputError(path, f"cannot be read as an image ({_first_line(exc)})") from None
-    return _as_volume(image, path)
-
-
 def _as_volume(image: sitk.Image, path: Path | str) -> sitk.Image:
-    """Check a 3D single-component volume and cast it to float32."""
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        if image.GetNumberOfComponentsPerPixel() == 3 and image.GetDimension() == 2:
+    """Check a 3D single-component volume (a 4D one with one volume is taken) and make it float32."""
+    n, dim, size = image.GetNumberOfComponentsPerPixel(), image.GetDimension(), image.GetSize()
+    if n != 1:
+        if n == 3 and dim == 2:
             raise InputError(path, "is a 2D colour image; a 3D MRI volume is needed")
-        raise InputError(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar volume is needed")
-    dim = image.GetDimension()
-    size = image.GetSize()
+        raise InputError(path, f"has {n} components per voxel; a scalar volume is needed")
     if dim == 2 or (dim == 3 and sorted(size)[0] == 1):
         raise InputError(path, f"is a 2D image (size {'x'.join(map(str, size))}); a 3D volume is needed")
-    if dim == 4:
-        if size[3] == 1:
-            image = image[:, :, :, 0]
-        else:
-            raise InputError(path, f"is a 4D series ({size[3]} volumes); choose one 3D volume")
+    if dim == 4 and size[3] != 1:
+        raise InputError(path, f"is a 4D series ({size[3]} volumes); choose one 3D volume")
+    image = image[:, :, :, 0] if dim == 4 else image
     if image.GetDimension() != 3:
         raise InputError(path, f"has {image.GetDimension()} dimensions; a 3D volume is needed")
-    return sitk.Cast(image, sitk.sitkFloat32)
+    return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
+
+
+def _has_dicm_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 def _looks_like_dicom(path: Path) -> bool:
+    if _has_dicm_magic(path):
+        return True
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-        if head[128:132] == b"DICM":
-            return True
         pydicom.dcmread(str(path), stop_before_pixels=True)
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - not DICOM
         return False
 
 
@@ -162,17 +144,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def list_series(folder: str | Path) -> list[SeriesInfo]:
-    """All DICOM series under ``folder`` (recursive), from headers only, sorted by UID.
-
-    Files that are not DICOM are ignored (a folder with none raises :class:`InputError`). An
-    enhanced multi-frame series that interleaves image types or stacks is listed as one entry
-    per part, with the key ``<SeriesInstanceUID>#<part>`` (e.g. ``...#M`` and ``...#FIELD_MAP``).
-    """
+    """All DICOM series under ``folder`` (recursive, headers only), sorted by UID; files that are not
+    DICOM are ignored. An enhanced series interleaving image types or stacks is one entry per part,
+    keyed ``<SeriesInstanceUID>#<part>`` (e.g. ``...#M`` and ``...#FIELD_MAP``)."""
     return scan_folder(folder).series
-
-
-def _looks_like_dicom_name(path: Path) -> bool:
-    return path.suffix.lower() in ("", ".dcm", ".ima", ".dicom")
 
 
 def pixel_data_problem(path: str | Path, ds: pydicom.Dataset) -> str | None:
@@ -186,9 +161,9 @@ def pixel_data_problem(path: str | Path, ds: pydicom.Dataset) -> str | None:
     if raw is None or length is None or tell is None or length == 0xFFFFFFFF:
         return None
     size = os.path.getsize(path)
-    if tell + length > size:
-        return f"truncated: its pixel data needs {length} bytes, the file holds {max(size - tell, 0)}"
-    return None
+    if tell + length <= size:
+        return None
+    return f"truncated: its pixel data needs {length} bytes, the file holds {max(size - tell, 0)}"
 
 
 def scan_folder(folder: str | Path) -> FolderScan:
@@ -203,7 +178,7 @@ def scan_folder(folder: str | Path) -> FolderScan:
         try:
             ds = pydicom.dcmread(str(f), defer_size=4096)
         except Exception as exc:  # noqa: BLE001 - not DICOM, or cut short inside the header
-            if f.stat().st_size == 0 and _looks_like_dicom_name(f):
+            if f.stat().st_size == 0 and f.suffix.lower() in ("", ".dcm", ".ima", ".dicom"):
                 broken.append((str(f), "is an empty file"))
             elif _has_dicm_magic(f):
                 broken.append((str(f), f"is a damaged DICOM file ({_first_line(exc)})"))
@@ -219,18 +194,12 @@ def scan_folder(folder: str | Path) -> FolderScan:
             broken.append((str(f), cut))
         sop = str(getattr(ds, "SOPClassUID", ""))
         is_image = bool(getattr(ds, "Rows", 0)) and sop not in _NON_IMAGE_SOP and (
-            sop.startswith(_IMAGE_SOP_PREFIX) or not sop
-        )
+            sop.startswith(_IMAGE_SOP_PREFIX) or not sop)
         info = groups.get(uid)
         if info is None:
-            info = groups[uid] = SeriesInfo(
-                uid=uid,
-                description=str(getattr(ds, "SeriesDescription", "") or ""),
-                modality=str(getattr(ds, "Modality", "") or ""),
-                files=[],
-                is_image=is_image,
-                n_frames=int(getattr(ds, "NumberOfFrames", 1) or 1),
-            )
+            info = groups[uid] = SeriesInfo(uid, str(getattr(ds, "SeriesDescription", "") or ""),
+                                            str(getattr(ds, "Modality", "") or ""), [], is_image,
+                                            int(getattr(ds, "NumberOfFrames", 1) or 1))
         info.files.append(str(f))
         info.headers.append(ds)
         info.is_image = info.is_image or is_image
@@ -255,20 +224,12 @@ def scan_folder(folder: str | Path) -> FolderScan:
         parts = split_parts(frames)
         for key, part_frames in parts.items():
             names = sorted({fr.file for fr in part_frames})
+            whole = len(parts) == 1
             out.append(SeriesInfo(
-                uid=f"{uid}{PART_SEP}{key}" if len(parts) > 1 else uid, description=info.description,
-                modality=info.modality, files=names, is_image=True, n_frames=len(part_frames),
-                headers=[ds for f, ds in zip(info.files, info.headers) if f in names],
-                part=key if len(parts) > 1 else "", frames=part_frames, problem=info.problem))
+                uid if whole else f"{uid}{PART_SEP}{key}", info.description, info.modality, names, True,
+                len(part_frames), [ds for f, ds in zip(info.files, info.headers) if f in names],
+                "" if whole else key, part_frames, info.problem))
     return FolderScan(series=sorted(out, key=lambda s: s.uid), broken=broken)
-
-
-def _has_dicm_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
 
 
 def _read_dicom_folder(folder: Path, series_uid: str | None, require_modality: str | None) -> Study:
@@ -278,12 +239,11 @@ def _read_dicom_folder(folder: Path, series_uid: str | None, require_modality: s
         more = f" ({len(scan.broken) - 1} more broken files)" if len(scan.broken) > 1 else ""
         raise InputError(path, f"{why}; a broken DICOM file among the series' files (a missing or damaged slice): "
                                f"replace or remove it{more}")
-    all_series = scan.series
-    images = [s for s in all_series if s.is_image]
+    images = [s for s in scan.series if s.is_image]
     if series_uid is not None:
-        chosen = [s for s in all_series if s.uid == series_uid]
+        chosen = [s for s in scan.series if s.uid == series_uid]
         if not chosen:
-            listing = "\n  ".join(s.describe() for s in all_series)
+            listing = "\n  ".join(s.describe() for s in scan.series)
             raise InputError(folder, f"has no series with SeriesInstanceUID {series_uid}; series found:\n  {listing}")
         series = chosen[0]
         if not series.is_image:
@@ -291,26 +251,22 @@ def _read_dicom_folder(folder: Path, series_uid: str | None, require_modality: s
     else:
         if not images:
             raise InputError(folder, "contains DICOM files but no image series")
-        candidates = images
-        if require_modality:
-            candidates = [s for s in images if s.modality.upper() == require_modality.upper()] or images
+        mod = (require_modality or "").upper()
+        candidates = [s for s in images if s.modality.upper() == mod] or images if mod else images
         if len(candidates) > 1:
             listing = "\n  ".join(s.describe() for s in candidates)
             raise AmbiguousSeriesError(
-                folder, f"holds {len(candidates)} image series; choose one by SeriesInstanceUID:\n  {listing}"
-            )
+                folder, f"holds {len(candidates)} image series; choose one by SeriesInstanceUID:\n  {listing}")
         series = candidates[0]
     if require_modality and series.modality.upper() != require_modality.upper():
-        raise InputError(
-            folder, f"series {series.uid} ('{series.description}') is modality {series.modality or 'unknown'}; "
-            f"a {require_modality} series is required"
-        )
+        raise InputError(folder, f"series {series.uid} ('{series.description}') is modality "
+                                 f"{series.modality or 'unknown'}; a {require_modality} series is required")
     return _read_series(folder, series)
 
 
 def _read_series(folder: Path, series: SeriesInfo) -> Study:
     headers = series.headers or [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
-    meta = {t: _plain(getattr(headers[0], t, None)) for t in META_TAGS if getattr(headers[0], t, None) not in (None, "")}
+    meta = {t: _plain(getattr(headers[0], t)) for t in META_TAGS if getattr(headers[0], t, None) not in (None, "")}
     if series.problem:
         raise InputError(series.files[0], series.problem)
     if series.frames:
@@ -330,29 +286,24 @@ def _read_series(folder: Path, series: SeriesInfo) -> Study:
     reader.SetFileNames(ordered)
     try:
         image = reader.Execute()
-    except RuntimeError as exc:
-        raise InputError(_undecodable_file(ordered) or folder,
-                         f"series {series.uid} cannot be decoded ({_first_line(exc)})") from None
+    except RuntimeError as exc:  # name the first file that cannot be decoded on its own
+        bad = next((f for f in ordered if _unreadable(f)), None)
+        raise InputError(bad or folder, f"series {series.uid} cannot be decoded ({_first_line(exc)})") from None
     return Study(image=_as_volume(image, folder), path=str(folder), series_uid=series.uid, meta=meta, files=ordered)
 
 
-def _undecodable_file(files: list[str]) -> str | None:
-    """The first file of a series that cannot be decoded on its own (to name it in the error)."""
-    for f in files:
-        try:
-            sitk.ReadImage(f)
-        except RuntimeError:
-            return f
-    return None
+def _unreadable(path: str) -> bool:
+    try:
+        sitk.ReadImage(path)
+        return False
+    except RuntimeError:
+        return True
 
 
 def _frames_by_gdcm(path: str, frames: list, pydicom_error: Exception) -> np.ndarray:
-    """Stored frames of a multi-frame file decoded by GDCM (SimpleITK), in file order.
-
-    For transfer syntaxes pydicom cannot decode here (JPEG lossless, JPEG-LS...). GDCM applies a
-    single rescale to the whole file, so this is used only where every frame's rescale is the
-    identity (stored = real values); otherwise the file is refused, named.
-    """
+    """Stored frames of a multi-frame file decoded by GDCM, in file order, for transfer syntaxes
+    pydicom cannot decode here (JPEG lossless, JPEG-LS...). GDCM applies one rescale to the whole
+    file, so only where every frame's rescale is the identity; otherwise the file is refused, named."""
     if any(fr.slope != 1.0 or fr.intercept != 0.0 for fr in frames):
         raise InputError(path, f"multi-frame pixel data cannot be decoded with per-frame rescaling "
                                f"({_first_line(pydicom_error)}; install pylibjpeg for compressed files)")
@@ -375,8 +326,9 @@ def _read_enhanced(folder: Path, series: SeriesInfo, meta: dict[str, Any]) -> St
             raise InputError(where, f"series {series.uid}{what} is a {stack.problem}; choose one 3D volume "
                                     "(a 4D series is not a task input)")
         raise InputError(where, f"series {series.uid}{what} is not one 3D volume: {stack.problem}")
+    files = sorted({fr.file for fr in stack.frames})
     pixels: dict[str, np.ndarray] = {}
-    for f in sorted({fr.file for fr in stack.frames}):
+    for f in files:
         try:
             ds = pydicom.dcmread(f)
             if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
@@ -386,26 +338,20 @@ def _read_enhanced(folder: Path, series: SeriesInfo, meta: dict[str, Any]) -> St
             raise
         except Exception as exc:  # noqa: BLE001 - decoder errors vary by transfer syntax
             arr = _frames_by_gdcm(f, [fr for fr in series.frames if fr.file == f], exc)
-        if arr.ndim == 2:
-            arr = arr[None]
-        if arr.ndim != 3:
+        if arr.ndim not in (2, 3):
             raise InputError(f, f"multi-frame pixel data of shape {arr.shape}: one sample per pixel is needed")
-        pixels[f] = arr
+        pixels[f] = arr[None] if arr.ndim == 2 else arr
     arr, origin, spacing, direction = read_volume(stack, pixels)
     image = sitk.GetImageFromArray(arr)
     image.SetOrigin(origin)
     image.SetSpacing(spacing)
     image.SetDirection(direction)
-    if series.part:
-        meta = {**meta, "ImageTypePart": series.part}
-    files = sorted({fr.file for fr in stack.frames})
+    meta = {**meta, "ImageTypePart": series.part} if series.part else meta
     return Study(image=_as_volume(image, where), path=str(folder), series_uid=series.uid, meta=meta, files=files)
 
 
 def _plain(value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, (int, float, str)):
+    if value is None or isinstance(value, (int, float, str)):
         return value
     try:
         return float(value)
@@ -415,46 +361,38 @@ def _plain(value: Any) -> Any:
 
 def check_slice_geometry(files: list[str], headers: list[pydicom.Dataset] | None = None,
                          rel_tol: float = 0.05) -> list[str]:
-    """Sort single-frame DICOM files along the slice normal and validate the stack.
-
-    Checks: every file has ImagePositionPatient / ImageOrientationPatient, one orientation for all,
-    no duplicated position, even spacing (a gap is reported with the two neighbouring files and
-    positions in mm along the normal). ``rel_tol`` is the allowed relative spacing deviation.
-    Returns the files ordered by position along the normal (row x column cosine).
-    """
+    """Single-frame DICOM files sorted along the slice normal (row x column cosine), checked: every
+    file has ImagePositionPatient / ImageOrientationPatient, one orientation, no repeated position,
+    even spacing within ``rel_tol`` (a gap names the two neighbouring files and positions in mm)."""
     headers = headers or [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     iops, ipps = [], []
     for f, ds in zip(files, headers):
-        iop = getattr(ds, "ImageOrientationPatient", None)
-        ipp = getattr(ds, "ImagePositionPatient", None)
+        iop, ipp = getattr(ds, "ImageOrientationPatient", None), getattr(ds, "ImagePositionPatient", None)
         if iop is None or ipp is None:
-            raise InputError(f, "has no ImagePositionPatient / ImageOrientationPatient; its place in the volume is unknown")
+            raise InputError(f, "has no ImagePositionPatient / ImageOrientationPatient; its place in the volume is "
+                                "unknown")
         iops.append(np.asarray(iop, dtype=float))
         ipps.append(np.asarray(ipp, dtype=float))
-    iop0 = iops[0]
     for f, iop in zip(files, iops):
-        if np.abs(iop - iop0).max() > 1e-3:
+        if np.abs(iop - iops[0]).max() > 1e-3:
             raise InputError(f, f"has ImageOrientationPatient {np.round(iop, 4).tolist()} unlike the series' first "
-                             f"slice {np.round(iop0, 4).tolist()}; the series mixes orientations")
-    normal = np.cross(iop0[:3], iop0[3:])
+                                f"slice {np.round(iops[0], 4).tolist()}; the series mixes orientations")
+    normal = np.cross(iops[0][:3], iops[0][3:])
     pos = np.array([p @ normal for p in ipps])
     order = np.argsort(pos, kind="stable")
-    pos_sorted = pos[order]
-    files_sorted = [files[i] for i in order]
-    steps = np.diff(pos_sorted)
+    pos, files = pos[order], [files[i] for i in order]
+    steps = np.diff(pos)
     for i, step in enumerate(steps):
         if abs(step) < 1e-3:
-            raise InputError(files_sorted[i + 1], f"duplicates the slice position {pos_sorted[i]:.3f} mm of "
-                             f"{files_sorted[i]} (along the slice normal)")
+            raise InputError(files[i + 1], f"duplicates the slice position {pos[i]:.3f} mm of {files[i]} (along the "
+                                           "slice normal)")
     spacing = float(np.median(steps))
     bad = np.where(np.abs(steps - spacing) > rel_tol * spacing)[0]
     if bad.size:
         i = int(bad[0])
         missing = int(round(steps[i] / spacing)) - 1
         what = f"about {missing} missing slice(s)" if missing >= 1 else "uneven slice spacing"
-        raise InputError(
-            files_sorted[i + 1],
-            f"{what}: gap of {steps[i]:.3f} mm after {os.path.basename(files_sorted[i])} (position "
-            f"{pos_sorted[i]:.3f} mm along the normal) where the series spacing is {spacing:.3f} mm",
-        )
-    return files_sorted
+        raise InputError(files[i + 1], f"{what}: gap of {steps[i]:.3f} mm after {os.path.basename(files[i])} "
+                                       f"(position {pos[i]:.3f} mm along the normal) where the series spacing is "
+                                       f"{spacing:.3f} mm")
+    return files
