@@ -102,11 +102,9 @@ def delong_auc_variance(y: Any, p: Any) -> tuple[float, float]:
     return float(auc), float(np.var(v10, ddof=1) / m + np.var(v01, ddof=1) / n)
 
 
-def bootstrap_indices(y: np.ndarray, n_boot: int, seed: int, stratified: bool = True) -> np.ndarray:
-    """(n_boot, N) resampling indices; stratified keeps the class counts of ``y`` in each sample."""
+def bootstrap_indices(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, N) stratified resampling indices: each sample keeps the class counts of ``y``."""
     rng = np.random.default_rng(seed)
-    if not stratified:
-        return rng.integers(0, y.size, size=(n_boot, y.size))
     parts = [rng.choice(np.flatnonzero(y == c), size=(n_boot, int((y == c).sum())), replace=True) for c in (0, 1)]
     return np.concatenate(parts, axis=1)
 

@@ -29,18 +29,16 @@ def _fmt(v: float | None, nd: int = 3) -> str:
 
 def metrics_table(report: dict[str, Any]) -> pd.DataFrame:
     """One row per metric: value, CI, numerator / denominator, CI method (metrics.csv)."""
-    rows = []
-    if "auc" in report:
-        a = report["auc"]
-        rows.append({"metric": "auc", "value": a["value"], "ci_low": a["lo"], "ci_high": a["hi"],
-                     "numerator": None, "denominator": None, "ci_method": a["method"]})
+    def row(metric: str, e: dict[str, Any], k: int | None = None, n: int | None = None, method: str = "") -> dict:
+        return {"metric": metric, "value": e["value"], "ci_low": e.get("lo"), "ci_high": e.get("hi"),
+                "numerator": k, "denominator": n, "ci_method": method}
+
+    rows = [row("auc", report["auc"], method=report["auc"]["method"])] if "auc" in report else []
     for name in COUNT_METRICS:
         m = report["metrics"][name]
-        rows.append({"metric": name, "value": m["value"], "ci_low": m["lo"], "ci_high": m["hi"], "numerator": m["k"],
-                     "denominator": m["n"], "ci_method": "bootstrap (percentile)" if name == "f1" else "Wilson"})
+        rows.append(row(name, m, m["k"], m["n"], "bootstrap (percentile)" if name == "f1" else "Wilson"))
     if "calibration" in report:
-        rows.append({"metric": "brier", "value": report["calibration"]["brier"], "ci_low": None, "ci_high": None,
-                     "numerator": None, "denominator": None, "ci_method": ""})
+        rows.append(row("brier", {"value": report["calibration"]["brier"]}))
     return pd.DataFrame(rows)
 
 
