@@ -26,7 +26,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress:
     """Run the demo into ``out_dir/msasss`` (its cohort/run/eval/scene folders are replaced); returns the figures."""
     from .dataset import load_cohort
     from .evaluate import evaluate
-    from .predict import predict_study, rescore_points, write_scene
+    from .predict import predictor, rescore_points, write_scene
     from .synth import make_cohort
     from .train import train
 
@@ -64,7 +64,8 @@ def run_demo(out_dir: str | Path, seed: int = 0, n: int | None = None, progress:
     except ImportError as exc:
         say(f"[msasss] no scene written ({exc})")
     else:
-        scene = str(write_scene(out / "scene" / f"{pid}.mrb", predict_study(model, study), {**study, "id": pid}))
+        res = predictor(model).predict(study, saliency=None).values
+        scene = str(write_scene(out / "scene" / f"{pid}.mrb", res, {**study, "id": pid}))
 
     c, k, t = metrics["corners"], metrics["keypoints_corners"], metrics["total"]
     figures = {

@@ -21,14 +21,14 @@ from ...atomic import write_json, write_text
 from ...checkpoint import read_card
 from ...engine.heads import KeypointsHead, regression_report
 from ...landmarks import radial_errors_mm
-from ...metrics import wilson_ci
+from ...metrics import metrics_from_counts, wilson_ci
 from .anatomy import disc_levels, point_names, scored_corners
 from .dataset import ViewRecord, cohort_split, load_cohort
 from .scoring import CORNER_LESIONS, total_score
 
 
 def _rate(k: int, n: int) -> dict[str, Any]:
-    lo, hi = wilson_ci(k, n) if n else (float("nan"), float("nan"))
+    lo, hi = wilson_ci(k, n)
     return {"value": k / n if n else float("nan"), "lo": lo, "hi": hi, "k": int(k), "n": int(n)}
 
 
@@ -92,9 +92,7 @@ def corner_metrics(records: Sequence[ViewRecord], results: Sequence[dict[str, An
             rs = list({(r["patient_id"], r["view"], r["level"]): r for r in rs}.values())
         y = np.array([bool(r[f"true_{les}"]) for r in rs], bool)
         p = np.array([r[f"p_{les}"] >= threshold for r in rs], bool)
-        tp, tn = int((y & p).sum()), int((~y & ~p).sum())
-        m["lesions"][les] = {"accuracy": _rate(tp + tn, len(y)), "sensitivity": _rate(tp, int(y.sum())),
-                             "specificity": _rate(tn, int((~y).sum())),
+        m["lesions"][les] = {**metrics_from_counts((y & p).sum(), (y & ~p).sum(), (~y & p).sum(), (~y & ~p).sum()),
                              "prevalence": float(y.mean()) if len(y) else float("nan")}
     m["keypoints_corners"] = _keypoints(records, results, corners=True)
     m["keypoints_all_points"] = _keypoints(records, results, corners=False)

@@ -234,12 +234,6 @@ def predictor(model: str | Path | Predictor) -> Predictor:
     return pred
 
 
-def predict_study(model: str | Path | Predictor, study: Mapping[str, Any]) -> dict[str, Any]:
-    """Landmarks, corner scores, total and the 24 corner points in LPS of one study (the values of
-    :meth:`Predictor.predict`)."""
-    return predictor(model).predict(study, saliency=None).values
-
-
 def rescore_points(model: str | Path | Predictor, study: Mapping[str, Any],
                    points: Mapping[str, Mapping[str, Any]], previous: Mapping[str, Any] | None = None,
                    points_xy: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
@@ -247,8 +241,8 @@ def rescore_points(model: str | Path | Predictor, study: Mapping[str, Any],
 
     points: {view: {label: (x, y, z) LPS mm | None}} for the landmarks moved (any of the 21, e.g.
     "L3 centre") or, for a scored corner, marked missing (None / NaN: not scored). The other points
-    keep the positions of ``previous`` (a result of :func:`predict_study`; predicted when not
-    given), or of ``points_xy`` ({view: (21, 2) pixels}) when given.
+    keep the positions of ``points_xy`` ({view: (21, 2) pixels}) when given, else of ``previous``
+    (a prediction's values; predicted when not given).
     """
     pred = predictor(model)
     inputs = pred.inputs_of(study)

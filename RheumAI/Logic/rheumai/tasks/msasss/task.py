@@ -20,11 +20,6 @@ def default_architecture(**kw: Any) -> dict[str, Any]:
     return {**TrainConfig().system_architecture(), **kw}
 
 
-def preprocess(study_inputs: Any, params: dict[str, Any] | None = None) -> Any:
-    """Study inputs ``{"cervical": path, "lumbar": path}`` -> the sample (radiographs per view)."""
-    return P.load_sample(study_inputs)
-
-
 TASK = Task(
     name="msasss",
     title="mSASSS: vertebral corners on lateral cervical and lumbar radiographs (AS)",
@@ -40,7 +35,7 @@ TASK = Task(
             InputSpec("lumbar", "lateral lumbar spine radiograph, T12 to S1 (DICOM CR / DX, PNG, JPEG, TIFF)",
                       sequence="radiograph", orientation="any", optional=True)),
     head="keypoints",
-    preprocess=preprocess,
+    preprocess=lambda inputs, params=None: P.load_sample(inputs),  # {"cervical": path, "lumbar": path} -> views
     build_model=build_model,
     default_architecture=default_architecture,
     default_params=default_params,
