@@ -30,17 +30,6 @@ from .tasks.cervical_ra.slices import SliceSelection
 METHODS = ("gradxinput_smooth", "gradcam", "gradcampp", "occlusion", "gradxinput")
 
 
-def default_target_layer(model: torch.nn.Module) -> str:
-    """``layer4`` for MONAI ResNets (the last convolutional block, where Grad-CAM equals CAM),
-    ``encoder.layer4`` for the slice-attention network (per-slice maps)."""
-    names = {n for n, _ in model.named_modules()}
-    for name in ("layer4", "encoder.layer4"):
-        if name in names:
-            return name
-    raise ValueError("no default target layer for this network; pass target_layer explicitly "
-                     f"(one of its modules, e.g. {sorted(n for n in names if n)[-3:]})")
-
-
 def has_cam_head(model: torch.nn.Module, layer: str) -> bool:
     """True when ``layer`` is ``layer4`` followed only by global average pooling and one linear layer."""
     avg = getattr(model, "avgpool", None)
@@ -108,9 +97,9 @@ def gradcam_backward(model: torch.nn.Module, x: torch.Tensor, layer: str, pluspl
     try:
         target = model.get_submodule(layer)
     except AttributeError:
-        raise ValueError(f"target layer '{layer}' not found in the network; choose one of its modules, e.g. "
-                         f"{[n for n in ('layer1', 'layer2', 'layer3', 'layer4') if n in dict(model.named_modules())]}"
-                         ) from None
+        top = [n for n, _ in model.named_modules() if n and "." not in n]
+        raise ValueError(f"target layer '{layer}' not found in the network; pass one of its modules as the target "
+                         f"layer, e.g. {top[-3:]}") from None
     store: dict[str, torch.Tensor] = {}
 
     def hook(_m: torch.nn.Module, _i: Any, out: torch.Tensor) -> None:
@@ -211,7 +200,8 @@ def compute_saliency(model: torch.nn.Module, x: torch.Tensor, method: str = METH
     if method not in METHODS:
         raise ValueError(f"saliency method '{method}' unknown; choose one of {METHODS}")
     if method in ("gradcam", "gradcampp"):
-        layer = target_layer or default_target_layer(model)
+        # default: the last convolutional block (per slice for the slice-attention network)
+        layer = target_layer or ("layer4" if hasattr(model, "layer4") else "encoder.layer4")
         if method == "gradcam" and has_cam_head(model, layer):
             logits, raw = forward_with_cam(model, x, class_idx)
         else:
