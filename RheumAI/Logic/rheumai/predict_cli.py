@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="study table CSV: ID column (patient_id/study_id/id), one column per input role, roi, "
                         "clinical columns (or clinical.csv beside it)")
     p.add_argument("--shard", default=None, metavar="i/N",
-                   help="predict only shard i of N (0-based); 'auto': from a SLURM job array or torchrun's RANK/WORLD_SIZE")
+                   help="predict only shard i of N (0-based); 'auto': from a SLURM job array or torchrun's "
+                        "RANK/WORLD_SIZE")
     p.add_argument("--workers", type=int, default=2, help="threads reading + preprocessing ahead (0: none)")
     p.add_argument("--batch-size", type=int, default=1, help="studies per forward pass (GPU)")
     p.add_argument("--saliency", choices=["default", *METHODS, "none"], default="default",
@@ -49,60 +50,49 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _merge(args: argparse.Namespace) -> int:
-    from .engine.write import merge_folders
-
-    sources = [Path(s) for s in args.studies[1:]]
-    if not sources:
-        from .errors import InputError
-
-        raise InputError(None, "rheumai predict merge needs the folders to merge: rheumai predict merge DIR... --out OUT")
-    rows = merge_folders(sources, args.out)
-    bad = sum(bool(r.get("error")) for r in rows)
-    print(f"merged {len(sources)} folders into {args.out / 'predictions.csv'}: {len(rows)} studies ({bad} failed)")
-    return 1 if bad else 0
-
-
 def run(args: argparse.Namespace) -> int:
     from .engine.batch import inputs_from_args, read_study_table
-    from .engine.predict import parse_shard, predict_batch, task_of
+    from .engine.predict import parse_shard, predict_batch, select_shard, study_key, task_of
+    from .engine.write import merge_folders
     from .errors import InputError, RheumAIError
 
-    if args.studies and args.studies[0] == "merge" and not Path("merge").exists():
-        return _merge(args)
+    if args.studies[:1] == ["merge"] and not Path("merge").exists():
+        if len(args.studies) < 2:
+            raise InputError(None, "rheumai predict merge needs the folders to merge: rheumai predict merge DIR... "
+                                   "--out OUT")
+        rows = merge_folders(args.studies[1:], args.out)
+        bad = sum(bool(r.get("error")) for r in rows)
+        print(f"merged {len(args.studies) - 1} folders into {args.out / 'predictions.csv'}: {len(rows)} studies "
+              f"({bad} failed)")
+        return 1 if bad else 0
     if args.model is None:
         raise InputError(None, "--model is required (a checkpoint folder)")
     saliency = None if args.saliency == "none" else args.saliency
     if args.sanity and saliency is None:
         raise RheumAIError("--sanity needs a saliency method (not --saliency none)")
     task = task_of(args.model, args.task)
-    if saliency == "default":
-        saliency = task.saliency_methods[0] if task.saliency_methods else None
-    given = [bool(args.studies), bool(args.input), args.cohort is not None]
-    if sum(given) != 1:
+    if sum([bool(args.studies), bool(args.input), args.cohort is not None]) != 1:
         raise InputError(None, "give the studies one way: STUDY paths, --input ROLE=PATH ..., or --cohort TABLE.csv")
+    if len(task.roles) != 1 and args.studies:
+        raise InputError(None, f"task {task.name} has several inputs ({', '.join(task.roles)}): "
+                               "give them as --input ROLE=PATH (one study) or --cohort TABLE.csv")
     if args.cohort is not None:
         studies = read_study_table(args.cohort, task)
     elif args.input:
         studies = [inputs_from_args(task, args.input, args.roi, args.clinical, args.id)]
+    elif args.roi or args.clinical:
+        studies = [inputs_from_args(task, [f"{task.roles[0]}={s}"], args.roi, args.clinical) for s in args.studies]
     else:
-        if len(task.roles) != 1:
-            raise InputError(None, f"task {task.name} has several inputs ({', '.join(task.roles)}): "
-                                   "give them as --input ROLE=PATH (one study) or --cohort TABLE.csv")
-        if args.roi or args.clinical:
-            studies = [inputs_from_args(task, [f"{task.roles[0]}={s}"], args.roi, args.clinical) for s in args.studies]
-        else:
-            studies = list(args.studies)
+        studies = [{task.roles[0]: s} for s in args.studies]
+    shard = parse_shard(args.shard)
     rows = predict_batch(studies, args.model, args.out, saliency=saliency, target_layer=args.target_layer,
                          tta=args.tta, sanity=args.sanity, scene=args.scene, fmt=args.format,
                          write_volumes=not args.no_volumes, device=args.device, task=args.task,
-                         shard=parse_shard(args.shard), workers=args.workers, batch_size=args.batch_size)
-    from .engine.predict import select_shard, study_key
-
+                         shard=shard, workers=args.workers, batch_size=args.batch_size)
     keys = set()  # this run's studies among all rows of OUT
-    for s in select_shard(studies, parse_shard(args.shard)):
+    for s in select_shard(studies, shard):
         try:
-            keys.add(study_key(s if isinstance(s, dict) else {task.roles[0]: s}, task.roles))
+            keys.add(study_key(s, task.roles))
         except InputError:
             pass
     mine = [r for r in rows if r.get("key") in keys or str(r.get("key", "")).startswith("invalid_")]

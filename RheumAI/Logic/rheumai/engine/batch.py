@@ -1,11 +1,10 @@
 """Study inputs for batch prediction: from command-line ``role=path`` pairs or from a study table.
 
-A study's inputs are ``{role: path, "roi": path, "clinical": {name: value}, "id": str}`` (see
-:mod:`rheumai.engine.predict`). A study table (CSV, one row per study) has an ID column
-(``patient_id``, ``study_id`` or ``id``), one column per input role of the task (paths relative
-to the table's folder), a ``roi`` (or ``box``) column when the task needs a region, and the task's
-clinical variables as columns; a ``clinical.csv`` beside the table (``patient_id`` + variables)
-is merged when the table has none of them. Other columns (``label``, ``split`` ...) are ignored.
+A study's inputs are ``{role: path, "roi": path, "clinical": {name: value}, "id": str}``. A study
+table (CSV, one row per study) has an ID column (``patient_id``, ``study_id`` or ``id``), one
+column per input role of the task (paths relative to the table's folder), a ``roi`` (or ``box``)
+column when the task needs a region, and the task's clinical variables as columns, or a
+``clinical.csv`` beside it (``patient_id`` + variables). Other columns (``label`` ...) are ignored.
 """
 
 from __future__ import annotations
@@ -24,42 +23,37 @@ def parse_pairs(pairs: Sequence[str], what: str) -> dict[str, str]:
     """``["k=v", ...]`` -> {k: v}; InputError naming the bad item."""
     out: dict[str, str] = {}
     for item in pairs or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or not key:
             raise InputError(None, f"{what} must be given as NAME=VALUE, not {item!r}")
-        if key.strip() in out:
-            raise InputError(None, f"{what} {key.strip()!r} given twice")
-        out[key.strip()] = value.strip()
+        if key in out:
+            raise InputError(None, f"{what} {key!r} given twice")
+        out[key] = value
     return out
 
 
 def inputs_from_args(task: Task, inputs: Sequence[str], roi: str | None, clinical: Sequence[str],
                      study_id: str | None = None) -> dict[str, Any]:
-    """One study's inputs from ``--input role=path`` / ``--roi`` / ``--clinical name=value``."""
+    """One study's inputs from ``--input role=path`` / ``--roi`` / ``--clinical name=value`` / ``--id``."""
     d: dict[str, Any] = dict(parse_pairs(inputs, "--input"))
-    unknown = sorted(set(d) - set(task.roles))
-    if unknown:
-        raise InputError(None, f"task {task.name} has no input {', '.join(unknown)}; its inputs: {', '.join(task.roles)}")
+    name = task.name
+    if set(d) - set(task.roles):
+        raise InputError(None, f"task {name} has no input {', '.join(sorted(set(d) - set(task.roles)))}; its "
+                               f"inputs: {', '.join(task.roles)}")
     missing = [s.role for s in task.inputs if not s.optional and s.role not in d]
     if missing:
-        raise InputError(None, f"task {task.name} needs --input for {', '.join(missing)} "
+        raise InputError(None, f"task {name} needs --input for {', '.join(missing)} "
                                f"({'; '.join(f'{s.role}: {s.description}' for s in task.inputs)})")
-    if task.roi is not None:
-        if not roi:
-            raise InputError(None, f"task {task.name} needs --roi ({task.roi.description}; {', '.join(task.roi.formats)})")
-        d["roi"] = roi
-    elif roi:
-        raise InputError(None, f"task {task.name} takes no --roi")
+    if task.roi is not None and not roi:
+        raise InputError(None, f"task {name} needs --roi ({task.roi.description}; {', '.join(task.roi.formats)})")
+    if roi and task.roi is None:
+        raise InputError(None, f"task {name} takes no --roi")
+    known = {v.name for v in task.clinical}
     c = parse_pairs(clinical, "--clinical")
-    if c:
-        known = {v.name for v in task.clinical}
-        bad = sorted(set(c) - known)
-        if bad:
-            raise InputError(None, f"task {task.name} has no clinical variable {', '.join(bad)}"
-                                   + (f"; it knows {', '.join(sorted(known))}" if known else ""))
-        d["clinical"] = c
-    if study_id:
-        d["id"] = study_id
+    if set(c) - known:
+        raise InputError(None, f"task {name} has no clinical variable {', '.join(sorted(set(c) - known))}"
+                               + (f"; it knows {', '.join(sorted(known))}" if known else ""))
+    d.update({k: v for k, v in (("roi", roi), ("clinical", c), ("id", study_id)) if v})
     return d
 
 
@@ -69,8 +63,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            rows = list(reader)
-            return list(reader.fieldnames or []), rows
+            return list(reader.fieldnames or []), list(reader)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise InputError(path, f"not a readable CSV table ({exc})") from None
 
@@ -82,10 +75,8 @@ def read_study_table(path: str | Path, task: Task) -> list[dict[str, Any]]:
     id_col = next((c for c in ID_COLUMNS if c in cols), None)
     roi_col = next((c for c in ("roi", "box") if c in cols), None)
     need = [s.role for s in task.inputs if not s.optional and s.role not in cols]
-    if id_col is None:
-        need.append(" or ".join(ID_COLUMNS))
-    if task.roi is not None and roi_col is None:
-        need.append("roi")
+    need += [" or ".join(ID_COLUMNS)] if id_col is None else []
+    need += ["roi"] if task.roi is not None and roi_col is None else []
     if need:
         raise InputError(path, f"study table lacks column(s) {', '.join(need)} for task {task.name} "
                                f"(columns: {', '.join(cols) or 'none'})")
@@ -107,13 +98,10 @@ def read_study_table(path: str | Path, task: Task) -> list[dict[str, Any]]:
             raise InputError(path, f"line {n}: {id_col} {sid!r} appears twice")
         seen.add(sid)
         d: dict[str, Any] = {"id": sid}
-        for s in task.inputs:
-            v = (r.get(s.role) or "").strip()
+        for key, col in [(s.role, s.role) for s in task.inputs] + [("roi", roi_col)]:
+            v = (r.get(col) or "").strip() if col else ""
             if v:
-                d[s.role] = str((path.parent / v).resolve()) if not Path(v).is_absolute() else v
-        if roi_col and (r.get(roi_col) or "").strip():
-            v = r[roi_col].strip()
-            d["roi"] = str((path.parent / v).resolve()) if not Path(v).is_absolute() else v
+                d[key] = v if Path(v).is_absolute() else str((path.parent / v).resolve())
         c = {k: r[k] for k in names if k in r} or clinical.get(sid, {})
         if c:
             d["clinical"] = c
