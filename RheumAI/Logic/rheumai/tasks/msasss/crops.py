@@ -102,14 +102,3 @@ def level_grid(points_xy: np.ndarray, view: str, level: int, spacing_mm: tuple[f
     c0 = (size - 1) / 2
     b = d @ (centre - c0 * (cols + rows))
     return Grid(A, b, (size, size))
-
-
-def normalise_image(array: np.ndarray) -> np.ndarray:
-    """Percentile (1, 99) window to [0, 1] (float32)."""
-    lo, hi = np.percentile(array, (1, 99))
-    return np.clip((array - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
-
-
-def normalise_crop(crop: np.ndarray) -> np.ndarray:
-    """Zero mean, unit standard deviation (float32)."""
-    return ((crop - crop.mean()) / max(float(crop.std()), 1e-6)).astype(np.float32)

@@ -22,9 +22,10 @@ import torch
 from torch.utils.data import Dataset
 
 from ...errors import InputError
+from ...normalize import normalize_intensity
 from ...radiograph import read_radiograph
 from .anatomy import VIEWS, disc_levels, point_names
-from .crops import fit_grid, level_grid, normalise_crop, normalise_image
+from .crops import fit_grid, level_grid
 from .scoring import CORNER_LESIONS
 
 
@@ -108,7 +109,7 @@ class LandmarkDataset(Dataset):
                  seed: int = 0) -> None:
         self.records, self.shape, self.augment, self.seed = list(records), shape, augment, seed
         self.rng = np.random.default_rng(seed)
-        self.norm = [normalise_image(r.array) for r in self.records]
+        self.norm = [normalize_intensity(r.array) for r in self.records]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -185,7 +186,7 @@ class LevelCropDataset(Dataset):
         flip = aug and self.flip and bool(self.rng.random() < 0.5)
         if aug:
             x = x * self.rng.uniform(0.8, 1.2) + self.rng.normal(0, 0.01 * float(x.std() + 1e-6), x.shape)
-        x = normalise_crop(x)[::-1] if flip else normalise_crop(x)
+        x = normalize_intensity(x, method="zscore")[::-1 if flip else 1]
         sample: dict[str, Any] = {"id": f"{rec.patient_id}:{rec.view}:{disc_levels(rec.view)[lvl].name}",
                                   "input": torch.from_numpy(np.ascontiguousarray(x[None], np.float32))}
         t = crop_targets(rec, lvl)

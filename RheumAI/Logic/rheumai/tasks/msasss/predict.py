@@ -22,10 +22,11 @@ from torch import nn
 
 from ...engine.predict import Predictor, Prepared
 from ...errors import InputError
+from ...normalize import normalize_intensity
 from ...landmarks import lps_to_points, points_to_lps, soft_argmax
 from ...radiograph import Radiograph, as_radiograph
 from .anatomy import VIEWS, check_points, disc_levels, point_names, scored_corners
-from .crops import fit_grid, level_grid, normalise_crop, normalise_image
+from .crops import fit_grid, level_grid
 from .model import MsasssSystem
 from .scoring import CORNER_LESIONS, score_view, total_score
 
@@ -79,7 +80,7 @@ def locate(system: MsasssSystem, array: np.ndarray, spacing_mm: tuple[float, flo
     mass of the coarse heatmap within 2 heatmap pixels of its peak); corners refined per level."""
     la = system.arch["landmarks"]
     grid = fit_grid(array.shape, tuple(la["input_size"]))
-    heat = _run(system.landmarks, grid.sample(normalise_image(array))[None, None])["keypoints"].float()
+    heat = _run(system.landmarks, grid.sample(normalize_intensity(array))[None, None])["keypoints"].float()
     pts = grid.to_source(soft_argmax(heat, int(la["out_stride"]))[0].numpy().astype(float))
     b, k, h, w = heat.shape
     prob = torch.softmax(heat.reshape(k, h * w), -1).reshape(k, h, w)
@@ -90,7 +91,7 @@ def locate(system: MsasssSystem, array: np.ndarray, spacing_mm: tuple[float, flo
     ra = system.arch["refine"]
     size, names = int(ra["crop_size"]), point_names(view)
     grids = [level_grid(pts, view, i, spacing_mm, size, side_factor=float(ra["side_factor"])) for i in range(6)]
-    crops = np.stack([normalise_crop(g.sample(array)) for g in grids])[:, None]
+    crops = np.stack([normalize_intensity(g.sample(array), method="zscore") for g in grids])[:, None]
     local = soft_argmax(_run(system.refine, crops)["keypoints"].float(), int(ra["out_stride"])).numpy()
     for g, lvl, xy in zip(grids, disc_levels(view), local.astype(float)):
         for c, p in zip(lvl.corners, g.to_source(xy)):
@@ -103,8 +104,8 @@ def classify_levels(system: MsasssSystem, array: np.ndarray, spacing_mm: tuple[f
     """Per disc level (6): ``lesions`` (6, 4, 2) probabilities (:data:`CORNER_LESIONS` x slot),
     ``bridging`` (6,), ``scorable`` (6, 2), ``ordinal`` (6, 2) scores 0-3 (-1: no ordinal model)."""
     def crops(size: int) -> np.ndarray:
-        return np.stack([normalise_crop(level_grid(points_xy, view, i, spacing_mm, size).sample(array))
-                         for i in range(6)])[:, None]
+        return np.stack([normalize_intensity(level_grid(points_xy, view, i, spacing_mm, size).sample(array),
+                                             method="zscore") for i in range(6)])[:, None]
 
     p = {k: torch.sigmoid(v.float()).numpy() for k, v in
          _run(system.crop_net("lesions", view), crops(int(system.arch["lesions"]["crop_size"]))).items()}
