@@ -94,3 +94,31 @@ def test_card_that_is_not_an_object(two_runs):
     (a / CARD).write_text("[1, 2]")
     with pytest.raises(InputError, match="must be a JSON object"):
         read_card(a)
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_training_state_is_swapped_whole_and_found_after_a_kill_mid_swap(tmp_path, monkeypatch, exchange):
+    """Each save replaces the state folder as a whole (atomic exchange, or two renames where the file
+    system has none); a kill between the two renames leaves the previous state beside, which resumes."""
+    import rheumai.atomic
+    from rheumai.checkpoint import find_training_state, load_training_state, save_training_state
+
+    if not exchange:
+        monkeypatch.setattr(rheumai.atomic, "exchange_paths", lambda a, b: False)
+    torch.manual_seed(0)
+    model = build_model(default_architecture(10, 6, (32, 32)))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    state = tmp_path / "state"
+    save_training_state(state, model, opt, {"epochs_completed": 1}, best_model=model)
+    first_best = (state / "best_model.safetensors").stat().st_ino
+    save_training_state(state, model, opt, {"epochs_completed": 2}, keep_best=True)
+    assert json.loads((state / "state.json").read_text())["epochs_completed"] == 2
+    assert (state / "best_model.safetensors").stat().st_ino == first_best  # carried over, not rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]  # no staging folder, lock or old copy left
+    old = state.rename(tmp_path / ".state.old-123-abcdef01")  # killed between the two renames
+    assert find_training_state(state) == old
+    meta, best = load_training_state(state, build_model(default_architecture(10, 6, (32, 32))),
+                                     torch.optim.Adam(model.parameters(), lr=1e-3))
+    assert meta["epochs_completed"] == 2 and best is not None
+    save_training_state(state, model, opt, {"epochs_completed": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"] and find_training_state(state) == state
