@@ -97,8 +97,6 @@ def write_series(
     slices: Sequence[int] | None = None,
     downsample: int = 1,
     body_part: str = "CSPINE",
-    study_description: str = "MRI CWK",
-    institution: str = "",
     file_pattern: str = "IM{index:04d}.dcm",
 ) -> list[Path]:
     """Copy the series in ``source`` into ``out_dir`` as a new patient / study / series; returns the paths.
@@ -125,8 +123,8 @@ def write_series(
                            **dict.fromkeys(("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate",
                                             "InstanceCreationDate", "PerformedProcedureStepStartDate"), da),
                            "SeriesDescription": description, "ProtocolName": description,
-                           "StudyDescription": study_description, "SeriesNumber": series_number, "InstanceNumber": n,
-                           "BodyPartExamined": body_part, "InstitutionName": institution, "StudyID": ""}.items():
+                           "StudyDescription": "MRI CWK", "SeriesNumber": series_number, "InstanceNumber": n,
+                           "BodyPartExamined": body_part, "InstitutionName": "", "StudyID": ""}.items():
             setattr(ds, tag, value)
         if sequence is not None:
             if sequence not in SEQUENCE_TAGS:
@@ -193,17 +191,15 @@ def write_demo_archive(
     labels_csv: str | Path,
     n_patients: int = 44,
     downsample: int = 2,
-    distractor_slices: int = 4,
-    sites: Sequence[str] = ("A", "B"),
     seed: int = 0,
 ) -> DemoArchive:
     """A nested, mixed synthetic export of ``n_patients`` (scenarios of :data:`DEMO_SCENARIOS`, cycled)
-    plus its label sheet. The T2 series to select are complete copies of ``source``; distractors keep
-    ``distractor_slices`` slices; ``seed`` shifts the dates. Debris: a non-DICOM file, a truncated
+    plus its label sheet (sites A / B). The T2 series to select are complete copies of ``source``;
+    distractors keep 4 slices; ``seed`` shifts the dates. Debris: a non-DICOM file, a truncated
     DICOM file and a patient without a label row."""
     root, labels_csv = Path(root), Path(labels_csv)
     rng = np.random.default_rng(seed)
-    few = list(range(0, 35, max(1, 35 // max(1, distractor_slices))))[:distractor_slices]
+    few = [0, 8, 16, 24]
     scenarios, outcomes, chosen = {}, {}, {}
     rows = []
     counters: dict[str, int] = {}
@@ -242,7 +238,7 @@ def write_demo_archive(
         rows.append({"patient_id": pid, "baseline_date": "" if kind == "by_uid" else label_base.isoformat(),
                      "baseline_study_uid": study if kind == "by_uid" else "", "followup_date": follow.isoformat(),
                      "outcome": outcome, "baseline_deformity": "yes" if kind == "deformity" else "no",
-                     "site": sites[k % len(sites)], "age": str(45 + (k * 7) % 30), "sex": "F" if k % 3 else "M"})
+                     "site": "AB"[k % 2], "age": str(45 + (k * 7) % 30), "sex": "F" if k % 3 else "M"})
     # Debris: a patient with images but no label row, a text file, a truncated DICOM file.
     write_series(source, root / "unlabelled" / "X999", patient_id="X999", study_uid=uid("study", "X999", seed),
                  series_uid=uid("series", "X999", seed), study_date="2015-05-05", description="t2_tse_sag",

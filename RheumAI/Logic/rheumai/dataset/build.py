@@ -20,7 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from .. import __version__
 from ..atomic import replace_dir, staging_dir, write_json, write_text
@@ -59,9 +59,7 @@ def task_params(task: str, params: Any) -> dict[str, Any]:
     """The task's default preprocessing parameters updated by ``params`` (``to_dict()`` or a mapping)."""
     from ..tasks import get_task
 
-    given = params.to_dict() if hasattr(params, "to_dict") else params or {}
-    if not isinstance(given, Mapping):
-        raise TypeError(f"params must be a mapping or have to_dict(), not {type(params).__name__}")
+    given = params.to_dict() if hasattr(params, "to_dict") else dict(params or {})
     return {**get_task(task).default_params(), **given}
 
 
