@@ -16,7 +16,6 @@ before anything is written.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +25,11 @@ from ..errors import InputError
 from ..io import is_image_file
 from .build import DatasetResult, ProgressFn, _build_staged
 from .cohort import CohortEntry, CohortResult, ImageRules, Step, outcome_step_list, outcome_steps
-from .labels import LabelSheet, LabelSheetError, _parse_date, _read_csv, parse_deformity, parse_outcome, parse_rows
+from .labels import LabelRow, LabelSheet, LabelSheetError, _parse_date, _read_csv, parse_deformity, parse_outcome, parse_rows
 from .split import SPLITS, SplitConfig
 
 RESERVED = ("patient_id", "image", "outcome", "label", "followup_days", "baseline_date", "followup_date",
             "baseline_deformity", "site", "split")
-
-
-@dataclass(frozen=True)
-class ImageRow:
-    row: int
-    patient_id: str
-    inputs: dict[str, str]  # role (and ROI) -> absolute path
-    outcome: str  # yes | no | intermediate
-    followup_days: int | None
-    baseline_deformity: str | None
-    site: str
-    split: str
-    clinical: dict[str, str] = field(default_factory=dict)
 
 
 def read_image_table(path: str | Path, task: str = "cervical_ra", clinical_csv: str | Path | None = None) -> LabelSheet:
@@ -62,14 +48,15 @@ def read_image_table(path: str | Path, task: str = "cervical_ra", clinical_csv: 
     clinical = [h for h in header if h and h not in RESERVED and h not in roles]
     has_followup = "followup_days" in header or ("baseline_date" in header and "followup_date" in header)
 
-    def parse(n: int, v: dict[str, str], errs: list[str]) -> ImageRow:
+    def parse(n: int, v: dict[str, str], errs: list[str]) -> LabelRow:
         errs += [f"missing {c} path" for c in cols.values() if not v[c]]
         days = _followup_days(v, errs) if has_followup else None
         if v.get("split", "") not in ("", *SPLITS):
             errs.append(f"split must be one of {', '.join(SPLITS)} or blank, not '{v['split']}'")
         inputs = {r: str((path.parent / Path(v[c]).expanduser()).resolve()) for r, c in cols.items()}
-        return ImageRow(n, v["patient_id"], inputs, parse_outcome(v, errs, label_column=True), days,
-                        parse_deformity(v, errs), v.get("site", ""), v.get("split", ""), {c: v[c] for c in clinical})
+        return LabelRow(n, v["patient_id"], parse_outcome(v, errs, label_column=True), parse_deformity(v, errs),
+                        v.get("site", ""), {c: v[c] for c in clinical}, inputs=inputs, followup_days=days,
+                        split=v.get("split", ""))
 
     rows, problems = parse_rows(path, header, body, parse, what="image table")
     if problems:

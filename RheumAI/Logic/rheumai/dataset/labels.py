@@ -28,17 +28,21 @@ RESERVED = ("patient_id", "baseline_date", "baseline_study_uid", "followup_date"
 
 @dataclass(frozen=True)
 class LabelRow:
-    """One valid row; ``baseline_date`` is None when the row names ``baseline_study_uid``."""
+    """One valid row: of a label sheet (dates; ``baseline_date`` None when the row names
+    ``baseline_study_uid``) or of an image table (``inputs`` role -> absolute path, follow-up days, split)."""
 
     row: int
     patient_id: str
-    baseline_date: dt.date | None
-    baseline_study_uid: str | None
-    followup_date: dt.date
-    outcome: str
+    outcome: str  # yes | no | intermediate
     baseline_deformity: str | None
     site: str
     clinical: dict[str, str] = field(default_factory=dict)
+    baseline_date: dt.date | None = None
+    baseline_study_uid: str | None = None
+    followup_date: dt.date | None = None
+    inputs: dict[str, str] = field(default_factory=dict)
+    followup_days: int | None = None
+    split: str = ""
 
 
 @dataclass
@@ -198,7 +202,7 @@ def read_labels(path: str | Path, index: ArchiveIndex | None = None) -> tuple[La
         if b is not None and f is not None and f <= b:
             errs.append(f"impossible dates: followup_date {f} is not after baseline_date {b}")
         return LabelRow(row=n, patient_id=pid, baseline_date=b, baseline_study_uid=uid,
-                        followup_date=f, outcome=parse_outcome(v, errs),  # type: ignore[arg-type]
+                        followup_date=f, outcome=parse_outcome(v, errs),
                         baseline_deformity=parse_deformity(v, errs), site=v.get("site", ""),
                         clinical={c: v[c] for c in clinical})
 
