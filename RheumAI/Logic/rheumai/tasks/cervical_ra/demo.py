@@ -1,19 +1,15 @@
 """The cervical RA demo (`rheumai demo`): the whole product on a generated cohort with known truth.
 
-generate (real T2 -> DICOM archive + label sheet + lesion masks) -> index -> dataset (rules,
-inclusion flow, split, cache) -> train (small CPU configuration) -> evaluate (held-out patients)
--> predict + saliency on the held-out subjects and on the untouched real T2 -> Slicer scene ->
-outside-cohort check (a cohort with another seed and prevalence, never seen in training) ->
-report.md with every figure and the rule behind it. Every step resumes when re-run.
+generate (real T2 -> DICOM archive + label sheet + lesion masks) -> index -> dataset -> train (small
+CPU configuration) -> evaluate (held-out patients) -> predict + saliency on them and on the untouched
+real T2 -> Slicer scene -> outside-cohort check (another seed and prevalence) -> report.md with every
+figure and its rule. Every step resumes when re-run.
 
-Localisation rule (the hit rate): the saliency map on the selection grid is summed over its six
-slices; its peak is a *hit* when its in-plane distance to the lesion mask (projected over the six
-slices, on the same grid) is at most :data:`HIT_TOLERANCE_MM`; an *exact* hit lies inside the mask.
-A positive whose lesion misses the six slices counts as a miss.
-
-The demo enriches the prevalence (:data:`DEMO_PREVALENCE`): with the paper's ~15 % a cohort that
-generates in minutes leaves a handful of positives, too few for a network trained from random
-initialisation (no public weights exist). Real cohorts sit near 15 %.
+Hit rule: the saliency on the selection grid, summed over the six slices, peaks within
+:data:`HIT_TOLERANCE_MM` (in-plane) of the lesion mask projected over the same slices; an *exact*
+hit lies inside the mask; a lesion missing from the six slices is a miss. The prevalence is enriched
+(:data:`DEMO_PREVALENCE`; real cohorts sit near 15 %) so that a network trained from random
+initialisation in CPU minutes sees enough positives.
 """
 
 from __future__ import annotations
@@ -24,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import SimpleITK as sitk
 
 from ...atomic import write_json, write_text
@@ -85,8 +82,7 @@ def _train_config(seed: int, epochs: int | None, family: str) -> dict[str, Any]:
 
 
 def run_demo(out: str | Path, n: int | None = None, seed: int = 0, progress: bool = True, epochs: int | None = None,
-             workers: int = 2, family: str = "resnet", compare: bool = False,
-             prevalence: float = DEMO_PREVALENCE, outside_n: int = OUTSIDE_N) -> dict[str, Any]:
+             workers: int = 2, family: str = "resnet", compare: bool = False) -> dict[str, Any]:
     """Run the demo into ``out``; returns the summary written to ``out/summary.json``.
 
     n: subjects to generate (default :data:`DEMO_N`); family: the network design
@@ -105,8 +101,9 @@ def run_demo(out: str | Path, n: int | None = None, seed: int = 0, progress: boo
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
-    t = _step(f"1/7 generating {n} subjects from the real T2 (seed {seed}, prevalence {prevalence:.0%})", progress)
-    cohort = generate_cohort(out / "cohort", n=n, prevalence=prevalence, seed=seed, progress=progress,
+    t = _step(f"1/7 generating {n} subjects from the real T2 (seed {seed}, prevalence {DEMO_PREVALENCE:.0%})",
+              progress)
+    cohort = generate_cohort(out / "cohort", n=n, prevalence=DEMO_PREVALENCE, seed=seed, progress=progress,
                              workers=workers, **DEMO_COHORT_OPTIONS)
     timings["generate_s"] = time.perf_counter() - t
 
@@ -122,9 +119,9 @@ def run_demo(out: str | Path, n: int | None = None, seed: int = 0, progress: boo
     truth_masks = out / "cohort" / "masks"
     main = _train_and_score(out, ds, seed, epochs, family, truth_masks, timings, progress, scene=True)
 
-    t = _step(f"6/7 outside-cohort check: {outside_n} new subjects, seed {seed + OUTSIDE_SEED_OFFSET}, "
+    t = _step(f"6/7 outside-cohort check: {OUTSIDE_N} new subjects, seed {seed + OUTSIDE_SEED_OFFSET}, "
               f"prevalence {OUTSIDE_PREVALENCE:.0%}", progress)
-    outside = outside_check(main["checkpoint"], seed + OUTSIDE_SEED_OFFSET, outside_n, OUTSIDE_PREVALENCE,
+    outside = outside_check(main["checkpoint"], seed + OUTSIDE_SEED_OFFSET, OUTSIDE_N, OUTSIDE_PREVALENCE,
                             out / "outside", progress=progress)
     timings["outside_s"] = time.perf_counter() - t
 
@@ -139,7 +136,7 @@ def run_demo(out: str | Path, n: int | None = None, seed: int = 0, progress: boo
     t = _step("7/7 report", progress)
     timings["total_s"] = time.perf_counter() - t_all
     summary = {
-        "n_subjects": n, "seed": seed, "prevalence": prevalence, "n_included": ds.n_included,
+        "n_subjects": n, "seed": seed, "prevalence": DEMO_PREVALENCE, "n_included": ds.n_included,
         "split": ds.flow.get("split", {}), "family": family,
         **{k: v for k, v in main.items() if k not in ("rows", "montages", "real_files")},
         "outside": outside, "targets": TARGETS,
@@ -191,7 +188,7 @@ def _train_and_score(out: Path, ds: Any, seed: int, epochs: int | None, family: 
     pred_dir = out / "predictions"
     rows, dists, coarse, montages = [], [], [], []
     scene_pos = None
-    for r in _read_csv(ds.manifest):
+    for r in pd.read_csv(ds.manifest, dtype=str, keep_default_na=False).to_dict("records"):
         if r["split"] != "test":
             continue
         res = predictor.predict(r["source_path"], saliency=SALIENCY, series_uid=r["series_uid"])
@@ -222,8 +219,8 @@ def _train_and_score(out: Path, ds: Any, seed: int, epochs: int | None, family: 
         "epochs": cfg.train.epochs,
         "test_auc": float(rep["auc"]["value"]), "test_auc_ci": [rep["auc"]["lo"], rep["auc"]["hi"]],
         "test_auc_ci_method": rep["auc"]["method"], "test_counts": rep.get("counts"),
-        "threshold": tr.threshold, "threshold_note": _card_note(tr.checkpoint), "best_val_auc": tr.best_val_auc,
-        "best_epoch": tr.best_epoch, "epochs_run": tr.epochs_run,
+        "threshold": tr.threshold, "threshold_note": predictor.card.get("threshold_note", ""),
+        "best_val_auc": tr.best_val_auc, "best_epoch": tr.best_epoch, "epochs_run": tr.epochs_run,
         **hit_figures(dists), "hit_rate_gradcam": hit_figures(coarse)["hit_rate"],
         "real_t2": {"probability": real.probability, "class": real.label, "tta_mean": real.tta_mean,
                     "tta_std": real.tta_std, "saliency": real_files["saliency_file"],
@@ -291,18 +288,10 @@ def outside_check(checkpoint: str | Path, seed: int, n: int, prevalence: float, 
     return summary
 
 
-def _card_note(checkpoint: str | Path) -> str:
-    try:
-        return str(json.loads((Path(checkpoint) / "model_card.json").read_text()).get("threshold_note", ""))
-    except (OSError, json.JSONDecodeError):
-        return ""
-
-
 def _design_row(d: dict[str, Any]) -> dict[str, Any]:
-    return {"family": d["family"], "depth": d["depth"], "epochs": d["epochs"], "test_auc": d["test_auc"], "test_auc_ci": d["test_auc_ci"],
-            "hit_rate": d["hit_rate"], "exact_hit_rate": d["exact_hit_rate"],
-            "hit_rate_gradcam": d["hit_rate_gradcam"], "n_positives": d["n_positives"],
-            "real_t2_p": d["real_t2"]["probability"], "train_s": d["train_s"]}
+    keys = ("family", "depth", "epochs", "test_auc", "test_auc_ci", "hit_rate", "exact_hit_rate", "hit_rate_gradcam",
+            "n_positives", "train_s")
+    return {**{k: d[k] for k in keys}, "real_t2_p": d["real_t2"]["probability"]}
 
 
 def compare_table(designs: dict[str, dict[str, Any]]) -> str:
@@ -310,18 +299,12 @@ def compare_table(designs: dict[str, dict[str, Any]]) -> str:
     lines = [f"| design | network | test AUC (95% CI) | hit rate ({SALIENCY}, <= {HIT_TOLERANCE_MM:g} mm) | "
              f"exact hits | hit rate ({COARSE_SALIENCY}) | real T2 p | train s |", "|---|---|---|---|---|---|---|---|"]
     for k, d in designs.items():
-        lines.append(f"| {FAMILY_TITLES.get(k, k)} (`{k}`) | ResNet-{d.get('depth', '?')}, {d.get('epochs', '?')} epochs | "
+        lines.append(f"| {FAMILY_TITLES.get(k, k)} (`{k}`) | ResNet-{d.get('depth', '?')}, "
+                     f"{d.get('epochs', '?')} epochs | "
                      f"{d['test_auc']:.3f} ({_ci(d['test_auc_ci'])}) | "
                      f"{d['hit_rate']:.2f} ({d['n_positives']} positives) | {d['exact_hit_rate']:.2f} | "
                      f"{d['hit_rate_gradcam']:.2f} | {d['real_t2_p']:.3f} | {d['train_s']:.0f} |")
     return "\n".join(lines)
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    import csv
-
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _rel(out: Path, p: str | Path | None) -> str:
@@ -388,7 +371,8 @@ def _report_md(out: Path, s: dict, ds: Any, main: dict) -> str:
         if str(ev.get(key, "")).endswith(".png"):
             lines += [f"![{key}]({_rel(out, ev[key])})", ""]
     lines += ["## Test predictions", "",
-              f"| patient | label | probability | predicted | peak distance (mm) | hit | {COARSE_SALIENCY} distance (mm) |",
+              "| patient | label | probability | predicted | peak distance (mm) | hit | "
+              f"{COARSE_SALIENCY} distance (mm) |",
               "|---|---|---|---|---|---|---|"]
     for r in main["rows"]:
         dist = f"{r['peak_distance_mm']:.1f}" if "peak_distance_mm" in r else ""
@@ -402,8 +386,10 @@ def _report_md(out: Path, s: dict, ds: Any, main: dict) -> str:
               f"probability {rt['probability']:.3f} (class {rt['class']}); test-time augmentation mean "
               f"{rt['tta_mean']:.3f} +- {rt['tta_std']:.3f}.", "",
               f"![real]({_rel(out, main['real_files'].get('montage_file'))})", "",
-              f"Saliency volume (source geometry): `{_rel(out, rt['saliency'])}`; Slicer scene: `{_rel(out, rt['scene'])}`"
-              f"{'; scene of a positive: `' + _rel(out, s['scene_positive']) + '`' if s.get('scene_positive') else ''}.", "",
+              f"Saliency volume (source geometry): `{_rel(out, rt['saliency'])}`; Slicer scene: "
+              f"`{_rel(out, rt['scene'])}`"
+              + (f"; scene of a positive: `{_rel(out, s['scene_positive'])}`" if s.get("scene_positive") else "") + ".",
+              "",
               "## Outside cohort", "",
               f"{s['outside']['n']} subjects ({s['outside']['n_positive']} positive) generated with seed "
               f"{s['outside']['seed']} and prevalence {s['outside']['prevalence']:.0%}, never seen in training or "
