@@ -119,9 +119,11 @@ class SliceSelection:
         Same origin, spacing, direction and size as the source; 0 outside the selected slab.
         Linear interpolation covers the slab's full thickness (ITK's half-voxel border rule).
         """
-        src = self.grid_image(arr)
-        return sitk.Resample(src, self.source_grid.reference_image(), sitk.Transform(),
-                             INTERPOLATORS[interpolator], 0.0, sitk.sitkFloat32)
+        g = self.source_grid  # geometry given directly: no reference image of the source's size is allocated
+        return sitk.Resample(self.grid_image(arr), [int(v) for v in g.size], sitk.Transform(),
+                             INTERPOLATORS[interpolator],
+                             [float(v) for v in g.origin], [float(v) for v in g.spacing],
+                             [float(v) for v in g.direction_matrix.ravel()], 0.0, sitk.sitkFloat32)
 
     def save(self, stem: str | Path) -> tuple[Path, Path]:
         """Write ``stem.npy`` (array) and ``stem.json`` (grid, mask bounds, params, provenance)."""
