@@ -169,7 +169,6 @@ def rescore_points(checkpoint: Any, study: Mapping[str, Any], points: Mapping[st
     (x, y, z) LPS mm}}`` with all 22 areas of :data:`JOINT_NAMES` placed (a missing one, None or
     NaN, is refused: every joint crop needs its point). Returns the prediction's JSON-able dict.
     """
-    from ...engine.predict import Predictor
     from ...errors import InputError
 
     extra = sorted(set(points) - {ROLE})
@@ -184,6 +183,5 @@ def rescore_points(checkpoint: Any, study: Mapping[str, Any], points: Mapping[st
         raise InputError(None, f"re-scoring needs all {len(JOINT_NAMES)} landmarks; place {', '.join(absent)}")
     if study.get(ROLE) is None:
         raise InputError(None, f"hand_svdh needs the input {ROLE!r}")
-    pred = checkpoint if isinstance(checkpoint, Predictor) else Predictor(checkpoint)
     pts = np.array([np.asarray(given[n], float).reshape(3) for n in JOINT_NAMES])
-    return rescore(pred, study[ROLE], pts).to_dict()
+    return rescore(checkpoint, study[ROLE], pts).to_dict()
