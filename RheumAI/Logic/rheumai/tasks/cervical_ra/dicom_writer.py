@@ -33,6 +33,15 @@ SEQUENCE_TAGS: dict[str, dict[str, object]] = {
            "SequenceVariant": ["SK", "SP"], "SequenceName": "*tse2d1_3"},
 }
 
+# Tags every generated series shares.
+FIXED_TAGS: dict[str, object] = {
+    "SpecificCharacterSet": "ISO_IR 100", "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"],
+    "SOPClassUID": MR_IMAGE_STORAGE, "Modality": "MR", "Manufacturer": "RheumAI synthetic", "MRAcquisitionType": "2D",
+    "PatientPosition": "HFS", "PositionReferenceIndicator": "", "SamplesPerPixel": 1,
+    "PhotometricInterpretation": "MONOCHROME2", "BitsAllocated": 16, "BitsStored": 16, "HighBit": 15,
+    "PixelRepresentation": 0, "RescaleIntercept": 0.0, "RescaleSlope": 1.0, "RescaleType": "US",
+}
+
 
 def _ds(x: float) -> DSfloat:
     return DSfloat(round(float(x), 6), auto_format=True)
@@ -62,49 +71,22 @@ class SeriesHeader:
 
 
 def _base_dataset(h: SeriesHeader) -> Dataset:
-    ds = Dataset()
-    da = h.study_date.strftime("%Y%m%d")
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
-    ds.SOPClassUID = MR_IMAGE_STORAGE
-    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = da
-    ds.StudyTime = h.study_time
-    series_time = f"{int(h.study_time[:2]) % 24:02d}{h.series_number % 60:02d}00"
-    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = series_time
-    ds.AccessionNumber = h.accession_number
-    ds.Modality = "MR"
-    ds.Manufacturer = "RheumAI synthetic"
-    ds.InstitutionName = h.institution
-    ds.StudyDescription = h.study_description
-    ds.SeriesDescription = h.series_description
-    ds.ProtocolName = h.series_description
-    ds.PatientName = h.patient_id
-    ds.PatientID = h.patient_id
-    ds.PatientBirthDate = h.birth_date.strftime("%Y%m%d") if h.birth_date else ""
-    ds.PatientSex = h.patient_sex
+    da, tm = h.study_date.strftime("%Y%m%d"), f"{int(h.study_time[:2]) % 24:02d}{h.series_number % 60:02d}00"
+    tags = {**FIXED_TAGS, **SEQUENCE_TAGS[h.sequence],
+            "StudyDate": da, "SeriesDate": da, "AcquisitionDate": da, "ContentDate": da, "StudyTime": h.study_time,
+            "SeriesTime": tm, "AcquisitionTime": tm, "ContentTime": tm, "AccessionNumber": h.accession_number,
+            "InstitutionName": h.institution, "StudyDescription": h.study_description,
+            "SeriesDescription": h.series_description, "ProtocolName": h.series_description,
+            "PatientName": h.patient_id, "PatientID": h.patient_id, "PatientSex": h.patient_sex,
+            "PatientBirthDate": h.birth_date.strftime("%Y%m%d") if h.birth_date else "",
+            "BodyPartExamined": h.body_part, "MagneticFieldStrength": h.field_strength_t,
+            "StudyInstanceUID": h.study_uid, "SeriesInstanceUID": h.series_uid, "SeriesNumber": h.series_number,
+            "StudyID": h.accession_number[-8:] if h.accession_number else "1", "FrameOfReferenceUID": h.frame_uid}
     if h.patient_age_years is not None:
-        ds.PatientAge = f"{int(h.patient_age_years):03d}Y"
-    ds.BodyPartExamined = h.body_part
-    ds.MRAcquisitionType = "2D"
-    ds.MagneticFieldStrength = _ds(h.field_strength_t)
-    for k, v in SEQUENCE_TAGS[h.sequence].items():
+        tags["PatientAge"] = f"{int(h.patient_age_years):03d}Y"
+    ds = Dataset()
+    for k, v in tags.items():
         setattr(ds, k, _ds(v) if isinstance(v, float) else v)
-    ds.PatientPosition = "HFS"
-    ds.StudyInstanceUID = h.study_uid
-    ds.SeriesInstanceUID = h.series_uid
-    ds.StudyID = h.accession_number[-8:] if h.accession_number else "1"
-    ds.SeriesNumber = h.series_number
-    ds.FrameOfReferenceUID = h.frame_uid
-    ds.PositionReferenceIndicator = ""
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.RescaleIntercept = _ds(0.0)
-    ds.RescaleSlope = _ds(1.0)
-    ds.RescaleType = "US"
     return ds
 
 
