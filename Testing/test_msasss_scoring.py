@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rheumai.tasks.msasss.anatomy import all_corners, check_points, disc_levels, point_names, scored_corners
+from rheumai.tasks.msasss.anatomy import VIEWS, check_points, disc_levels, point_names, scored_corners
 from rheumai.tasks.msasss.scoring import corner_score, score_view, total_score
 
 
 def test_corner_lists_match_the_msasss_definition():
     assert scored_corners("cervical")[0] == "C2 lower" and scored_corners("cervical")[-1] == "T1 upper"
     assert scored_corners("lumbar")[0] == "T12 lower" and scored_corners("lumbar")[-1] == "S1 upper"
-    assert len(all_corners()) == 24 and len(set(all_corners())) == 24
+    corners = [(view, c) for view in VIEWS for c in scored_corners(view)]
+    assert len(corners) == 24 and len(set(corners)) == 24
     assert [lvl.name for lvl in disc_levels("cervical")][0] == "C2-C3"
     assert point_names("lumbar")[:3] == ["T12 upper", "T12 lower", "T12 centre"]
 

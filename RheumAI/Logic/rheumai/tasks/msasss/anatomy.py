@@ -60,11 +60,6 @@ def scored_corners(view: str) -> list[str]:
     return [c for lvl in disc_levels(view) for c in lvl.corners]
 
 
-def all_corners() -> list[tuple[str, str]]:
-    """The 24 (view, corner) pairs, cervical first."""
-    return [(view, c) for view in VIEWS for c in scored_corners(view)]
-
-
 def _vertebrae(view: str) -> tuple[str, ...]:
     try:
         return VIEWS[view]
