@@ -247,6 +247,23 @@ def test_stop_in_the_fusion_stage_then_resume(trained, tmp_path):
     assert api.train(cfg, manifest, tmp_path, resume=True, show_progress=False).already_finished
 
 
+def test_out_of_fold_selection_runs_both_stages_per_fold(trained, tmp_path):
+    """Out-of-fold selection on NegSpA: every fold trains both stages; the pooled fusion-stage
+    probabilities choose that stage's epoch count and the threshold of the final run."""
+    from rheumai import api
+    from rheumai.checkpoint import read_card
+
+    manifest, _ = trained
+    cfg = _config(model={"depth": 10}, train={"epochs": 1}, fusion={"epochs": 2},
+                  selection={"method": "oof", "folds": 2, "epoch_smoothing": 1, "threshold_ci_bootstrap": 20})
+    card = read_card(api.train(cfg, manifest, tmp_path, show_progress=False).checkpoint)
+    ms = card["model_selection"]
+    assert ms["method"] == "oof" and ms["folds"] == 2 and len(ms["oof_auc_by_epoch"]) == 2
+    assert card["training"]["epochs_run"] == ms["epochs_selected"]
+    assert (tmp_path / "folds" / "fold1" / "fusion" / "history.csv").is_file()
+    assert card["threshold_selection"]["method"] in ("oof", "default")
+
+
 def test_predict_saliency_in_each_series_geometry(trained, cohort, tmp_path):
     """The engine's Predictor on a NegSpA checkpoint: the task comes from the card; half
     probabilities, clinical missingness, and one Grad-CAM volume per sequence in its own geometry."""
