@@ -1,2 +1,2 @@
-"""The cervical RA deformity task (Lebouille-Veldman et al. 2025): declaration (:mod:`.task`) and
-prediction hooks (:mod:`.predict`); training is :func:`rheumai.train.train` on the engine."""
+"""The cervical RA deformity task (Lebouille-Veldman et al. 2025): declaration (:mod:`.task`), prediction
+hooks (:mod:`.predict`) and its recipe on the engine's binary training (:mod:`.train`)."""
