@@ -82,7 +82,3 @@ def build_model(architecture: dict[str, Any]) -> torch.nn.Module:
     if family == "slice_attention":
         return SliceAttentionNet(depth, in_ch, stride, int(architecture.get("attention_dim", 128)), n_out)
     return resnet2d(depth, in_ch, stride, n_out)
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

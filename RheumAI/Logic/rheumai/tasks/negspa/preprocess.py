@@ -16,7 +16,7 @@ survives), over points inside the series' field of view.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -301,7 +301,3 @@ def preprocess(study_inputs: Mapping[str, Any], params: Mapping[str, Any] | NegS
             for role, (img, path) in loaded.items()}
     return NegSpaSample(sequences=seqs, box=box, params=p,
                         provenance={"sources": {r: s.source_path for r, s in seqs.items()}})
-
-
-def params_with(base: NegSpaParams | None = None, **overrides: Any) -> NegSpaParams:
-    return replace(base or NegSpaParams(), **{k: v for k, v in overrides.items() if v is not None})
