@@ -37,7 +37,7 @@ from .lesions import AXIS_BODY_CENTRE, TEMPLATE_MIDLINE_X, TEMPLATE_TOP_Z, Lesio
 from .slices import SliceParams, select_slices
 
 GENERATOR_VERSION = "1"
-# Repository checkout: RheumAI/Logic/rheumai/synth/cervical.py -> repo root is parents[5].
+# Repository checkout: RheumAI/Logic/rheumai/tasks/cervical_ra/synth.py -> repo root is parents[5].
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[5] / "Testing" / "Data" / "cervical_t2_sag" / "t2.nii.gz"
 # Standard sagittal DICOM grid: i -> posterior (+y), j -> inferior (-z), k -> right (-x); row-major.
 SAGITTAL_DIRECTION = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
