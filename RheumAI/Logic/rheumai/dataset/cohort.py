@@ -1,17 +1,12 @@
 """Cohort rules (Lebouille-Veldman et al. 2025, configurable) and the inclusion flow.
 
-Steps for a DICOM index, in this order; each keeps the patients it excluded with the reason:
-
-1. baseline study: an MR study on the baseline date (± ``baseline_date_tolerance_days``; the
-   closest date wins, all studies of that date are candidates) or the named StudyInstanceUID.
-2. baseline series: ``orientation`` ``sequence``, not fat-suppressed unless allowed, an accepted
-   region, >= ``min_slices`` slices, no severe header problem. Ties: most slices, then lowest
-   SeriesNumber, then lowest SeriesInstanceUID.
-3. follow-up >= ``min_followup_days`` after the baseline study date.
-4. baseline deformity excluded (blank = not recorded, kept).
-5. intermediate outcome: "exclude" | "negative" | "positive".
-
-An image table (:mod:`.images`) replaces steps 1-2 by "image found"; steps 3-5 are shared.
+DICOM steps, each keeping its excluded patients with the reason: 1. baseline study (MR study on
+the baseline date ± ``baseline_date_tolerance_days``, closest date, or the named StudyInstanceUID);
+2. baseline series (``orientation`` ``sequence``, not fat-suppressed unless allowed, accepted
+region, >= ``min_slices`` slices, no severe header problem; ties: most slices, lowest
+SeriesNumber, lowest SeriesInstanceUID); 3. follow-up >= ``min_followup_days``; 4. no baseline
+deformity (blank = not recorded, kept); 5. intermediate outcome "exclude" | "negative" |
+"positive". An image table (:mod:`.images`) replaces 1-2 by "image found".
 """
 
 from __future__ import annotations
