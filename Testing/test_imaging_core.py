@@ -235,7 +235,8 @@ def test_paper_defaults_shape_and_pad(t2_path):
 
 
 def test_matches_full_resample(t2_path, dicom_t1_dir):
-    for src, params in [(t2_path, SliceParams()), (dicom_t1_dir, SliceParams(n_slices=4, spacing_mm=0.8, size=(300, 200)))]:
+    for src, params in [(t2_path, SliceParams()),
+                        (dicom_t1_dir, SliceParams(n_slices=4, spacing_mm=0.8, size=(300, 200)))]:
         s = read_study(src)
         a, b = select_slices(s, params), select_slices_full_resample(s, params)
         assert np.array_equal(a.mask, b.mask)
@@ -305,7 +306,8 @@ def test_map_back_keeps_source_geometry_and_slab(dicom_t1_dir):
     arr = sitk.GetArrayFromImage(back)
     # Nonzero only within the slab: 6 mm thick about the centre along LR (x).
     idx = np.argwhere(arr > 0)
-    xs = np.array([back.TransformIndexToPhysicalPoint([int(v) for v in i[::-1]])[0] for i in idx[:: max(1, len(idx) // 500)]])
+    xs = np.array([back.TransformIndexToPhysicalPoint([int(v) for v in i[::-1]])[0]
+                   for i in idx[:: max(1, len(idx) // 500)]])
     cx = sel.slab_center[0]
     assert np.all(np.abs(xs - cx) <= 3.0 + 1e-6) and len(idx) > 0
 

@@ -60,7 +60,8 @@ def test_saliency_volume_in_source_geometry(predictor, t2_crop_path, method):
     # The map lands on the selected slab: every non-zero voxel is within the slab's left-right extent.
     nz = np.argwhere(vol > 0)
     if len(nz):
-        pts = np.array([src.TransformIndexToPhysicalPoint([int(i) for i in p[::-1]]) for p in nz[:: max(1, len(nz) // 200)]])
+        pts = np.array([src.TransformIndexToPhysicalPoint([int(i) for i in p[::-1]])
+                        for p in nz[:: max(1, len(nz) // 200)]])
         lr = res.selection.grid.physical_to_index(pts)[:, 2]  # k index = slice (right -> left)
         assert lr.min() >= -1 - 1e-6 and lr.max() <= 6 + 1e-6
     assert res.label == int(res.probability >= res.threshold) and res.model_id == "tiny18"

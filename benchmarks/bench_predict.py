@@ -245,7 +245,8 @@ def run(quick: bool = False, repeats: int = 5, memory: bool = True, clinical_lik
         print(f"timing forward / predict / monai / naive, best of {repeats} ...", file=sys.stderr, flush=True)
         secs, cpu = _time_all(fns, repeats)
         del fns
-        print(f"single study done (wall {secs}, CPU {cpu}); throughput on {n_studies} studies ...", file=sys.stderr, flush=True)
+        print(f"single study done (wall {secs}, CPU {cpu}); throughput on {n_studies} studies ...", file=sys.stderr,
+              flush=True)
         batch = throughput(ckpt, study, Path(tmp), n_studies) if n_studies else None
         mem = {name: _peak_rss_child(name, ckpt, study) for name in VARIANTS} if memory else {}
     rows = []
@@ -274,7 +275,8 @@ def print_table(rows: list[dict[str, Any]], batch: dict[str, Any] | None = None)
     for r in rows:
         print(f"{r['variant']:<10}{r['seconds']:>10.3f}{r['ratio_to_forward']:>11.2f}{r['naive_over_this']:>14.2f}"
               f"{r['cpu_seconds']:>9.2f}{r['cpu_ratio_to_forward']:>11.2f}{r['naive_over_this_cpu']:>16.2f}"
-              f"{(r['peak_rss_mb'] or nan):>13.0f}{(r['rss_before_mb'] or nan):>12.0f}{(r['call_peak_rss_mb'] or nan):>13.0f}")
+              f"{(r['peak_rss_mb'] or nan):>13.0f}{(r['rss_before_mb'] or nan):>12.0f}"
+              f"{(r['call_peak_rss_mb'] or nan):>13.0f}")
     d = {r["variant"]: r for r in rows}
     if batch:
         print(f"batch of {batch['n']}: predict_batch {batch['predict_batch_s']:.2f} s wall / "
