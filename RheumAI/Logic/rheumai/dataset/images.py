@@ -25,7 +25,8 @@ from ..errors import InputError
 from ..io import is_image_file
 from .build import DatasetResult, ProgressFn, _build_staged
 from .cohort import CohortEntry, CohortResult, ImageRules, Step, outcome_step_list, outcome_steps
-from .labels import LabelRow, LabelSheet, LabelSheetError, _parse_date, _read_csv, parse_deformity, parse_outcome, parse_rows
+from .labels import (LabelRow, LabelSheet, LabelSheetError, _parse_date, _read_csv, parse_deformity, parse_outcome,
+                     parse_rows)
 from .split import SPLITS, SplitConfig
 
 RESERVED = ("patient_id", "image", "outcome", "label", "followup_days", "baseline_date", "followup_date",
