@@ -1,16 +1,13 @@
-"""Out-of-fold (OOF) model selection when the validation split is too small.
+"""Out-of-fold (OOF) selection of the epoch count and threshold when the validation split is too small.
 
-k patient-level stratified folds over the *training* patients each train on k-1 folds and score
-the held-out fold after every epoch; the pooled OOF probabilities choose the epoch count
-(highest pooled AUC averaged over ``smooth`` epochs) and the threshold (the rule on them, with a
-stratified-bootstrap CI). A threshold is never chosen from fewer than ``min_positives``
-positives or negatives (0.5 is used and the choice says so). ``run_fold`` is the caller's.
+k patient-level stratified folds over the training patients each score their held-out fold after
+every epoch; the pooled probabilities choose the epochs and the threshold (``docs/ENGINE.md``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -23,10 +20,8 @@ RunFold = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 
 @dataclass
 class ThresholdChoice:
-    """An operating threshold and how it was chosen (stored in the model card).
-
-    method: "validation" | "oof" | "fixed" (rule fixed:p) | "default" (refused: too few cases);
-    ci_lo / ci_hi: (1 - alpha) bootstrap percentile CI of the threshold (None when not estimable)."""
+    """An operating threshold and how it was chosen. method: "validation" | "oof" | "fixed" | "default"
+    (refused: too few cases); ci_lo / ci_hi: (1 - alpha) bootstrap percentile CI (None: not estimable)."""
 
     value: float
     rule: str
@@ -38,9 +33,6 @@ class ThresholdChoice:
     ci_hi: float | None = None
     alpha: float = 0.05
     n_bootstrap: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def needs_oof(method: str, val_labels: Sequence[int], min_val_positives: int) -> tuple[bool, str]:
@@ -124,9 +116,6 @@ class OOFResult:
     scores: np.ndarray
     labels: np.ndarray
     folds: np.ndarray
-
-    def auc_by_epoch(self) -> np.ndarray:
-        return pooled_auc_by_epoch(self.scores, self.labels)
 
 
 def crossfit(run_fold: RunFold, labels: Sequence[int], groups: Sequence[str], k: int = 5, seed: int = 0) -> OOFResult:

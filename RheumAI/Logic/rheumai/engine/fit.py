@@ -1,16 +1,8 @@
-"""The one training loop: any task's model, datasets of sample dicts, and heads.
+"""The one training loop for any task's model, datasets of sample dicts and heads (``docs/ENGINE.md``).
 
-``fit(model, train_ds, val_ds, heads, cfg, out_dir)`` trains ``model`` in place. Samples:
-``{"input": Tensor | {name: Tensor}, "target": {head: Tensor}, "id": str}``; the model returns
-``{head: Tensor}`` (a bare Tensor: the single head); the loss is the heads' weighted sum
-(``docs/ENGINE.md``). Adam / AdamW, optional one-cycle / cosine schedule, global batch split into
-accumulation micro-batches; under ``torchrun`` DDP (NCCL + SyncBatchNorm on GPU, gloo on CPU) on
-the seeded global batch order of :class:`GlobalBatchSampler`, so N processes follow the
-single-process run; AMP on CUDA. Each epoch: BatchNorm statistics recomputed on un-augmented
-training images (:mod:`.batchnorm`), validation loss and the monitored head's score, best
-weights, early stopping; ``<out>/state`` (safetensors + JSON, no pickle; ``resume=True``
-continues bit-identically on CPU) and ``<out>/history.csv``. Hooks: ``batch_transform(batch,
-generator, epoch)`` (seeded per step), ``params`` (what the optimiser trains), ``train_mode(model)``.
+DDP under ``torchrun`` on the seeded global batch order of :class:`GlobalBatchSampler` (N processes
+follow the single-process run), AMP on CUDA, BatchNorm recalibration, early stopping, and a
+pickle-free ``<out>/state`` from which ``resume=True`` continues bit-identically on CPU.
 """
 
 from __future__ import annotations
@@ -98,8 +90,7 @@ class FitConfig:
 
 @dataclass
 class FitResult:
-    """``model`` holds the selected weights (eval mode); ``val_outputs``: their raw outputs per head
-    on ``val_ds``; ``epoch_val_outputs``: every epoch's (collect_val_outputs)."""
+    """``model`` holds the selected weights (eval mode); ``val_outputs`` their raw outputs per head."""
 
     model: torch.nn.Module
     history: list[dict[str, Any]]
@@ -126,7 +117,6 @@ class DistContext:
     world: int = 1
     rank: int = 0
     local_rank: int = 0
-    created: bool = False
 
     @property
     def main(self) -> bool:
@@ -137,17 +127,18 @@ class DistContext:
             dist.barrier()
 
 
-def dist_setup(use_cuda: bool) -> DistContext:
-    """The torchrun process group (created here when WORLD_SIZE > 1 and none exists)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    created = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        created = True
-    if dist.is_initialized():
-        return DistContext(dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", dist.get_rank())),
-                           created)
-    return DistContext()
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[DistContext]:
+    """The torchrun process group (created, and destroyed on exit, when WORLD_SIZE > 1 and none exists)."""
+    created = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device in ("auto", "cuda") and torch.cuda.is_available() else "gloo")
+    try:
+        yield (DistContext(dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+               if dist.is_initialized() else DistContext())
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def select_device(pref: str, d: DistContext) -> torch.device:
@@ -261,19 +252,6 @@ def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: t
     return {k: torch.cat(v) for k, v in outs.items()}, {k: torch.cat(v) for k, v in tgts.items()}, ids
 
 
-def _optimizer(params: list[torch.nn.Parameter], c: FitConfig) -> torch.optim.Optimizer:
-    cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=c.lr, weight_decay=c.weight_decay)
-
-
-def _scheduler(opt: torch.optim.Optimizer, c: FitConfig, steps: int) -> Any:
-    if c.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=max(c.epochs * steps, 1))
-    if c.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(c.epochs * steps, 1))
-    return None
-
-
 def config_diff(saved: Mapping[str, Any], now: Mapping[str, Any], resumable: Iterable[str] = ()) -> list[str]:
     """Differences between two (possibly nested) config dicts, ignoring dotted keys in ``resumable``."""
     skip = set(resumable)
@@ -297,9 +275,8 @@ def fit(model: torch.nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torc
         params: Iterable[torch.nn.Parameter] | None = None, train_mode: Callable[[torch.nn.Module], None] | None = None,
         config_record: Mapping[str, Any] | None = None, resumable: Iterable[str] = (), show_progress: bool = False,
         desc: str = "training") -> FitResult:
-    """Train ``model`` in place (module docstring). ``config_record``: the task's whole config,
-    saved with the resume state and compared on ``resume`` (dotted keys in :data:`RESUMABLE` and
-    ``resumable`` may change). Rank 0 writes ``out_dir``."""
+    """Train ``model`` in place. ``config_record``: the task's whole config, saved with the resume
+    state and compared on ``resume`` (dotted keys in :data:`RESUMABLE` and ``resumable`` may change)."""
     c = FitConfig.from_any(cfg)
     heads = dict(heads)
     if not heads:
@@ -307,14 +284,10 @@ def fit(model: torch.nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torc
     monitor = c.monitor or next(iter(heads))
     if monitor not in heads:
         raise ValueError(f"monitor {monitor!r} is not a head ({sorted(heads)})")
-    d = dist_setup(c.device in ("auto", "cuda") and torch.cuda.is_available())
-    try:
+    with process_group(c.device) as d:
         return _fit(model, train_ds, val_ds, heads, c, Path(out_dir), d, select_device(c.device, d), monitor,
                     progress, should_stop, resume, recal_ds, batch_transform, params, train_mode,
                     dict(config_record or {}), resumable, show_progress, desc)
-    finally:
-        if d.created:
-            dist.destroy_process_group()
 
 
 def _fit(model: torch.nn.Module, train_ds: Any, val_ds: Any, heads: dict[str, Head], c: FitConfig, out: Path,
@@ -346,8 +319,11 @@ def _fit(model: torch.nn.Module, train_ds: Any, val_ds: Any, heads: dict[str, He
     net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
            if d.world > 1 else model)
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    optimizer = _optimizer(trainable, c)
-    scheduler = _scheduler(optimizer, c, steps)
+    optimizer = (torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam)(trainable, lr=c.lr,
+                                                                                  weight_decay=c.weight_decay)
+    sched = torch.optim.lr_scheduler
+    scheduler = (sched.OneCycleLR(optimizer, c.lr, total_steps=c.epochs * steps) if c.scheduler == "onecycle"
+                 else sched.CosineAnnealingLR(optimizer, T_max=c.epochs * steps) if c.scheduler == "cosine" else None)
     scaler = torch.amp.GradScaler("cuda") if amp and not torch.cuda.is_bf16_supported() else None
 
     state_dir = out / "state"

@@ -1,20 +1,13 @@
-"""The binary training recipe: manifest + config -> checkpoint folder (safetensors + model card).
+"""The binary training recipe of every binary task: manifest + config -> checkpoint (``docs/ENGINE.md``).
 
-One recipe for every binary task (cervical RA, NegSpA-AI). The task declares a :class:`Recipe`
-(config sections, ``prepare``: datasets + model + training stages + its card entries,
-``eval_dataset``); the engine reads the manifest, splits train / validation, chooses the epoch
-count and threshold (validation split, or out-of-fold selection over the train patients when
-validation is too small: :mod:`.crossfit`), runs each stage through :func:`.fit.fit` and writes
-the card.
-
-Output folder: ``config.toml``, ``splits.csv`` (patient -> train/val used), ``history.csv``,
-``val_predictions.csv``, ``state/`` (resume; one ``<stage>/`` folder per stage when there are
-several), ``model/``; with out-of-fold selection also ``folds/fold<j>/``, ``oof_curve.csv`` and
-``oof_predictions.csv``.
+Output folder: ``config.toml``, ``splits.csv``, ``history.csv``, ``val_predictions.csv``, ``state/``
+(one ``<stage>/`` folder per stage when there are several), ``model/``; with out-of-fold selection
+also ``folds/fold<j>/``, ``oof_curve.csv`` and ``oof_predictions.csv``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 from dataclasses import dataclass, field
@@ -24,7 +17,6 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..atomic import write_text
@@ -32,8 +24,8 @@ from ..checkpoint import find_training_state, save_checkpoint, software_versions
 from ..config import TrainConfig, load_config, resolve_manifest, save_config
 from ..errors import InputError
 from ..metrics import binary_report, logistic_calibration, parse_threshold_rule
-from .crossfit import ThresholdChoice, choose_threshold_with_ci, crossfit, needs_oof, select_epoch
-from .fit import BatchTransform, DistContext, FitConfig, dist_setup, fit, select_device
+from .crossfit import ThresholdChoice, choose_threshold_with_ci, crossfit, needs_oof, pooled_auc_by_epoch, select_epoch
+from .fit import BatchTransform, DistContext, fit, process_group, select_device
 from .heads import BinaryHead
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -157,7 +149,6 @@ class TrainResult:
     stopped: bool = False            # should_stop() asked to stop (resume with resume=True)
     early_stopped: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
-    val_report: dict[str, Any] | None = None
     epoch_probabilities: np.ndarray | None = None   # (epochs, n_val), fold runs of OOF selection
     already_finished: bool = False   # resume=True found a finished run and changed nothing
 
@@ -165,11 +156,9 @@ class TrainResult:
 def train(config: TrainConfig | str | Path | Mapping[str, Any], manifest: str | Path | None = None,
           out_dir: str | Path | None = None, *, resume: bool = False, progress: ProgressFn | None = None,
           should_stop: Callable[[], bool] | None = None, show_progress: bool = True) -> TrainResult:
-    """Train the config's task on the manifest's train rows, choose the threshold (see the module
-    docstring). ``progress`` gets dicts ({"stage": "step"|"epoch", "epoch", "loss", ...; "fold",
-    "folds" during out-of-fold selection}); ``should_stop()`` is polled every step (GUI cancel:
-    the last complete epoch stays in the state; ``resume=True`` continues, and on a finished run
-    changes nothing)."""
+    """Train the config's task on the manifest's train rows and choose the threshold. ``progress`` gets
+    the loop's dicts (plus "fold", "folds" out of fold); ``should_stop()`` is polled every step (the
+    last complete epoch stays in the state; ``resume=True`` continues, on a finished run changes nothing)."""
     cfg = config if isinstance(config, TrainConfig) else (
         TrainConfig.from_dict(config) if isinstance(config, Mapping) else load_config(config))
     manifest_path = Path(manifest) if manifest else resolve_manifest(cfg)
@@ -186,13 +175,9 @@ def train(config: TrainConfig | str | Path | Mapping[str, Any], manifest: str | 
     from ..tasks import get_task
 
     recipe = get_task(cfg.task).training_recipe()
-    d = dist_setup(cfg.train.device in ("auto", "cuda") and torch.cuda.is_available())
-    try:
+    with process_group(cfg.train.device) as d:
         ctx = _Ctx(recipe, manifest_path, d, select_device(cfg.train.device, d), progress, should_stop, show_progress)
         return _train(cfg, ctx, out, resume)
-    finally:
-        if d.created:
-            dist.destroy_process_group()
 
 
 @dataclass
@@ -284,8 +269,8 @@ def _train(cfg: TrainConfig, ctx: _Ctx, out: Path, resume: bool) -> TrainResult:
         if ctx.show_progress and ctx.d.main:
             tqdm.write(f"rheumai train: fold {j + 1}: {len(tr)} train, {len(ho)} held out")
         prog = ctx.progress
-        fold_ctx = _Ctx(**{**ctx.__dict__, "progress": None if prog is None else
-                           (lambda ev: prog({**ev, "fold": j + 1, "folds": int(folds_n)}))})
+        fold_ctx = dataclasses.replace(ctx, progress=None if prog is None else
+                                       (lambda ev: prog({**ev, "fold": j + 1, "folds": folds_n})))
         res = _run(fold_cfg, fold_ctx, train_df.iloc[tr].reset_index(drop=True),
                    train_df.iloc[ho].reset_index(drop=True), f"fold {j} of out-of-fold selection", fold_out,
                    resume=_has_state(fold_out), collect=True, selection={"method": "fold", "reason": why})
@@ -311,7 +296,7 @@ def _train(cfg: TrainConfig, ctx: _Ctx, out: Path, resume: bool) -> TrainResult:
     choice = choose_threshold_with_ci(oof.labels, oof.scores[epoch - 1], cfg.threshold.rule, "oof",
                                       sc.min_threshold_positives, sc.threshold_ci_bootstrap, cfg.evaluate.alpha,
                                       cfg.train.seed)
-    auc = oof.auc_by_epoch()
+    auc = pooled_auc_by_epoch(oof.scores, oof.labels)
     if ctx.d.main:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "oof_curve.csv", pd.DataFrame({"epoch": np.arange(1, auc.size + 1), "oof_auc": auc,
@@ -329,19 +314,9 @@ def _train(cfg: TrainConfig, ctx: _Ctx, out: Path, resume: bool) -> TrainResult:
                 selection=selection, threshold_choice=choice, saved_config=cfg, last_epochs=epoch)
 
 
-def _stage_dir(out: Path, stages: list[Stage], stage: Stage) -> Path:
-    return out if len(stages) == 1 else out / stage.name
-
-
 def _has_state(out: Path) -> bool:
     return find_training_state(out / "state") is not None or any(
         find_training_state(p / "state") is not None for p in out.glob("*/") if p.name not in ("folds", "model"))
-
-
-def _fit_config(cfg: TrainConfig, stage: Stage, epochs: int, collect: bool) -> FitConfig:
-    t = cfg.train
-    return t.fit_config(epochs=epochs, lr=stage.lr, num_workers=cfg.data.num_workers, collect_val_outputs=collect,
-                        select=stage.select or t.select, bn_recalibration=stage.bn_recalibration or t.bn_recalibration)
 
 
 def _run(cfg: TrainConfig, ctx: _Ctx, train_df: pd.DataFrame, val_df: pd.DataFrame, val_how: str, out: Path, *,
@@ -375,10 +350,12 @@ def _run(cfg: TrainConfig, ctx: _Ctx, train_df: pd.DataFrame, val_df: pd.DataFra
     record = cfg.to_dict()
     for i, stage in enumerate(prep.stages):
         last = i == len(prep.stages) - 1
-        sdir = _stage_dir(out, prep.stages, stage)
+        sdir = out if len(prep.stages) == 1 else out / stage.name
         params = stage.setup(prep.model) if stage.setup else None
-        res = fit(prep.model, prep.train_ds, prep.val_ds, {"out": head},
-                  _fit_config(cfg, stage, (last and last_epochs) or stage.epochs, collect and last), sdir,
+        fc = tc.fit_config(epochs=(last and last_epochs) or stage.epochs, lr=stage.lr, num_workers=cfg.data.num_workers,
+                           collect_val_outputs=collect and last, select=stage.select or tc.select,
+                           bn_recalibration=stage.bn_recalibration or tc.bn_recalibration)
+        res = fit(prep.model, prep.train_ds, prep.val_ds, {"out": head}, fc, sdir,
                   ctx.progress, ctx.should_stop, resume and find_training_state(sdir / "state") is not None,
                   recal_ds=prep.recal_ds, batch_transform=stage.batch_transform, params=params,
                   train_mode=stage.train_mode, config_record=record, resumable=RESUMABLE_CHANGES,
@@ -422,7 +399,7 @@ def _run(cfg: TrainConfig, ctx: _Ctx, train_df: pd.DataFrame, val_df: pd.DataFra
         card = {
             "task": ctx.recipe.task, **prep.card, "heads": {"out": head.describe()}, "output": ctx.recipe.output,
             "threshold": float(choice.value), "threshold_rule": str(rule), "threshold_note": choice.note,
-            "threshold_selection": choice.to_dict(), "model_selection": selection,
+            "threshold_selection": dataclasses.asdict(choice), "model_selection": selection,
             "training_data": {
                 "n_train": len(train_df), "n_train_positive": n_pos, "n_val": len(val_df),
                 "n_val_positive": int(val_df["label"].sum()) if len(val_df) else 0, "val_source": val_how,
@@ -447,4 +424,4 @@ def _run(cfg: TrainConfig, ctx: _Ctx, train_df: pd.DataFrame, val_df: pd.DataFra
                        f"{choice.note})")
     d.barrier()
     return TrainResult(out, ckpt or out / "model", res.epochs_run, res.best_epoch, res.best_score,
-                       float(choice.value), early_stopped=res.early_stopped, history=history, val_report=val_report)
+                       float(choice.value), early_stopped=res.early_stopped, history=history)
