@@ -1,10 +1,9 @@
 """BatchNorm running statistics recomputed on un-augmented training images.
 
 With small batches and strong augmentation the running averages drift far from the statistics of
-clean inputs. :func:`recalibrate_batchnorm` sets them, for every trained BatchNorm layer, to the
-exact pooled mean and unbiased variance of the layer's input over a data set in a training-mode
-forward pass (``torch.optim.swa_utils.update_bn`` with momentum=None, pooled over elements, so
-independent of the batch size).
+clean inputs; these are replaced by the exact pooled mean and unbiased variance of each layer's
+input (``torch.optim.swa_utils.update_bn`` with momentum=None, pooled over elements, so independent
+of the batch size).
 """
 
 from __future__ import annotations
@@ -18,24 +17,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 def trainable_batchnorms(model: torch.nn.Module) -> list[_BatchNorm]:
     """BatchNorm layers that keep running statistics and whose affine weights are trained
     (a frozen layer, ``weight.requires_grad == False``, keeps its statistics)."""
-    out = []
-    for m in model.modules():
-        if isinstance(m, _BatchNorm) and m.track_running_stats:
-            if m.weight is not None and not m.weight.requires_grad:
-                continue
-            out.append(m)
-    return out
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+            and (m.weight is None or m.weight.requires_grad)]
 
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[Any],
                           forward: Callable[[torch.nn.Module, Any], Any]) -> int:
-    """Set ``running_mean`` / ``running_var`` of :func:`trainable_batchnorms` to the pooled
-    statistics of their inputs over ``batches``. ``forward(model, batch)`` runs one batch (the
-    caller moves it to the device). Dropout and other modules stay in eval mode; the BatchNorm
-    layers run in training mode (batch statistics) as during training. Returns the number of
-    layers recalibrated (0 when the model has none; ``batches`` is then not read). The model is
-    left in eval mode."""
+    """Set the running statistics of :func:`trainable_batchnorms` to the pooled statistics of their
+    inputs over ``batches`` (``forward(model, batch)`` runs one on the device; only BatchNorm layers in
+    training mode). Returns the number of layers recalibrated; the model is left in eval mode."""
     layers = trainable_batchnorms(model)
     if not layers:
         model.eval()

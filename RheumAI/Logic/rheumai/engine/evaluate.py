@@ -1,12 +1,5 @@
-"""Evaluation: one report per head for any task, and the binary tasks' full report.
-
-:func:`evaluate_heads`: one pass (:func:`rheumai.engine.fit.predict`), each head's decode and
-report (binary: ROC AUC, threshold metrics, calibration; regression: PCC, RMSE, MAE, ICC,
-Bland-Altman; ordinal / multiclass: accuracy, weighted kappa, MAE, confusion; keypoints: radial
-error in mm, success within 2 / 4 mm; all with CIs); with ``out_dir`` ``predictions.csv``,
-``metrics.json``, ``report.md`` / ``.html``. :func:`evaluate`: a binary task's checkpoint on a
-manifest split (ROC, confusion, calibration plots), optionally as external validation with
-logistic recalibration into a new checkpoint.
+"""Evaluation: one report per head for any task (:func:`evaluate_heads`), and the binary tasks'
+full report with optional external validation and recalibration (:func:`evaluate`).
 """
 
 from __future__ import annotations
@@ -85,11 +78,9 @@ def evaluate_heads(model: torch.nn.Module, dataset: torch.utils.data.Dataset, he
                    alpha: float = 0.05, n_boot: int = 1000, seed: int = 0,
                    report_kw: Mapping[str, Mapping[str, Any]] | None = None, title: str = "RheumAI evaluation",
                    context: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Reports ``{head name: report}`` for ``model`` on ``dataset`` (samples with targets).
-
-    ``report_kw``: extra arguments per head's ``report`` (binary: ``threshold``; keypoints:
-    ``spacing_mm``, (row, col) mm or one pair per sample). ``context``: JSON-able lines for the
-    report (model id, split, ...)."""
+    """``{head name: report}`` for ``model`` on ``dataset``; with ``out_dir`` predictions.csv,
+    metrics.json, report.md / .html. ``report_kw``: extra arguments per head's ``report`` (binary
+    ``threshold``; keypoints ``spacing_mm`` (row, col) mm); ``context``: JSON-able report lines."""
     dev = torch.device(device) if isinstance(device, str) else device
     outputs, targets, ids = predict(model, dataset, dev, heads, batch_size)
     reports: dict[str, dict[str, Any]] = {}
@@ -129,16 +120,13 @@ def evaluate(model: str | Path, manifest: str | Path, out_dir: str | Path, *, sp
              auc_ci: str = "delong", n_bootstrap: int = 2000, alpha: float = 0.05, seed: int = 0, batch_size: int = 8,
              device: str = "auto", calibration_bins: int = 10, should_stop: Callable[[], bool] | None = None,
              show_progress: bool = True) -> dict[str, Any]:
-    """A binary task's checkpoint on the manifest rows of ``split`` (or "all"); returns the metrics
-    (metrics.json, plus ``files``: the written paths by name).
+    """A binary task's checkpoint on the manifest rows of ``split`` (or "all"); returns metrics.json's
+    content plus ``files`` (report.md / .html, CSV tables, ROC, confusion and calibration PNGs).
 
-    Files: predictions.csv, metrics.json, metrics.csv, report.md / .html, roc.png,
-    confusion_matrix.png, calibration.png. The threshold is the card's unless ``threshold_rule``
-    (``fixed:<p>`` as is; ``youden`` / ``sensitivity:<x>`` chosen on this split: optimistic, said
-    so). ``external``: another site's cohort; discrimination and calibration (intercept, slope)
-    beside the development figures in the card (``comparison.csv``); ``recalibrate_out``: a new
-    checkpoint there, same weights (hash checked), whose card records the logistic recalibration
-    ``p' = sigmoid(a + b * logit(p))`` fitted here and the threshold mapped through it.
+    The threshold is the card's unless ``threshold_rule`` (chosen on this split: optimistic, said so).
+    ``external``: discrimination and calibration beside the card's development figures
+    (comparison.csv); ``recalibrate_out``: a checkpoint with the same weights whose card records the
+    recalibration ``p' = sigmoid(a + b * logit(p))`` fitted here and the threshold mapped through it.
     """
     from ..checkpoint import load_checkpoint, read_card, save_checkpoint
     from ..tasks import get_task

@@ -20,9 +20,6 @@ from torch.nn import functional as F
 
 from ..metrics import binary_report, wilson_ci
 
-KINDS = ("binary", "regression", "ordinal", "multiclass", "keypoints")
-
-
 def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().cpu().numpy()
 
@@ -47,6 +44,17 @@ def _boot_ci(fn: Any, arrays: Sequence[np.ndarray], n_boot: int, alpha: float, s
 
 def _est(value: float, ci: tuple[float, float], **extra: Any) -> dict[str, Any]:
     return {"value": float(value), "lo": float(ci[0]), "hi": float(ci[1]), **extra}
+
+
+def _mae(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.abs(a - b)))
+
+
+def _qwk(pred: np.ndarray, true: np.ndarray, n_classes: int) -> float:
+    """Quadratic-weighted kappa; NaN when predictions and truth hold one class together."""
+    if np.unique(np.r_[pred, true]).size < 2:
+        return float("nan")
+    return float(cohen_kappa_score(true, pred, labels=list(range(n_classes)), weights="quadratic"))
 
 
 @dataclass
@@ -137,7 +145,6 @@ def regression_report(pred: np.ndarray, true: np.ndarray, alpha: float = 0.05, n
         raise ValueError(f"regression report needs >= 3 cases with a value, has {n}")
     z = stats.norm.ppf(1 - alpha / 2)
     rmse = lambda a, b: float(np.sqrt(np.mean((a - b) ** 2)))  # noqa: E731
-    mae = lambda a, b: float(np.mean(np.abs(a - b)))  # noqa: E731
     out: dict[str, Any] = {"n": int(n), "alpha": alpha}
     if np.std(p) > 0 and np.std(t) > 0:
         r = stats.pearsonr(p, t)
@@ -150,7 +157,7 @@ def regression_report(pred: np.ndarray, true: np.ndarray, alpha: float = 0.05, n
     else:
         out["pcc"] = _est(float("nan"), (float("nan"), float("nan")), method="constant predictions or truth")
     out["rmse"] = _est(rmse(p, t), _boot_ci(rmse, (p, t), n_boot, alpha, seed), method="bootstrap")
-    out["mae"] = _est(mae(p, t), _boot_ci(mae, (p, t), n_boot, alpha, seed), method="bootstrap")
+    out["mae"] = _est(_mae(p, t), _boot_ci(_mae, (p, t), n_boot, alpha, seed), method="bootstrap")
     icc, lo, hi = _icc_a1(p, t, alpha)
     out["icc"] = _est(icc, (lo, hi), method="ICC(A,1) two-way random, absolute agreement (McGraw & Wong 1996)")
     d = p - t
@@ -174,18 +181,12 @@ def class_report(pred_class: np.ndarray, true_class: np.ndarray, n_classes: int,
     matrix (rows = truth, columns = prediction)."""
     p, t = np.asarray(pred_class).astype(int).ravel(), np.asarray(true_class).astype(int).ravel()
     labels = list(range(n_classes))
-
-    def qwk(a: np.ndarray, b: np.ndarray) -> float:
-        if np.unique(np.r_[a, b]).size < 2:
-            return float("nan")
-        return float(cohen_kappa_score(b, a, labels=labels, weights="quadratic"))
-
-    mae = lambda a, b: float(np.mean(np.abs(a - b)))  # noqa: E731
+    qwk = lambda a, b: _qwk(a, b, n_classes)  # noqa: E731
     k = int((p == t).sum())
     return {"n": int(p.size), "alpha": alpha,
             "accuracy": _est(k / p.size, wilson_ci(k, p.size, alpha), method="Wilson"),
             "kappa_quadratic": _est(qwk(p, t), _boot_ci(qwk, (p, t), n_boot, alpha, seed), method="bootstrap"),
-            "mae_classes": _est(mae(p, t), _boot_ci(mae, (p, t), n_boot, alpha, seed), method="bootstrap"),
+            "mae_classes": _est(_mae(p, t), _boot_ci(_mae, (p, t), n_boot, alpha, seed), method="bootstrap"),
             "confusion": confusion_matrix(t, p, labels=labels).tolist(), "classes": labels}
 
 
@@ -263,14 +264,10 @@ class OrdinalHead(_ClassHead):
         return {"class": (gt >= 0.5).sum(1).astype(int), "probabilities": probs, "expected": gt.sum(1)}
 
     def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
-        return _qwk_or_acc(pred["class"], target, self.n_classes)
-
-
-def _qwk_or_acc(pred: np.ndarray, target: np.ndarray, n: int) -> float:
-    t = np.asarray(target).astype(int)
-    if np.unique(np.r_[pred, t]).size < 2:
-        return float(np.mean(pred == t))
-    return float(cohen_kappa_score(t, pred, labels=list(range(n)), weights="quadratic"))
+        """Quadratic-weighted kappa (accuracy when predictions and truth hold one class together)."""
+        t = np.asarray(target).astype(int)
+        k = _qwk(pred["class"], t, self.n_classes)
+        return k if np.isfinite(k) else float(np.mean(pred["class"] == t))
 
 
 @dataclass
@@ -348,6 +345,7 @@ class KeypointsHead(Head):
 
 HEADS = {"binary": BinaryHead, "regression": RegressionHead, "ordinal": OrdinalHead,
          "multiclass": MulticlassHead, "keypoints": KeypointsHead}
+KINDS = tuple(HEADS)
 
 
 def make_head(kind: str, **kw: Any) -> Head:
