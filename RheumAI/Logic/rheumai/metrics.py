@@ -177,22 +177,6 @@ def _f1_bootstrap_ci(counts: tuple[int, int, int, int], alpha: float, n_boot: in
     return float(lo), float(hi)
 
 
-def compare_with_reported(counts: dict[str, int], reported: dict[str, float], tol: float = 0.005,
-                          stated_positives: int | None = None) -> list[str]:
-    """Where values derived from a confusion matrix disagree with those a paper reports (``reported``:
-    COUNT_METRICS name -> value; ``stated_positives``: positives the text states); empty if consistent."""
-    derived = metrics_from_counts(counts["tp"], counts["fn"], counts["fp"], counts["tn"], n_boot=10)
-    lines = []
-    if stated_positives is not None and counts["tp"] + counts["fn"] != stated_positives:
-        lines.append(f"positives: TP {counts['tp']} + FN {counts['fn']} = {counts['tp'] + counts['fn']}, "
-                     f"but the text states {stated_positives}")
-    for name, value in reported.items():
-        d = derived[name]
-        if not abs(d["value"] - value) <= tol:
-            lines.append(f"{name}: reported {value:.2f}, from the counts {d['k']}/{d['n']} = {d['value']:.3f}")
-    return lines
-
-
 # ---------------------------------------------------------------- calibration
 
 def calibration(y: Any, p: Any, n_bins: int = 10) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_path, write_text
-from .metrics import COUNT_METRICS, compare_with_reported, metrics_from_counts
+from .metrics import COUNT_METRICS, metrics_from_counts
 
 LABELS = {"auc": "ROC AUC", "sensitivity": "Sensitivity (recall)", "specificity": "Specificity",
           "ppv": "PPV (precision)", "npv": "NPV", "accuracy": "Accuracy", "f1": "F1"}
@@ -226,7 +226,12 @@ def counts_report(counts: dict[str, int], reported: dict[str, float] | None = No
     ``counts_metrics.csv`` into ``out_dir`` if given."""
     rep = {"metrics": metrics_from_counts(counts["tp"], counts["fn"], counts["fp"], counts["tn"], alpha=alpha),
            "alpha": alpha}
-    issues = compare_with_reported(counts, reported or {}, tol, stated_positives)
+    m = rep["metrics"]
+    issues = [f"{k}: reported {v:.2f}, from the counts {m[k]['k']}/{m[k]['n']} = {m[k]['value']:.3f}"
+              for k, v in (reported or {}).items() if not abs(m[k]["value"] - v) <= tol]
+    if stated_positives is not None and counts["tp"] + counts["fn"] != stated_positives:
+        issues.insert(0, f"positives: TP {counts['tp']} + FN {counts['fn']} = {counts['tp'] + counts['fn']}, "
+                         f"but the text states {stated_positives}")
     rows = _metric_rows(rep)
     if reported:
         rows = [rows[0] + ["Reported"]] + [r + [_fmt(reported.get(n, float("nan")), 2)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,7 +35,7 @@ from .split import SplitConfig, assign_splits
 MANIFEST_COLUMNS = ["patient_id", "split", "fold", "site", "label", "outcome", "series_uid", "study_uid",
                     "source_path", "cache_file", "source_hash", "params_hash"]
 DATASET_FILES = ("manifest.csv", "dataset.json", "cohort.csv", "flow.txt", "flow.json", "flow.png", "excluded.csv")
-FilesFn = Callable[[CohortEntry], tuple[list[str], tuple[str, ...]]]  # entry -> (files to hash, series files)
+FilesFn = Callable[[CohortEntry], list[str]]  # entry -> its files (hashed; an indexed series' files are read as one)
 
 
 @dataclass
@@ -48,7 +48,7 @@ class DatasetResult:
     split: dict[str, tuple[str, int]]
     cache: CacheReport | None
     flow: dict[str, Any]
-    paths: dict[str, Path] = field(default_factory=dict)
+    paths: dict[str, Path]
 
     @property
     def n_included(self) -> int:
@@ -63,17 +63,9 @@ def task_params(task: str, params: Any) -> dict[str, Any]:
     return {**get_task(task).default_params(), **given}
 
 
-def build_dataset(
-    index_path: str | Path,
-    labels_csv: str | Path,
-    out_dir: str | Path,
-    rules: CohortRules = CohortRules(),
-    split_cfg: SplitConfig = SplitConfig(),
-    slice_params: Any = None,
-    workers: int = 1,
-    progress: ProgressFn | None = None,
-    compute_cache: bool = True,
-) -> DatasetResult:
+def build_dataset(index_path: str | Path, labels_csv: str | Path, out_dir: str | Path,
+                  rules: CohortRules = CohortRules(), split_cfg: SplitConfig = SplitConfig(), slice_params: Any = None,
+                  workers: int = 1, progress: ProgressFn | None = None, compute_cache: bool = True) -> DatasetResult:
     """Build the cervical dataset from an index and a label sheet; see the module docstring.
 
     Raises :class:`~rheumai.dataset.labels.LabelSheetError` (every bad row named) before any
@@ -88,30 +80,8 @@ def build_dataset(
     header = (f"label sheet: {Path(labels_csv).name} ({len(sheet.rows)} rows); index: {Path(index_path).name} "
               f"({len(index.patients)} patients, {len(index.series)} series)")
 
-    def files(e: CohortEntry) -> tuple[list[str], tuple[str, ...]]:
-        found = index.series_files(e.series_uid)
-        return found, tuple(found)
-
     return _build_staged(Path(out_dir), cohort, sheet, header, index_path, "cervical_ra", rules, split_cfg,
-                         slice_params, files, workers, progress, compute_cache)
-
-
-def _build_staged(out: Path, cohort: CohortResult, sheet: Any, header: str, index_path: str | Path | None, task: str,
-                  rules: Any, split_cfg: SplitConfig, params: Any, files: FilesFn, workers: int,
-                  progress: ProgressFn | None, compute_cache: bool) -> DatasetResult:
-    """Cache -> split -> manifest + flow into a staging folder, then swap it in as ``out``."""
-    if not compute_cache and (out / "manifest.csv").is_file():
-        raise InputError(out, "holds a built dataset (manifest.csv); a flow-only dry run would replace it with a "
-                              "flow report alone, so nothing was written: choose another output folder")
-    params = task_params(task, params)
-    with staging_dir(out) as stage:
-        _carry_over(out, stage)
-        result = _build_into(stage, cohort, sheet, header, index_path, task, rules, split_cfg, params, files, workers,
-                             progress, compute_cache)
-        replace_dir(stage, out)
-    result.out_dir, result.manifest = out, out / "manifest.csv"
-    result.paths = {k: out / p.relative_to(stage) for k, p in result.paths.items()}
-    return result
+                         slice_params, lambda e: index.series_files(e.series_uid), workers, progress, compute_cache)
 
 
 def _carry_over(out: Path, stage: Path) -> None:
@@ -148,94 +118,87 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _jobs(cohort: CohortResult, cache_dir: Path, p_hash: str, files: FilesFn,
-          progress: ProgressFn | None) -> tuple[list[CacheJob], dict[str, str]]:
-    hasher = FileHasher(cache_dir / "filehash.sqlite")
-    jobs, hashes = [], {}
-    try:
-        for k, e in enumerate(cohort.included, 1):
-            hash_files, series_files = files(e)
-            hashes[e.patient_id] = hasher.series(hash_files)
-            jobs.append(CacheJob(e.patient_id, tuple(e.inputs.items()),
-                                 str(cache_dir / entry_name(hashes[e.patient_id], p_hash)), e.series_uid,
-                                 series_files))
-            if progress is not None:
-                progress("hashing sources", k, len(cohort.included))
-    finally:
-        hasher.close()
-    return jobs, hashes
-
-
-def _build_into(out: Path, cohort: CohortResult, sheet: Any, header: str, index_path: str | Path | None, task: str,
-                rules: Any, split_cfg: SplitConfig, params: dict[str, Any], files: FilesFn, workers: int,
-                progress: ProgressFn | None, compute_cache: bool) -> DatasetResult:
-    """Cache, flow, split, manifest, cohort.csv and dataset.json written into ``out`` (a staging folder)."""
+def _build_staged(out: Path, cohort: CohortResult, sheet: Any, header: str, index_path: str | Path | None, task: str,
+                  rules: Any, split_cfg: SplitConfig, params: Any, files: FilesFn, workers: int,
+                  progress: ProgressFn | None, compute_cache: bool) -> DatasetResult:
+    """Cache, flow, split, manifest, cohort.csv and dataset.json written into a staging folder that
+    then replaces ``out`` whole."""
+    if not compute_cache and (out / "manifest.csv").is_file():
+        raise InputError(out, "holds a built dataset (manifest.csv); a flow-only dry run would replace it with a "
+                              "flow report alone, so nothing was written: choose another output folder")
+    params = task_params(task, params)
     p_hash = params_hash(params)
-    report: CacheReport | None = None
-    hashes: dict[str, str] = {}
-    if compute_cache and cohort.included:
-        jobs, hashes = _jobs(cohort, out / "cache", p_hash, files, progress)
-        report = build_cache(jobs, task, params, workers=workers, progress=progress)
-        step = Step("input", "Task input computed")
-        step.excluded = [(p, f"series could not be read or sampled: {report.failed[p]}") for p in sorted(report.failed)]
-        cohort.included = [e for e in cohort.included if e.patient_id not in report.failed]
-        step.remaining = len(cohort.included)
-        cohort.steps.append(step)
+    with staging_dir(out) as stage:
+        _carry_over(out, stage)
+        report: CacheReport | None = None
+        hashes: dict[str, str] = {}
+        if compute_cache and cohort.included:
+            jobs, hasher = [], FileHasher(stage / "cache" / "filehash.sqlite")
+            try:
+                for k, e in enumerate(cohort.included, 1):
+                    found = files(e)
+                    hashes[e.patient_id] = hasher.series(found)
+                    jobs.append(CacheJob(e.patient_id, tuple(e.inputs.items()),
+                                         str(stage / "cache" / entry_name(hashes[e.patient_id], p_hash)),
+                                         e.series_uid, tuple(found) if e.series_uid else ()))
+                    if progress is not None:
+                        progress("hashing sources", k, len(cohort.included))
+            finally:
+                hasher.close()
+            report = build_cache(jobs, task, params, workers=workers, progress=progress)
+            step = Step("input", "Task input computed", excluded=[
+                (p, f"series could not be read or sampled: {report.failed[p]}") for p in sorted(report.failed)])
+            cohort.included = [e for e in cohort.included if e.patient_id not in report.failed]
+            step.remaining = len(cohort.included)
+            cohort.steps.append(step)
 
-    def no_dataset(problem: str, path: Path | None) -> InputError:
-        return InputError(path, f"{problem}, so nothing was written; the inclusion flow:\n"
-                          + flow_text(flow_dict(cohort), header=header))
+        def no_dataset(problem: str, path: Path | None) -> InputError:
+            return InputError(path, f"{problem}, so nothing was written; the inclusion flow:\n"
+                              + flow_text(flow_dict(cohort), header=header))
 
-    if not cohort.included:
-        raise no_dataset("no patient is included in the dataset", Path(sheet.path))
-    labels = {e.patient_id: e.label for e in cohort.included}
-    given = any(e.split for e in cohort.included)
-    split_desc = "the table's split column" if given else split_cfg.describe()
-    if given:
-        split = {e.patient_id: (e.split, -1) for e in sorted(cohort.included, key=lambda e: e.patient_id)}
-    else:
-        try:
-            split = assign_splits([(e.patient_id, e.label, e.site) for e in cohort.included], split_cfg)
-        except InputError as exc:
-            raise no_dataset(exc.problem, exc.path) from None
-    flow = flow_dict(cohort, split, labels)
-    paths = write_flow(out, flow, header=header, split_desc=split_desc)
-    result = DatasetResult(out_dir=out, manifest=out / "manifest.csv", cohort=cohort, split=split, cache=report,
-                           flow=flow, paths=paths)
-    if not compute_cache:
-        return result
-
-    clinical = sheet.clinical_columns
-    first = cohort.included[0].inputs
-    extra = list(first) if len(first) > 1 else []  # one column per input for several inputs (+ ROI)
-    rows, cohort_rows = [], []
-    for e in sorted(cohort.included, key=lambda e: e.patient_id):
-        name, fold = split[e.patient_id]
-        src = hashes[e.patient_id]
-        rows.append([e.patient_id, name, fold, e.site, e.label, e.outcome, e.series_uid, e.study_uid, e.folder,
-                     f"cache/{entry_name(src, p_hash)}", src, p_hash] + [e.inputs[c] for c in extra]
-                    + [e.clinical.get(c, "") for c in clinical])
-        cohort_rows.append([e.patient_id, e.label, e.outcome, _iso(e.baseline_date), _iso(e.followup_date),
-                            "" if e.followup_days is None else e.followup_days, e.study_uid, e.series_uid,
-                            e.series_description, e.n_slices, e.folder])
-    paths["manifest"] = write_text(out / "manifest.csv", csv_text(MANIFEST_COLUMNS + extra + clinical, rows))
-    paths["cohort"] = write_text(out / "cohort.csv", csv_text(
-        ["patient_id", "label", "outcome", "baseline_date", "followup_date", "followup_days", "study_uid",
-         "series_uid", "series_description", "n_slices", "source_path"], cohort_rows))
-    paths["dataset"] = write_json(out / "dataset.json", {
-        "format": "rheumai-dataset", "format_version": 1, "task": task, "rheumai_version": __version__,
-        "index": str(Path(index_path).resolve()) if index_path is not None else None,
-        "labels": {"path": str(Path(sheet.path).resolve()), "sha256": sheet.sha256},
-        "rules": rules.to_dict(), "series_rule": rules.series_rule_text(),
-        "split": split_cfg.to_dict(), "split_description": split_desc,
-        "preprocessing": params, "params_hash": p_hash, "clinical_columns": clinical,
-        "counts": {"label_rows": len(sheet.rows), "included": len(rows),
-                   "positive": sum(r[4] for r in rows), "negative": sum(1 - r[4] for r in rows),
-                   "split": flow.get("split", {})},
-        "manifest": "manifest.csv",
-    })
-    return result
-
-
-def _iso(d: Any) -> str:
-    return d.isoformat() if d is not None else ""
+        if not cohort.included:
+            raise no_dataset("no patient is included in the dataset", Path(sheet.path))
+        given = any(e.split for e in cohort.included)
+        split_desc = "the table's split column" if given else split_cfg.describe()
+        if given:
+            split = {e.patient_id: (e.split, -1) for e in sorted(cohort.included, key=lambda e: e.patient_id)}
+        else:
+            try:
+                split = assign_splits([(e.patient_id, e.label, e.site) for e in cohort.included], split_cfg)
+            except InputError as exc:
+                raise no_dataset(exc.problem, exc.path) from None
+        flow = flow_dict(cohort, split, {e.patient_id: e.label for e in cohort.included})
+        paths = write_flow(stage, flow, header=header, split_desc=split_desc)
+        if compute_cache:
+            clinical = sheet.clinical_columns
+            first = cohort.included[0].inputs
+            extra = list(first) if len(first) > 1 else []  # one column per input for several inputs (+ ROI)
+            rows, cohort_rows = [], []
+            for e in sorted(cohort.included, key=lambda e: e.patient_id):
+                name, fold = split[e.patient_id]
+                src = hashes[e.patient_id]
+                rows.append([e.patient_id, name, fold, e.site, e.label, e.outcome, e.series_uid, e.study_uid, e.folder,
+                             f"cache/{entry_name(src, p_hash)}", src, p_hash] + [e.inputs[c] for c in extra]
+                            + [e.clinical.get(c, "") for c in clinical])
+                # csv writes None as "" and dates as YYYY-MM-DD
+                cohort_rows.append([e.patient_id, e.label, e.outcome, e.baseline_date, e.followup_date, e.followup_days,
+                                    e.study_uid, e.series_uid, e.series_description, e.n_slices, e.folder])
+            paths["manifest"] = write_text(stage / "manifest.csv", csv_text(MANIFEST_COLUMNS + extra + clinical, rows))
+            paths["cohort"] = write_text(stage / "cohort.csv", csv_text(
+                ["patient_id", "label", "outcome", "baseline_date", "followup_date", "followup_days", "study_uid",
+                 "series_uid", "series_description", "n_slices", "source_path"], cohort_rows))
+            paths["dataset"] = write_json(stage / "dataset.json", {
+                "format": "rheumai-dataset", "format_version": 1, "task": task, "rheumai_version": __version__,
+                "index": str(Path(index_path).resolve()) if index_path is not None else None,
+                "labels": {"path": str(Path(sheet.path).resolve()), "sha256": sheet.sha256},
+                "rules": rules.to_dict(), "series_rule": rules.series_rule_text(),
+                "split": split_cfg.to_dict(), "split_description": split_desc,
+                "preprocessing": params, "params_hash": p_hash, "clinical_columns": clinical,
+                "counts": {"label_rows": len(sheet.rows), "included": len(rows),
+                           "positive": sum(r[4] for r in rows), "negative": sum(1 - r[4] for r in rows),
+                           "split": flow.get("split", {})},
+                "manifest": "manifest.csv",
+            })
+        replace_dir(stage, out)
+    return DatasetResult(out_dir=out, manifest=out / "manifest.csv", cohort=cohort, split=split, cache=report,
+                         flow=flow, paths={k: out / p.name for k, p in paths.items()})

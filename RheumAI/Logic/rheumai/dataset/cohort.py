@@ -127,9 +127,12 @@ class CohortResult:
 
 def outcome_steps(items: Sequence[tuple[Any, int | None, str]], rules: ImageRules, steps: list[Step],
                   has_followup: bool = True) -> list[tuple[Any, int]]:
-    """Follow-up, baseline deformity and intermediate steps (``steps[-3:]``) on (row, follow-up days,
-    detail) items; rows have ``patient_id``, ``baseline_deformity``, ``outcome``. Returns (row, label)."""
-    fu, deform, inter = steps[-3:]
+    """Follow-up, baseline deformity and intermediate steps, appended to ``steps``, on (row, follow-up
+    days, detail) items; rows have ``patient_id``, ``baseline_deformity``, ``outcome``. Returns (row, label)."""
+    fu, deform, inter = (Step("followup", f"Follow-up >= {rules.min_followup_days} days"),
+                         Step("baseline_deformity", "No deformity at baseline"),
+                         Step("intermediate", f"Intermediate outcome: {rules.intermediate}"))
+    steps += [fu, deform, inter]
     kept = []
     for r, days, detail in items:
         if not has_followup:
@@ -162,12 +165,6 @@ def outcome_steps(items: Sequence[tuple[Any, int | None, str]], rules: ImageRule
     return out
 
 
-def outcome_step_list(rules: ImageRules) -> list[Step]:
-    return [Step("followup", f"Follow-up >= {rules.min_followup_days} days"),
-            Step("baseline_deformity", "No deformity at baseline"),
-            Step("intermediate", f"Intermediate outcome: {rules.intermediate}")]
-
-
 def _series_fails(s: pd.Series, rules: CohortRules) -> list[str]:
     region_ok = s["region"] in rules.regions or (s["region"] == "unknown" and rules.accept_unknown_region)
     checks = [(str(s["modality"]).upper() != rules.modality.upper(), f"modality {s['modality'] or 'unknown'}"),
@@ -185,8 +182,7 @@ def apply_cohort(index: ArchiveIndex, sheet: LabelSheet, rules: CohortRules, rol
     by_patient = {p: g for p, g in index.series.groupby("patient_id", sort=True)}
     rows = sorted(sheet.rows, key=lambda r: r.patient_id)
     steps = [Step("baseline_study", "Baseline MRI study found"),
-             Step("baseline_series", f"Baseline {rules.orientation} {rules.sequence} series"),
-             *outcome_step_list(rules)]
+             Step("baseline_series", f"Baseline {rules.orientation} {rules.sequence} series")]
     kept: list[tuple[LabelRow, pd.Series, dt.date]] = []
     for r in rows:
         g = by_patient.get(r.patient_id)

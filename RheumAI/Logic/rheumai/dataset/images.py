@@ -24,7 +24,7 @@ import pandas as pd
 from ..errors import InputError
 from ..io import is_image_file
 from .build import DatasetResult, ProgressFn, _build_staged
-from .cohort import CohortEntry, CohortResult, ImageRules, Step, outcome_step_list, outcome_steps
+from .cohort import CohortEntry, CohortResult, ImageRules, Step, outcome_steps
 from .labels import (LabelRow, LabelSheet, LabelSheetError, _parse_date, _read_csv, parse_deformity, parse_outcome,
                      parse_rows)
 from .split import SPLITS, SplitConfig
@@ -99,7 +99,7 @@ def _followup_days(v: dict[str, str], errs: list[str]) -> int | None:
 
 def apply_image_rules(table: LabelSheet, rules: ImageRules) -> CohortResult:
     """The inclusion steps on an image table (the last step, preprocessing, runs in the cache)."""
-    steps = [Step("image", "Image found"), *outcome_step_list(rules)]
+    steps = [Step("image", "Image found")]
     kept = []
     for r in sorted(table.rows, key=lambda r: r.patient_id):
         why = []
@@ -128,18 +128,10 @@ def _image_files(image: str) -> list[str]:
     return sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
 
 
-def build_image_dataset(
-    table_csv: str | Path,
-    out_dir: str | Path,
-    rules: ImageRules = ImageRules(),
-    split_cfg: SplitConfig = SplitConfig(),
-    params: Any = None,
-    workers: int = 1,
-    progress: ProgressFn | None = None,
-    compute_cache: bool = True,
-    task: str = "cervical_ra",
-    clinical_csv: str | Path | None = None,
-) -> DatasetResult:
+def build_image_dataset(table_csv: str | Path, out_dir: str | Path, rules: ImageRules = ImageRules(),
+                        split_cfg: SplitConfig = SplitConfig(), params: Any = None, workers: int = 1,
+                        progress: ProgressFn | None = None, compute_cache: bool = True, task: str = "cervical_ra",
+                        clinical_csv: str | Path | None = None) -> DatasetResult:
     """Build ``task``'s dataset from an image table: the outputs of
     :func:`rheumai.dataset.build.build_dataset` (manifest, flow, split, cache, dataset.json) with
     the same staging and swap. ``params``: the task's preprocessing parameters (an object with
@@ -148,6 +140,6 @@ def build_image_dataset(
     cohort = apply_image_rules(table, rules)
     header = f"image table: {Path(table_csv).name} ({len(table.rows)} rows)"
     return _build_staged(Path(out_dir), cohort, table, header, None, task, rules, split_cfg, params,
-                         lambda e: ([f for p in e.inputs.values() for f in _image_files(p)], ()),
+                         lambda e: [f for p in e.inputs.values() for f in _image_files(p)],
                          workers, progress, compute_cache)
 
