@@ -6,15 +6,10 @@
     res = api.predict("run/model", "t2.nii.gz", out_dir="pred")                # cervical RA
     res = api.predict("spa/run/model", {"t1": "t1.nii.gz", "t2": "t2.nii.gz", "stir": "stir.nii.gz",
                                         "roi": "box.json", "clinical": {"crp": 12}}, out_dir="pred")
-    rows = api.predict_many("spa/run/model", api.read_studies("cohort.csv", "spa/run/model"), "pred")
-    api.merge(["pred_shard0", "pred_shard1"], "pred")
     run = api.train("configs/negspa.toml", "cohort/manifest.csv", "run")    # task from the config
     api.evaluate(run.checkpoint, "cohort/manifest.csv", "eval")             # task from the card
 
-The task comes from the model card (training: from the config). Results:
-:class:`rheumai.engine.predict.PredictionResult`
-(``probability``, ``label``, ``threshold``, ``values`` with the task's extras, ``maps`` per input
-role with the saliency volume in that series' geometry); files as in :mod:`rheumai.engine.write`.
+Results: :class:`rheumai.engine.predict.PredictionResult`; files as in :mod:`rheumai.engine.write`.
 """
 
 from __future__ import annotations

@@ -17,23 +17,17 @@ from .errors import RheumAIError
 GENERAL_MODULES = ["rheumai.demo", "rheumai.tasks.cli", "rheumai.predict_cli", "rheumai.train_cli"]
 
 
-def command_modules() -> list[str]:
-    """General commands, then every registered task's command modules, without duplicates."""
-    from .tasks import list_tasks
-
-    names = list(GENERAL_MODULES)
-    for task in list_tasks():
-        names += [m for m in task.cli_modules if m not in names]
-    return names
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .tasks import list_tasks
 
     parser = argparse.ArgumentParser(prog="rheumai", description="Rheumatology imaging AI toolkit")
     parser.add_argument("--version", action="version", version=f"rheumai {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in command_modules():
+    names = list(GENERAL_MODULES)
+    for task in list_tasks():
+        names += [m for m in task.cli_modules if m not in names]
+    for name in names:
         importlib.import_module(name).register(sub)
     return parser
 

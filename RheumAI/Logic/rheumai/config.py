@@ -1,9 +1,6 @@
 """Training configuration: one TOML file holds the whole protocol and is saved beside the results.
 
-Top-level ``task = "<name>"`` (default ``cervical_ra``); the engine's sections ``[data]``,
-``[train]``, ``[threshold]``, ``[selection]``, ``[evaluate]`` plus the task's own (its recipe's
-``sections``, e.g. ``[model]``, ``[augment]``; NegSpA also ``[fusion]``). Unknown keys are
-errors naming the file (a typo must not silently fall back to a default).
+``task = "<name>"``, the engine's sections and the task recipe's; unknown keys are errors naming the file.
 """
 
 from __future__ import annotations
@@ -102,10 +99,7 @@ class ThresholdConfig:
 @dataclass
 class SelectionConfig:
     """Epoch count and threshold (rheumai.engine.crossfit): "auto" selects out of fold when the
-    validation split has fewer than ``min_val_positives`` positives or negatives ("oof" /
-    "validation" force one); ``folds`` patient-level folds; AUC averaged over ``epoch_smoothing``
-    epochs; no threshold from fewer than ``min_threshold_positives`` cases of a class (0.5 used);
-    ``threshold_ci_bootstrap`` resamples for its CI (0 = none)."""
+    validation split has fewer than ``min_val_positives`` positives or negatives."""
 
     method: str = "auto"
     min_val_positives: int = 10
@@ -136,19 +130,6 @@ ENGINE_SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainSection, "
                                     "selection": SelectionConfig, "evaluate": EvaluateConfig}
 
 
-def task_sections(task: str, source: str | Path | None = None) -> dict[str, type]:
-    """The task's own config sections (its training recipe's ``sections``)."""
-    from .tasks import get_task
-
-    try:
-        t = get_task(task)
-    except KeyError as exc:
-        raise InputError(source, f"task {task!r}: {exc.args[0]}") from None
-    if not t.recipe:
-        raise InputError(source, f"task {task!r} trains from its own configuration (its api['train'])")
-    return dict(t.training_recipe().sections)
-
-
 class TrainConfig:
     """A parsed config: ``cfg.task`` and one dataclass per section (``cfg.train.epochs``, ...)."""
 
@@ -168,9 +149,17 @@ class TrainConfig:
     def from_dict(cls, d: Mapping[str, Any], source: str | Path | None = None, task: str | None = None
                   ) -> "TrainConfig":
         """``task``: used when ``d`` names none (default ``cervical_ra``)."""
+        from .tasks import get_task
+
         d = dict(d)
         name = str(d.pop("task", None) or task or DEFAULT_TASK)
-        schema = {**ENGINE_SECTIONS, **task_sections(name, source)}
+        try:
+            t = get_task(name)
+        except KeyError as exc:
+            raise InputError(source, f"task {name!r}: {exc.args[0]}") from None
+        if not t.recipe:
+            raise InputError(source, f"task {name!r} trains from its own configuration (its api['train'])")
+        schema = {**ENGINE_SECTIONS, **t.training_recipe().sections}
         unknown = sorted(set(d) - set(schema))
         if unknown:
             raise InputError(source, f"unknown config section(s) {unknown}; expected {sorted(schema)}")

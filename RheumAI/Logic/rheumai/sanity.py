@@ -23,11 +23,7 @@ from .saliency import compute_saliency
 
 
 def randomized_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """A deep copy of ``model`` with every layer's parameters (and BatchNorm statistics) re-initialised.
-
-    Uses each layer's own ``reset_parameters`` under a forked RNG, so the caller's random state is
-    untouched. Raises if no layer could be re-initialised.
-    """
+    """A deep copy of ``model`` with every layer re-initialised by its ``reset_parameters`` (forked RNG)."""
     clone = copy.deepcopy(model)
     n = 0
     with torch.random.fork_rng(devices=[]):
@@ -51,11 +47,8 @@ def _correlations(a: np.ndarray, b: np.ndarray) -> tuple[float | None, float | N
 def randomization_check(model: torch.nn.Module, x: torch.Tensor, saliency_map: np.ndarray,
                         method: str = "gradcam", target_layer: str | None = None, seed: int = 0,
                         **options: Any) -> dict[str, Any]:
-    """Rank correlation between ``saliency_map`` (C, H, W) of the trained model and a randomised copy's.
-
-    x: (1, C, H, W). ``passed`` is True when the Spearman correlation is below 0.5 or the randomised
-    map is degenerate (constant): the map then depends on the learned weights.
-    """
+    """Rank correlation between ``saliency_map`` (C, H, W) of the trained model and a randomised copy's
+    on x (1, C, H, W); passed when Spearman < 0.5 or the randomised map is constant."""
     rnd = randomized_copy(model, seed)
     _, rmap = compute_saliency(rnd, x, method, target_layer, **options)
     rho, r = _correlations(saliency_map, rmap[0])
@@ -94,11 +87,8 @@ def _curve(model: torch.nn.Module, x: torch.Tensor, start: torch.Tensor, end: to
 def deletion_insertion(model: torch.nn.Module, x: torch.Tensor, saliency_map: np.ndarray, n_steps: int = 10,
                        blur_sigma_px: float = 5.0, seed: int = 0, class_idx: int = 0,
                        batch_size: int = 4) -> dict[str, Any]:
-    """Deletion and insertion curves for ``saliency_map`` (C, H, W) on x (1, C, H, W), plus a random order.
-
-    Deletion replaces points by 0; insertion starts from x blurred in-plane (Gaussian,
-    ``blur_sigma_px`` grid points). Costs 4 (n_steps + 1) forward passes.
-    """
+    """Deletion (points set to 0) and insertion (from x blurred in-plane, ``blur_sigma_px`` grid points)
+    curves for ``saliency_map`` (C, H, W) on x (1, C, H, W), saliency vs random order."""
     fractions = np.linspace(0.0, 1.0, n_steps + 1)
     sal = np.asarray(saliency_map, dtype=np.float32).ravel()
     order = np.argsort(-sal, kind="stable")

@@ -1,10 +1,4 @@
-"""One entry for training and evaluating any task: the task comes from the config or the card.
-
-``train(config, manifest, out_dir, task=None, **kw)``: the task is the config's ``task`` key,
-else ``task`` (``--task``), else ``cervical_ra``; then the task's ``api["train"]``.
-``evaluate(model, manifest, out_dir, **kw)``: the task named by the model card, then its
-``api["evaluate"]``. Both keep the registry's signatures (``docs/ADDING_A_TASK.md``).
-"""
+"""One entry for training and evaluating any task: the task comes from the config or the model card."""
 
 from __future__ import annotations
 

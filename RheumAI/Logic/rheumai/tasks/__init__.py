@@ -1,17 +1,14 @@
 """Task registry: ``list_tasks()`` / ``get_task(name)`` / ``register_task(task)``.
 
-Built-in tasks are ``"module:attribute"`` strings imported on first use; other packages add tasks
-through the ``rheumai.tasks`` entry-point group or :func:`register_task` (``docs/ADDING_A_TASK.md``).
-The name -> Task table is the one piece of module state (a registry); it refuses to silently
-replace a different task.
+Built-in tasks are imported on first use; other packages add tasks through the ``rheumai.tasks``
+entry-point group or :func:`register_task`. The name -> Task table is the one piece of module state.
 """
 
 from __future__ import annotations
 
-import importlib
 from importlib import metadata
 
-from .base import ClinicalVar, InputSpec, RoiSpec, Task
+from .base import ClinicalVar, InputSpec, RoiSpec, Task, load_ref
 
 __all__ = ["Task", "InputSpec", "ClinicalVar", "RoiSpec", "register_task", "get_task", "list_tasks",
            "BUILTIN_TASKS", "ENTRY_POINT_GROUP"]
@@ -39,15 +36,10 @@ def register_task(task: Task, replace: bool = False) -> Task:
     return task
 
 
-def _load(ref: str) -> Task:
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def _load_all() -> None:
     for name, ref in BUILTIN_TASKS.items():
         if name not in _REGISTRY:
-            register_task(_load(ref))
+            register_task(load_ref(ref))
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in _REGISTRY:
             register_task(ep.load())

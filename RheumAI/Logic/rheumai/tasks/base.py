@@ -1,14 +1,13 @@
-"""The task declaration (:class:`Task`): plain data plus a few callables that the command line,
-console API, Slicer panels, dataset builder, engine and predictor read instead of hard-coding one
-paper. ``preprocess`` returns the network input and the grids to map maps back into each source
-(LPS mm, arrays (k, j, i)); ``api`` entry points and ``recipe`` are ``"module:attribute"``
-strings imported on use, so listing tasks never imports torch-heavy modules.
+"""The task declaration (:class:`Task`): plain data plus the callables every shared layer reads.
+
+``preprocess`` returns the network input and the grids (LPS mm, arrays (k, j, i)) that map outputs
+back into each source; ``api`` and ``recipe`` are ``"module:attribute"`` strings imported on use.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 # the engine's head kinds (rheumai.engine.heads.KINDS; kept literal so listing tasks imports no torch)
@@ -16,15 +15,16 @@ HEADS = ("binary", "regression", "ordinal", "multiclass", "keypoints")
 CLINICAL_KINDS = ("binary", "continuous", "categorical")
 
 
+def load_ref(ref: str) -> Any:
+    """The object a ``"module:attribute"`` string names (imported on use)."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 @dataclass(frozen=True)
 class InputSpec:
-    """One image input of a task.
-
-    role: short key used everywhere ("t2_sag", "t1", "t2", "stir"). sequence: the weighting the
-    dataset builder must find (values of :data:`rheumai.dataset.classify.SEQUENCES`, "STIR" also
-    accepting fat-suppressed T2 such as SPAIR). orientation: "sagittal" | "coronal" | "axial" |
-    "any" (the preprocessing resamples, so "any" means the plane does not matter).
-    """
+    """One image input. role: key used everywhere ("t2_sag", "stir"); sequence: a value of
+    :data:`rheumai.dataset.classify.SEQUENCES`; orientation: "sagittal" | "coronal" | "axial" | "any"."""
 
     role: str
     description: str
@@ -82,7 +82,7 @@ class Task:
     cli_modules: tuple[str, ...] = ()
     # Predict side, run by rheumai.engine.predict.Predictor (see its module docstring for the contract).
     load_sample: Callable[[Mapping[str, Any], dict[str, Any]], Any] | None = None  # (study inputs, card) -> sample
-    to_tensors: Callable[[Any, dict[str, Any]], Any] | None = None  # (sample, card) -> unbatched Tensor | {name: Tensor}
+    to_tensors: Callable[[Any, dict[str, Any]], Any] | None = None  # (sample, card) -> unbatched network input
     forward: Callable[[Any, Any], Any] | None = None  # (model, batch) -> {head: Tensor}; None: model(x) / model(**x)
     postprocess: Callable[[dict[str, Any], dict[str, Any], Any], dict[str, Any]] | None = None  # one study's values
     saliency_maps: Callable[..., Any] | None = None  # (model, batch, samples, card, method, layer) -> (outputs, maps)
@@ -120,25 +120,16 @@ class Task:
         """The task's :class:`rheumai.engine.train.Recipe` (binary tasks on the engine's recipe)."""
         if not self.recipe:
             raise KeyError(f"task {self.name} trains through its own api['train'], not the engine's binary recipe")
-        module, _, attr = self.recipe.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return load_ref(self.recipe)
 
     def entry(self, name: str) -> Callable[..., Any]:
         """The console entry point ``name`` ("train", "evaluate", "predict", ...), imported on use."""
         if name not in self.api:
             raise KeyError(f"task {self.name} has no {name!r} entry point (has: {', '.join(sorted(self.api))})")
-        module, _, attr = self.api[name].partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return load_ref(self.api[name])
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary (no callables), for `rheumai tasks --json` and the Slicer panels."""
-        return {
-            "name": self.name, "title": self.title, "description": self.description, "reference": self.reference,
-            "inputs": [asdict(i) for i in self.inputs], "roi": None if self.roi is None else asdict(self.roi),
-            "clinical": [asdict(c) for c in self.clinical], "head": self.head, "heads": dict(self.heads),
-            "metrics": list(self.metrics),
-            "saliency_targets": dict(self.saliency_targets), "outputs": list(self.outputs),
-            "api": dict(self.api), "cli_modules": list(self.cli_modules),
-            "saliency_methods": list(self.saliency_methods),
-            "default_params": self.default_params(), "default_architecture": self.default_architecture(),
-        }
+        hooks = {f.name for f in fields(self) if "Callable" in str(f.type)}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in hooks}
+        return {**d, "default_params": self.default_params(), "default_architecture": self.default_architecture()}

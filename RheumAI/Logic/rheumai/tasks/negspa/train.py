@@ -1,15 +1,9 @@
-"""NegSpA-AI on the engine's binary recipe: config sections, two training stages.
+"""NegSpA-AI on the engine's binary recipe (Lu et al.): config sections and two training stages.
 
-Dataset: ``rheumai dataset build --task negspa --images cohort.csv --clinical clinical.csv``
-(:func:`rheumai.dataset.images.build_image_dataset`): the cache holds one :class:`NegSpaSample` per
-study, the manifest the parsed clinical columns.
-
-Training (Lu et al.), two stages of :func:`rheumai.engine.train.train` (state in ``<out>/image/``
-and ``<out>/fusion/``): 1. ``image``: the three ResNet branches + the image-only head, BCE on the
-patient logit (max over the joint halves), MixCut (:mod:`.mixcut`) and a random left/right swap
-of the halves as the batch transform, [train] epochs and lr; 2. ``fusion``: branches frozen
-(BatchNorm statistics too), the clinical MLP + fusion head on unmixed images, [fusion] epochs and
-lr. Selection, threshold with CI, card and evaluation are the engine's.
+1. ``image``: the three ResNet branches + image-only head, BCE on the patient logit (max over the
+joint halves), MixCut and random left/right swaps of the halves, [train] epochs and lr;
+2. ``fusion``: branches frozen (BatchNorm statistics too), clinical MLP + fusion head, [fusion] epochs and lr.
+The cohort: ``rheumai dataset build --task negspa --images cohort.csv --clinical clinical.csv``.
 """
 
 from __future__ import annotations
@@ -29,9 +23,6 @@ from .clinical import NAMES, ClinicalEncoder
 from .mixcut import mixcut
 from .model import build_model, default_architecture, pack
 from .preprocess import ROLES, NegSpaParams
-
-TASK_NAME = "negspa"
-
 
 class NegSpaDataset(torch.utils.data.Dataset):
     """Engine samples: {"input": {"x": packed images float32 (S*2*C, H, W) (:func:`.model.pack`),
@@ -145,6 +136,6 @@ def eval_dataset(rows: pd.DataFrame, card: dict[str, Any]) -> NegSpaDataset:
     return NegSpaDataset(rows, ClinicalEncoder.from_dict(card["clinical_encoder"]))
 
 
-RECIPE = Recipe(TASK_NAME, {"model": ModelConfig, "augment": AugmentConfig, "fusion": FusionConfig}, prepare,
+RECIPE = Recipe("negspa", {"model": ModelConfig, "augment": AugmentConfig, "fusion": FusionConfig}, prepare,
                 eval_dataset, "sigmoid(max over joint halves of the fusion logit) = probability of axial SpA; "
                               "positive when probability >= threshold")
