@@ -284,186 +284,180 @@ def fit(model: torch.nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torc
     monitor = c.monitor or next(iter(heads))
     if monitor not in heads:
         raise ValueError(f"monitor {monitor!r} is not a head ({sorted(heads)})")
+    out, record = Path(out_dir), {"fit": dataclasses.asdict(c), **(config_record or {})}
     with process_group(c.device) as d:
-        return _fit(model, train_ds, val_ds, heads, c, Path(out_dir), d, select_device(c.device, d), monitor,
-                    progress, should_stop, resume, recal_ds, batch_transform, params, train_mode,
-                    dict(config_record or {}), resumable, show_progress, desc)
+        device = select_device(c.device, d)
+        score_name = heads[monitor].score_name
+        cuda = device.type == "cuda"
+        amp, cl = c.amp and cuda, c.channels_last and cuda
+        if recal_ds is None and callable(getattr(train_ds, "unaugmented", None)):
+            recal_ds = train_ds.unaugmented()
+        bn_mode = c.bn_recalibration if recal_ds is not None else "none"
 
+        sampler = GlobalBatchSampler(len(train_ds), c.batch_size, d.world, d.rank, c.accumulate_steps, c.seed)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=min(c.num_workers, cpus),
+                                             pin_memory=cuda)
+        steps = sampler.steps_per_epoch()
 
-def _fit(model: torch.nn.Module, train_ds: Any, val_ds: Any, heads: dict[str, Head], c: FitConfig, out: Path,
-         d: DistContext, device: torch.device, monitor: str, progress: ProgressFn | None,
-         should_stop: Callable[[], bool] | None, resume: bool, recal_ds: Any, batch_transform: BatchTransform | None,
-         params: Iterable[torch.nn.Parameter] | None, train_mode: Callable[[torch.nn.Module], None] | None,
-         config_record: dict[str, Any], resumable: Iterable[str], show_progress: bool, desc: str) -> FitResult:
-    score_name = heads[monitor].score_name
-    cuda = device.type == "cuda"
-    amp, cl = c.amp and cuda, c.channels_last and cuda
-    record = {"fit": dataclasses.asdict(c), **config_record}
-    if recal_ds is None and callable(getattr(train_ds, "unaugmented", None)):
-        recal_ds = train_ds.unaugmented()
-    bn_mode = c.bn_recalibration if recal_ds is not None else "none"
+        torch.manual_seed(c.seed)
+        np.random.seed(c.seed % (2**32))
+        model.to(device)
+        if cl:
+            model.to(memory_format=torch.channels_last)
+        if d.world > 1 and cuda and c.sync_batchnorm:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+               if d.world > 1 else model)
+        trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+        optimizer = (torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam)(trainable, lr=c.lr,
+                                                                                      weight_decay=c.weight_decay)
+        sched = torch.optim.lr_scheduler
+        total = c.epochs * steps
+        scheduler = (sched.OneCycleLR(optimizer, c.lr, total_steps=total) if c.scheduler == "onecycle"
+                     else sched.CosineAnnealingLR(optimizer, T_max=total) if c.scheduler == "cosine" else None)
+        scaler = torch.amp.GradScaler("cuda") if amp and not torch.cuda.is_bf16_supported() else None
 
-    sampler = GlobalBatchSampler(len(train_ds), c.batch_size, d.world, d.rank, c.accumulate_steps, c.seed)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=min(c.num_workers, cpus),
-                                         pin_memory=cuda)
-    steps = sampler.steps_per_epoch()
+        state_dir = out / "state"
+        start_epoch, best, best_epoch, bad_epochs = 0, -math.inf, None, 0
+        history: list[dict[str, Any]] = []
+        epoch_outputs: list[dict[str, list]] = []
+        best_state: dict[str, torch.Tensor] | None = None
+        if resume:
+            if find_training_state(state_dir) is None:
+                raise InputError(out, "--resume: no saved training state here (state/state.json)")
+            meta, best_state = load_training_state(state_dir, model, optimizer, scaler)
+            diff = config_diff(meta.get("config", {}), record, (*RESUMABLE, *resumable))
+            if diff:
+                raise InputError(out / "config.toml", "the config differs from the interrupted run's: "
+                                 + "; ".join(diff))
+            start_epoch, bad_epochs, history = meta["epochs_completed"], meta["bad_epochs"], meta["history"]
+            best = meta["best_score"] if meta.get("best_score") is not None else -math.inf
+            best_epoch = meta["best_epoch"]
+            epoch_outputs = meta.get("val_outputs", [])
+            if scheduler is not None and meta.get("scheduler"):
+                scheduler.load_state_dict(meta["scheduler"])
+        elif find_training_state(state_dir) is not None:
+            raise InputError(out, "holds an earlier run's training state: pass --resume to continue it, "
+                                  "or choose a new --out")
+        if d.main:
+            out.mkdir(parents=True, exist_ok=True)
+        columns = ["epoch", "train_loss", "val_loss", f"val_{score_name}", f"best_val_{score_name}", "lr"]
 
-    torch.manual_seed(c.seed)
-    np.random.seed(c.seed % (2**32))
-    model.to(device)
-    if cl:
-        model.to(memory_format=torch.channels_last)
-    if d.world > 1 and cuda and c.sync_batchnorm:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-           if d.world > 1 else model)
-    trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    optimizer = (torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam)(trainable, lr=c.lr,
-                                                                                  weight_decay=c.weight_decay)
-    sched = torch.optim.lr_scheduler
-    scheduler = (sched.OneCycleLR(optimizer, c.lr, total_steps=c.epochs * steps) if c.scheduler == "onecycle"
-                 else sched.CosineAnnealingLR(optimizer, T_max=c.epochs * steps) if c.scheduler == "cosine" else None)
-    scaler = torch.amp.GradScaler("cuda") if amp and not torch.cuda.is_bf16_supported() else None
+        def _recalibrate() -> None:
+            batches = torch.utils.data.DataLoader(recal_ds, batch_size=c.eval_batch_size, shuffle=False)
+            recalibrate_batchnorm(model, batches, lambda m, b: forward(m, _to(b["input"], device, cl), heads))
 
-    state_dir = out / "state"
-    start_epoch, best, best_epoch, bad_epochs = 0, -math.inf, None, 0
-    history: list[dict[str, Any]] = []
-    epoch_outputs: list[dict[str, list]] = []
-    best_state: dict[str, torch.Tensor] | None = None
-    if resume:
-        if find_training_state(state_dir) is None:
-            raise InputError(out, "--resume: no saved training state here (state/state.json)")
-        meta, best_state = load_training_state(state_dir, model, optimizer, scaler)
-        diff = config_diff(meta.get("config", {}), record, (*RESUMABLE, *resumable))
-        if diff:
-            raise InputError(out / "config.toml", "the config differs from the interrupted run's: " + "; ".join(diff))
-        start_epoch, bad_epochs, history = meta["epochs_completed"], meta["bad_epochs"], meta["history"]
-        best = meta["best_score"] if meta.get("best_score") is not None else -math.inf
-        best_epoch = meta["best_epoch"]
-        epoch_outputs = meta.get("val_outputs", [])
-        if scheduler is not None and meta.get("scheduler"):
-            scheduler.load_state_dict(meta["scheduler"])
-    elif find_training_state(state_dir) is not None:
-        raise InputError(out, "holds an earlier run's training state: pass --resume to continue it, "
-                              "or choose a new --out")
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-    columns = ["epoch", "train_loss", "val_loss", f"val_{score_name}", f"best_val_{score_name}", "lr"]
-
-    def _recalibrate() -> None:
-        batches = torch.utils.data.DataLoader(recal_ds, batch_size=c.eval_batch_size, shuffle=False)
-        recalibrate_batchnorm(model, batches, lambda m, b: forward(m, _to(b["input"], device, cl), heads))
-
-    stopped = early = False
-    epoch_bar = tqdm(range(start_epoch, c.epochs), desc=desc, unit="epoch", initial=start_epoch, total=c.epochs,
-                     disable=not (d.main and show_progress))
-    for epoch in epoch_bar:
-        sampler.set_epoch(epoch)
-        if hasattr(train_ds, "set_epoch"):
-            train_ds.set_epoch(epoch)
-        train_mode(net) if train_mode is not None else net.train()
-        it = iter(loader)
-        loss_sum = torch.zeros(2, dtype=torch.float64)
-        step_bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{c.epochs}", leave=False,
-                        disable=not (d.main and show_progress))
-        for step in step_bar:
-            if should_stop is not None and should_stop():
-                stopped = True
+        stopped = early = False
+        epoch_bar = tqdm(range(start_epoch, c.epochs), desc=desc, unit="epoch", initial=start_epoch, total=c.epochs,
+                         disable=not (d.main and show_progress))
+        for epoch in epoch_bar:
+            sampler.set_epoch(epoch)
+            if hasattr(train_ds, "set_epoch"):
+                train_ds.set_epoch(epoch)
+            train_mode(net) if train_mode is not None else net.train()
+            it = iter(loader)
+            loss_sum = torch.zeros(2, dtype=torch.float64)
+            step_bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{c.epochs}", leave=False,
+                            disable=not (d.main and show_progress))
+            for step in step_bar:
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for a in range(c.accumulate_steps):
+                    batch = next(it)
+                    if batch_transform is not None:
+                        k = c.seed * 1_000_003 + epoch * 10_007 + step * 101 + d.rank * c.accumulate_steps + a
+                        g = torch.Generator().manual_seed(k % (2**63))
+                        batch = batch_transform(batch, g, epoch)
+                    inputs = _to(batch["input"], device, cl)
+                    target = _to(batch["target"], device, False)
+                    sync = contextlib.nullcontext() if (d.world == 1 or a == c.accumulate_steps - 1) else net.no_sync()
+                    with sync:
+                        with autocast(device, amp):
+                            outputs = forward(net, inputs, heads)
+                        loss = total_loss(heads, {n: v.float() for n, v in outputs.items()}, target)
+                        loss = loss / c.accumulate_steps
+                        (scaler.scale(loss) if scaler else loss).backward()
+                    step_loss += float(loss.detach())
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                loss_sum += torch.tensor([step_loss, 1.0], dtype=torch.float64)
+                step_bar.set_postfix(loss=f"{step_loss:.4f}")
+                if progress:
+                    progress({"stage": "step", "epoch": epoch + 1, "epochs": c.epochs, "step": step + 1, "steps": steps,
+                              "loss": step_loss})
+            step_bar.close()
+            if stopped:
                 break
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for a in range(c.accumulate_steps):
-                batch = next(it)
-                if batch_transform is not None:
-                    g = torch.Generator().manual_seed(
-                        (c.seed * 1_000_003 + epoch * 10_007 + step * 101 + d.rank * c.accumulate_steps + a) % (2**63))
-                    batch = batch_transform(batch, g, epoch)
-                inputs = _to(batch["input"], device, cl)
-                target = _to(batch["target"], device, False)
-                sync = contextlib.nullcontext() if (d.world == 1 or a == c.accumulate_steps - 1) else net.no_sync()
-                with sync:
-                    with autocast(device, amp):
-                        outputs = forward(net, inputs, heads)
-                    loss = total_loss(heads, {k: v.float() for k, v in outputs.items()}, target) / c.accumulate_steps
-                    (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += float(loss.detach())
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            loss_sum += torch.tensor([step_loss, 1.0], dtype=torch.float64)
-            step_bar.set_postfix(loss=f"{step_loss:.4f}")
+            if d.world > 1:
+                dist.all_reduce(loss_sum)
+            train_loss = float(loss_sum[0] / loss_sum[1])
+
+            # every process scores the whole (small) validation set with identical weights and
+            # BatchNorm statistics, so all agree on selection and early stopping
+            if d.world > 1:
+                for buf in model.buffers():
+                    dist.broadcast(buf, 0)
+            if bn_mode == "epoch":
+                _recalibrate()
+            score = val_loss = float("nan")
+            if val_ds is not None and len(val_ds):
+                vo, vt, _ = predict(model, val_ds, device, heads, c.eval_batch_size, 0, amp, cl)
+                val_loss = float(total_loss(heads, vo, vt))
+                score = heads[monitor].score(heads[monitor].decode(vo[monitor]), vt[monitor].numpy())
+                if c.collect_val_outputs:
+                    epoch_outputs.append({k: v.tolist() for k, v in vo.items()})
+            improved = math.isfinite(score) and score > best
+            if improved:
+                best, best_epoch, bad_epochs = score, epoch + 1, 0
+                best_state = cpu_state_dict(model)
+            elif math.isfinite(score):
+                bad_epochs += 1
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, f"val_{score_name}": score,
+                   f"best_val_{score_name}": best if math.isfinite(best) else float("nan"),
+                   "lr": float(optimizer.param_groups[0]["lr"])}
+            history.append(row)
+            epoch_bar.set_postfix(loss=f"{train_loss:.4f}", **{score_name: f"{score:.3f}"})
             if progress:
-                progress({"stage": "step", "epoch": epoch + 1, "epochs": c.epochs, "step": step + 1, "steps": steps,
-                          "loss": step_loss})
-        step_bar.close()
+                progress({"stage": "epoch", "epochs": c.epochs, **row})
+            stop_now = bool(c.early_stopping_patience and bad_epochs >= c.early_stopping_patience)
+            due = (c.state_every > 0 and (epoch + 1) % c.state_every == 0) or epoch + 1 == c.epochs or stop_now
+            if d.main and due:
+                meta = {"epochs_completed": epoch + 1, "best_score": best if math.isfinite(best) else None,
+                        "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history, "config": record,
+                        "score_name": score_name,
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None}
+                if c.collect_val_outputs:
+                    meta["val_outputs"] = epoch_outputs
+                save_training_state(state_dir, model, optimizer, meta, best_model=best_state if improved else None,
+                                    scaler=scaler, keep_best=True)
+                write_text(out / "history.csv", pd.DataFrame(history, columns=columns).to_csv(index=False))
+            d.barrier()
+            if stop_now:
+                early = True
+                break
+        epoch_bar.close()
+
+        res = FitResult(model, history, len(history), best_epoch, best if math.isfinite(best) else None, score_name,
+                        stopped=stopped, early_stopped=early, bn_recalibration=bn_mode, world_size=d.world,
+                        device=device.type, amp=amp, channels_last=cl,
+                        epoch_val_outputs=[{k: np.asarray(v) for k, v in e.items()} for e in epoch_outputs])
         if stopped:
-            break
-        if d.world > 1:
-            dist.all_reduce(loss_sum)
-        train_loss = float(loss_sum[0] / loss_sum[1])
-
-        # every process scores the whole (small) validation set with identical weights and
-        # BatchNorm statistics, so all agree on selection and early stopping
-        if d.world > 1:
-            for buf in model.buffers():
-                dist.broadcast(buf, 0)
-        if bn_mode == "epoch":
+            return res
+        res.weights = "best" if (c.select == "best" and best_state is not None) else "last"
+        if res.weights == "best":
+            model.load_state_dict(best_state)
+        if bn_mode == "final":
             _recalibrate()
-        score = val_loss = float("nan")
         if val_ds is not None and len(val_ds):
-            vo, vt, _ = predict(model, val_ds, device, heads, c.eval_batch_size, 0, amp, cl)
-            val_loss = float(total_loss(heads, vo, vt))
-            score = heads[monitor].score(heads[monitor].decode(vo[monitor]), vt[monitor].numpy())
-            if c.collect_val_outputs:
-                epoch_outputs.append({k: v.tolist() for k, v in vo.items()})
-        improved = math.isfinite(score) and score > best
-        if improved:
-            best, best_epoch, bad_epochs = score, epoch + 1, 0
-            best_state = cpu_state_dict(model)
-        elif math.isfinite(score):
-            bad_epochs += 1
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, f"val_{score_name}": score,
-               f"best_val_{score_name}": best if math.isfinite(best) else float("nan"),
-               "lr": float(optimizer.param_groups[0]["lr"])}
-        history.append(row)
-        epoch_bar.set_postfix(loss=f"{train_loss:.4f}", **{score_name: f"{score:.3f}"})
-        if progress:
-            progress({"stage": "epoch", "epochs": c.epochs, **row})
-        stop_now = bool(c.early_stopping_patience and bad_epochs >= c.early_stopping_patience)
-        due = (c.state_every > 0 and (epoch + 1) % c.state_every == 0) or epoch + 1 == c.epochs or stop_now
-        if d.main and due:
-            meta = {"epochs_completed": epoch + 1, "best_score": best if math.isfinite(best) else None,
-                    "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history, "config": record,
-                    "score_name": score_name,
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None}
-            if c.collect_val_outputs:
-                meta["val_outputs"] = epoch_outputs
-            save_training_state(state_dir, model, optimizer, meta, best_model=best_state if improved else None,
-                                scaler=scaler, keep_best=True)
-            write_text(out / "history.csv", pd.DataFrame(history, columns=columns).to_csv(index=False))
-        d.barrier()
-        if stop_now:
-            early = True
-            break
-    epoch_bar.close()
-
-    res = FitResult(model, history, len(history), best_epoch, best if math.isfinite(best) else None, score_name,
-                    stopped=stopped, early_stopped=early, bn_recalibration=bn_mode, world_size=d.world,
-                    device=device.type, amp=amp, channels_last=cl,
-                    epoch_val_outputs=[{k: np.asarray(v) for k, v in e.items()} for e in epoch_outputs])
-    if stopped:
+            res.val_outputs = predict(model, val_ds, device, heads, c.eval_batch_size, 0, amp, cl)[0]
+        model.eval()
         return res
-    res.weights = "best" if (c.select == "best" and best_state is not None) else "last"
-    if res.weights == "best":
-        model.load_state_dict(best_state)
-    if bn_mode == "final":
-        _recalibrate()
-    if val_ds is not None and len(val_ds):
-        res.val_outputs = predict(model, val_ds, device, heads, c.eval_batch_size, 0, amp, cl)[0]
-    model.eval()
-    return res
