@@ -68,6 +68,17 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=default) + "\n")
 
 
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """Hard-link ``src`` (an immutable file) at ``dst``, copied where links fail; a symlink is recreated."""
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def exchange_paths(a: str | Path, b: str | Path) -> bool:
     """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
     system or file system does not offer it."""

@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path, replace_dir, staging_dir, write_json
+from .atomic import atomic_path, link_or_copy, replace_dir, staging_dir, write_json
 from .errors import InputError
 
 WEIGHTS = "model.safetensors"
@@ -215,11 +213,8 @@ def save_training_state(folder: str | Path, model: torch.nn.Module, optimizer: t
         if best_model is not None:
             best = best_model if isinstance(best_model, dict) else cpu_state_dict(best_model)
             save_file({k: v.contiguous() for k, v in best.items()}, str(new / "best_model.safetensors"))
-        elif keep_best and (folder / "best_model.safetensors").is_file():
-            try:  # unchanged: link instead of rewriting
-                os.link(folder / "best_model.safetensors", new / "best_model.safetensors")
-            except OSError:
-                shutil.copy2(folder / "best_model.safetensors", new / "best_model.safetensors")
+        elif keep_best and (folder / "best_model.safetensors").is_file():  # unchanged: linked, not rewritten
+            link_or_copy(folder / "best_model.safetensors", new / "best_model.safetensors")
         save_file(opt_tensors, str(new / "optimizer.safetensors"))
         save_file(rng, str(new / "rng.safetensors"))
         write_json(new / "state.json", {**meta, "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},

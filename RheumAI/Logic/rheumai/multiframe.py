@@ -67,7 +67,7 @@ def _item(frame: pydicom.Dataset, shared: pydicom.Dataset, keyword: str) -> pydi
     return None
 
 
-def _floats(value: object, n: int) -> tuple[float, ...] | None:
+def finite_floats(value: object, n: int) -> tuple[float, ...] | None:
     try:
         vals = tuple(float(v) for v in value)  # type: ignore[union-attr]
     except (TypeError, ValueError):
@@ -83,17 +83,17 @@ def frames_of(ds: pydicom.Dataset, path: str | Path) -> list[Frame]:
     n = int(ds.get("NumberOfFrames", 1) or 1)
     if len(per) != n:
         raise InputError(path, f"NumberOfFrames is {n} but the file holds {len(per)} per-frame functional groups")
-    top_spacing = _floats(ds.get("PixelSpacing"), 2)
+    top_spacing = finite_floats(ds.get("PixelSpacing"), 2)
     frames = []
     for i, f in enumerate(per):
         pos, ori = _item(f, shared, "PlanePositionSequence"), _item(f, shared, "PlaneOrientationSequence")
-        ipp = _floats(pos.get("ImagePositionPatient"), 3) if pos is not None else None
-        iop = _floats(ori.get("ImageOrientationPatient"), 6) if ori is not None else None
+        ipp = finite_floats(pos.get("ImagePositionPatient"), 3) if pos is not None else None
+        iop = finite_floats(ori.get("ImageOrientationPatient"), 6) if ori is not None else None
         if ipp is None or iop is None:
             raise InputError(path, f"frame {i + 1} of {n} has no ImagePositionPatient / ImageOrientationPatient in "
                                    "its functional groups; its place in the volume is unknown")
         meas = _item(f, shared, "PixelMeasuresSequence")
-        spacing = (_floats(meas.get("PixelSpacing"), 2) if meas is not None else None) or top_spacing
+        spacing = (finite_floats(meas.get("PixelSpacing"), 2) if meas is not None else None) or top_spacing
         if spacing is None:
             raise InputError(path, f"frame {i + 1} of {n} has no PixelSpacing")
         pix = _item(f, shared, "PixelValueTransformationSequence")
@@ -106,16 +106,16 @@ def frames_of(ds: pydicom.Dataset, path: str | Path) -> list[Frame]:
         content = _item(f, shared, "FrameContentSequence")
         stack = str(content.get("StackID", "") or "") if content is not None else ""
         echo = _item(f, shared, "MREchoSequence")
-        te = _floats([echo.get("EffectiveEchoTime")], 1) if echo is not None else None
+        te = finite_floats([echo.get("EffectiveEchoTime")], 1) if echo is not None else None
         frames.append(Frame(str(path), i, ipp, iop, spacing, slope, intercept,  # type: ignore[arg-type]
                             frame_type, stack, te[0] if te else None))
     return frames
 
 
-def part_keys(frames: list[Frame]) -> list[str]:
-    """One key per frame: the differing FrameType values (``M`` / ``FIELD_MAP``), the stack
-    (``stack2``) when there are several, the echo time (``TE4.92``) where one type and stack has
-    several; ``""`` when all agree."""
+def split_parts(frames: list[Frame]) -> dict[str, list[Frame]]:
+    """Frames grouped by key (sorted by key; frame order kept): the differing FrameType values
+    (``M`` / ``FIELD_MAP``), the stack (``stack2``) when there are several, the echo time
+    (``TE4.92``) where one type and stack has several; ``""`` when all agree."""
     types = sorted({f.frame_type for f in frames})
     width = max((len(t) for t in types), default=0)
     padded = {t: t + ("",) * (width - len(t)) for t in types}
@@ -131,19 +131,11 @@ def part_keys(frames: list[Frame]) -> list[str]:
     echoes: dict[tuple, set] = {}
     for f, vals in zip(frames, base):
         echoes.setdefault(tuple(vals), set()).add(f.echo_ms)
-    keys = []
+    out: dict[str, list[Frame]] = {}
     for f, vals in zip(frames, base):
         if len(echoes[tuple(vals)]) > 1:
             vals = vals + [f"TE{f.echo_ms:g}" if f.echo_ms is not None else "TEnone"]
-        keys.append(re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(vals)))
-    return keys
-
-
-def split_parts(frames: list[Frame]) -> dict[str, list[Frame]]:
-    """Frames grouped by :func:`part_keys` (sorted by key; insertion order of frames kept)."""
-    out: dict[str, list[Frame]] = {}
-    for f, k in zip(frames, part_keys(frames)):
-        out.setdefault(k, []).append(f)
+        out.setdefault(re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(vals)), []).append(f)
     return dict(sorted(out.items()))
 
 

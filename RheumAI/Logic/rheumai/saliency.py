@@ -216,13 +216,6 @@ def compute_saliency(model: torch.nn.Module, x: torch.Tensor, method: str = METH
     return logits, normalize_max(raw)
 
 
-def saliency_volume(selection: SliceSelection, grid_map: np.ndarray, on_grid: bool = False) -> sitk.Image:
-    """A (C, H, W) map on the selection grid as an image in the source's exact grid (LPS), or with
-    ``on_grid`` on the 1 mm selection grid. Points outside the source's field of view are zeroed."""
-    arr = np.asarray(grid_map, dtype=np.float32) * selection.mask
-    return selection.grid_image(arr) if on_grid else selection.to_source(arr)
-
-
 def peak_distance_mm(grid_map: np.ndarray, selection: SliceSelection, mask: sitk.Image) -> float:
     """In-plane distance (mm) from the saliency peak to a lesion mask; 0 when the peak is inside.
 

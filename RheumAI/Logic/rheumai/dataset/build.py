@@ -16,14 +16,13 @@ leaves the previous set untouched. Image tables go through :mod:`rheumai.dataset
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
-from ..atomic import replace_dir, staging_dir, write_json, write_text
+from ..atomic import link_or_copy, replace_dir, staging_dir, write_json, write_text
 from ..errors import InputError
 from .cache import CacheJob, CacheReport, FileHasher, ProgressFn, build_cache, entry_name, params_hash
 from .cohort import CohortEntry, CohortResult, CohortRules, Step, apply_cohort
@@ -100,22 +99,12 @@ def _carry_over(out: Path, stage: Path) -> None:
     for src in out.iterdir():
         dst = stage / src.name
         if src.name == "cache" and not src.is_symlink():
-            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy,
+            shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy,
                             ignore=shutil.ignore_patterns(".*", "filehash.sqlite*"))
             if (src / "filehash.sqlite").is_file():
                 shutil.copy2(src / "filehash.sqlite", dst / "filehash.sqlite")
         elif src.name not in DATASET_FILES:
-            _link_or_copy(src, dst)
-
-
-def _link_or_copy(src: str | Path, dst: str | Path) -> None:
-    if os.path.islink(src):
-        os.symlink(os.readlink(src), dst)
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+            link_or_copy(src, dst)
 
 
 def _build_staged(out: Path, cohort: CohortResult, sheet: Any, header: str, index_path: str | Path | None, task: str,

@@ -122,10 +122,6 @@ def compute_entry(job: CacheJob, task: str, params: Mapping[str, Any]) -> str | 
     return None
 
 
-def _run(job: CacheJob, task: str, params: Mapping[str, Any]) -> tuple[str, str | None]:
-    return job.patient_id, compute_entry(job, task, params)
-
-
 @contextlib.contextmanager
 def reporting(progress: ProgressFn | None, stage: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
     """``tick(done)``: calls ``progress(stage, done, total)``, or moves a tqdm bar when it is None."""
@@ -157,15 +153,15 @@ def build_cache(jobs: Sequence[CacheJob], task: str, params: Mapping[str, Any], 
             pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn"),
                                        initializer=die_with_parent, initargs=(os.getpid(),))
             try:
-                futures = [pool.submit(_run, j, task, params) for j in todo]
+                futures = {pool.submit(compute_entry, j, task, params): j.patient_id for j in todo}
                 for i, fut in enumerate(as_completed(futures), 1):
-                    done(i, *fut.result())
+                    done(i, futures[fut], fut.result())
             except BaseException:
                 stop_pool(pool)
                 raise
             pool.shutdown(wait=True)
         else:
             for i, j in enumerate(todo, 1):
-                done(i, *_run(j, task, params))
+                done(i, j.patient_id, compute_entry(j, task, params))
     report.computed.sort()
     return report

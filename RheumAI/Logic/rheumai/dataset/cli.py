@@ -114,18 +114,16 @@ def _make_demo(args: argparse.Namespace) -> int:
 
 def _params(args: argparse.Namespace) -> dict[str, object]:
     """Preprocessing overrides from --slices / --spacing / --size / --param; ValueError on unknown keys."""
+    from ..engine.batch import parse_pairs
     from .build import task_params
 
     given = {"n_slices": args.slices, "spacing_mm": args.spacing, "size": args.size}
     out: dict[str, object] = {k: v for k, v in given.items() if v is not None}
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--param {item!r}: expected KEY=VALUE")
+    for key, value in parse_pairs(args.param, "--param").items():
         try:
-            out[key.strip()] = json.loads(value)
+            out[key] = json.loads(value)
         except json.JSONDecodeError:
-            out[key.strip()] = value
+            out[key] = value
     known = task_params(args.task, None)
     unknown = sorted(set(out) - set(known))
     if unknown:

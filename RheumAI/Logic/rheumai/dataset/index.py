@@ -11,7 +11,6 @@ LPS mm; dates: ISO ``YYYY-MM-DD``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sqlite3
 from collections import Counter
@@ -25,9 +24,9 @@ from pydicom.errors import InvalidDicomError
 
 from ..errors import InputError
 from ..io import pixel_data_problem
-from ..multiframe import PART_SEP, Frame, frames_of, is_enhanced, split_parts, stack_of
+from ..multiframe import PART_SEP, Frame, finite_floats, frames_of, is_enhanced, split_parts, stack_of
 from .cache import ProgressFn, reporting
-from .classify import guess_region, guess_sequence, orientation_class
+from .classify import as_float, guess_region, guess_sequence, orientation_class
 
 SCHEMA_VERSION = 2
 COMMIT_EVERY = 500
@@ -41,26 +40,17 @@ def _str(ds: pydicom.Dataset, key: str) -> str:
 
 
 def _float(ds: pydicom.Dataset, key: str) -> float | None:
-    try:
-        f = float(ds.get(key))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
+    return as_float(ds.get(key))
 
 
 def _int(ds: pydicom.Dataset, key: str) -> int | None:
-    f = _float(ds, key)
+    f = as_float(ds.get(key))
     return None if f is None else int(f)
 
 
 def _vec(n: int) -> Callable[[pydicom.Dataset, str], str | None]:
-    def read(ds: pydicom.Dataset, key: str) -> str | None:
-        try:
-            vals = [float(x) for x in ds.get(key)]  # type: ignore[union-attr]
-        except (TypeError, ValueError):
-            return None
-        return json.dumps(vals) if len(vals) == n else None
-    return read
+    """Reader of an n-number tag as JSON (None when absent, malformed or not finite)."""
+    return lambda ds, key: None if (v := finite_floats(ds.get(key), n)) is None else json.dumps(list(v))
 
 
 # files columns read from the header: (column, SQL type, DICOM keyword, reader). Pixel data is never read.
