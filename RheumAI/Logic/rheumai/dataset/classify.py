@@ -18,27 +18,22 @@ SEQUENCES = ("T1", "T2", "PD", "STIR", "FLAIR", "unknown")
 REGIONS = ("cervical", "thoracic", "lumbar", "brain", "hand", "unknown")
 
 
-def slice_normal(iop: Sequence[float]) -> tuple[float, float, float]:
-    """Unit normal (LPS) of a slice from its six IOP direction cosines."""
-    r, c = [float(v) for v in iop[:3]], [float(v) for v in iop[3:6]]
-    n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
-    norm = math.sqrt(sum(v * v for v in n))
-    if norm < 1e-6:
-        raise ValueError(f"degenerate ImageOrientationPatient {list(iop)}")
-    return (n[0] / norm, n[1] / norm, n[2] / norm)
-
-
 def orientation_class(iop: Sequence[float] | None, oblique_deg: float = 30.0) -> str:
-    """'sagittal' | 'coronal' | 'axial' | 'oblique' from IOP ('unknown' if absent / bad);
-    ``oblique_deg``: largest angle (degrees) from an axis still called that axis's plane."""
+    """'sagittal' | 'coronal' | 'axial' | 'oblique' from IOP's slice normal (row x column cosines,
+    LPS); 'unknown' if absent / bad. ``oblique_deg``: largest angle (degrees) from an axis still
+    called that axis's plane."""
     if iop is None or len(iop) != 6:
         return "unknown"
     try:
-        n = slice_normal(iop)
-    except (ValueError, TypeError):
+        r, c = [float(v) for v in iop[:3]], [float(v) for v in iop[3:6]]
+    except (TypeError, ValueError):
+        return "unknown"
+    n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    norm = math.sqrt(sum(v * v for v in n))
+    if norm < 1e-6:
         return "unknown"
     axis = max(range(3), key=lambda i: abs(n[i]))
-    return "oblique" if abs(n[axis]) < math.cos(math.radians(oblique_deg)) else ORIENTATIONS[axis]
+    return "oblique" if abs(n[axis]) / norm < math.cos(math.radians(oblique_deg)) else ORIENTATIONS[axis]
 
 
 # Tested in this order on the lower-cased description; the look-arounds keep "t2" from matching
@@ -53,7 +48,8 @@ _KEYWORDS: list[tuple[str, re.Pattern[str]]] = [
 _FAT_SUPPRESSED = re.compile(r"(?<![a-z0-9])(fs|fatsat|fat[ _-]sat|spair|spir|dixon|stir|tirm|water)(?![a-z])")
 
 
-def _num(v: object) -> float | None:
+def as_float(v: object) -> float | None:
+    """``v`` as a finite float, else None."""
     try:
         f = float(v)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -82,8 +78,8 @@ def guess_sequence(description: str, te: object = None, tr: object = None, ti: o
     """``(sequence, fat_suppressed, source, problems)``: ``sequence`` in :data:`SEQUENCES`, ``source``
     "description" | "tags" | "none", ``problems`` the disagreements between keywords and tags."""
     text = description.lower()
-    te_f, tr_f = _num(te), _num(tr)
-    by_tags = sequence_from_tags(te_f, tr_f, _num(ti), scanning_sequence or "")
+    te_f, tr_f = as_float(te), as_float(tr)
+    by_tags = sequence_from_tags(te_f, tr_f, as_float(ti), scanning_sequence or "")
     by_words = next((name for name, pat in _KEYWORDS if pat.search(text)), "unknown")
     options = (scan_options or "").upper().replace("\\", " ").split()
     fat_sup = bool(_FAT_SUPPRESSED.search(text)) or "FS" in options or "SFS" in options
