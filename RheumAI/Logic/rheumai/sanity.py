@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from scipy import ndimage, stats
 
-from .atomic import atomic_path
 from .saliency import compute_saliency
 
 
@@ -119,14 +118,11 @@ def run_sanity(model: torch.nn.Module, x: torch.Tensor, saliency_map: np.ndarray
 
 def save_sanity_plot(path: str | Path, sanity: dict[str, Any], title: str | None = None) -> Path:
     """PNG of the deletion and insertion curves (saliency order vs random order)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report import _save_fig, _subplots
 
     faith = sanity["faithfulness"]
     f = faith["fractions"]
-    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3))
+    fig, axes = _subplots(1, 2, figsize=(7.5, 3))
     for ax, name in zip(axes, ("deletion", "insertion")):
         c = faith[name]
         ax.plot(f, c["saliency_order"], "-o", ms=3, label=f"saliency order (AUC {c['auc']:.3f})")
@@ -140,8 +136,4 @@ def save_sanity_plot(path: str | Path, sanity: dict[str, Any], title: str | None
     rho = "undefined" if rnd["spearman"] is None else f"{rnd['spearman']:.3f}"
     fig.suptitle((title + ": " if title else "") + f"randomisation check: Spearman {rho}", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return _save_fig(fig, Path(path))

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import write_text
-from ..checkpoint import find_training_state, save_checkpoint, software_versions
+from ..checkpoint import find_training_state, read_card, save_checkpoint, software_versions
 from ..config import TrainConfig, load_config, resolve_manifest, save_config
 from ..errors import InputError
 from ..metrics import binary_report, logistic_calibration, parse_threshold_rule
@@ -175,9 +175,13 @@ def train(config: TrainConfig | str | Path | Mapping[str, Any], manifest: str | 
     from ..tasks import get_task
 
     recipe = get_task(cfg.task).training_recipe()
+    df = read_manifest(manifest_path)
+    df = df[df["label"] >= 0].reset_index(drop=True)
+    _check_train_rows(df, df[df["split"] == "train"], manifest_path)
     with process_group(cfg.train.device) as d:
-        ctx = _Ctx(recipe, manifest_path, d, select_device(cfg.train.device, d), progress, should_stop, show_progress)
-        return _train(cfg, ctx, out, resume)
+        ctx = _Ctx(recipe, manifest_path, d, select_device(cfg.train.device, d), progress, should_stop, show_progress,
+                   df, read_dataset_info(manifest_path))
+        return _select_and_run(cfg, ctx, out, resume)
 
 
 @dataclass
@@ -189,8 +193,8 @@ class _Ctx:
     progress: ProgressFn | None
     should_stop: Callable[[], bool] | None
     show_progress: bool
-    df: pd.DataFrame = field(default_factory=pd.DataFrame)
-    info: dict[str, Any] = field(default_factory=dict)
+    df: pd.DataFrame
+    info: dict[str, Any]
 
 
 def _check_train_rows(df: pd.DataFrame, train_df: pd.DataFrame, manifest_path: Path) -> None:
@@ -219,16 +223,12 @@ def _check_train_rows(df: pd.DataFrame, train_df: pd.DataFrame, manifest_path: P
 
 def _finished(out: Path) -> TrainResult | None:
     """The result of a finished run in ``out`` (model/ written), or None."""
-    card_path = out / "model" / "model_card.json"
-    if not card_path.is_file():
+    if not (out / "model" / "model_card.json").is_file():
         return None
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        t = card.get("training", {})
-        return TrainResult(out, out / "model", int(t.get("epochs_run", 0)), t.get("best_epoch"), None,
-                           float(card["threshold"]), early_stopped=bool(t.get("early_stopped")), already_finished=True)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(card_path, f"unreadable model card of the finished run: {exc}") from None
+    card = read_card(out / "model")
+    t = card.get("training", {})
+    return TrainResult(out, out / "model", int(t.get("epochs_run", 0)), t.get("best_epoch"), None,
+                       float(card["threshold"]), early_stopped=bool(t.get("early_stopped")), already_finished=True)
 
 
 class _Stopped(Exception):
@@ -243,11 +243,8 @@ def _derived(cfg: TrainConfig) -> TrainConfig:
     return c
 
 
-def _train(cfg: TrainConfig, ctx: _Ctx, out: Path, resume: bool) -> TrainResult:
+def _select_and_run(cfg: TrainConfig, ctx: _Ctx, out: Path, resume: bool) -> TrainResult:
     """Validation-split selection, or out-of-fold selection (folds, then the final run)."""
-    df = read_manifest(ctx.manifest_path)
-    ctx.df, ctx.info = df[df["label"] >= 0].reset_index(drop=True), read_dataset_info(ctx.manifest_path)
-    _check_train_rows(ctx.df, ctx.df[ctx.df["split"] == "train"], ctx.manifest_path)
     train_df, val_df, val_how = split_train_val(ctx.df, cfg.data.val_fraction, cfg.train.seed)
     if train_df["label"].nunique() < 2:
         raise InputError(ctx.manifest_path, f"carving the validation set (val_fraction = {cfg.data.val_fraction}) left "

@@ -24,6 +24,13 @@ from .mixcut import mixcut
 from .model import build_model, default_architecture, pack
 from .preprocess import ROLES, NegSpaParams
 
+def _load(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"cached sample unreadable ({exc}); rebuild the dataset") from None
+
+
 class NegSpaDataset(torch.utils.data.Dataset):
     """Engine samples: {"input": {"x": packed images float32 (S*2*C, H, W) (:func:`.model.pack`),
     "clinical": float32 (D,)}, "target": {"out": label float32}, "id": patient_id}."""
@@ -37,11 +44,7 @@ class NegSpaDataset(torch.utils.data.Dataset):
         return len(self.df)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        path = Path(self.df.at[i, "array_path"])
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise InputError(path, f"cached sample unreadable ({exc}); rebuild the dataset") from None
+        arr = _load(Path(self.df.at[i, "array_path"]))
         x = pack(torch.from_numpy(arr.astype(np.float32))[None])[0]
         return {"input": {"x": x, "clinical": torch.from_numpy(self.clinical[i])},
                 "target": {"out": torch.tensor(self.labels[i])}, "id": str(self.df.at[i, "patient_id"])}
@@ -114,11 +117,7 @@ def _augment(mix: bool, mixcut_alpha: float, mixcut_prob: float) -> Callable[...
 def prepare(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, info: dict[str, Any]) -> Prepared:
     encoder = ClinicalEncoder.fit(train_df.reindex(columns=list(NAMES)))
     ds_train = NegSpaDataset(train_df, encoder)
-    path = Path(ds_train.df.at[0, "array_path"])
-    try:
-        _, _, c, h, w = np.load(path, mmap_mode="r", allow_pickle=False).shape
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"cached sample unreadable ({exc}); rebuild the dataset") from None
+    _, _, c, h, w = _load(Path(ds_train.df.at[0, "array_path"]), "r").shape
     arch = default_architecture(depth=cfg.model.depth, n_slices=c, input_size=(h, w), clinical_dim=encoder.dim,
                                 shared_backbone=cfg.model.shared_backbone)
     a = cfg.augment
