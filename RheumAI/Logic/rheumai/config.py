@@ -5,9 +5,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -79,8 +78,8 @@ class TrainSection:
         """The engine loop's :class:`rheumai.engine.fit.FitConfig` from this section (+ ``override``)."""
         from .engine.fit import FitConfig
 
-        names = {f.name for f in dataclasses.fields(FitConfig)}
-        return FitConfig.from_any({**{k: v for k, v in dataclasses.asdict(self).items() if k in names}, **override})
+        names = {f.name for f in fields(FitConfig)}
+        return FitConfig.from_any({**{k: v for k, v in asdict(self).items() if k in names}, **override})
 
 
 @dataclass
@@ -143,7 +142,7 @@ class TrainConfig:
         raise AttributeError(f"config has no section {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, **{k: dataclasses.asdict(v) for k, v in self.sections.items()}}
+        return {"task": self.task, **{k: asdict(v) for k, v in self.sections.items()}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str | Path | None = None, task: str | None = None
@@ -168,7 +167,7 @@ class TrainConfig:
             values = d.get(sec, {})
             if not isinstance(values, dict):
                 raise InputError(source, f"[{sec}] must be a table")
-            allowed = {f.name for f in dataclasses.fields(sec_cls)}
+            allowed = {f.name for f in fields(sec_cls)}
             bad = sorted(set(values) - allowed)
             if bad:
                 raise InputError(source, f"unknown key(s) {bad} in [{sec}]; allowed: {sorted(allowed)}")

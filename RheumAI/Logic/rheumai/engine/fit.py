@@ -8,10 +8,9 @@ pickle-free ``<out>/state`` from which ``resume=True`` continues bit-identically
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -65,7 +64,7 @@ class FitConfig:
         d = dict(cfg)
         if d.get("select") == "best_val_auc":
             d["select"] = "best"
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in fields(cls)}
         bad = sorted(set(d) - names)
         if bad:
             raise ValueError(f"unknown fit setting(s) {bad}; known: {sorted(names)}")
@@ -284,7 +283,7 @@ def fit(model: torch.nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torc
     monitor = c.monitor or next(iter(heads))
     if monitor not in heads:
         raise ValueError(f"monitor {monitor!r} is not a head ({sorted(heads)})")
-    out, record = Path(out_dir), {"fit": dataclasses.asdict(c), **(config_record or {})}
+    out, record = Path(out_dir), {"fit": asdict(c), **(config_record or {})}
     with process_group(c.device) as d:
         device = select_device(c.device, d)
         score_name = heads[monitor].score_name

@@ -7,10 +7,9 @@ also ``folds/fold<j>/``, ``oof_curve.csv`` and ``oof_predictions.csv``.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -210,9 +209,8 @@ def _check_train_rows(df: pd.DataFrame, train_df: pd.DataFrame, manifest_path: P
         have = int(train_df["label"].iloc[0])
         names = {1: "positive", 0: "negative"}
         missing = names[1 - have]
-        elsewhere = {k: int(v["sum"]) if have == 0 else int(v["size"] - v["sum"]) for k, v in counts.iterrows()
-                     if k != "train"}
-        where = {k: n for k, n in elsewhere.items() if n}
+        where = {k: n for k, v in counts.iterrows()
+                 if k != "train" and (n := int(v["sum"]) if have == 0 else int(v["size"] - v["sum"]))}
         if where:
             lead = f"the only {missing} is" if sum(where.values()) == 1 else f"the {missing}s are"
             hint = f"{lead} in " + ", ".join(f"{k} ({n})" for k, n in where.items())
@@ -266,7 +264,7 @@ def _select_and_run(cfg: TrainConfig, ctx: _Ctx, out: Path, resume: bool) -> Tra
         if ctx.show_progress and ctx.d.main:
             tqdm.write(f"rheumai train: fold {j + 1}: {len(tr)} train, {len(ho)} held out")
         prog = ctx.progress
-        fold_ctx = dataclasses.replace(ctx, progress=None if prog is None else
+        fold_ctx = replace(ctx, progress=None if prog is None else
                                        (lambda ev: prog({**ev, "fold": j + 1, "folds": folds_n})))
         res = _run(fold_cfg, fold_ctx, train_df.iloc[tr].reset_index(drop=True),
                    train_df.iloc[ho].reset_index(drop=True), f"fold {j} of out-of-fold selection", fold_out,
@@ -396,7 +394,7 @@ def _run(cfg: TrainConfig, ctx: _Ctx, train_df: pd.DataFrame, val_df: pd.DataFra
         card = {
             "task": ctx.recipe.task, **prep.card, "heads": {"out": head.describe()}, "output": ctx.recipe.output,
             "threshold": float(choice.value), "threshold_rule": str(rule), "threshold_note": choice.note,
-            "threshold_selection": dataclasses.asdict(choice), "model_selection": selection,
+            "threshold_selection": asdict(choice), "model_selection": selection,
             "training_data": {
                 "n_train": len(train_df), "n_train_positive": n_pos, "n_val": len(val_df),
                 "n_val_positive": int(val_df["label"].sum()) if len(val_df) else 0, "val_source": val_how,
