@@ -107,21 +107,17 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
 
 # ---------------------------------------------------------------- plots
 
-def _subplots(*args: Any, **kw: Any) -> tuple[Any, Any]:
-    import matplotlib
+def _subplots(*args: Any, figsize: tuple[float, float], **kw: Any) -> tuple[Any, Any]:
+    """A bare Figure (renders with Agg, touches no pyplot state) and its axes."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(*args, **kw)
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kw)
 
 
 def _save_fig(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
     return path
 
 
