@@ -364,14 +364,8 @@ def predict_batch(studies: Sequence[Any], checkpoint_dir: str | Path, out_dir: s
     done = {r["key"] for r in reader.read() if not r.get("error") and r.get("model_id") == pred.model_id}
     todo = select_shard(studies, shard)
     bar = tqdm(total=len(todo), desc=f"predict {pred.task.name}", unit="study", disable=not show_progress)
+    writes: collections.deque[cf.Future] = collections.deque()
     last_merge, count = 0.0, 0
-
-    def tick(name: str) -> None:
-        nonlocal count
-        count += 1
-        bar.update(1)
-        if progress:
-            progress(count, len(todo), name)
 
     def write(row: dict[str, Any], res: PredictionResult | None) -> None:  # on the writer thread
         nonlocal last_merge
@@ -388,14 +382,20 @@ def predict_batch(studies: Sequence[Any], checkpoint_dir: str | Path, out_dir: s
             W.merge_tables(out, meta, reader)
             last_merge = time.monotonic()
 
-    def report(p: Prepared, res: PredictionResult | None, error: str | None) -> None:
-        row = _row(pred, p, res, saliency, error)
-        if error:
-            tqdm.write(f"predict: skipped {p.name}: {error}")
-        writes.append(writer.submit(write, row, res))
-        if len(writes) > 8:  # bounded: the network never runs far ahead of the disk
-            writes.popleft().result()
-        tick(p.name)
+    def done_with(name: str, p: Prepared | None = None, res: PredictionResult | None = None,
+                  error: str | None = None) -> None:
+        """Queue the study's row and files (p None: done in an earlier run); progress."""
+        nonlocal count
+        if p is not None:
+            if error:
+                tqdm.write(f"predict: skipped {p.name}: {error}")
+            writes.append(writer.submit(write, _row(pred, p, res, saliency, error), res))
+            if len(writes) > 8:  # bounded: the network never runs far ahead of the disk
+                writes.popleft().result()
+        count += 1
+        bar.update(1)
+        if progress:
+            progress(count, len(todo), name)
 
     def wanted() -> Iterator[Any]:
         for s in todo:
@@ -407,7 +407,7 @@ def predict_batch(studies: Sequence[Any], checkpoint_dir: str | Path, out_dir: s
             except InputError:
                 key = None  # prepare reports it
             if key in done:
-                tick(str(s))
+                done_with(str(s))
             else:
                 yield s
 
@@ -417,16 +417,15 @@ def predict_batch(studies: Sequence[Any], checkpoint_dir: str | Path, out_dir: s
         except Exception as exc:  # noqa: BLE001
             results, error = [None] * len(group), f"{type(exc).__name__}: {exc}"
         for p, res in zip(group, results):
-            report(p, res, error)
+            done_with(p.name, p, res, error)
         group.clear()
 
-    writes: collections.deque[cf.Future] = collections.deque()
     group: list[Prepared] = []
     with cf.ThreadPoolExecutor(1, thread_name_prefix="rheumai-write") as writer:
         try:
             for p in _read_ahead(pred, wanted(), workers, depth=max(2, 2 * batch_size)):
                 if p.error:
-                    report(p, None, p.error)
+                    done_with(p.name, p, None, p.error)
                     continue
                 group.append(p)
                 if len(group) >= batch_size:
