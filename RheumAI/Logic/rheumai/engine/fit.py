@@ -164,14 +164,14 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
     ``rank*accumulate ...``: one process with accumulate=A sees what A DDP processes see."""
 
     def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0, accumulate: int = 1,
-                 seed: int = 0, shuffle: bool = True):
+                 seed: int = 0):
         if batch_size % (world_size * accumulate):
             raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} x accumulate "
                              f"{accumulate}")
         if n < 1:
             raise ValueError("empty dataset")
         self.n, self.batch_size, self.world_size, self.rank = n, batch_size, world_size, rank
-        self.accumulate, self.seed, self.shuffle, self.epoch = accumulate, seed, shuffle, 0
+        self.accumulate, self.seed, self.epoch = accumulate, seed, 0
         self.micro = batch_size // (world_size * accumulate)
 
     def set_epoch(self, epoch: int) -> None:
@@ -184,11 +184,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
         return self.steps_per_epoch() * self.accumulate
 
     def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch)).tolist()
         total = self.steps_per_epoch() * self.batch_size
         order = (order * (total // self.n + 1))[:total]
         for b in range(self.steps_per_epoch()):

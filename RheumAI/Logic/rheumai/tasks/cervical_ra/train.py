@@ -173,10 +173,7 @@ def prepare(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, info
     if not isinstance(prep, dict):
         raise InputError(Path(train_df["array_path"].iloc[0]).parent.parent / "dataset.json",
                          "needs a 'preprocessing' entry (SliceParams.to_dict()) for the model card")
-    first = load_array(train_df["array_path"].iloc[0])
-    if first.shape[0] != mc.in_channels:
-        raise InputError(train_df["array_path"].iloc[0],
-                         f"{first.shape[0]} slices per case but [model] in_channels = {mc.in_channels}")
+    first = load_array(train_df["array_path"].iloc[0], mc.in_channels)
     size = tuple(mc.input_size) if mc.input_size else tuple(first.shape[1:])
     arch = default_architecture(mc.depth, mc.in_channels, size, mc.conv1_t_stride, family=mc.family)
     eval_tf = build_eval_transform(cfg.augment.crop, cfg.augment.crop_fraction, size)
