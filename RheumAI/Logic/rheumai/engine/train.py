@@ -265,7 +265,7 @@ def _select_and_run(cfg: TrainConfig, ctx: _Ctx, out: Path, resume: bool) -> Tra
             tqdm.write(f"rheumai train: fold {j + 1}: {len(tr)} train, {len(ho)} held out")
         prog = ctx.progress
         fold_ctx = replace(ctx, progress=None if prog is None else
-                                       (lambda ev: prog({**ev, "fold": j + 1, "folds": folds_n})))
+                           (lambda ev: prog({**ev, "fold": j + 1, "folds": folds_n})))
         res = _run(fold_cfg, fold_ctx, train_df.iloc[tr].reset_index(drop=True),
                    train_df.iloc[ho].reset_index(drop=True), f"fold {j} of out-of-fold selection", fold_out,
                    resume=_has_state(fold_out), collect=True, selection={"method": "fold", "reason": why})
