@@ -22,16 +22,12 @@ from .train import read_dataset_info, read_manifest
 
 
 def _fmt(e: Any) -> str:
-    if isinstance(e, dict) and "value" in e:
-        v, lo, hi = e["value"], e.get("lo"), e.get("hi")
-        if v is None or not np.isfinite(v):
-            return "-"
-        finite = lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi)
-        ci = f" ({lo:.3f}-{hi:.3f})" if finite else ""
-        return f"{v:.3f}{ci}"
-    if e is None or (isinstance(e, float) and not np.isfinite(e)):
+    """An estimate {"value", "lo", "hi"} as "v (lo-hi)", a float to 3 decimals; "-" when missing."""
+    v, lo, hi = (e.get("value"), e.get("lo"), e.get("hi")) if isinstance(e, dict) else (e, None, None)
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
-    return f"{e:.3f}" if isinstance(e, float) else str(e)
+    ci = f" ({lo:.3f}-{hi:.3f})" if lo is not None and hi is not None and np.isfinite([lo, hi]).all() else ""
+    return f"{v:.3f}{ci}" if isinstance(v, float) else str(v)
 
 
 def _rows(kind: str, rep: dict[str, Any]) -> list[list[str]]:
