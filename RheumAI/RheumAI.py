@@ -247,7 +247,7 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not p.task or p.task not in self._tasks:
             p.task = next(iter(self._tasks), "")
         if not p.trainConfig:
-            p.trainConfig = str(self.logic.defaultTrainingConfig())
+            p.trainConfig = str(self.logic.defaultTrainingConfig(p.task))
         if not p.inputVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
@@ -294,6 +294,9 @@ class RheumAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         name = self.ui.taskComboBox.itemData(index)
         if self._parameterNode and not self._updatingGui and name and self._parameterNode.task != name:
             self._parameterNode.task = name
+            # a shipped configuration of the previous task gives way to the new task's
+            if self.logic.isShippedTrainingConfig(self._parameterNode.trainConfig):
+                self._parameterNode.trainConfig = str(self.logic.defaultTrainingConfig(name))
 
     def _buildTaskForm(self, taskName: str) -> None:
         """One node selector per input role, a markups ROI selector, one row per clinical value."""
@@ -694,11 +697,17 @@ class RheumAILogic(ScriptedLoadableModuleLogic):
     def resourcePath(self, name: str) -> str:
         return os.path.join(_MODULE_DIR, "Resources", name)
 
-    def defaultTrainingConfig(self) -> Path:
-        """The training configuration shipped with the module (Resources/Configs, see CMakeLists)."""
+    def defaultTrainingConfig(self, task: str = "cervical_ra") -> Path:
+        """The shipped training configuration for ``task`` (Resources/Configs, see CMakeLists)."""
         from rheumai_mrml.resources import default_config
 
-        return default_config(_MODULE_DIR)
+        return default_config(_MODULE_DIR, task)
+
+    def isShippedTrainingConfig(self, path: str) -> bool:
+        """Whether ``path`` is one of the shipped configurations (not the user's own)."""
+        from rheumai_mrml.resources import list_configs
+
+        return bool(path) and Path(path).resolve() in {c.resolve() for c in list_configs(_MODULE_DIR).values()}
 
     def dicomDatabaseFolder(self, outDir) -> str:
         """A folder of links to every file of Slicer's DICOM database, asked series by series

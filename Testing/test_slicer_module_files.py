@@ -65,7 +65,7 @@ def test_cmake_installs_every_python_file_and_resource(tmp_path):
 def test_training_configs_are_read_from_the_module_resources(tmp_path):
     import shutil
 
-    from rheumai_mrml.resources import configs_dir, default_config, list_configs
+    from rheumai_mrml.resources import config_task, configs_dir, default_config, list_configs
 
     # source tree: the repository's configs/
     assert configs_dir(MODULE) == ROOT / "configs"
@@ -77,6 +77,11 @@ def test_training_configs_are_read_from_the_module_resources(tmp_path):
         shutil.copy(p, installed / "Resources" / "Configs" / p.name)
     assert configs_dir(installed) == installed / "Resources" / "Configs"
     assert default_config(installed) == installed / "Resources" / "Configs" / "small_cpu.toml"
+    # the Training panel offers the selected task's shipped configuration
+    for task in ("negspa", "hand_svdh", "msasss"):
+        path = default_config(installed, task)
+        assert path == installed / "Resources" / "Configs" / f"{task}.toml" and config_task(path) == task
+    assert config_task(default_config(installed, "cervical_ra")) == "cervical_ra"
     from rheumai.config import load_config
 
     for path in list_configs(installed).values():

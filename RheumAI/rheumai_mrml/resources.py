@@ -27,7 +27,19 @@ def list_configs(module_dir: str | Path = MODULE_DIR) -> dict[str, Path]:
     return {p.stem: p for p in sorted(configs_dir(module_dir).glob("*.toml"))}
 
 
-def default_config(module_dir: str | Path = MODULE_DIR, preferred: str = "small_cpu") -> Path:
-    """The configuration the Training panel starts with (``preferred`` if shipped, else the first)."""
+def config_task(path: str | Path) -> str:
+    """The task a training configuration names (its top-level ``task``; none: "cervical_ra")."""
+    import tomllib
+
+    with open(path, "rb") as f:
+        return str(tomllib.load(f).get("task", "cervical_ra"))
+
+
+def default_config(module_dir: str | Path = MODULE_DIR, task: str = "cervical_ra", preferred: str = "small_cpu") -> Path:
+    """The configuration the Training panel offers for ``task``: ``preferred`` if it trains that
+    task, else ``<task>.toml``, else the first shipped one naming the task, else the first."""
     configs = list_configs(module_dir)
-    return configs.get(preferred) or next(iter(configs.values()))
+    for name in (preferred, task):
+        if name in configs and config_task(configs[name]) == task:
+            return configs[name]
+    return next((p for p in configs.values() if config_task(p) == task), next(iter(configs.values())))
