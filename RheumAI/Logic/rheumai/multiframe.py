@@ -174,16 +174,13 @@ def stack_of(frames: list[Frame], rel_tol: float = 0.05) -> Stack:
 
 
 def read_volume(stack: Stack, pixels: dict[str, np.ndarray]) -> tuple[np.ndarray, tuple, tuple, tuple]:
-    """A checked stack as (array (k, j, i) float32, origin, spacing, direction) in LPS. ``pixels``:
-    file -> stored values (frames, rows, cols); each frame rescaled with its own slope / intercept."""
-    if stack.severe:
-        raise ValueError(stack.problem)
+    """A stack without a severe problem as (array (k, j, i) float32, origin, spacing, direction) in LPS.
+    ``pixels``: file -> stored values (frames, rows, cols); each frame rescaled with its own slope / intercept."""
     f0 = stack.frames[0]
     arr = np.stack([pixels[f.file][f.index].astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)
                     for f in stack.frames])
     iop = np.asarray(f0.iop)
     normal = np.cross(iop[:3], iop[3:])
-    step = float(np.median(np.diff(stack.positions))) if stack.n_slices > 1 else 1.0
     direction = tuple(np.column_stack([iop[:3], iop[3:], normal]).ravel().tolist())
-    spacing = (float(f0.pixel_spacing[1]), float(f0.pixel_spacing[0]), step)
+    spacing = (float(f0.pixel_spacing[1]), float(f0.pixel_spacing[0]), float(np.median(np.diff(stack.positions))))
     return arr, tuple(f0.ipp), spacing, direction

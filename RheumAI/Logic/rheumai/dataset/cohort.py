@@ -185,10 +185,7 @@ def apply_cohort(index: ArchiveIndex, sheet: LabelSheet, rules: CohortRules, rol
              Step("baseline_series", f"Baseline {rules.orientation} {rules.sequence} series")]
     kept: list[tuple[LabelRow, pd.Series, dt.date]] = []
     for r in rows:
-        g = by_patient.get(r.patient_id)
-        if g is None:  # only when validated without an index
-            steps[0].excluded.append((r.patient_id, "patient not in the index"))
-            continue
+        g = by_patient[r.patient_id]  # the label sheet was validated against the index
         if r.baseline_study_uid:
             cands = g[g["study_uid"] == r.baseline_study_uid]
             if cands.empty:

@@ -164,9 +164,9 @@ def parse_deformity(v: dict[str, str], errs: list[str]) -> str | None:
     return deform
 
 
-def read_labels(path: str | Path, index: ArchiveIndex | None = None) -> tuple[LabelSheet, list[RowProblem]]:
-    """Parse and validate a label sheet: (valid rows, every problem found). With ``index``, patients
-    and baseline study UIDs are checked against it; see :func:`load_labels`."""
+def read_labels(path: str | Path, index: ArchiveIndex) -> tuple[LabelSheet, list[RowProblem]]:
+    """Parse and validate a label sheet against ``index`` (patients, baseline study UIDs): (valid
+    rows, every problem found); see :func:`load_labels`."""
     path = Path(path)
     header, body = _read_csv(path)
     missing = [c for c in ("patient_id", "followup_date", "outcome") if c not in header]
@@ -176,13 +176,12 @@ def read_labels(path: str | Path, index: ArchiveIndex | None = None) -> tuple[La
         raise InputError(path, f"missing column(s): {', '.join(missing)}; header is: {', '.join(header)}")
     clinical = [h for h in header if h not in RESERVED]
     studies_of: dict[str, set[str]] = {}
-    if index is not None:
-        for p, s in zip(index.series["patient_id"], index.series["study_uid"]):
-            studies_of.setdefault(str(p), set()).add(str(s))
+    for p, s in zip(index.series["patient_id"], index.series["study_uid"]):
+        studies_of.setdefault(str(p), set()).add(str(s))
 
     def parse(n: int, v: dict[str, str], errs: list[str]) -> LabelRow:
         pid = v["patient_id"]
-        if index is not None and not errs and pid not in studies_of:
+        if not errs and pid not in studies_of:
             errs.append("unknown patient (not in the index)")
         dates: dict[str, dt.date | None] = {"baseline_date": None, "followup_date": None}
         for col in dates:
@@ -210,7 +209,7 @@ def read_labels(path: str | Path, index: ArchiveIndex | None = None) -> tuple[La
     return LabelSheet(str(path), hashlib.sha256(path.read_bytes()).hexdigest(), good, clinical), problems
 
 
-def load_labels(path: str | Path, index: ArchiveIndex | None = None) -> LabelSheet:
+def load_labels(path: str | Path, index: ArchiveIndex) -> LabelSheet:
     """Like :func:`read_labels` but strict: any bad row raises :class:`LabelSheetError` listing all."""
     sheet, problems = read_labels(path, index)
     if problems:
