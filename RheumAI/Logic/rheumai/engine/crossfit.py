@@ -68,19 +68,13 @@ def patient_folds(labels: Sequence[int], groups: Sequence[str], k: int, seed: in
     return folds
 
 
-def pooled_auc_by_epoch(scores: np.ndarray, labels: Sequence[int]) -> np.ndarray:
-    """(E,) AUC of the pooled OOF probabilities ``scores`` (E, N) at each epoch."""
-    y = np.asarray(labels, dtype=int)
-    return np.array([roc_auc_score(y, s) for s in scores])
-
-
-def select_epoch(scores: np.ndarray, labels: Sequence[int], smooth: int = 3) -> tuple[int, np.ndarray]:
+def select_epoch(scores: np.ndarray, labels: Sequence[int], smooth: int = 3) -> tuple[int, np.ndarray, np.ndarray]:
     """1-based epoch with the highest pooled OOF AUC averaged over a centred window of ``smooth``
-    epochs (truncated at the ends); ties go to the earliest. Returns (epoch, smoothed AUC (E,))."""
-    auc = pooled_auc_by_epoch(scores, labels)
+    epochs (truncated at the ends); ties go to the earliest. Returns (epoch, AUC (E,), smoothed AUC (E,))."""
+    auc = np.array([roc_auc_score(np.asarray(labels, dtype=int), s) for s in scores])  # pooled OOF AUC per epoch
     h = max(int(smooth), 1) // 2
     sm = np.array([auc[max(0, e - h):e + h + 1].mean() for e in range(auc.size)])
-    return int(np.argmax(sm)) + 1, sm
+    return int(np.argmax(sm)) + 1, auc, sm
 
 
 def choose_threshold_with_ci(labels: Sequence[int], probs: Sequence[float], rule: str, method: str,

@@ -23,7 +23,7 @@ from ..checkpoint import find_training_state, read_card, save_checkpoint, softwa
 from ..config import TrainConfig, load_config, resolve_manifest, save_config
 from ..errors import InputError
 from ..metrics import binary_report, logistic_calibration, parse_threshold_rule
-from .crossfit import ThresholdChoice, choose_threshold_with_ci, crossfit, needs_oof, pooled_auc_by_epoch, select_epoch
+from .crossfit import ThresholdChoice, choose_threshold_with_ci, crossfit, needs_oof, select_epoch
 from .fit import BatchTransform, DistContext, fit, process_group, select_device
 from .heads import BinaryHead
 
@@ -287,11 +287,10 @@ def _select_and_run(cfg: TrainConfig, ctx: _Ctx, out: Path, resume: bool) -> Tra
         return TrainResult(out, None, 0, None, None, None, stopped=True)
     except ValueError as exc:
         raise InputError(ctx.manifest_path, str(exc)) from None
-    epoch, smoothed = select_epoch(oof.scores, oof.labels, sc.epoch_smoothing)
+    epoch, auc, smoothed = select_epoch(oof.scores, oof.labels, sc.epoch_smoothing)
     choice = choose_threshold_with_ci(oof.labels, oof.scores[epoch - 1], cfg.threshold.rule, "oof",
                                       sc.min_threshold_positives, sc.threshold_ci_bootstrap, cfg.evaluate.alpha,
                                       cfg.train.seed)
-    auc = pooled_auc_by_epoch(oof.scores, oof.labels)
     if ctx.d.main:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "oof_curve.csv", pd.DataFrame({"epoch": np.arange(1, auc.size + 1), "oof_auc": auc,
