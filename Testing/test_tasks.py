@@ -97,3 +97,30 @@ def test_task_heads_are_the_engines() -> None:
         Task(name="t", title="t", description="t", reference="t", inputs=t.inputs, head="binary",
              preprocess=t.preprocess, build_model=t.build_model, default_architecture=t.default_architecture,
              default_params=t.default_params, heads={"seg": {"kind": "segmentation"}})
+
+
+def test_evaluate_refuses_options_the_task_does_not_take(tmp_path, monkeypatch):
+    """`rheumai evaluate --alpha ...` on a task whose evaluator has no such option: a clear
+    error naming the checkpoint, not a TypeError."""
+    import rheumai.engine.predict as engine_predict
+    from rheumai.engine.run import evaluate
+    from rheumai.errors import InputError
+
+    calls = []
+
+    def task_evaluate(model, manifest, out_dir, *, split="test", show_progress=True):
+        calls.append(split)
+        return {"split": split}
+
+    class FakeTask:
+        name = "fake"
+
+        def entry(self, name):
+            assert name == "evaluate"
+            return task_evaluate
+
+    monkeypatch.setattr(engine_predict, "task_of", lambda model, task=None: FakeTask())
+    assert evaluate(tmp_path / "model", "m.csv", tmp_path / "out", split="all") == {"split": "all"}
+    with pytest.raises(InputError, match=r"model.*evaluation takes no option\(s\) alpha, seed"):
+        evaluate(tmp_path / "model", "m.csv", tmp_path / "out", alpha=0.1, seed=1)
+    assert calls == ["all"]

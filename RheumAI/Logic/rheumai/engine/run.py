@@ -39,6 +39,14 @@ def train(config: TrainConfig | str | Path | Mapping[str, Any], manifest: str | 
 def evaluate(model: str | Path, manifest: str | Path, out_dir: str | Path, **kw: Any) -> dict[str, Any]:
     """Evaluate a checkpoint with its task's evaluator (keywords: split, show_progress; binary
     tasks also threshold_rule, external, recalibrate_out, ...)."""
+    import inspect
+
     from .predict import task_of
 
-    return task_of(model).entry("evaluate")(model, manifest, out_dir, **kw)
+    task = task_of(model)
+    fn = task.entry("evaluate")
+    params = inspect.signature(fn).parameters
+    unknown = sorted(set(kw) - set(params))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise InputError(model, f"task {task.name}'s evaluation takes no option(s) {', '.join(unknown)}")
+    return fn(model, manifest, out_dir, **kw)
