@@ -74,3 +74,11 @@ def test_one_report_per_head_and_files(tmp_path: Path) -> None:
     for text in ("Head 'score' (regression)", "ICC(A,1)", "quadratic-weighted kappa", "success within 2 mm",
                  "truth \\ predicted", "split: test"):
         assert text in md, text
+
+
+def test_estimates_with_negative_bounds_print_unambiguously():
+    from rheumai.engine.evaluate import _fmt
+
+    assert _fmt({"value": -2.488, "lo": -5.187, "hi": 0.211}) == "-2.488 (-5.187 to 0.211)"
+    assert _fmt({"value": 0.9, "lo": 0.8, "hi": 0.95}) == "0.900 (0.800-0.950)"
+    assert _fmt({"value": float("nan"), "lo": None, "hi": None}) == "-"

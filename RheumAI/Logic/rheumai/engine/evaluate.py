@@ -22,11 +22,13 @@ from .train import read_dataset_info, read_manifest
 
 
 def _fmt(e: Any) -> str:
-    """An estimate {"value", "lo", "hi"} as "v (lo-hi)", a float to 3 decimals; "-" when missing."""
+    """An estimate {"value", "lo", "hi"} as "v (lo-hi)" ("v (lo to hi)" when a bound is negative), a
+    float to 3 decimals; "-" when missing."""
     v, lo, hi = (e.get("value"), e.get("lo"), e.get("hi")) if isinstance(e, dict) else (e, None, None)
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
-    ci = f" ({lo:.3f}-{hi:.3f})" if lo is not None and hi is not None and np.isfinite([lo, hi]).all() else ""
+    sep = " to " if lo is not None and hi is not None and min(lo, hi) < 0 else "-"
+    ci = f" ({lo:.3f}{sep}{hi:.3f})" if lo is not None and hi is not None and np.isfinite([lo, hi]).all() else ""
     return f"{v:.3f}{ci}" if isinstance(v, float) else str(v)
 
 
@@ -226,7 +228,7 @@ def evaluate(model: str | Path, manifest: str | Path, out_dir: str | Path, *, sp
                    + [[r["metric"], _fmt(r["development"]), _fmt(r["external"])] for r in table]),
                   ("p", "Calibration intercept (slope fixed at 1; 0 ideal, < 0 risks overestimated) and slope (1 "
                         "ideal, < 1 predictions too extreme), logistic models, Wald CIs "
-                        f"{_fmt(cal['slope']['lo'])}-{_fmt(cal['slope']['hi'])} for the slope."
+                        f"{_fmt(cal['slope']['lo'])} to {_fmt(cal['slope']['hi'])} for the slope."
                         + (f" Recalibrated checkpoint: {recal}." if recal else ""))]
     write_json(out / "metrics.json", metrics)
     files = write_evaluation_report(out, report, {

@@ -124,7 +124,8 @@ def corner_metrics(records: Sequence[ViewRecord], results: Sequence[dict[str, An
 
 
 def _fmt(e: dict[str, Any], nd: int = 3) -> str:
-    return f"{e['value']:.{nd}f} ({e['lo']:.{nd}f}-{e['hi']:.{nd}f})"
+    sep = " to " if min(e["lo"], e["hi"]) < 0 else "-"
+    return f"{e['value']:.{nd}f} ({e['lo']:.{nd}f}{sep}{e['hi']:.{nd}f})"
 
 
 def report_markdown(m: dict[str, Any]) -> str:
