@@ -38,10 +38,11 @@ def dcm2niix_ref() -> Path:
     return DATA / "dcm2niix_ref" / "t1_fl2d_sag_20220407150138.nii.gz"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_torch_thread():
-    """One intra-op torch thread: on a shared 2-core box two contending threads run several
-    times slower than one (measured by the training tests)."""
+    """One intra-op torch thread for the requesting test's module (restored after it): on a shared
+    2-core box two contending threads run several times slower than one (measured by the training
+    tests), and one thread makes CPU reductions reproducible."""
     import torch
 
     n = torch.get_num_threads()
@@ -63,3 +64,4 @@ def mrml():
     yield ctx
     slicer.mrmlScene = old
     ctx.close()
+

@@ -20,12 +20,7 @@ from rheumai_mrml.scene import new_scene  # noqa: E402
 from rheumai_mrml.tables import table_rows  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()

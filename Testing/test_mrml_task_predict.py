@@ -27,12 +27,7 @@ from rheumai_mrml.task_predict import PredictorCache, StudyPrediction  # noqa: E
 BOX = {"min_lps": [-36.0, -20.0, -12.0], "max_lps": [36.0, 12.0, 12.0]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
