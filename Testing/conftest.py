@@ -65,3 +65,24 @@ def mrml():
     slicer.mrmlScene = old
     ctx.close()
 
+
+
+@pytest.fixture(scope="session")
+def make_cervical_checkpoint(tmp_path_factory):
+    """``make(seed, model_id) -> checkpoint folder``: an untrained ResNet-10 cervical checkpoint at
+    32 x 32 px, 2 mm slices (fast predict tests; outputs are the network's, not a trained model's)."""
+
+    def make(seed: int, model_id: str) -> Path:
+        import torch
+
+        from rheumai.checkpoint import save_checkpoint
+        from rheumai.tasks.cervical_ra.model import build_model, default_architecture
+        from rheumai.tasks.cervical_ra.slices import SliceParams
+
+        torch.manual_seed(seed)
+        arch = default_architecture(depth=10, input_size=(32, 32))
+        card = {"architecture": arch, "preprocessing": SliceParams(size=(32, 32), spacing_mm=2.0).to_dict(),
+                "threshold": 0.5, "threshold_rule": "fixed", "task": "cervical_ra", "model_id": model_id}
+        return save_checkpoint(tmp_path_factory.mktemp("ck") / "m", build_model(arch), card)
+
+    return make

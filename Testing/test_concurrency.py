@@ -15,22 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from rheumai.checkpoint import save_checkpoint
 from rheumai.engine.predict import study_stem
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    from rheumai.tasks.cervical_ra.model import build_model, default_architecture
-    from rheumai.tasks.cervical_ra.slices import SliceParams
-
-    torch.manual_seed(0)
-    arch = default_architecture(depth=10, input_size=(32, 32))
-    card = {"architecture": arch, "preprocessing": SliceParams(size=(32, 32), spacing_mm=2.0).to_dict(),
-            "threshold": 0.5, "threshold_rule": "fixed", "task": "cervical_ra", "model_id": "conc"}
-    return save_checkpoint(tmp_path_factory.mktemp("ck") / "m", build_model(arch), card)
+def ckpt(make_cervical_checkpoint) -> Path:
+    return make_cervical_checkpoint(0, "conc")
 
 
 @pytest.fixture(scope="module")

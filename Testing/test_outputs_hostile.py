@@ -76,15 +76,8 @@ def test_safe_child_refuses_or_confines_every_generated_name(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cervical_ckpt(tmp_path_factory) -> Path:
-    from rheumai.tasks.cervical_ra.model import build_model, default_architecture
-    from rheumai.tasks.cervical_ra.slices import SliceParams
-
-    torch.manual_seed(0)
-    arch = default_architecture(depth=10, input_size=(32, 32))
-    card = {"architecture": arch, "preprocessing": SliceParams(size=(32, 32), spacing_mm=2.0).to_dict(),
-            "threshold": 0.5, "threshold_rule": "fixed", "task": "cervical_ra", "model_id": "hostile"}
-    return save_checkpoint(tmp_path_factory.mktemp("ck") / "m", build_model(arch), card)
+def cervical_ckpt(make_cervical_checkpoint) -> Path:
+    return make_cervical_checkpoint(0, "hostile")
 
 
 def test_batch_predict_with_hostile_study_ids(cervical_ckpt, t2_crop_path, tmp_path, one_torch_thread):
