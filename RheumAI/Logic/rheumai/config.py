@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,34 +21,43 @@ else:  # pragma: no cover
 DEFAULT_TASK = "cervical_ra"
 
 
-def _choice(src: str | None, where: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    if value not in allowed:
-        raise InputError(src, f"{where} {value!r}: use one of {', '.join(map(str, allowed))}")
+def option(default: Any, choices: tuple[Any, ...] = (), lo: float | None = None, below: float | None = None
+           ) -> Any:
+    """A config field with its rule for :meth:`TrainConfig.validate`: one of ``choices``, or ``lo`` <= value
+    (< ``below``)."""
+    return field(default=default, metadata={"choices": choices, "lo": lo, "below": below})
+
+
+def check_fields(section: str, values: Any, src: str | None) -> None:
+    """Apply the :func:`option` rules of a section dataclass; InputError naming the section and key."""
+    for f in fields(values):
+        v, rule = getattr(values, f.name), f.metadata
+        choices, lo, below = rule.get("choices"), rule.get("lo"), rule.get("below")
+        if choices and v not in choices:
+            raise InputError(src, f"[{section}] {f.name} {v!r}: use one of {', '.join(map(str, choices))}")
+        if (lo is not None and v < lo) or (below is not None and v >= below):
+            raise InputError(src, f"[{section}] {f.name} = {v!r} must be in [{lo}, {below or 'inf'})")
 
 
 @dataclass
 class DataConfig:
     manifest: str = ""          # manifest.csv; relative paths are relative to the config file
-    val_fraction: float = 0.15  # used only when the manifest has no `val` rows (stratified, per patient)
+    val_fraction: float = option(0.15, lo=0.0, below=1.0)  # only without `val` rows (stratified, per patient)
     num_workers: int = 2
-
-    def check(self, src: str | None) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise InputError(src, "[data] val_fraction must be in [0, 1)")
 
 
 @dataclass
 class TrainSection:
-    loss: str = "bce"
+    loss: str = option("bce", ("bce",))
     optimizer: str = "adam"         # "adam" | "adamw"
     lr: float = 1e-4
     weight_decay: float = 0.0
     batch_size: int = 4             # global batch (all processes, all accumulation steps)
     accumulate_steps: int = 1       # micro-batches per optimiser step
     epochs: int = 100
-    class_weighting: str = "none"   # "none" | "balanced" (BCE pos_weight = negatives / positives)
+    class_weighting: str = option("none", ("none", "balanced"))  # balanced: BCE pos_weight = neg. / pos.
     early_stopping_patience: int = 0  # epochs without val-AUC improvement; 0 = off
-    select: str = "best_val_auc"    # which weights become the checkpoint: "best_val_auc" | "last"
+    select: str = option("best_val_auc", ("best_val_auc", "last"))  # which weights become the checkpoint
     seed: int = 0
     device: str = "auto"            # "auto" | "cpu" | "cuda"
     amp: bool = True                # mixed precision, CUDA only
@@ -62,10 +71,6 @@ class TrainSection:
     state_every: int = 1            # resume state every N epochs (0: at the end of each stage only)
 
     def check(self, src: str | None) -> None:
-        if self.loss != "bce":
-            raise InputError(src, "[train] only loss='bce' is implemented")
-        _choice(src, "[train] class_weighting", self.class_weighting, ("none", "balanced"))
-        _choice(src, "[train] select", self.select, ("best_val_auc", "last"))
         if self.pretrained:
             raise InputError(src, "[train] pretrained=true: no pretrained weights for these inputs exist; "
                                   "the papers used random initialisation")
@@ -100,33 +105,33 @@ class SelectionConfig:
     """Epoch count and threshold (rheumai.engine.crossfit): "auto" selects out of fold when the
     validation split has fewer than ``min_val_positives`` positives or negatives."""
 
-    method: str = "auto"
-    min_val_positives: int = 10
-    folds: int = 5
-    epoch_smoothing: int = 3
-    min_threshold_positives: int = 3
+    method: str = option("auto", ("auto", "oof", "validation"))
+    min_val_positives: int = option(10, lo=0)
+    folds: int = option(5, lo=2)
+    epoch_smoothing: int = option(3, lo=1)
+    min_threshold_positives: int = option(3, lo=1)
     threshold_ci_bootstrap: int = 1000
-
-    def check(self, src: str | None) -> None:
-        _choice(src, "[selection] method", self.method, ("auto", "oof", "validation"))
-        if self.folds < 2 or self.epoch_smoothing < 1 or self.min_threshold_positives < 1 or self.min_val_positives < 0:
-            raise InputError(src, "[selection] folds >= 2, epoch_smoothing >= 1, min_threshold_positives >= 1, "
-                                  "min_val_positives >= 0")
 
 
 @dataclass
 class EvaluateConfig:
-    auc_ci: str = "delong"          # "delong" | "bootstrap"
+    auc_ci: str = option("delong", ("delong", "bootstrap"))
     n_bootstrap: int = 2000
     alpha: float = 0.05
     calibration_bins: int = 10
 
-    def check(self, src: str | None) -> None:
-        _choice(src, "[evaluate] auc_ci", self.auc_ci, ("delong", "bootstrap"))
-
 
 ENGINE_SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainSection, "threshold": ThresholdConfig,
                                     "selection": SelectionConfig, "evaluate": EvaluateConfig}
+
+
+def _task(name: str, source: str | Path | None) -> Any:
+    from .tasks import get_task
+
+    try:
+        return get_task(name)
+    except KeyError as exc:
+        raise InputError(source, f"task {name!r}: {exc.args[0]}") from None
 
 
 class TrainConfig:
@@ -148,14 +153,9 @@ class TrainConfig:
     def from_dict(cls, d: Mapping[str, Any], source: str | Path | None = None, task: str | None = None
                   ) -> "TrainConfig":
         """``task``: used when ``d`` names none (default ``cervical_ra``)."""
-        from .tasks import get_task
-
         d = dict(d)
         name = str(d.pop("task", None) or task or DEFAULT_TASK)
-        try:
-            t = get_task(name)
-        except KeyError as exc:
-            raise InputError(source, f"task {name!r}: {exc.args[0]}") from None
+        t = _task(name, source)
         if not t.recipe:
             raise InputError(source, f"task {name!r} trains from its own configuration (its api['train'])")
         schema = {**ENGINE_SECTIONS, **t.training_recipe().sections}
@@ -180,7 +180,8 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
-        for sec in self.sections.values():
+        for name, sec in self.sections.items():
+            check_fields(name, sec, self.source or None)
             if hasattr(sec, "check"):
                 sec.check(self.source or None)
 
@@ -201,13 +202,8 @@ def load_config(path: str | Path, task: str | None = None) -> Any:
     their own format (no recipe) parse it with their ``api["load_config"]``, else get the TOML dict."""
     d = read_toml(path)
     name = str(d.get("task") or task or DEFAULT_TASK)
-    from .tasks import get_task
-
-    try:
-        t = get_task(name)
-    except KeyError:
-        t = None
-    if t is not None and not t.recipe:
+    t = _task(name, path)
+    if not t.recipe:
         return t.entry("load_config")(path) if "load_config" in t.api else d
     return TrainConfig.from_dict(d, source=path, task=name)
 
