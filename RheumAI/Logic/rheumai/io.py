@@ -17,6 +17,8 @@ import pydicom
 import SimpleITK as sitk
 
 from .errors import AmbiguousSeriesError, InputError
+from .multiframe import (PART_SEP, Frame, finite_floats, frames_of, is_enhanced, read_volume, split_parts,
+                         stack_of)
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 META_TAGS = (  # copied from the first file of a DICOM series into Study.meta
@@ -93,11 +95,7 @@ def read_study(path: str | Path, series_uid: str | None = None, require_modality
     if not path.exists():
         raise InputError(path, "does not exist")
     if is_image_file(path) and not path.is_dir():
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as exc:
-            raise InputError(path, f"cannot be read as an image ({_first_line(exc)})") from None
-        return Study(image=_as_volume(image, path), path=str(path))
+        return Study(image=_as_volume(_read_image(path, "cannot be read as an image"), path), path=str(path))
     if path.is_dir() or _looks_like_dicom(path):
         return _read_dicom_folder(path, series_uid, require_modality)
     raise InputError(path, f"unsupported file type (expected a DICOM folder or one of {', '.join(IMAGE_SUFFIXES)})")
@@ -168,8 +166,6 @@ def pixel_data_problem(path: str | Path, ds: pydicom.Dataset) -> str | None:
 
 def scan_folder(folder: str | Path) -> FolderScan:
     """Series (see :func:`list_series`) and broken DICOM files under ``folder``."""
-    from .multiframe import PART_SEP, frames_of, is_enhanced, split_parts
-
     folder = Path(folder)
     files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
     groups: dict[str, SeriesInfo] = {}
@@ -269,35 +265,32 @@ def _read_series(folder: Path, series: SeriesInfo) -> Study:
     meta = {t: _plain(getattr(headers[0], t)) for t in META_TAGS if getattr(headers[0], t, None) not in (None, "")}
     if series.problem:
         raise InputError(series.files[0], series.problem)
+    files, where = series.files, folder
     if series.frames:
-        return _read_enhanced(folder, series, meta)
-    if len(series.files) == 1 and series.n_frames > 1:
-        # Enhanced / multi-frame: one file holds the volume; GDCM reads its per-frame geometry.
-        f = series.files[0]
-        try:
-            image = sitk.ReadImage(f)
-        except RuntimeError as exc:
-            raise InputError(f, f"multi-frame DICOM cannot be read ({_first_line(exc)})") from None
-        return Study(image=_as_volume(image, f), path=str(folder), series_uid=series.uid, meta=meta, files=[f])
-    if len(series.files) == 1:
+        image, files, where = _read_enhanced(folder, series)
+        meta = {**meta, "ImageTypePart": series.part} if series.part else meta
+    elif len(series.files) == 1 and series.n_frames > 1:  # legacy multi-frame: GDCM reads the geometry
+        where = files[0]
+        image = _read_image(where, "multi-frame DICOM cannot be read")
+    elif len(series.files) == 1:
         raise InputError(series.files[0], f"series {series.uid} has a single slice: a 2D image; a 3D volume is needed")
-    ordered = check_slice_geometry(series.files, headers)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(ordered)
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:  # name the first file that cannot be decoded on its own
-        bad = next((f for f in ordered if _unreadable(f)), None)
-        raise InputError(bad or folder, f"series {series.uid} cannot be decoded ({_first_line(exc)})") from None
-    return Study(image=_as_volume(image, folder), path=str(folder), series_uid=series.uid, meta=meta, files=ordered)
+    else:
+        files = check_slice_geometry(series.files, headers)
+        try:
+            image = sitk.ReadImage(files)
+        except RuntimeError as exc:
+            why = f"series {series.uid} cannot be decoded ({_first_line(exc)})"
+            for f in files:  # name the first file that cannot be decoded on its own
+                _read_image(f, f"{why}; this file cannot be read on its own")
+            raise InputError(folder, why) from None
+    return Study(image=_as_volume(image, where), path=str(folder), series_uid=series.uid, meta=meta, files=files)
 
 
-def _unreadable(path: str) -> bool:
+def _read_image(path: str | Path, what: str) -> sitk.Image:
     try:
-        sitk.ReadImage(path)
-        return False
-    except RuntimeError:
-        return True
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(path, f"{what} ({_first_line(exc)})") from None
 
 
 def _frames_by_gdcm(path: str, frames: list, pydicom_error: Exception) -> np.ndarray:
@@ -314,10 +307,9 @@ def _frames_by_gdcm(path: str, frames: list, pydicom_error: Exception) -> np.nda
                                f"GDCM: {_first_line(exc)})") from None
 
 
-def _read_enhanced(folder: Path, series: SeriesInfo, meta: dict[str, Any]) -> Study:
-    """An enhanced multi-frame series (or one part of it) as one 3D volume, from the functional groups."""
-    from .multiframe import read_volume, stack_of
-
+def _read_enhanced(folder: Path, series: SeriesInfo) -> tuple[sitk.Image, list[str], str | Path]:
+    """An enhanced multi-frame series (or one part of it) as one 3D volume, from the functional
+    groups: (image, files, the file or folder that errors name)."""
     where = series.files[0] if len(series.files) == 1 else folder
     stack = stack_of(series.frames)
     if stack.severe:
@@ -341,13 +333,7 @@ def _read_enhanced(folder: Path, series: SeriesInfo, meta: dict[str, Any]) -> St
         if arr.ndim not in (2, 3):
             raise InputError(f, f"multi-frame pixel data of shape {arr.shape}: one sample per pixel is needed")
         pixels[f] = arr[None] if arr.ndim == 2 else arr
-    arr, origin, spacing, direction = read_volume(stack, pixels)
-    image = sitk.GetImageFromArray(arr)
-    image.SetOrigin(origin)
-    image.SetSpacing(spacing)
-    image.SetDirection(direction)
-    meta = {**meta, "ImageTypePart": series.part} if series.part else meta
-    return Study(image=_as_volume(image, where), path=str(folder), series_uid=series.uid, meta=meta, files=files)
+    return read_volume(stack, pixels), files, where
 
 
 def _plain(value: Any) -> Any:
@@ -361,38 +347,17 @@ def _plain(value: Any) -> Any:
 
 def check_slice_geometry(files: list[str], headers: list[pydicom.Dataset] | None = None,
                          rel_tol: float = 0.05) -> list[str]:
-    """Single-frame DICOM files sorted along the slice normal (row x column cosine), checked: every
-    file has ImagePositionPatient / ImageOrientationPatient, one orientation, no repeated position,
-    even spacing within ``rel_tol`` (a gap names the two neighbouring files and positions in mm)."""
-    headers = headers or [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    iops, ipps = [], []
-    for f, ds in zip(files, headers):
-        iop, ipp = getattr(ds, "ImageOrientationPatient", None), getattr(ds, "ImagePositionPatient", None)
-        if iop is None or ipp is None:
+    """Single-frame DICOM files sorted along the slice normal, checked as the index checks them
+    (:func:`rheumai.multiframe.stack_of`: one orientation, no repeated position, even spacing)."""
+    frames = []
+    for f, ds in zip(files, headers or [pydicom.dcmread(f, stop_before_pixels=True) for f in files]):
+        ipp = finite_floats(ds.get("ImagePositionPatient"), 3)
+        iop = finite_floats(ds.get("ImageOrientationPatient"), 6)
+        if ipp is None or iop is None:
             raise InputError(f, "has no ImagePositionPatient / ImageOrientationPatient; its place in the volume is "
                                 "unknown")
-        iops.append(np.asarray(iop, dtype=float))
-        ipps.append(np.asarray(ipp, dtype=float))
-    for f, iop in zip(files, iops):
-        if np.abs(iop - iops[0]).max() > 1e-3:
-            raise InputError(f, f"has ImageOrientationPatient {np.round(iop, 4).tolist()} unlike the series' first "
-                                f"slice {np.round(iops[0], 4).tolist()}; the series mixes orientations")
-    normal = np.cross(iops[0][:3], iops[0][3:])
-    pos = np.array([p @ normal for p in ipps])
-    order = np.argsort(pos, kind="stable")
-    pos, files = pos[order], [files[i] for i in order]
-    steps = np.diff(pos)
-    for i, step in enumerate(steps):
-        if abs(step) < 1e-3:
-            raise InputError(files[i + 1], f"duplicates the slice position {pos[i]:.3f} mm of {files[i]} (along the "
-                                           "slice normal)")
-    spacing = float(np.median(steps))
-    bad = np.where(np.abs(steps - spacing) > rel_tol * spacing)[0]
-    if bad.size:
-        i = int(bad[0])
-        missing = int(round(steps[i] / spacing)) - 1
-        what = f"about {missing} missing slice(s)" if missing >= 1 else "uneven slice spacing"
-        raise InputError(files[i + 1], f"{what}: gap of {steps[i]:.3f} mm after {os.path.basename(files[i])} "
-                                       f"(position {pos[i]:.3f} mm along the normal) where the series spacing is "
-                                       f"{spacing:.3f} mm")
-    return files
+        frames.append(Frame(f, 0, ipp, iop, (1.0, 1.0), 1.0, 0.0, (), ""))  # type: ignore[arg-type]
+    stack = stack_of(frames, rel_tol)
+    if stack.problem:
+        raise InputError(stack.at.file if stack.at else files[0], stack.problem)
+    return [fr.file for fr in stack.frames]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import SimpleITK as sitk
 
 from .errors import InputError
 
@@ -49,6 +50,7 @@ class Stack:
     n_volumes: int
     problem: str | None
     severe: bool
+    at: Frame | None = None
 
     @property
     def n_slices(self) -> int:
@@ -142,45 +144,55 @@ def split_parts(frames: list[Frame]) -> dict[str, list[Frame]]:
 def stack_of(frames: list[Frame], rel_tol: float = 0.05) -> Stack:
     """Sort a part's frames along the slice normal and check that they form one 3D volume:
     one orientation, no repeated position (4D: ``k`` volumes), >= 2 slices, even spacing within
-    ``rel_tol`` (``problem``; ``severe`` when it cannot be read as one volume)."""
+    ``rel_tol``. ``problem`` names the frame (file, or frame of a multi-frame file) where it was
+    found, ``at``; ``severe`` when the frames cannot be read as one volume."""
+    multi = len({f.file for f in frames}) < len(frames)
+
+    def name(f: Frame) -> str:
+        return f"frame {f.index + 1} of {Path(f.file).name}" if multi else Path(f.file).name
+
     iop0 = np.asarray(frames[0].iop)
     for f in frames:
         if np.abs(np.asarray(f.iop) - iop0).max() > 1e-3:
-            return Stack(frames, np.zeros(0), 1, f"frames of different orientations (frame {f.index + 1} of "
-                         f"{Path(f.file).name}: {np.round(f.iop, 4).tolist()} vs {np.round(iop0, 4).tolist()})", True)
+            return Stack(frames, np.zeros(0), 1, f"{name(f)} has ImageOrientationPatient "
+                         f"{np.round(f.iop, 4).tolist()} unlike {name(frames[0])} "
+                         f"{np.round(iop0, 4).tolist()}: the series mixes orientations", True, f)
     normal = np.cross(iop0[:3], iop0[3:])
     dist = np.array([np.dot(f.ipp, normal) for f in frames])
     order = np.argsort(dist, kind="stable")
-    frames = [frames[i] for i in order]
-    dist = dist[order]
+    frames, dist = [frames[i] for i in order], dist[order]
     distinct = np.unique(np.round(dist, 2))
     n, k = len(distinct), len(frames)
     if n < k:
         if k % n == 0 and all(np.sum(np.round(dist, 2) == d) == k // n for d in distinct):
             return Stack(frames, distinct, k // n, f"4D series ({k // n} volumes of {n} slices)", True)
-        return Stack(frames, distinct, 1, f"{k - n} frames repeat a slice position", True)
+        i = int(np.flatnonzero(np.diff(np.round(dist, 2)) == 0)[0])
+        return Stack(frames, distinct, 1, f"{name(frames[i + 1])} duplicates the slice position "
+                     f"{dist[i]:.3f} mm of {name(frames[i])} (along the slice normal; {k - n} frames repeat "
+                     "a position)", True, frames[i + 1])
     if n < 2:
         return Stack(frames, distinct, 1, f"only {n} slice", True)
     steps = np.diff(dist)
     spacing = float(np.median(steps))
-    bad = np.where(np.abs(steps - spacing) > rel_tol * spacing)[0]
+    bad = np.flatnonzero(np.abs(steps - spacing) > rel_tol * spacing)
     if bad.size:
         i = int(bad[0])
         missing = int(round(steps[i] / spacing)) - 1
         what = f"about {missing} missing slice(s)" if missing >= 1 else "uneven slice spacing"
-        return Stack(frames, distinct, 1, f"{what}: gap of {steps[i]:.3f} mm after position {dist[i]:.3f} mm "
-                     f"along the normal where the spacing is {spacing:.3f} mm", True)
+        return Stack(frames, distinct, 1, f"{what}: gap of {steps[i]:.3f} mm after {name(frames[i])} "
+                     f"(position {dist[i]:.3f} mm along the normal) where the series spacing is "
+                     f"{spacing:.3f} mm", True, frames[i + 1])
     return Stack(frames, distinct, 1, None, False)
 
 
-def read_volume(stack: Stack, pixels: dict[str, np.ndarray]) -> tuple[np.ndarray, tuple, tuple, tuple]:
-    """A stack without a severe problem as (array (k, j, i) float32, origin, spacing, direction) in LPS.
-    ``pixels``: file -> stored values (frames, rows, cols); each frame rescaled with its own slope / intercept."""
+def read_volume(stack: Stack, pixels: dict[str, np.ndarray]) -> sitk.Image:
+    """A stack without a severe problem as a float32 LPS image; ``pixels``: file -> stored values
+    (frames, rows, cols), each frame rescaled with its own slope / intercept."""
     f0 = stack.frames[0]
-    arr = np.stack([pixels[f.file][f.index].astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)
-                    for f in stack.frames])
+    image = sitk.GetImageFromArray(np.stack([pixels[f.file][f.index].astype(np.float32) * np.float32(f.slope)
+                                             + np.float32(f.intercept) for f in stack.frames]))
     iop = np.asarray(f0.iop)
-    normal = np.cross(iop[:3], iop[3:])
-    direction = tuple(np.column_stack([iop[:3], iop[3:], normal]).ravel().tolist())
-    spacing = (float(f0.pixel_spacing[1]), float(f0.pixel_spacing[0]), float(np.median(np.diff(stack.positions))))
-    return arr, tuple(f0.ipp), spacing, direction
+    image.SetDirection(np.column_stack([iop[:3], iop[3:], np.cross(iop[:3], iop[3:])]).ravel().tolist())
+    image.SetSpacing((f0.pixel_spacing[1], f0.pixel_spacing[0], float(np.median(np.diff(stack.positions)))))
+    image.SetOrigin(f0.ipp)
+    return image
