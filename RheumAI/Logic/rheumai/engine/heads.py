@@ -8,42 +8,41 @@ pixels (NaN: not visible). ``score`` is what the training loop maximises (``scor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
 from scipy import stats
+from scipy.special import expit
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
 from torch import nn
 from torch.nn import functional as F
 
 from ..metrics import binary_report, wilson_ci
 
+
 def _np(x: torch.Tensor) -> np.ndarray:
-    return x.detach().float().cpu().numpy()
+    return x.detach().float().cpu().numpy().astype(np.float64)
 
 
 def _flat(output: torch.Tensor) -> torch.Tensor:
     return output.reshape(output.shape[0]) if output.dim() == 2 and output.shape[1] == 1 else output
 
 
-def _boot_ci(fn: Any, arrays: Sequence[np.ndarray], n_boot: int, alpha: float, seed: int) -> tuple[float, float]:
-    """Percentile bootstrap CI of ``fn(*arrays)`` resampling cases (unstratified)."""
+def _est(value: float, ci: Sequence[float], **extra: Any) -> dict[str, Any]:
+    return {"value": float(value), "lo": float(ci[0]), "hi": float(ci[1]), **extra}
+
+
+def _boot(fn: Callable[..., float], arrays: Sequence[np.ndarray], n_boot: int, alpha: float,
+          seed: int) -> dict[str, Any]:
+    """``fn(*arrays)`` with its percentile bootstrap CI, resampling cases (unstratified)."""
     n = arrays[0].shape[0]
-    if n < 2 or n_boot <= 0:
-        return float("nan"), float("nan")
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    idx = np.random.default_rng(seed).integers(0, n, size=(max(n_boot, 0) if n > 1 else 0, n))
     vals = np.array([fn(*(a[i] for a in arrays)) for i in idx], dtype=float)
     vals = vals[np.isfinite(vals)]
-    if not vals.size:
-        return float("nan"), float("nan")
-    lo, hi = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
-
-
-def _est(value: float, ci: tuple[float, float], **extra: Any) -> dict[str, Any]:
-    return {"value": float(value), "lo": float(ci[0]), "hi": float(ci[1]), **extra}
+    ci = np.quantile(vals, [alpha / 2, 1 - alpha / 2]) if vals.size else (np.nan, np.nan)
+    return _est(fn(*arrays), ci, method="bootstrap")
 
 
 def _mae(a: np.ndarray, b: np.ndarray) -> float:
@@ -63,8 +62,8 @@ class Head:
 
     name: str = "out"
     weight: float = 1.0
-    kind: str = field(default="", init=False)
-    score_name: str = field(default="", init=False)
+    kind: ClassVar[str] = ""
+    score_name: ClassVar[str] = ""
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -81,7 +80,7 @@ class Head:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able head entry for the model card."""
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        return {**asdict(self), "kind": self.kind, "score_name": self.score_name}
 
 
 @dataclass
@@ -89,17 +88,15 @@ class BinaryHead(Head):
     """One logit; BCE with optional ``pos_weight`` (negatives / positives for balancing)."""
 
     pos_weight: float | None = None
-
-    def __post_init__(self) -> None:
-        self.kind, self.score_name = "binary", "auc"
+    kind, score_name = "binary", "auc"
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=output.device)
         return F.binary_cross_entropy_with_logits(_flat(output).float(), target.float(), pos_weight=pw)
 
     def decode(self, output: torch.Tensor) -> dict[str, np.ndarray]:
-        z = _np(_flat(output)).astype(np.float64)
-        return {"logit": z, "probability": 1.0 / (1.0 + np.exp(-z))}
+        z = _np(_flat(output))
+        return {"logit": z, "probability": expit(z)}
 
     def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
         y = np.asarray(target).astype(int)
@@ -136,42 +133,34 @@ def _icc_a1(a: np.ndarray, b: np.ndarray, alpha: float) -> tuple[float, float, f
 
 def regression_report(pred: np.ndarray, true: np.ndarray, alpha: float = 0.05, n_boot: int = 1000,
                       seed: int = 0) -> dict[str, Any]:
-    """Agreement of predictions with the truth (same unit), see the module docstring."""
+    """Agreement of predictions with the truth (same unit): PCC, RMSE, MAE, ICC(A,1), Bland-Altman."""
     p, t = np.asarray(pred, float).ravel(), np.asarray(true, float).ravel()
     ok = np.isfinite(p) & np.isfinite(t)
     p, t = p[ok], t[ok]
     n = p.size
     if n < 3:
         raise ValueError(f"regression report needs >= 3 cases with a value, has {n}")
-    z = stats.norm.ppf(1 - alpha / 2)
-    rmse = lambda a, b: float(np.sqrt(np.mean((a - b) ** 2)))  # noqa: E731
     out: dict[str, Any] = {"n": int(n), "alpha": alpha}
     if np.std(p) > 0 and np.std(t) > 0:
-        r = stats.pearsonr(p, t)
-        if abs(r.statistic) < 1 - 1e-12:
-            ci = r.confidence_interval(confidence_level=1 - alpha)
-            lo_hi = (ci.low, ci.high)
-        else:  # perfect linear agreement: Fisher z is infinite
-            lo_hi = (r.statistic, r.statistic)
-        out["pcc"] = _est(r.statistic, lo_hi, method="Fisher z", p_value=float(r.pvalue))
+        r = stats.pearsonr(p, t)  # |r| = 1: Fisher z is infinite, the interval is the point
+        ci = r.confidence_interval(1 - alpha) if abs(r.statistic) < 1 - 1e-12 else (r.statistic, r.statistic)
+        out["pcc"] = _est(r.statistic, ci, method="Fisher z", p_value=float(r.pvalue))
     else:
         out["pcc"] = _est(float("nan"), (float("nan"), float("nan")), method="constant predictions or truth")
-    out["rmse"] = _est(rmse(p, t), _boot_ci(rmse, (p, t), n_boot, alpha, seed), method="bootstrap")
-    out["mae"] = _est(_mae(p, t), _boot_ci(_mae, (p, t), n_boot, alpha, seed), method="bootstrap")
+    out["rmse"] = _boot(lambda a, b: float(np.sqrt(np.mean((a - b) ** 2))), (p, t), n_boot, alpha, seed)
+    out["mae"] = _boot(_mae, (p, t), n_boot, alpha, seed)
     icc, lo, hi = _icc_a1(p, t, alpha)
-    out["icc"] = _est(icc, (lo, hi), method="ICC(A,1) two-way random, absolute agreement (McGraw & Wong 1996)")
+    out["icc"] = _est(icc, (lo, hi), method="ICC(A,1) two-way random, absolute agreement "
+                                            "(McGraw & Wong 1996)")
     d = p - t
     bias, sd = float(d.mean()), float(d.std(ddof=1))
-    se_bias, se_loa = sd / np.sqrt(n), sd * np.sqrt(3.0 / n)
-    tq = stats.t.ppf(1 - alpha / 2, n - 1)
-    loa = (bias - z * sd, bias + z * sd)
+    z, tq = stats.norm.ppf(1 - alpha / 2), stats.t.ppf(1 - alpha / 2, n - 1)
+    se_loa = sd * np.sqrt(3.0 / n)
+    t_ci = lambda v, se: _est(v, (v - tq * se, v + tq * se))  # noqa: E731
     out["bland_altman"] = {
-        "bias": _est(bias, (bias - tq * se_bias, bias + tq * se_bias)),
-        "sd_difference": sd,
-        "loa_lower": _est(loa[0], (loa[0] - tq * se_loa, loa[0] + tq * se_loa)),
-        "loa_upper": _est(loa[1], (loa[1] - tq * se_loa, loa[1] + tq * se_loa)),
-        "method": "difference = prediction - truth; limits bias -/+ z * SD; CIs Bland & Altman 1999",
-    }
+        "bias": t_ci(bias, sd / np.sqrt(n)), "sd_difference": sd,
+        "loa_lower": t_ci(bias - z * sd, se_loa), "loa_upper": t_ci(bias + z * sd, se_loa),
+        "method": "difference = prediction - truth; limits bias -/+ z * SD; CIs Bland & Altman 1999"}
     return out
 
 
@@ -181,12 +170,11 @@ def class_report(pred_class: np.ndarray, true_class: np.ndarray, n_classes: int,
     matrix (rows = truth, columns = prediction)."""
     p, t = np.asarray(pred_class).astype(int).ravel(), np.asarray(true_class).astype(int).ravel()
     labels = list(range(n_classes))
-    qwk = lambda a, b: _qwk(a, b, n_classes)  # noqa: E731
     k = int((p == t).sum())
     return {"n": int(p.size), "alpha": alpha,
             "accuracy": _est(k / p.size, wilson_ci(k, p.size, alpha), method="Wilson"),
-            "kappa_quadratic": _est(qwk(p, t), _boot_ci(qwk, (p, t), n_boot, alpha, seed), method="bootstrap"),
-            "mae_classes": _est(_mae(p, t), _boot_ci(_mae, (p, t), n_boot, alpha, seed), method="bootstrap"),
+            "kappa_quadratic": _boot(lambda a, b: _qwk(a, b, n_classes), (p, t), n_boot, alpha, seed),
+            "mae_classes": _boot(_mae, (p, t), n_boot, alpha, seed),
             "confusion": confusion_matrix(t, p, labels=labels).tolist(), "classes": labels}
 
 
@@ -210,9 +198,9 @@ class RegressionHead(Head):
 
     loss_kind: str = "mse"
     scale: float = 1.0
+    kind, score_name = "regression", "neg_mae"
 
     def __post_init__(self) -> None:
-        self.kind, self.score_name = "regression", "neg_mae"
         if self.loss_kind not in ("mse", "l1", "smooth_l1"):
             raise ValueError(f"regression loss {self.loss_kind!r}: mse, l1 or smooth_l1")
 
@@ -221,10 +209,10 @@ class RegressionHead(Head):
         return fn(_flat(output).float(), target.float() / self.scale)
 
     def decode(self, output: torch.Tensor) -> dict[str, np.ndarray]:
-        return {"value": _np(_flat(output)).astype(np.float64) * self.scale}
+        return {"value": _np(_flat(output)) * self.scale}
 
     def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
-        return -float(np.mean(np.abs(pred["value"] - np.asarray(target, float))))
+        return -_mae(pred["value"], np.asarray(target, float))
 
     def report(self, pred: dict[str, np.ndarray], target: np.ndarray, alpha: float = 0.05, n_boot: int = 1000,
                seed: int = 0, **kw: Any) -> dict[str, Any]:
@@ -233,9 +221,12 @@ class RegressionHead(Head):
 
 @dataclass
 class _ClassHead(Head):
-    """K classes 0..K-1, reported by :func:`class_report`."""
+    """K classes 0..K-1, reported by :func:`class_report`; scored by accuracy."""
 
     n_classes: int = 2
+
+    def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
+        return float(np.mean(pred["class"] == np.asarray(target).astype(int)))
 
     def report(self, pred: dict[str, np.ndarray], target: np.ndarray, alpha: float = 0.05, n_boot: int = 1000,
                seed: int = 0, **kw: Any) -> dict[str, Any]:
@@ -246,28 +237,27 @@ class _ClassHead(Head):
 class OrdinalHead(_ClassHead):
     """K ordered classes 0..K-1 from K-1 cumulative logits (see the module docstring)."""
 
+    kind, score_name = "ordinal", "kappa_quadratic"
+
     def __post_init__(self) -> None:
-        self.kind, self.score_name = "ordinal", "kappa_quadratic"
         if self.n_classes < 2:
             raise ValueError("ordinal head needs n_classes >= 2")
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        k = torch.arange(self.n_classes - 1, device=output.device)
-        levels = (target.long().unsqueeze(1) > k).float()  # (N, K-1): y > k
-        return F.binary_cross_entropy_with_logits(output.float(), levels)
+        levels = (target.long().unsqueeze(1) > torch.arange(self.n_classes - 1, device=output.device)).float()
+        return F.binary_cross_entropy_with_logits(output.float(), levels)  # levels (N, K-1): y > k
 
     def decode(self, output: torch.Tensor) -> dict[str, np.ndarray]:
-        gt = 1.0 / (1.0 + np.exp(-_np(output).astype(np.float64)))     # P(y > k), (N, K-1)
-        cum = np.concatenate([np.ones((gt.shape[0], 1)), gt, np.zeros((gt.shape[0], 1))], axis=1)
-        probs = np.clip(cum[:, :-1] - cum[:, 1:], 0.0, None)
+        gt = expit(_np(output))  # P(y > k), (N, K-1)
+        le = np.pad(1.0 - gt, ((0, 0), (1, 1)), constant_values=((0, 0), (0, 1)))  # P(y <= k), from 0 to 1
+        probs = np.diff(le, axis=1).clip(0.0)
         probs /= probs.sum(1, keepdims=True).clip(1e-12)
         return {"class": (gt >= 0.5).sum(1).astype(int), "probabilities": probs, "expected": gt.sum(1)}
 
     def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
         """Quadratic-weighted kappa (accuracy when predictions and truth hold one class together)."""
-        t = np.asarray(target).astype(int)
-        k = _qwk(pred["class"], t, self.n_classes)
-        return k if np.isfinite(k) else float(np.mean(pred["class"] == t))
+        k = _qwk(pred["class"], np.asarray(target).astype(int), self.n_classes)
+        return k if np.isfinite(k) else super().score(pred, target)
 
 
 @dataclass
@@ -275,20 +265,15 @@ class MulticlassHead(_ClassHead):
     """K unordered classes, cross-entropy on (N, K) logits (optional per-class ``class_weights``)."""
 
     class_weights: list[float] | None = None
-
-    def __post_init__(self) -> None:
-        self.kind, self.score_name = "multiclass", "accuracy"
+    kind, score_name = "multiclass", "accuracy"
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         w = None if self.class_weights is None else torch.tensor(self.class_weights, device=output.device)
         return F.cross_entropy(output.float(), target.long(), weight=w)
 
     def decode(self, output: torch.Tensor) -> dict[str, np.ndarray]:
-        probs = _np(torch.softmax(output.float(), dim=1)).astype(np.float64)
+        probs = _np(torch.softmax(output.float(), dim=1))
         return {"class": probs.argmax(1).astype(int), "probabilities": probs}
-
-    def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
-        return float(np.mean(pred["class"] == np.asarray(target).astype(int)))
 
 
 @dataclass
@@ -299,9 +284,7 @@ class KeypointsHead(Head):
     sigma: float = 1.5
     stride: int = 1
     coord_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        self.kind, self.score_name = "keypoints", "neg_mean_error_px"
+    kind, score_name = "keypoints", "neg_mean_error_px"
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         from ..landmarks import keypoint_loss
@@ -311,31 +294,26 @@ class KeypointsHead(Head):
     def decode(self, output: torch.Tensor) -> dict[str, np.ndarray]:
         from ..landmarks import soft_argmax
 
-        return {"points": _np(soft_argmax(output.float(), self.stride)).astype(np.float64)}
+        return {"points": _np(soft_argmax(output.float(), self.stride))}
 
     def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
-        d = np.linalg.norm(pred["points"] - np.asarray(target, float), axis=-1)
-        return -float(np.nanmean(d))
+        return -float(np.nanmean(np.linalg.norm(pred["points"] - np.asarray(target, float), axis=-1)))
 
     def report(self, pred: dict[str, np.ndarray], target: np.ndarray, alpha: float = 0.05, n_boot: int = 1000,
-               seed: int = 0, spacing_mm: Sequence[float] | np.ndarray = (1.0, 1.0), **kw: Any) -> dict[str, Any]:
+               seed: int = 0, spacing_mm: Sequence[float] | np.ndarray = (1.0, 1.0),
+               **kw: Any) -> dict[str, Any]:
         """``spacing_mm``: (row, col) mm per input pixel, one pair or one per case (N, 2)."""
         from ..landmarks import radial_errors_mm
 
         pts, tgt = np.asarray(pred["points"], float), np.asarray(target, float)
-        sp = np.asarray(spacing_mm, float)
-        if sp.ndim == 2:
-            err = np.stack([radial_errors_mm(pts[i], tgt[i], sp[i]) for i in range(pts.shape[0])])
-        else:
-            err = radial_errors_mm(pts, tgt, sp)
+        sp = np.broadcast_to(np.asarray(spacing_mm, float), (pts.shape[0], 2))
+        err = np.stack([radial_errors_mm(p, t, s) for p, t, s in zip(pts, tgt, sp)])
         e = err[np.isfinite(err)]
         if not e.size:
             raise ValueError("keypoint report: no visible points")
         out: dict[str, Any] = {"n_points": int(e.size), "n_cases": int(pts.shape[0]), "alpha": alpha,
-                               "mean_mm": _est(e.mean(), _boot_ci(np.mean, (e,), n_boot, alpha, seed),
-                                               method="bootstrap"),
-                               "median_mm": _est(np.median(e), _boot_ci(np.median, (e,), n_boot, alpha, seed),
-                                                 method="bootstrap"),
+                               "mean_mm": _boot(np.mean, (e,), n_boot, alpha, seed),
+                               "median_mm": _boot(np.median, (e,), n_boot, alpha, seed),
                                "per_point_mean_mm": np.nanmean(err, axis=0).tolist()}
         for t in (2.0, 4.0):
             k = int((e <= t).sum())
@@ -357,5 +335,4 @@ def make_head(kind: str, **kw: Any) -> Head:
 
 def head_from_card(entry: dict[str, Any]) -> Head:
     """Rebuild a head from its model-card entry (:meth:`Head.describe`)."""
-    kw = {k: v for k, v in entry.items() if k not in ("kind", "score_name")}
-    return make_head(entry["kind"], **kw)
+    return make_head(entry["kind"], **{k: v for k, v in entry.items() if k not in ("kind", "score_name")})
