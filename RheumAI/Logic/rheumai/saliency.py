@@ -2,23 +2,17 @@
 
 Every method explains one logit (``class_idx``: evidence *for* that class, whatever is predicted).
 ``gradxinput_smooth`` (default): |gradient x input| per slice, Gaussian-smoothed in-plane (``sigma_px``;
-pixel resolution, |.| keeps dark findings such as erosions); ``gradxinput``: ReLU(x * dY/dx), unsmoothed;
-``gradcam`` / ``gradcampp``: Grad-CAM / Grad-CAM++, COARSE at the default ``layer4`` (1/16-1/32 of the
-input), kept because the paper reports it; with layer4 -> global average pooling -> linear Grad-CAM
-equals CAM up to a constant and comes from the forward pass alone (:func:`forward_with_cam`, equal to
-``monai.visualize.GradCAM`` in the tests); ``occlusion``: ReLU(p - p_occluded), one forward per window.
-
-Slices as channels: Grad-CAM(++) and occlusion give one in-plane map repeated on every slice; the
-gradient x input methods, and Grad-CAM at ``encoder.layer4`` of ``slice_attention``, are per slice.
-Maps are >= 0 and divided by their maximum over the whole study (an all-zero map stays zero): float32
+|.| keeps dark findings such as erosions); ``gradxinput``: ReLU(x * dY/dx); ``gradcam`` / ``gradcampp``:
+Grad-CAM(++), COARSE at the default ``layer4`` (1/16-1/32 of the input), kept because the paper reports
+it (from the forward pass alone when layer4 -> global average pooling -> linear, :func:`forward_with_cam`);
+``occlusion``: ReLU(p - p_occluded). Maps are >= 0 and divided by their maximum over the study: float32
 (N, C, H, W) on the selection grid (C: right -> left, H: superior -> inferior, W: anterior -> posterior).
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -53,11 +47,8 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def forward_with_cam(model: torch.nn.Module, x: torch.Tensor, class_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, K) and the raw Grad-CAM map at ``layer4`` (N, 1, H, W) from one forward pass.
-
-    ReLU(sum_k w_k A_k) / (h w): what MONAI's GradCAM computes before post-processing. Requires
-    :func:`has_cam_head`.
-    """
+    """Logits (N, K) and the raw Grad-CAM map at ``layer4`` (N, 1, H, W) from one forward pass:
+    ReLU(sum_k w_k A_k) / (h w), as MONAI's GradCAM before post-processing (needs :func:`has_cam_head`)."""
     if not has_cam_head(model, "layer4"):
         raise ValueError("forward_with_cam needs layer4 -> global average pooling -> linear (a MONAI ResNet)")
     store: dict[str, torch.Tensor] = {}
@@ -65,7 +56,7 @@ def forward_with_cam(model: torch.nn.Module, x: torch.Tensor, class_idx: int = 0
     try:
         with torch.inference_mode():
             logits = model(x)
-            acts = store["a"]  # (N, K, h, w)
+            acts = store["a"]
             cam = torch.einsum("k,nkhw->nhw", model.fc.weight[class_idx].to(acts.dtype), acts)[:, None]
             cam = upsample(F.relu(cam) / float(acts.shape[-2] * acts.shape[-1]), tuple(x.shape[-2:]))
     finally:
@@ -73,60 +64,52 @@ def forward_with_cam(model: torch.nn.Module, x: torch.Tensor, class_idx: int = 0
     return logits, cam
 
 
-@contextlib.contextmanager
-def _eval_with_grad(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode with gradients on; restores the model's mode and clears its gradients on exit."""
+def _grad_at(model: torch.nn.Module, x: torch.Tensor, class_idx: int, layer: str | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward + backward of logit ``class_idx`` in eval mode (the model's mode is restored): logits,
+    and the activation and its gradient at module ``layer`` (default: the input), all detached."""
+    store: dict[str, torch.Tensor] = {}
+    handle = None
+    if layer is not None:
+        try:
+            target = model.get_submodule(layer)
+        except AttributeError:
+            top = [n for n, _ in model.named_modules() if n and "." not in n]
+            raise ValueError(f"target layer '{layer}' not found in the network; pass one of its modules "
+                             f"as the target layer, e.g. {top[-3:]}") from None
+        handle = target.register_forward_hook(lambda _m, _i, out: store.__setitem__("a", out))
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
-            yield
+            xin = x.detach().clone().requires_grad_(True)
+            logits = model(xin)
+            acts = store.get("a", xin)
+            (grad,) = torch.autograd.grad(logits[:, class_idx].sum(), acts, allow_unused=True)
     finally:
-        model.zero_grad(set_to_none=True)
         model.train(was_training)
+        if handle is not None:
+            handle.remove()
+    if grad is None or (layer is not None and "a" not in store):
+        raise RuntimeError(f"no gradient reached target layer '{layer}'")
+    return logits.detach(), acts.detach(), grad
 
 
 def gradcam_backward(model: torch.nn.Module, x: torch.Tensor, layer: str, plusplus: bool = False,
                      class_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grad-CAM / Grad-CAM++ at any layer (one forward, one backward): logits (N, K) (detached) and the
-    raw map (N, 1, H, W) upsampled to the input, or (N, C, H, W) when a shared encoder ran per slice.
+    """Grad-CAM / Grad-CAM++ at any layer (one forward, one backward): logits (N, K) and the raw map
+    (N, 1, H, W) upsampled to the input, or (N, C, H, W) when a shared encoder ran per slice.
 
     MONAI's formulas; hand-written because MONAI's hooks stay on the model and its Grad-CAM++ fails at
     batch > 1. Hooks here are removed on return.
     """
-    try:
-        target = model.get_submodule(layer)
-    except AttributeError:
-        top = [n for n, _ in model.named_modules() if n and "." not in n]
-        raise ValueError(f"target layer '{layer}' not found in the network; pass one of its modules as the target "
-                         f"layer, e.g. {top[-3:]}") from None
-    store: dict[str, torch.Tensor] = {}
-
-    def hook(_m: torch.nn.Module, _i: Any, out: torch.Tensor) -> None:
-        store["a"] = out
-        if out.requires_grad:
-            out.register_hook(lambda g: store.__setitem__("g", g))
-
-    handle = target.register_forward_hook(hook)
-    try:
-        with _eval_with_grad(model):
-            xin = x.detach()
-            if not any(p.requires_grad for p in model.parameters()):
-                xin = xin.clone().requires_grad_(True)  # something must carry a graph to the target
-            logits = model(xin)
-            score = logits[:, class_idx]
-            score.sum().backward()
-    finally:
-        handle.remove()
-    if "g" not in store:
-        raise RuntimeError(f"no gradient reached target layer '{layer}'")
-    acts, grad = store["a"].detach(), store["g"].detach()
+    logits, acts, grad = _grad_at(model, x, class_idx, layer)
     b, c = grad.shape[:2]
     if plusplus:
         alpha_nr = grad.pow(2)
         alpha_dr = alpha_nr.mul(2) + acts.mul(grad.pow(3)).reshape(b, c, -1).sum(-1).reshape(b, c, 1, 1)
         alpha = alpha_nr.div(torch.where(alpha_dr != 0.0, alpha_dr, torch.ones_like(alpha_dr)) + 1e-7)
-        per_map = score.detach().exp().repeat_interleave(b // score.shape[0])  # one score per slice map
+        per_map = logits[:, class_idx].exp().repeat_interleave(b // logits.shape[0])  # a score per slice map
         weights = (alpha * F.relu(per_map.reshape(b, 1, 1, 1) * grad)).reshape(b, c, -1).sum(-1).reshape(b, c, 1, 1)
     else:
         weights = grad.reshape(b, c, -1).mean(2).reshape(b, c, 1, 1)
@@ -134,7 +117,7 @@ def gradcam_backward(model: torch.nn.Module, x: torch.Tensor, layer: str, pluspl
     n, c = x.shape[:2]
     if cam.shape[0] == n * c and c > 1:  # a shared encoder ran on every slice: one map per slice
         cam = cam.reshape(n, c, *cam.shape[-2:])
-    return logits.detach(), upsample(cam, tuple(x.shape[-2:]))
+    return logits, upsample(cam, tuple(x.shape[-2:]))
 
 
 def occlusion(model: torch.nn.Module, x: torch.Tensor, class_idx: int = 0, mask_size: int | None = None,
@@ -177,18 +160,6 @@ def gaussian_blur(maps: torch.Tensor, sigma_px: float) -> torch.Tensor:
     return F.conv2d(m, k.reshape(1, 1, 1, -1), padding=(0, r)).reshape(n, c, h, w)
 
 
-def grad_x_input(model: torch.nn.Module, x: torch.Tensor, class_idx: int = 0,
-                 sigma_px: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, K) and a per-slice attribution (N, C, H, W): ReLU(x * dY/dx), or with ``sigma_px``
-    (pixels of the network input) Gaussian-smoothed |x * dY/dx|."""
-    with _eval_with_grad(model):
-        xin = x.detach().clone().requires_grad_(True)
-        logits = model(xin)
-        (grad,) = torch.autograd.grad(logits[:, class_idx].sum(), xin)
-    gx = grad * x.detach()
-    return logits.detach(), F.relu(gx) if sigma_px is None else gaussian_blur(gx.abs(), float(sigma_px))
-
-
 def compute_saliency(model: torch.nn.Module, x: torch.Tensor, method: str = METHODS[0],
                      target_layer: str | None = None, class_idx: int = 0,
                      **options: Any) -> tuple[torch.Tensor, np.ndarray]:
@@ -208,9 +179,11 @@ def compute_saliency(model: torch.nn.Module, x: torch.Tensor, method: str = METH
             logits, raw = gradcam_backward(model, x, layer, plusplus=method == "gradcampp", class_idx=class_idx)
     elif method == "occlusion":
         logits, raw = occlusion(model, x, class_idx, **options)
-    else:
-        sigma = float(options.get("sigma_px", 1.0)) if method == "gradxinput_smooth" else None
-        logits, raw = grad_x_input(model, x, class_idx, sigma)
+    else:  # gradient x input, per slice
+        logits, _, grad = _grad_at(model, x, class_idx)
+        gx = grad * x.detach()
+        smooth = method == "gradxinput_smooth"
+        raw = gaussian_blur(gx.abs(), float(options.get("sigma_px", 1.0))) if smooth else F.relu(gx)
     if raw.shape[1] == 1:
         raw = raw.expand(-1, x.shape[1], -1, -1)
     return logits, normalize_max(raw)
