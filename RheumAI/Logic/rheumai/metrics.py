@@ -1,10 +1,7 @@
 """Binary classification metrics with confidence intervals; pure functions on numpy arrays.
 
-``y`` holds true labels (0/1), ``p`` predicted probabilities of class 1; a case is positive when
-``p >= threshold`` (scikit-learn's ``roc_curve`` convention). Intervals: Wilson for proportions,
-DeLong or stratified bootstrap for the AUC, bootstrap for F1. Every threshold metric is derived
-from the confusion counts (:func:`metrics_from_counts`), so a published confusion matrix can be
-checked the same way.
+``y``: labels 0/1, ``p``: probabilities of class 1; positive when ``p >= threshold`` (scikit-learn's
+``roc_curve``). Threshold metrics come from the confusion counts, so a published table checks alike.
 """
 
 from __future__ import annotations
@@ -14,7 +11,7 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
-from scipy.special import expit
+from scipy.special import expit, logit
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score, roc_curve
 
@@ -22,8 +19,7 @@ COUNT_METRICS = ("sensitivity", "specificity", "ppv", "npv", "accuracy", "f1")
 
 
 def _check(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(y).astype(int).ravel()
-    p = np.asarray(p, dtype=float).ravel()
+    y, p = np.asarray(y).astype(int).ravel(), np.asarray(p, dtype=float).ravel()
     if y.shape != p.shape:
         raise ValueError(f"labels ({y.size}) and probabilities ({p.size}) differ in length")
     if not set(np.unique(y)) <= {0, 1}:
@@ -148,33 +144,24 @@ def confusion_counts(y: Any, p: Any, threshold: float) -> dict[str, int]:
 
 def metrics_from_counts(tp: int, fn: int, fp: int, tn: int, alpha: float = 0.05, n_boot: int = 2000,
                         seed: int = 0) -> dict[str, dict[str, float]]:
-    """Sensitivity, specificity, PPV, NPV, accuracy (Wilson CIs) and F1 (bootstrap CI) from counts.
-
-    Each entry is {"value", "lo", "hi", "k", "n"}: value = k / n (for F1 k = 2TP, n = 2TP + FP + FN),
-    NaN with an empty denominator. The F1 interval is the percentile bootstrap over cases, drawn as
-    multinomial resamples of the four counts.
-    """
+    """Sensitivity, specificity, PPV, NPV, accuracy (Wilson CIs) and F1 (k = 2TP, n = 2TP + FP + FN;
+    bootstrap CI) from counts, each {"value": k / n (NaN when n = 0), "lo", "hi", "k", "n"}."""
     tp, fn, fp, tn = (int(v) for v in (tp, fn, fp, tn))
     if min(tp, fn, fp, tn) < 0:
         raise ValueError("confusion counts must be >= 0")
     fractions = {"sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp), "ppv": (tp, tp + fp),
                  "npv": (tn, tn + fn), "accuracy": (tp + tn, tp + fn + fp + tn), "f1": (2 * tp, 2 * tp + fp + fn)}
+    counts = np.array([tp, fn, fp, tn])
     out: dict[str, dict[str, float]] = {}
     for name, (k, n) in fractions.items():
-        lo, hi = _f1_bootstrap_ci((tp, fn, fp, tn), alpha, n_boot, seed) if name == "f1" else wilson_ci(k, n, alpha)
+        lo, hi = wilson_ci(k, n, alpha)
+        if name == "f1" and n:  # percentile bootstrap over cases: multinomial resamples of the four counts
+            draws = np.random.default_rng(seed).multinomial(sum(counts), counts / sum(counts), n_boot)
+            b_tp, b_fn, b_fp, _ = draws.T
+            denom = 2 * b_tp + b_fp + b_fn
+            lo, hi = np.quantile(2 * b_tp[denom > 0] / denom[denom > 0], [alpha / 2, 1 - alpha / 2]).tolist()
         out[name] = {"value": k / n if n else float("nan"), "lo": lo, "hi": hi, "k": k, "n": n}
     return out
-
-
-def _f1_bootstrap_ci(counts: tuple[int, int, int, int], alpha: float, n_boot: int, seed: int) -> tuple[float, float]:
-    total = sum(counts)
-    if total == 0 or counts[0] + counts[1] + counts[2] == 0:
-        return float("nan"), float("nan")
-    tp, fn, fp, _ = np.random.default_rng(seed).multinomial(total, np.array(counts) / total, size=n_boot).T
-    denom = 2 * tp + fp + fn
-    f1 = 2 * tp[denom > 0] / denom[denom > 0]
-    lo, hi = np.quantile(f1, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
 
 
 # ---------------------------------------------------------------- calibration
@@ -190,8 +177,7 @@ def calibration(y: Any, p: Any, n_bins: int = 10) -> dict[str, Any]:
 
 
 def _logit(p: Any) -> np.ndarray:
-    q = np.clip(np.asarray(p, float), 1e-12, 1 - 1e-12)
-    return np.log(q / (1 - q))
+    return logit(np.clip(np.asarray(p, float), 1e-12, 1 - 1e-12))
 
 
 def _logistic_fit(X: np.ndarray, y: np.ndarray, offset: np.ndarray, error: str) -> tuple[np.ndarray, np.ndarray]:
@@ -222,12 +208,9 @@ def logistic_calibration(y: Any, p: Any, alpha: float = 0.05) -> dict[str, Any]:
     (a0, b), cov = _logistic_fit(np.stack([np.ones_like(z), z], axis=1), y, np.zeros_like(z),
                                  "calibration slope does not converge (the classes are separated by the predictions)")
     (a,), cov_a = _logistic_fit(np.ones((z.size, 1)), y, z, "calibration intercept does not converge")
-    q = stats.norm.ppf(1 - alpha / 2)
-
-    def est(v: float, var: float) -> dict[str, float]:
-        return {"value": float(v), "lo": float(v - q * np.sqrt(var)), "hi": float(v + q * np.sqrt(var))}
-
-    return {"intercept": est(a, cov_a[0, 0]), "slope": est(b, cov[1, 1]), "slope_model_intercept": est(a0, cov[0, 0]),
+    half = stats.norm.ppf(1 - alpha / 2) * np.sqrt([cov_a[0, 0], cov[1, 1], cov[0, 0]])
+    return {**{k: {"value": float(v), "lo": float(v - h), "hi": float(v + h)}
+               for k, v, h in zip(("intercept", "slope", "slope_model_intercept"), (a, b, a0), half)},
             "n": int(y.size), "method": "logistic recalibration, Wald CIs"}
 
 
@@ -250,17 +233,16 @@ def binary_report(y: Any, p: Any, threshold: float, alpha: float = 0.05, auc_met
                   n_boot: int = 2000, seed: int = 0, n_bins: int = 10) -> dict[str, Any]:
     """AUC (+CI), counts and count metrics (+CIs) at ``threshold``, ROC curve and calibration."""
     y, p = _check(y, p)
-    out: dict[str, Any] = {"n": int(y.size), "n_positive": int(y.sum()), "n_negative": int((1 - y).sum()),
-                           "threshold": float(threshold), "alpha": alpha}
+    counts, nan = confusion_counts(y, p, threshold), float("nan")
+    out: dict[str, Any] = {
+        "n": int(y.size), "n_positive": int(y.sum()), "n_negative": int((1 - y).sum()), "alpha": alpha,
+        "threshold": float(threshold), "roc": None,
+        "auc": {"value": nan, "lo": nan, "hi": nan, "method": "undefined (one class)"},
+        "counts": counts, "metrics": metrics_from_counts(**counts, alpha=alpha, n_boot=n_boot, seed=seed),
+        "calibration": calibration(y, p, n_bins)}
     if y.min() != y.max():
         method = auc_method if (auc_method != "delong" or min(y.sum(), (1 - y).sum()) >= 2) else "bootstrap"
         out["auc"] = auc_ci(y, p, method=method, alpha=alpha, n_boot=n_boot, seed=seed)
         fpr, tpr, thr = roc_curve(y, p)
         out["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": np.minimum(thr, 1.0).tolist()}
-    else:
-        out["auc"] = {"value": float("nan"), "lo": float("nan"), "hi": float("nan"), "method": "undefined (one class)"}
-        out["roc"] = None
-    out["counts"] = confusion_counts(y, p, threshold)
-    out["metrics"] = metrics_from_counts(**out["counts"], alpha=alpha, n_boot=n_boot, seed=seed)
-    out["calibration"] = calibration(y, p, n_bins)
     return out
