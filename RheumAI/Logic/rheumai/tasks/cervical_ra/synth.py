@@ -18,8 +18,10 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import itertools
 import json
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -45,6 +47,9 @@ AXIAL_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 STORE_SCALE = 2.0  # stored value = 2 x template-scaled signal (uses ~12 bits)
 LESION_MIXES = (("pannus",), ("pannus", "erosion"), ("erosion",))
 ROLES = ("included", "intermediate", "baseline_deformity", "short_followup")
+# Allowed range of each scalar CohortParams field.
+RANGES = {**dict.fromkeys(("prevalence", "p_intermediate", "p_baseline_deformity", "p_short_followup",
+                           "p_followup_series", "p_axial_distractor"), (0.0, 1.0)), "lesion_scale": (0.3, 3.0)}
 
 
 @dataclass(frozen=True)
@@ -76,25 +81,17 @@ class CohortParams:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.n_subjects < 1:
             raise ValueError(f"n_subjects must be >= 1, got {self.n_subjects}")
-        for name in ("prevalence", "p_intermediate", "p_baseline_deformity", "p_short_followup",
-                     "p_followup_series", "p_axial_distractor"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be within [0, 1], got {v}")
+        for name, (lo, hi) in RANGES.items():
+            if not lo <= getattr(self, name) <= hi:
+                raise ValueError(f"{name} must be within [{lo:g}, {hi:g}], got {getattr(self, name)}")
         if self.p_intermediate + self.p_baseline_deformity + self.p_short_followup >= 1.0:
             raise ValueError("the exclusion rates (intermediate, baseline deformity, short follow-up) sum to >= 1")
         if len(self.lesion_mix) != 3 or min(self.lesion_mix) < 0 or sum(self.lesion_mix) <= 0:
             raise ValueError(f"lesion_mix must be 3 non-negative weights, got {self.lesion_mix}")
         if not self.sites:
             raise ValueError("sites must not be empty")
-        if not 0.3 <= self.lesion_scale <= 3.0:
-            raise ValueError(f"lesion_scale must be within [0.3, 3], got {self.lesion_scale}")
         if len(self.pannus_level) != 2 or not 0 < self.pannus_level[0] <= self.pannus_level[1] <= 1.5:
             raise ValueError(f"pannus_level must be (low, high) with 0 < low <= high <= 1.5, got {self.pannus_level}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 @dataclass(frozen=True)
@@ -152,20 +149,9 @@ class CohortInfo:
     plans: list[SubjectPlan]
     truth: list[dict] = field(default_factory=list)
 
-    @property
-    def n_subjects(self) -> int:
-        return len(self.plans)
-
-    @property
-    def n_included(self) -> int:
-        return sum(p.role == "included" for p in self.plans)
-
-    @property
-    def n_positive_included(self) -> int:
-        return sum(p.role == "included" and p.outcome == "yes" for p in self.plans)
-
     def __str__(self) -> str:
-        return (f"{self.n_subjects} subjects, {self.n_included} included ({self.n_positive_included} positive), "
+        inc = [p.outcome for p in self.plans if p.role == "included"]
+        return (f"{len(self.plans)} subjects, {len(inc)} included ({inc.count('yes')} positive), "
                 f"labels {self.labels_csv}, truth {self.truth_csv}")
 
 
@@ -199,21 +185,14 @@ def plan_cohort(params: CohortParams) -> list[SubjectPlan]:
     start = dt.date(2006, 1, 1)
     for i in range(n):
         role = str(roles[i])
-        if role == "included":
-            outcome = "yes" if i in positives else "no"
-        elif role == "intermediate":
-            outcome = "intermediate"
-        elif role == "baseline_deformity":
-            outcome = "yes"
-        else:
-            outcome = "yes" if rng.random() < params.prevalence else "no"
-        kinds: tuple[str, ...] = ()
-        if outcome in ("yes", "intermediate"):
-            kinds = LESION_MIXES[int(rng.choice(3, p=mix))]
+        # a short follow-up draws its outcome at the prevalence; the other roles fix it
+        outcome = ({"included": "yes" if i in positives else "no", "intermediate": "intermediate",
+                    "baseline_deformity": "yes"}.get(role) or ("yes" if rng.random() < params.prevalence else "no"))
+        pos_like = outcome != "no"
+        kinds = LESION_MIXES[int(rng.choice(3, p=mix))] if pos_like else ()
         baseline = start + dt.timedelta(days=int(rng.integers(0, 2500)))
         fu_days = int(rng.integers(250, 950)) if role == "short_followup" else int(rng.integers(1100, 2600))
         followup = baseline + dt.timedelta(days=fu_days)
-        pos_like = outcome != "no"
         plans.append(SubjectPlan(
             index=i,
             patient_id=f"SYN{i + 1:04d}",
@@ -256,10 +235,8 @@ def load_template(path: str | Path | None = None) -> Template:
         raise InputError(path, f"cannot read the template image: {exc}") from exc
     if img.GetDimension() != 3:
         raise InputError(path, f"template must be a 3D image, got {img.GetDimension()}D")
-    lo = np.array(img.TransformIndexToPhysicalPoint((0, 0, 0)))
-    hi = np.array(img.TransformIndexToPhysicalPoint([s - 1 for s in img.GetSize()]))
-    box_lo, box_hi = np.minimum(lo, hi), np.maximum(lo, hi)
-    if not (np.all(np.array(AXIS_BODY_CENTRE) > box_lo) and np.all(np.array(AXIS_BODY_CENTRE) < box_hi)):
+    ijk = np.array(img.TransformPhysicalPointToContinuousIndex(AXIS_BODY_CENTRE))
+    if not np.all((ijk > 0) & (ijk < np.array(img.GetSize()) - 1)):
         raise InputError(path, "template does not hold the craniocervical landmark "
                                f"{AXIS_BODY_CENTRE} (LPS mm): not the expected cervical T2")
     arr = sitk.GetArrayViewFromImage(img)
@@ -300,18 +277,12 @@ def _random_transform(rng: np.random.Generator, template: sitk.Image, grid: sitk
     n = bs.GetNumberOfParameters() // 3
     scale = np.array([0.4, 1.0, 1.0])[:, None] * deform_mm  # LPS x (LR) kept small: slab stays put
     bs.SetParameters((rng.standard_normal((3, n)) * scale).ravel().tolist())
-    comp = sitk.CompositeTransform([eu, bs])
     step = 4.0
     size = [int(np.ceil(sz * sp / step)) + 3 for sz, sp in zip(grid.GetSize(), grid.GetSpacing())]
-    d = np.array(grid.GetDirection()).reshape(3, 3)
-    origin = np.array(grid.GetOrigin()) - d @ np.full(3, step)
-    f = sitk.TransformToDisplacementFieldFilter()
-    f.SetOutputPixelType(sitk.sitkVectorFloat64)
-    f.SetSize(size)
-    f.SetOutputSpacing([step] * 3)
-    f.SetOutputOrigin(origin.tolist())
-    f.SetOutputDirection(grid.GetDirection())
-    return sitk.DisplacementFieldTransform(f.Execute(comp))
+    origin = np.array(grid.GetOrigin()) - np.array(grid.GetDirection()).reshape(3, 3) @ np.full(3, step)
+    field = sitk.TransformToDisplacementField(sitk.CompositeTransform([eu, bs]), sitk.sitkVectorFloat64, size,
+                                              origin.tolist(), [step] * 3, grid.GetDirection())
+    return sitk.DisplacementFieldTransform(field)
 
 
 def _bias_field(rng: np.random.Generator, shape: tuple[int, int, int], amp: float = 0.15) -> np.ndarray:
@@ -375,12 +346,8 @@ def synthesize_subject(template: Template, plan: SubjectPlan, params: CohortPara
     grid = _subject_grid(rng)
     tfm = _random_transform(rng, template.image, grid, params.deform_mm)
     clean = sitk.Resample(src, grid, tfm, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    if lesions:
-        mask = sitk.Resample(soft, grid, tfm, sitk.sitkLinear, 0.0, sitk.sitkFloat32) >= 0.5
-    else:
-        mask = sitk.Image(grid.GetSize(), sitk.sitkUInt8)
-        mask.CopyInformation(grid)
-    mask = sitk.Cast(mask, sitk.sitkUInt8)
+    # uint8; without a lesion the (all-zero uint8) grid image itself
+    mask = sitk.Resample(soft, grid, tfm, sitk.sitkLinear, 0.0, sitk.sitkFloat32) >= 0.5 if lesions else grid
     arr = sitk.GetArrayFromImage(clean)
     gain, gamma = float(rng.uniform(0.7, 1.4)), float(rng.uniform(0.85, 1.2))
     bias = _bias_field(rng, arr.shape)
@@ -415,39 +382,13 @@ def synthesize_subject(template: Template, plan: SubjectPlan, params: CohortPara
 
 def mask_truth(mask: sitk.Image) -> dict:
     """Centre (LPS mm, mean of the mask's voxel centres) and volume (mm^3) of a binary mask."""
-    arr = sitk.GetArrayViewFromImage(mask)
-    kji = np.argwhere(arr > 0)
+    kji = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)
+    keys = [f"lesion_centre_lps_{a}" for a in "xyz"]
     if len(kji) == 0:
-        return {"lesion_centre_lps_x": "", "lesion_centre_lps_y": "", "lesion_centre_lps_z": "",
-                "lesion_volume_mm3": 0.0}
-    ijk = kji[:, ::-1].astype(float)
-    m = np.array(mask.GetDirection()).reshape(3, 3) * np.array(mask.GetSpacing())
-    c = m @ ijk.mean(0) + np.array(mask.GetOrigin())
+        return {**dict.fromkeys(keys, ""), "lesion_volume_mm3": 0.0}
+    c = mask.TransformContinuousIndexToPhysicalPoint(kji[:, ::-1].mean(0).tolist())
     vol = len(kji) * float(np.prod(np.asarray(mask.GetSpacing(), np.float32)))  # as stored in NIfTI (float32)
-    return {"lesion_centre_lps_x": round(float(c[0]), 2), "lesion_centre_lps_y": round(float(c[1]), 2),
-            "lesion_centre_lps_z": round(float(c[2]), 2), "lesion_volume_mm3": round(vol, 1)}
-
-
-def _header(plan: SubjectPlan, seed: int, study: str, date: str, series_number: int, description: str,
-            sequence: str) -> SeriesHeader:
-    d = dt.date.fromisoformat(date)
-    birth = dt.date.fromisoformat(plan.baseline_date) - dt.timedelta(days=int(plan.age * 365.25 + 100))
-    age = (d - birth).days // 365
-    return SeriesHeader(
-        patient_id=plan.patient_id,
-        study_uid=plan.uid(seed, study),
-        series_uid=plan.uid(seed, study, series_number),
-        frame_uid=plan.uid(seed, study, "frame"),
-        study_date=d,
-        series_number=series_number,
-        series_description=description,
-        sequence=sequence,
-        accession_number=f"{plan.index + 1:04d}{1 if study == 'baseline' else 2}{seed % 1000:03d}",
-        patient_sex=plan.sex,
-        patient_age_years=age,
-        birth_date=birth,
-        institution=f"Site {plan.site}",
-    )
+    return {**{k: round(v, 2) for k, v in zip(keys, c)}, "lesion_volume_mm3": round(vol, 1)}
 
 
 def baseline_t2_series_uid(plan: SubjectPlan, seed: int) -> str:
@@ -461,15 +402,19 @@ def write_subject(vols: SubjectVolumes, out_dir: Path, seed: int) -> None:
     pdir = out_dir / "dicom" / plan.patient_id
     if pdir.exists():
         shutil.rmtree(pdir)  # a half-written earlier attempt (its mask is missing)
-    base = pdir / "ST1"
-    write_series(vols.t1, base / "SE1", _header(plan, seed, "baseline", plan.baseline_date, 1, "T1 SAG", "T1"))
-    write_series(vols.t2, base / "SE2", _header(plan, seed, "baseline", plan.baseline_date, 2, "T2 SAG", "T2"))
-    if vols.t2_axial is not None:
-        write_series(vols.t2_axial, base / "SE3",
-                     _header(plan, seed, "baseline", plan.baseline_date, 3, "T2 AX", "T2"))
-    if vols.t2_followup is not None:
-        write_series(vols.t2_followup, pdir / "ST2" / "SE1",
-                     _header(plan, seed, "followup", plan.followup_date, 1, "T2 SAG", "T2"))
+    birth = dt.date.fromisoformat(plan.baseline_date) - dt.timedelta(days=int(plan.age * 365.25 + 100))
+    for image, st, number, description in ((vols.t1, 1, 1, "T1 SAG"), (vols.t2, 1, 2, "T2 SAG"),
+                                           (vols.t2_axial, 1, 3, "T2 AX"), (vols.t2_followup, 2, 1, "T2 SAG")):
+        if image is None:
+            continue
+        study = ("baseline", "followup")[st - 1]
+        date = dt.date.fromisoformat((plan.baseline_date, plan.followup_date)[st - 1])
+        header = SeriesHeader(plan.patient_id, plan.uid(seed, study), plan.uid(seed, study, number),
+                              plan.uid(seed, study, "frame"), date, number, description, description[:2],
+                              accession_number=f"{plan.index + 1:04d}{st}{seed % 1000:03d}", patient_sex=plan.sex,
+                              patient_age_years=(date - birth).days // 365, birth_date=birth,
+                              institution=f"Site {plan.site}")
+        write_series(image, pdir / f"ST{st}" / f"SE{number}", header)
     with atomic_path(out_dir / "masks" / f"{plan.patient_id}.nii.gz") as tmp:
         sitk.WriteImage(vols.mask, str(tmp), useCompression=True)
 
@@ -484,18 +429,14 @@ def _csv(rows: list[dict], columns: list[str]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     w.writeheader()
-    for r in rows:
-        w.writerow({c: r.get(c, "") for c in columns})
+    w.writerows(rows)
     return buf.getvalue()
 
 
 def label_row(plan: SubjectPlan) -> dict:
-    return {
-        "patient_id": plan.patient_id, "baseline_date": plan.baseline_date, "followup_date": plan.followup_date,
-        "outcome": plan.outcome, "baseline_deformity": "yes" if plan.baseline_deformity else "no",
-        "site": plan.site, "age": plan.age, "sex": plan.sex,
-        "disease_duration_years": plan.disease_duration_years, "rf_positive": "yes" if plan.rf_positive else "no",
-    }
+    """The label sheet's row: the plan's fields, booleans as yes / no."""
+    values = {c: getattr(plan, c) for c in LABEL_COLUMNS}
+    return {c: ("yes" if v else "no") if isinstance(v, bool) else v for c, v in values.items()}
 
 
 def _generate_chunk(template_path: str | Path | None, plans: list[SubjectPlan], params: CohortParams,
@@ -510,30 +451,25 @@ def _generate_chunk(template_path: str | Path | None, plans: list[SubjectPlan], 
 def _generate(template_path: str | Path | None, todo: list[SubjectPlan], params: CohortParams, out_dir: Path,
               workers: int, progress: bool, should_stop: Callable[[], bool] | None) -> None:
     """Write the ``todo`` subjects, in chunks of a few subjects, in ``workers`` spawned processes when
-    > 1 (the same files: every subject is a pure function of (seed, index))."""
+    > 1 (the same files: every subject is a pure function of (seed, index)); polls ``should_stop``
+    before the first chunk and after each."""
     import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from tqdm import tqdm
 
     size = 1 if workers <= 1 else max(1, min(8, -(-len(todo) // (workers * 3))))
-    chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
-    with tqdm(total=len(todo), desc="synth cohort", unit="subject", disable=not progress) as bar:
-        if workers <= 1:
-            for c in chunks:
-                if should_stop is not None and should_stop():
-                    raise KeyboardInterrupt
-                bar.update(_generate_chunk(template_path, c, params, out_dir))
-            return
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-            pending = {ex.submit(_generate_chunk, template_path, c, params, out_dir) for c in chunks}
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                bar.update(sum(f.result() for f in finished))
-                if should_stop is not None and should_stop():
-                    for f in pending:
-                        f.cancel()
-                    raise KeyboardInterrupt
+    jobs = [(template_path, todo[i:i + size], params, out_dir) for i in range(0, len(todo), size)]
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else nullcontext()
+    with tqdm(total=len(todo), desc="synth cohort", unit="subject", disable=not progress) as bar, pool as ex:
+        futures = [ex.submit(_generate_chunk, *j) for j in jobs] if ex else []
+        done = (f.result() for f in as_completed(futures)) if ex else (_generate_chunk(*j) for j in jobs)
+        for n in itertools.chain([0], done):
+            bar.update(n)
+            if should_stop is not None and should_stop():
+                if ex:
+                    ex.shutdown(cancel_futures=True)
+                raise KeyboardInterrupt
 
 
 def generate_cohort(out_dir: str | Path, n: int = 60, prevalence: float = 0.15, seed: int = 0,
@@ -553,7 +489,7 @@ def generate_cohort(out_dir: str | Path, n: int = 60, prevalence: float = 0.15, 
     params = CohortParams(n_subjects=n, prevalence=prevalence, seed=seed, **options)
     out = Path(out_dir)
     template = load_template(template_path)
-    record = {"generator": "rheumai.synth.cervical", "version": GENERATOR_VERSION, "params": params.to_dict(),
+    record = {"generator": "rheumai.synth.cervical", "version": GENERATOR_VERSION, "params": json.loads(json.dumps(asdict(params))),
               "template": template.path.name}
     cfile = out / "cohort.json"
     if cfile.exists():
@@ -573,7 +509,7 @@ def generate_cohort(out_dir: str | Path, n: int = 60, prevalence: float = 0.15, 
     for plan in plans:
         mask = sitk.ReadImage(str(out / "masks" / f"{plan.patient_id}.nii.gz"))
         # the lesion specs are the subject's first draws: a pure function of (seed, index)
-        lesions = [les.to_dict() for les in _lesions(np.random.default_rng([seed, plan.index]), plan, params)]
+        lesions = [asdict(les) for les in _lesions(np.random.default_rng([seed, plan.index]), plan, params)]
         row = {"patient_id": plan.patient_id, "label": "" if plan.label is None else plan.label,
                "outcome": plan.outcome, "role": plan.role,
                "lesion_type": "+".join(plan.lesion_kinds) if plan.lesion_kinds else "none",
