@@ -71,11 +71,8 @@ class FileHasher:
         row = self.con.execute("SELECT size, mtime_ns, sha256 FROM h WHERE path = ?", (path,)).fetchone()
         if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
             return row[2]
-        h = hashlib.sha256()
         with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        digest = h.hexdigest()
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
         self.con.execute("INSERT OR REPLACE INTO h VALUES (?, ?, ?, ?)", (path, st.st_size, st.st_mtime_ns, digest))
         return digest
 
@@ -90,8 +87,7 @@ class FileHasher:
 
 
 def entry_exists(stem: str | Path) -> bool:
-    stem = Path(stem)
-    return stem.with_name(stem.name + ".npy").is_file() and stem.with_name(stem.name + ".json").is_file()
+    return all(Path(f"{stem}{suffix}").is_file() for suffix in (".npy", ".json"))
 
 
 def compute_entry(job: CacheJob, task: str, params: Mapping[str, Any]) -> str | None:
@@ -115,10 +111,9 @@ def compute_entry(job: CacheJob, task: str, params: Mapping[str, Any]) -> str | 
                 study.path = folder
                 inputs[job.inputs[0][0]] = study
             get_task(task).preprocess(inputs, params).save(job.stem)
-        except RheumAIError as exc:
-            return str(exc).replace(tmp, folder)
         except Exception as exc:  # noqa: BLE001 - one bad study must not stop the others; reported per patient
-            return f"{type(exc).__name__}: {exc}".replace(tmp, folder)
+            why = str(exc) if isinstance(exc, RheumAIError) else f"{type(exc).__name__}: {exc}"
+            return why.replace(tmp, folder)
     return None
 
 

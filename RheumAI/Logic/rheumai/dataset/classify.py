@@ -13,26 +13,23 @@ import math
 import re
 from typing import Sequence
 
+import numpy as np
+
+from ..multiframe import finite_floats
+
 ORIENTATIONS = ("sagittal", "coronal", "axial", "oblique", "unknown")
 SEQUENCES = ("T1", "T2", "PD", "STIR", "FLAIR", "unknown")
-REGIONS = ("cervical", "thoracic", "lumbar", "brain", "hand", "unknown")
 
 
 def orientation_class(iop: Sequence[float] | None, oblique_deg: float = 30.0) -> str:
     """'sagittal' | 'coronal' | 'axial' | 'oblique' from IOP's slice normal (row x column cosines,
     LPS); 'unknown' if absent / bad. ``oblique_deg``: largest angle (degrees) from an axis still
     called that axis's plane."""
-    if iop is None or len(iop) != 6:
-        return "unknown"
-    try:
-        r, c = [float(v) for v in iop[:3]], [float(v) for v in iop[3:6]]
-    except (TypeError, ValueError):
-        return "unknown"
-    n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
-    norm = math.sqrt(sum(v * v for v in n))
+    v = finite_floats(iop, 6)
+    n = np.cross(v[:3], v[3:]) if v is not None else np.zeros(3)
+    axis, norm = int(np.argmax(np.abs(n))), float(np.linalg.norm(n))
     if norm < 1e-6:
         return "unknown"
-    axis = max(range(3), key=lambda i: abs(n[i]))
     return "oblique" if abs(n[axis]) / norm < math.cos(math.radians(oblique_deg)) else ORIENTATIONS[axis]
 
 
@@ -106,9 +103,5 @@ _REGION_WORDS: list[tuple[str, re.Pattern[str]]] = [
 
 def guess_region(body_part: str, *descriptions: str) -> str:
     """Anatomical region from BodyPartExamined, then the study / series descriptions."""
-    for text in (body_part, *descriptions):
-        t = (text or "").lower()
-        found = next((name for name, pat in _REGION_WORDS if pat.search(t)), None)
-        if found:
-            return found
-    return "unknown"
+    return next((name for text in (body_part, *descriptions) for name, pat in _REGION_WORDS
+                 if pat.search((text or "").lower())), "unknown")

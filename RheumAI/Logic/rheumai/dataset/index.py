@@ -10,6 +10,7 @@ LPS mm; dates: ISO ``YYYY-MM-DD``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -44,8 +45,7 @@ def _float(ds: pydicom.Dataset, key: str) -> float | None:
 
 
 def _int(ds: pydicom.Dataset, key: str) -> int | None:
-    f = as_float(ds.get(key))
-    return None if f is None else int(f)
+    return None if (f := as_float(ds.get(key))) is None else int(f)
 
 
 def _vec(n: int) -> Callable[[pydicom.Dataset, str], str | None]:
@@ -115,19 +115,15 @@ def _connect(index_path: Path) -> sqlite3.Connection:
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
     row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    if row is not None and int(row[0]) < SCHEMA_VERSION:
-        # An older index lacks per-file columns: every file is read again once, into the same file.
-        for table in ("files", "series", "studies"):
-            con.execute(f"DROP TABLE IF EXISTS {table}")
-        con.execute("DELETE FROM meta WHERE key = 'schema_version'")
-        row = None
-    con.execute(f"CREATE TABLE IF NOT EXISTS files ({', '.join(f'{c} {t}' for c, t in _FILE_COLUMNS)})")
-    if row is None:
-        con.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-    elif int(row[0]) != SCHEMA_VERSION:
+    if row is not None and int(row[0]) > SCHEMA_VERSION:
         con.close()
         raise InputError(index_path, f"index schema version {row[0]}, this rheumai reads {SCHEMA_VERSION}; "
                                      "re-index into a new file")
+    if row is not None and int(row[0]) < SCHEMA_VERSION:
+        # An older index lacks per-file columns: every file is read again once, into the same file.
+        con.executescript("".join(f"DROP TABLE IF EXISTS {t};" for t in ("files", "series", "studies")))
+    con.execute(f"CREATE TABLE IF NOT EXISTS files ({', '.join(f'{c} {t}' for c, t in _FILE_COLUMNS)})")
+    con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
     con.commit()
     return con
 
@@ -141,7 +137,10 @@ def _walk(root: Path) -> Iterator[Path]:
 
 def read_header(path: Path) -> dict[str, Any]:
     """One ``files`` row for ``path`` (status "ok", "unreadable" or "not_image")."""
-    st = path.stat()
+    try:
+        st = path.stat()
+    except OSError as exc:  # vanished between walk and read
+        return {"path": str(path), "size": -1, "mtime_ns": -1, "status": "unreadable", "error": str(exc)}
     row: dict[str, Any] = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     try:  # pixel data deferred: its length is checked against the file size, never read
         ds = pydicom.dcmread(path, defer_size=4096, specific_tags=TAGS)
@@ -202,10 +201,9 @@ def index_archive(root: str | Path, index_path: str | Path, progress: ProgressFn
         raise InputError(root, "archive root is not a folder")
     index_path = Path(index_path)
     index_path.parent.mkdir(parents=True, exist_ok=True)
-    con = _connect(index_path)
     summary = IndexSummary(index_path=str(index_path), root=str(root))
     under = (str(root) + os.sep, str(root) + chr(ord(os.sep) + 1))
-    try:
+    with contextlib.closing(_connect(index_path)) as con:
         known = {p: (s, m) for p, s, m in con.execute(
             "SELECT path, size, mtime_ns FROM files WHERE path >= ? AND path < ?", under)}
         todo: list[Path] = []
@@ -228,18 +226,11 @@ def index_archive(root: str | Path, index_path: str | Path, progress: ProgressFn
         con.commit()
 
         sql = f"INSERT OR REPLACE INTO files ({', '.join(FILE_FIELDS)}) VALUES ({', '.join('?' * len(FILE_FIELDS))})"
-        batch: list[tuple] = []
         with reporting(progress, "reading DICOM headers", len(todo), "file") as tick:
             for i, p in enumerate(todo, 1):
-                try:
-                    row = read_header(p)
-                except OSError as exc:  # vanished between walk and read
-                    row = {"path": str(p), "size": -1, "mtime_ns": -1, "status": "unreadable", "error": str(exc)}
-                batch.append(tuple(row.get(c) for c in FILE_FIELDS))
-                if len(batch) >= COMMIT_EVERY or i == len(todo):
-                    con.executemany(sql, batch)
+                con.execute(sql, tuple(read_header(p).get(c) for c in FILE_FIELDS))
+                if i % COMMIT_EVERY == 0 or i == len(todo):
                     con.commit()
-                    batch.clear()
                 tick(i)
         summary.files_read = len(todo)
         summary.unreadable += [(p, e or "") for p, e in con.execute(
@@ -254,61 +245,54 @@ def index_archive(root: str | Path, index_path: str | Path, progress: ProgressFn
             con.commit()
         summary.n_patients, summary.n_studies, summary.n_series = con.execute(
             "SELECT COUNT(DISTINCT patient_id), COUNT(DISTINCT study_uid), COUNT(*) FROM series").fetchone()
-    finally:
-        con.close()
     return summary
 
 
 def _series_row(g: pd.DataFrame, oblique_deg: float, frames: list[Frame] | None = None) -> dict[str, Any]:
     """Aggregate the ``files`` rows of one series (or part: ``frames`` of enhanced files) into one
     ``series`` row; slice count and geometry problems from :func:`rheumai.multiframe.stack_of`."""
-    problems: list[str] = []
-    severe = False
+    found: list[tuple[str, bool]] = []  # (problem, severe)
     first = g.iloc[0]
 
-    def one(col: str, what: str, is_severe: bool = False) -> Any:
-        nonlocal severe
+    def one(col: str, what: str, severe: bool = False) -> Any:
         counts = Counter(g[col].dropna())
         if len(counts) > 1:
-            problems.append(f"{len(counts)} different {what} in one series")
-            severe = severe or is_severe
+            found.append((f"{len(counts)} different {what} in one series", severe))
         return counts.most_common(1)[0][0] if counts else None
 
     patient, study = one("patient_id", "patient IDs", True), one("study_uid", "study UIDs", True)
     date = one("study_date", "study dates")
     if date is None:
-        problems.append("no study date")
+        found.append(("no study date", False))
     iop_txt = one("iop", "orientations", True) if frames is None else json.dumps(list(frames[0].iop))
     rows, cols = one("rows", "row counts", True), one("cols", "column counts", True)
-    for path, problem in zip(g["path"], g["problem"]):
-        if isinstance(problem, str) and problem:
-            problems.append(f"{os.path.basename(path)}: {problem}")
-            severe = True
+    found += [(f"{os.path.basename(p)}: {why}", True) for p, why in zip(g["path"], g["problem"])
+              if isinstance(why, str) and why]
     n_frames = int(g["n_frames"].fillna(1).max())
     if frames is None and (iop_txt is None or g["ipp"].isna().any()):
-        problems.append("missing ImageOrientationPatient/ImagePositionPatient")
-        severe, n_slices = True, len(g)
+        found.append(("missing ImageOrientationPatient/ImagePositionPatient", True))
+        n_slices = len(g)
     else:
         stack = stack_of(frames or [
             Frame(p, 0, tuple(json.loads(ipp)), tuple(json.loads(iop)), (1.0, 1.0), 1.0, 0.0, (), "")
             for p, ipp, iop in zip(g["path"], g["ipp"], g["iop"].fillna(iop_txt))])
         n_slices = stack.n_slices if not (stack.severe and stack.n_slices == 0) else len(stack.frames)
         if stack.problem:
-            problems.append(stack.problem)
-            severe = severe or stack.severe
+            found.append((stack.problem, stack.severe))
     if n_frames > 1 and frames is None:
-        problems.append(f"multi-frame file ({n_frames} frames)")
-    if n_slices < 3 and (n_frames <= 1 or frames is not None) and f"only {n_slices} slice" not in problems:
-        problems.append(f"only {n_slices} slice(s)")
+        found.append((f"multi-frame file ({n_frames} frames)", False))
+    few = n_slices < 3 and (n_frames <= 1 or frames is not None)
+    if few and (f"only {n_slices} slice", True) not in found:  # stack_of's own wording
+        found.append((f"only {n_slices} slice(s)", False))
     desc = str(first["series_description"] or first["protocol_name"] or "")
     seq, fat, source, seq_problems = guess_sequence(
         " ".join(str(x) for x in (first["series_description"], first["protocol_name"], first["sequence_name"]) if x),
         first["echo_time"], first["repetition_time"], first["inversion_time"],
         first["scanning_sequence"] or "", first["scan_options"] or "")
-    problems += seq_problems
+    found += [(why, False) for why in seq_problems]
     folders = sorted({os.path.dirname(p) for p in g["path"]})
     if len(folders) > 1:
-        problems.append(f"files spread over {len(folders)} folders")
+        found.append((f"files spread over {len(folders)} folders", False))
     return {
         "series_uid": first["series_uid"], "patient_id": patient, "study_uid": study, "study_date": date,
         "series_number": None if pd.isna(first["series_number"]) else int(first["series_number"]),
@@ -317,8 +301,8 @@ def _series_row(g: pd.DataFrame, oblique_deg: float, frames: list[Frame] | None 
         "sequence": seq, "fat_suppressed": int(fat), "sequence_source": source,
         "region": guess_region(str(first["body_part"] or ""), str(first["study_description"] or ""), desc),
         "n_files": len(g), "n_slices": n_slices, "rows": rows, "cols": cols, "folder": folders[0],
-        "n_folders": len(folders), "institution": first["institution"], "problems": json.dumps(problems),
-        "severe": int(severe),
+        "n_folders": len(folders), "institution": first["institution"],
+        "problems": json.dumps([why for why, _ in found]), "severe": int(any(severe for _, severe in found)),
     }
 
 
@@ -343,20 +327,14 @@ def _rebuild_series(con: sqlite3.Connection, oblique_deg: float) -> None:
             rows.append(row)
     # Built under new names, then swapped in one transaction: a reader (a dataset build while the
     # archive is re-indexed) sees the old tables or the new ones, never none.
-    con.execute("DROP TABLE IF EXISTS series_new")
-    con.execute("DROP TABLE IF EXISTS studies_new")
-    con.commit()
+    con.executescript("DROP TABLE IF EXISTS series_new; DROP TABLE IF EXISTS studies_new")
     pd.DataFrame(rows, columns=SERIES_COLUMNS).to_sql("series_new", con, index=False)
     con.execute("CREATE TABLE studies_new AS SELECT study_uid, patient_id, MIN(study_date) AS study_date, "
                 "COUNT(*) AS n_series FROM series_new GROUP BY study_uid, patient_id ORDER BY patient_id, study_uid")
     con.commit()
-    con.execute("BEGIN IMMEDIATE")
-    con.execute("DROP TABLE IF EXISTS series")
-    con.execute("DROP TABLE IF EXISTS studies")
-    con.execute("ALTER TABLE series_new RENAME TO series")
-    con.execute("ALTER TABLE studies_new RENAME TO studies")
-    con.execute("CREATE INDEX IF NOT EXISTS files_series ON files(series_uid)")
-    con.commit()
+    con.executescript("BEGIN IMMEDIATE; DROP TABLE IF EXISTS series; DROP TABLE IF EXISTS studies; "
+                      "ALTER TABLE series_new RENAME TO series; ALTER TABLE studies_new RENAME TO studies; "
+                      "CREATE INDEX IF NOT EXISTS files_series ON files(series_uid); COMMIT")
 
 
 @dataclass
@@ -372,11 +350,8 @@ class ArchiveIndex:
         if not index_path.is_file():
             raise InputError(index_path, "index file not found (run `rheumai dataset index` first)")
         try:
-            con = sqlite3.connect(f"file:{index_path}?mode=ro", uri=True)
-            try:
+            with contextlib.closing(sqlite3.connect(f"file:{index_path}?mode=ro", uri=True)) as con:
                 series = pd.read_sql_query("SELECT * FROM series ORDER BY patient_id, study_uid, series_uid", con)
-            finally:
-                con.close()
         except (sqlite3.Error, pd.errors.DatabaseError) as exc:
             raise InputError(index_path, f"not a rheumai dataset index ({exc})") from exc
         series["problems"] = series["problems"].map(json.loads)
@@ -388,9 +363,6 @@ class ArchiveIndex:
 
     def series_files(self, series_uid: str) -> list[str]:
         """Paths of the readable files of one series (a part "<uid>#<key>": those of <uid>), sorted."""
-        con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
-        try:
+        with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as con:
             return [r[0] for r in con.execute("SELECT path FROM files WHERE series_uid = ? AND status = 'ok' "
                                               "ORDER BY path", (series_uid.split(PART_SEP, 1)[0],))]
-        finally:
-            con.close()

@@ -57,12 +57,11 @@ class SplitConfig:
 
 def _holdout(ids: list[str], labels: list[int], fraction: float, seed: int, what: str) -> tuple[list[str], list[str]]:
     """Split ``ids`` into (keep, held out) with ``fraction`` held out, stratified by label."""
-    counts = Counter(labels)
     try:
         keep, held = train_test_split(ids, test_size=fraction, stratify=labels, random_state=seed, shuffle=True)
     except ValueError as exc:
         raise InputError(None, f"cannot draw a stratified {what} set of {fraction:.0%} from {len(ids)} patients "
-                               f"(label counts {dict(sorted(counts.items()))}): {exc}") from None
+                               f"(label counts {dict(sorted(Counter(labels).items()))}): {exc}") from None
     return sorted(keep), sorted(held)
 
 
@@ -93,13 +92,10 @@ def assign_splits(patients: Sequence[tuple[str, int, str]], cfg: SplitConfig) ->
     val: list[str] = []
     if cfg.val_fraction:
         train, val = _holdout(train, [label[p] for p in train], cfg.val_fraction, cfg.seed + 1, "validation")
-    out = {p: ("test", -1) for p in test}
-    out.update({p: ("val", -1) for p in val})
-    out.update({p: ("train", -1) for p in train})
+    out = {p: (name, -1) for name, part in (("test", test), ("val", val), ("train", train)) for p in part}
     if cfg.kfold:
         y = [label[p] for p in train]
-        small = min(Counter(y).values()) if y else 0
-        if len(set(y)) < 2 or small < cfg.kfold:
+        if len(set(y)) < 2 or min(Counter(y).values()) < cfg.kfold:
             raise InputError(None, f"cannot make {cfg.kfold} stratified folds from {len(train)} training patients "
                                    f"(label counts {dict(sorted(Counter(y).items()))})")
         skf = StratifiedKFold(n_splits=cfg.kfold, shuffle=True, random_state=cfg.seed)
