@@ -46,6 +46,11 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def probability(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities (N, K): sigmoid for one logit, softmax otherwise."""
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, 1)
+
+
 def forward_with_cam(model: torch.nn.Module, x: torch.Tensor, class_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, K) and the raw Grad-CAM map at ``layer4`` (N, 1, H, W) from one forward pass:
     ReLU(sum_k w_k A_k) / (h w), as MONAI's GradCAM before post-processing (needs :func:`has_cam_head`)."""
@@ -127,13 +132,10 @@ def occlusion(model: torch.nn.Module, x: torch.Tensor, class_idx: int = 0, mask_
     ``mask_size`` px (default max(8, H // 8))."""
     from monai.visualize import OcclusionSensitivity
 
-    def activate(out: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(out) if out.shape[1] == 1 else torch.softmax(out, 1)
-
     # activate passed explicitly: MONAI's default picks sigmoid vs softmax from the number of
     # *input* channels, so a 6-channel input with one logit would get softmax over one value == 1.
     occ = OcclusionSensitivity(model, mask_size=mask_size or max(8, int(x.shape[-2]) // 8), n_batch=n_batch,
-                               verbose=False, overlap=overlap, activate=activate)
+                               verbose=False, overlap=overlap, activate=probability)
     logits_all, maps = [], []
     for i in range(x.shape[0]):
         with torch.inference_mode():
@@ -141,7 +143,7 @@ def occlusion(model: torch.nn.Module, x: torch.Tensor, class_idx: int = 0, mask_
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # MONAI's indexing deprecation notices
             occ_map, _ = occ(x[i:i + 1])  # (1, K, H, W): probability with each window occluded
-        p = activate(logits)[:, class_idx].reshape(1, 1, 1, 1)
+        p = probability(logits)[:, class_idx].reshape(1, 1, 1, 1)
         maps.append(F.relu(p - torch.as_tensor(occ_map)[:, class_idx:class_idx + 1]))
         logits_all.append(logits)
     return torch.cat(logits_all), torch.cat(maps).float()

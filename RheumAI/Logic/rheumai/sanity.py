@@ -17,22 +17,21 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import ndimage, stats
+from sklearn.metrics import auc
 
-from .saliency import compute_saliency
+from .saliency import compute_saliency, probability
 
 
 def randomized_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """A deep copy of ``model`` with every layer re-initialised by its ``reset_parameters`` (forked RNG)."""
     clone = copy.deepcopy(model)
-    n = 0
+    layers = [m for m in clone.modules() if callable(getattr(m, "reset_parameters", None))]
+    if not layers:
+        raise ValueError("no layer of this network can be re-initialised (no reset_parameters)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for m in clone.modules():
-            if hasattr(m, "reset_parameters") and callable(m.reset_parameters):
-                m.reset_parameters()
-                n += 1
-    if n == 0:
-        raise ValueError("no layer of this network can be re-initialised (no reset_parameters)")
+        for m in layers:
+            m.reset_parameters()
     return clone.eval()
 
 
@@ -51,36 +50,26 @@ def randomization_check(model: torch.nn.Module, x: torch.Tensor, saliency_map: n
     rnd = randomized_copy(model, seed)
     _, rmap = compute_saliency(rnd, x, method, target_layer, **options)
     rho, r = _correlations(saliency_map, rmap[0])
-    del rnd
     return {"method": method, "target_layer": target_layer, "spearman": rho, "pearson": r,
             "randomized_map_constant": bool(np.ptp(rmap[0]) == 0),
             "passed": bool(rho is None or rho < 0.5),
             "rule": "passed when Spearman(trained, randomised) < 0.5 or the randomised map is constant"}
 
 
-def _auc(fractions: np.ndarray, values: np.ndarray) -> float:
-    return float(np.trapezoid(values, fractions)) if hasattr(np, "trapezoid") else float(np.trapz(values, fractions))
-
-
-def _curve(model: torch.nn.Module, x: torch.Tensor, start: torch.Tensor, end: torch.Tensor, order: np.ndarray,
+def _curve(model: torch.nn.Module, start: torch.Tensor, end: torch.Tensor, order: np.ndarray,
            fractions: np.ndarray, class_idx: int, batch_size: int) -> np.ndarray:
     """Probabilities as the points ``order[:k]`` go from ``start`` values to ``end`` values."""
     flat_start, flat_end = start.reshape(-1), end.reshape(-1)
-    n = flat_start.numel()
-    order_t = torch.as_tensor(order, device=x.device)
-    probs: list[float] = []
+    order_t = torch.as_tensor(order, device=start.device)
+
+    def mixed(f: float) -> torch.Tensor:
+        idx = order_t[: int(round(f * flat_start.numel()))]
+        return flat_start.index_copy(0, idx, flat_end[idx]).reshape(start.shape)
+
     with torch.inference_mode():
-        for i in range(0, len(fractions), batch_size):
-            batch = []
-            for f in fractions[i:i + batch_size]:
-                cur = flat_start.clone()
-                idx = order_t[: int(round(f * n))]
-                cur[idx] = flat_end[idx]
-                batch.append(cur.reshape(x.shape[1:]))
-            logits = model(torch.stack(batch))
-            p = torch.sigmoid(logits[:, class_idx]) if logits.shape[1] == 1 else torch.softmax(logits, 1)[:, class_idx]
-            probs.extend(p.float().cpu().tolist())
-    return np.asarray(probs)
+        logits = torch.cat([model(torch.stack([mixed(f) for f in fractions[i:i + batch_size]]))
+                            for i in range(0, len(fractions), batch_size)])
+    return probability(logits)[:, class_idx].float().cpu().numpy().astype(np.float64)
 
 
 def deletion_insertion(model: torch.nn.Module, x: torch.Tensor, saliency_map: np.ndarray, n_steps: int = 10,
@@ -100,10 +89,10 @@ def deletion_insertion(model: torch.nn.Module, x: torch.Tensor, saliency_map: np
     out: dict[str, Any] = {"fractions": fractions.tolist(), "n_steps": n_steps, "deletion_baseline": "zero",
                            "insertion_baseline": f"gaussian blur sigma {blur_sigma_px} px"}
     for name, start, end in (("deletion", x0, zeros), ("insertion", blurred, x0)):
-        ordered = _curve(model, x, start, end, order, fractions, class_idx, batch_size)
-        random = _curve(model, x, start, end, rand, fractions, class_idx, batch_size)
+        ordered = _curve(model, start, end, order, fractions, class_idx, batch_size)
+        random = _curve(model, start, end, rand, fractions, class_idx, batch_size)
         out[name] = {"saliency_order": ordered.tolist(), "random_order": random.tolist(),
-                     "auc": _auc(fractions, ordered), "auc_random": _auc(fractions, random)}
+                     "auc": float(auc(fractions, ordered)), "auc_random": float(auc(fractions, random))}
     out["deletion"]["faithful"] = bool(out["deletion"]["auc"] < out["deletion"]["auc_random"])
     out["insertion"]["faithful"] = bool(out["insertion"]["auc"] > out["insertion"]["auc_random"])
     return out
