@@ -25,8 +25,8 @@ from ..errors import InputError
 from ..io import is_image_file
 from .build import DatasetResult, ProgressFn, _build_staged
 from .cohort import CohortEntry, CohortResult, ImageRules, Step, outcome_steps
-from .labels import (LabelRow, LabelSheet, LabelSheetError, _parse_date, _read_csv, parse_deformity, parse_outcome,
-                     parse_rows)
+from .labels import (LabelRow, LabelSheet, LabelSheetError, _read_csv, parse_date, parse_deformity,
+                     parse_outcome, parse_rows)
 from .split import SPLITS, SplitConfig
 
 RESERVED = ("patient_id", "image", "outcome", "label", "followup_days", "baseline_date", "followup_date",
@@ -90,10 +90,8 @@ def _followup_days(v: dict[str, str], errs: list[str]) -> int | None:
             errs.append(f"followup_days must be a whole number of days, not '{v['followup_days']}'")
             return None
     if v.get("baseline_date") and v.get("followup_date"):
-        try:
-            return (_parse_date(v["followup_date"]) - _parse_date(v["baseline_date"])).days
-        except ValueError as exc:
-            errs.append(str(exc))
+        b, f = parse_date(v, "baseline_date", errs), parse_date(v, "followup_date", errs)
+        return (f - b).days if b and f else None
     return None
 
 

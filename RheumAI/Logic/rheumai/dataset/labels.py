@@ -76,16 +76,19 @@ class LabelSheetError(InputError):
         super().__init__(path, f"{len(problems)} problem(s) in the label sheet:\n  {lines}")
 
 
-def _parse_date(text: str) -> dt.date:
-    """ISO date; raises ValueError with a readable reason (wrong format / no such day)."""
+def parse_date(v: dict[str, str], col: str, errs: list[str]) -> dt.date | None:
+    """``v[col]`` as an ISO date; None when blank or bad (then the reason is added to ``errs``)."""
+    text = v.get(col, "")
     try:
-        d = dt.datetime.strptime(text, "%Y-%m-%d").date()
+        d = dt.datetime.strptime(text, "%Y-%m-%d").date() if text else None
     except ValueError:
-        if len(text) == 10 and text[4] == "-" and text[7] == "-" and text.replace("-", "").isdigit():
-            raise ValueError(f"impossible date '{text}' (no such day)") from None
-        raise ValueError(f"'{text}' is not a date in YYYY-MM-DD form") from None
-    if d.year < 1900:
-        raise ValueError(f"impossible date '{text}' (before 1900)")
+        no_day = len(text) == 10 and text[4] == text[7] == "-" and text.replace("-", "").isdigit()
+        errs.append(f"{col}: impossible date '{text}' (no such day)" if no_day
+                    else f"{col}: '{text}' is not a date in YYYY-MM-DD form")
+        return None
+    if d is not None and d.year < 1900:
+        errs.append(f"{col}: impossible date '{text}' (before 1900)")
+        return None
     return d
 
 
@@ -98,10 +101,9 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
         raise InputError(path, f"label sheet is not UTF-8 text ({exc})") from None
     if not text.strip():
         raise InputError(path, "label sheet is empty")
-    first = text.splitlines()[0]
+    lines = text.splitlines()
     # csv.Sniffer guesses badly on short files; the header line decides between the 3 usual separators.
-    delim = max((",", ";", "\t"), key=first.count)
-    rows = list(csv.reader(text.splitlines(), delimiter=delim))
+    rows = list(csv.reader(lines, delimiter=max((",", ";", "\t"), key=lines[0].count)))
     header = [h.strip() for h in rows[0]]
     if len(set(header)) != len(header):
         dup = sorted({h for h in header if header.count(h) > 1})
@@ -175,29 +177,21 @@ def read_labels(path: str | Path, index: ArchiveIndex) -> tuple[LabelSheet, list
     if missing:
         raise InputError(path, f"missing column(s): {', '.join(missing)}; header is: {', '.join(header)}")
     clinical = [h for h in header if h not in RESERVED]
-    studies_of: dict[str, set[str]] = {}
-    for p, s in zip(index.series["patient_id"], index.series["study_uid"]):
-        studies_of.setdefault(str(p), set()).add(str(s))
+    ids = index.series[["patient_id", "study_uid"]].astype(str)
+    studies_of: dict[str, set[str]] = ids.groupby("patient_id")["study_uid"].agg(set).to_dict()
 
     def parse(n: int, v: dict[str, str], errs: list[str]) -> LabelRow:
         pid = v["patient_id"]
         if not errs and pid not in studies_of:
             errs.append("unknown patient (not in the index)")
-        dates: dict[str, dt.date | None] = {"baseline_date": None, "followup_date": None}
-        for col in dates:
-            if v.get(col):
-                try:
-                    dates[col] = _parse_date(v[col])
-                except ValueError as exc:
-                    errs.append(f"{col}: {exc}")
-            elif col == "followup_date":
-                errs.append("missing followup_date")
+        b, f = parse_date(v, "baseline_date", errs), parse_date(v, "followup_date", errs)
+        if not v["followup_date"]:
+            errs.append("missing followup_date")
         uid = v.get("baseline_study_uid", "") or None
-        if dates["baseline_date"] is None and uid is None and not v.get("baseline_date"):
+        if uid is None and not v.get("baseline_date"):
             errs.append("missing baseline (neither baseline_date nor baseline_study_uid)")
         if uid is not None and pid in studies_of and uid not in studies_of[pid]:
             errs.append(f"baseline_study_uid {uid} is not a study of this patient in the index")
-        b, f = dates["baseline_date"], dates["followup_date"]
         if b is not None and f is not None and f <= b:
             errs.append(f"impossible dates: followup_date {f} is not after baseline_date {b}")
         return LabelRow(row=n, patient_id=pid, baseline_date=b, baseline_study_uid=uid,
