@@ -29,17 +29,14 @@ def _fmt(v: float | None, nd: int = 3) -> str:
 
 def metrics_table(report: dict[str, Any]) -> pd.DataFrame:
     """One row per metric: value, CI, numerator / denominator, CI method (metrics.csv)."""
-    def row(metric: str, e: dict[str, Any], k: int | None = None, n: int | None = None, method: str = "") -> dict:
-        return {"metric": metric, "value": e["value"], "ci_low": e.get("lo"), "ci_high": e.get("hi"),
-                "numerator": k, "denominator": n, "ci_method": method}
-
-    rows = [row("auc", report["auc"], method=report["auc"]["method"])] if "auc" in report else []
-    for name in COUNT_METRICS:
-        m = report["metrics"][name]
-        rows.append(row(name, m, m["k"], m["n"], "bootstrap (percentile)" if name == "f1" else "Wilson"))
+    rows = [("auc", report["auc"], report["auc"]["method"])] if "auc" in report else []
+    rows += [(k, report["metrics"][k], "bootstrap (percentile)" if k == "f1" else "Wilson")
+             for k in COUNT_METRICS]
     if "calibration" in report:
-        rows.append(row("brier", {"value": report["calibration"]["brier"]}))
-    return pd.DataFrame(rows)
+        rows.append(("brier", {"value": report["calibration"]["brier"]}, ""))
+    return pd.DataFrame([{"metric": k, "value": e["value"], "ci_low": e.get("lo"), "ci_high": e.get("hi"),
+                          "numerator": e.get("k"), "denominator": e.get("n"), "ci_method": how}
+                         for k, e, how in rows])
 
 
 def _metric_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -60,49 +57,37 @@ def _confusion_rows(c: dict[str, int]) -> list[list[str]]:
 
 # ---------------------------------------------------------------- rendering
 
+def _inline(s: Any) -> str:
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(html.escape(str(s)).split("**")))
+
+
+_MARKDOWN = {"h1": lambda c: f"# {c}\n", "h2": lambda c: f"## {c}\n", "p": lambda c: f"{c}\n",
+             "list": lambda c: "\n".join(f"- {x}" for x in c) + "\n",
+             "table": lambda c: "| " + " | ".join(c[0]) + " |\n|" + "|".join("---" for _ in c[0]) + "|\n"
+             + "\n".join("| " + " | ".join(r) + " |" for r in c[1:]) + "\n",
+             "img": lambda c: f"![{c[1]}]({c[0]})\n"}
+_HTML = {"h1": lambda c: f"<h1>{_inline(c)}</h1>", "h2": lambda c: f"<h2>{_inline(c)}</h2>",
+         "p": lambda c: f"<p>{_inline(c)}</p>",
+         "list": lambda c: "<ul>" + "".join(f"<li>{_inline(x)}</li>" for x in c) + "</ul>",
+         "table": lambda c: "<table>" + "".join(
+             "<tr>" + "".join(f"<{t}>{_inline(v)}</{t}>" for v in r) + "</tr>"
+             for t, r in zip(["th"] + ["td"] * (len(c) - 1), c)) + "</table>",
+         "img": lambda c: f'<figure><img src="{html.escape(c[0])}" alt="{html.escape(c[1])}" width="480">'
+                          f"<figcaption>{_inline(c[1])}</figcaption></figure>"}
+_STYLE = ("body{font-family:sans-serif;max-width:900px;margin:2em auto;line-height:1.4}"
+          "table{border-collapse:collapse;margin:1em 0}"
+          "td,th{border:1px solid #bbb;padding:4px 8px;text-align:left}"
+          "th{background:#eee}figure{display:inline-block;margin:0 1em 1em 0}")
+
+
 def render_markdown(blocks: Sequence[Block]) -> str:
-    out: list[str] = []
-    for kind, content in blocks:
-        if kind in ("h1", "h2"):
-            out.append(f"{'#' * int(kind[1])} {content}\n")
-        elif kind == "p":
-            out.append(f"{content}\n")
-        elif kind == "list":
-            out.append("\n".join(f"- {x}" for x in content) + "\n")
-        elif kind == "table":
-            head, *body = content
-            out.append("| " + " | ".join(head) + " |\n|" + "|".join("---" for _ in head) + "|\n"
-                       + "\n".join("| " + " | ".join(r) + " |" for r in body) + "\n")
-        elif kind == "img":
-            out.append(f"![{content[1]}]({content[0]})\n")
-    return "\n".join(out)
+    return "\n".join(_MARKDOWN[kind](content) for kind, content in blocks if kind in _MARKDOWN)
 
 
 def render_html(blocks: Sequence[Block], title: str) -> str:
-    def inline(s: str) -> str:
-        return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(html.escape(str(s)).split("**")))
-
-    body: list[str] = []
-    for kind, content in blocks:
-        if kind in ("h1", "h2"):
-            body.append(f"<{kind}>{inline(content)}</{kind}>")
-        elif kind == "p":
-            body.append(f"<p>{inline(content)}</p>")
-        elif kind == "list":
-            body.append("<ul>" + "".join(f"<li>{inline(x)}</li>" for x in content) + "</ul>")
-        elif kind == "table":
-            head, *rows = content
-            body.append("<table><tr>" + "".join(f"<th>{inline(h)}</th>" for h in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-                        + "</table>")
-        elif kind == "img":
-            body.append(f'<figure><img src="{html.escape(content[0])}" alt="{html.escape(content[1])}" width="480">'
-                        f"<figcaption>{inline(content[1])}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto;line-height:1.4}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;text-align:left}"
-             "th{background:#eee}figure{display:inline-block;margin:0 1em 1em 0}")
+    body = "\n".join(_HTML[kind](content) for kind, content in blocks if kind in _HTML)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+            f"<style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
 
 
 # ---------------------------------------------------------------- plots
@@ -164,11 +149,8 @@ def plot_calibration(report: dict[str, Any], path: Path) -> Path:
 # ---------------------------------------------------------------- reports
 
 def write_evaluation_report(out_dir: str | Path, report: dict[str, Any], context: dict[str, Any]) -> dict[str, Path]:
-    """Write report.md, report.html, metrics.csv and the three PNGs into ``out_dir``; returns the paths.
-
-    ``context``: {"title", "model_id", "split", "threshold_source", "card" (model card),
-    "warnings" (list of str), "extra_blocks" (report blocks placed before the plots)}.
-    """
+    """report.md / .html, metrics.csv and the three PNGs in ``out_dir``; returns the paths. ``context``:
+    "title", "model_id", "split", "threshold_source", "card", "warnings", "extra_blocks" (before plots)."""
     out = Path(out_dir)
     paths = {"roc": plot_roc(report, out / "roc.png"),
              "confusion": plot_confusion(report, out / "confusion_matrix.png"),
