@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import platform
 import uuid
 from pathlib import Path
@@ -31,16 +30,12 @@ REQUIRED_CARD_KEYS = ("architecture", "preprocessing", "threshold", "threshold_r
 
 
 def software_versions() -> dict[str, str]:
-    import monai
-    import numpy
-    import safetensors
-    import sklearn
+    from importlib.metadata import version
 
     from . import __version__
 
-    return {"rheumai": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "monai": monai.__version__, "numpy": numpy.__version__, "safetensors": safetensors.__version__,
-            "scikit-learn": sklearn.__version__, "platform": platform.platform()}
+    return {"rheumai": __version__, "python": platform.python_version(), "platform": platform.platform(),
+            **{name: version(name) for name in ("torch", "monai", "numpy", "safetensors", "scikit-learn")}}
 
 
 def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -82,10 +77,8 @@ def _refuse_pickle(path: Path) -> None:
 
 def load_weights(path: str | Path, model: torch.nn.Module | None = None,
                  expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a safetensors file (refusing pickles); load it into ``model`` (strict) if given.
-
-    ``expected_sha256``: the :func:`tensors_sha256` the tensors must have (refused otherwise).
-    """
+    """Read a safetensors file (pickles refused) whose :func:`tensors_sha256` must be ``expected_sha256``
+    if given; load it into ``model`` (strict) if given."""
     path = Path(path)
     _refuse_pickle(path)
     if not path.is_file():
@@ -150,23 +143,18 @@ def read_card(path: str | Path) -> dict[str, Any]:
 
 def _check_threshold(card_path: Path, value: Any, where: str = "threshold") -> None:
     """A card's threshold: a probability in [0, 1], per head a {name: probability} object, or null
-    (no decision threshold, e.g. a regression head). Anything else is refused with the value."""
+    (no decision threshold, e.g. a regression head)."""
     if isinstance(value, dict):
         for k, v in value.items():
             _check_threshold(card_path, v, f"{where}.{k}")
     elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                or not math.isfinite(value)):
-        raise InputError(card_path, f"model card {where} must be a number (a probability in [0, 1]), not {value!r}")
-    elif value is not None and not 0.0 <= float(value) <= 1.0:
-        raise InputError(card_path, f"model card {where} {value!r} is not a probability in [0, 1]")
+                                or not 0.0 <= value <= 1.0):
+        raise InputError(card_path, f"model card {where} must be a probability in [0, 1], not {value!r}")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Build the card's task architecture and load its weights (strict); model in eval mode.
-
-    A card beside weights it does not belong to is refused (no hash on either side: a checkpoint
-    written before cards named their weights).
-    """
+    """Build the card's task architecture and load its weights (strict); model in eval mode. A card
+    beside weights it does not belong to is refused (no hash on either side: an older checkpoint)."""
     from .tasks import get_task
 
     folder = _checkpoint_folder(Path(path))
@@ -194,12 +182,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 def save_training_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         meta: dict[str, Any], best_model: torch.nn.Module | dict[str, torch.Tensor] | None = None,
                         scaler: Any = None, keep_best: bool = False) -> Path:
-    """Save everything needed to resume at an epoch boundary (model, optimiser, RNG, AMP scaler, ``meta``).
-
-    ``best_model``: weights stored as ``best_model.safetensors``; with ``keep_best`` and none given the
-    previous state's best weights are carried over (hard link). The folder is written beside and
-    swapped in whole (:func:`rheumai.atomic.replace_dir`): a kill leaves the old or the new state.
-    """
+    """Save what resuming at an epoch boundary needs (model, optimiser, RNG, AMP scaler, ``meta``), swapped
+    in whole (:func:`rheumai.atomic.replace_dir`). ``best_model``: stored as ``best_model.safetensors``;
+    with ``keep_best`` and none given the previous state's best weights are carried over (hard link)."""
     folder = Path(folder)
     opt = optimizer.state_dict()
     opt_tensors = {f"state.{i}.{k}": v.detach().to("cpu").contiguous().clone()
