@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -27,10 +26,8 @@ MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 # Timing tags (ms) per weighting; the values the archive classifier reads as T1 / T2.
 SEQUENCE_TAGS: dict[str, dict[str, object]] = {
-    "T2": {"EchoTime": 100.0, "RepetitionTime": 3000.0, "ScanningSequence": "SE",
-           "SequenceVariant": ["SK", "SP"], "SequenceName": "*tse2d1_15"},
-    "T1": {"EchoTime": 10.0, "RepetitionTime": 500.0, "ScanningSequence": "SE",
-           "SequenceVariant": ["SK", "SP"], "SequenceName": "*tse2d1_3"},
+    "T2": {"EchoTime": 100.0, "RepetitionTime": 3000.0, "SequenceName": "*tse2d1_15"},
+    "T1": {"EchoTime": 10.0, "RepetitionTime": 500.0, "SequenceName": "*tse2d1_3"},
 }
 
 # Tags every generated series shares.
@@ -40,11 +37,16 @@ FIXED_TAGS: dict[str, object] = {
     "PatientPosition": "HFS", "PositionReferenceIndicator": "", "SamplesPerPixel": 1,
     "PhotometricInterpretation": "MONOCHROME2", "BitsAllocated": 16, "BitsStored": 16, "HighBit": 15,
     "PixelRepresentation": 0, "RescaleIntercept": 0.0, "RescaleSlope": 1.0, "RescaleType": "US",
+    "StudyDescription": "MRI CWK", "StudyTime": "093000", "BodyPartExamined": "CSPINE",
+    "MagneticFieldStrength": 1.5, "ScanningSequence": "SE", "SequenceVariant": ["SK", "SP"],
 }
 
 
-def _ds(x: float) -> DSfloat:
-    return DSfloat(round(float(x), 6), auto_format=True)
+def _values(tags: dict[str, object]) -> dict[str, object]:
+    """Tag keyword -> value with every float (also in a list) as DS rounded to 6 decimals."""
+    def ds(x: object) -> object:
+        return DSfloat(round(float(x), 6), auto_format=True) if isinstance(x, float) else x
+    return {k: [ds(x) for x in v] if isinstance(v, list) else ds(v) for k, v in tags.items()}
 
 
 @dataclass
@@ -59,35 +61,11 @@ class SeriesHeader:
     series_number: int
     series_description: str
     sequence: str = "T2"  # key of SEQUENCE_TAGS
-    study_description: str = "MRI CWK"
-    study_time: str = "093000"
     accession_number: str = ""
     patient_sex: str = ""
     patient_age_years: int | None = None
     birth_date: dt.date | None = None
     institution: str = ""
-    body_part: str = "CSPINE"
-    field_strength_t: float = 1.5
-
-
-def _base_dataset(h: SeriesHeader) -> Dataset:
-    da, tm = h.study_date.strftime("%Y%m%d"), f"{int(h.study_time[:2]) % 24:02d}{h.series_number % 60:02d}00"
-    tags = {**FIXED_TAGS, **SEQUENCE_TAGS[h.sequence],
-            "StudyDate": da, "SeriesDate": da, "AcquisitionDate": da, "ContentDate": da, "StudyTime": h.study_time,
-            "SeriesTime": tm, "AcquisitionTime": tm, "ContentTime": tm, "AccessionNumber": h.accession_number,
-            "InstitutionName": h.institution, "StudyDescription": h.study_description,
-            "SeriesDescription": h.series_description, "ProtocolName": h.series_description,
-            "PatientName": h.patient_id, "PatientID": h.patient_id, "PatientSex": h.patient_sex,
-            "PatientBirthDate": h.birth_date.strftime("%Y%m%d") if h.birth_date else "",
-            "BodyPartExamined": h.body_part, "MagneticFieldStrength": h.field_strength_t,
-            "StudyInstanceUID": h.study_uid, "SeriesInstanceUID": h.series_uid, "SeriesNumber": h.series_number,
-            "StudyID": h.accession_number[-8:] if h.accession_number else "1", "FrameOfReferenceUID": h.frame_uid}
-    if h.patient_age_years is not None:
-        tags["PatientAge"] = f"{int(h.patient_age_years):03d}Y"
-    ds = Dataset()
-    for k, v in tags.items():
-        setattr(ds, k, _ds(v) if isinstance(v, float) else v)
-    return ds
 
 
 def write_series(image: sitk.Image, folder: str | Path, header: SeriesHeader) -> list[Path]:
@@ -102,47 +80,44 @@ def write_series(image: sitk.Image, folder: str | Path, header: SeriesHeader) ->
     row, col, nrm = d[:, 0], d[:, 1], d[:, 2]
     if not np.allclose(d.T @ d, np.eye(3), atol=1e-6) or np.dot(np.cross(row, col), nrm) < 0.999:
         raise ValueError("write_series needs an orthonormal right-handed direction (normal = i x j)")
-    arr = sitk.GetArrayFromImage(image)  # (k, j, i)
-    arr = np.clip(np.rint(arr), 0, 65535).astype(np.uint16)
+    arr = np.clip(np.rint(sitk.GetArrayFromImage(image)), 0, 65535).astype(np.uint16)  # (k, j, i)
     sx, sy, sz = image.GetSpacing()
-    base = _base_dataset(header)
-    base.ImageOrientationPatient = [_ds(v) for v in (*row, *col)]
-    base.PixelSpacing = [_ds(sy), _ds(sx)]  # (between rows, between columns)
-    base.SliceThickness = _ds(sz)
-    base.SpacingBetweenSlices = _ds(sz)
-    base.Rows, base.Columns = int(arr.shape[1]), int(arr.shape[2])
-    wl = np.percentile(arr, [1, 99.5]) if arr.size else (0, 1)
-    base.WindowCenter = _ds((wl[0] + wl[1]) / 2)
-    base.WindowWidth = _ds(max(wl[1] - wl[0], 1))
+    wl = np.percentile(arr, [1, 99.5]) if arr.size else (0.0, 1.0)
+    h = header
+    da, tm = h.study_date.strftime("%Y%m%d"), f"09{h.series_number % 60:02d}00"  # series n: n min after 09:00
+    base = Dataset()
+    base.update(_values({
+        **FIXED_TAGS, **SEQUENCE_TAGS[h.sequence],
+        "StudyDate": da, "SeriesDate": da, "AcquisitionDate": da, "ContentDate": da,
+        "SeriesTime": tm, "AcquisitionTime": tm, "ContentTime": tm, "AccessionNumber": h.accession_number,
+        "InstitutionName": h.institution, "SeriesDescription": h.series_description,
+        "ProtocolName": h.series_description, "PatientName": h.patient_id, "PatientID": h.patient_id,
+        "PatientSex": h.patient_sex,
+        "PatientBirthDate": h.birth_date.strftime("%Y%m%d") if h.birth_date else "",
+        **({} if h.patient_age_years is None else {"PatientAge": f"{int(h.patient_age_years):03d}Y"}),
+        "StudyInstanceUID": h.study_uid, "SeriesInstanceUID": h.series_uid, "SeriesNumber": h.series_number,
+        "StudyID": h.accession_number[-8:] if h.accession_number else "1", "FrameOfReferenceUID": h.frame_uid,
+        "ImageOrientationPatient": [*row, *col], "PixelSpacing": [sy, sx],  # (between rows, between columns)
+        "SliceThickness": sz, "SpacingBetweenSlices": sz, "Rows": arr.shape[1], "Columns": arr.shape[2],
+        "WindowCenter": float(wl[0] + wl[1]) / 2, "WindowWidth": float(max(wl[1] - wl[0], 1))}))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(arr.shape[0]):
+        ipp = image.TransformIndexToPhysicalPoint((0, 0, k))
         ds = Dataset()
         ds.update(base)
-        sop = deterministic_uid("sop", header.series_uid, k)
-        ds.SOPInstanceUID = sop
-        ds.InstanceNumber = k + 1
-        ipp = image.TransformIndexToPhysicalPoint((0, 0, k))
-        ds.ImagePositionPatient = [_ds(v) for v in ipp]
-        ds.SliceLocation = _ds(float(np.dot(nrm, ipp)))
-        ds.PixelData = arr[k].tobytes()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
-        ds.file_meta = meta
-        path = folder / f"IM{k + 1:04d}.dcm"
-        with atomic_path(path) as tmp:
+        ds.update(_values({"SOPInstanceUID": deterministic_uid("sop", h.series_uid, k),
+                           "InstanceNumber": k + 1, "ImagePositionPatient": list(ipp),
+                           "SliceLocation": float(np.dot(nrm, ipp)), "PixelData": arr[k].tobytes()}))
+        ds.file_meta = FileMetaDataset()  # the writer fills the rest from the dataset
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        paths.append(folder / f"IM{k + 1:04d}.dcm")
+        with atomic_path(paths[-1]) as tmp:
             ds.save_as(tmp, enforce_file_format=True)
-        paths.append(path)
     return paths
 
 
 def read_series(folder: str | Path) -> sitk.Image:
     """Read a series folder written by :func:`write_series` back with SimpleITK (for tests/preview)."""
-    reader = sitk.ImageSeriesReader()
-    files = reader.GetGDCMSeriesFileNames(str(folder))
-    reader.SetFileNames(files)
-    return reader.Execute()
+    return sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))

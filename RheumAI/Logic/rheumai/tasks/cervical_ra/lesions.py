@@ -13,11 +13,14 @@ anterior CSF y = -8 .. -6, cord y = -4 .. +2, posterior CSF y ~ +4.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+
+from ...geometry import Grid, image_from_array
 
 # template landmarks (LPS mm), see the module docstring
 TEMPLATE_MIDLINE_X = 6.5
@@ -51,20 +54,15 @@ class LesionSpec:
     push_mm: float = 0.0
     irregularity: float = 0.15
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def sample_lesions(rng: np.random.Generator, kinds: tuple[str, ...], small: bool = False, scale: float = 1.0,
                    pannus_level: tuple[float, float] = (0.42, 0.58)) -> list[LesionSpec]:
     """Random lesion(s) of the given kinds around the upper axis (template LPS mm).
 
-    ``small`` gives the "intermediate" grade: a thin, faint pannus and a shallow erosion, with no
-    mass effect. Sizes for the full grade: pannus 14-18 mm (LR) x 7-11 mm (AP) x 11-16 mm (SI)
-    at 42-58 % of the CSF signal (brighter than marrow and cord, below the CSF so it is not lost in
-    a 99th-percentile window), erosion 10-13 x 9-12 x 9-11 mm at 3-12 % of the bone signal.
-    ``scale`` multiplies all semi-axes; ``pannus_level`` is the pannus signal range (fraction of
-    :data:`CSF_LEVEL`). Both are knobs for making the demo task easier or harder.
+    Full grade: pannus 14-18 mm (LR) x 7-11 mm (AP) x 11-16 mm (SI) at ``pannus_level`` x CSF signal
+    (brighter than marrow and cord, below CSF so a 99th-percentile window keeps it), erosion
+    10-13 x 9-12 x 9-11 mm at 3-12 % of the bone signal; ``small`` (the "intermediate" grade): a
+    thin, faint pannus and a shallow erosion, no mass effect. ``scale`` multiplies all semi-axes.
     """
     out: list[LesionSpec] = []
     for kind in kinds:
@@ -92,14 +90,9 @@ def sample_lesions(rng: np.random.Generator, kinds: tuple[str, ...], small: bool
 
 def _roi(image: sitk.Image, lesions: list[LesionSpec], margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Index box (numpy (k, j, i) order, start and stop) covering all lesions plus a margin."""
-    pts = []
-    for les in lesions:
-        c, r = np.array(les.centre_lps), max(les.semi_axes_mm) * 1.4 + margin_mm
-        for dx in (-r, r):
-            for dy in (-r, r):
-                for dz in (-r, r):
-                    pts.append(image.TransformPhysicalPointToContinuousIndex((c + (dx, dy, dz)).tolist()))
-    ijk = np.array(pts)
+    corners = np.array(list(itertools.product((-1.0, 1.0), repeat=3)))
+    ijk = np.array([image.TransformPhysicalPointToContinuousIndex(p.tolist()) for les in lesions
+                    for p in np.array(les.centre_lps) + (max(les.semi_axes_mm) * 1.4 + margin_mm) * corners])
     size = np.array(image.GetSize())
     lo = np.clip(np.floor(ijk.min(0)).astype(int), 0, size - 1)
     hi = np.clip(np.ceil(ijk.max(0)).astype(int) + 1, 1, size)
@@ -108,11 +101,9 @@ def _roi(image: sitk.Image, lesions: list[LesionSpec], margin_mm: float) -> tupl
 
 def _physical(image: sitk.Image, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """LPS coordinates (3, K, J, I) of the voxel centres in the (k, j, i) box [lo, hi)."""
-    kk, jj, ii = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij")
-    idx = np.stack([ii, jj, kk]).reshape(3, -1).astype(float)  # (i, j, k)
+    idx = (np.indices(hi - lo) + lo[:, None, None, None])[::-1].reshape(3, -1).astype(float)  # (i, j, k)
     m = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
-    pts = m @ idx + np.array(image.GetOrigin())[:, None]
-    return pts.reshape((3,) + kk.shape)
+    return (m @ idx + np.array(image.GetOrigin())[:, None]).reshape((3, *(hi - lo)))
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: float) -> np.ndarray:
@@ -139,29 +130,22 @@ def plant_lesions(template: sitk.Image, lesions: list[LesionSpec],
     weight >= 0.5 of the returned soft mask (after any resampling).
     """
     if not lesions:
-        empty = sitk.Image(template.GetSize(), sitk.sitkFloat32)
-        empty.CopyInformation(template)
-        return template, empty
+        return template, template * 0
     arr = sitk.GetArrayFromImage(template).astype(np.float32)
     soft = np.zeros(arr.shape, np.float32)
     lo, hi = _roi(template, lesions, margin_mm=8.0)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     roi = arr[box]
     pts = _physical(template, lo, hi)
-    spacing = np.array(template.GetSpacing())
-    inv = np.linalg.inv(np.array(template.GetDirection()).reshape(3, 3) * spacing)
+    inv = np.linalg.inv(np.array(template.GetDirection()).reshape(3, 3) * np.array(template.GetSpacing()))
     w_all = np.zeros(roi.shape, np.float32)
     for les in lesions:
         if les.kind == "pannus" and les.push_mm > 0:
-            c = np.array(les.centre_lps)[:, None, None, None]
-            d = pts - c
+            d = pts - np.array(les.centre_lps)[:, None, None, None]
             g = np.exp(-0.5 * ((d[0] / 9.0) ** 2 + (d[1] / 7.0) ** 2 + (d[2] / 9.0) ** 2))
             side = 1.0 / (1.0 + np.exp(-d[1] / 1.5))  # only the posterior side moves
-            u_lps = np.zeros_like(pts)
-            u_lps[1] = les.push_mm * g * side  # +y = posterior
-            u_idx = np.tensordot(inv, u_lps, axes=1)  # displacement in (i, j, k) voxels
-            grid = np.indices(roi.shape).astype(np.float32)  # (k, j, i) voxel coordinates
-            src = grid - u_idx[::-1]
+            u_idx = inv[:, 1, None, None, None] * (les.push_mm * g * side)  # +y push, in (i, j, k) voxels
+            src = np.indices(roi.shape).astype(np.float32) - u_idx[::-1]  # (k, j, i) voxel coordinates
             roi = ndimage.map_coordinates(roi, src, order=1, mode="nearest").astype(np.float32)
         wobble = _smooth_noise(rng, roi.shape, sigma_vox=2.0)
         w = _blob(pts, les, wobble)
@@ -173,8 +157,5 @@ def plant_lesions(template: sitk.Image, lesions: list[LesionSpec],
         w_all = np.maximum(w_all, w)
     arr[box] = roi
     soft[box] = w_all
-    out = sitk.GetImageFromArray(arr)
-    out.CopyInformation(template)
-    mask = sitk.GetImageFromArray(soft)
-    mask.CopyInformation(template)
-    return out, mask
+    grid = Grid.of(template)
+    return image_from_array(arr, grid), image_from_array(soft, grid)

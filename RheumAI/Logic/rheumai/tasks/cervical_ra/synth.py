@@ -156,23 +156,14 @@ class CohortInfo:
 
 
 
-def _counts(n: int, params: CohortParams) -> dict[str, int]:
-    c = {
-        "intermediate": int(round(params.p_intermediate * n)),
-        "baseline_deformity": int(round(params.p_baseline_deformity * n)),
-        "short_followup": int(round(params.p_short_followup * n)),
-    }
-    while sum(c.values()) >= n and sum(c.values()) > 0:  # keep at least one included subject
-        c[max(c, key=c.get)] -= 1
-    c["included"] = n - sum(c.values())
-    return c
-
-
 def plan_cohort(params: CohortParams) -> list[SubjectPlan]:
     """Draw every subject's role, outcome, lesion kinds, dates, site and clinical values."""
     rng = np.random.default_rng([params.seed])
     n = params.n_subjects
-    counts = _counts(n, params)
+    counts = {r: int(round(getattr(params, "p_" + r) * n)) for r in ROLES[1:]}
+    while sum(counts.values()) >= n:  # keep at least one included subject
+        counts[max(counts, key=counts.get)] -= 1
+    counts["included"] = n - sum(counts.values())
     roles = np.array(sum(([r] * counts[r] for r in ROLES), []))
     roles = roles[rng.permutation(n)]
     included = np.flatnonzero(roles == "included")
@@ -489,8 +480,8 @@ def generate_cohort(out_dir: str | Path, n: int = 60, prevalence: float = 0.15, 
     params = CohortParams(n_subjects=n, prevalence=prevalence, seed=seed, **options)
     out = Path(out_dir)
     template = load_template(template_path)
-    record = {"generator": "rheumai.synth.cervical", "version": GENERATOR_VERSION, "params": json.loads(json.dumps(asdict(params))),
-              "template": template.path.name}
+    record = {"generator": "rheumai.synth.cervical", "version": GENERATOR_VERSION,
+              "params": json.loads(json.dumps(asdict(params))), "template": template.path.name}
     cfile = out / "cohort.json"
     if cfile.exists():
         try:
