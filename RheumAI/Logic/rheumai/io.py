@@ -274,8 +274,19 @@ def _read_series(folder: Path, series: SeriesInfo) -> Study:
         image = _read_image(where, "multi-frame DICOM cannot be read")
     elif len(series.files) == 1:
         raise InputError(series.files[0], f"series {series.uid} has a single slice: a 2D image; a 3D volume is needed")
-    else:
-        files = check_slice_geometry(series.files, headers)
+    else:  # single-frame files: checked as the index checks them (one orientation, even spacing)
+        frames = []
+        for f, ds in zip(files, headers):
+            ipp = finite_floats(ds.get("ImagePositionPatient"), 3)
+            iop = finite_floats(ds.get("ImageOrientationPatient"), 6)
+            if ipp is None or iop is None:
+                raise InputError(f, "has no ImagePositionPatient / ImageOrientationPatient; its place in the volume "
+                                    "is unknown")
+            frames.append(Frame(f, 0, ipp, iop, (1.0, 1.0), 1.0, 0.0, (), ""))  # type: ignore[arg-type]
+        stack = stack_of(frames)
+        if stack.problem:
+            raise InputError(stack.at.file if stack.at else folder, stack.problem)
+        files = [fr.file for fr in stack.frames]
         try:
             image = sitk.ReadImage(files)
         except RuntimeError as exc:
@@ -343,21 +354,3 @@ def _plain(value: Any) -> Any:
         return float(value)
     except (TypeError, ValueError):
         return str(value)
-
-
-def check_slice_geometry(files: list[str], headers: list[pydicom.Dataset] | None = None,
-                         rel_tol: float = 0.05) -> list[str]:
-    """Single-frame DICOM files sorted along the slice normal, checked as the index checks them
-    (:func:`rheumai.multiframe.stack_of`: one orientation, no repeated position, even spacing)."""
-    frames = []
-    for f, ds in zip(files, headers or [pydicom.dcmread(f, stop_before_pixels=True) for f in files]):
-        ipp = finite_floats(ds.get("ImagePositionPatient"), 3)
-        iop = finite_floats(ds.get("ImageOrientationPatient"), 6)
-        if ipp is None or iop is None:
-            raise InputError(f, "has no ImagePositionPatient / ImageOrientationPatient; its place in the volume is "
-                                "unknown")
-        frames.append(Frame(f, 0, ipp, iop, (1.0, 1.0), 1.0, 0.0, (), ""))  # type: ignore[arg-type]
-    stack = stack_of(frames, rel_tol)
-    if stack.problem:
-        raise InputError(stack.at.file if stack.at else files[0], stack.problem)
-    return [fr.file for fr in stack.frames]

@@ -80,10 +80,8 @@ def run(args: argparse.Namespace) -> int:
         studies = read_study_table(args.cohort, task)
     elif args.input:
         studies = [inputs_from_args(task, args.input, args.roi, args.clinical, args.id)]
-    elif args.roi or args.clinical:
-        studies = [inputs_from_args(task, [f"{task.roles[0]}={s}"], args.roi, args.clinical) for s in args.studies]
     else:
-        studies = [{task.roles[0]: s} for s in args.studies]
+        studies = [inputs_from_args(task, [f"{task.roles[0]}={s}"], args.roi, args.clinical) for s in args.studies]
     shard = parse_shard(args.shard)
     rows = predict_batch(studies, args.model, args.out, saliency=saliency, target_layer=args.target_layer,
                          tta=args.tta, sanity=args.sanity, scene=args.scene, fmt=args.format,
@@ -98,10 +96,8 @@ def run(args: argparse.Namespace) -> int:
     mine = [r for r in rows if r.get("key") in keys or str(r.get("key", "")).startswith("invalid_")]
     failed = [r for r in mine if r.get("error")]
     for r in mine:
-        if r.get("error"):
-            print(f"FAILED  {r['study']}: {r['error']}")
-        else:
-            print(f"{r['summary']}  {r['study']}" if r.get("summary") and r.get("probability") is None
-                  else f"{r['probability']:.4f}  class {r['label']}  {r['study']}")
+        print(f"FAILED  {r['study']}: {r['error']}" if r.get("error")
+              else f"{r['summary']}  {r['study']}" if r.get("summary") and r.get("probability") is None
+              else f"{r['probability']:.4f}  class {r['label']}  {r['study']}")
     print(f"wrote {args.out / 'predictions.csv'} ({len(mine) - len(failed)} ok, {len(failed)} failed)")
     return 1 if failed else 0  # every study was tried; a failure still shows in the exit status

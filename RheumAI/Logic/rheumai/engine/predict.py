@@ -1,12 +1,8 @@
 """One predictor for every task: study -> task preprocessing -> network -> head decode -> saliency.
 
-``Predictor(checkpoint)`` loads the network once and runs the hooks of the task its card names
-(:class:`rheumai.tasks.base.Task`): ``load_sample(inputs, card)`` (network arrays + the grids that
-map results back into each source series, LPS mm), ``to_tensors(sample, card)`` (unbatched Tensor
-or dict), optional ``forward(model, batch)`` -> {head: Tensor}, ``postprocess(outputs, card,
-sample)`` -> JSON-able values, ``saliency_maps(model, batch, samples, card, method, layer)`` ->
-(outputs of the same pass or None, [{role: RoleMap}]). Study inputs: ``{role: path | Study |
-image, "roi", "clinical", "id", "series_uid"}``; a single-input task also takes the study alone.
+``Predictor(checkpoint)`` loads the network once and runs the predict hooks of the task its card
+names (:class:`rheumai.tasks.base.Task`). Study inputs: ``{role: path | Study | image, "roi",
+"clinical", "id", "series_uid"}``; a single-input task also takes the study alone.
 :func:`predict_batch` streams: worker threads read ahead while the network runs and a writer thread
 writes files and tables (:mod:`rheumai.engine.write`).
 """
@@ -15,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import functools
 import hashlib
 import os
 import re
@@ -49,13 +46,10 @@ class RoleMap:
     titles: list[str] | None = None
     input_map: np.ndarray | None = None
     to_source: Callable[[np.ndarray], sitk.Image] | None = field(default=None, repr=False)
-    _volume: sitk.Image | None = field(default=None, repr=False)
 
-    @property
+    @functools.cached_property
     def volume(self) -> sitk.Image | None:
-        if self._volume is None and self.to_source is not None:
-            self._volume = self.to_source(self.grid)
-        return self._volume
+        return None if self.to_source is None else self.to_source(self.grid)
 
 
 @dataclass
@@ -155,7 +149,7 @@ class Prepared:
     inputs: Mapping[str, Any]
     sample: Any = None
     x: Any = None
-    error: str | None = None
+    error: Exception | None = None
     seconds: float = 0.0
 
 
@@ -189,12 +183,6 @@ class Predictor:
                                    f"(inputs: {', '.join(roles)}, roi, clinical)")
         return d
 
-    def _load(self, inputs: dict[str, Any], key: str, name: str) -> Prepared:
-        t = time.perf_counter()
-        sample = self.task.load_sample(inputs, self.card)
-        x = self.task.to_tensors(sample, self.card)
-        return Prepared(key, name, inputs, sample, x, seconds=time.perf_counter() - t)
-
     def prepare(self, study: Any) -> Prepared:
         """Read + preprocess one study (safe in a worker thread); errors are captured, not raised."""
         try:
@@ -203,13 +191,16 @@ class Predictor:
         except InputError as exc:  # still reported, under a key that names nothing from the data
             bad = study if isinstance(study, Mapping) else {"id": study}
             key = "invalid_" + hashlib.sha1(repr(sorted(map(str, bad.items()))).encode()).hexdigest()[:12]
-            return Prepared(key, repr(bad.get("id", study))[:120], {}, error=f"{type(exc).__name__}: {exc}")
+            return Prepared(key, repr(bad.get("id", study))[:120], {}, error=exc)
         first = next((inputs[r] for r in self.task.roles if inputs.get(r) is not None), None)
         name = str(inputs.get("id") or (first if isinstance(first, (str, Path)) else key))
+        t = time.perf_counter()
         try:
-            return self._load(inputs, key, name)
+            sample = self.task.load_sample(inputs, self.card)
+            x = self.task.to_tensors(sample, self.card)
         except Exception as exc:  # noqa: BLE001  reported per study by the caller
-            return Prepared(key, name, inputs, error=f"{type(exc).__name__}: {exc}")
+            return Prepared(key, name, inputs, error=exc)
+        return Prepared(key, name, inputs, sample, x, seconds=time.perf_counter() - t)
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         """Batched input -> {head: Tensor} (inference mode); a bare Tensor is the head ``"out"``."""
@@ -282,9 +273,10 @@ class Predictor:
         saliency = resolve_saliency(self.task, saliency)  # refused before the study is read
         if sanity and not saliency:
             raise ValueError("sanity checks need a saliency method")
-        inputs = self.inputs_of(study)
-        return self.run([self._load(inputs, study_key(inputs, self.task.roles), "")], saliency, target_layer,
-                        tta, sanity)[0]
+        p = self.prepare(study)
+        if p.error is not None:
+            raise p.error
+        return self.run([p], saliency, target_layer, tta, sanity)[0]
 
 
 def select_shard(items: Sequence[Any], shard: tuple[int, int] | None) -> list[Any]:
@@ -375,7 +367,7 @@ def predict_batch(studies: Sequence[Any], checkpoint_dir: str | Path, out_dir: s
                                       montage=montage)
                 row.update({k: v for k, v in files.items() if v})
             except Exception as exc:  # noqa: BLE001  the study is reported, the batch goes on
-                row["error"] = f"{type(exc).__name__}: {exc}"
+                row["error"] = _text(exc)
         row["finished"] = time.time()
         W.put_row(out, row)
         if time.monotonic() - last_merge >= 1.0:  # the tables at most once a second
@@ -383,12 +375,12 @@ def predict_batch(studies: Sequence[Any], checkpoint_dir: str | Path, out_dir: s
             last_merge = time.monotonic()
 
     def done_with(name: str, p: Prepared | None = None, res: PredictionResult | None = None,
-                  error: str | None = None) -> None:
+                  error: Exception | None = None) -> None:
         """Queue the study's row and files (p None: done in an earlier run); progress."""
         nonlocal count
         if p is not None:
             if error:
-                tqdm.write(f"predict: skipped {p.name}: {error}")
+                tqdm.write(f"predict: skipped {p.name}: {_text(error)}")
             writes.append(writer.submit(write, _row(pred, p, res, saliency, error), res))
             if len(writes) > 8:  # bounded: the network never runs far ahead of the disk
                 writes.popleft().result()
@@ -415,7 +407,7 @@ def predict_batch(studies: Sequence[Any], checkpoint_dir: str | Path, out_dir: s
         try:
             results, error = pred.run(group, saliency, target_layer, tta, sanity), None
         except Exception as exc:  # noqa: BLE001
-            results, error = [None] * len(group), f"{type(exc).__name__}: {exc}"
+            results, error = [None] * len(group), exc
         for p, res in zip(group, results):
             done_with(p.name, p, res, error)
         group.clear()
@@ -440,13 +432,18 @@ def predict_batch(studies: Sequence[Any], checkpoint_dir: str | Path, out_dir: s
     return rows
 
 
+def _text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _row(pred: Predictor, p: Prepared, res: PredictionResult | None, saliency: str | None,
-         error: str | None) -> dict[str, Any]:
+         error: Exception | None) -> dict[str, Any]:
     """The study's table row: scalar values (``clinical_missing`` joined by ';'), paths, error."""
     first = next((p.inputs[r] for r in pred.task.roles if isinstance(p.inputs.get(r), (str, Path))), None)
     row: dict[str, Any] = {"study": p.name, "key": p.key, "task": pred.task.name, "model_id": pred.model_id,
                            "threshold": pred.threshold, "saliency": saliency,
-                           "source_path": None if first is None else str(Path(first).resolve()), "error": error}
+                           "source_path": None if first is None else str(Path(first).resolve()),
+                           "error": error and _text(error)}
     if res is not None:
         row.update({k: v for k, v in res.values.items() if not isinstance(v, (dict, list))})
         if isinstance(res.values.get("clinical_missing"), list):

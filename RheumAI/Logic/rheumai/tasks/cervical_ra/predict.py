@@ -1,18 +1,15 @@
 """Predict-side hooks of the cervical RA task for :class:`rheumai.engine.predict.Predictor`.
 
-Sample: the six sagittal slices (:class:`~rheumai.tasks.cervical_ra.slices.SliceSelection`,
-(C, H, W) = (slices right -> left, superior -> inferior, anterior -> posterior)) and the source
-image. Network input: the selection through the card's inference transform (optional centre crop,
-resize to the architecture's ``input_size``; the identity when those match the selection). One
-logit: probability = sigmoid(logit) (+ the card's recalibration), class = probability >= threshold.
-Saliency is computed on the network input, sent back into the crop box of the selection grid,
-zeroed outside the source's field of view and resampled into the source's exact grid (LPS).
+Sample: the six sagittal slices (C, H, W) = (right -> left, superior -> inferior, anterior ->
+posterior) and the source image. Network input: the selection through the card's inference
+transform (centre crop, resize; skipped when it is the identity). Saliency on the network input is
+sent back into the crop box, zeroed outside the field of view and resampled into the source's grid.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -75,23 +72,19 @@ def to_tensors(sample: CervicalSample, card: dict[str, Any]) -> torch.Tensor:
     return torch.as_tensor(np.asarray(eval_transform_from_card(card)(arr)), dtype=torch.float32)
 
 
-def _from_input(card: dict[str, Any], size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
+def _to_selection(m: np.ndarray, card: dict[str, Any], size: tuple[int, int]) -> np.ndarray:
     """(C, h, w) on the network input -> (C, H, W) on the selection grid (bilinear into the crop
     box, zero outside it)."""
     box = _crop_box(card, size)
     if box is None:
-        return lambda m: m
+        return m
     from ...saliency import upsample
 
     r0, c0, r1, c1 = box
-
-    def inverse(m: np.ndarray) -> np.ndarray:
-        out = np.zeros((m.shape[0], *size), np.float32)
-        inner = upsample(torch.as_tensor(m, dtype=torch.float32)[None], (r1 - r0 + 1, c1 - c0 + 1))[0]
-        out[:, r0:r1 + 1, c0:c1 + 1] = inner.clamp(0, 1).numpy()
-        return out
-
-    return inverse
+    out = np.zeros((m.shape[0], *size), np.float32)
+    inner = upsample(torch.as_tensor(m, dtype=torch.float32)[None], (r1 - r0 + 1, c1 - c0 + 1))[0]
+    out[:, r0:r1 + 1, c0:c1 + 1] = inner.clamp(0, 1).numpy()
+    return out
 
 
 def postprocess(outputs: dict[str, torch.Tensor], card: dict[str, Any], sample: CervicalSample) -> dict[str, Any]:
@@ -113,7 +106,7 @@ def saliency_maps(model: torch.nn.Module, batch: torch.Tensor, samples: Sequence
     out = []
     for sample, input_map in zip(samples, maps):
         sel = sample.selection
-        grid = _from_input(card, tuple(sel.params.size))(input_map) * sel.mask
+        grid = _to_selection(input_map, card, tuple(sel.params.size)) * sel.mask
         out.append({ROLE: RoleMap(role=ROLE, grid=grid, images=sel.array, overlay=grid, input_map=input_map,
                                   to_source=sel.to_source)})  # grid is zero outside the field of view
     return {"out": logits}, out

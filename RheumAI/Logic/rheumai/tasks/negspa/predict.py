@@ -1,15 +1,10 @@
 """Predict-side hooks of NegSpA-AI for :class:`rheumai.engine.predict.Predictor`.
 
-Sample: the three sequences sampled on the two joint-half grids of the box
-(:class:`~rheumai.tasks.negspa.preprocess.NegSpaSample`) and the encoded clinical vector (the
-card's ``clinical_encoder``, missing values flagged). Network input ``{"x": (S*2*C, H, W),
-"clinical": (D,)}``; output: one logit per joint half; the patient probability is the larger half
-probability, the class is probability >= the card's threshold.
-
-Saliency: Grad-CAM at ``branches.<role>.<layer>`` (default ``layer4``), once per sequence and joint
-half, each time explaining that half's logit; a branch sees a half's slices as channels, so a half
-gets one in-plane map repeated over its slices. Per sequence both halves' maps are divided by their
-joint maximum (left/right contrast kept), then resampled onto that series' exact grid.
+Sample: the three sequences on the two joint-half grids of the box and the encoded clinical vector
+(missing values flagged). Output: one logit per joint half; the patient probability is the larger.
+Saliency: Grad-CAM at ``branches.<role>.<layer>`` per sequence and half (explaining that half's
+logit), one in-plane map repeated over the half's slices; both halves of a sequence share one
+maximum (left/right contrast kept), then go onto that series' exact grid.
 """
 
 from __future__ import annotations
