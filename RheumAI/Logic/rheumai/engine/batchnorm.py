@@ -28,42 +28,33 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[Any],
     inputs over ``batches`` (``forward(model, batch)`` runs one on the device; only BatchNorm layers in
     training mode). Returns the number of layers recalibrated; the model is left in eval mode."""
     layers = trainable_batchnorms(model)
-    if not layers:
-        model.eval()
-        return 0
-    sums: dict[int, list[Any]] = {}
+    sums: dict[_BatchNorm, list[Any]] = {m: [0.0, 0.0, 0] for m in layers}  # per channel: sum, squares; n
 
     def hook(mod: _BatchNorm, inputs: tuple[torch.Tensor, ...]) -> None:
         x = inputs[0].detach().to(torch.float64)
-        dims = [0] + list(range(2, x.dim()))
-        acc = sums.setdefault(id(mod), [0.0, 0.0, 0])
-        acc[0] = acc[0] + x.sum(dim=dims)
-        acc[1] = acc[1] + (x * x).sum(dim=dims)
-        acc[2] += x.numel() // x.shape[1]
+        dims, s = [0, *range(2, x.dim())], sums[mod]
+        s[0], s[1], s[2] = s[0] + x.sum(dim=dims), s[1] + (x * x).sum(dim=dims), s[2] + x[:, 0].numel()
 
-    was_training = model.training
+    was_training, n_batches = model.training, 0
     handles = [m.register_forward_pre_hook(hook) for m in layers]
     model.eval()
     for m in layers:
         m.train()
-    n_batches = 0
     try:
-        for batch in batches:
+        for batch in batches if layers else ():
             forward(model, batch)
             n_batches += 1
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if n_batches == 0:
+    model.eval()
+    if layers and n_batches == 0:
         raise ValueError("recalibrate_batchnorm: no batches")
-    for m in layers:
-        s, ss, n = sums[id(m)]
+    for m, (s, ss, n) in sums.items():
         mean = s / n
-        var = (ss - n * mean * mean) / max(n - 1, 1)
         m.running_mean.copy_(mean.to(m.running_mean.dtype))
-        m.running_var.copy_(var.clamp_min(0).to(m.running_var.dtype))
+        m.running_var.copy_(((ss - n * mean * mean) / max(n - 1, 1)).clamp_min(0).to(m.running_var.dtype))
         if m.num_batches_tracked is not None:
             m.num_batches_tracked.fill_(n_batches)
-    model.eval()
     return len(layers)
