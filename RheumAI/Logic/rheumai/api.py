@@ -25,9 +25,8 @@ from .engine.write import merge_folders, write_study
 __all__ = ["load", "predict", "predict_many", "read_studies", "merge", "train", "evaluate"]
 
 
-def load(model: str | Path, device: str = "cpu", task: str | None = None) -> Predictor:
-    """The checkpoint loaded for its task (keep it to predict many studies without reloading)."""
-    return Predictor(model, device=device, task=task)
+load = Predictor  # load(model, device, task): the checkpoint for its task, kept to predict many studies
+merge = merge_folders  # merge(sources, out_dir): several prediction folders (shards) into one; every row
 
 
 def predict(model: str | Path | Predictor, study: Any, out_dir: str | Path | None = None,
@@ -58,8 +57,3 @@ def read_studies(table: str | Path, model: str | Path, task: str | None = None) 
     from .engine.batch import read_study_table
 
     return read_study_table(table, task_of(model, task))
-
-
-def merge(sources: Sequence[str | Path], out_dir: str | Path) -> list[dict[str, Any]]:
-    """Merge several prediction folders (shards) into ``out_dir``; returns every row."""
-    return merge_folders(sources, out_dir)

@@ -82,10 +82,8 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
 def exchange_paths(a: str | Path, b: str | Path) -> bool:
     """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
     system or file system does not offer it."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2 if sys.platform.startswith("linux") else None
-    except (OSError, AttributeError):
-        fn = None
+    linux = sys.platform.startswith("linux")
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if linux else None
     if fn is None:
         return False
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]

@@ -28,15 +28,13 @@ def die_with_parent(parent_pid: int, period_s: float = 0.5) -> None:
             pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
-    threading.Thread(target=_watch_parent, args=(parent_pid, period_s), daemon=True,
-                     name="rheumai-parent-watch").start()
 
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(period_s)
+        os._exit(1)
 
-def _watch_parent(parent_pid: int, period_s: float) -> None:
-    while True:
-        time.sleep(period_s)
-        if os.getppid() != parent_pid:
-            os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="rheumai-parent-watch").start()
 
 
 def stop_pool(pool: ProcessPoolExecutor, timeout_s: float = 5.0) -> None:
