@@ -291,7 +291,8 @@ def fit(model: torch.nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torc
             trainable, lr=c.lr, weight_decay=c.weight_decay)
         sched, total = torch.optim.lr_scheduler, c.epochs * sampler.steps
         scheduler = (sched.OneCycleLR(optimizer, c.lr, total_steps=total) if c.scheduler == "onecycle" else
-                     sched.CosineAnnealingLR(optimizer, T_max=total) if c.scheduler == "cosine" else None)
+                     sched.CosineAnnealingLR(optimizer, T_max=total) if c.scheduler == "cosine" else
+                     sched.LambdaLR(optimizer, lambda _: 1.0))
         scaler = torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported())
 
         state_dir = out / "state"
@@ -309,7 +310,7 @@ def fit(model: torch.nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torc
                 raise InputError(out / "config.toml", "the config differs from the interrupted run's: "
                                  + "; ".join(diff))
             st.update({k: meta[k] for k in st if k in meta})
-            if scheduler is not None and meta.get("scheduler"):
+            if meta.get("scheduler"):
                 scheduler.load_state_dict(meta["scheduler"])
         if d.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -355,8 +356,7 @@ def fit(model: torch.nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torc
                     step_loss += float(loss.detach())
                 scaler.step(optimizer)
                 scaler.update()
-                if scheduler is not None:
-                    scheduler.step()
+                scheduler.step()
                 loss_sum += torch.tensor([step_loss, 1.0], dtype=torch.float64)
                 step_bar.set_postfix(loss=f"{step_loss:.4f}")
                 if progress:
@@ -398,8 +398,7 @@ def fit(model: torch.nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torc
             early = bool(c.early_stopping_patience and st["bad_epochs"] >= c.early_stopping_patience)
             due = early or epoch + 1 == c.epochs or (c.state_every > 0 and (epoch + 1) % c.state_every == 0)
             if d.main and due:
-                meta = {**st, "config": record, "score_name": score_name,
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None}
+                meta = {**st, "config": record, "score_name": score_name, "scheduler": scheduler.state_dict()}
                 save_training_state(state_dir, model, optimizer, meta, scaler=scaler, keep_best=True,
                                     best_model=best_state if improved else None)
                 write_text(out / "history.csv", pd.DataFrame(history, columns=columns).to_csv(index=False))

@@ -19,6 +19,7 @@ from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
 from torch import nn
 from torch.nn import functional as F
 
+from ..landmarks import keypoint_loss, radial_errors_mm, soft_argmax
 from ..metrics import binary_report, wilson_ci
 
 
@@ -287,13 +288,9 @@ class KeypointsHead(Head):
     kind, score_name = "keypoints", "neg_mean_error_px"
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        from ..landmarks import keypoint_loss
-
         return keypoint_loss(output, target, self.sigma, self.stride, self.coord_weight)
 
     def decode(self, output: torch.Tensor) -> dict[str, np.ndarray]:
-        from ..landmarks import soft_argmax
-
         return {"points": _np(soft_argmax(output.float(), self.stride))}
 
     def score(self, pred: dict[str, np.ndarray], target: np.ndarray) -> float:
@@ -303,8 +300,6 @@ class KeypointsHead(Head):
                seed: int = 0, spacing_mm: Sequence[float] | np.ndarray = (1.0, 1.0),
                **kw: Any) -> dict[str, Any]:
         """``spacing_mm``: (row, col) mm per input pixel, one pair or one per case (N, 2)."""
-        from ..landmarks import radial_errors_mm
-
         pts, tgt = np.asarray(pred["points"], float), np.asarray(target, float)
         sp = np.broadcast_to(np.asarray(spacing_mm, float), (pts.shape[0], 2))
         err = np.stack([radial_errors_mm(p, t, s) for p, t, s in zip(pts, tgt, sp)])
