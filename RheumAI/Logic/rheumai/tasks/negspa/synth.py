@@ -25,6 +25,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from ...atomic import atomic_path, write_json, write_text
+from ...errors import InputError
 from ...geometry import Grid, image_from_array
 from .clinical import BINARY
 
@@ -35,6 +36,10 @@ SIGNAL = {"t1": [0.0, 300.0, 620.0, 140.0, 260.0],
           "stir": [0.0, 190.0, 90.0, 620.0, 760.0]}
 SLICE_MM = 4.0
 FOV_MM = (200.0, 150.0, 140.0)  # LR, AP, SI extent of every series (mm)
+# Clinical feature prevalence (positive, negative).
+PREVALENCE = {"inflammatory_back_pain": (0.85, 0.35), "arthritis": (0.35, 0.12), "uveitis": (0.15, 0.03),
+              "heel_enthesitis": (0.3, 0.08), "dactylitis": (0.1, 0.03), "psoriasis": (0.12, 0.05),
+              "ibd": (0.1, 0.03), "nsaid_response": (0.75, 0.3), "family_history": (0.3, 0.08)}
 
 
 @dataclass
@@ -90,9 +95,8 @@ def _series_grid(kind: str, centre: np.ndarray, spacing: float, tilt: float) -> 
 
 
 def _points(grid: Grid) -> np.ndarray:
-    i, j, k = (np.arange(s, dtype=float) for s in grid.size)
-    kk, jj, ii = np.meshgrid(k, j, i, indexing="ij")
-    return grid.index_to_physical(np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1))
+    """(N, 3) LPS points of the voxel centres, in (k, j, i) array order."""
+    return grid.index_to_physical(np.indices(grid.size[::-1]).reshape(3, -1)[::-1].T)
 
 
 def make_subject(rng: np.random.Generator, positive: bool) -> tuple[Subject, str]:
@@ -116,12 +120,8 @@ def make_subject(rng: np.random.Generator, positive: bool) -> tuple[Subject, str
 
 def clinical_row(rng: np.random.Generator, positive: bool, missing_rate: float = 0.1) -> dict[str, str]:
     """Raw clinical values (strings; empty = missing), prevalences depending on the label."""
-    prev_pos = {"inflammatory_back_pain": 0.85, "arthritis": 0.35, "heel_enthesitis": 0.3, "uveitis": 0.15,
-                "dactylitis": 0.1, "psoriasis": 0.12, "ibd": 0.1, "nsaid_response": 0.75, "family_history": 0.3}
-    prev_neg = {"inflammatory_back_pain": 0.35, "arthritis": 0.12, "heel_enthesitis": 0.08, "uveitis": 0.03,
-                "dactylitis": 0.03, "psoriasis": 0.05, "ibd": 0.03, "nsaid_response": 0.3, "family_history": 0.08}
-    prev = prev_pos if positive else prev_neg
-    row: dict[str, str] = {n: ("yes" if rng.random() < prev[n] else "no") for n, _ in BINARY}
+    col = 0 if positive else 1
+    row: dict[str, str] = {n: ("yes" if rng.random() < PREVALENCE[n][col] else "no") for n, _ in BINARY}
     row["crp"] = f"{float(np.exp(rng.normal(2.6 if positive else 1.2, 0.8))):.1f}"
     row["age"] = f"{float(np.clip(rng.normal(31 if positive else 36, 8), 16, 70)):.0f}"
     row["sex"] = "M" if rng.random() < (0.6 if positive else 0.45) else "F"
@@ -147,59 +147,50 @@ def make_cohort(out_dir: str | Path, n: int = 24, seed: int = 0, spacing: float 
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rng0 = np.random.default_rng(seed)
-    labels = np.array([i % 2 for i in range(n)])
-    rng0.shuffle(labels)
+    labels = np.arange(n) % 2
+    np.random.default_rng(seed).shuffle(labels)
     splits = np.empty(n, dtype=object)
     for lab in (0, 1):
         idx = np.flatnonzero(labels == lab)
-        n_tr = int(round(split[0] * len(idx)))
-        n_va = int(round(split[1] * len(idx)))
-        splits[idx[:n_tr]] = "train"
-        splits[idx[n_tr:n_tr + n_va]] = "val"
-        splits[idx[n_tr + n_va:]] = "test"
+        n_tr, n_va = (int(round(f * len(idx))) for f in split[:2])
+        for name, part in zip(("train", "val", "test"), np.split(idx, [n_tr, n_tr + n_va])):
+            splits[part] = name
     rows, clin = [], []
     for i in tqdm(range(n), desc="negspa synth", disable=not show_progress):
         pid = f"SPA{i:04d}"
         rng = np.random.default_rng([seed, i])
         positive = bool(labels[i])
         sub, side = make_subject(rng, positive)
-        folder = out / pid
-        files = {r: folder / f"{r}.nii.gz" for r in ("t1", "t2", "stir")}
-        box_path, truth_path = folder / "box.json", folder / "truth_oedema.nii.gz"
+        files = {**{r: out / pid / f"{r}.nii.gz" for r in ("t1", "t2", "stir")},
+                 "box": out / pid / "box.json", "truth": out / pid / "truth_oedema.nii.gz"}
         grids = {"t1": _series_grid("coronal", sub.centre, spacing, sub.tilt_rad),
                  "t2": _series_grid("axial", sub.centre, spacing * 1.25, 0.0),
                  "stir": _series_grid("coronal", sub.centre, spacing * 1.5, sub.tilt_rad)}
-        if not (box_path.is_file() and truth_path.is_file() and all(f.is_file() for f in files.values())):
+        if not all(f.is_file() for f in files.values()):
             for role, grid in grids.items():
                 t = tissue(_points(grid), sub).reshape(grid.size[::-1])
                 sig = np.asarray(SIGNAL[role], np.float32)[t] * float(rng.uniform(0.8, 1.2))
                 sig = sig + rng.normal(0, noise * 500.0, sig.shape).astype(np.float32)
                 _write(image_from_array(np.maximum(sig, 0).astype(np.float32), grid), files[role])
                 if role == "stir":
-                    _write(image_from_array((t == OEDEMA).astype(np.uint8), grid), truth_path)
+                    _write(image_from_array((t == OEDEMA).astype(np.uint8), grid), files["truth"])
             ws = sub.sacrum_half_width
             half = np.array([ws + 56.0, 34.0, 55.0])  # both joints with margin; LR, AP, SI (mm)
             c = sub.centre + rng.normal(0, 2, 3)
-            write_json(box_path, {"min_lps": list(c - half), "max_lps": list(c + half), "coordinate_system": "LPS",
-                                  "unit": "mm", "description": "box around both sacroiliac joints"})
+            write_json(files["box"], {"min_lps": list(c - half), "max_lps": list(c + half),
+                                      "coordinate_system": "LPS", "unit": "mm",
+                                      "description": "box around both sacroiliac joints"})
         rows.append({"patient_id": pid, "label": int(positive), "split": splits[i],
-                     **{r: str(f.relative_to(out)) for r, f in files.items()},
-                     "box": str(box_path.relative_to(out)), "truth": str(truth_path.relative_to(out)),
-                     "oedema_side": side})
+                     **{r: str(f.relative_to(out)) for r, f in files.items()}, "oedema_side": side})
         clin.append({"patient_id": pid, **clinical_row(rng, positive)})
     write_text(out / "clinical.csv", pd.DataFrame(clin).to_csv(index=False))
-    cohort = out / "cohort.csv"
-    write_text(cohort, pd.DataFrame(rows).to_csv(index=False))
     write_json(out / "synth.json", {"n": n, "seed": seed, "spacing_mm": spacing, "noise": noise,
                                     "signal": SIGNAL, "fov_mm": FOV_MM, "slice_mm": SLICE_MM})
-    return cohort
+    return write_text(out / "cohort.csv", pd.DataFrame(rows).to_csv(index=False))
 
 
 def read_cohort(path: str | Path) -> pd.DataFrame:
     """cohort.csv with the image / box paths made absolute (relative to the CSV's folder)."""
-    from ...errors import InputError
-
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "cohort CSV not found")
