@@ -27,11 +27,7 @@ from ...geometry import SAGITTAL_FRAME, Grid, corners, image_from_array, snap_fr
 from ...io import Study
 from ...normalize import METHODS, normalize_intensity
 
-INTERPOLATORS = {
-    "linear": sitk.sitkLinear,
-    "nearest": sitk.sitkNearestNeighbor,
-    "bspline": sitk.sitkBSpline3,
-}
+INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline3}
 FRAMES = ("acquisition", "patient")
 
 
@@ -64,23 +60,16 @@ class SliceParams:
             object.__setattr__(self, "center_lps", tuple(float(c) for c in self.center_lps))
         if self.n_slices < 1 or self.spacing_mm <= 0 or len(self.size) != 2 or min(self.size) < 1:
             raise ValueError(f"invalid slice parameters: {self}")
-        if self.frame not in FRAMES:
-            raise ValueError(f"frame must be one of {FRAMES}, not '{self.frame}'")
-        if self.interpolator not in INTERPOLATORS:
-            raise ValueError(f"interpolator must be one of {tuple(INTERPOLATORS)}, not '{self.interpolator}'")
-        if self.norm not in METHODS:
-            raise ValueError(f"norm must be one of {METHODS}, not '{self.norm}'")
+        for name, allowed in (("frame", FRAMES), ("interpolator", tuple(INTERPOLATORS)), ("norm", METHODS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not '{getattr(self, name)}'")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["size"] = list(self.size)
-        d["center_lps"] = None if self.center_lps is None else list(self.center_lps)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SliceParams":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def digest(self) -> str:
         """Stable hash of the parameters (for caches)."""
@@ -110,8 +99,7 @@ class SliceSelection:
 
     def grid_image(self, arr: np.ndarray | None = None) -> sitk.Image:
         """``arr`` (default: the selected slices) as an image on the selection grid."""
-        arr = self.array if arr is None else np.asarray(arr, dtype=np.float32)
-        return image_from_array(arr, self.grid)
+        return image_from_array(self.array if arr is None else np.asarray(arr, dtype=np.float32), self.grid)
 
     def to_source(self, arr: np.ndarray, interpolator: str = "linear") -> sitk.Image:
         """Map a (C, H, W) array on the selection grid into the source image's exact grid.
@@ -126,19 +114,17 @@ class SliceSelection:
                              [float(v) for v in g.direction_matrix.ravel()], 0.0, sitk.sitkFloat32)
 
     def save(self, stem: str | Path) -> tuple[Path, Path]:
-        """Write ``stem.npy`` (array) and ``stem.json`` (grid, mask bounds, params, provenance)."""
+        """Write ``stem.npy`` (array) and ``stem.json`` (grids, params, provenance, packed mask)."""
         stem = Path(stem)
         npy, meta = stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".json")
         with atomic_path(npy) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, np.ascontiguousarray(self.array, dtype=np.float32))
-        write_json(meta, {
-            "grid": self.grid.to_dict(),
-            "source_grid": self.source_grid.to_dict(),
-            "params": self.params.to_dict(),
-            "provenance": self.provenance,
-            "mask_packed": _pack_mask(self.mask),
-        })
+        bits = zlib.compress(np.packbits(self.mask.astype(bool)).tobytes())
+        write_json(meta, {"grid": self.grid.to_dict(), "source_grid": self.source_grid.to_dict(),
+                          "params": self.params.to_dict(), "provenance": self.provenance,
+                          "mask_packed": {"shape": list(self.mask.shape),
+                                          "zlib_b64": base64.b64encode(bits).decode()}})
         return npy, meta
 
     @classmethod
@@ -150,21 +136,11 @@ class SliceSelection:
             array = np.load(npy, mmap_mode="r" if mmap else None, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise InputError(stem, f"is not a readable slice selection ({exc})") from None
-        grid = Grid.from_dict(meta["grid"])
-        return cls(array=array, mask=_unpack_mask(meta["mask_packed"], array.shape), grid=grid,
+        bits = zlib.decompress(base64.b64decode(meta["mask_packed"]["zlib_b64"]))
+        mask = np.unpackbits(np.frombuffer(bits, np.uint8))[: array.size].reshape(array.shape).astype(bool)
+        return cls(array=array, mask=mask, grid=Grid.from_dict(meta["grid"]),
                    source_grid=Grid.from_dict(meta["source_grid"]),
                    params=SliceParams.from_dict(meta["params"]), provenance=meta["provenance"])
-
-
-def _pack_mask(mask: np.ndarray) -> dict[str, Any]:
-    """Compact JSON storage of a bool mask: packed bits, zlib-compressed, base64 text."""
-    return {"shape": list(mask.shape),
-            "zlib_b64": base64.b64encode(zlib.compress(np.packbits(mask.astype(bool)).tobytes())).decode()}
-
-
-def _unpack_mask(d: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
-    bits = np.frombuffer(zlib.decompress(base64.b64decode(d["zlib_b64"])), dtype=np.uint8)
-    return np.unpackbits(bits)[: int(np.prod(shape))].reshape(shape).astype(bool)
 
 
 def selection_grid(image: sitk.Image, params: SliceParams) -> Grid:
@@ -173,9 +149,8 @@ def selection_grid(image: sitk.Image, params: SliceParams) -> Grid:
         frame = snap_frame(np.asarray(image.GetDirection()).reshape(3, 3), SAGITTAL_FRAME)
     else:
         frame = SAGITTAL_FRAME.copy()
-    center = np.asarray(params.center_lps, dtype=float) if params.center_lps is not None else voxel_center(image)
+    center = np.array(voxel_center(image) if params.center_lps is None else params.center_lps, dtype=float)
     if params.lr_mm is not None:
-        center = center.copy()
         center[0] = float(params.lr_mm)
     h, w = params.size
     size = np.array([w, h, params.n_slices])
@@ -183,16 +158,6 @@ def selection_grid(image: sitk.Image, params: SliceParams) -> Grid:
     origin = center - frame @ (spacing * (size - 1) / 2.0)
     return Grid(origin=tuple(map(float, origin)), direction=tuple(tuple(map(float, r)) for r in frame),
                 spacing=tuple(map(float, spacing)), size=tuple(map(int, size)))
-
-
-def _overlap_window(image: sitk.Image, grid: Grid) -> tuple[np.ndarray, np.ndarray] | None:
-    """Index box [lo, hi] (inclusive, (i, j, k)) of grid points that may fall inside ``image``."""
-    idx = grid.physical_to_index(corners(image))
-    lo = np.maximum(np.floor(idx.min(axis=0)) - 1, 0).astype(int)
-    hi = np.minimum(np.ceil(idx.max(axis=0)) + 1, np.asarray(grid.size) - 1).astype(int)
-    if np.any(hi < lo):
-        return None
-    return lo, hi
 
 
 def _inside_mask(image: sitk.Image, grid: Grid, eps: float = 1e-4) -> np.ndarray:
@@ -204,53 +169,55 @@ def _inside_mask(image: sitk.Image, grid: Grid, eps: float = 1e-4) -> np.ndarray
     """
     src = Grid.of(image)
     m = np.linalg.inv(src.direction_matrix * np.asarray(src.spacing)[None, :])
-    g = grid.direction_matrix * np.asarray(grid.spacing)[None, :]
-    a = m @ g  # source continuous index per grid index step
+    a = m @ (grid.direction_matrix * np.asarray(grid.spacing)[None, :])  # source index per grid index step
     b = m @ (np.asarray(grid.origin) - np.asarray(src.origin))
-    n = np.asarray(src.size, dtype=float)
-    wi, hj, ck = (np.arange(s, dtype=float) for s in grid.size)
+    k, j, i = np.ogrid[: grid.size[2], : grid.size[1], : grid.size[0]]
     inside = np.ones(tuple(grid.size[::-1]), dtype=bool)
-    for ax in range(3):
-        ci = (b[ax] + a[ax, 0] * wi[None, None, :] + a[ax, 1] * hj[None, :, None] + a[ax, 2] * ck[:, None, None])
-        inside &= (ci >= -0.5 - eps) & (ci <= n[ax] - 0.5 + eps)
+    for ax, n in enumerate(src.size):
+        ci = b[ax] + a[ax, 0] * i + a[ax, 1] * j + a[ax, 2] * k
+        inside &= (ci >= -0.5 - eps) & (ci <= n - 0.5 + eps)
     return inside
 
 
-def _resample_window(image: sitk.Image, grid: Grid, interpolator: int) -> tuple[np.ndarray, np.ndarray]:
-    """Values and inside-mask on ``grid`` (k, j, i), resampling only the overlapping window."""
-    shape = tuple(grid.size[::-1])
-    values = np.zeros(shape, dtype=np.float32)
-    inside = np.zeros(shape, dtype=bool)
-    win = _overlap_window(image, grid)
-    if win is None:
-        return values, inside
-    lo, hi = win
+def _image_box(image: sitk.Image, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """Index box [lo, hi] (inclusive, (i, j, k), not clamped) of ``grid`` points around ``image``."""
+    idx = grid.physical_to_index(corners(image))
+    return np.floor(idx.min(axis=0)).astype(int) - 1, np.ceil(idx.max(axis=0)).astype(int) + 1
+
+
+def _sample(image: sitk.Image, grid: Grid, lo: np.ndarray, hi: np.ndarray, interpolator: str
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Values and inside-mask (k, j, i) on the index box [lo, hi] of ``grid`` (may pass its edges)."""
     sub = Grid(origin=tuple(grid.index_to_physical(lo)), direction=grid.direction, spacing=grid.spacing,
                size=tuple(int(v) for v in hi - lo + 1))
-    res = _resample(image, sub, interpolator)
-    sl = tuple(slice(int(l), int(h) + 1) for l, h in zip(lo[::-1], hi[::-1]))
-    values[sl] = res
-    inside[sl] = _inside_mask(image, sub)
+    # nearest-neighbour extrapolation for points on or just past the border: the mask decides what is outside
+    values = sitk.GetArrayFromImage(sitk.Resample(image, sub.reference_image(), sitk.Transform(),
+                                                  INTERPOLATORS[interpolator], 0.0, sitk.sitkFloat32, True))
+    inside = _inside_mask(image, sub)
     values[~inside] = 0.0
     return values, inside
 
 
-def _resample(image: sitk.Image, grid: Grid, interpolator: int) -> np.ndarray:
-    """Resample onto ``grid``; points on or just past the border take the nearest edge value."""
-    res = sitk.Resample(image, grid.reference_image(), sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32,
-                        True)  # useNearestNeighborExtrapolator: the mask decides what is outside
-    return sitk.GetArrayFromImage(res)
-
-
 def select_slices(source: Study | sitk.Image, params: SliceParams = SliceParams(),
-                  source_path: str | None = None) -> SliceSelection:
-    """Select the task input from a study (or a bare LPS image): see the module docstring.
+                  source_path: str | None = None, full_resample: bool = False) -> SliceSelection:
+    """Select the task input from a study (or a bare LPS image), resampling only the overlapping window.
 
-    Raises :class:`InputError` when a requested slice lies entirely outside the image.
+    full_resample: the reference instead (:func:`select_slices_full_resample`). Raises
+    :class:`InputError` when a requested slice lies entirely outside the image.
     """
     image, provenance = _unpack_source(source, source_path)
     grid = selection_grid(image, params)
-    raw, inside = _resample_window(image, grid, INTERPOLATORS[params.interpolator])
+    raw, inside = np.zeros(grid.size[::-1], np.float32), np.zeros(grid.size[::-1], bool)
+    lo, hi = _image_box(image, grid)
+    wlo, whi = np.maximum(lo, 0), np.minimum(hi, np.asarray(grid.size) - 1)
+    if np.all(whi >= wlo):
+        window = tuple(slice(int(l), int(h) + 1) for l, h in zip(wlo[::-1], whi[::-1]))
+        if full_resample:
+            vol, ins = _sample(image, grid, lo, hi, params.interpolator)
+            pick = tuple(slice(w.start - int(l), w.stop - int(l)) for w, l in zip(window, lo[::-1]))
+            raw[window], inside[window] = vol[pick], ins[pick]
+        else:
+            raw[window], inside[window] = _sample(image, grid, wlo, whi, params.interpolator)
     return _finish(raw, inside, grid, image, params, provenance)
 
 
@@ -261,30 +228,7 @@ def select_slices_full_resample(source: Study | sitk.Image, params: SliceParams 
     The full grid is the selection grid extended by whole steps until it covers the source, so
     the picked points are the same physical points. Slow; for tests and benchmarks.
     """
-    image, provenance = _unpack_source(source, source_path)
-    grid = selection_grid(image, params)
-    idx = grid.physical_to_index(corners(image))
-    lo = np.floor(idx.min(axis=0)).astype(int) - 1
-    hi = np.ceil(idx.max(axis=0)).astype(int) + 1
-    full = Grid(origin=tuple(grid.index_to_physical(lo)), direction=grid.direction, spacing=grid.spacing,
-                size=tuple(int(v) for v in hi - lo + 1))
-    vol = _resample(image, full, INTERPOLATORS[params.interpolator])
-    ins = _inside_mask(image, full)
-    vol[~ins] = 0.0
-    # Pick the selection window out of the full volume (zero where the window leaves it).
-    shape = tuple(grid.size[::-1])
-    raw = np.zeros(shape, np.float32)
-    inside = np.zeros(shape, bool)
-    src_lo = -lo[::-1]  # selection index 0 sits at full index -lo
-    dst, srcs = [], []
-    for ax in range(3):
-        a0 = max(0, -src_lo[ax])
-        a1 = min(shape[ax], vol.shape[ax] - src_lo[ax])
-        dst.append(slice(a0, max(a0, a1)))
-        srcs.append(slice(a0 + src_lo[ax], max(a0, a1) + src_lo[ax]))
-    raw[tuple(dst)] = vol[tuple(srcs)]
-    inside[tuple(dst)] = ins[tuple(srcs)]
-    return _finish(raw, inside, grid, image, params, provenance)
+    return select_slices(source, params, source_path, full_resample=True)
 
 
 def _unpack_source(source: Study | sitk.Image, source_path: str | None) -> tuple[sitk.Image, dict[str, Any]]:
@@ -317,13 +261,10 @@ def _finish(raw: np.ndarray, inside: np.ndarray, grid: Grid, image: sitk.Image, 
                          f"the image, whose left-right extent is [{xs.min():.1f}, {xs.max():.1f}] mm (LPS x); "
                          f"move the centre or use fewer slices")
     arr = normalize_intensity(raw, inside, params.norm, params.norm_lower, params.norm_upper)
-    provenance = dict(provenance, params=params.to_dict())
     return SliceSelection(array=arr, mask=inside, grid=grid, source_grid=Grid.of(image), params=params,
-                          provenance=provenance)
+                          provenance=dict(provenance, params=params.to_dict()))
 
 
 def params_from(base: SliceParams | None = None, **overrides: Any) -> SliceParams:
     """``base`` (default: the paper's) with the non-None ``overrides`` applied."""
-    base = base or SliceParams()
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
-
+    return replace(base or SliceParams(), **{k: v for k, v in overrides.items() if v is not None})
