@@ -246,3 +246,9 @@ def binary_report(y: Any, p: Any, threshold: float, alpha: float = 0.05, auc_met
         fpr, tpr, thr = roc_curve(y, p)
         out["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": np.minimum(thr, 1.0).tolist()}
     return out
+
+
+def validation_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The model card's validation entry of a :func:`binary_report`: counts, AUC, Brier, count metrics."""
+    return {"n": report["n"], "n_positive": report["n_positive"], "auc": report["auc"],
+            "counts": report["counts"], "brier": report["calibration"]["brier"], **report["metrics"]}

@@ -14,7 +14,7 @@ import torch
 from ..atomic import write_json, write_text
 from ..errors import InputError
 from ..metrics import (apply_card_recalibration, binary_report, choose_threshold, logistic_calibration,
-                       parse_threshold_rule, recalibrate_probability)
+                       parse_threshold_rule, recalibrate_probability, validation_summary)
 from ..report import render_html, render_markdown, write_evaluation_report
 from .fit import predict
 from .heads import BinaryHead, Head
@@ -51,6 +51,16 @@ def _rows(kind: str, rep: dict[str, Any]) -> list[list[str]]:
                  ("success within 2 mm", rep["success_2mm"]), ("success within 4 mm", rep["success_4mm"])]
     return [["metric", "estimate (95% CI)" if rep.get("alpha", 0.05) == 0.05 else "estimate (CI)"]] + \
         [[k, _fmt(v)] for k, v in pairs]
+
+
+_HEADLINE = ("n", "n_positive", "auc", "brier", "sensitivity", "specificity", "calibration_intercept",
+             "calibration_slope")
+
+
+def _headline(summary: Mapping[str, Any], cal: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The external-validation figures of a validation summary and its calibration."""
+    both = {**summary, **{f"calibration_{k}": v for k, v in (cal or {}).items()}}
+    return {k: both[k].get("value") if isinstance(both.get(k), dict) else both.get(k) for k in _HEADLINE}
 
 
 def _columns(name: str, kind: str, decoded: dict[str, np.ndarray], target: np.ndarray | None) -> dict[str, Any]:
@@ -187,17 +197,9 @@ def evaluate(model: str | Path, manifest: str | Path, out_dir: str | Path, *, sp
         except ValueError as exc:
             raise InputError(manifest, f"calibration intercept / slope on split {split!r}: {exc}") from None
         cm = card.get("metrics") or {}
-        vm, dcal = cm.get("validation") or {}, cm.get("calibration") or {}
-        g = lambda d, k: (d.get(k) or {}).get("value") if isinstance(d.get(k), dict) else d.get(k)  # noqa: E731
-        dev_fig = {"n": vm.get("n"), "n_positive": vm.get("n_positive"), "auc": g(vm, "auc"), "brier": vm.get("brier"),
-                   "sensitivity": g(vm, "sensitivity"), "specificity": g(vm, "specificity"),
-                   "calibration_intercept": g(dcal, "intercept"), "calibration_slope": g(dcal, "slope"),
+        dev_fig = {**_headline(cm.get("validation") or {}, cm.get("calibration")),
                    "source": "model card: validation split of the development site"}
-        m = report["metrics"]
-        ext = {"n": report["n"], "n_positive": report["n_positive"], "auc": report["auc"]["value"],
-               "brier": report["calibration"]["brier"], "sensitivity": m["sensitivity"]["value"],
-               "specificity": m["specificity"]["value"], "calibration_intercept": cal["intercept"]["value"],
-               "calibration_slope": cal["slope"]["value"], "source": f"{manifest} ({split})"}
+        ext = {**_headline(validation_summary(report), cal), "source": f"{manifest} ({split})"}
         table = [{"metric": k, "development": dev_fig.get(k), "external": ext[k]} for k in ext if k != "source"]
         recal = None
         if recalibrate_out is not None:

@@ -22,7 +22,7 @@ from ..atomic import write_text
 from ..checkpoint import find_training_state, read_card, save_checkpoint, software_versions
 from ..config import TrainConfig, load_config, resolve_manifest, save_config
 from ..errors import InputError
-from ..metrics import binary_report, logistic_calibration, parse_threshold_rule
+from ..metrics import binary_report, logistic_calibration, parse_threshold_rule, validation_summary
 from .crossfit import ThresholdChoice, choose_threshold_with_ci, crossfit, needs_oof, select_epoch
 from .fit import BatchTransform, DistContext, fit, process_group, select_device
 from .heads import BinaryHead
@@ -385,10 +385,7 @@ def _run(cfg: TrainConfig, ctx: _Ctx, train_df: pd.DataFrame, val_df: pd.DataFra
         choice.note = "no validation set: probability 0.5 used" if rule.kind != "fixed" else choice.note
     ckpt = None
     if d.main:
-        vm = None
-        if val_report is not None:
-            vm = {"n": val_report["n"], "n_positive": val_report["n_positive"], "auc": val_report["auc"],
-                  "counts": val_report["counts"], "brier": val_report["calibration"]["brier"], **val_report["metrics"]}
+        vm = validation_summary(val_report) if val_report is not None else None
         df = ctx.df
         card = {
             "task": ctx.recipe.task, **prep.card, "heads": {"out": head.describe()}, "output": ctx.recipe.output,

@@ -17,32 +17,28 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.data import MetaTensor
-from monai.transforms import (CenterScaleCrop, Compose, RandAdjustContrast, RandFlip, RandomizableTransform,
+from monai.transforms import (CenterScaleCrop, Compose, RandAdjustContrast, RandFlip, RandLambda,
                               RandScaleCrop, RandScaleIntensity, RandShiftIntensity, Resize)
 
-from ...config import TrainConfig
+from ...config import TrainConfig, option
+from ...engine.networks import RESNET_DEPTHS
 from ...engine.train import Prepared, Recipe, Stage
 from ...errors import InputError
+from .model import FAMILIES, build_model, default_architecture
+from .slices import SliceParams
 
 
 @dataclass
 class ModelConfig:
     """Network: MONAI ResNet (spatial_dims=2) or slice attention, slices as channels, one logit."""
 
-    family: str = "resnet"
-    depth: int = 101
+    family: str = option("resnet", FAMILIES)
+    depth: int = option(101, RESNET_DEPTHS)
     in_channels: int = 6
     conv1_t_stride: int = 2
     input_size: list[int] = field(default_factory=list)  # (H, W) px; empty = the cached arrays' size
 
     def check(self, src: str | None) -> None:
-        from ...engine.networks import RESNET_DEPTHS
-        from .model import FAMILIES
-
-        if self.family not in FAMILIES:
-            raise InputError(src, f"[model] family {self.family!r} not supported; choose one of {FAMILIES}")
-        if self.depth not in RESNET_DEPTHS:
-            raise InputError(src, f"[model] depth {self.depth} not a MONAI ResNet depth {RESNET_DEPTHS}")
         if self.input_size and (len(self.input_size) != 2 or min(self.input_size) < 16):
             raise InputError(src, f"[model] input_size must be [H, W] >= 16 px, got {self.input_size}")
 
@@ -54,7 +50,7 @@ class AugmentConfig:
     resized to input_size; flip_axes 0 = H, 1 = W; flip_channels_prob mirrors left-right."""
 
     enabled: bool = True
-    crop: str = "random_center"
+    crop: str = option("random_center", ("none", "center", "random_center", "random"))
     crop_fraction: float = 0.85
     flip_prob: float = 0.5
     flip_axes: list[int] = field(default_factory=lambda: [1])
@@ -67,8 +63,6 @@ class AugmentConfig:
     shift_intensity_offset: float = 0.1   # add U(-o, o) (intensities are normalised to ~[0, 1])
 
     def check(self, src: str | None) -> None:
-        if self.crop not in ("none", "center", "random_center", "random"):
-            raise InputError(src, f"[augment] crop {self.crop!r}: none, center, random_center or random")
         if not 0.1 <= self.crop_fraction <= 1.0:
             raise InputError(src, "[augment] crop_fraction must be in [0.1, 1]")
         if any(ax not in (0, 1) for ax in self.flip_axes):
@@ -91,12 +85,9 @@ def load_array(path: str | Path, expect_channels: int | None = None) -> np.ndarr
     return arr
 
 
-class RandChannelReverse(RandomizableTransform):
-    """Reverse the channel order (a left-right mirror: channels are sagittal slices right -> left)."""
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        self.randomize(None)
-        return torch.flip(img, dims=[0]) if self._do_transform else img
+def _reverse_channels(img: torch.Tensor) -> torch.Tensor:
+    """A left-right mirror: the channels are sagittal slices right -> left."""
+    return torch.flip(img, dims=[0])
 
 
 def build_train_transform(aug: AugmentConfig, input_size: Sequence[int]) -> Compose:
@@ -113,7 +104,7 @@ def build_train_transform(aug: AugmentConfig, input_size: Sequence[int]) -> Comp
     t.append(Resize(spatial_size=tuple(input_size), mode="bilinear", anti_aliasing=False))
     t += [RandFlip(prob=aug.flip_prob, spatial_axis=ax) for ax in aug.flip_axes]
     if aug.flip_channels_prob > 0:
-        t.append(RandChannelReverse(prob=aug.flip_channels_prob))
+        t.append(RandLambda(_reverse_channels, prob=aug.flip_channels_prob))
     if aug.contrast_prob > 0:
         t.append(RandAdjustContrast(prob=aug.contrast_prob, gamma=tuple(aug.contrast_gamma), retain_stats=True))
     if aug.scale_intensity_prob > 0:
@@ -166,8 +157,6 @@ class SliceStackDataset(torch.utils.data.Dataset):
 
 def prepare(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, info: dict[str, Any]) -> Prepared:
     """One stage: the whole network, [train] lr and epochs."""
-    from .model import build_model, default_architecture
-
     mc, seed = cfg.model, cfg.train.seed
     prep = info.get("preprocessing")
     if not isinstance(prep, dict):
@@ -227,8 +216,6 @@ def write_toy_cohort(folder: str | Path, n_train: int = 24, n_val: int = 8, n_te
             rows.append({"patient_id": pid, "split": split, "fold": -1, "site": "toy", "label": int(label),
                          "outcome": "yes" if label else "no", "cache_file": f"cache/{pid}"})
     pd.DataFrame(rows).sort_values("patient_id").to_csv(folder / "manifest.csv", index=False)
-    params = {"n_slices": channels, "spacing_mm": 1.0, "size": [size, size], "center_lps": None, "lr_mm": None,
-              "frame": "acquisition", "interpolator": "linear", "norm": "percentile", "norm_lower": 1.0,
-              "norm_upper": 99.0}
+    params = SliceParams(n_slices=channels, size=(size, size)).to_dict()
     (folder / "dataset.json").write_text(json.dumps({"preprocessing": params, "toy": True}, indent=2))
     return folder / "manifest.csv"

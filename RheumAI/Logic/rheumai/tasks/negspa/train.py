@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ...config import TrainConfig
+from ...config import TrainConfig, option
+from ...engine.networks import RESNET_DEPTHS
 from ...engine.train import Prepared, Recipe, Stage
 from ...errors import InputError
 from .clinical import NAMES, ClinicalEncoder
@@ -52,14 +53,8 @@ class NegSpaDataset(torch.utils.data.Dataset):
 
 @dataclass
 class ModelConfig:
-    depth: int = 50                 # ResNet depth per branch
-    shared_backbone: bool = False   # one ResNet for the three sequences
-
-    def check(self, src: str | None) -> None:
-        from ...engine.networks import RESNET_DEPTHS
-
-        if self.depth not in RESNET_DEPTHS:
-            raise InputError(src, f"[model] depth {self.depth} not a MONAI ResNet depth {RESNET_DEPTHS}")
+    depth: int = option(50, RESNET_DEPTHS)  # ResNet depth per branch
+    shared_backbone: bool = False           # one ResNet for the three sequences
 
 
 @dataclass
@@ -72,12 +67,8 @@ class AugmentConfig:
 class FusionConfig:
     """The second stage: clinical MLP + fusion head, branches frozen."""
 
-    epochs: int = 20
+    epochs: int = option(20, lo=1)
     lr: float = 1e-3
-
-    def check(self, src: str | None) -> None:
-        if self.epochs < 1:
-            raise InputError(src, "[fusion] epochs must be >= 1")
 
 
 def _image_stage(model: torch.nn.Module) -> list[torch.nn.Parameter]:
