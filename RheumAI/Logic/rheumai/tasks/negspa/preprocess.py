@@ -15,6 +15,7 @@ survives), over points inside the series' field of view.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,9 +59,7 @@ class Box:
         return (np.asarray(self.min_lps) + np.asarray(self.max_lps)) / 2
 
     def corners(self) -> np.ndarray:
-        lo, hi = np.asarray(self.min_lps), np.asarray(self.max_lps)
-        return np.array([[(lo, hi)[a][0], (lo, hi)[b][1], (lo, hi)[c][2]]
-                         for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+        return np.array(list(itertools.product(*zip(self.min_lps, self.max_lps))))
 
     def to_dict(self) -> dict[str, Any]:
         return {"min_lps": list(self.min_lps), "max_lps": list(self.max_lps), "coordinate_system": "LPS", "unit": "mm"}
@@ -92,10 +91,12 @@ def box_from_dict(d: Mapping[str, Any], source: str | Path | None = None) -> Box
     raise InputError(source, "box JSON needs min_lps + max_lps, center_lps + size_mm, or a markups ROI")
 
 
-def read_box(path: str | Path) -> Box:
-    """Read a box from JSON (see :func:`box_from_dict`) or a one-row CSV with columns
+def read_box(box: Box | Mapping[str, Any] | str | Path) -> Box:
+    """A box as given, from a dict (:func:`box_from_dict`), or read from JSON or a one-row CSV with columns
     min_x,min_y,min_z,max_x,max_y,max_z (LPS mm) or center_x,center_y,center_z,size_x,size_y,size_z."""
-    path = Path(path)
+    if isinstance(box, (Box, Mapping)):
+        return box if isinstance(box, Box) else box_from_dict(box)
+    path = Path(box)
     if not path.is_file():
         raise InputError(path, "box file not found")
     if path.suffix.lower() == ".csv":
@@ -114,12 +115,7 @@ def read_box(path: str | Path) -> Box:
     return box_from_dict(d, path)
 
 
-def as_box(box: Box | Mapping[str, Any] | str | Path) -> Box:
-    if isinstance(box, Box):
-        return box
-    if isinstance(box, Mapping):
-        return box_from_dict(box)
-    return read_box(box)
+as_box = read_box
 
 
 @dataclass(frozen=True)
@@ -145,17 +141,12 @@ class NegSpaParams:
             raise ValueError(f"invalid NegSpA parameters: {self}")
         if self.pixel_mm is not None and self.pixel_mm <= 0:
             raise ValueError("pixel_mm must be positive")
-        if self.frame not in ("acquisition", "patient"):
-            raise ValueError(f"frame must be 'acquisition' or 'patient', not {self.frame!r}")
-        if self.norm not in METHODS:
-            raise ValueError(f"norm must be one of {METHODS}")
-        if self.frame_reference not in ROLES:
-            raise ValueError(f"frame_reference must be one of {ROLES}")
+        for name, allowed in (("frame", ("acquisition", "patient")), ("norm", METHODS), ("frame_reference", ROLES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["size"] = list(self.size)
-        return d
+        return {**asdict(self), "size": list(self.size)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "NegSpaParams":
@@ -171,22 +162,18 @@ def sampling_frame(reference: sitk.Image | None, params: NegSpaParams) -> np.nda
 
 def half_grids(frame: np.ndarray, box: Box, params: NegSpaParams) -> tuple[Grid, Grid]:
     """The (right, left) half grids in ``frame``; columns lateral -> medial (see module doc)."""
-    u_i, u_j, u_k = frame[:, 0], frame[:, 1], frame[:, 2]
-    c = box.center
-    rel = box.corners() - c
-    ext_i = float(np.ptp(rel @ u_i))
-    ext_j = float(np.ptp(rel @ u_j))
+    u_i, u_j, u_k = frame.T
+    ext_i, ext_j = np.ptp((box.corners() - box.center) @ frame[:, :2], axis=0)
     h, w = params.size
     px = float(params.pixel_mm) if params.pixel_mm else max(ext_i / 2 / w, ext_j / h)
     spacing = np.array([px, px, float(params.slice_spacing_mm)])
     size = np.array([w, h, params.n_slices])
     grids = []
     for sign in (-1.0, 1.0):  # right half (towards -x), then left half (towards +x)
-        centre = c + sign * u_i * (w * px / 2)  # halves meet at the box centre
+        centre = box.center + sign * u_i * (w * px / 2)  # halves meet at the box centre
         d = np.stack([-sign * u_i, u_j, u_k], axis=1)  # columns lateral -> medial
         origin = centre - d @ (spacing * (size - 1) / 2)
-        grids.append(Grid(origin=tuple(map(float, origin)), direction=tuple(tuple(map(float, r)) for r in d),
-                          spacing=tuple(map(float, spacing)), size=tuple(map(int, size))))
+        grids.append(Grid.from_dict({"origin": origin, "direction": d, "spacing": spacing, "size": size}))
     return grids[0], grids[1]
 
 
@@ -207,11 +194,6 @@ class SequenceSample:
     source_grid: Grid
     source_path: str | None = None
 
-    def half_image(self, half: int, arr: np.ndarray | None = None) -> sitk.Image:
-        """(C, H, W) ``arr`` (default: this half's input) as an image on half ``half``'s grid."""
-        a = self.array[half] if arr is None else np.asarray(arr, np.float32)
-        return image_from_array(np.ascontiguousarray(a, dtype=np.float32), self.grids[half])
-
     def to_source(self, maps: np.ndarray, interpolator: int = sitk.sitkLinear) -> sitk.Image:
         """(2, C, H, W) maps on the half grids -> one float32 image on the series' exact grid
         (0 outside the sampled slab; the halves do not overlap, the max joins them)."""
@@ -219,11 +201,9 @@ class SequenceSample:
         if maps.shape != self.array.shape:
             raise ValueError(f"maps shape {maps.shape} differs from the sample's {self.array.shape}")
         ref = self.source_grid.reference_image()
-        out = None
-        for h in range(2):
-            r = sitk.Resample(self.half_image(h, maps[h]), ref, sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32)
-            out = r if out is None else sitk.Maximum(out, r)
-        return out
+        halves = [sitk.Resample(image_from_array(np.ascontiguousarray(m), g), ref, sitk.Transform(), interpolator,
+                                0.0, sitk.sitkFloat32) for m, g in zip(maps, self.grids)]
+        return sitk.Maximum(*halves)
 
 
 def preprocess_sequence(image: sitk.Image, box: Box, params: NegSpaParams, role: str = "",
@@ -264,8 +244,7 @@ class NegSpaSample:
         stem = Path(stem)
         npy, meta = stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".json")
         with atomic_path(npy) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, self.stacked())
+            np.save(tmp, self.stacked())  # tmp ends in .npy: no suffix added
         write_json(meta, {
             "format": "rheumai-negspa-sample/1", "roles": list(ROLES), "box": self.box.to_dict(),
             "params": self.params.to_dict(), "provenance": self.provenance,
