@@ -104,17 +104,15 @@ def read_study(path: str | Path, series_uid: str | None = None, require_modality
 def _as_volume(image: sitk.Image, path: Path | str) -> sitk.Image:
     """Check a 3D single-component volume (a 4D one with one volume is taken) and make it float32."""
     n, dim, size = image.GetNumberOfComponentsPerPixel(), image.GetDimension(), image.GetSize()
-    if n != 1:
-        if n == 3 and dim == 2:
-            raise InputError(path, "is a 2D colour image; a 3D MRI volume is needed")
-        raise InputError(path, f"has {n} components per voxel; a scalar volume is needed")
-    if dim == 2 or (dim == 3 and sorted(size)[0] == 1):
-        raise InputError(path, f"is a 2D image (size {'x'.join(map(str, size))}); a 3D volume is needed")
-    if dim == 4 and size[3] != 1:
-        raise InputError(path, f"is a 4D series ({size[3]} volumes); choose one 3D volume")
+    for bad, problem in [(n == 3 and dim == 2, "is a 2D colour image; a 3D MRI volume is needed"),
+                         (n != 1, f"has {n} components per voxel; a scalar volume is needed"),
+                         (dim == 2 or (dim == 3 and min(size) == 1),
+                          f"is a 2D image (size {'x'.join(map(str, size))}); a 3D volume is needed"),
+                         (dim == 4 and size[3] != 1, f"is a 4D series ({size[-1]} volumes); choose one 3D volume"),
+                         (dim not in (2, 3, 4), f"has {dim} dimensions; a 3D volume is needed")]:
+        if bad:
+            raise InputError(path, problem)
     image = image[:, :, :, 0] if dim == 4 else image
-    if image.GetDimension() != 3:
-        raise InputError(path, f"has {image.GetDimension()} dimensions; a 3D volume is needed")
     return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
 
 
@@ -261,7 +259,7 @@ def _read_dicom_folder(folder: Path, series_uid: str | None, require_modality: s
 
 
 def _read_series(folder: Path, series: SeriesInfo) -> Study:
-    headers = series.headers or [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
+    headers = series.headers
     meta = {t: _plain(getattr(headers[0], t)) for t in META_TAGS if getattr(headers[0], t, None) not in (None, "")}
     if series.problem:
         raise InputError(series.files[0], series.problem)

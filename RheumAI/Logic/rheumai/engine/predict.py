@@ -54,25 +54,26 @@ class RoleMap:
 
 @dataclass
 class PredictionResult:
-    """One study: ``values`` from the task's postprocess (JSON-able), saliency maps per role.
-    Shortcuts: the binary head's values, and the first role's source, image and map."""
+    """One study: ``values`` from the task's postprocess (JSON-able), saliency maps per role; the
+    sample's sources, series UID and source images (LPS) by role. Shortcuts: the binary head's
+    values, and the first role's source, image and map."""
 
     task: str
     model_id: str
     values: dict[str, Any]
     sample: Any
-    sources: dict[str, str | None]
-    series_uid: str | None = None
     study_id: str | None = None
     saliency_method: str | None = None
     target_layer: str | None = None
     maps: dict[str, RoleMap] = field(default_factory=dict)
     tta: dict[str, Any] | None = None
     sanity: dict[str, Any] | None = None
-    source_images: dict[str, sitk.Image] = field(default_factory=dict, repr=False)
     timings_s: dict[str, float] = field(default_factory=dict)
     files: dict[str, Any] = field(default_factory=dict)
 
+    sources = property(lambda self: dict(getattr(self.sample, "sources", None) or {}))
+    series_uid = property(lambda self: getattr(self.sample, "series_uid", None))
+    source_images = property(lambda self: dict(getattr(self.sample, "source_images", None) or {}))
     probability = property(lambda self: float(self.values["probability"]))
     label = property(lambda self: int(self.values["label"]))
     threshold = property(lambda self: float(self.values["threshold"]))
@@ -233,10 +234,8 @@ class Predictor:
             values = self.task.postprocess({k: v[i].detach().float().cpu() for k, v in outputs.items()}, self.card,
                                            p.sample)
             res = PredictionResult(self.task.name, self.model_id, values, p.sample,
-                                   dict(getattr(p.sample, "sources", None) or {}),
-                                   getattr(p.sample, "series_uid", None),
                                    None if p.inputs.get("id") is None else str(p.inputs["id"]), saliency or None,
-                                   layer, maps[i], source_images=dict(getattr(p.sample, "source_images", None) or {}),
+                                   layer, maps[i],
                                    timings_s={"read_preprocess": round(p.seconds, 4), "model": round(seconds, 4)})
             if tta or sanity:
                 self._extras(res, p.x, tta, sanity, target_layer)
