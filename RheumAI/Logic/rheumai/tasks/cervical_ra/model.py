@@ -51,17 +51,13 @@ class SliceAttentionNet(torch.nn.Module):
         self.fc = torch.nn.Linear(k, num_outputs)
         self.last_attention: torch.Tensor | None = None
 
-    def attention(self, h: torch.Tensor) -> torch.Tensor:
-        """(N, C, K) slice features -> (N, C) attention weights (softmax over slices)."""
-        score = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).squeeze(-1)
-        return torch.softmax(score, dim=1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
         if c != self.n_slices:
             raise ValueError(f"expected {self.n_slices} slices, got input of shape {tuple(x.shape)}")
-        h = self.encoder(x.reshape(n * c, 1, *x.shape[2:])).reshape(n, c, -1)
-        a = self.attention(h)
+        h = self.encoder(x.reshape(n * c, 1, *x.shape[2:])).reshape(n, c, -1)  # (N, C, K) slice features
+        score = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).squeeze(-1)
+        a = torch.softmax(score, dim=1)
         self.last_attention = a.detach()
         return self.fc((a.unsqueeze(-1) * h).sum(1))
 
@@ -71,14 +67,11 @@ def build_model(architecture: dict[str, Any]) -> torch.nn.Module:
 
     Input: float32 tensor (N, in_channels, H, W); output: (N, num_outputs) logits.
     """
-    family = architecture.get("family")
-    if family not in FAMILIES:
-        raise ValueError(f"architecture family {family!r} not supported; choose one of {FAMILIES}")
-    depth = int(architecture.get("depth", 101))
-    if int(architecture.get("spatial_dims", 2)) != 2:
+    a = {**default_architecture(family=architecture.get("family")), **architecture}
+    if int(a["spatial_dims"]) != 2:
         raise ValueError("only 2D networks (spatial_dims=2) are supported")
-    in_ch, stride = int(architecture.get("in_channels", 6)), int(architecture.get("conv1_t_stride", 2))
-    n_out = int(architecture.get("num_outputs", 1))
-    if family == "slice_attention":
-        return SliceAttentionNet(depth, in_ch, stride, int(architecture.get("attention_dim", 128)), n_out)
+    depth, in_ch, stride, n_out = (int(a[k]) for k in ("depth", "in_channels", "conv1_t_stride",
+                                                       "num_outputs"))
+    if a["family"] == "slice_attention":
+        return SliceAttentionNet(depth, in_ch, stride, int(a["attention_dim"]), n_out)
     return resnet2d(depth, in_ch, stride, n_out)
