@@ -41,35 +41,25 @@ CLINICAL_VARIABLES: tuple[ClinicalVar, ...] = tuple(
     ])
 NAMES = tuple(v.name for v in CLINICAL_VARIABLES)
 _LOG = {"crp"}  # log1p before z-scoring
-_TRUE = {"1", "yes", "y", "true", "t", "present", "pos", "positive", "m", "male"}
-_FALSE = {"0", "no", "n", "false", "f", "absent", "neg", "negative", "f", "female", "w"}
+_YES_NO = {**dict.fromkeys(("1", "yes", "y", "true", "t", "present", "pos", "positive", "m", "male"), 1.0),
+           **dict.fromkeys(("0", "no", "n", "false", "f", "absent", "neg", "negative", "female", "w"), 0.0)}
 _MISSING = {"", "na", "n/a", "nan", "none", "unknown", "?", "missing", "-"}
 
 
 def parse_value(var: ClinicalVar, raw: Any, where: str = "") -> float:
     """One raw cell -> float (NaN when missing). Raises ValueError naming the variable on bad input."""
-    if raw is None or (isinstance(raw, float) and math.isnan(raw)):
-        return math.nan
-    s = str(raw).strip().lower()
+    s = str(raw).strip().lower()  # None and float NaN read as missing words
     if s in _MISSING:
         return math.nan
-    if var.kind == "binary":
-        if s in _TRUE:
-            return 1.0
-        if s in _FALSE:
-            return 0.0
-        try:
-            v = float(s)
-        except ValueError:
-            v = math.nan
-        if v in (0.0, 1.0):
-            return v
+    try:
+        v = _YES_NO[s] if var.kind == "binary" and s in _YES_NO else float(s)
+    except ValueError:
+        v = math.nan
+    if var.kind == "binary" and v not in (0.0, 1.0):
         raise ValueError(f"{where}{var.name}: {raw!r} is not a yes/no value (1/0, yes/no, true/false"
                          f"{', M/F' if var.name == 'sex' else ''}; empty = missing)")
-    try:
-        v = float(s)
-    except ValueError:
-        raise ValueError(f"{where}{var.name}: {raw!r} is not a number ({var.unit})") from None
+    if math.isnan(v):
+        raise ValueError(f"{where}{var.name}: {raw!r} is not a number ({var.unit})")
     if var.range is not None and not (var.range[0] <= v <= var.range[1]):
         raise ValueError(f"{where}{var.name}: {v} {var.unit} outside the plausible range {list(var.range)}")
     return v
@@ -77,20 +67,14 @@ def parse_value(var: ClinicalVar, raw: Any, where: str = "") -> float:
 
 def parse_table(df: pd.DataFrame, source: str | Path | None = None) -> pd.DataFrame:
     """The clinical columns of ``df`` parsed to floats (NaN = missing); absent columns are all NaN."""
-    out = pd.DataFrame(index=df.index)
-    for var in CLINICAL_VARIABLES:
-        if var.name not in df.columns:
-            out[var.name] = np.nan
-            continue
-        vals = []
-        for idx, raw in df[var.name].items():
-            pid = df.at[idx, "patient_id"] if "patient_id" in df.columns else idx
-            try:
-                vals.append(parse_value(var, raw, where=f"patient {pid}: "))
-            except ValueError as exc:
-                raise InputError(source, str(exc)) from None
-        out[var.name] = np.asarray(vals, dtype=float)
-    return out
+    pids = df["patient_id"] if "patient_id" in df.columns else df.index
+    cells = df.reindex(columns=list(NAMES))
+    try:
+        return pd.DataFrame({var.name: np.array([parse_value(var, raw, f"patient {pid}: ")
+                                                 for raw, pid in zip(cells[var.name], pids)], dtype=float)
+                             for var in CLINICAL_VARIABLES}, index=df.index)
+    except ValueError as exc:
+        raise InputError(source, str(exc)) from None
 
 
 def read_clinical_csv(path: str | Path) -> pd.DataFrame:
@@ -109,6 +93,10 @@ def read_clinical_csv(path: str | Path) -> pd.DataFrame:
     return parsed
 
 
+def _scaled(var: ClinicalVar, col: np.ndarray) -> np.ndarray:
+    return np.log1p(np.maximum(col, 0)) if var.name in _LOG else col
+
+
 @dataclass
 class ClinicalEncoder:
     """Fitted imputation + scaling. ``encode`` gives float32 (N, 2 * n_vars): [values..., missing flags...]."""
@@ -124,17 +112,15 @@ class ClinicalEncoder:
     @classmethod
     def fit(cls, parsed: pd.DataFrame) -> "ClinicalEncoder":
         enc = cls()
+        parsed = parsed.reindex(columns=list(NAMES))
         for var in CLINICAL_VARIABLES:
-            col = parsed[var.name].to_numpy(dtype=float) if var.name in parsed else np.full(len(parsed), np.nan)
-            obs = col[~np.isnan(col)]
+            obs = _scaled(var, parsed[var.name].dropna().to_numpy(dtype=float))
             if var.kind == "binary":
                 enc.fill[var.name] = float(obs.mean()) if obs.size else 0.0
                 continue
-            tr = np.log1p(obs) if var.name in _LOG else obs
-            med = float(np.median(tr)) if tr.size else 0.0
-            enc.fill[var.name] = med
-            enc.mean[var.name] = float(tr.mean()) if tr.size else 0.0
-            sd = float(tr.std()) if tr.size > 1 else 1.0
+            enc.fill[var.name] = float(np.median(obs)) if obs.size else 0.0
+            enc.mean[var.name] = float(obs.mean()) if obs.size else 0.0
+            sd = float(obs.std()) if obs.size > 1 else 1.0
             enc.std[var.name] = sd if sd > 0 else 1.0
         return enc
 
@@ -144,20 +130,13 @@ class ClinicalEncoder:
             parsed = [parsed]
         if not isinstance(parsed, pd.DataFrame):
             parsed = parse_table(pd.DataFrame(list(parsed)))
-        n = len(parsed)
-        values = np.zeros((n, len(NAMES)), np.float32)
-        missing = np.zeros((n, len(NAMES)), np.float32)
+        cols = parsed.reindex(columns=list(NAMES)).to_numpy(dtype=float)
+        missing = np.isnan(cols)
+        values = np.empty_like(cols)
         for j, var in enumerate(CLINICAL_VARIABLES):
-            col = parsed[var.name].to_numpy(dtype=float) if var.name in parsed else np.full(n, np.nan)
-            miss = np.isnan(col)
-            missing[:, j] = miss
-            if var.kind == "binary":
-                values[:, j] = np.where(miss, self.fill[var.name], col)
-            else:
-                tr = np.log1p(np.maximum(col, 0)) if var.name in _LOG else col
-                tr = np.where(miss, self.fill[var.name], tr)
-                values[:, j] = (tr - self.mean[var.name]) / self.std[var.name]
-        return np.concatenate([values, missing], axis=1)
+            v = np.where(missing[:, j], self.fill[var.name], _scaled(var, cols[:, j]))
+            values[:, j] = v if var.kind == "binary" else (v - self.mean[var.name]) / self.std[var.name]
+        return np.concatenate([values, missing], axis=1).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
         return {"variables": list(NAMES), "fill": self.fill, "mean": self.mean, "std": self.std,
