@@ -99,24 +99,10 @@ def _roi(image: sitk.Image, lesions: list[LesionSpec], margin_mm: float) -> tupl
     return lo[::-1], hi[::-1]
 
 
-def _physical(image: sitk.Image, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """LPS coordinates (3, K, J, I) of the voxel centres in the (k, j, i) box [lo, hi)."""
-    idx = (np.indices(hi - lo) + lo[:, None, None, None])[::-1].reshape(3, -1).astype(float)  # (i, j, k)
-    m = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
-    return (m @ idx + np.array(image.GetOrigin())[:, None]).reshape((3, *(hi - lo)))
-
-
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: float) -> np.ndarray:
     """Zero-mean, unit-std Gaussian-smoothed white noise (organic texture / boundary wobble)."""
     n = ndimage.gaussian_filter(rng.standard_normal(shape), sigma_vox, mode="reflect")
     return (n / max(float(n.std()), 1e-6)).astype(np.float32)
-
-
-def _blob(pts: np.ndarray, les: LesionSpec, wobble: np.ndarray, edge: float = 0.2) -> np.ndarray:
-    """Soft ellipsoid weight in [0, 1]; 0.5 on the (perturbed) ellipsoid surface."""
-    d = (pts - np.array(les.centre_lps)[:, None, None, None]) / np.array(les.semi_axes_mm)[:, None, None, None]
-    r = np.sqrt((d * d).sum(0)) * (1.0 + les.irregularity * wobble)
-    return np.clip((1.0 - r) / edge + 0.5, 0.0, 1.0).astype(np.float32)
 
 
 def plant_lesions(template: sitk.Image, lesions: list[LesionSpec],
@@ -136,19 +122,23 @@ def plant_lesions(template: sitk.Image, lesions: list[LesionSpec],
     lo, hi = _roi(template, lesions, margin_mm=8.0)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     roi = arr[box]
-    pts = _physical(template, lo, hi)
-    inv = np.linalg.inv(np.array(template.GetDirection()).reshape(3, 3) * np.array(template.GetSpacing()))
+    m = np.array(template.GetDirection()).reshape(3, 3) * np.array(template.GetSpacing())
+    idx = (np.indices(hi - lo) + lo[:, None, None, None])[::-1].reshape(3, -1).astype(float)  # (i, j, k)
+    pts = (m @ idx + np.array(template.GetOrigin())[:, None]).reshape((3, *(hi - lo)))  # LPS mm
+    inv = np.linalg.inv(m)
     w_all = np.zeros(roi.shape, np.float32)
     for les in lesions:
+        d = pts - np.array(les.centre_lps)[:, None, None, None]
         if les.kind == "pannus" and les.push_mm > 0:
-            d = pts - np.array(les.centre_lps)[:, None, None, None]
             g = np.exp(-0.5 * ((d[0] / 9.0) ** 2 + (d[1] / 7.0) ** 2 + (d[2] / 9.0) ** 2))
             side = 1.0 / (1.0 + np.exp(-d[1] / 1.5))  # only the posterior side moves
             u_idx = inv[:, 1, None, None, None] * (les.push_mm * g * side)  # +y push, in (i, j, k) voxels
             src = np.indices(roi.shape).astype(np.float32) - u_idx[::-1]  # (k, j, i) voxel coordinates
             roi = ndimage.map_coordinates(roi, src, order=1, mode="nearest").astype(np.float32)
         wobble = _smooth_noise(rng, roi.shape, sigma_vox=2.0)
-        w = _blob(pts, les, wobble)
+        q = d / np.array(les.semi_axes_mm)[:, None, None, None]
+        r = np.sqrt((q * q).sum(0)) * (1.0 + les.irregularity * wobble)
+        w = np.clip((1.0 - r) / 0.2 + 0.5, 0.0, 1.0).astype(np.float32)  # soft ellipsoid: 0.5 on its surface
         if les.kind == "pannus":
             texture = 1.0 + 0.15 * _smooth_noise(rng, roi.shape, sigma_vox=1.0)
             roi = roi * (1.0 - w) + w * (les.level * CSF_LEVEL * texture)

@@ -43,7 +43,6 @@ GENERATOR_VERSION = "1"
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[5] / "Testing" / "Data" / "cervical_t2_sag" / "t2.nii.gz"
 # Standard sagittal DICOM grid: i -> posterior (+y), j -> inferior (-z), k -> right (-x); row-major.
 SAGITTAL_DIRECTION = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
-AXIAL_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 STORE_SCALE = 2.0  # stored value = 2 x template-scaled signal (uses ~12 bits)
 LESION_MIXES = (("pannus",), ("pannus", "erosion"), ("erosion",))
 ROLES = ("included", "intermediate", "baseline_deformity", "short_followup")
@@ -130,7 +129,6 @@ class SubjectVolumes:
     plan: SubjectPlan
     t2: sitk.Image  # float32, baseline sagittal T2 (LPS)
     mask: sitk.Image  # uint8, same grid as t2: 1 inside the planted lesion
-    lesions: list[LesionSpec]  # in template space
     t1: sitk.Image  # distractor sagittal T1 (3 mm slices)
     t2_axial: sitk.Image | None
     t2_followup: sitk.Image | None
@@ -153,7 +151,6 @@ class CohortInfo:
         inc = [p.outcome for p in self.plans if p.role == "included"]
         return (f"{len(self.plans)} subjects, {len(inc)} included ({inc.count('yes')} positive), "
                 f"labels {self.labels_csv}, truth {self.truth_csv}")
-
 
 
 def plan_cohort(params: CohortParams) -> list[SubjectPlan]:
@@ -205,7 +202,6 @@ def plan_cohort(params: CohortParams) -> list[SubjectPlan]:
     return plans
 
 
-
 @dataclass
 class Template:
     """The real T2 (float32, LPS) and its 99th intensity percentile (signal reference)."""
@@ -253,11 +249,8 @@ def _subject_grid(rng: np.random.Generator) -> sitk.Image:
 
 def _random_transform(rng: np.random.Generator, template: sitk.Image, grid: sitk.Image,
                       deform_mm: float) -> sitk.Transform:
-    """Subject -> template transform: rigid jitter + B-spline, baked into a dense field (4 mm).
-
-    The dense displacement field (linear interpolation) makes resampling ~6x faster than
-    evaluating the B-spline at every voxel; image and mask use this same field.
-    """
+    """Subject -> template transform: rigid jitter + B-spline, baked into a dense 4 mm displacement
+    field (resampling ~6x faster than evaluating the B-spline per voxel); image and mask share it."""
     eu = sitk.Euler3DTransform()
     eu.SetCenter(AXIS_BODY_CENTRE)
     ang = [np.clip(rng.normal(0, 2.0), -4, 4), np.clip(rng.normal(0, 1.5), -3, 3), np.clip(rng.normal(0, 1.5), -3, 3)]
@@ -287,20 +280,15 @@ def _bias_field(rng: np.random.Generator, shape: tuple[int, int, int], amp: floa
 def _mri_intensity(rng: np.random.Generator, arr: np.ndarray, ref: float, params: CohortParams,
                    gain: float, gamma: float, bias: np.ndarray | float) -> np.ndarray:
     """gain * ref * (arr / ref) ** gamma * bias, plus Rician noise; returned in stored units."""
-    t = np.clip(arr / ref, 0, None) ** gamma
-    sig = ref * gain * t * bias
+    sig = ref * gain * np.clip(arr / ref, 0, None) ** gamma * bias
     sigma = ref * gain * float(rng.uniform(*params.noise))
-    n1 = rng.standard_normal(arr.shape, dtype=np.float32)
-    n2 = rng.standard_normal(arr.shape, dtype=np.float32)
+    n1, n2 = rng.standard_normal((2, *arr.shape), dtype=np.float32)
     out = np.sqrt((sig + sigma * n1) ** 2 + (sigma * n2) ** 2)  # Rician magnitude
     return (out * STORE_SCALE).astype(np.float32)
 
 
 def _image(arr: np.ndarray, like: sitk.Image, first_k: int = 0, k_step: float | None = None) -> sitk.Image:
-    """Image of ``arr`` (k, j, i) on ``like``'s grid, starting at its slice ``first_k``.
-
-    ``k_step``: slice spacing (mm) if it differs from ``like``'s (every n-th slice taken).
-    """
+    """``arr`` (k, j, i) on ``like``'s grid from its slice ``first_k``; ``k_step``: other slice step (mm)."""
     img = sitk.GetImageFromArray(arr)
     sp = like.GetSpacing()
     img.SetSpacing((sp[0], sp[1], sp[2] if k_step is None else k_step))
@@ -309,15 +297,7 @@ def _image(arr: np.ndarray, like: sitk.Image, first_k: int = 0, k_step: float | 
     return img
 
 
-def _t1_like(t2: np.ndarray, ref: float) -> np.ndarray:
-    """Crude T1 look for the distractor series: fluid dark, soft tissue / marrow mid-grey."""
-    v = np.clip(t2 / ref, 0, None)
-    return ref * 2.2 * v * np.exp(-1.8 * v)
-
-
 def _lesions(rng: np.random.Generator, plan: SubjectPlan, params: CohortParams) -> list[LesionSpec]:
-    if not plan.lesion_kinds:
-        return []
     return sample_lesions(rng, plan.lesion_kinds, small=plan.small_lesion, scale=params.lesion_scale,
                           pannus_level=params.pannus_level)
 
@@ -347,15 +327,15 @@ def synthesize_subject(template: Template, plan: SubjectPlan, params: CohortPara
     # Distractor: sagittal T1, every third slice (3 mm) around the centre, same in-plane grid.
     n_lr = arr.shape[0]
     ks = np.arange((n_lr - 1) // 2 % 3, n_lr, 3)
-    t1_arr = _t1_like(arr[ks], template.ref)
+    v = np.clip(arr[ks] / template.ref, 0, None)  # crude T1 look: fluid dark, soft tissue / marrow mid-grey
+    t1_arr = template.ref * 2.2 * v * np.exp(-1.8 * v)
     t1 = _image(_mri_intensity(rng, t1_arr, template.ref, params, gain, 1.0, bias[ks]), grid,
                 first_k=int(ks[0]), k_step=3.0 * grid.GetSpacing()[2])
 
     t2_ax = None
     if plan.axial_distractor:
-        ax = sitk.Image([128, 128, 8], sitk.sitkFloat32)
+        ax = sitk.Image([128, 128, 8], sitk.sitkFloat32)  # identity direction: axial
         ax.SetSpacing((1.0, 1.0, 5.0))
-        ax.SetDirection(AXIAL_DIRECTION)
         x0 = grid.GetOrigin()[0] - (n_lr - 1) / 2
         ax.SetOrigin((round(x0 - 63.5, 2), round(AXIS_BODY_CENTRE[1] - 50, 2), round(AXIS_BODY_CENTRE[2] - 45, 2)))
         ax_arr = sitk.GetArrayFromImage(sitk.Resample(clean, ax, sitk.Transform(), sitk.sitkLinear, 0.0))
@@ -367,8 +347,7 @@ def synthesize_subject(template: Template, plan: SubjectPlan, params: CohortPara
         fu_arr = arr[lo:lo + 16]
         t2_fu = _image(_mri_intensity(rng, fu_arr, template.ref, params, float(rng.uniform(0.7, 1.4)),
                                       float(rng.uniform(0.85, 1.2)), bias[lo:lo + 16]), grid, first_k=lo)
-    return SubjectVolumes(plan, t2, mask, lesions, t1, t2_ax, t2_fu)
-
+    return SubjectVolumes(plan, t2, mask, t1, t2_ax, t2_fu)
 
 
 def mask_truth(mask: sitk.Image) -> dict:
