@@ -22,8 +22,7 @@ from .train import read_dataset_info, read_manifest
 
 
 def _fmt(e: Any) -> str:
-    """An estimate {"value", "lo", "hi"} as "v (lo-hi)" ("v (lo to hi)" when a bound is negative), a
-    float to 3 decimals; "-" when missing."""
+    """An estimate as "v (lo-hi)" ("v (lo to hi)" with a negative bound), 3 decimals; "-" if missing."""
     v, lo, hi = (e.get("value"), e.get("lo"), e.get("hi")) if isinstance(e, dict) else (e, None, None)
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
@@ -128,14 +127,10 @@ def evaluate(model: str | Path, manifest: str | Path, out_dir: str | Path, *, sp
              auc_ci: str = "delong", n_bootstrap: int = 2000, alpha: float = 0.05, seed: int = 0, batch_size: int = 8,
              device: str = "auto", calibration_bins: int = 10, should_stop: Callable[[], bool] | None = None,
              show_progress: bool = True) -> dict[str, Any]:
-    """A binary task's checkpoint on the manifest rows of ``split`` (or "all"); returns metrics.json's
-    content plus ``files`` (report.md / .html, CSV tables, ROC, confusion and calibration PNGs).
-
-    The threshold is the card's unless ``threshold_rule`` (chosen on this split: optimistic, said so).
-    ``external``: discrimination and calibration beside the card's development figures
-    (comparison.csv); ``recalibrate_out``: a checkpoint with the same weights whose card records the
-    recalibration ``p' = sigmoid(a + b * logit(p))`` fitted here and the threshold mapped through it.
-    """
+    """A binary task's checkpoint on the manifest rows of ``split`` (or "all"): metrics.json's content
+    plus ``files``. The card's threshold unless ``threshold_rule`` (chosen here: optimistic, said so);
+    ``external``: development beside external figures (comparison.csv); ``recalibrate_out``: the same
+    weights with the recalibration ``p' = sigmoid(a + b * logit(p))`` fitted here, threshold mapped."""
     from ..checkpoint import load_checkpoint, read_card, save_checkpoint
     from ..tasks import get_task
 

@@ -176,7 +176,7 @@ def train(config: TrainConfig | str | Path | Mapping[str, Any], manifest: str | 
     recipe = get_task(cfg.task).training_recipe()
     df = read_manifest(manifest_path)
     df = df[df["label"] >= 0].reset_index(drop=True)
-    _check_train_rows(df, df[df["split"] == "train"], manifest_path)
+    _check_train_rows(df, manifest_path)
     with process_group(cfg.train.device) as d:
         ctx = _Ctx(recipe, manifest_path, d, select_device(cfg.train.device, d), progress, should_stop, show_progress,
                    df, read_dataset_info(manifest_path))
@@ -196,27 +196,23 @@ class _Ctx:
     info: dict[str, Any]
 
 
-def _check_train_rows(df: pd.DataFrame, train_df: pd.DataFrame, manifest_path: Path) -> None:
+def _check_train_rows(df: pd.DataFrame, manifest_path: Path) -> None:
     """Clear errors for manifests that cannot train: no rows, no train rows, one class in train
     (saying where the other class went)."""
+    y_train = df.loc[df["split"] == "train", "label"]
     if len(df) == 0:
         raise InputError(manifest_path, "has a header but no rows (the cohort build included 0 patients?)")
-    counts = df.groupby("split")["label"].agg(["size", "sum"])
-    if len(train_df) == 0:
-        present = ", ".join(f"{k}: {int(v['size'])}" for k, v in counts.iterrows())
+    if len(y_train) == 0:
+        present = ", ".join(f"{k}: {n}" for k, n in df["split"].value_counts().sort_index().items())
         raise InputError(manifest_path, f"no rows with split == 'train' (rows per split: {present})")
-    if train_df["label"].nunique() < 2:
-        have = int(train_df["label"].iloc[0])
-        names = {1: "positive", 0: "negative"}
-        missing = names[1 - have]
-        where = {k: n for k, v in counts.iterrows()
-                 if k != "train" and (n := int(v["sum"]) if have == 0 else int(v["size"] - v["sum"]))}
-        if where:
-            lead = f"the only {missing} is" if sum(where.values()) == 1 else f"the {missing}s are"
-            hint = f"{lead} in " + ", ".join(f"{k} ({n})" for k, n in where.items())
-        else:
-            hint = f"the manifest has no {missing} case at all"
-        raise InputError(manifest_path, f"train rows hold only one class ({len(train_df)} {names[have]}); {hint}")
+    if y_train.nunique() < 2:
+        have = int(y_train.iloc[0])
+        name, missing = ("negative", "positive")[have], ("negative", "positive")[1 - have]
+        where = df.loc[df["label"] != have, "split"].value_counts().sort_index()  # all outside train
+        lead = f"the only {missing} is" if where.sum() == 1 else f"the {missing}s are"
+        hint = f"{lead} in " + ", ".join(f"{k} ({n})" for k, n in where.items()) if len(where) else \
+            f"the manifest has no {missing} case at all"
+        raise InputError(manifest_path, f"train rows hold only one class ({len(y_train)} {name}); {hint}")
 
 
 def _finished(out: Path) -> TrainResult | None:
@@ -273,11 +269,8 @@ def _select_and_run(cfg: TrainConfig, ctx: _Ctx, out: Path, resume: bool) -> Tra
             raise _Stopped
         probs = np.asarray(res.epoch_probabilities)
         if ctx.d.main:
-            table = pd.DataFrame({"patient_id": train_df["patient_id"].iloc[ho].to_numpy(),
-                                  "label": train_df["label"].iloc[ho].to_numpy()})
-            for e in range(probs.shape[0]):
-                table[f"epoch{e + 1}"] = probs[e]
-            write_text(done, table.to_csv(index=False))
+            write_text(done, train_df.iloc[ho][["patient_id", "label"]].assign(
+                **{f"epoch{e + 1}": pe for e, pe in enumerate(probs)}).to_csv(index=False))
         return probs
 
     folds_n = min(sc.folds, int(train_df["label"].sum()), int((1 - train_df["label"]).sum()))
@@ -326,11 +319,10 @@ def _run(cfg: TrainConfig, ctx: _Ctx, train_df: pd.DataFrame, val_df: pd.DataFra
     prep = ctx.recipe.prepare(cfg, train_df, val_df, ctx.info)
     n_pos = int(train_df["label"].sum())
     head = BinaryHead("out", pos_weight=(len(train_df) - n_pos) / n_pos if tc.class_weighting == "balanced" else None)
-    if resume and not _has_state(out):
-        raise InputError(out, "--resume: no saved training state here (state/state.json)")
-    if not resume and _has_state(out):
-        raise InputError(out, "holds an earlier run's training state: pass --resume to continue it, "
-                              "or choose a new --out")
+    if resume != _has_state(out):
+        raise InputError(out, "--resume: no saved training state here (state/state.json)" if resume else
+                         "holds an earlier run's training state: pass --resume to continue it, "
+                         "or choose a new --out")
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(saved_config or cfg, out / "config.toml")
