@@ -13,6 +13,7 @@ Heads, one logit per half: ``image`` (stage 1, linear on the sequence features) 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 
 from ...engine.networks import resnet2d
 from .preprocess import ROLES
+
 
 def default_architecture(depth: int = 50, n_slices: int = 3, input_size: tuple[int, int] = (224, 224),
                          clinical_dim: int = 26, clinical_embed: int = 32, conv1_t_stride: int = 2,
@@ -36,20 +38,13 @@ class TriInputResNet(nn.Module):
 
     def __init__(self, architecture: dict[str, Any]):
         super().__init__()
-        a = architecture
-        self.roles = tuple(a.get("roles", ROLES))
-        self.c = int(a.get("in_channels", 3))
-        self.n_halves = int(a.get("n_halves", 2))
-        depth = int(a.get("depth", 50))
-        stride = int(a.get("conv1_t_stride", 2))
-        if a.get("shared_backbone"):
-            shared = resnet2d(depth, self.c, stride, feed_forward=False)
-            self.branches = nn.ModuleDict({r: shared for r in self.roles})
-        else:
-            self.branches = nn.ModuleDict({r: resnet2d(depth, self.c, stride, feed_forward=False) for r in self.roles})
+        a = {**default_architecture(), **architecture}
+        self.roles, self.c, self.n_halves = tuple(a["roles"]), int(a["in_channels"]), int(a["n_halves"])
+        branch = partial(resnet2d, int(a["depth"]), self.c, int(a["conv1_t_stride"]), feed_forward=False)
+        shared = branch() if a["shared_backbone"] else None
+        self.branches = nn.ModuleDict({r: shared if shared is not None else branch() for r in self.roles})
         feat = 512 * type(self.branches[self.roles[0]].layer4[-1]).expansion  # MONAI ResNet stages end at 512
-        d, e = int(a.get("clinical_dim", 26)), int(a.get("clinical_embed", 32))
-        self.clinical_dim = d
+        d, e = int(a["clinical_dim"]), int(a["clinical_embed"])
         self.image_head = nn.Linear(feat * len(self.roles), 1)
         self.clinical_mlp = nn.Sequential(nn.Linear(d, e), nn.ReLU(inplace=True), nn.Linear(e, e),
                                           nn.ReLU(inplace=True))
