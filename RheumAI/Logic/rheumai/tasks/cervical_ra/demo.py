@@ -2,22 +2,20 @@
 
 generate (real T2 -> DICOM archive + label sheet + lesion masks) -> index -> dataset -> train (small
 CPU configuration) -> evaluate (held-out patients) -> predict + saliency on them and on the untouched
-real T2 -> Slicer scene -> outside-cohort check (another seed and prevalence) -> report.md with every
-figure and its rule. Every step resumes when re-run.
-
-Hit rule: the saliency on the selection grid, summed over the six slices, peaks within
-:data:`HIT_TOLERANCE_MM` (in-plane) of the lesion mask projected over the same slices; an *exact*
-hit lies inside the mask; a lesion missing from the six slices is a miss. The prevalence is enriched
+real T2 -> Slicer scene -> outside cohort (another seed and prevalence) -> report.md with every figure
+and its rule (:data:`HIT_RULE`). Every step resumes when re-run. The prevalence is enriched
 (:data:`DEMO_PREVALENCE`; real cohorts sit near 15 %) so that a network trained from random
 initialisation in CPU minutes sees enough positives.
 """
 
 from __future__ import annotations
 
-import json
+import copy
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -30,14 +28,12 @@ from .synth import DEFAULT_TEMPLATE as REAL_T2
 DEMO_N = 160
 DEMO_PREVALENCE = 0.5
 DEMO_SLICES = dict(n_slices=6, spacing_mm=2.0, size=(128, 128))
-# Lesions 25 % larger than the generator's default (pannus ~ 18-23 mm cranio-caudal).
-DEMO_LESION_SCALE = 1.25
-# Every positive carries a pannus, 45 % also a C2 erosion (generator default: 15 % erosion only). An
-# erosion alone, a dark notch in the dark C2 marrow, was not learnt in CPU minutes: with the default
-# mix all erosion-only test positives (4 of 31) scored p 0.12-0.34 (160 subjects, seed 0).
-DEMO_LESION_MIX = (0.55, 0.45, 0.0)
-# Fewer distractor series than the generator's default: fewer files to index, same flow steps.
-DEMO_COHORT_OPTIONS = dict(lesion_scale=DEMO_LESION_SCALE, lesion_mix=DEMO_LESION_MIX, p_followup_series=0.25,
+# Lesions 25 % larger than the generator's default (pannus ~ 18-23 mm cranio-caudal). Every positive
+# carries a pannus, 45 % also a C2 erosion (generator default: 15 % erosion only): an erosion alone, a
+# dark notch in the dark C2 marrow, was not learnt in CPU minutes (with the default mix all erosion-only
+# test positives, 4 of 31, scored p 0.12-0.34; 160 subjects, seed 0). Fewer distractor series: fewer
+# files to index, same flow steps.
+DEMO_COHORT_OPTIONS = dict(lesion_scale=1.25, lesion_mix=(0.55, 0.45, 0.0), p_followup_series=0.25,
                            p_axial_distractor=0.25)
 DEMO_TRAIN = {
     # stride 2: the localising saliency works at pixel resolution, so the network need not keep a
@@ -58,36 +54,28 @@ OUTSIDE_SEED_OFFSET = 1000
 SALIENCY = "gradxinput_smooth"
 COARSE_SALIENCY = "gradcam"
 HIT_TOLERANCE_MM = 8.0
+HIT_RULE = ("peak of the saliency summed over the six slices within tolerance_mm (in-plane) of the lesion "
+            "mask projected over the six slices; exact: inside the mask")
 TARGETS = {"test_auc": 0.95, "hit_rate": 0.8, "outside_auc": 0.9, "real_t2_p": 0.5}
 FAMILY_TITLES = {"resnet": "slices as channels (paper)", "slice_attention": "shared slice encoder + attention"}
 
 
-def _step(name: str, progress: bool = True) -> float:
+@contextmanager
+def _step(name: str, timings: dict[str, float], key: str, progress: bool = True) -> Iterator[None]:
+    """Print the step's heading; record its duration (s) as ``timings[key]``."""
     if progress:
         print(f"\n=== {name} ===", flush=True)
-    return time.perf_counter()
-
-
-def _train_config(seed: int, epochs: int | None, family: str) -> dict[str, Any]:
-    cfg = json.loads(json.dumps(DEMO_TRAIN))
-    cfg["train"]["seed"] = seed
-    cfg["model"]["family"] = family
-    if family == "slice_attention":
-        # the shared encoder runs once per slice (six times per study): ResNet-10 keeps the cost
-        # within ~3x of the channel-stacked ResNet-18
-        cfg["model"]["depth"] = 10
-    if epochs is not None:
-        cfg["train"]["epochs"] = int(epochs)
-    return cfg
+    t = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t
 
 
 def run_demo(out: str | Path, n: int | None = None, seed: int = 0, progress: bool = True, epochs: int | None = None,
              workers: int = 2, family: str = "resnet", compare: bool = False) -> dict[str, Any]:
     """Run the demo into ``out``; returns the summary written to ``out/summary.json``.
 
-    n: subjects to generate (default :data:`DEMO_N`); family: the network design
-    (:mod:`.model`); compare: also train the other design on the same cohort and split
-    and write ``compare.md`` (AUC and hit rate side by side).
+    n: subjects to generate (default :data:`DEMO_N`); family: the network design (:mod:`.model`); compare:
+    also train the other design on the same cohort and split and write ``compare.md`` (side by side).
     """
     from ...dataset.build import build_dataset
     from ...dataset.index import index_archive
@@ -100,50 +88,45 @@ def run_demo(out: str | Path, n: int | None = None, seed: int = 0, progress: boo
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
+    with _step(f"1/7 generating {n} subjects from the real T2 (seed {seed}, prevalence "
+               f"{DEMO_PREVALENCE:.0%})", timings, "generate_s", progress):
+        cohort = generate_cohort(out / "cohort", n=n, prevalence=DEMO_PREVALENCE, seed=seed,
+                                 progress=progress, workers=workers, **DEMO_COHORT_OPTIONS)
+    with _step("2/7 indexing the DICOM archive and building the dataset", timings, "dataset_s", progress):
+        index_archive(cohort.dicom_dir, out / "index.sqlite")
+        ds = build_dataset(out / "index.sqlite", out / "cohort" / "labels.csv", out / "dataset",
+                           split_cfg=SplitConfig(seed=seed), slice_params=SliceParams(**DEMO_SLICES),
+                           workers=workers)
+    if progress and (ds.out_dir / "flow.txt").exists():
+        print((ds.out_dir / "flow.txt").read_text())
 
-    t = _step(f"1/7 generating {n} subjects from the real T2 (seed {seed}, prevalence {DEMO_PREVALENCE:.0%})",
-              progress)
-    cohort = generate_cohort(out / "cohort", n=n, prevalence=DEMO_PREVALENCE, seed=seed, progress=progress,
-                             workers=workers, **DEMO_COHORT_OPTIONS)
-    timings["generate_s"] = time.perf_counter() - t
-
-    t = _step("2/7 indexing the DICOM archive and building the dataset", progress)
-    index_path = out / "index.sqlite"
-    index_archive(cohort.dicom_dir, index_path)
-    ds = build_dataset(index_path, out / "cohort" / "labels.csv", out / "dataset",
-                       split_cfg=SplitConfig(seed=seed), slice_params=SliceParams(**DEMO_SLICES), workers=workers)
-    timings["dataset_s"] = time.perf_counter() - t
-    if progress and (out / "dataset" / "flow.txt").exists():
-        print((out / "dataset" / "flow.txt").read_text())
-
-    truth_masks = out / "cohort" / "masks"
-    main = _train_and_score(out, ds, seed, epochs, family, truth_masks, timings, progress, scene=True)
-
-    t = _step(f"6/7 outside-cohort check: {OUTSIDE_N} new subjects, seed {seed + OUTSIDE_SEED_OFFSET}, "
-              f"prevalence {OUTSIDE_PREVALENCE:.0%}", progress)
-    outside = outside_check(main["checkpoint"], seed + OUTSIDE_SEED_OFFSET, OUTSIDE_N, OUTSIDE_PREVALENCE,
-                            out / "outside", progress=progress)
-    timings["outside_s"] = time.perf_counter() - t
-
+    masks = out / "cohort" / "masks"
+    main = _train_and_score(out, ds, seed, epochs, family, masks, timings, progress, scene=True)
+    with _step(f"6/7 outside-cohort check: {OUTSIDE_N} new subjects, seed {seed + OUTSIDE_SEED_OFFSET}, "
+               f"prevalence {OUTSIDE_PREVALENCE:.0%}", timings, "outside_s", progress):
+        outside = outside_check(main["checkpoint"], seed + OUTSIDE_SEED_OFFSET, OUTSIDE_N, OUTSIDE_PREVALENCE,
+                                out / "outside", progress=progress)
     designs = {family: main}
     if compare:
         other = "slice_attention" if family == "resnet" else "resnet"
-        t = _step(f"compare: training the {FAMILY_TITLES[other]} design on the same cohort and split", progress)
-        designs[other] = _train_and_score(out / f"compare_{other}", ds, seed, epochs, other, truth_masks, {},
-                                          progress, scene=False)
-        timings["compare_s"] = time.perf_counter() - t
+        with _step(f"compare: training the {FAMILY_TITLES[other]} design on the same cohort and split",
+                   timings, "compare_s", progress):
+            designs[other] = _train_and_score(out / f"compare_{other}", ds, seed, epochs, other, masks, {},
+                                              progress, scene=False)
 
-    t = _step("7/7 report", progress)
+    if progress:
+        print("\n=== 7/7 report ===", flush=True)
     timings["total_s"] = time.perf_counter() - t_all
+    row_keys = ("family", "depth", "epochs", "test_auc", "test_auc_ci", "hit_rate", "exact_hit_rate",
+                "hit_rate_gradcam", "n_positives", "train_s")
     summary = {
         "n_subjects": n, "seed": seed, "prevalence": DEMO_PREVALENCE, "n_included": ds.n_included,
         "split": ds.flow.get("split", {}), "family": family,
         **{k: v for k, v in main.items() if k not in ("rows", "montages", "real_files")},
         "outside": outside, "targets": TARGETS,
-        "hit_rule": {"saliency": SALIENCY, "tolerance_mm": HIT_TOLERANCE_MM,
-                     "rule": "peak of the saliency summed over the six slices within tolerance_mm (in-plane) "
-                             "of the lesion mask projected over the six slices; exact: inside the mask"},
-        "designs": {k: _design_row(v) for k, v in designs.items()},
+        "hit_rule": {"saliency": SALIENCY, "tolerance_mm": HIT_TOLERANCE_MM, "rule": HIT_RULE},
+        "designs": {k: {**{c: d[c] for c in row_keys}, "real_t2_p": d["real_t2"]["probability"]}
+                    for k, d in designs.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     write_json(out / "summary.json", summary)
@@ -158,75 +141,66 @@ def run_demo(out: str | Path, n: int | None = None, seed: int = 0, progress: boo
 
 def _train_and_score(out: Path, ds: Any, seed: int, epochs: int | None, family: str, masks: Path,
                      timings: dict[str, float], progress: bool, scene: bool) -> dict[str, Any]:
-    """Train one design on the dataset, evaluate it on the test split, predict + saliency on the
-    test subjects and on the real T2; returns the figures (and file lists for the report)."""
+    """Train one design, evaluate it on the test split, predict + saliency on its subjects and the real T2."""
     from ...api import evaluate, train
     from ...config import TrainConfig, save_config
     from ...engine.predict import Predictor
     from ...engine.write import write_study
+    from ...saliency import peak_distance_mm
 
-    cfg_dict = _train_config(seed, epochs, family)
-    t = _step(f"3/7 training ({FAMILY_TITLES[family]}, ResNet-{cfg_dict['model']['depth']}, "
-              f"{cfg_dict['train']['epochs']} epochs, 6 x 128 x 128 at 2 mm, CPU)", progress)
+    cfg_dict = copy.deepcopy(DEMO_TRAIN)
+    # the shared encoder runs once per slice (six times per study): ResNet-10 keeps the cost within ~3x
+    # of the channel-stacked ResNet-18
+    cfg_dict["model"].update(family=family, **({"depth": 10} if family == "slice_attention" else {}))
+    cfg_dict["train"].update(seed=seed, epochs=cfg_dict["train"]["epochs"] if epochs is None else int(epochs))
     cfg = TrainConfig.from_dict(cfg_dict, source=out / "demo_config.toml")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "demo_config.toml")
-    run_dir = out / "run"
-    tr = train(cfg, ds.manifest, run_dir, resume=(run_dir / "state").exists(), show_progress=progress)
+    with _step(f"3/7 training ({FAMILY_TITLES[family]}, ResNet-{cfg.model.depth}, {cfg.train.epochs} epochs, "
+               "6 x 128 x 128 at 2 mm, CPU)", timings, "train_s", progress):
+        tr = train(cfg, ds.manifest, out / "run", resume=(out / "run" / "state").exists(),
+                   show_progress=progress)
     if tr.checkpoint is None:
         raise RuntimeError("training stopped before producing a checkpoint")
-    train_s = time.perf_counter() - t
-    timings["train_s"] = train_s
+    with _step("4/7 evaluating on the held-out test patients", timings, "evaluate_s", progress):
+        ev = evaluate(tr.checkpoint, ds.manifest, out / "evaluation", split="test")
 
-    t = _step("4/7 evaluating on the held-out test patients", progress)
-    ev = evaluate(tr.checkpoint, ds.manifest, out / "evaluation", split="test")
-    timings["evaluate_s"] = time.perf_counter() - t
-
-    t = _step(f"5/7 predicting + saliency ({SALIENCY}; {COARSE_SALIENCY} for comparison) on the test subjects "
-              "and on the real T2", progress)
-    predictor = Predictor(tr.checkpoint)
-    pred_dir = out / "predictions"
-    rows, dists, coarse, montages = [], [], [], []
-    scene_pos = None
-    for r in pd.read_csv(ds.manifest, dtype=str, keep_default_na=False).to_dict("records"):
-        if r["split"] != "test":
-            continue
-        res = predictor.predict(r["source_path"], saliency=SALIENCY, series_uid=r["series_uid"])
-        stem, positive = r["patient_id"], int(r["label"]) == 1
-        files = write_study(res, pred_dir, stem, scene=scene and positive and scene_pos is None)
-        scene_pos = scene_pos or files["scene_file"]
-        row = {"patient_id": stem, "label": int(r["label"]), "probability": res.probability,
-               "predicted": res.label, "saliency_file": files["saliency_file"]}
-        if positive:
-            from ...saliency import peak_distance_mm
-
-            mask = sitk.ReadImage(str(masks / f"{stem}.nii.gz"))
-            d = peak_distance_mm(res.saliency_grid, res.selection, mask)
-            # same study, already in memory: the paper's Grad-CAM (coarse) for comparison
-            rc = predictor.predict(res.source_image, saliency=COARSE_SALIENCY)
-            dc = peak_distance_mm(rc.saliency_grid, rc.selection, mask)
-            row.update(peak_distance_mm=d, hit=_hit(d), peak_distance_mm_gradcam=dc, hit_gradcam=_hit(dc))
-            dists.append(d)
-            coarse.append(dc)
-            montages.append(files["montage_file"])
-        rows.append(row)
-    real = predictor.predict(REAL_T2, saliency=SALIENCY, tta=8)
-    real_files = write_study(real, pred_dir, "real_t2", scene=scene)
-    timings["predict_s"] = time.perf_counter() - t
-    rep = ev
+    with _step(f"5/7 predicting + saliency ({SALIENCY}; {COARSE_SALIENCY} for comparison) on the test "
+               "subjects and on the real T2", timings, "predict_s", progress):
+        predictor = Predictor(tr.checkpoint)
+        pred_dir = out / "predictions"
+        rows, dists, coarse, montages = [], [], [], []
+        scene_pos = None
+        manifest = pd.read_csv(ds.manifest, dtype=str, keep_default_na=False)
+        for r in manifest[manifest["split"] == "test"].to_dict("records"):
+            res = predictor.predict(r["source_path"], saliency=SALIENCY, series_uid=r["series_uid"])
+            stem, label = r["patient_id"], int(r["label"])
+            files = write_study(res, pred_dir, stem, scene=scene and label == 1 and scene_pos is None)
+            scene_pos = scene_pos or files["scene_file"]
+            mask = sitk.ReadImage(str(masks / f"{stem}.nii.gz")) if label == 1 else None
+            rows.append({**_row(stem, label, res, mask), "saliency_file": files["saliency_file"]})
+            if label == 1:
+                # same study, already in memory: the paper's Grad-CAM (coarse) for comparison
+                rc = predictor.predict(res.source_image, saliency=COARSE_SALIENCY)
+                dc = peak_distance_mm(rc.saliency_grid, rc.selection, mask)
+                rows[-1].update(peak_distance_mm_gradcam=dc, hit_gradcam=_hit(dc))
+                dists.append(rows[-1]["peak_distance_mm"])
+                coarse.append(dc)
+                montages.append(files["montage_file"])
+        real = predictor.predict(REAL_T2, saliency=SALIENCY, tta=8)
+        real_files = write_study(real, pred_dir, "real_t2", scene=scene)
     return {
         "checkpoint": str(tr.checkpoint), "family": family, "depth": cfg.model.depth,
         "epochs": cfg.train.epochs,
-        "test_auc": float(rep["auc"]["value"]), "test_auc_ci": [rep["auc"]["lo"], rep["auc"]["hi"]],
-        "test_auc_ci_method": rep["auc"]["method"], "test_counts": rep.get("counts"),
+        "test_auc": float(ev["auc"]["value"]), "test_auc_ci": [ev["auc"]["lo"], ev["auc"]["hi"]],
+        "test_auc_ci_method": ev["auc"]["method"], "test_counts": ev.get("counts"),
         "threshold": tr.threshold, "threshold_note": predictor.card.get("threshold_note", ""),
         "best_val_auc": tr.best_val_auc, "best_epoch": tr.best_epoch, "epochs_run": tr.epochs_run,
         **hit_figures(dists), "hit_rate_gradcam": hit_figures(coarse)["hit_rate"],
         "real_t2": {"probability": real.probability, "class": real.label, "tta_mean": real.tta_mean,
                     "tta_std": real.tta_std, "saliency": real_files["saliency_file"],
                     "scene": real_files["scene_file"]},
-        "scene_positive": scene_pos, "train_s": round(train_s, 1),
-        "evaluation": ev["files"],
+        "scene_positive": scene_pos, "train_s": round(timings["train_s"], 1), "evaluation": ev["files"],
         "rows": rows, "montages": montages, "real_files": real_files,
     }
 
@@ -235,14 +209,25 @@ def _hit(d: float) -> bool:
     return bool(d == d and d <= HIT_TOLERANCE_MM)
 
 
+def _row(patient_id: str, label: int, res: Any, mask: sitk.Image | None) -> dict[str, Any]:
+    """One study's prediction; a positive's saliency peak distance (mm) to its lesion ``mask``, and hit."""
+    from ...saliency import peak_distance_mm
+
+    row = {"patient_id": patient_id, "label": label, "probability": res.probability, "predicted": res.label}
+    if label == 1:
+        d = peak_distance_mm(res.saliency_grid, res.selection, mask)
+        row.update(peak_distance_mm=d, hit=_hit(d))
+    return row
+
+
 def hit_figures(distances: list[float]) -> dict[str, Any]:
-    """Hit rate (within :data:`HIT_TOLERANCE_MM`), exact-hit rate and median peak distance (mm)
-    over the positives; a positive whose lesion misses the input (NaN distance) is a miss."""
+    """Hit rate (within :data:`HIT_TOLERANCE_MM`), exact-hit rate and median peak distance (mm) over the
+    positives; a positive whose lesion misses the input (NaN distance) is a miss."""
     d = np.asarray(distances, dtype=float)
+    finite = d[np.isfinite(d)]
     if d.size == 0:
         return {"hit_rate": float("nan"), "exact_hit_rate": float("nan"), "median_peak_distance_mm": float("nan"),
                 "n_positives": 0}
-    finite = d[np.isfinite(d)]
     return {"hit_rate": float(np.mean([_hit(v) for v in d])), "exact_hit_rate": float(np.mean(d == 0)),
             "median_peak_distance_mm": float(np.median(finite)) if finite.size else float("nan"),
             "n_positives": int(d.size)}
@@ -252,46 +237,32 @@ def outside_check(checkpoint: str | Path, seed: int, n: int, prevalence: float, 
                   progress: bool = True) -> dict[str, Any]:
     """AUC (DeLong CI) and hit rate of ``checkpoint`` on a freshly generated cohort.
 
-    The subjects (``n``, the generator's included ones only) are synthesised in memory with the
-    demo's lesion settings and a ``seed`` / ``prevalence`` the demo cohort does not use, and
-    predicted straight from their images (no DICOM round trip). Classes at the card's threshold.
+    The generator's included subjects (of ``n``, demo lesion settings, a ``seed`` / ``prevalence`` the demo
+    cohort does not use) are synthesised in memory and predicted from their images (no DICOM round trip).
     """
     from tqdm import tqdm
 
     from ...engine.predict import Predictor
     from ...metrics import binary_report
-    from ...saliency import peak_distance_mm
     from .synth import CohortParams, load_template, plan_cohort, synthesize_subject
 
     params = CohortParams(n_subjects=n, prevalence=prevalence, seed=seed, **DEMO_COHORT_OPTIONS)
     plans = [p for p in plan_cohort(params) if p.role == "included"]
     template = load_template()
     predictor = Predictor(checkpoint)
-    y, p, dists, rows = [], [], [], []
+    rows = []
     for plan in tqdm(plans, desc="outside cohort", unit="subject", disable=not progress):
         vols = synthesize_subject(template, plan, params)
         res = predictor.predict(vols.t2, saliency=SALIENCY)
-        y.append(int(plan.label))
-        p.append(res.probability)
-        row = {"patient_id": plan.patient_id, "label": int(plan.label), "probability": res.probability,
-               "predicted": res.label}
-        if plan.label == 1:
-            d = peak_distance_mm(res.saliency_grid, res.selection, vols.mask)
-            dists.append(d)
-            row.update(peak_distance_mm=d, hit=_hit(d))
-        rows.append(row)
-    rep = binary_report(np.array(y), np.array(p), predictor.card["threshold"], n_boot=500, seed=seed)
-    summary = {"seed": seed, "prevalence": prevalence, "n": len(y), "n_positive": int(sum(y)),
+        rows.append(_row(plan.patient_id, int(plan.label), res, vols.mask))
+    y, p = np.array([r["label"] for r in rows]), np.array([r["probability"] for r in rows])
+    rep = binary_report(y, p, predictor.card["threshold"], n_boot=500, seed=seed)
+    summary = {"seed": seed, "prevalence": prevalence, "n": len(y), "n_positive": int(y.sum()),
                "auc": float(rep["auc"]["value"]), "auc_ci": [rep["auc"]["lo"], rep["auc"]["hi"]],
-               "auc_ci_method": rep["auc"]["method"], "counts": rep.get("counts"), **hit_figures(dists)}
+               "auc_ci_method": rep["auc"]["method"], "counts": rep.get("counts"),
+               **hit_figures([r["peak_distance_mm"] for r in rows if r["label"] == 1])}
     write_json(Path(out_dir) / "outside_predictions.json", {"summary": summary, "rows": rows})
     return summary
-
-
-def _design_row(d: dict[str, Any]) -> dict[str, Any]:
-    keys = ("family", "depth", "epochs", "test_auc", "test_auc_ci", "hit_rate", "exact_hit_rate", "hit_rate_gradcam",
-            "n_positives", "train_s")
-    return {**{k: d[k] for k in keys}, "real_t2_p": d["real_t2"]["probability"]}
 
 
 def compare_table(designs: dict[str, dict[str, Any]]) -> str:
@@ -300,20 +271,10 @@ def compare_table(designs: dict[str, dict[str, Any]]) -> str:
              f"exact hits | hit rate ({COARSE_SALIENCY}) | real T2 p | train s |", "|---|---|---|---|---|---|---|---|"]
     for k, d in designs.items():
         lines.append(f"| {FAMILY_TITLES.get(k, k)} (`{k}`) | ResNet-{d.get('depth', '?')}, "
-                     f"{d.get('epochs', '?')} epochs | "
-                     f"{d['test_auc']:.3f} ({_ci(d['test_auc_ci'])}) | "
+                     f"{d.get('epochs', '?')} epochs | {d['test_auc']:.3f} ({_ci(d['test_auc_ci'])}) | "
                      f"{d['hit_rate']:.2f} ({d['n_positives']} positives) | {d['exact_hit_rate']:.2f} | "
                      f"{d['hit_rate_gradcam']:.2f} | {d['real_t2_p']:.3f} | {d['train_s']:.0f} |")
     return "\n".join(lines)
-
-
-def _rel(out: Path, p: str | Path | None) -> str:
-    if not p:
-        return ""
-    try:
-        return str(Path(p).resolve().relative_to(out.resolve()))
-    except ValueError:
-        return str(p)
 
 
 def _ci(ci: Any) -> str:
@@ -339,6 +300,13 @@ def target_rows(s: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
 
 
 def _report_md(out: Path, s: dict, ds: Any, main: dict) -> str:
+    def rel(p: str | Path | None) -> str:
+        return os.path.relpath(p, out) if p else ""
+
+    # side of the layer4 map (MONAI ResNet: conv1 stride, max-pool, 3 stride-2 stages)
+    cells = DEMO_SLICES["size"][0] // (DEMO_TRAIN["model"]["conv1_t_stride"] * 16)
+    flow = ds.out_dir / "flow.txt"
+    ev, rt, o = s["evaluation"], s["real_t2"], s["outside"]
     lines = [
         "# RheumAI demo report", "",
         f"Generated cohort: {s['n_subjects']} subjects from the real cervical T2 (seed {s['seed']}), prevalence "
@@ -347,63 +315,44 @@ def _report_md(out: Path, s: dict, ds: Any, main: dict) -> str:
         f"the paper's rules. Model: {FAMILY_TITLES[s['family']]}, ResNet-{DEMO_TRAIN['model']['depth']} on "
         "6 x 128 x 128 at 2 mm, CPU, BatchNorm statistics recomputed on the un-augmented training images.", "",
         "## Targets", "", "| figure | value | target | |", "|---|---|---|---|",
-    ]
-    lines += [f"| {a} | {b} | {c} | {'reached' if ok else 'NOT reached'} |" for a, b, c, ok in target_rows(s)]
-    lines += [
+        *[f"| {a} | {b} | {c} | {'reached' if ok else 'NOT reached'} |" for a, b, c, ok in target_rows(s)],
         "", f"**Hit rule.** The saliency ({SALIENCY}: |gradient x input| per slice, Gaussian-smoothed, sigma 1 px "
         f"= 2 mm) is summed over the six slices; its peak is a hit when it lies within {HIT_TOLERANCE_MM:g} mm "
         "(in-plane) of the planted lesion's mask projected over the same six slices; an exact hit lies inside the "
         "mask. A positive whose lesion misses the six slices counts as a miss.", "",
-        f"Grad-CAM at layer4 (the paper's method) is **coarse**: one {_cam_cells()} x {_cam_cells()} map "
-        f"({DEMO_SLICES['size'][0] // _cam_cells() * DEMO_SLICES['spacing_mm']:g} mm cells) for the 6-slice input; "
+        f"Grad-CAM at layer4 (the paper's method) is **coarse**: one {cells} x {cells} map "
+        f"({DEMO_SLICES['size'][0] // cells * DEMO_SLICES['spacing_mm']:g} mm cells) for the 6-slice input; "
         f"its hit rate under the same rule: {s['hit_rate_gradcam']:.2f}.", "",
         f"Operating threshold {s['threshold']:.3f}: {s.get('threshold_note', '')}.", "",
     ]
     if len(s["designs"]) > 1:
         lines += ["## Network designs on the same cohort and split", "", compare_table(s["designs"]), ""]
-    lines += ["## Inclusion flow", "", "```",
-              (ds.out_dir / "flow.txt").read_text().rstrip() if (ds.out_dir / "flow.txt").exists() else "", "```", "",
-              f"![flow]({_rel(out, ds.out_dir / 'flow.png')})", "",
-              "## Evaluation (held-out test patients)", ""]
-    ev = s["evaluation"]
-    lines += [f"Full report: [{_rel(out, ev.get('markdown', ''))}]({_rel(out, ev.get('markdown', ''))})", ""]
-    for key in ("roc", "confusion", "calibration"):
-        if str(ev.get(key, "")).endswith(".png"):
-            lines += [f"![{key}]({_rel(out, ev[key])})", ""]
-    lines += ["## Test predictions", "",
-              "| patient | label | probability | predicted | peak distance (mm) | hit | "
-              f"{COARSE_SALIENCY} distance (mm) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["## Inclusion flow", "", "```", flow.read_text().rstrip() if flow.exists() else "", "```", "",
+              f"![flow]({rel(ds.out_dir / 'flow.png')})", "", "## Evaluation (held-out test patients)", "",
+              f"Full report: [{rel(ev.get('markdown'))}]({rel(ev.get('markdown'))})", ""]
+    lines += [f"![{k}]({rel(ev[k])})\n" for k in ("roc", "confusion", "calibration")
+              if str(ev.get(k)).endswith(".png")]
+    lines += ["## Test predictions", "", "| patient | label | probability | predicted | peak distance (mm) | "
+              f"hit | {COARSE_SALIENCY} distance (mm) |", "|---|---|---|---|---|---|---|"]
     for r in main["rows"]:
-        dist = f"{r['peak_distance_mm']:.1f}" if "peak_distance_mm" in r else ""
-        dc = f"{r['peak_distance_mm_gradcam']:.1f}" if "peak_distance_mm_gradcam" in r else ""
+        dist, dc = (f"{r[k]:.1f}" if k in r else "" for k in ("peak_distance_mm", "peak_distance_mm_gradcam"))
         lines.append(f"| {r['patient_id']} | {r['label']} | {r['probability']:.3f} | {r['predicted']} | {dist} | "
                      f"{r.get('hit', '')} | {dc} |")
-    lines += ["", "## Saliency on the test positives", ""]
-    lines += [f"![montage]({_rel(out, m)})" for m in main["montages"][:6]]
-    rt = s["real_t2"]
-    lines += ["", "## The untouched real T2", "",
+    lines += ["", "## Saliency on the test positives", "",
+              *[f"![montage]({rel(m)})" for m in main["montages"][:6]], "", "## The untouched real T2", "",
               f"probability {rt['probability']:.3f} (class {rt['class']}); test-time augmentation mean "
               f"{rt['tta_mean']:.3f} +- {rt['tta_std']:.3f}.", "",
-              f"![real]({_rel(out, main['real_files'].get('montage_file'))})", "",
-              f"Saliency volume (source geometry): `{_rel(out, rt['saliency'])}`; Slicer scene: "
-              f"`{_rel(out, rt['scene'])}`"
-              + (f"; scene of a positive: `{_rel(out, s['scene_positive'])}`" if s.get("scene_positive") else "") + ".",
-              "",
-              "## Outside cohort", "",
-              f"{s['outside']['n']} subjects ({s['outside']['n_positive']} positive) generated with seed "
-              f"{s['outside']['seed']} and prevalence {s['outside']['prevalence']:.0%}, never seen in training or "
-              f"model selection: AUC {s['outside']['auc']:.3f} (95% CI {_ci(s['outside']['auc_ci'])}), counts at the "
-              f"card's threshold {s['outside']['counts']}, hit rate {s['outside']['hit_rate']:.2f}. Per subject: "
-              "`outside/outside_predictions.json`.", "",
-              "## Timings (s)", "", "| step | s |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in s["timings_s"].items()]
+              f"![real]({rel(main['real_files'].get('montage_file'))})", "",
+              f"Saliency volume (source geometry): `{rel(rt['saliency'])}`; Slicer scene: "
+              f"`{rel(rt['scene'])}`" + (f"; scene of a positive: `{rel(s['scene_positive'])}`"
+                                         if s.get("scene_positive") else "") + ".", "", "## Outside cohort", "",
+              f"{o['n']} subjects ({o['n_positive']} positive) generated with seed {o['seed']} and prevalence "
+              f"{o['prevalence']:.0%}, never seen in training or model selection: AUC {o['auc']:.3f} (95% CI "
+              f"{_ci(o['auc_ci'])}), counts at the card's threshold {o['counts']}, hit rate "
+              f"{o['hit_rate']:.2f}. Per subject: `outside/outside_predictions.json`.", "",
+              "## Timings (s)", "", "| step | s |", "|---|---|",
+              *[f"| {k} | {v} |" for k, v in s["timings_s"].items()]]
     return "\n".join(lines) + "\n"
-
-
-def _cam_cells() -> int:
-    """Side of the layer4 map of the demo network (MONAI ResNet: conv1 stride, max-pool, 3 stride-2 stages)."""
-    return DEMO_SLICES["size"][0] // (DEMO_TRAIN["model"]["conv1_t_stride"] * 16)
 
 
 def _print_summary(out: Path, s: dict) -> None:
@@ -415,7 +364,6 @@ def _print_summary(out: Path, s: dict) -> None:
         print(compare_table(s["designs"]))
     print(f"prevalence enriched to {s['prevalence']:.0%} (real cohorts: ~15 %); train time {s['train_s']:.0f} s, "
           f"total {s['timings_s'].get('total_s', 0):.0f} s")
-    print(f"report:      {out / 'report.md'}")
-    print(f"evaluation:  {out / 'evaluation'}")
-    print(f"predictions: {out / 'predictions'} (saliency volumes, montages, Slicer scenes .mrb)")
-    print(f"checkpoint:  {s['checkpoint']}")
+    print(f"report:      {out / 'report.md'}\nevaluation:  {out / 'evaluation'}\n"
+          f"predictions: {out / 'predictions'} (saliency volumes, montages, Slicer scenes .mrb)\n"
+          f"checkpoint:  {s['checkpoint']}")
