@@ -136,10 +136,9 @@ class RowReader:
             if entry.name.startswith(".") or not entry.name.endswith(".json"):
                 continue  # temporary files of atomic writes in flight
             try:
-                st = entry.stat()
+                sig = (entry.stat().st_mtime_ns, entry.stat().st_size)
             except FileNotFoundError:
                 continue
-            sig = (st.st_mtime_ns, st.st_size)
             hit = self._cache.get(entry.name)
             if hit is None or hit[0] != sig:
                 try:
@@ -203,7 +202,7 @@ def merge_folders(sources: Sequence[str | Path], out_dir: str | Path) -> list[di
                 if (not old.get("error")) and (row.get("error") or old.get("finished", 0) >= row.get("finished", 0)):
                     continue
             for f in src.iterdir():  # the study's own files: <key>.json, <key>_saliency..., <key>.mrb
-                if f.is_file() and (f.name.startswith(row["key"] + "_") or f.name.startswith(row["key"] + ".")):
+                if f.is_file() and f.name.startswith((row["key"] + "_", row["key"] + ".")):
                     with atomic_path(out / f.name) as tmp:
                         shutil.copyfile(f, tmp)
             put_row(out, move(row))

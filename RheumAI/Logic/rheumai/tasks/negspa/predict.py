@@ -10,6 +10,7 @@ maximum (left/right contrast kept), then go onto that series' exact grid.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -64,8 +65,7 @@ def load_sample(inputs: Mapping[str, Any], card: dict[str, Any]) -> NegSpaStudy:
     if missing:
         raise InputError(None, "NegSpA-AI needs the T1, T2 and fat-suppressed (STIR/SPAIR) series and a box around "
                                f"both sacroiliac joints; missing: {', '.join(missing)}")
-    studies = {r: read_study(inputs[r]) if isinstance(inputs[r], (str, bytes)) or hasattr(inputs[r], "__fspath__")
-               else inputs[r] for r in ROLES}
+    studies = {r: read_study(inputs[r]) if isinstance(inputs[r], (str, os.PathLike)) else inputs[r] for r in ROLES}
     sample = preprocess({**studies, "box": box}, NegSpaParams.from_dict(card["preprocessing"]))
     clin, miss = encode_clinical(inputs.get("clinical"), card)
     return NegSpaStudy(sample, clin, miss, {r: (s.image if isinstance(s, Study) else s) for r, s in studies.items()})
