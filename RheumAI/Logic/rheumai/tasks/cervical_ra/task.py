@@ -1,9 +1,7 @@
 """The cervical RA task (Lebouille-Veldman et al. 2025), declared for the registry.
 
-Nothing is re-implemented here: preprocessing is :func:`rheumai.tasks.cervical_ra.slices.select_slices`, the model
-:func:`rheumai.tasks.cervical_ra.model.build_model`, training / evaluation / prediction the existing modules.
-Input: one sagittal T2 series; network input (C, H, W) = (6 slices right -> left,
-superior -> inferior, anterior -> posterior), 1 mm, 512 x 512; one logit (deformity at follow-up).
+Input: one sagittal T2 series; network input (C, H, W) = (6 slices right -> left, superior -> inferior,
+anterior -> posterior), 1 mm, 512 x 512 (:mod:`.slices`); one logit (deformity at follow-up).
 """
 
 from __future__ import annotations
@@ -12,31 +10,23 @@ from typing import Any, Mapping
 
 import SimpleITK as sitk
 
-from ...io import Study, read_study
-from .model import build_model, default_architecture
-from .slices import SliceParams, SliceSelection, select_slices
+from ...io import Study
 from ...saliency import METHODS as SALIENCY_METHODS
 from ..base import InputSpec, Task
 from . import predict as _predict
-
-ROLE = "t2_sag"
-
-
-def default_params() -> dict[str, Any]:
-    """The paper's slice parameters (:class:`rheumai.tasks.cervical_ra.slices.SliceParams` defaults), JSON-able."""
-    return SliceParams().to_dict()
+from .model import build_model, default_architecture
+from .predict import ROLE
+from .slices import SliceParams, SliceSelection
 
 
-def preprocess(study_inputs: Mapping[str, Any] | Study | sitk.Image | str, params: Mapping[str, Any] | SliceParams | None = None
-               ) -> SliceSelection:
+def preprocess(study_inputs: Mapping[str, Any] | Study | sitk.Image | str,
+               params: Mapping[str, Any] | SliceParams | None = None) -> SliceSelection:
     """``select_slices`` on the sagittal T2: ``study_inputs`` is {"t2_sag": Study | image | path}
-    (or that one value); ``params`` a SliceParams or its dict. Returns the SliceSelection, whose
-    ``to_source`` maps (C, H, W) maps back into the series' grid."""
-    src = study_inputs[ROLE] if isinstance(study_inputs, Mapping) else study_inputs
-    if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__"):
-        src = read_study(src)
-    p = params if isinstance(params, SliceParams) else SliceParams.from_dict(dict(params or {}))
-    return select_slices(src, p)
+    (or that one value); ``params`` a SliceParams or its dict. The selection's ``to_source`` maps
+    (C, H, W) maps back into the series' grid."""
+    inputs = study_inputs if isinstance(study_inputs, Mapping) else {ROLE: study_inputs}
+    p = params.to_dict() if isinstance(params, SliceParams) else dict(params or {})
+    return _predict.load_sample(inputs, {"preprocessing": p}).selection
 
 
 TASK = Task(
@@ -50,7 +40,7 @@ TASK = Task(
     preprocess=preprocess,
     build_model=build_model,
     default_architecture=default_architecture,
-    default_params=default_params,
+    default_params=SliceParams().to_dict,
     saliency_targets={ROLE: "layer4"},
     outputs=("probability", "label", "threshold", "saliency volume (source geometry)", "montage PNG", "scene"),
     api={"train": "rheumai.engine.train:train", "evaluate": "rheumai.engine.evaluate:evaluate",
