@@ -4,8 +4,8 @@ Console API (works in Slicer's Python console)::
 
     from rheumai import api
     from rheumai.dataset import build_image_dataset
-    from rheumai.tasks import negspa
-    cohort = negspa.make_cohort("/tmp/spa", n=24)                  # generated cohort with truth
+    from rheumai.tasks.negspa.synth import make_cohort
+    cohort = make_cohort("/tmp/spa", n=24)                          # generated cohort with truth
     manifest = build_image_dataset(cohort, "/tmp/spa/ds", params={"size": (64, 64)}, task="negspa",
                                    clinical_csv="/tmp/spa/clinical.csv").manifest
     run = api.train("configs/negspa.toml", manifest, "/tmp/spa/run")  # two stages on the engine
@@ -16,20 +16,4 @@ Console API (works in Slicer's Python console)::
 Modules: preprocess (box, half grids), clinical (variables, missing-value encoding), model
 (tri-input ResNet + fusion), mixcut, train (the engine recipe: config sections, two stages),
 predict (the engine's predict hooks), synth (generated cohort), task (declaration).
-Names below are imported on first use, so importing the package stays light.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_EXPORTS = {"make_cohort": "synth", "read_box": "preprocess", "Box": "preprocess", "NegSpaParams": "preprocess",
-            "TASK": "task"}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
