@@ -197,9 +197,8 @@ def forward(model: torch.nn.Module, inputs: Any,
     """``model(**inputs)`` for a dict input, else ``model(inputs)``; a bare Tensor output is named
     after the single head (or "out")."""
     out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-    if isinstance(out, Mapping):
-        return dict(out)
-    return {next(iter(heads)) if heads and len(heads) == 1 else "out": out}
+    name = next(iter(heads)) if heads and len(heads) == 1 else "out"
+    return dict(out) if isinstance(out, Mapping) else {name: out}
 
 
 def total_loss(heads: Mapping[str, Head], out: Mapping[str, torch.Tensor],
