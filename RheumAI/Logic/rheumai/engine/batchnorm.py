@@ -1,9 +1,6 @@
-"""BatchNorm running statistics recomputed on un-augmented training images.
-
-With small batches and strong augmentation the running averages drift far from the statistics of
-clean inputs; these are replaced by the exact pooled mean and unbiased variance of each layer's
-input (``torch.optim.swa_utils.update_bn`` with momentum=None, pooled over elements, so independent
-of the batch size).
+"""BatchNorm running statistics recomputed on un-augmented training images: the running averages,
+which drift with small batches and strong augmentation, become the exact pooled mean and unbiased
+variance of each layer's input (unlike ``torch.optim.swa_utils.update_bn``, independent of the batch size).
 """
 
 from __future__ import annotations
