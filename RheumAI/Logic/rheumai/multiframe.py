@@ -61,12 +61,9 @@ def is_enhanced(ds: pydicom.Dataset) -> bool:
     return "PerFrameFunctionalGroupsSequence" in ds
 
 
-def _item(frame: pydicom.Dataset, shared: pydicom.Dataset, keyword: str) -> pydicom.Dataset | None:
-    for group in (frame, shared):
-        seq = group.get(keyword)
-        if seq is not None and len(seq):
-            return seq[0]
-    return None
+def _item(frame: pydicom.Dataset, shared: pydicom.Dataset, keyword: str) -> pydicom.Dataset:
+    """The first item of ``keyword`` in the frame's functional groups, else the shared ones, else empty."""
+    return next((g[keyword][0] for g in (frame, shared) if len(g.get(keyword) or ())), pydicom.Dataset())
 
 
 def finite_floats(value: object, n: int) -> tuple[float, ...] | None:
@@ -80,36 +77,29 @@ def finite_floats(value: object, n: int) -> tuple[float, ...] | None:
 def frames_of(ds: pydicom.Dataset, path: str | Path) -> list[Frame]:
     """The frames of one enhanced file with their geometry; raises InputError naming the file."""
     per = ds.get("PerFrameFunctionalGroupsSequence") or []
-    shared_seq = ds.get("SharedFunctionalGroupsSequence")
-    shared = shared_seq[0] if shared_seq is not None and len(shared_seq) else pydicom.Dataset()
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()])[0]
     n = int(ds.get("NumberOfFrames", 1) or 1)
     if len(per) != n:
         raise InputError(path, f"NumberOfFrames is {n} but the file holds {len(per)} per-frame functional groups")
     top_spacing = finite_floats(ds.get("PixelSpacing"), 2)
     frames = []
     for i, f in enumerate(per):
-        pos, ori = _item(f, shared, "PlanePositionSequence"), _item(f, shared, "PlaneOrientationSequence")
-        ipp = finite_floats(pos.get("ImagePositionPatient"), 3) if pos is not None else None
-        iop = finite_floats(ori.get("ImageOrientationPatient"), 6) if ori is not None else None
+        ipp = finite_floats(_item(f, shared, "PlanePositionSequence").get("ImagePositionPatient"), 3)
+        iop = finite_floats(_item(f, shared, "PlaneOrientationSequence").get("ImageOrientationPatient"), 6)
         if ipp is None or iop is None:
             raise InputError(path, f"frame {i + 1} of {n} has no ImagePositionPatient / ImageOrientationPatient in "
                                    "its functional groups; its place in the volume is unknown")
-        meas = _item(f, shared, "PixelMeasuresSequence")
-        spacing = (finite_floats(meas.get("PixelSpacing"), 2) if meas is not None else None) or top_spacing
+        spacing = finite_floats(_item(f, shared, "PixelMeasuresSequence").get("PixelSpacing"), 2) or top_spacing
         if spacing is None:
             raise InputError(path, f"frame {i + 1} of {n} has no PixelSpacing")
-        pix = _item(f, shared, "PixelValueTransformationSequence")
-        src = pix if pix is not None else ds
-        slope = float(src.get("RescaleSlope", 1) or 1)
-        intercept = float(src.get("RescaleIntercept", 0) or 0)
+        pix = _item(f, shared, "PixelValueTransformationSequence") or ds
         ft = _item(f, shared, "MRImageFrameTypeSequence") or _item(f, shared, "CTImageFrameTypeSequence")
-        frame_type = tuple(str(v) for v in (ft.get("FrameType") if ft is not None and "FrameType" in ft
+        frame_type = tuple(str(v) for v in (ft.get("FrameType") if "FrameType" in ft
                                              else ds.get("ImageType", [])) or [])
-        content = _item(f, shared, "FrameContentSequence")
-        stack = str(content.get("StackID", "") or "") if content is not None else ""
-        echo = _item(f, shared, "MREchoSequence")
-        te = finite_floats([echo.get("EffectiveEchoTime")], 1) if echo is not None else None
-        frames.append(Frame(str(path), i, ipp, iop, spacing, slope, intercept,  # type: ignore[arg-type]
+        stack = str(_item(f, shared, "FrameContentSequence").get("StackID", "") or "")
+        te = finite_floats([_item(f, shared, "MREchoSequence").get("EffectiveEchoTime")], 1)
+        frames.append(Frame(str(path), i, ipp, iop, spacing,  # type: ignore[arg-type]
+                            float(pix.get("RescaleSlope", 1) or 1), float(pix.get("RescaleIntercept", 0) or 0),
                             frame_type, stack, te[0] if te else None))
     return frames
 

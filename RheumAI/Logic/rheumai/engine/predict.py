@@ -207,10 +207,8 @@ class Predictor:
         """Batched input -> {head: Tensor} (inference mode); a bare Tensor is the head ``"out"``."""
         self.model.eval()
         with torch.inference_mode():
-            if self.task.forward is not None:
-                out = self.task.forward(self.model, batch)
-            else:
-                out = self.model(**batch) if isinstance(batch, dict) else self.model(batch)
+            out = (self.task.forward(self.model, batch) if self.task.forward is not None
+                   else self.model(**batch) if isinstance(batch, dict) else self.model(batch))
         return out if isinstance(out, dict) else {"out": out}
 
     def run(self, prepared: Sequence[Prepared], saliency: str | None = "default", target_layer: str | None = None,
