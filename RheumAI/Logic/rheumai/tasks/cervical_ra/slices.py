@@ -101,15 +101,14 @@ class SliceSelection:
         """``arr`` (default: the selected slices) as an image on the selection grid."""
         return image_from_array(self.array if arr is None else np.asarray(arr, dtype=np.float32), self.grid)
 
-    def to_source(self, arr: np.ndarray, interpolator: str = "linear") -> sitk.Image:
+    def to_source(self, arr: np.ndarray) -> sitk.Image:
         """Map a (C, H, W) array on the selection grid into the source image's exact grid.
 
         Same origin, spacing, direction and size as the source; 0 outside the selected slab.
         Linear interpolation covers the slab's full thickness (ITK's half-voxel border rule).
         """
         g = self.source_grid  # geometry given directly: no reference image of the source's size is allocated
-        return sitk.Resample(self.grid_image(arr), [int(v) for v in g.size], sitk.Transform(),
-                             INTERPOLATORS[interpolator],
+        return sitk.Resample(self.grid_image(arr), [int(v) for v in g.size], sitk.Transform(), sitk.sitkLinear,
                              [float(v) for v in g.origin], [float(v) for v in g.spacing],
                              [float(v) for v in g.direction_matrix.ravel()], 0.0, sitk.sitkFloat32)
 
@@ -128,12 +127,12 @@ class SliceSelection:
         return npy, meta
 
     @classmethod
-    def load(cls, stem: str | Path, mmap: bool = False) -> "SliceSelection":
+    def load(cls, stem: str | Path) -> "SliceSelection":
         stem = Path(stem)
         npy, meta_path = stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".json")
         try:
             meta = json.loads(meta_path.read_text())
-            array = np.load(npy, mmap_mode="r" if mmap else None, allow_pickle=False)
+            array = np.load(npy, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise InputError(stem, f"is not a readable slice selection ({exc})") from None
         bits = zlib.decompress(base64.b64decode(meta["mask_packed"]["zlib_b64"]))
@@ -145,10 +144,8 @@ class SliceSelection:
 
 def selection_grid(image: sitk.Image, params: SliceParams) -> Grid:
     """The selection grid for ``image``: sagittal frame, centred, (W, H, C) points at spacing_mm."""
-    if params.frame == "acquisition":
-        frame = snap_frame(np.asarray(image.GetDirection()).reshape(3, 3), SAGITTAL_FRAME)
-    else:
-        frame = SAGITTAL_FRAME.copy()
+    acquisition = params.frame == "acquisition"
+    frame = snap_frame(np.asarray(image.GetDirection()).reshape(3, 3)) if acquisition else SAGITTAL_FRAME
     center = np.array(voxel_center(image) if params.center_lps is None else params.center_lps, dtype=float)
     if params.lr_mm is not None:
         center[0] = float(params.lr_mm)
