@@ -20,12 +20,11 @@ COUNT_METRICS = ("sensitivity", "specificity", "ppv", "npv", "accuracy", "f1")
 
 def _check(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray]:
     y, p = np.asarray(y).astype(int).ravel(), np.asarray(p, dtype=float).ravel()
-    if y.shape != p.shape:
-        raise ValueError(f"labels ({y.size}) and probabilities ({p.size}) differ in length")
-    if not set(np.unique(y)) <= {0, 1}:
-        raise ValueError("labels must be 0/1")
-    if not np.all(np.isfinite(p)):
-        raise ValueError("probabilities contain NaN or inf")
+    for bad, msg in ((y.shape != p.shape, f"labels ({y.size}) and probabilities ({p.size}) differ in length"),
+                     (not set(np.unique(y)) <= {0, 1}, "labels must be 0/1"),
+                     (not np.all(np.isfinite(p)), "probabilities contain NaN or inf")):
+        if bad:
+            raise ValueError(msg)
     return y, p
 
 
@@ -83,8 +82,7 @@ def choose_threshold(y: Any, p: Any, rule: str | ThresholdRule) -> float:
 # ---------------------------------------------------------------- AUC and its CI
 
 def delong_auc_variance(y: Any, p: Any) -> tuple[float, float]:
-    """AUC and its DeLong variance (DeLong et al. 1988; midrank form, Sun & Xu 2014); no installed
-    library has DeLong. Checked against scikit-learn's AUC and the bootstrap in the tests."""
+    """AUC and its DeLong variance (DeLong et al. 1988; midrank form, Sun & Xu 2014; in no library)."""
     y, p = _check(y, p)
     pos, neg = p[y == 1], p[y == 0]
     m, n = pos.size, neg.size

@@ -1,8 +1,7 @@
 """Evaluation report: Markdown + HTML + CSV + PNG plots (ROC, confusion, calibration).
 
-The report is a list of blocks (heading, paragraph, list, table, image) rendered to both Markdown
-and HTML, so the two never disagree. ``counts_report`` derives the metrics of a published confusion
-matrix and lists where the publication disagrees with its own counts.
+Blocks (heading, paragraph, list, table, image) render to both Markdown and HTML, so the two never
+disagree; ``counts_report`` lists where a publication disagrees with its own confusion matrix.
 """
 
 from __future__ import annotations
