@@ -38,13 +38,12 @@ class Grid:
 
     def index_to_physical(self, ijk: np.ndarray) -> np.ndarray:
         """(..., 3) continuous indices (i, j, k) -> (..., 3) LPS points in mm."""
-        m = self.direction_matrix * np.asarray(self.spacing)[None, :]
-        return np.asarray(ijk, dtype=float) @ m.T + np.asarray(self.origin)
+        return np.asarray(ijk, dtype=float) @ (self.direction_matrix * self.spacing).T + self.origin
 
     def physical_to_index(self, xyz: np.ndarray) -> np.ndarray:
         """(..., 3) LPS points in mm -> (..., 3) continuous indices (i, j, k)."""
-        m = self.direction_matrix * np.asarray(self.spacing)[None, :]
-        return (np.asarray(xyz, dtype=float) - np.asarray(self.origin)) @ np.linalg.inv(m).T
+        m = self.direction_matrix * self.spacing
+        return (np.asarray(xyz, dtype=float) - self.origin) @ np.linalg.inv(m).T
 
     def reference_image(self, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
         return apply_grid(sitk.Image([int(s) for s in self.size], pixel_type), self)
@@ -91,9 +90,8 @@ def voxel_center(image: sitk.Image) -> np.ndarray:
 def corners(image: sitk.Image) -> np.ndarray:
     """(8, 3) LPS points of the outer voxel edges (half a voxel beyond the corner centres)."""
     size = np.asarray(image.GetSize(), dtype=float)
-    pts = [np.asarray(image.TransformContinuousIndexToPhysicalPoint((np.array(c) * size - 0.5).tolist()))
-           for c in itertools.product((0, 1), repeat=3)]
-    return np.asarray(pts)
+    return np.array([image.TransformContinuousIndexToPhysicalPoint((np.array(c) * size - 0.5).tolist())
+                     for c in itertools.product((0, 1), repeat=3)])
 
 
 def snap_frame(direction: np.ndarray, target: np.ndarray = SAGITTAL_FRAME) -> np.ndarray:
