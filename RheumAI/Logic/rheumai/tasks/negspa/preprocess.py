@@ -28,7 +28,7 @@ import SimpleITK as sitk
 from ...atomic import atomic_path, write_json
 from ...errors import InputError
 from ...geometry import Grid, image_from_array, snap_frame
-from ...io import Study, read_study
+from ...io import Study, _as_volume, read_study
 from ...normalize import METHODS, normalize_intensity
 
 ROLES = ("t1", "t2", "stir")
@@ -141,7 +141,8 @@ class NegSpaParams:
             raise ValueError(f"invalid NegSpA parameters: {self}")
         if self.pixel_mm is not None and self.pixel_mm <= 0:
             raise ValueError("pixel_mm must be positive")
-        for name, allowed in (("frame", ("acquisition", "patient")), ("norm", METHODS), ("frame_reference", ROLES)):
+        for name, allowed in (("frame", ("acquisition", "patient")), ("norm", METHODS),
+                              ("frame_reference", ROLES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
 
@@ -151,13 +152,6 @@ class NegSpaParams:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "NegSpaParams":
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-def sampling_frame(reference: sitk.Image | None, params: NegSpaParams) -> np.ndarray:
-    """3x3 (axes as columns, LPS): the reference series' coronal-like axes, or pure coronal."""
-    if params.frame == "acquisition" and reference is not None:
-        return snap_frame(np.asarray(reference.GetDirection()).reshape(3, 3), CORONAL_FRAME)
-    return CORONAL_FRAME.copy()
 
 
 def half_grids(frame: np.ndarray, box: Box, params: NegSpaParams) -> tuple[Grid, Grid]:
@@ -177,8 +171,8 @@ def half_grids(frame: np.ndarray, box: Box, params: NegSpaParams) -> tuple[Grid,
     return grids[0], grids[1]
 
 
-def _resample(image: sitk.Image, grid: Grid, interpolator: int, default: float = 0.0) -> np.ndarray:
-    out = sitk.Resample(image, grid.reference_image(), sitk.Transform(), interpolator, default, sitk.sitkFloat32)
+def _resample(image: sitk.Image, grid: Grid, interpolator: int) -> np.ndarray:
+    out = sitk.Resample(image, grid.reference_image(), sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
 
 
@@ -204,26 +198,6 @@ class SequenceSample:
         halves = [sitk.Resample(image_from_array(np.ascontiguousarray(m), g), ref, sitk.Transform(), interpolator,
                                 0.0, sitk.sitkFloat32) for m, g in zip(maps, self.grids)]
         return sitk.Maximum(*halves)
-
-
-def preprocess_sequence(image: sitk.Image, box: Box, params: NegSpaParams, role: str = "",
-                        source_path: str | None = None, frame: np.ndarray | None = None) -> SequenceSample:
-    """Sample, mask and normalise one series on the two half grids (``frame``: default this
-    series' own, see :func:`sampling_frame`)."""
-    if image.GetDimension() != 3:
-        raise InputError(source_path, f"{role} series is {image.GetDimension()}D; a 3D volume is needed")
-    image = sitk.Cast(image, sitk.sitkFloat32)
-    grids = half_grids(sampling_frame(image, params) if frame is None else frame, box, params)
-    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
-    ones.CopyInformation(image)
-    raw = np.stack([_resample(image, g, sitk.sitkLinear) for g in grids])
-    mask = np.stack([_resample(ones, g, sitk.sitkNearestNeighbor) > 0.5 for g in grids])
-    if not mask.any():
-        raise InputError(source_path, f"the sacroiliac box {box.to_dict()['min_lps']}..{box.to_dict()['max_lps']} "
-                                      f"(LPS mm) lies outside the {role} series")
-    arr = normalize_intensity(raw, mask, params.norm, params.norm_lower, params.norm_upper)
-    return SequenceSample(role=role, array=arr, mask=mask, grids=grids, source_grid=Grid.of(image),
-                          source_path=source_path)
 
 
 @dataclass
@@ -255,28 +229,41 @@ class NegSpaSample:
 
 
 def _as_image(src: Any, role: str) -> tuple[sitk.Image, str | None]:
+    """A 3D float32 volume (checked by :mod:`rheumai.io`) and its path, from a path, Study or image."""
+    if isinstance(src, (str, Path)):
+        src = read_study(src)
     if isinstance(src, Study):
         return src.image, src.path
     if isinstance(src, sitk.Image):
-        return src, None
-    if isinstance(src, (str, Path)):
-        st = read_study(src)
-        return st.image, st.path
+        return _as_volume(src, f"{role} image"), None
     raise InputError(None, f"{role}: expected a path, a Study or a SimpleITK image, got {type(src).__name__}")
 
 
 def preprocess(study_inputs: Mapping[str, Any], params: Mapping[str, Any] | NegSpaParams | None = None) -> NegSpaSample:
-    """The task's preprocessing. ``study_inputs``: {"t1", "t2", "stir": path | Study | image,
-    "box": Box | dict | path}; ``params``: NegSpaParams or its dict (defaults: 224 x 224, 3 slices)."""
+    """The task's preprocessing: each series sampled, masked to its field of view and normalised on the
+    two half grids. ``study_inputs``: {"t1", "t2", "stir": path | Study | image, "box": Box | dict |
+    path}; ``params``: NegSpaParams or its dict (defaults: 224 x 224, 3 slices)."""
     p = params if isinstance(params, NegSpaParams) else NegSpaParams.from_dict(dict(params or {}))
     missing = [r for r in (*ROLES, "box") if study_inputs.get(r) is None]
     if missing:
         raise InputError(None, f"NegSpA-AI needs the T1, T2 and fat-suppressed (STIR/SPAIR) series and a box; "
                                f"missing: {', '.join(missing)}")
-    box = as_box(study_inputs["box"])
+    box = read_box(study_inputs["box"])
     loaded = {role: _as_image(study_inputs[role], role) for role in ROLES}
-    frame = sampling_frame(loaded[p.frame_reference][0], p)
-    seqs = {role: preprocess_sequence(img, box, p, role=role, source_path=path, frame=frame)
-            for role, (img, path) in loaded.items()}
-    return NegSpaSample(sequences=seqs, box=box, params=p,
-                        provenance={"sources": {r: s.source_path for r, s in seqs.items()}})
+    ref = loaded[p.frame_reference][0]
+    frame = CORONAL_FRAME if p.frame == "patient" else snap_frame(np.reshape(ref.GetDirection(), (3, 3)),
+                                                                 CORONAL_FRAME)
+    grids = half_grids(frame, box, p)
+    seqs = {}
+    for role, (image, path) in loaded.items():
+        ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+        ones.CopyInformation(image)
+        mask = np.stack([_resample(ones, g, sitk.sitkNearestNeighbor) > 0.5 for g in grids])
+        if not mask.any():
+            raise InputError(path, f"the sacroiliac box {list(box.min_lps)}..{list(box.max_lps)} (LPS mm) "
+                                   f"lies outside the {role} series")
+        raw = np.stack([_resample(image, g, sitk.sitkLinear) for g in grids])
+        arr = normalize_intensity(raw, mask, p.norm, p.norm_lower, p.norm_upper)
+        seqs[role] = SequenceSample(role, arr, mask, grids, Grid.of(image), path)
+    return NegSpaSample(sequences=seqs, box=box, params=p, provenance={"sources": {r: path for r, (_, path) in
+                                                                                   loaded.items()}})
