@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from scipy.stats import beta
 
 
 @dataclass
@@ -43,7 +44,8 @@ def mixcut(images: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0,
     y = targets.to(torch.float32)
     if alpha <= 0 or n < 2:
         return MixCutResult(images, y, torch.arange(n), (0, 0, 0, 0), 1.0, 0.0)
-    lam = _beta_sample(alpha, generator)
+    # lam ~ Beta(alpha, alpha) by the inverse CDF of a uniform from ``generator`` (torch's Beta takes none)
+    lam = float(beta.ppf(min(max(float(torch.rand(1, generator=generator)), 1e-6), 1 - 1e-6), alpha, alpha))
     perm = torch.randperm(n, generator=generator)
     u = torch.rand(2, generator=generator)
     side = (1.0 - lam) ** 0.5
@@ -58,11 +60,3 @@ def mixcut(images: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0,
     w = (1.0 - lam) * area
     return MixCutResult(out, (1.0 - w) * y + w * y[perm], perm, (r0, r1, c0, c1), lam, w)
 
-
-def _beta_sample(alpha: float, generator: torch.Generator | None) -> float:
-    """lam ~ Beta(alpha, alpha) as the inverse CDF (scipy) of a uniform drawn from ``generator``
-    (torch.distributions.Beta cannot take a generator, and reproducibility needs one)."""
-    from scipy.stats import beta as sbeta
-
-    u = float(torch.rand(1, generator=generator))
-    return float(sbeta.ppf(min(max(u, 1e-6), 1 - 1e-6), alpha, alpha))
