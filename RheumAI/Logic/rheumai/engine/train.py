@@ -230,8 +230,7 @@ class _Stopped(Exception):
 
 
 def _derived(cfg: TrainConfig) -> TrainConfig:
-    """The config of a fold or final run of out-of-fold selection: last weights, no early
-    stopping, no nested selection."""
+    """A fold's or the final run's config of out-of-fold selection: last weights, no early stopping."""
     c = TrainConfig.from_dict(cfg.to_dict(), source=cfg.source or None)
     c.train.select, c.train.early_stopping_patience, c.selection.method = "last", 0, "validation"
     return c
@@ -378,7 +377,6 @@ def _run(cfg: TrainConfig, ctx: _Ctx, train_df: pd.DataFrame, val_df: pd.DataFra
     ckpt = None
     if d.main:
         vm = validation_summary(val_report) if val_report is not None else None
-        df = ctx.df
         card = {
             "task": ctx.recipe.task, **prep.card, "heads": {"out": head.describe()}, "output": ctx.recipe.output,
             "threshold": float(choice.value), "threshold_rule": str(rule), "threshold_note": choice.note,
@@ -386,8 +384,8 @@ def _run(cfg: TrainConfig, ctx: _Ctx, train_df: pd.DataFrame, val_df: pd.DataFra
             "training_data": {
                 "n_train": len(train_df), "n_train_positive": n_pos, "n_val": len(val_df),
                 "n_val_positive": int(val_df["label"].sum()) if len(val_df) else 0, "val_source": val_how,
-                "n_test_held_out": int((df["split"] == "test").sum()),
-                "sites": int(df["site"].nunique()) if "site" in df.columns else None,
+                "n_test_held_out": int((ctx.df["split"] == "test").sum()),
+                "sites": int(ctx.df["site"].nunique()) if "site" in ctx.df.columns else None,
             },
             "metrics": {"validation": vm, "calibration": val_cal},
             "training": {"epochs_run": res.epochs_run, "epochs_planned": last_epochs or prep.stages[-1].epochs,

@@ -16,9 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from monai.data import MetaTensor
 from monai.transforms import (CenterScaleCrop, Compose, RandAdjustContrast, RandFlip, RandLambda,
                               RandScaleCrop, RandScaleIntensity, RandShiftIntensity, Resize)
+from monai.utils import convert_to_tensor
 
 from ...config import TrainConfig, option
 from ...engine.networks import RESNET_DEPTHS
@@ -94,13 +94,10 @@ def build_train_transform(aug: AugmentConfig, input_size: Sequence[int]) -> Comp
     """Random augmentation on a (C, H, W) tensor, ending at ``input_size`` (H, W)."""
     if not aug.enabled:
         return build_eval_transform(aug.crop, aug.crop_fraction, input_size)
-    t: list[Any] = []
-    if aug.crop == "center":
-        t.append(CenterScaleCrop(roi_scale=aug.crop_fraction))
-    elif aug.crop == "random_center":
-        t.append(RandScaleCrop(roi_scale=aug.crop_fraction, max_roi_scale=1.0, random_center=False, random_size=True))
-    elif aug.crop == "random":
-        t.append(RandScaleCrop(roi_scale=aug.crop_fraction, random_center=True, random_size=False))
+    f = aug.crop_fraction
+    t: list[Any] = {"center": [CenterScaleCrop(roi_scale=f)],
+                    "random_center": [RandScaleCrop(f, 1.0, random_center=False, random_size=True)],  # f..1
+                    "random": [RandScaleCrop(f, random_center=True, random_size=False)]}.get(aug.crop, [])
     t.append(Resize(spatial_size=tuple(input_size), mode="bilinear", anti_aliasing=False))
     t += [RandFlip(prob=aug.flip_prob, spatial_axis=ax) for ax in aug.flip_axes]
     if aug.flip_channels_prob > 0:
@@ -148,10 +145,8 @@ class SliceStackDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         x = torch.from_numpy(np.array(load_array(self.paths[i], self.expect_channels), dtype=np.float32))
         self.transform.set_random_state(seed=(self.seed * 1_000_003 + self.epoch * 10_007 + i) % (2**32 - 1))
-        x = self.transform(x)
-        if isinstance(x, MetaTensor):  # plain tensor: MetaTensor's torch-function hook slows the network ~2x
-            x = x.as_tensor()
-        x = torch.as_tensor(x, dtype=torch.float32).contiguous()
+        # a plain tensor: MetaTensor's torch-function hook slows the network ~2x
+        x = convert_to_tensor(self.transform(x), dtype=torch.float32, track_meta=False).contiguous()
         return {"input": x, "target": {"out": torch.tensor(self.labels[i])}, "id": self.patient_ids[i]}
 
 
@@ -196,16 +191,12 @@ def write_toy_cohort(folder: str | Path, n_train: int = 24, n_val: int = 8, n_te
     folder = Path(folder)
     (folder / "cache").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    rows = []
+    rows: list[dict[str, Any]] = []
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    k = 0
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         n_pos = max(1, int(round(positive_fraction * n))) if n else 0
-        labels = np.array([1] * n_pos + [0] * (n - n_pos))
-        rng.shuffle(labels)
-        for label in labels:
-            pid = f"P{k:04d}"
-            k += 1
+        for label in rng.permutation(np.array([1] * n_pos + [0] * (n - n_pos))):
+            pid = f"P{len(rows):04d}"
             arr = 0.3 + 0.1 * rng.standard_normal((channels, size, size)).astype(np.float32)
             if label:
                 cy, cx = rng.uniform(0.3 * size, 0.7 * size, 2)

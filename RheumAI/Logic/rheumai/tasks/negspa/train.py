@@ -88,8 +88,8 @@ def _frozen_branches(model: torch.nn.Module) -> None:
     getattr(model, "module", model).branches.eval()  # frozen: keep the image stage's BatchNorm statistics
 
 
-def _augment(mix: bool, mixcut_alpha: float, mixcut_prob: float) -> Callable[..., dict[str, Any]]:
-    """Batch transform: random left/right swap of the joint halves, then (``mix``) MixCut."""
+def _augment(mixcut_alpha: float, mixcut_prob: float) -> Callable[..., dict[str, Any]]:
+    """Batch transform: random left/right swap of the joint halves, then MixCut (``mixcut_alpha`` > 0)."""
 
     def transform(batch: dict[str, Any], gen: torch.Generator, epoch: int) -> dict[str, Any]:
         x, y = batch["input"]["x"], batch["target"]["out"]
@@ -97,7 +97,7 @@ def _augment(mix: bool, mixcut_alpha: float, mixcut_prob: float) -> Callable[...
         x6 = x.view(n, len(ROLES), 2, -1, h, w).clone()
         swap = torch.rand(n, generator=gen) < 0.5  # anatomical L/R flip = swap the halves
         x6[swap] = x6[swap].flip(2)
-        if mix and mixcut_alpha > 0 and float(torch.rand(1, generator=gen)) < mixcut_prob:
+        if mixcut_alpha > 0 and float(torch.rand(1, generator=gen)) < mixcut_prob:
             mc = mixcut(x6, y, mixcut_alpha, gen)
             x6, y = mc.images, mc.targets
         return {**batch, "input": {**batch["input"], "x": pack(x6)}, "target": {"out": y}}
@@ -111,11 +111,10 @@ def prepare(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, info
     _, _, c, h, w = _load(Path(ds_train.df.at[0, "array_path"]), "r").shape
     arch = default_architecture(depth=cfg.model.depth, n_slices=c, input_size=(h, w), clinical_dim=encoder.dim,
                                 shared_backbone=cfg.model.shared_backbone)
-    a = cfg.augment
-    stages = [Stage("image", cfg.train.epochs, cfg.train.lr, _image_stage, None, _augment(True, a.mixcut_alpha,
-                                                                                          a.mixcut_prob)),
+    stages = [Stage("image", cfg.train.epochs, cfg.train.lr, _image_stage,
+                    batch_transform=_augment(cfg.augment.mixcut_alpha, cfg.augment.mixcut_prob)),
               Stage("fusion", cfg.fusion.epochs, cfg.fusion.lr, _fusion_stage, _frozen_branches,
-                    _augment(False, 0.0, 0.0), bn_recalibration="none")]
+                    _augment(0.0, 0.0), bn_recalibration="none")]
     card = {"architecture": arch, "preprocessing": info.get("preprocessing", NegSpaParams().to_dict()),
             "clinical_encoder": encoder.to_dict(), "reference": "Lu et al., Quant Imaging Med Surg 2024 (NegSpA-AI)"}
     return Prepared(build_model(arch), ds_train, NegSpaDataset(val_df, encoder) if len(val_df) else None, ds_train,
