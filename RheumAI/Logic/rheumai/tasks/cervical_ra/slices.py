@@ -108,8 +108,8 @@ class SliceSelection:
         Linear interpolation covers the slab's full thickness (ITK's half-voxel border rule).
         """
         g = self.source_grid  # geometry given directly: no reference image of the source's size is allocated
-        return sitk.Resample(self.grid_image(arr), [int(v) for v in g.size], sitk.Transform(), sitk.sitkLinear,
-                             [float(v) for v in g.origin], [float(v) for v in g.spacing],
+        return sitk.Resample(self.grid_image(arr), [int(v) for v in g.size], sitk.Transform(),
+                             sitk.sitkLinear, [float(v) for v in g.origin], [float(v) for v in g.spacing],
                              [float(v) for v in g.direction_matrix.ravel()], 0.0, sitk.sitkFloat32)
 
     def save(self, stem: str | Path) -> tuple[Path, Path]:
@@ -202,7 +202,15 @@ def select_slices(source: Study | sitk.Image, params: SliceParams = SliceParams(
     full_resample: the reference instead (:func:`select_slices_full_resample`). Raises
     :class:`InputError` when a requested slice lies entirely outside the image.
     """
-    image, provenance = _unpack_source(source, source_path)
+    if isinstance(source, sitk.Image):
+        source = Study(source, source_path)
+    if not isinstance(source, Study):
+        raise TypeError(f"expected a Study or a SimpleITK image, got {type(source).__name__}")
+    image = source.image
+    if image.GetDimension() != 3:
+        raise InputError(source.path, f"is {image.GetDimension()}D; a 3D volume is needed")
+    if image.GetPixelID() != sitk.sitkFloat32:
+        image = sitk.Cast(image, sitk.sitkFloat32)
     grid = selection_grid(image, params)
     raw, inside = np.zeros(grid.size[::-1], np.float32), np.zeros(grid.size[::-1], bool)
     lo, hi = _image_box(image, grid)
@@ -215,7 +223,21 @@ def select_slices(source: Study | sitk.Image, params: SliceParams = SliceParams(
             raw[window], inside[window] = vol[pick], ins[pick]
         else:
             raw[window], inside[window] = _sample(image, grid, wlo, whi, params.interpolator)
-    return _finish(raw, inside, grid, image, params, provenance)
+    empty = [c for c in range(inside.shape[0]) if not inside[c].any()]
+    if empty:
+        lr = grid.index_to_physical(np.array([[0, 0, c] for c in empty]))[:, 0]
+        xs = corners(image)[:, 0]
+        raise InputError(source.path,
+                         f"slice(s) {empty} of the selection (LPS x = {np.round(lr, 1).tolist()} mm) lie outside "
+                         f"the image, whose left-right extent is [{xs.min():.1f}, {xs.max():.1f}] mm (LPS x); "
+                         f"move the centre or use fewer slices")
+    meta = {k: source.meta[k] for k in ("PatientID", "StudyInstanceUID", "SeriesDescription", "Modality",
+                                         "StudyDate") if k in source.meta}
+    provenance = {"source_path": source.path, "series_uid": source.series_uid, "meta": meta,
+                  "rheumai_version": __version__, "params": params.to_dict()}
+    arr = normalize_intensity(raw, inside, params.norm, params.norm_lower, params.norm_upper)
+    return SliceSelection(array=arr, mask=inside, grid=grid, source_grid=Grid.of(image), params=params,
+                          provenance=provenance)
 
 
 def select_slices_full_resample(source: Study | sitk.Image, params: SliceParams = SliceParams(),
@@ -226,40 +248,6 @@ def select_slices_full_resample(source: Study | sitk.Image, params: SliceParams 
     the picked points are the same physical points. Slow; for tests and benchmarks.
     """
     return select_slices(source, params, source_path, full_resample=True)
-
-
-def _unpack_source(source: Study | sitk.Image, source_path: str | None) -> tuple[sitk.Image, dict[str, Any]]:
-    if isinstance(source, Study):
-        image = source.image
-        prov = {"source_path": source.path, "series_uid": source.series_uid,
-                "meta": {k: source.meta[k] for k in ("PatientID", "StudyInstanceUID", "SeriesDescription",
-                                                      "Modality", "StudyDate") if k in source.meta}}
-    elif isinstance(source, sitk.Image):
-        image = source
-        prov = {"source_path": source_path, "series_uid": None, "meta": {}}
-    else:
-        raise TypeError(f"expected a Study or a SimpleITK image, got {type(source).__name__}")
-    if image.GetDimension() != 3:
-        raise InputError(prov["source_path"], f"is {image.GetDimension()}D; a 3D volume is needed")
-    if image.GetPixelID() != sitk.sitkFloat32:
-        image = sitk.Cast(image, sitk.sitkFloat32)
-    prov["rheumai_version"] = __version__
-    return image, prov
-
-
-def _finish(raw: np.ndarray, inside: np.ndarray, grid: Grid, image: sitk.Image, params: SliceParams,
-            provenance: dict[str, Any]) -> SliceSelection:
-    empty = [c for c in range(inside.shape[0]) if not inside[c].any()]
-    if empty:
-        lr = grid.index_to_physical(np.array([[0, 0, c] for c in empty]))[:, 0]
-        xs = corners(image)[:, 0]
-        raise InputError(provenance.get("source_path"),
-                         f"slice(s) {empty} of the selection (LPS x = {np.round(lr, 1).tolist()} mm) lie outside "
-                         f"the image, whose left-right extent is [{xs.min():.1f}, {xs.max():.1f}] mm (LPS x); "
-                         f"move the centre or use fewer slices")
-    arr = normalize_intensity(raw, inside, params.norm, params.norm_lower, params.norm_upper)
-    return SliceSelection(array=arr, mask=inside, grid=grid, source_grid=Grid.of(image), params=params,
-                          provenance=dict(provenance, params=params.to_dict()))
 
 
 def params_from(base: SliceParams | None = None, **overrides: Any) -> SliceParams:
