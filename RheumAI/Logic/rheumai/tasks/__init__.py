@@ -29,8 +29,7 @@ def register_task(task: Task, replace: bool = False) -> Task:
     """Add ``task`` to the registry; re-registering the same object is a no-op."""
     if not isinstance(task, Task):
         raise TypeError(f"expected a rheumai.tasks.Task, got {type(task).__name__}")
-    old = _REGISTRY.get(task.name)
-    if old is not None and old is not task and not replace:
+    if _REGISTRY.get(task.name, task) is not task and not replace:
         raise ValueError(f"a different task named {task.name!r} is already registered (pass replace=True)")
     _REGISTRY[task.name] = task
     return task

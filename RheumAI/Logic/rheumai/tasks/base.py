@@ -92,17 +92,15 @@ class Task:
     recipe: str = ""  # "module:attribute" of a binary task's rheumai.engine.train.Recipe (imported on use)
 
     def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise ValueError(f"task {self.name}: head must be one of {HEADS}, not {self.head!r}")
-        bad = {n: h.get("kind") for n, h in self.heads.items() if h.get("kind") not in HEADS}
-        if bad:
-            raise ValueError(f"task {self.name}: head kinds must be in {HEADS}, got {bad}")
         roles = [i.role for i in self.inputs]
-        if len(set(roles)) != len(roles):
-            raise ValueError(f"task {self.name}: input roles must be unique, got {roles}")
-        unknown = set(self.saliency_targets) - set(roles)
-        if unknown:
-            raise ValueError(f"task {self.name}: saliency targets for unknown roles {sorted(unknown)}")
+        bad = {n: h.get("kind") for n, h in self.heads.items() if h.get("kind") not in HEADS}
+        unknown = sorted(set(self.saliency_targets) - set(roles))
+        for failed, why in ((self.head not in HEADS, f"head must be one of {HEADS}, not {self.head!r}"),
+                            (bad, f"head kinds must be in {HEADS}, got {bad}"),
+                            (len(set(roles)) != len(roles), f"input roles must be unique, got {roles}"),
+                            (unknown, f"saliency targets for unknown roles {unknown}")):
+            if failed:
+                raise ValueError(f"task {self.name}: {why}")
 
     @property
     def roles(self) -> tuple[str, ...]:
