@@ -69,11 +69,9 @@ class SeriesHeader:
 
 
 def write_series(image: sitk.Image, folder: str | Path, header: SeriesHeader) -> list[Path]:
-    """Write ``image`` (3D, LPS, values 0..65535 after rounding) as one DICOM file per k slice.
-
-    Returns the written paths (InstanceNumber 1..n along k). Raises ValueError on a 2D image or a
-    left-handed / non-orthonormal direction (the slice normal must be i x j).
-    """
+    """Write ``image`` (3D, LPS, values 0..65535 after rounding) as one DICOM file per k slice
+    (InstanceNumber 1..n); returns the paths. ValueError on a 2D image or a direction that is not
+    orthonormal right-handed (the slice normal must be i x j)."""
     if image.GetDimension() != 3:
         raise ValueError(f"write_series needs a 3D image, got {image.GetDimension()}D")
     d = np.array(image.GetDirection()).reshape(3, 3)  # columns: i, j, k directions (LPS)

@@ -32,7 +32,11 @@ AXIS_BODY_CENTRE = (6.5, -18.0, 40.0)
 # pannus signal (pannus: brighter than marrow and cord, darker than CSF).
 CSF_LEVEL = 900.0
 
-LESION_KINDS = ("pannus", "erosion")
+# kind: (centre y offset from the C2 posterior wall, centre z range, semi-axis ranges (LR, AP, SI),
+# semi-axis factors of the small grade), template LPS mm
+SHAPES = {"pannus": (3.5, (32.5, 36.0), ((7.0, 9.0), (3.5, 5.5), (5.5, 8.0)), (0.8, 0.55, 0.6)),
+          "erosion": (-3.0, (35.0, 38.0), ((5.0, 6.5), (4.5, 6.0), (4.5, 5.5)), (0.8, 0.6, 0.6))}
+LESION_KINDS = tuple(SHAPES)
 
 
 @dataclass(frozen=True)
@@ -68,21 +72,15 @@ def sample_lesions(rng: np.random.Generator, kinds: tuple[str, ...], small: bool
     for kind in kinds:
         if kind not in LESION_KINDS:
             raise ValueError(f"lesion kind must be one of {LESION_KINDS}, not {kind!r}")
+        dy, z_range, axis_ranges, small_factors = SHAPES[kind]
         x = TEMPLATE_MIDLINE_X + float(np.clip(rng.normal(0.0, 0.6), -1.2, 1.2))
-        if kind == "pannus":
-            centre = (x, C2_POSTERIOR_WALL_Y + 3.5 + rng.uniform(-1.0, 1.0), rng.uniform(32.5, 36.0))
-            axes = (rng.uniform(7.0, 9.0), rng.uniform(3.5, 5.5), rng.uniform(5.5, 8.0))
-            level, push = rng.uniform(*pannus_level), rng.uniform(2.0, 3.5)
-            if small:
-                axes = (axes[0] * 0.8, axes[1] * 0.55, axes[2] * 0.6)
-                level, push = level * 0.8, 0.0
-        else:
-            centre = (x, C2_POSTERIOR_WALL_Y - 3.0 + rng.uniform(-1.0, 1.0), rng.uniform(35.0, 38.0))
-            axes = (rng.uniform(5.0, 6.5), rng.uniform(4.5, 6.0), rng.uniform(4.5, 5.5))
-            level, push = rng.uniform(0.03, 0.12), 0.0
-            if small:
-                axes = (axes[0] * 0.8, axes[1] * 0.6, axes[2] * 0.6)
-                level = 0.5
+        centre = (x, C2_POSTERIOR_WALL_Y + dy + rng.uniform(-1.0, 1.0), rng.uniform(*z_range))
+        axes = [rng.uniform(*r) for r in axis_ranges]
+        level = rng.uniform(*pannus_level) if kind == "pannus" else rng.uniform(0.03, 0.12)
+        push = rng.uniform(2.0, 3.5) if kind == "pannus" else 0.0
+        if small:  # no mass effect; a fainter pannus, a shallower erosion
+            axes, push = [a * f for a, f in zip(axes, small_factors)], 0.0
+            level = level * 0.8 if kind == "pannus" else 0.5
         out.append(LesionSpec(kind, tuple(float(c) for c in centre), tuple(float(a) * scale for a in axes),
                               float(level), float(push), float(rng.uniform(0.08, 0.2))))
     return out
@@ -107,13 +105,11 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: f
 
 def plant_lesions(template: sitk.Image, lesions: list[LesionSpec],
                   rng: np.random.Generator) -> tuple[sitk.Image, sitk.Image]:
-    """Return (image with the lesions, soft lesion mask in [0, 1]), both in ``template``'s grid.
+    """(image with the lesions, soft lesion mask in [0, 1]) on ``template``'s grid; truth = mask >= 0.5.
 
-    Works on a small box around the lesions (numpy / scipy). Pannus: the tissue posterior to the
-    pannus centre is displaced posteriorly (Gaussian-weighted, up to ``push_mm``: the thecal sac and
-    cord are pushed back), then the pannus signal is blended in with its own smooth texture.
-    Erosion: the signal inside the notch is scaled down to ``level``. The truth mask is
-    weight >= 0.5 of the returned soft mask (after any resampling).
+    Pannus: the tissue behind its centre moves posteriorly (Gaussian-weighted, up to ``push_mm``:
+    thecal sac and cord pushed back), then the textured pannus signal is blended in. Erosion: the
+    signal inside the notch is scaled down to ``level``.
     """
     if not lesions:
         return template, template * 0

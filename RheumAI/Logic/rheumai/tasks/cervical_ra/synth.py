@@ -31,7 +31,7 @@ import SimpleITK as sitk
 
 from ...atomic import atomic_path, write_json, write_text
 from ...errors import InputError
-from ...geometry import voxel_center
+from ...geometry import Grid, voxel_center
 from ...montage import save_montage
 from ...paths import safe_child
 from .dicom_writer import SeriesHeader, deterministic_uid, read_series, write_series
@@ -161,8 +161,7 @@ def plan_cohort(params: CohortParams) -> list[SubjectPlan]:
     while sum(counts.values()) >= n:  # keep at least one included subject
         counts[max(counts, key=counts.get)] -= 1
     counts["included"] = n - sum(counts.values())
-    roles = np.array(sum(([r] * counts[r] for r in ROLES), []))
-    roles = roles[rng.permutation(n)]
+    roles = np.repeat(ROLES, [counts[r] for r in ROLES])[rng.permutation(n)]
     included = np.flatnonzero(roles == "included")
     n_pos = int(round(params.prevalence * len(included)))
     if params.prevalence > 0 and len(included) >= 2:
@@ -179,8 +178,8 @@ def plan_cohort(params: CohortParams) -> list[SubjectPlan]:
         pos_like = outcome != "no"
         kinds = LESION_MIXES[int(rng.choice(3, p=mix))] if pos_like else ()
         baseline = start + dt.timedelta(days=int(rng.integers(0, 2500)))
-        fu_days = int(rng.integers(250, 950)) if role == "short_followup" else int(rng.integers(1100, 2600))
-        followup = baseline + dt.timedelta(days=fu_days)
+        fu_days = (250, 950) if role == "short_followup" else (1100, 2600)
+        followup = baseline + dt.timedelta(days=int(rng.integers(*fu_days)))
         plans.append(SubjectPlan(
             index=i,
             patient_id=f"SYN{i + 1:04d}",
@@ -240,11 +239,10 @@ def _subject_grid(rng: np.random.Generator) -> sitk.Image:
     y_c = float(rng.uniform(-22, 2))
     z_top = TEMPLATE_TOP_Z - float(rng.uniform(1.0, 2.5))
     n_ap, n_si = int(round(width_ap / s)), int(round(height_si / s))
-    grid = sitk.Image([n_ap, n_si, n_lr], sitk.sitkUInt8)
-    grid.SetSpacing((s, s, 1.0))
-    grid.SetDirection(SAGITTAL_DIRECTION)
-    grid.SetOrigin((round(x_c + (n_lr - 1) / 2, 2), round(y_c - width_ap / 2, 2), round(z_top, 2)))
-    return grid
+    origin = (round(x_c + (n_lr - 1) / 2, 2), round(y_c - width_ap / 2, 2), round(z_top, 2))
+    grid = Grid.from_dict({"origin": origin, "direction": np.reshape(SAGITTAL_DIRECTION, (3, 3)),
+                           "spacing": (s, s, 1.0), "size": (n_ap, n_si, n_lr)})
+    return grid.reference_image(sitk.sitkUInt8)
 
 
 def _random_transform(rng: np.random.Generator, template: sitk.Image, grid: sitk.Image,

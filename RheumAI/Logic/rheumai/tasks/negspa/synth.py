@@ -81,17 +81,15 @@ def tissue(points: np.ndarray, sub: Subject) -> np.ndarray:
 
 def _series_grid(kind: str, centre: np.ndarray, spacing: float, tilt: float) -> Grid:
     if kind == "axial":
-        d = np.eye(3)  # i: R->L, j: A->P, k: I->S
-        fov = np.array([FOV_MM[0], FOV_MM[1], FOV_MM[2]])
+        d, fov = np.eye(3), np.array(FOV_MM)  # i: R->L, j: A->P, k: I->S
     else:  # oblique coronal: i R->L, j S->I, k A->P, tilted about x
         c, s = np.cos(tilt), np.sin(tilt)
         d = np.array([[1, 0, 0], [0, s, c], [0, -c, s]], float)
-        fov = np.array([FOV_MM[0], FOV_MM[2], FOV_MM[1]])
+        fov = np.array(FOV_MM)[[0, 2, 1]]
     sp = np.array([spacing, spacing, SLICE_MM])
     size = np.maximum(np.round(fov / sp).astype(int), 4)
     origin = centre - d @ (sp * (size - 1) / 2)
-    return Grid(tuple(map(float, origin)), tuple(tuple(map(float, r)) for r in d), tuple(map(float, sp)),
-                tuple(map(int, size)))
+    return Grid.from_dict({"origin": origin, "direction": d, "spacing": sp, "size": size})
 
 
 def _points(grid: Grid) -> np.ndarray:
@@ -126,10 +124,7 @@ def clinical_row(rng: np.random.Generator, positive: bool, missing_rate: float =
     row["age"] = f"{float(np.clip(rng.normal(31 if positive else 36, 8), 16, 70)):.0f}"
     row["sex"] = "M" if rng.random() < (0.6 if positive else 0.45) else "F"
     row["disease_duration"] = f"{float(np.clip(rng.gamma(2.0, 18 if positive else 12), 3, 400)):.0f}"
-    for k in row:
-        if rng.random() < missing_rate:
-            row[k] = ""
-    return row
+    return {k: "" if rng.random() < missing_rate else v for k, v in row.items()}
 
 
 def _write(img: sitk.Image, path: Path) -> None:
