@@ -97,11 +97,8 @@ def exchange_paths(a: str | Path, b: str | Path) -> bool:
 
 
 def replace_dir(new: str | Path, target: str | Path) -> Path:
-    """Put folder ``new`` (a sibling of ``target``) at ``target``, replacing the previous folder whole.
-
-    On Linux the two are exchanged in one atomic step; elsewhere two renames follow each other (a
-    kill between them leaves ``.<name>.old-*`` beside the target, cleaned by :func:`staging_dir`).
-    """
+    """Put folder ``new`` (a sibling of ``target``) at ``target`` whole: exchanged in one step on Linux, else
+    two renames (a kill between them leaves ``.<name>.old-*``, cleaned by :func:`staging_dir`)."""
     new, target = Path(new), Path(target)
     if not target.exists():
         try:
@@ -146,7 +143,7 @@ def clean_stale_staging(target: str | Path) -> list[Path]:
         return removed
     for p in sorted(target.parent.glob(f".{target.name}.staging-*")):
         lock = p.with_name(p.name + ".lock")
-        if p.name.endswith(".lock") or not p.is_dir() or ((lock.exists() or fcntl is None) and not _lock_free(lock)):
+        if p.name.endswith(".lock") or not p.is_dir() or not _lock_free(lock):
             continue
         shutil.rmtree(p, ignore_errors=True)
         lock.unlink(missing_ok=True)
@@ -162,12 +159,9 @@ def clean_stale_staging(target: str | Path) -> list[Path]:
 
 @contextlib.contextmanager
 def staging_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a new empty sibling folder ``.<name>.staging-<pid>-<random>`` of ``target``.
-
-    Write the whole set there, then call :func:`replace_dir` inside the block to publish it. The
-    folder is locked (``flock`` on ``<folder>.lock``) while the block runs; stale staging folders
-    are removed first; on an error the staging folder is removed and ``target`` stays as it was.
-    """
+    """Yield a new empty sibling folder ``.<name>.staging-<pid>-<random>`` of ``target``, locked (``flock`` on
+    ``<folder>.lock``) while the block runs; write the whole set there and call :func:`replace_dir` inside
+    the block to publish it. Stale staging folders are removed first; on an error ``target`` is kept."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_staging(target)
