@@ -125,17 +125,16 @@ def gradcam_backward(model: torch.nn.Module, x: torch.Tensor, layer: str, pluspl
     return logits, upsample(cam, tuple(x.shape[-2:]))
 
 
-def occlusion(model: torch.nn.Module, x: torch.Tensor, class_idx: int = 0, mask_size: int | None = None,
-              overlap: float = 0.5, n_batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Occlusion sensitivity (``monai.visualize.OcclusionSensitivity``, batch 1 each): logits (N, K) and
-    ReLU(p - p_occluded) (N, 1, H, W); p = sigmoid for one logit, softmax otherwise; window
-    ``mask_size`` px (default max(8, H // 8))."""
+def occlusion(model: torch.nn.Module, x: torch.Tensor, class_idx: int = 0, mask_size: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Occlusion sensitivity (``monai.visualize.OcclusionSensitivity``, windows overlapping by half):
+    logits (N, K) and ReLU(p - p_occluded) (N, 1, H, W); window ``mask_size`` px (default max(8, H // 8))."""
     from monai.visualize import OcclusionSensitivity
 
     # activate passed explicitly: MONAI's default picks sigmoid vs softmax from the number of
     # *input* channels, so a 6-channel input with one logit would get softmax over one value == 1.
-    occ = OcclusionSensitivity(model, mask_size=mask_size or max(8, int(x.shape[-2]) // 8), n_batch=n_batch,
-                               verbose=False, overlap=overlap, activate=probability)
+    occ = OcclusionSensitivity(model, mask_size=mask_size or max(8, int(x.shape[-2]) // 8), n_batch=8,
+                               verbose=False, overlap=0.5, activate=probability)
     logits_all, maps = [], []
     for i in range(x.shape[0]):
         with torch.inference_mode():
@@ -165,11 +164,9 @@ def gaussian_blur(maps: torch.Tensor, sigma_px: float) -> torch.Tensor:
 def compute_saliency(model: torch.nn.Module, x: torch.Tensor, method: str = METHODS[0],
                      target_layer: str | None = None, class_idx: int = 0,
                      **options: Any) -> tuple[torch.Tensor, np.ndarray]:
-    """Logits (N, K) and normalised maps (N, C, H, W) float32 in [0, 1] for input x (N, C, H, W).
-
-    One in-plane map per input is repeated over the C channels. ``options``: ``sigma_px`` (default 1)
-    for ``gradxinput_smooth``; ``mask_size``, ``overlap``, ``n_batch`` for ``occlusion``.
-    """
+    """Logits (N, K) and normalised maps (N, C, H, W) float32 in [0, 1] for input x (N, C, H, W); one
+    in-plane map is repeated over the C channels. ``options``: ``sigma_px`` (default 1) for
+    ``gradxinput_smooth``, ``mask_size`` for ``occlusion``."""
     if method not in METHODS:
         raise ValueError(f"saliency method '{method}' unknown; choose one of {METHODS}")
     if method in ("gradcam", "gradcampp"):
