@@ -160,7 +160,6 @@ def prepare(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, info
     first = load_array(train_df["array_path"].iloc[0], mc.in_channels)
     size = tuple(mc.input_size) if mc.input_size else tuple(first.shape[1:])
     arch = default_architecture(mc.depth, mc.in_channels, size, mc.conv1_t_stride, family=mc.family)
-    eval_tf = build_eval_transform(cfg.augment.crop, cfg.augment.crop_fraction, size)
     crop = cfg.augment.crop_fraction if cfg.augment.crop == "center" else 1.0
     card = {"architecture": arch, "preprocessing": prep,
             "input_transform": {"center_crop_fraction": crop, "resize": "bilinear", "input_size": list(size),
@@ -168,8 +167,7 @@ def prepare(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, info
                                           "W anterior->posterior"}}
     return Prepared(
         build_model(arch), SliceStackDataset(train_df, build_train_transform(cfg.augment, size), seed, mc.in_channels),
-        SliceStackDataset(val_df, eval_tf, seed, mc.in_channels) if len(val_df) else None,
-        SliceStackDataset(train_df, eval_tf, seed, mc.in_channels),
+        eval_dataset(val_df, card) if len(val_df) else None, eval_dataset(train_df, card),
         [Stage("train", cfg.train.epochs, cfg.train.lr)], card,
         f"{mc.family} depth {mc.depth}, input {mc.in_channels}x{size[0]}x{size[1]},")
 
