@@ -190,9 +190,8 @@ def save_training_state(folder: str | Path, model: torch.nn.Module, optimizer: t
     opt_tensors = {f"state.{i}.{k}": v.detach().to("cpu").contiguous().clone()
                    for i, e in opt["state"].items() for k, v in e.items() if torch.is_tensor(v)}
     scalars = {str(i): {k: v for k, v in e.items() if not torch.is_tensor(v)} for i, e in opt["state"].items()}
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    rng = {"torch": torch.get_rng_state(), **{f"cuda{i}": s for i, s in enumerate(cuda)}}
     with staging_dir(folder) as new:
         save_file(cpu_state_dict(model), str(new / "model.safetensors"))
         if best_model is not None:
