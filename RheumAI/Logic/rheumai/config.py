@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -217,19 +218,13 @@ def resolve_manifest(cfg: TrainConfig) -> Path | None:
 
 
 def dumps_toml(d: Mapping[str, Any]) -> str:
-    """A config dict (top-level scalars, then one level of tables of scalars / flat lists) as TOML;
-    hand-written because the standard library reads TOML but cannot write it."""
+    """A config dict (top-level scalars, then one level of tables of scalars / lists) as TOML (the
+    standard library reads TOML but cannot write it): JSON numbers, booleans, strings and arrays are TOML."""
 
     def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+        if v is None or isinstance(v, Mapping):
+            raise TypeError(f"cannot write {type(v).__name__} to TOML")
+        return json.dumps(v, allow_nan=False)
 
     out = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, Mapping)] + [""]
     for section, values in d.items():
