@@ -1,14 +1,12 @@
 """NegSpA-AI preprocessing: per sequence, sample the sacroiliac box, normalise, split into joint halves.
 
-LPS mm throughout; arrays (k, j, i) = (slice, row, column). Lu et al. read the joints on
-oblique-coronal slices (each joint a cleft between sacrum and ilium); we sample coronal slices in
-the coronal-like frame of one reference series (default the fat-suppressed one,
-:func:`rheumai.geometry.snap_frame` onto :data:`CORONAL_FRAME`) and sample all three sequences on
-those same planes, so the three inputs are aligned whatever each series' geometry (MixCut relies on
-it). As the published code, three slices per sequence are the channels (``n_slices``, centred on the
-box, ``slice_spacing_mm`` apart, A -> P). The box splits at its centre into halves, each on its own
-grid with columns lateral -> medial (the left half mirrored), rows S -> I; half 0 = patient right.
-:meth:`SequenceSample.to_source` maps a half's map back into the series' own grid. Intensity:
+LPS mm; arrays (k, j, i) = (slice, row, column). Lu et al. read the joints on oblique-coronal slices;
+all three sequences are sampled on the same coronal planes, in the coronal-like frame of one reference
+series (default the fat-suppressed one, :func:`rheumai.geometry.snap_frame` onto :data:`CORONAL_FRAME`),
+so the inputs are aligned whatever each series' geometry (MixCut relies on it). As in the published
+code, three slices per sequence are the channels (``n_slices``, centred on the box, ``slice_spacing_mm``
+apart, A -> P). The box splits at its centre into halves, each on its own grid with columns lateral ->
+medial (the left half mirrored), rows S -> I; half 0 = patient right. Intensity:
 :func:`rheumai.normalize.normalize_intensity` per sequence over both halves together (asymmetry
 survives), over points inside the series' field of view.
 """
