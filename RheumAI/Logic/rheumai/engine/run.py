@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,8 +40,6 @@ def train(config: TrainConfig | str | Path | Mapping[str, Any], manifest: str | 
 def evaluate(model: str | Path, manifest: str | Path, out_dir: str | Path, **kw: Any) -> dict[str, Any]:
     """Evaluate a checkpoint with its task's evaluator (keywords: split, show_progress; binary
     tasks also threshold_rule, external, recalibrate_out, ...)."""
-    import inspect
-
     from .predict import task_of
 
     task = task_of(model)
