@@ -45,7 +45,7 @@ def _preview(args: argparse.Namespace) -> int:
     from .synth import save_cohort_subject_png
 
     png = args.png or safe_child(args.out / "preview", args.patient, ".png", what="patient ID")
-    save_cohort_subject_png(args.out, args.patient, png, size_mm=args.zoom_mm, zoom_on_mask=args.zoom_mm is not None)
+    save_cohort_subject_png(args.out, args.patient, png, size_mm=args.zoom_mm)
     print(png)
     return 0
 

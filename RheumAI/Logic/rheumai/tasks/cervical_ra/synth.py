@@ -15,9 +15,7 @@ positive. Deterministic: a subject draws from ``default_rng([seed, index])``, th
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 import itertools
 import json
 import shutil
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import SimpleITK as sitk
 
 from ...atomic import atomic_path, write_json, write_text
@@ -393,14 +392,6 @@ TRUTH_COLUMNS = ["patient_id", "label", "outcome", "role", "lesion_type", "lesio
                  "lesion_centre_lps_y", "lesion_centre_lps_z", "lesion_volume_mm3", "baseline_t2_series_uid"]
 
 
-def _csv(rows: list[dict], columns: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def label_row(plan: SubjectPlan) -> dict:
     """The label sheet's row: the plan's fields, booleans as yes / no."""
     values = {c: getattr(plan, c) for c in LABEL_COLUMNS}
@@ -484,12 +475,12 @@ def generate_cohort(out_dir: str | Path, n: int = 60, prevalence: float = 0.15, 
                **mask_truth(mask), "baseline_t2_series_uid": baseline_t2_series_uid(plan, seed)}
         truth.append(row)
         details.append({**row, "plan": asdict(plan), "lesions_template_lps": lesions})
-    write_text(out / "labels.csv", _csv([label_row(p) for p in plans], LABEL_COLUMNS))
-    write_text(out / "truth.csv", _csv(truth, TRUTH_COLUMNS))
+    labels = pd.DataFrame(map(label_row, plans), columns=LABEL_COLUMNS)
+    write_text(out / "labels.csv", labels.to_csv(index=False))
+    write_text(out / "truth.csv", pd.DataFrame(truth, columns=TRUTH_COLUMNS).to_csv(index=False))
     write_json(out / "truth.json", {"subjects": details})
     for pid in [r["patient_id"] for r in truth if r["lesion_type"] != "none"][:max(preview, 0)]:
-        save_cohort_subject_png(out, pid, safe_child(out / "preview", pid, ".png", what="patient ID"), size_mm=90,
-                                zoom_on_mask=True)
+        save_cohort_subject_png(out, pid, safe_child(out / "preview", pid, ".png", what="patient ID"), 90)
     return CohortInfo(out, out / "dicom", out / "labels.csv", out / "truth.csv", out / "masks", params, plans, truth)
 
 
@@ -513,20 +504,21 @@ def mid_sagittal(image: sitk.Image, n_slices: int = 6, spacing_mm: float = 1.0, 
     return select_slices(image, params).array
 
 
-def save_cohort_subject_png(cohort_dir: str | Path, patient_id: str, png: str | Path, n_slices: int = 6,
-                            spacing_mm: float = 1.0, size_mm: float | None = None, zoom_on_mask: bool = False) -> Path:
-    """Montage of a generated patient's middle sagittal baseline T2 slices (percentile-windowed), its
-    mask outlined in cyan; ``zoom_on_mask``: centred in-plane on the mask's centroid (with ``size_mm``)."""
+def save_cohort_subject_png(cohort_dir: str | Path, patient_id: str, png: str | Path,
+                            size_mm: float | None = None) -> Path:
+    """Montage of a generated patient's 6 middle sagittal baseline T2 slices (1 mm, percentile-windowed),
+    mask outlined in cyan; ``size_mm``: in-plane view (mm) centred on the mask's centroid."""
     series = subject_series_dir(cohort_dir, patient_id)
     mpath = Path(cohort_dir) / "masks" / f"{patient_id}.nii.gz"
     if not series.is_dir() or not mpath.is_file():
         raise InputError(series if not series.is_dir() else mpath, f"no generated subject {patient_id} here")
     image, mask = read_series(series), sitk.ReadImage(str(mpath))
     t = mask_truth(mask)
-    centre_yz = (t["lesion_centre_lps_y"], t["lesion_centre_lps_z"]) if zoom_on_mask and t["lesion_volume_mm3"] else None
-    sl = mid_sagittal(image, n_slices, spacing_mm, size_mm, centre_yz)
+    zoom = size_mm is not None and t["lesion_volume_mm3"]
+    centre_yz = (t["lesion_centre_lps_y"], t["lesion_centre_lps_z"]) if zoom else None
+    sl = mid_sagittal(image, 6, 1.0, size_mm, centre_yz)
     lo, hi = np.percentile(sl, [1, 99])
     sl = np.clip((sl - lo) / max(hi - lo, 1e-6), 0, 1)
-    contour = mid_sagittal(mask, n_slices, spacing_mm, size_mm, centre_yz) >= 0.5
-    return save_montage(png, sl, contour=contour, suptitle=patient_id,
-                        titles=[f"x{(c - (n_slices - 1) / 2) * spacing_mm:+.1f} mm" for c in range(n_slices)])
+    contour = mid_sagittal(mask, 6, 1.0, size_mm, centre_yz) >= 0.5
+    titles = [f"x{c - 2.5:+.1f} mm" for c in range(6)]  # slice offsets from the centre
+    return save_montage(png, sl, contour=contour, suptitle=patient_id, titles=titles)
