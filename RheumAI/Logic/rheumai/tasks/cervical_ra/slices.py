@@ -149,8 +149,7 @@ def selection_grid(image: sitk.Image, params: SliceParams) -> Grid:
     center = np.array(voxel_center(image) if params.center_lps is None else params.center_lps, dtype=float)
     if params.lr_mm is not None:
         center[0] = float(params.lr_mm)
-    h, w = params.size
-    size = np.array([w, h, params.n_slices])
+    size = np.array([*params.size[::-1], params.n_slices])  # (W, H, C)
     spacing = np.full(3, float(params.spacing_mm))
     origin = center - frame @ (spacing * (size - 1) / 2.0)
     return Grid(origin=tuple(map(float, origin)), direction=tuple(tuple(map(float, r)) for r in frame),
@@ -174,12 +173,6 @@ def _inside_mask(image: sitk.Image, grid: Grid, eps: float = 1e-4) -> np.ndarray
         ci = b[ax] + a[ax, 0] * i + a[ax, 1] * j + a[ax, 2] * k
         inside &= (ci >= -0.5 - eps) & (ci <= n - 0.5 + eps)
     return inside
-
-
-def _image_box(image: sitk.Image, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    """Index box [lo, hi] (inclusive, (i, j, k), not clamped) of ``grid`` points around ``image``."""
-    idx = grid.physical_to_index(corners(image))
-    return np.floor(idx.min(axis=0)).astype(int) - 1, np.ceil(idx.max(axis=0)).astype(int) + 1
 
 
 def _sample(image: sitk.Image, grid: Grid, lo: np.ndarray, hi: np.ndarray, interpolator: str
@@ -213,7 +206,8 @@ def select_slices(source: Study | sitk.Image, params: SliceParams = SliceParams(
         image = sitk.Cast(image, sitk.sitkFloat32)
     grid = selection_grid(image, params)
     raw, inside = np.zeros(grid.size[::-1], np.float32), np.zeros(grid.size[::-1], bool)
-    lo, hi = _image_box(image, grid)
+    idx = grid.physical_to_index(corners(image))  # the grid's index box [lo, hi] around the image, (i, j, k)
+    lo, hi = np.floor(idx.min(axis=0)).astype(int) - 1, np.ceil(idx.max(axis=0)).astype(int) + 1
     wlo, whi = np.maximum(lo, 0), np.minimum(hi, np.asarray(grid.size) - 1)
     if np.all(whi >= wlo):
         window = tuple(slice(int(l), int(h) + 1) for l, h in zip(wlo[::-1], whi[::-1]))
