@@ -125,11 +125,8 @@ def _has_dicm_magic(path: Path) -> bool:
 
 
 def _looks_like_dicom(path: Path) -> bool:
-    if _has_dicm_magic(path):
-        return True
     try:
-        pydicom.dcmread(str(path), stop_before_pixels=True)
-        return True
+        return _has_dicm_magic(path) or pydicom.dcmread(str(path), stop_before_pixels=True) is not None
     except Exception:  # noqa: BLE001 - not DICOM
         return False
 

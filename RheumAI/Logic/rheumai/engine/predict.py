@@ -13,6 +13,7 @@ import collections
 import concurrent.futures as cf
 import functools
 import hashlib
+import itertools
 import os
 import re
 import time
@@ -29,6 +30,7 @@ from ..checkpoint import load_checkpoint, read_card
 from ..errors import InputError, RheumAIError
 from ..paths import check_name
 from ..tasks import Task, get_task
+from ..tta import tta_probabilities
 from . import write as W
 
 
@@ -248,8 +250,6 @@ class Predictor:
         xb = x[None].to(self.device)
         t = time.perf_counter()
         if tta:
-            from ..tta import tta_probabilities
-
             p = tta_probabilities(self.model, xb, int(tta))
             res.tta = {"n": int(p.size), "mean": float(p.mean()), "std": float(p.std()), "min": float(p.min()),
                        "max": float(p.max()), "probabilities": p.tolist()}
@@ -354,7 +354,7 @@ def predict_batch(studies: Sequence[Any], checkpoint_dir: str | Path, out_dir: s
     todo = select_shard(studies, shard)
     bar = tqdm(total=len(todo), desc=f"predict {pred.task.name}", unit="study", disable=not show_progress)
     writes: collections.deque[cf.Future] = collections.deque()
-    last_merge, count = 0.0, 0
+    last_merge, counter = 0.0, itertools.count(1)
 
     def write(row: dict[str, Any], res: PredictionResult | None) -> None:  # on the writer thread
         nonlocal last_merge
@@ -374,17 +374,15 @@ def predict_batch(studies: Sequence[Any], checkpoint_dir: str | Path, out_dir: s
     def done_with(name: str, p: Prepared | None = None, res: PredictionResult | None = None,
                   error: Exception | None = None) -> None:
         """Queue the study's row and files (p None: done in an earlier run); progress."""
-        nonlocal count
         if p is not None:
             if error:
                 tqdm.write(f"predict: skipped {p.name}: {_text(error)}")
             writes.append(writer.submit(write, _row(pred, p, res, saliency, error), res))
             if len(writes) > 8:  # bounded: the network never runs far ahead of the disk
                 writes.popleft().result()
-        count += 1
         bar.update(1)
         if progress:
-            progress(count, len(todo), name)
+            progress(next(counter), len(todo), name)
 
     def wanted() -> Iterator[Any]:
         for s in todo:

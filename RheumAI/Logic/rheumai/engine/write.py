@@ -31,6 +31,7 @@ from isal import igzip
 
 from ..atomic import atomic_path, write_json, write_text
 from ..errors import InputError, RheumAIError
+from ..montage import save_montage
 from ..paths import safe_child
 
 if TYPE_CHECKING:
@@ -90,8 +91,6 @@ def write_study(res: "PredictionResult", out_dir: str | Path, key: str, fmt: str
             save_volume(m.volume, path, fmt)
             files["saliency_files"][role] = str(path)
         if montage:
-            from ..montage import save_montage
-
             name = res.study_id or Path(res.source_path or "image").name
             head = (f"{name}: {res.values['summary']}" if res.values.get("summary")  # non-binary tasks
                     else f"{name}: p = {res.probability:.3f} (class {res.label} at {res.threshold:.3f})")
