@@ -24,10 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rheumai", description="Rheumatology imaging AI toolkit")
     parser.add_argument("--version", action="version", version=f"rheumai {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    names = list(GENERAL_MODULES)
-    for task in list_tasks():
-        names += [m for m in task.cli_modules if m not in names]
-    for name in names:
+    for name in dict.fromkeys([*GENERAL_MODULES, *(m for task in list_tasks() for m in task.cli_modules)]):
         importlib.import_module(name).register(sub)
     return parser
 
