@@ -55,8 +55,7 @@ class TriInputResNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, S*2*C, H, W) -> (N, 2, S * F) per-half concatenated sequence features."""
         n, _, h, w = x.shape
-        s = len(self.roles)
-        x = x.view(n, s, self.n_halves, self.c, h, w)
+        x = x.view(n, len(self.roles), self.n_halves, self.c, h, w)
         feats = [self.branches[r](x[:, i].reshape(n * self.n_halves, self.c, h, w)) for i, r in enumerate(self.roles)]
         return torch.cat(feats, dim=1).view(n, self.n_halves, -1)
 
@@ -73,9 +72,7 @@ class TriInputResNet(nn.Module):
             halves = self.fusion_head(torch.cat([f, emb], dim=-1)).squeeze(-1)
         else:
             raise ValueError(f"mode must be 'image' or 'fusion', not {mode!r}")
-        if output == "halves":
-            return halves
-        return halves.max(dim=1, keepdim=True).values
+        return halves if output == "halves" else halves.max(dim=1, keepdim=True).values
 
 
 def build_model(architecture: dict[str, Any]) -> TriInputResNet:
@@ -87,5 +84,4 @@ def build_model(architecture: dict[str, Any]) -> TriInputResNet:
 
 def pack(images: torch.Tensor) -> torch.Tensor:
     """(N, S, 2, C, H, W) -> (N, S*2*C, H, W), the model's packed input."""
-    n, s, hv, c, h, w = images.shape
-    return images.reshape(n, s * hv * c, h, w)
+    return images.flatten(1, 3)
