@@ -28,8 +28,6 @@ def _check(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray]:
     return y, p
 
 
-# ---------------------------------------------------------------- threshold rules
-
 @dataclass(frozen=True)
 class ThresholdRule:
     kind: str            # "youden" | "fixed" | "sensitivity"
@@ -79,8 +77,6 @@ def choose_threshold(y: Any, p: Any, rule: str | ThresholdRule) -> float:
     return float(min(thr[idx], 1.0))  # roc_curve's first threshold is +inf ("nobody positive")
 
 
-# ---------------------------------------------------------------- AUC and its CI
-
 def delong_auc_variance(y: Any, p: Any) -> tuple[float, float]:
     """AUC and its DeLong variance (DeLong et al. 1988; midrank form, Sun & Xu 2014; in no library)."""
     y, p = _check(y, p)
@@ -123,8 +119,6 @@ def auc_ci(y: Any, p: Any, method: str = "delong", alpha: float = 0.05, n_boot: 
     return {"value": auc, "lo": float(max(lo, 0.0)), "hi": float(min(hi, 1.0)), "method": method}
 
 
-# ---------------------------------------------------------------- counts and derived metrics
-
 def wilson_ci(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
     """Wilson score interval for k successes in n trials (NaN, NaN when n = 0)."""
     if n == 0:
@@ -161,8 +155,6 @@ def metrics_from_counts(tp: int, fn: int, fp: int, tn: int, alpha: float = 0.05,
         out[name] = {"value": k / n if n else float("nan"), "lo": lo, "hi": hi, "k": k, "n": n}
     return out
 
-
-# ---------------------------------------------------------------- calibration
 
 def calibration(y: Any, p: Any, n_bins: int = 10) -> dict[str, Any]:
     """Reliability curve (uniform bins; scikit-learn) and Brier score: {"brier", "prob_pred",
@@ -224,8 +216,6 @@ def apply_card_recalibration(p: Any, card: dict[str, Any]) -> np.ndarray:
     p = np.asarray(p, float)
     return p if not rc else recalibrate_probability(p, float(rc["intercept"]), float(rc["slope"]))
 
-
-# ---------------------------------------------------------------- everything at once
 
 def binary_report(y: Any, p: Any, threshold: float, alpha: float = 0.05, auc_method: str = "delong",
                   n_boot: int = 2000, seed: int = 0, n_bins: int = 10) -> dict[str, Any]:

@@ -54,8 +54,6 @@ def _confusion_rows(c: dict[str, int]) -> list[list[str]]:
             ["**Total**", str(c["tp"] + c["fp"]), str(c["fn"] + c["tn"]), str(sum(c.values()))]]
 
 
-# ---------------------------------------------------------------- rendering
-
 def _inline(s: Any) -> str:
     return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(html.escape(str(s)).split("**")))
 
@@ -88,8 +86,6 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
 
-
-# ---------------------------------------------------------------- plots
 
 def _subplots(*args: Any, figsize: tuple[float, float], **kw: Any) -> tuple[Any, Any]:
     """A bare Figure (renders with Agg, touches no pyplot state) and its axes."""
@@ -144,8 +140,6 @@ def plot_calibration(report: dict[str, Any], path: Path) -> Path:
     hx.set(xlabel="Predicted probability", ylabel="Cases", xlim=(0, 1))
     return _save_fig(fig, path)
 
-
-# ---------------------------------------------------------------- reports
 
 def write_evaluation_report(out_dir: str | Path, report: dict[str, Any], context: dict[str, Any]) -> dict[str, Path]:
     """report.md / .html, metrics.csv and the three PNGs in ``out_dir``; returns the paths. ``context``:

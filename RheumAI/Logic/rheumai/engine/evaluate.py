@@ -64,18 +64,15 @@ def _headline(summary: Mapping[str, Any], cal: Mapping[str, Any] | None) -> dict
 
 def _columns(name: str, kind: str, decoded: dict[str, np.ndarray], target: np.ndarray | None) -> dict[str, Any]:
     """Flat per-sample columns of one head for predictions.csv."""
-    cols: dict[str, Any] = {}
+    cols: dict[str, Any] = {f"{name}_{k}": decoded[k] for k in ("probability", "value", "class", "expected")
+                            if k in decoded}
     if kind == "keypoints":
         pts = decoded["points"]
         for k in range(pts.shape[1]):
             cols[f"{name}_p{k}_x"], cols[f"{name}_p{k}_y"] = pts[:, k, 0], pts[:, k, 1]
             if target is not None:
                 cols[f"{name}_p{k}_x_true"], cols[f"{name}_p{k}_y_true"] = target[:, k, 0], target[:, k, 1]
-        return cols
-    for key in ("probability", "value", "class", "expected"):
-        if key in decoded:
-            cols[f"{name}_{key}"] = decoded[key]
-    if target is not None:
+    elif target is not None:
         cols[f"{name}_true"] = target
     return cols
 
@@ -88,8 +85,7 @@ def evaluate_heads(model: torch.nn.Module, dataset: torch.utils.data.Dataset, he
     """``{head name: report}`` for ``model`` on ``dataset``; with ``out_dir`` predictions.csv,
     metrics.json, report.md / .html. ``report_kw``: extra arguments per head's ``report`` (binary
     ``threshold``; keypoints ``spacing_mm`` (row, col) mm); ``context``: JSON-able report lines."""
-    dev = torch.device(device) if isinstance(device, str) else device
-    outputs, targets, ids = predict(model, dataset, dev, heads, batch_size)
+    outputs, targets, ids = predict(model, dataset, torch.device(device), heads, batch_size)
     reports: dict[str, dict[str, Any]] = {}
     cols: dict[str, Any] = {"id": ids}
     for name, head in heads.items():
@@ -98,10 +94,9 @@ def evaluate_heads(model: torch.nn.Module, dataset: torch.utils.data.Dataset, he
         decoded = head.decode(outputs[name])
         target = targets[name].numpy() if name in targets else None
         cols.update(_columns(name, head.kind, decoded, target))
-        if target is None:
-            continue
-        reports[name] = {"kind": head.kind, **head.report(decoded, target, alpha=alpha, n_boot=n_boot, seed=seed,
-                                                          **dict((report_kw or {}).get(name, {})))}
+        if target is not None:
+            kw = {"alpha": alpha, "n_boot": n_boot, "seed": seed, **(report_kw or {}).get(name, {})}
+            reports[name] = {"kind": head.kind, **head.report(decoded, target, **kw)}
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -144,8 +139,7 @@ def evaluate(model: str | Path, manifest: str | Path, out_dir: str | Path, *, sp
         raise InputError(None, f"--threshold-rule: {exc}") from None
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     net, card = load_checkpoint(model, dev)
-    df = read_manifest(manifest)
-    df = df[df["label"] >= 0]
+    df = read_manifest(manifest).query("label >= 0")
     rows = (df if split == "all" else df[df["split"] == split]).reset_index(drop=True)
     if rows.empty:
         raise InputError(manifest, f"no rows with split == {split!r} and a label "
@@ -203,14 +197,14 @@ def evaluate(model: str | Path, manifest: str | Path, out_dir: str | Path, *, sp
                 raise InputError(manifest, f"calibration slope {b:.3f} <= 0 on this cohort: the model does not rank "
                                            "its patients; recalibration would invert it")
             thr = float(recalibrate_probability(np.array([threshold]), a, b)[0])
-            new_card = {k: v for k, v in card.items() if k not in ("model_id", "weights_sha256")}
-            new_card.update({
+            new_card = {
+                **{k: v for k, v in card.items() if k not in ("model_id", "weights_sha256")},
                 "threshold": thr, "threshold_rule": f"recalibrated from {threshold:.6g}",
                 "threshold_note": f"the development threshold {threshold:.4f} mapped through the recalibration",
                 "recalibration": {"intercept": a, "slope": b, "fitted_on": str(manifest), "split": split,
                                   "n": int(y.size), "n_positive": int(y.sum()), "calibration_before": cal,
-                                  "source_model_id": card.get("model_id"),
-                                  "source_weights_sha256": card.get("weights_sha256"), "source_threshold": threshold}})
+                                  "source_model_id": card.get("model_id"), "source_threshold": threshold,
+                                  "source_weights_sha256": card.get("weights_sha256")}}
             recal = save_checkpoint(recalibrate_out, net, new_card)
             if read_card(recal).get("weights_sha256") != card.get("weights_sha256"):
                 raise RuntimeError("recalibrated checkpoint: weights changed")  # the same tensors were hashed

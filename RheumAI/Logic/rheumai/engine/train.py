@@ -34,8 +34,6 @@ RESUMABLE_CHANGES = ("train.epochs", "train.early_stopping_patience", "data.num_
 SPLITS = ("train", "val", "test")
 
 
-# ---------------------------------------------------------------- manifest
-
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read and check ``manifest.csv`` (patient_id, split, label 0 / 1 (-1: no label), cache_file);
     adds ``array_path`` (absolute ``<cache_file>.npy``)."""
@@ -93,8 +91,6 @@ def split_train_val(df: pd.DataFrame, val_fraction: float, seed: int) -> tuple[p
     how = f"carved from train (val_fraction={val_fraction}, stratified, seed={seed})"
     return tr.sort_values("patient_id").reset_index(drop=True), va.sort_values("patient_id").reset_index(drop=True), how
 
-
-# ---------------------------------------------------------------- what a task declares
 
 @dataclass
 class Stage:
@@ -229,13 +225,6 @@ class _Stopped(Exception):
     """should_stop() asked to stop inside a fold run."""
 
 
-def _derived(cfg: TrainConfig) -> TrainConfig:
-    """A fold's or the final run's config of out-of-fold selection: last weights, no early stopping."""
-    c = TrainConfig.from_dict(cfg.to_dict(), source=cfg.source or None)
-    c.train.select, c.train.early_stopping_patience, c.selection.method = "last", 0, "validation"
-    return c
-
-
 def _select_and_run(cfg: TrainConfig, ctx: _Ctx, out: Path, resume: bool) -> TrainResult:
     """Validation-split selection, or out-of-fold selection (folds, then the final run)."""
     train_df, val_df, val_how = split_train_val(ctx.df, cfg.data.val_fraction, cfg.train.seed)
@@ -249,7 +238,10 @@ def _select_and_run(cfg: TrainConfig, ctx: _Ctx, out: Path, resume: bool) -> Tra
                     selection={"method": "validation", "reason": why})
     if not resume and (out / "folds").exists():
         raise InputError(out, "holds an earlier run's folds: pass --resume to continue it, or choose a new --out")
-    fold_cfg = _derived(cfg)
+    # the folds' and the final run's config: last weights, no early stopping, no nested selection
+    fold_cfg = TrainConfig.from_dict(cfg.to_dict(), source=cfg.source or None)
+    fold_cfg.train.select, fold_cfg.train.early_stopping_patience = "last", 0
+    fold_cfg.selection.method = "validation"
 
     def run_fold(j: int, tr: np.ndarray, ho: np.ndarray) -> np.ndarray:
         fold_out = out / "folds" / f"fold{j}"
@@ -296,7 +288,7 @@ def _select_and_run(cfg: TrainConfig, ctx: _Ctx, out: Path, resume: bool) -> Tra
     selection = {"method": "oof", "reason": why, "folds": int(oof.folds.max()) + 1, "epochs_selected": epoch,
                  "epoch_smoothing": sc.epoch_smoothing, "oof_auc_by_epoch": [float(a) for a in auc],
                  "oof_auc": float(auc[epoch - 1])}
-    return _run(_derived(cfg), ctx, train_df, val_df, val_how, out, resume=_has_state(out),
+    return _run(fold_cfg, ctx, train_df, val_df, val_how, out, resume=_has_state(out),
                 selection=selection, threshold_choice=choice, saved_config=cfg, last_epochs=epoch)
 
 
@@ -376,18 +368,17 @@ def _run(cfg: TrainConfig, ctx: _Ctx, train_df: pd.DataFrame, val_df: pd.DataFra
         choice.note = "no validation set: probability 0.5 used" if rule.kind != "fixed" else choice.note
     ckpt = None
     if d.main:
-        vm = validation_summary(val_report) if val_report is not None else None
         card = {
             "task": ctx.recipe.task, **prep.card, "heads": {"out": head.describe()}, "output": ctx.recipe.output,
             "threshold": float(choice.value), "threshold_rule": str(rule), "threshold_note": choice.note,
             "threshold_selection": asdict(choice), "model_selection": selection,
             "training_data": {
                 "n_train": len(train_df), "n_train_positive": n_pos, "n_val": len(val_df),
-                "n_val_positive": int(val_df["label"].sum()) if len(val_df) else 0, "val_source": val_how,
+                "n_val_positive": int(val_df["label"].sum()), "val_source": val_how,
                 "n_test_held_out": int((ctx.df["split"] == "test").sum()),
                 "sites": int(ctx.df["site"].nunique()) if "site" in ctx.df.columns else None,
             },
-            "metrics": {"validation": vm, "calibration": val_cal},
+            "metrics": {"validation": val_report and validation_summary(val_report), "calibration": val_cal},
             "training": {"epochs_run": res.epochs_run, "epochs_planned": last_epochs or prep.stages[-1].epochs,
                          "early_stopped": res.early_stopped, "best_epoch": res.best_epoch,
                          "weights": "best_val_auc" if res.weights == "best" else "last",
