@@ -135,11 +135,13 @@ def _task(name: str, source: str | Path | None) -> Any:
         raise InputError(source, f"task {name!r}: {exc.args[0]}") from None
 
 
+@dataclass
 class TrainConfig:
     """A parsed config: ``cfg.task`` and one dataclass per section (``cfg.train.epochs``, ...)."""
 
-    def __init__(self, task: str, sections: dict[str, Any], source: str = ""):
-        self.task, self.sections, self.source = task, sections, source
+    task: str
+    sections: dict[str, Any]
+    source: str = ""
 
     def __getattr__(self, name: str) -> Any:
         sections = self.__dict__.get("sections", {})
