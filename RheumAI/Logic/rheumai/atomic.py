@@ -59,10 +59,8 @@ def write_json(path: str | Path, obj: Any) -> Path:
     import numpy as np
 
     def default(o: Any) -> Any:
-        if isinstance(o, (np.integer, np.floating, np.ndarray)):
-            return o.tolist()
-        if isinstance(o, Path):
-            return str(o)
+        if isinstance(o, (np.generic, np.ndarray, Path)):
+            return str(o) if isinstance(o, Path) else o.tolist()
         raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=default) + "\n")
