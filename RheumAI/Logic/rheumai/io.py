@@ -101,6 +101,17 @@ def read_study(path: str | Path, series_uid: str | None = None, require_modality
     raise InputError(path, f"unsupported file type (expected a DICOM folder or one of {', '.join(IMAGE_SUFFIXES)})")
 
 
+def as_study(src: str | os.PathLike | Study | sitk.Image, series_uid: str | None = None) -> Study:
+    """A path (read by :func:`read_study`), a Study, or a bare LPS image (a Study without a path)."""
+    if isinstance(src, (str, os.PathLike)):
+        return read_study(src, series_uid=series_uid)
+    if isinstance(src, sitk.Image):
+        return Study(src, None)  # type: ignore[arg-type]
+    if not isinstance(src, Study):
+        raise InputError(None, f"expected a path, a Study or a SimpleITK image, got {type(src).__name__}")
+    return src
+
+
 def _as_volume(image: sitk.Image, path: Path | str) -> sitk.Image:
     """Check a 3D single-component volume (a 4D one with one volume is taken) and make it float32."""
     n, dim, size = image.GetNumberOfComponentsPerPixel(), image.GetDimension(), image.GetSize()

@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ...io import Study, read_study
+from ...io import as_study
 from .slices import SliceParams, SliceSelection, select_slices
 
 ROLE = "t2_sag"
@@ -39,11 +39,8 @@ class CervicalSample:
 def load_sample(inputs: Mapping[str, Any], card: dict[str, Any]) -> CervicalSample:
     """``inputs[ROLE]``: path / DICOM folder (``inputs["series_uid"]`` picks a series) / Study / LPS
     image; slices sampled with the card's ``preprocessing``."""
-    src = inputs[ROLE]
-    if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__"):
-        src = read_study(src, series_uid=inputs.get("series_uid"))
-    image = src.image if isinstance(src, Study) else src
-    return CervicalSample(select_slices(src, SliceParams.from_dict(card["preprocessing"])), image)
+    study = as_study(inputs[ROLE], inputs.get("series_uid"))
+    return CervicalSample(select_slices(study, SliceParams.from_dict(card["preprocessing"])), study.image)
 
 
 def _crop_box(card: dict[str, Any], size: tuple[int, int]) -> tuple[int, int, int, int] | None:

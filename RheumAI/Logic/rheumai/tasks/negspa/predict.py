@@ -10,7 +10,6 @@ maximum (left/right contrast kept), then go onto that series' exact grid.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -20,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from ...errors import InputError, RheumAIError
-from ...io import Study, read_study
+from ...io import as_study
 from ...saliency import gradcam_backward, normalize_max
 from .clinical import NAMES, ClinicalEncoder, parse_table
 from .model import pack
@@ -65,10 +64,10 @@ def load_sample(inputs: Mapping[str, Any], card: dict[str, Any]) -> NegSpaStudy:
     if missing:
         raise InputError(None, "NegSpA-AI needs the T1, T2 and fat-suppressed (STIR/SPAIR) series and a box around "
                                f"both sacroiliac joints; missing: {', '.join(missing)}")
-    studies = {r: read_study(inputs[r]) if isinstance(inputs[r], (str, os.PathLike)) else inputs[r] for r in ROLES}
+    studies = {r: as_study(inputs[r]) for r in ROLES}
     sample = preprocess({**studies, "box": box}, NegSpaParams.from_dict(card["preprocessing"]))
     clin, miss = encode_clinical(inputs.get("clinical"), card)
-    return NegSpaStudy(sample, clin, miss, {r: (s.image if isinstance(s, Study) else s) for r, s in studies.items()})
+    return NegSpaStudy(sample, clin, miss, {r: s.image for r, s in studies.items()})
 
 
 def to_tensors(study: NegSpaStudy, card: dict[str, Any]) -> dict[str, torch.Tensor]:
