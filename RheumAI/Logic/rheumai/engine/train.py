@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..atomic import write_text
 from ..checkpoint import find_training_state, read_card, save_checkpoint, software_versions
 from ..config import TrainConfig, load_config, resolve_manifest, save_config
+from ..dataset.split import SPLITS
 from ..errors import InputError
 from ..metrics import binary_report, logistic_calibration, parse_threshold_rule, validation_summary
 from .crossfit import ThresholdChoice, choose_threshold_with_ci, crossfit, needs_oof, select_epoch
@@ -31,7 +32,6 @@ ProgressFn = Callable[[dict[str, Any]], None]
 # Resuming may change these without invalidating the saved state.
 RESUMABLE_CHANGES = ("train.epochs", "train.early_stopping_patience", "data.num_workers", "data.manifest",
                      "train.eval_batch_size", "train.state_every")
-SPLITS = ("train", "val", "test")
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
@@ -95,7 +95,7 @@ def split_train_val(df: pd.DataFrame, val_fraction: float, seed: int) -> tuple[p
 @dataclass
 class Stage:
     """One :func:`fit` call. ``setup(model)`` freezes / switches the model and returns the parameters
-    to train (None: all that require grad); ``bn_recalibration`` / ``select`` None: [train]'s."""
+    to train (None: all that require grad); ``bn_recalibration`` None: [train]'s."""
 
     name: str
     epochs: int
@@ -104,7 +104,6 @@ class Stage:
     train_mode: Callable[[torch.nn.Module], None] | None = None
     batch_transform: BatchTransform | None = None
     bn_recalibration: str | None = None
-    select: str | None = None
 
 
 @dataclass
@@ -330,7 +329,7 @@ def _run(cfg: TrainConfig, ctx: _Ctx, train_df: pd.DataFrame, val_df: pd.DataFra
         sdir = out if len(prep.stages) == 1 else out / stage.name
         params = stage.setup(prep.model) if stage.setup else None
         fc = tc.fit_config(epochs=(last and last_epochs) or stage.epochs, lr=stage.lr, num_workers=cfg.data.num_workers,
-                           collect_val_outputs=collect and last, select=stage.select or tc.select,
+                           collect_val_outputs=collect and last,
                            bn_recalibration=stage.bn_recalibration or tc.bn_recalibration)
         res = fit(prep.model, prep.train_ds, prep.val_ds, {"out": head}, fc, sdir,
                   ctx.progress, ctx.should_stop, resume and find_training_state(sdir / "state") is not None,
