@@ -141,29 +141,28 @@ def plot_calibration(report: dict[str, Any], path: Path) -> Path:
     return _save_fig(fig, path)
 
 
-def write_evaluation_report(out_dir: str | Path, report: dict[str, Any], context: dict[str, Any]) -> dict[str, Path]:
-    """report.md / .html, metrics.csv and the three PNGs in ``out_dir``; returns the paths. ``context``:
-    "title", "model_id", "split", "threshold_source", "card", "warnings", "extra_blocks" (before plots)."""
+def write_evaluation_report(out_dir: str | Path, report: dict[str, Any], card: dict[str, Any], title: str,
+                            split: str, threshold_source: str, warnings: Sequence[str] = (),
+                            extra_blocks: Sequence[Block] = ()) -> dict[str, Path]:
+    """report.md / .html, metrics.csv and the three PNGs in ``out_dir`` (``extra_blocks`` before plots)."""
     out = Path(out_dir)
     paths = {"roc": plot_roc(report, out / "roc.png"),
              "confusion": plot_confusion(report, out / "confusion_matrix.png"),
              "calibration": plot_calibration(report, out / "calibration.png"),
              "metrics_csv": write_text(out / "metrics.csv", metrics_table(report).to_csv(index=False))}
-    card = context.get("card", {})
     arch, cal = card.get("architecture", {}), report["calibration"]
-    title = context.get("title", "RheumAI evaluation")
     prevalence = report["n_positive"] / max(report["n"], 1)
     blocks: list[Block] = [
         ("h1", title),
-        ("p", f"Model **{context.get('model_id', card.get('model_id', '?'))}** "
+        ("p", f"Model **{card.get('model_id', '?')}** "
               f"(ResNet-{arch.get('depth', '?')}, {arch.get('in_channels', '?')} channels, input "
-              f"{'x'.join(str(s) for s in arch.get('input_size', []))}), split **{context.get('split', '?')}**: "
+              f"{'x'.join(str(s) for s in arch.get('input_size', []))}), split **{split}**: "
               f"{report['n']} patients, {report['n_positive']} positive, {report['n_negative']} negative."),
         ("p", f"Operating threshold **{report['threshold']:.4f}** (probability; positive when ≥ threshold): "
-              f"{context.get('threshold_source', '')}."),
+              f"{threshold_source}."),
     ]
-    if context.get("warnings"):
-        blocks += [("h2", "Warnings"), ("list", context["warnings"])]
+    if warnings:
+        blocks += [("h2", "Warnings"), ("list", list(warnings))]
     blocks += [("h2", "Discrimination and operating point"), ("table", _metric_rows(report)),
                ("p", "Every threshold metric is computed from the confusion counts below; proportions carry "
                      "Wilson intervals, F1 a percentile bootstrap interval, the AUC a "
@@ -174,7 +173,7 @@ def write_evaluation_report(out_dir: str | Path, report: dict[str, Any], context
                      f"{prevalence:.3f} scores {prevalence * (1 - prevalence):.4f})."),
                ("table", [["Mean predicted", "Observed positive fraction"]]
                 + [[_fmt(a), _fmt(b)] for a, b in zip(cal["prob_pred"], cal["prob_true"])]),
-               *context.get("extra_blocks", []),
+               *extra_blocks,
                ("h2", "Plots"), ("img", ("roc.png", "ROC curve")),
                ("img", ("confusion_matrix.png", "Confusion matrix")),
                ("img", ("calibration.png", "Reliability curve"))]

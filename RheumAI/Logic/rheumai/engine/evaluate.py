@@ -222,10 +222,8 @@ def evaluate(model: str | Path, manifest: str | Path, out_dir: str | Path, *, sp
                         f"{_fmt(cal['slope']['lo'])} to {_fmt(cal['slope']['hi'])} for the slope."
                         + (f" Recalibrated checkpoint: {recal}." if recal else ""))]
     write_json(out / "metrics.json", metrics)
-    files = write_evaluation_report(out, report, {
-        "title": f"RheumAI {'external validation' if external else 'evaluation'}: {card.get('task', '')} ({split})",
-        "model_id": card.get("model_id"), "split": split, "threshold_source": source, "card": card,
-        "warnings": warnings, "extra_blocks": blocks})
+    title = f"RheumAI {'external validation' if external else 'evaluation'}: {card.get('task', '')} ({split})"
+    files = write_evaluation_report(out, report, card, title, split, source, warnings, blocks)
     metrics["files"] = {k: str(v) for k, v in {**files, "metrics_json": out / "metrics.json",
                                                 "predictions": out / "predictions.csv"}.items()}
     if show_progress:
