@@ -119,7 +119,8 @@ def _as_volume(image: sitk.Image, path: Path | str) -> sitk.Image:
                          (n != 1, f"has {n} components per voxel; a scalar volume is needed"),
                          (dim == 2 or (dim == 3 and min(size) == 1),
                           f"is a 2D image (size {'x'.join(map(str, size))}); a 3D volume is needed"),
-                         (dim == 4 and size[3] != 1, f"is a 4D series ({size[-1]} volumes); choose one 3D volume"),
+                         (dim == 4 and size[3] != 1,
+                          f"is a 4D series ({size[-1]} volumes); choose one 3D volume"),
                          (dim not in (2, 3, 4), f"has {dim} dimensions; a 3D volume is needed")]:
         if bad:
             raise InputError(path, problem)
@@ -279,15 +280,16 @@ def _read_series(folder: Path, series: SeriesInfo) -> Study:
         where = files[0]
         image = _read_image(where, "multi-frame DICOM cannot be read")
     elif len(series.files) == 1:
-        raise InputError(series.files[0], f"series {series.uid} has a single slice: a 2D image; a 3D volume is needed")
+        raise InputError(files[0], f"series {series.uid} has a single slice: a 2D image; a 3D volume is "
+                                   "needed")
     else:  # single-frame files: checked as the index checks them (one orientation, even spacing)
         frames = []
         for f, ds in zip(files, headers):
             ipp = finite_floats(ds.get("ImagePositionPatient"), 3)
             iop = finite_floats(ds.get("ImageOrientationPatient"), 6)
             if ipp is None or iop is None:
-                raise InputError(f, "has no ImagePositionPatient / ImageOrientationPatient; its place in the volume "
-                                    "is unknown")
+                raise InputError(f, "has no ImagePositionPatient / ImageOrientationPatient; its place in the "
+                                    "volume is unknown")
             frames.append(Frame(f, 0, ipp, iop, (1.0, 1.0), 1.0, 0.0, (), ""))  # type: ignore[arg-type]
         stack = stack_of(frames)
         if stack.problem:
@@ -300,7 +302,7 @@ def _read_series(folder: Path, series: SeriesInfo) -> Study:
             for f in files:  # name the first file that cannot be decoded on its own
                 _read_image(f, f"{why}; this file cannot be read on its own")
             raise InputError(folder, why) from None
-    return Study(image=_as_volume(image, where), path=str(folder), series_uid=series.uid, meta=meta, files=files)
+    return Study(_as_volume(image, where), str(folder), series.uid, meta, files)
 
 
 def _read_image(path: str | Path, what: str) -> sitk.Image:

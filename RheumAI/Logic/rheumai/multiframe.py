@@ -81,7 +81,7 @@ def frames_of(ds: pydicom.Dataset, path: str | Path) -> list[Frame]:
     n = int(ds.get("NumberOfFrames", 1) or 1)
     if len(per) != n:
         raise InputError(path, f"NumberOfFrames is {n} but the file holds {len(per)} per-frame functional groups")
-    top_spacing = finite_floats(ds.get("PixelSpacing"), 2)
+    top_px = finite_floats(ds.get("PixelSpacing"), 2)
     frames = []
     for i, f in enumerate(per):
         ipp = finite_floats(_item(f, shared, "PlanePositionSequence").get("ImagePositionPatient"), 3)
@@ -89,7 +89,7 @@ def frames_of(ds: pydicom.Dataset, path: str | Path) -> list[Frame]:
         if ipp is None or iop is None:
             raise InputError(path, f"frame {i + 1} of {n} has no ImagePositionPatient / ImageOrientationPatient in "
                                    "its functional groups; its place in the volume is unknown")
-        spacing = finite_floats(_item(f, shared, "PixelMeasuresSequence").get("PixelSpacing"), 2) or top_spacing
+        spacing = finite_floats(_item(f, shared, "PixelMeasuresSequence").get("PixelSpacing"), 2) or top_px
         if spacing is None:
             raise InputError(path, f"frame {i + 1} of {n} has no PixelSpacing")
         pix = _item(f, shared, "PixelValueTransformationSequence") or ds
@@ -98,8 +98,8 @@ def frames_of(ds: pydicom.Dataset, path: str | Path) -> list[Frame]:
                                              else ds.get("ImageType", [])) or [])
         stack = str(_item(f, shared, "FrameContentSequence").get("StackID", "") or "")
         te = finite_floats([_item(f, shared, "MREchoSequence").get("EffectiveEchoTime")], 1)
-        frames.append(Frame(str(path), i, ipp, iop, spacing,  # type: ignore[arg-type]
-                            float(pix.get("RescaleSlope", 1) or 1), float(pix.get("RescaleIntercept", 0) or 0),
+        slope, intercept = float(pix.get("RescaleSlope", 1) or 1), float(pix.get("RescaleIntercept", 0) or 0)
+        frames.append(Frame(str(path), i, ipp, iop, spacing, slope, intercept,  # type: ignore[arg-type]
                             frame_type, stack, te[0] if te else None))
     return frames
 

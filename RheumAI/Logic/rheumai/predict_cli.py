@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.input:
         studies = [inputs_from_args(task, args.input, args.roi, args.clinical, args.id)]
     else:
-        studies = [inputs_from_args(task, [f"{task.roles[0]}={s}"], args.roi, args.clinical) for s in args.studies]
+        studies = [inputs_from_args(task, [f"{task.roles[0]}={s}"], args.roi, args.clinical)
+                   for s in args.studies]
     shard = parse_shard(args.shard)
     rows = predict_batch(studies, args.model, args.out, saliency=saliency, target_layer=args.target_layer,
                          tta=args.tta, sanity=args.sanity, scene=args.scene, fmt=args.format,
