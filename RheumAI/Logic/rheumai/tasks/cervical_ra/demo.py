@@ -1,12 +1,6 @@
-"""The cervical RA demo (`rheumai demo`): the whole product on a generated cohort with known truth.
-
-generate (real T2 -> DICOM archive + label sheet + lesion masks) -> index -> dataset -> train (small
-CPU configuration) -> evaluate (held-out patients) -> predict + saliency on them and on the untouched
-real T2 -> Slicer scene -> outside cohort (another seed and prevalence) -> report.md with every figure
-and its rule (:data:`HIT_RULE`). Every step resumes when re-run. The prevalence is enriched
-(:data:`DEMO_PREVALENCE`; real cohorts sit near 15 %) so that a network trained from random
-initialisation in CPU minutes sees enough positives.
-"""
+"""The cervical RA demo (`rheumai demo`, README "What make demo does"): generated cohort with known
+truth -> DICOM index -> dataset -> train -> evaluate -> predict + saliency (:data:`HIT_RULE`) -> outside
+cohort -> report.md. Every step resumes when re-run."""
 
 from __future__ import annotations
 
@@ -28,11 +22,8 @@ from .synth import DEFAULT_TEMPLATE as REAL_T2
 DEMO_N = 160
 DEMO_PREVALENCE = 0.5
 DEMO_SLICES = dict(n_slices=6, spacing_mm=2.0, size=(128, 128))
-# Lesions 25 % larger than the generator's default (pannus ~ 18-23 mm cranio-caudal). Every positive
-# carries a pannus, 45 % also a C2 erosion (generator default: 15 % erosion only): an erosion alone, a
-# dark notch in the dark C2 marrow, was not learnt in CPU minutes (with the default mix all erosion-only
-# test positives, 4 of 31, scored p 0.12-0.34; 160 subjects, seed 0). Fewer distractor series: fewer
-# files to index, same flow steps.
+# Lesions 25 % larger than the generator's default; every positive carries a pannus, 45 % also a C2
+# erosion (an erosion alone was not learnt in CPU minutes, see README); fewer distractor series to index.
 DEMO_COHORT_OPTIONS = dict(lesion_scale=1.25, lesion_mix=(0.55, 0.45, 0.0), p_followup_series=0.25,
                            p_axial_distractor=0.25)
 DEMO_TRAIN = {
@@ -146,7 +137,6 @@ def _train_and_score(out: Path, ds: Any, seed: int, epochs: int | None, family: 
     from ...config import TrainConfig, save_config
     from ...engine.predict import Predictor
     from ...engine.write import write_study
-    from ...saliency import peak_distance_mm
 
     cfg_dict = copy.deepcopy(DEMO_TRAIN)
     # the shared encoder runs once per slice (six times per study): ResNet-10 keeps the cost within ~3x
@@ -169,8 +159,7 @@ def _train_and_score(out: Path, ds: Any, seed: int, epochs: int | None, family: 
                "subjects and on the real T2", timings, "predict_s", progress):
         predictor = Predictor(tr.checkpoint)
         pred_dir = out / "predictions"
-        rows, dists, coarse, montages = [], [], [], []
-        scene_pos = None
+        rows, montages, scene_pos = [], [], None
         manifest = pd.read_csv(ds.manifest, dtype=str, keep_default_na=False)
         for r in manifest[manifest["split"] == "test"].to_dict("records"):
             res = predictor.predict(r["source_path"], saliency=SALIENCY, series_uid=r["series_uid"])
@@ -181,14 +170,12 @@ def _train_and_score(out: Path, ds: Any, seed: int, epochs: int | None, family: 
             rows.append({**_row(stem, label, res, mask), "saliency_file": files["saliency_file"]})
             if label == 1:
                 # same study, already in memory: the paper's Grad-CAM (coarse) for comparison
-                rc = predictor.predict(res.source_image, saliency=COARSE_SALIENCY)
-                dc = peak_distance_mm(rc.saliency_grid, rc.selection, mask)
-                rows[-1].update(peak_distance_mm_gradcam=dc, hit_gradcam=_hit(dc))
-                dists.append(rows[-1]["peak_distance_mm"])
-                coarse.append(dc)
+                rc = _row(stem, label, predictor.predict(res.source_image, saliency=COARSE_SALIENCY), mask)
+                rows[-1].update(peak_distance_mm_gradcam=rc["peak_distance_mm"], hit_gradcam=rc["hit"])
                 montages.append(files["montage_file"])
         real = predictor.predict(REAL_T2, saliency=SALIENCY, tta=8)
         real_files = write_study(real, pred_dir, "real_t2", scene=scene)
+    pos = [r for r in rows if r["label"] == 1]
     return {
         "checkpoint": str(tr.checkpoint), "family": family, "depth": cfg.model.depth,
         "epochs": cfg.train.epochs,
@@ -196,7 +183,8 @@ def _train_and_score(out: Path, ds: Any, seed: int, epochs: int | None, family: 
         "test_auc_ci_method": ev["auc"]["method"], "test_counts": ev.get("counts"),
         "threshold": tr.threshold, "threshold_note": predictor.card.get("threshold_note", ""),
         "best_val_auc": tr.best_val_auc, "best_epoch": tr.best_epoch, "epochs_run": tr.epochs_run,
-        **hit_figures(dists), "hit_rate_gradcam": hit_figures(coarse)["hit_rate"],
+        **hit_figures([r["peak_distance_mm"] for r in pos]),
+        "hit_rate_gradcam": hit_figures([r["peak_distance_mm_gradcam"] for r in pos])["hit_rate"],
         "real_t2": {"probability": real.probability, "class": real.label, "tta_mean": real.tta_mean,
                     "tta_std": real.tta_std, "saliency": real_files["saliency_file"],
                     "scene": real_files["scene_file"]},
@@ -223,13 +211,11 @@ def _row(patient_id: str, label: int, res: Any, mask: sitk.Image | None) -> dict
 def hit_figures(distances: list[float]) -> dict[str, Any]:
     """Hit rate (within :data:`HIT_TOLERANCE_MM`), exact-hit rate and median peak distance (mm) over the
     positives; a positive whose lesion misses the input (NaN distance) is a miss."""
-    d = np.asarray(distances, dtype=float)
+    d, nan = np.asarray(distances, dtype=float), float("nan")
     finite = d[np.isfinite(d)]
-    if d.size == 0:
-        return {"hit_rate": float("nan"), "exact_hit_rate": float("nan"), "median_peak_distance_mm": float("nan"),
-                "n_positives": 0}
-    return {"hit_rate": float(np.mean([_hit(v) for v in d])), "exact_hit_rate": float(np.mean(d == 0)),
-            "median_peak_distance_mm": float(np.median(finite)) if finite.size else float("nan"),
+    return {"hit_rate": float(np.mean([_hit(v) for v in d])) if d.size else nan,
+            "exact_hit_rate": float(np.mean(d == 0)) if d.size else nan,
+            "median_peak_distance_mm": float(np.median(finite)) if finite.size else nan,
             "n_positives": int(d.size)}
 
 
@@ -345,11 +331,12 @@ def _report_md(out: Path, s: dict, ds: Any, main: dict) -> str:
               f"![real]({rel(main['real_files'].get('montage_file'))})", "",
               f"Saliency volume (source geometry): `{rel(rt['saliency'])}`; Slicer scene: "
               f"`{rel(rt['scene'])}`" + (f"; scene of a positive: `{rel(s['scene_positive'])}`"
-                                         if s.get("scene_positive") else "") + ".", "", "## Outside cohort", "",
-              f"{o['n']} subjects ({o['n_positive']} positive) generated with seed {o['seed']} and prevalence "
-              f"{o['prevalence']:.0%}, never seen in training or model selection: AUC {o['auc']:.3f} (95% CI "
-              f"{_ci(o['auc_ci'])}), counts at the card's threshold {o['counts']}, hit rate "
-              f"{o['hit_rate']:.2f}. Per subject: `outside/outside_predictions.json`.", "",
+                                         if s.get("scene_positive") else "") + ".", "",
+              "## Outside cohort", "", f"{o['n']} subjects ({o['n_positive']} positive) generated with seed "
+              f"{o['seed']} and prevalence {o['prevalence']:.0%}, never seen in training or model selection: "
+              f"AUC {o['auc']:.3f} (95% CI {_ci(o['auc_ci'])}), counts at the card's threshold "
+              f"{o['counts']}, hit rate {o['hit_rate']:.2f}. Per subject: "
+              "`outside/outside_predictions.json`.", "",
               "## Timings (s)", "", "| step | s |", "|---|---|",
               *[f"| {k} | {v} |" for k, v in s["timings_s"].items()]]
     return "\n".join(lines) + "\n"
