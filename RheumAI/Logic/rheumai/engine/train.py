@@ -47,19 +47,16 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     missing = [c for c in ("patient_id", "split", "label", "cache_file") if c not in df.columns]
     if missing:
         raise InputError(path, f"missing column(s) {missing}; has {list(df.columns)}")
-    if df["patient_id"].duplicated().any():
-        dup = df.loc[df["patient_id"].duplicated(), "patient_id"].tolist()[:5]
-        raise InputError(path, f"patient_id not unique (one row per patient): {dup}")
     bad_split = sorted(set(df["split"].dropna()) - set(SPLITS))
     if bad_split or df["split"].isna().any():
         raise InputError(path, f"split must be one of {SPLITS}; found {bad_split or 'empty cells'}")
-    labels = pd.to_numeric(df["label"], errors="coerce")
-    if labels.isna().any() or not set(labels.unique()) <= {-1, 0, 1}:
-        rows = df.loc[labels.isna() | ~labels.isin([-1, 0, 1]), "patient_id"].tolist()[:5]
-        raise InputError(path, f"label must be 0 or 1 (-1: no label); bad rows (patient_id): {rows}")
-    df["label"] = labels.astype(int)
-    if df["cache_file"].isna().any():
-        raise InputError(path, f"empty cache_file for {df.loc[df['cache_file'].isna(), 'patient_id'].tolist()[:5]}")
+    label = pd.to_numeric(df["label"], errors="coerce")
+    for bad, what in ((df["patient_id"].duplicated(), "patient_id not unique (one row per patient)"),
+                      (~label.isin([-1, 0, 1]), "label must be 0 or 1 (-1: no label); bad rows (patient_id)"),
+                      (df["cache_file"].isna(), "empty cache_file for")):
+        if bad.any():
+            raise InputError(path, f"{what}: {df.loc[bad, 'patient_id'].tolist()[:5]}")
+    df["label"] = label.astype(int)
     df["array_path"] = [str(path.parent / stem) + ".npy" for stem in df["cache_file"]]
     return df
 
@@ -87,9 +84,9 @@ def split_train_val(df: pd.DataFrame, val_fraction: float, seed: int) -> tuple[p
         return train.reset_index(drop=True), val.reset_index(drop=True), "none"
     n_val = max(2, int(round(val_fraction * len(train))))
     strat = train["label"] if train["label"].value_counts().min() >= 2 else None
-    tr, va = train_test_split(train, test_size=n_val, stratify=strat, random_state=seed)
-    how = f"carved from train (val_fraction={val_fraction}, stratified, seed={seed})"
-    return tr.sort_values("patient_id").reset_index(drop=True), va.sort_values("patient_id").reset_index(drop=True), how
+    tr, va = (part.sort_values("patient_id").reset_index(drop=True)
+              for part in train_test_split(train, test_size=n_val, stratify=strat, random_state=seed))
+    return tr, va, f"carved from train (val_fraction={val_fraction}, stratified, seed={seed})"
 
 
 @dataclass
