@@ -23,12 +23,10 @@ def default_architecture(depth: int = 101, in_channels: int = 6, input_size: tup
     """The card's ``architecture`` entry (paper: ResNet-101, 6 channels, 512 x 512, family ``resnet``)."""
     if family not in FAMILIES:
         raise ValueError(f"architecture family {family!r} not supported; choose one of {FAMILIES}")
-    arch = {"family": family, "depth": int(depth), "in_channels": int(in_channels),
+    return {"family": family, "depth": int(depth), "in_channels": int(in_channels),
             "conv1_t_stride": int(conv1_t_stride), "num_outputs": 1,
-            "input_size": [int(input_size[0]), int(input_size[1])], "spatial_dims": 2}
-    if family == "slice_attention":
-        arch["attention_dim"] = 128
-    return arch
+            "input_size": [int(input_size[0]), int(input_size[1])], "spatial_dims": 2,
+            **({"attention_dim": 128} if family == "slice_attention" else {})}
 
 
 class SliceAttentionNet(torch.nn.Module):
