@@ -116,9 +116,8 @@ class SliceSelection:
         """Write ``stem.npy`` (array) and ``stem.json`` (grids, params, provenance, packed mask)."""
         stem = Path(stem)
         npy, meta = stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".json")
-        with atomic_path(npy) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.ascontiguousarray(self.array, dtype=np.float32))
+        with atomic_path(npy) as tmp:  # keeps the .npy suffix: np.save appends none
+            np.save(tmp, np.ascontiguousarray(self.array, dtype=np.float32))
         bits = zlib.compress(np.packbits(self.mask.astype(bool)).tobytes())
         write_json(meta, {"grid": self.grid.to_dict(), "source_grid": self.source_grid.to_dict(),
                           "params": self.params.to_dict(), "provenance": self.provenance,
