@@ -14,9 +14,21 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
+from tqdm import tqdm
 
+from ...api import evaluate, train
 from ...atomic import write_json, write_text
+from ...config import TrainConfig, save_config
+from ...dataset.build import build_dataset
+from ...dataset.index import index_archive
+from ...dataset.split import SplitConfig
+from ...engine.predict import Predictor
+from ...engine.write import write_study
+from ...metrics import binary_report
+from ...saliency import peak_distance_mm
+from .slices import SliceParams
 from .synth import DEFAULT_TEMPLATE as REAL_T2
+from .synth import CohortParams, generate_cohort, load_template, plan_cohort, synthesize_subject
 
 # The demo configuration: small enough for a 2-core CPU in minutes (see README, "demo").
 DEMO_N = 160
@@ -68,12 +80,6 @@ def run_demo(out: str | Path, n: int | None = None, seed: int = 0, progress: boo
     n: subjects to generate (default :data:`DEMO_N`); family: the network design (:mod:`.model`); compare:
     also train the other design on the same cohort and split and write ``compare.md`` (side by side).
     """
-    from ...dataset.build import build_dataset
-    from ...dataset.index import index_archive
-    from ...dataset.split import SplitConfig
-    from .slices import SliceParams
-    from .synth import generate_cohort
-
     n = DEMO_N if n is None else int(n)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,11 +139,6 @@ def run_demo(out: str | Path, n: int | None = None, seed: int = 0, progress: boo
 def _train_and_score(out: Path, ds: Any, seed: int, epochs: int | None, family: str, masks: Path,
                      timings: dict[str, float], progress: bool, scene: bool) -> dict[str, Any]:
     """Train one design, evaluate it on the test split, predict + saliency on its subjects and the real T2."""
-    from ...api import evaluate, train
-    from ...config import TrainConfig, save_config
-    from ...engine.predict import Predictor
-    from ...engine.write import write_study
-
     cfg_dict = copy.deepcopy(DEMO_TRAIN)
     # the shared encoder runs once per slice (six times per study): ResNet-10 keeps the cost within ~3x
     # of the channel-stacked ResNet-18
@@ -199,8 +200,6 @@ def _hit(d: float) -> bool:
 
 def _row(patient_id: str, label: int, res: Any, mask: sitk.Image | None) -> dict[str, Any]:
     """One study's prediction; a positive's saliency peak distance (mm) to its lesion ``mask``, and hit."""
-    from ...saliency import peak_distance_mm
-
     row = {"patient_id": patient_id, "label": label, "probability": res.probability, "predicted": res.label}
     if label == 1:
         d = peak_distance_mm(res.saliency_grid, res.selection, mask)
@@ -226,12 +225,6 @@ def outside_check(checkpoint: str | Path, seed: int, n: int, prevalence: float, 
     The generator's included subjects (of ``n``, demo lesion settings, a ``seed`` / ``prevalence`` the demo
     cohort does not use) are synthesised in memory and predicted from their images (no DICOM round trip).
     """
-    from tqdm import tqdm
-
-    from ...engine.predict import Predictor
-    from ...metrics import binary_report
-    from .synth import CohortParams, load_template, plan_cohort, synthesize_subject
-
     params = CohortParams(n_subjects=n, prevalence=prevalence, seed=seed, **DEMO_COHORT_OPTIONS)
     plans = [p for p in plan_cohort(params) if p.role == "included"]
     template = load_template()
