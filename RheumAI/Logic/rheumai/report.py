@@ -194,9 +194,8 @@ def counts_report(counts: dict[str, int], reported: dict[str, float] | None = No
     """Metrics derived from a confusion matrix alone (e.g. a paper's), compared with what the paper
     reports. Returns {"metrics", "discrepancies", "markdown"}; writes ``counts_report.md`` and
     ``counts_metrics.csv`` into ``out_dir`` if given."""
-    rep = {"metrics": metrics_from_counts(counts["tp"], counts["fn"], counts["fp"], counts["tn"], alpha=alpha),
-           "alpha": alpha}
-    m = rep["metrics"]
+    m = metrics_from_counts(*(counts[k] for k in ("tp", "fn", "fp", "tn")), alpha=alpha)
+    rep = {"metrics": m, "alpha": alpha}
     issues = [f"{k}: reported {v:.2f}, from the counts {m[k]['k']}/{m[k]['n']} = {m[k]['value']:.3f}"
               for k, v in (reported or {}).items() if not abs(m[k]["value"] - v) <= tol]
     if stated_positives is not None and counts["tp"] + counts["fn"] != stated_positives:
