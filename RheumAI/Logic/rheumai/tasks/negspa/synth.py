@@ -11,7 +11,7 @@ on the STIR grid); clinical features have label-dependent prevalences, ~10 % lef
 
 Writes ``<id>/t1.nii.gz, t2.nii.gz, stir.nii.gz, box.json, truth_oedema.nii.gz``, ``cohort.csv``
 (patient_id, label, split, paths relative to out_dir, oedema side) and ``clinical.csv``.
-Deterministic per ``seed``; complete subjects are kept (resumable).
+Deterministic per ``seed``; complete subjects are kept, and a resumed run equals a fresh one.
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ def _points(grid: Grid) -> np.ndarray:
 def make_subject(rng: np.random.Generator, positive: bool) -> tuple[Subject, str]:
     ws = float(rng.uniform(30, 38))
     sub = Subject(centre=rng.normal(0, 4, 3), tilt_rad=float(np.radians(rng.uniform(10, 25))),
-                  sacrum_half_width=ws, cleft_mm=float(rng.uniform(2.5, 4.0)), warp_mm=float(rng.uniform(0, 3)),
-                  warp_phase=float(rng.uniform(0, 2 * np.pi)), lesions=[])
+                  sacrum_half_width=ws, cleft_mm=float(rng.uniform(2.5, 4.0)),
+                  warp_mm=float(rng.uniform(0, 3)), warp_phase=float(rng.uniform(0, 2 * np.pi)), lesions=[])
     side = "none"
     if positive:
         side = str(rng.choice(["right", "left", "both"]))
@@ -161,17 +161,18 @@ def make_cohort(out_dir: str | Path, n: int = 24, seed: int = 0, spacing: float 
         grids = {"t1": _series_grid("coronal", sub.centre, spacing, sub.tilt_rad),
                  "t2": _series_grid("axial", sub.centre, spacing * 1.25, 0.0),
                  "stir": _series_grid("coronal", sub.centre, spacing * 1.5, sub.tilt_rad)}
-        if not all(f.is_file() for f in files.values()):
-            for role, grid in grids.items():
+        done = all(f.is_file() for f in files.values())
+        for role, grid in grids.items():  # same draws whether or not files exist
+            gain, jitter = float(rng.uniform(0.8, 1.2)), rng.normal(0, noise * 500.0, tuple(grid.size[::-1]))
+            if not done:
                 t = tissue(_points(grid), sub).reshape(grid.size[::-1])
-                sig = np.asarray(SIGNAL[role], np.float32)[t] * float(rng.uniform(0.8, 1.2))
-                sig = sig + rng.normal(0, noise * 500.0, sig.shape).astype(np.float32)
+                sig = np.asarray(SIGNAL[role], np.float32)[t] * gain + jitter.astype(np.float32)
                 _write(image_from_array(np.maximum(sig, 0).astype(np.float32), grid), files[role])
                 if role == "stir":
                     _write(image_from_array((t == OEDEMA).astype(np.uint8), grid), files["truth"])
-            ws = sub.sacrum_half_width
-            half = np.array([ws + 56.0, 34.0, 55.0])  # both joints with margin; LR, AP, SI (mm)
-            c = sub.centre + rng.normal(0, 2, 3)
+        c = sub.centre + rng.normal(0, 2, 3)
+        if not done:
+            half = np.array([sub.sacrum_half_width + 56.0, 34.0, 55.0])  # both joints + margin; LR, AP, SI mm
             write_json(files["box"], {"min_lps": list(c - half), "max_lps": list(c + half),
                                       "coordinate_system": "LPS", "unit": "mm",
                                       "description": "box around both sacroiliac joints"})
