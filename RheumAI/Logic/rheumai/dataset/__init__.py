@@ -15,11 +15,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "build": ("MANIFEST_COLUMNS", "DatasetResult", "build_dataset"),
+    "build": ("MANIFEST_COLUMNS", "DatasetResult", "build_dataset", "build_image_dataset"),
     "cohort": ("CohortResult", "CohortRules", "ImageRules", "apply_cohort"),
-    "images": ("build_image_dataset", "read_image_table"),
     "index": ("ArchiveIndex", "IndexSummary", "index_archive"),
-    "labels": ("LabelSheet", "LabelSheetError", "RowProblem", "load_labels", "read_labels"),
+    "labels": ("LabelSheet", "LabelSheetError", "RowProblem", "load_labels", "read_labels",
+               "read_image_table"),
     "split": ("SplitConfig", "assign_splits"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -5,7 +5,6 @@ and demos. Geometry stays consistent: positions / orientations (DICOM LPS, mm) c
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import functools
 import io
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 import pydicom
 from pydicom.uid import generate_uid
 
@@ -47,8 +47,7 @@ def _load_source(source: str) -> tuple[bytes, ...]:
         except pydicom.errors.InvalidDicomError:
             continue  # LICENSE and other non-DICOM files beside the series
         ds.remove_private_tags()
-        if "ReferencedImageSequence" in ds:
-            del ds.ReferencedImageSequence
+        ds.pop("ReferencedImageSequence", None)
         dss.append(ds)
     if not dss:
         raise InputError(source, "no DICOM files to copy")
@@ -93,12 +92,14 @@ def write_series(
     stacked along LPS +z at the source spacing (a valid distractor). slices: indices along the
     normal to keep. downsample: in-plane stride (PixelSpacing grows, first pixel centre kept).
     """
+    if sequence not in (None, *SEQUENCE_TAGS):
+        raise ValueError(f"sequence must be one of {sorted(SEQUENCE_TAGS)}, not {sequence!r}")
+    if orientation not in (None, "axial"):
+        raise ValueError(f"orientation must be None or 'axial', not {orientation!r}")
     dss = _load_source(str(Path(source).resolve()))
     keep = list(range(len(dss))) if slices is None else list(slices)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     da = str(study_date).replace("-", "")
-    frame_uid = uid("frame", series_uid)
     ipp = [np.asarray(pydicom.dcmread(io.BytesIO(d)).ImagePositionPatient, float) for d in dss[:2]]
     spacing = float(np.linalg.norm(ipp[1] - ipp[0])) if len(ipp) > 1 else 1.0
     written = []
@@ -106,35 +107,29 @@ def write_series(
         ds = pydicom.dcmread(io.BytesIO(dss[i]))
         sop = uid("sop", series_uid, i)
         ds.file_meta.MediaStorageSOPInstanceUID = sop
+        if sequence is not None:
+            ds.pop("InversionTime", None)
         for tag, value in {"PatientID": patient_id, "PatientName": patient_id, "StudyInstanceUID": study_uid,
-                           "SeriesInstanceUID": series_uid, "SOPInstanceUID": sop, "FrameOfReferenceUID": frame_uid,
+                           "SeriesInstanceUID": series_uid, "SOPInstanceUID": sop,
                            **dict.fromkeys(("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate",
                                             "InstanceCreationDate", "PerformedProcedureStepStartDate"), da),
                            "SeriesDescription": description, "ProtocolName": description,
                            "StudyDescription": "MRI CWK", "SeriesNumber": series_number, "InstanceNumber": n,
-                           "BodyPartExamined": body_part, "InstitutionName": "", "StudyID": ""}.items():
+                           "BodyPartExamined": body_part, "InstitutionName": "", "StudyID": "",
+                           "FrameOfReferenceUID": uid("frame", series_uid),
+                           **(SEQUENCE_TAGS[sequence] if sequence else {})}.items():
             setattr(ds, tag, value)
-        if sequence is not None:
-            if sequence not in SEQUENCE_TAGS:
-                raise ValueError(f"sequence must be one of {sorted(SEQUENCE_TAGS)}, not {sequence!r}")
-            if "InversionTime" in ds:
-                del ds.InversionTime
-            for k, v in SEQUENCE_TAGS[sequence].items():
-                setattr(ds, k, v)
         if orientation == "axial":
             ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
             z = -60.0 + spacing * i
             ds.ImagePositionPatient = [-128.0, -128.0, z]
             ds.SliceLocation = z
-        elif orientation is not None:
-            raise ValueError(f"orientation must be None or 'axial', not {orientation!r}")
         if downsample > 1:
             ds.PixelData, (ds.Rows, ds.Columns) = _downsampled(str(Path(source).resolve()), i, downsample)
             ds.PixelSpacing = [float(v) * downsample for v in ds.PixelSpacing]
-            for tag in ("SmallestImagePixelValue", "LargestImagePixelValue"):
-                if tag in ds:
-                    delattr(ds, tag)
-        path = out_dir / file_pattern.format(index=n, sop=sop)
+            ds.pop("SmallestImagePixelValue", None)
+            ds.pop("LargestImagePixelValue", None)
+        path = Path(out_dir) / file_pattern.format(index=n, sop=sop)
         pydicom.dcmwrite(path, ds, enforce_file_format=True)  # encoding from TransferSyntaxUID
         written.append(path)
     return written
@@ -190,14 +185,12 @@ def write_demo_archive(
     few = [0, 8, 16, 24]
     scenarios, outcomes, chosen = {}, {}, {}
     rows = []
-    counters: dict[str, int] = {}
     for k in range(n_patients):
         pid = f"P{k + 1:03d}"
-        kind = _DEMO_CYCLE[k % len(_DEMO_CYCLE)]
-        scenarios[pid] = kind
-        j = counters[kind] = counters.get(kind, -1) + 1
-        outcome = "intermediate" if kind == "intermediate" else ("yes" if (j + k) % 3 == 0 else "no")
-        outcomes[pid] = outcome
+        kind = scenarios[pid] = _DEMO_CYCLE[k % len(_DEMO_CYCLE)]
+        j = list(scenarios.values()).count(kind) - 1  # earlier patients of this scenario
+        yes = (j + k) % 3 == 0
+        outcome = outcomes[pid] = "intermediate" if kind == "intermediate" else "yes" if yes else "no"
         base = dt.date(2012, 1, 1) + dt.timedelta(days=int(rng.integers(0, 1500)))
         fu_days = 700 if kind == "short_followup" else 1000 + int(rng.integers(0, 800))
         follow = base + dt.timedelta(days=fu_days)
@@ -233,8 +226,5 @@ def write_demo_archive(
     any_dcm = next((root / "unlabelled" / "X999").iterdir()).read_bytes()
     (root / "export_1" / "broken.dcm").write_bytes(any_dcm[:600])
     labels_csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(labels_csv, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    pd.DataFrame(rows).to_csv(labels_csv, index=False)
     return DemoArchive(root=root, labels_csv=labels_csv, scenarios=scenarios, outcomes=outcomes, t2_series=chosen)

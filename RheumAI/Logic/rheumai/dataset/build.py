@@ -11,11 +11,13 @@ Output folder::
 Re-running with the same inputs writes byte-identical manifest.csv, dataset.json, cohort.csv,
 flow.txt, flow.json and excluded.csv. The set is built in a staging folder beside the output
 folder and replaces it as a whole (:func:`rheumai.atomic.replace_dir`): a failed or killed build
-leaves the previous set untouched. Image tables go through :mod:`rheumai.dataset.images`.
+leaves the previous set untouched. An image table (:func:`build_image_dataset`) replaces the
+index and label sheet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,17 +26,21 @@ from typing import Any, Callable
 from .. import __version__
 from ..atomic import link_or_copy, replace_dir, staging_dir, write_json, write_text
 from ..errors import InputError
-from .cache import CacheJob, CacheReport, FileHasher, ProgressFn, build_cache, entry_name, params_hash
-from .cohort import CohortEntry, CohortResult, CohortRules, Step, apply_cohort
+from .cache import (CacheJob, CacheReport, FileHasher, ProgressFn, build_cache, entry_name, params_hash,
+                    reporting)
+from .cohort import CohortResult, CohortRules, ImageRules, Step, apply_cohort, apply_image_rules
 from .flow import csv_text, flow_dict, flow_text, write_flow
 from .index import ArchiveIndex
-from .labels import load_labels
+from .labels import LabelRow, load_labels, read_image_table
 from .split import SplitConfig, assign_splits
 
 MANIFEST_COLUMNS = ["patient_id", "split", "fold", "site", "label", "outcome", "series_uid", "study_uid",
                     "source_path", "cache_file", "source_hash", "params_hash"]
+# cohort.csv: these fields of each included patient (None as "", dates ISO), then source_path
+COHORT_COLUMNS = ["patient_id", "label", "outcome", "baseline_date", "followup_date", "followup_days",
+                  "study_uid", "series_uid", "series_description", "n_slices"]
 DATASET_FILES = ("manifest.csv", "dataset.json", "cohort.csv", "flow.txt", "flow.json", "flow.png", "excluded.csv")
-FilesFn = Callable[[CohortEntry], list[str]]  # entry -> its files (hashed; an indexed series' files are read as one)
+FilesFn = Callable[[LabelRow], list[str]]  # a patient's files (hashed; an indexed series' are read as one)
 
 
 @dataclass
@@ -65,14 +71,12 @@ def task_params(task: str, params: Any) -> dict[str, Any]:
 def build_dataset(index_path: str | Path, labels_csv: str | Path, out_dir: str | Path,
                   rules: CohortRules = CohortRules(), split_cfg: SplitConfig = SplitConfig(), slice_params: Any = None,
                   workers: int = 1, progress: ProgressFn | None = None, compute_cache: bool = True) -> DatasetResult:
-    """Build the cervical dataset from an index and a label sheet; see the module docstring.
-
-    Raises :class:`~rheumai.dataset.labels.LabelSheetError` (every bad row named) before any
-    output is written. A series the imaging core cannot read excludes its patient at the last
-    flow step ("Task input computed") with the reason. ``compute_cache=False``: a dry run (flow
-    and split, no manifest), refused into a folder that holds a built dataset. Raises
-    :class:`InputError` (with the inclusion flow) when no patient is included.
-    """
+    """Build the cervical dataset from an index and a label sheet (see the module docstring). Raises
+    :class:`~rheumai.dataset.labels.LabelSheetError` (every bad row named) before any output is
+    written. A series the imaging core cannot read excludes its patient at the last flow step
+    ("Task input computed") with the reason. ``compute_cache=False``: a dry run (flow and split, no
+    manifest), refused into a folder that holds a built dataset. Raises :class:`InputError` (with
+    the inclusion flow) when no patient is included."""
     index = ArchiveIndex.open(index_path)
     sheet = load_labels(labels_csv, index)
     cohort = apply_cohort(index, sheet, rules)
@@ -122,24 +126,21 @@ def _build_staged(out: Path, cohort: CohortResult, sheet: Any, header: str, inde
         report: CacheReport | None = None
         hashes: dict[str, str] = {}
         if compute_cache and cohort.included:
-            jobs, hasher = [], FileHasher(stage / "cache" / "filehash.sqlite")
-            try:
+            jobs = []
+            with (contextlib.closing(FileHasher(stage / "cache" / "filehash.sqlite")) as hasher,
+                  reporting(progress, "hashing sources", len(cohort.included), "study") as tick):
                 for k, e in enumerate(cohort.included, 1):
                     found = files(e)
                     hashes[e.patient_id] = hasher.series(found)
                     jobs.append(CacheJob(e.patient_id, tuple(e.inputs.items()),
                                          str(stage / "cache" / entry_name(hashes[e.patient_id], p_hash)),
                                          e.series_uid, tuple(found) if e.series_uid else ()))
-                    if progress is not None:
-                        progress("hashing sources", k, len(cohort.included))
-            finally:
-                hasher.close()
+                    tick(k)
             report = build_cache(jobs, task, params, workers=workers, progress=progress)
-            step = Step("input", "Task input computed", excluded=[
-                (p, f"series could not be read or sampled: {report.failed[p]}") for p in sorted(report.failed)])
             cohort.included = [e for e in cohort.included if e.patient_id not in report.failed]
-            step.remaining = len(cohort.included)
-            cohort.steps.append(step)
+            bad = sorted(report.failed.items())
+            cohort.steps.append(Step("input", "Task input computed", len(cohort.included),
+                                     [(p, f"series could not be read or sampled: {why}") for p, why in bad]))
 
         def no_dataset(problem: str, path: Path | None) -> InputError:
             return InputError(path, f"{problem}, so nothing was written; the inclusion flow:\n"
@@ -147,35 +148,32 @@ def _build_staged(out: Path, cohort: CohortResult, sheet: Any, header: str, inde
 
         if not cohort.included:
             raise no_dataset("no patient is included in the dataset", Path(sheet.path))
-        given = any(e.split for e in cohort.included)
-        split_desc = "the table's split column" if given else split_cfg.describe()
-        if given:
-            split = {e.patient_id: (e.split, -1) for e in sorted(cohort.included, key=lambda e: e.patient_id)}
+        if any(e.split for e in cohort.included):  # rows are sorted by patient_id
+            split = {e.patient_id: (e.split, -1) for e in cohort.included}
+            split_desc = "the table's split column"
         else:
+            split_desc = split_cfg.describe()
             try:
                 split = assign_splits([(e.patient_id, e.label, e.site) for e in cohort.included], split_cfg)
             except InputError as exc:
                 raise no_dataset(exc.problem, exc.path) from None
-        flow = flow_dict(cohort, split, {e.patient_id: e.label for e in cohort.included})
+        flow = flow_dict(cohort, split)
         paths = write_flow(stage, flow, header=header, split_desc=split_desc)
         if compute_cache:
             clinical = sheet.clinical_columns
             first = cohort.included[0].inputs
             extra = list(first) if len(first) > 1 else []  # one column per input for several inputs (+ ROI)
             rows, cohort_rows = [], []
-            for e in sorted(cohort.included, key=lambda e: e.patient_id):
+            for e in cohort.included:
                 name, fold = split[e.patient_id]
                 src = hashes[e.patient_id]
                 rows.append([e.patient_id, name, fold, e.site, e.label, e.outcome, e.series_uid, e.study_uid, e.folder,
                              f"cache/{entry_name(src, p_hash)}", src, p_hash] + [e.inputs[c] for c in extra]
                             + [e.clinical.get(c, "") for c in clinical])
-                # csv writes None as "" and dates as YYYY-MM-DD
-                cohort_rows.append([e.patient_id, e.label, e.outcome, e.baseline_date, e.followup_date, e.followup_days,
-                                    e.study_uid, e.series_uid, e.series_description, e.n_slices, e.folder])
+                cohort_rows.append([getattr(e, c) for c in COHORT_COLUMNS] + [e.folder])
             paths["manifest"] = write_text(stage / "manifest.csv", csv_text(MANIFEST_COLUMNS + extra + clinical, rows))
-            paths["cohort"] = write_text(stage / "cohort.csv", csv_text(
-                ["patient_id", "label", "outcome", "baseline_date", "followup_date", "followup_days", "study_uid",
-                 "series_uid", "series_description", "n_slices", "source_path"], cohort_rows))
+            paths["cohort"] = write_text(stage / "cohort.csv",
+                                         csv_text(COHORT_COLUMNS + ["source_path"], cohort_rows))
             paths["dataset"] = write_json(stage / "dataset.json", {
                 "format": "rheumai-dataset", "format_version": 1, "task": task, "rheumai_version": __version__,
                 "index": str(Path(index_path).resolve()) if index_path is not None else None,
@@ -191,3 +189,24 @@ def _build_staged(out: Path, cohort: CohortResult, sheet: Any, header: str, inde
         replace_dir(stage, out)
     return DatasetResult(out_dir=out, manifest=out / "manifest.csv", cohort=cohort, split=split, cache=report,
                          flow=flow, paths={k: out / p.name for k, p in paths.items()})
+
+
+def _image_files(image: str) -> list[str]:
+    p = Path(image)
+    if p.is_file():
+        return [str(p)]
+    return sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+
+
+def build_image_dataset(table_csv: str | Path, out_dir: str | Path, rules: ImageRules = ImageRules(),
+                        split_cfg: SplitConfig = SplitConfig(), params: Any = None, workers: int = 1,
+                        progress: ProgressFn | None = None, compute_cache: bool = True,
+                        task: str = "cervical_ra", clinical_csv: str | Path | None = None) -> DatasetResult:
+    """:func:`build_dataset` for ``task`` from an image table (same outputs, staging and swap);
+    ``params``: the task's preprocessing parameters (``to_dict()`` or overrides; None: its defaults)."""
+    table = read_image_table(table_csv, task, clinical_csv)
+    cohort = apply_image_rules(table, rules)
+    header = f"image table: {Path(table_csv).name} ({len(table.rows)} rows)"
+    return _build_staged(Path(out_dir), cohort, table, header, None, task, rules, split_cfg, params,
+                         lambda e: [f for p in e.inputs.values() for f in _image_files(p)],
+                         workers, progress, compute_cache)

@@ -71,8 +71,11 @@ class FileHasher:
         row = self.con.execute("SELECT size, mtime_ns, sha256 FROM h WHERE path = ?", (path,)).fetchone()
         if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
             return row[2]
+        h = hashlib.sha256()
         with open(path, "rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()
         self.con.execute("INSERT OR REPLACE INTO h VALUES (?, ?, ?, ?)", (path, st.st_size, st.st_mtime_ns, digest))
         return digest
 
@@ -86,16 +89,10 @@ class FileHasher:
         self.con.close()
 
 
-def entry_exists(stem: str | Path) -> bool:
-    return all(Path(f"{stem}{suffix}").is_file() for suffix in (".npy", ".json"))
-
-
 def compute_entry(job: CacheJob, task: str, params: Mapping[str, Any]) -> str | None:
-    """Preprocess one study with the task and save it; returns the error or None.
-
-    An indexed series' files are linked into a private folder first: ``read_study`` reads every
-    DICOM file under the folder it is given and hospital exports mix series in one folder.
-    """
+    """Preprocess one study with the task and save it; returns the error or None. An indexed
+    series' files are linked into a private folder first: ``read_study`` reads every DICOM file
+    under the folder it is given and hospital exports mix series in one folder."""
     from ..io import read_study
     from ..tasks import get_task
 
@@ -132,8 +129,8 @@ def reporting(progress: ProgressFn | None, stage: str, total: int, unit: str) ->
 def build_cache(jobs: Sequence[CacheJob], task: str, params: Mapping[str, Any], workers: int = 1,
                 progress: ProgressFn | None = None) -> CacheReport:
     """Compute the missing entries of ``jobs`` (``workers`` processes), reuse the present ones."""
-    todo = [j for j in jobs if not entry_exists(j.stem)]
-    report = CacheReport(computed=[], reused=sorted(j.patient_id for j in jobs if entry_exists(j.stem)), failed={})
+    todo = [j for j in jobs if not all(Path(f"{j.stem}{suffix}").is_file() for suffix in (".npy", ".json"))]
+    report = CacheReport([], sorted({j.patient_id for j in jobs} - {j.patient_id for j in todo}), {})
     with reporting(progress, "computing task inputs", len(todo), "study") as tick:
         def done(i: int, pid: str, err: str | None) -> None:
             if err is None:

@@ -22,9 +22,7 @@ SEQUENCES = ("T1", "T2", "PD", "STIR", "FLAIR", "unknown")
 
 
 def orientation_class(iop: Sequence[float] | None, oblique_deg: float = 30.0) -> str:
-    """'sagittal' | 'coronal' | 'axial' | 'oblique' from IOP's slice normal (row x column cosines,
-    LPS); 'unknown' if absent / bad. ``oblique_deg``: largest angle (degrees) from an axis still
-    called that axis's plane."""
+    """A value of :data:`ORIENTATIONS` from ImageOrientationPatient (see the module docstring)."""
     v = finite_floats(iop, 6)
     n = np.cross(v[:3], v[3:]) if v is not None else np.zeros(3)
     axis, norm = int(np.argmax(np.abs(n))), float(np.linalg.norm(n))

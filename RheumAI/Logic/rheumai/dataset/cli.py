@@ -78,16 +78,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _sigterm_as_exit() -> Iterator[None]:
     """SIGTERM ends the command like an error (exit 143): pool workers are stopped and the
     staging folder is removed on the way out, so ``out`` stays as it was."""
-    def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, handler) if main else None
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     try:
         yield
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGTERM, old)
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -117,8 +115,8 @@ def _params(args: argparse.Namespace) -> dict[str, object]:
     from ..engine.batch import parse_pairs
     from .build import task_params
 
-    given = {"n_slices": args.slices, "spacing_mm": args.spacing, "size": args.size}
-    out: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+    out: dict[str, object] = {k: v for k, v in (("n_slices", args.slices), ("spacing_mm", args.spacing),
+                                                ("size", args.size)) if v is not None}
     for key, value in parse_pairs(args.param, "--param").items():
         try:
             out[key] = json.loads(value)
@@ -133,21 +131,18 @@ def _params(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .build import build_dataset
+    from .build import build_dataset, build_image_dataset
     from .cohort import CohortRules, ImageRules
-    from .images import build_image_dataset
     from .split import SplitConfig
 
     dicom = args.images is None and args.index is not None and args.labels is not None
     table = args.images is not None and args.index is None and args.labels is None
-    if not (dicom or table):
-        print("rheumai dataset build: error: give either --images TABLE, or both --index and --labels", file=sys.stderr)
-        return 2
-    if dicom and (args.task != "cervical_ra" or args.clinical):
-        print("rheumai dataset build: error: --index / --labels build the cervical_ra task; for another task or "
-              "--clinical give --images TABLE", file=sys.stderr)
-        return 2
     try:
+        if not (dicom or table):
+            raise ValueError("give either --images TABLE, or both --index and --labels")
+        if dicom and (args.task != "cervical_ra" or args.clinical):
+            raise ValueError("--index / --labels build the cervical_ra task; for another task or "
+                             "--clinical give --images TABLE")
         image_rules = ImageRules(min_followup_days=args.min_followup_days, intermediate=args.intermediate,
                                  exclude_baseline_deformity=not args.keep_baseline_deformity)
         rules = CohortRules(**image_rules.to_dict(), min_slices=args.min_slices,
@@ -171,8 +166,7 @@ def _build(args: argparse.Namespace) -> int:
             res = build_dataset(args.index, args.labels, args.out, rules, split, params, workers=args.workers,
                                 compute_cache=not args.flow_only)
     print(res.paths["txt"].read_text(), end="")
-    if res.cache is not None:
-        c = res.cache
+    if (c := res.cache) is not None:
         print(f"\ncache: {len(c.computed)} computed, {len(c.reused)} reused, {len(c.failed)} failed")
         print(f"manifest: {res.manifest} ({res.n_included} patients)")
     return 0

@@ -6,17 +6,19 @@ the baseline date ± ``baseline_date_tolerance_days``, closest date, or the name
 region, >= ``min_slices`` slices, no severe header problem; ties: most slices, lowest
 SeriesNumber, lowest SeriesInstanceUID); 3. follow-up >= ``min_followup_days``; 4. no baseline
 deformity (blank = not recorded, kept); 5. intermediate outcome "exclude" | "negative" |
-"positive". An image table (:mod:`.images`) replaces 1-2 by "image found".
+"positive". An image table replaces 1-2 by "image found" (:func:`apply_image_rules`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
+from ..io import is_image_file
 from .index import ArchiveIndex
 from .labels import LabelRow, LabelSheet
 
@@ -93,56 +95,32 @@ class Step:
 
 
 @dataclass
-class CohortEntry:
-    """An included patient. inputs: role -> path (a DICOM series: its files' folder)."""
-
-    patient_id: str
-    label: int
-    outcome: str
-    site: str
-    clinical: dict[str, str]
-    inputs: dict[str, str]
-    split: str = ""  # given by an image table ("" = drawn by the split config)
-    baseline_date: dt.date | None = None
-    followup_date: dt.date | None = None
-    followup_days: int | None = None
-    study_uid: str = ""
-    series_uid: str = ""
-    series_description: str = ""
-    n_slices: int = 0
-
-    @property
-    def folder(self) -> str:
-        return next(iter(self.inputs.values()))
-
-
-@dataclass
 class CohortResult:
     rules: ImageRules
     n_start: int
     steps: list[Step]
-    included: list[CohortEntry]
+    included: list[LabelRow]
     not_in_sheet: list[str]  # index patients without a label row (informational)
 
 
-def outcome_steps(items: Sequence[tuple[Any, int | None, str]], rules: ImageRules, steps: list[Step],
-                  has_followup: bool = True) -> list[tuple[Any, int]]:
-    """Follow-up, baseline deformity and intermediate steps, appended to ``steps``, on (row, follow-up
-    days, detail) items; rows have ``patient_id``, ``baseline_deformity``, ``outcome``. Returns (row, label)."""
+def outcome_steps(rows: Sequence[LabelRow], rules: ImageRules, steps: list[Step],
+                  has_followup: bool = True) -> list[LabelRow]:
+    """Follow-up, baseline deformity and intermediate steps, appended to ``steps``; returns the
+    rows kept, with their label."""
     fu, deform, inter = (Step("followup", f"Follow-up >= {rules.min_followup_days} days"),
                          Step("baseline_deformity", "No deformity at baseline"),
                          Step("intermediate", f"Intermediate outcome: {rules.intermediate}"))
     steps += [fu, deform, inter]
     kept = []
-    for r, days, detail in items:
-        if not has_followup:
+    for r in rows:
+        days = r.followup_days
+        if not has_followup or (days is not None and days >= rules.min_followup_days):
             kept.append(r)
         elif days is None:
             fu.excluded.append((r.patient_id, "follow-up not recorded"))
-        elif days < rules.min_followup_days:
-            fu.excluded.append((r.patient_id, f"follow-up {days} days < {rules.min_followup_days}{detail}"))
         else:
-            kept.append(r)
+            detail = f" (baseline {r.baseline_date}, follow-up {r.followup_date})" if r.followup_date else ""
+            fu.excluded.append((r.patient_id, f"follow-up {days} days < {rules.min_followup_days}{detail}"))
     fu.remaining, fu.note = len(kept), "" if has_followup else "not applied: the table records no follow-up"
     unknown = sum(r.baseline_deformity is None for r in kept)
     if rules.exclude_baseline_deformity:
@@ -159,7 +137,8 @@ def outcome_steps(items: Sequence[tuple[Any, int | None, str]], rules: ImageRule
                 inter.excluded.append((r.patient_id, "intermediate outcome (policy: exclude)"))
                 continue
             relabelled += 1
-        out.append((r, int(r.outcome == "yes" or (r.outcome == "intermediate" and rules.intermediate == "positive"))))
+        out.append(replace(r, label=int(r.outcome == "yes" or (r.outcome == "intermediate"
+                                                                and rules.intermediate == "positive"))))
     inter.remaining = len(out)
     inter.note = f"{relabelled} intermediate relabelled {rules.intermediate}" if relabelled else ""
     return out
@@ -183,7 +162,7 @@ def apply_cohort(index: ArchiveIndex, sheet: LabelSheet, rules: CohortRules, rol
     rows = sorted(sheet.rows, key=lambda r: r.patient_id)
     steps = [Step("baseline_study", "Baseline MRI study found"),
              Step("baseline_series", f"Baseline {rules.orientation} {rules.sequence} series")]
-    kept: list[tuple[LabelRow, pd.Series, dt.date]] = []
+    kept: list[LabelRow] = []
     for r in rows:
         g = by_patient[r.patient_id]  # the label sheet was validated against the index
         if r.baseline_study_uid:
@@ -212,19 +191,33 @@ def apply_cohort(index: ArchiveIndex, sheet: LabelSheet, rules: CohortRules, rol
             steps[1].excluded.append((r.patient_id, f"no eligible series in baseline study of {base}: {listing}"))
             continue
         good = good.assign(_sn=good["series_number"].fillna(10**9))
-        kept.append((r, good.sort_values(["n_slices", "_sn", "series_uid"], ascending=[False, True, True]).iloc[0],
-                     base))
+        s = good.sort_values(["n_slices", "_sn", "series_uid"], ascending=[False, True, True]).iloc[0]
+        kept.append(replace(r, inputs={role: str(s["folder"])}, baseline_date=base,
+                            followup_days=(r.followup_date - base).days, study_uid=str(s["study_uid"]),
+                            series_uid=str(s["series_uid"]), series_description=str(s["description"]),
+                            n_slices=int(s["n_slices"])))
     steps[0].remaining = len(rows) - len(steps[0].excluded)
     steps[1].remaining = len(kept)
-    chosen = {r.patient_id: (s, b) for r, s, b in kept}
-    items = [(r, (r.followup_date - b).days, f" (baseline {b}, follow-up {r.followup_date})") for r, _, b in kept]
-    included = []
-    for r, label in outcome_steps(items, rules, steps):
-        s, b = chosen[r.patient_id]
-        included.append(CohortEntry(
-            patient_id=r.patient_id, label=label, outcome=r.outcome, site=r.site, clinical=dict(r.clinical),
-            inputs={role: str(s["folder"])}, baseline_date=b, followup_date=r.followup_date,
-            followup_days=(r.followup_date - b).days, study_uid=str(s["study_uid"]), series_uid=str(s["series_uid"]),
-            series_description=str(s["description"]), n_slices=int(s["n_slices"])))
-    return CohortResult(rules=rules, n_start=len(rows), steps=steps, included=included,
+    return CohortResult(rules, len(rows), steps, outcome_steps(kept, rules, steps),
                         not_in_sheet=sorted(index.patients - {r.patient_id for r in sheet.rows}))
+
+
+def apply_image_rules(table: LabelSheet, rules: ImageRules) -> CohortResult:
+    """The inclusion steps on an image table (the last step, preprocessing, runs in the cache)."""
+    steps = [Step("image", "Image found")]
+    kept = []
+    for r in sorted(table.rows, key=lambda r: r.patient_id):
+        why = []
+        for role, p in r.inputs.items():
+            if not Path(p).exists():
+                why.append(f"{role if role == table.roi else 'image'} not found: {p}")
+            elif role != table.roi and Path(p).is_file() and not is_image_file(p) and \
+                    Path(p).suffix.lower() not in ("", ".dcm", ".ima"):
+                why.append(f"not an image file (NIfTI / NRRD / MHA) or DICOM folder: {p}")
+        if why:
+            steps[0].excluded.append((r.patient_id, "; ".join(why)))
+        else:
+            kept.append(replace(r, series_description=Path(r.folder).name))
+    steps[0].remaining = len(kept)
+    return CohortResult(rules=rules, n_start=len(table.rows), steps=steps,
+                        included=outcome_steps(kept, rules, steps, table.has_followup), not_in_sheet=[])

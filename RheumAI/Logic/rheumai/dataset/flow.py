@@ -18,14 +18,11 @@ from .split import SPLITS
 
 def csv_text(header: list[str], rows: list[list[Any]]) -> str:
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
+    csv.writer(buf, lineterminator="\n").writerows([header, *rows])
     return buf.getvalue()
 
 
-def flow_dict(cohort: CohortResult, split: dict[str, tuple[str, int]] | None = None,
-              labels: dict[str, int] | None = None) -> dict[str, Any]:
+def flow_dict(cohort: CohortResult, split: dict[str, tuple[str, int]] | None = None) -> dict[str, Any]:
     """JSON-able flow: start count, steps (remaining, excluded with reasons), split table."""
     d: dict[str, Any] = {
         "rules": cohort.rules.to_dict(), "series_rule": cohort.rules.series_rule_text(), "start": cohort.n_start,
@@ -34,13 +31,11 @@ def flow_dict(cohort: CohortResult, split: dict[str, tuple[str, int]] | None = N
                   for s in cohort.steps],
         "included": cohort.steps[-1].remaining if cohort.steps else cohort.n_start,
         "not_in_label_sheet": cohort.not_in_sheet, "rule_lines": cohort.rules.rule_lines()}
-    if split is not None and labels is not None:
-        table: dict[str, dict[str, int]] = {}
-        for p, (name, _fold) in split.items():
-            row = table.setdefault(name, {"n": 0, "positive": 0, "negative": 0})
-            row["n"] += 1
-            row["positive" if labels[p] else "negative"] += 1
-        d["split"] = {k: table[k] for k in SPLITS if k in table}
+    if split is not None:
+        labels = {e.patient_id: e.label for e in cohort.included}
+        n = Counter((name, bool(labels[p])) for p, (name, _fold) in split.items())
+        d["split"] = {k: {"n": n[k, True] + n[k, False], "positive": n[k, True], "negative": n[k, False]}
+                      for k in SPLITS if n[k, True] + n[k, False]}
         folds = Counter(f for _, f in split.values() if f >= 0)
         if folds:
             d["folds"] = {str(k): folds[k] for k in sorted(folds)}
@@ -60,16 +55,14 @@ def flow_text(flow: dict[str, Any], header: str = "", split_desc: str = "") -> s
         out.append(f"  {i}  {s['title']:<{w}}{s['remaining']:>10}{s['n_excluded']:>10}{note}")
     out.append("  " + "-" * (w + 23))
     sp = flow.get("split", {})
-    pos = sum(v["positive"] for v in sp.values())
-    neg = sum(v["negative"] for v in sp.values())
+    pos, neg = (sum(v[k] for v in sp.values()) for k in ("positive", "negative"))
     tail = f"   (positive {pos}, negative {neg})" if sp else ""
     out.append(f"     {'Included':<{w}}{flow['included']:>10}{'':>10}{tail}")
     out += ["", "Rules", *flow["rule_lines"]]
     if sp:
         out += ["", f"Split: {split_desc}" if split_desc else "Split",
                 f"  {'split':<8}{'patients':>10}{'positive':>10}{'negative':>10}"]
-        for k, v in ((k, sp[k]) for k in SPLITS if k in sp):
-            out.append(f"  {k:<8}{v['n']:>10}{v['positive']:>10}{v['negative']:>10}")
+        out += [f"  {k:<8}{v['n']:>10}{v['positive']:>10}{v['negative']:>10}" for k, v in sp.items()]
         if "folds" in flow:
             out.append("  folds: " + ", ".join(f"{k}: {n}" for k, n in flow["folds"].items()))
     if flow["not_in_label_sheet"]:
@@ -115,15 +108,12 @@ def flow_png(flow: dict[str, Any], path: str | Path) -> Path:
                 lines.append(textwrap.shorten(s["note"], 44))
             ax.annotate("", xy=(5.3, y + 0.95), xytext=(2.4, y + 0.95), arrowprops=dict(arrowstyle="->", lw=1))
             box(5.3, y + 0.6, 4.3, 0.7, "\n".join(lines), "#f6dede" if s["n_excluded"] else "#eeeeee")
-    sp = flow.get("split")
-    if sp:
-        txt = "   ".join(f"{k}: {sp[k]['n']} (+{sp[k]['positive']}/-{sp[k]['negative']})" for k in SPLITS if k in sp)
+    if sp := flow.get("split"):
+        txt = "   ".join(f"{k}: {v['n']} (+{v['positive']}/-{v['negative']})" for k, v in sp.items())
         ax.text(0.3, 0.05, f"Split: {txt}", fontsize=9, va="bottom")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        # A fixed Software / no date metadata keeps the PNG byte-stable across runs.
+    with atomic_path(path) as tmp:  # no Software / date metadata: the PNG is byte-stable across runs
         ax.figure.savefig(tmp, format="png", metadata={"Software": None})
-    return path
+    return Path(path)
 
 
 def _short_reason(reason: str) -> str:
@@ -137,11 +127,10 @@ def _short_reason(reason: str) -> str:
 def write_flow(out_dir: str | Path, flow: dict[str, Any], header: str = "", split_desc: str = "") -> dict[str, Path]:
     """Write flow.txt, flow.json, excluded.csv and flow.png into ``out_dir``."""
     out = Path(out_dir)
-    paths = {
+    return {
         "txt": write_text(out / "flow.txt", flow_text(flow, header, split_desc)),
         "json": write_json(out / "flow.json", flow),
         "excluded": write_text(out / "excluded.csv", csv_text(["patient_id", "step", "reason"], [
             [e["patient_id"], s["key"], e["reason"]] for s in flow["steps"] for e in s["excluded"]])),
+        "png": flow_png(flow, out / "flow.png"),
     }
-    paths["png"] = flow_png(flow, out / "flow.png")
-    return paths

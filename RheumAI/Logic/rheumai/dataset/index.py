@@ -190,12 +190,10 @@ def _frames_from_json(path: str, text: str) -> list[Frame]:
 
 def index_archive(root: str | Path, index_path: str | Path, progress: ProgressFn | None = None,
                   oblique_deg: float = 30.0) -> IndexSummary:
-    """Index (or update the index of) the DICOM files under ``root`` into ``index_path``.
-
-    Only new or changed files are read; one index may hold several roots; files that vanished
-    from under ``root`` are removed. ``progress(stage, done, total)`` replaces the tqdm bar.
-    ``oblique_deg``: see :func:`rheumai.dataset.classify.orientation_class`.
-    """
+    """Index (or update the index of) the DICOM files under ``root`` into ``index_path``: only new or
+    changed files are read; one index may hold several roots; files that vanished from under ``root``
+    are removed. ``progress(stage, done, total)`` replaces the tqdm bar; ``oblique_deg``: degrees, see
+    :mod:`rheumai.dataset.classify`."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise InputError(root, "archive root is not a folder")

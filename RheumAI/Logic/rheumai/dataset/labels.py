@@ -1,12 +1,23 @@
-"""Label sheet: read and validate strictly, naming every bad row.
+"""Label sheets and image tables: read and validate strictly, naming every bad row at once
+(:class:`LabelSheetError`) before anything is written.
 
-CSV (comma, semicolon or tab separated; UTF-8, Excel's BOM accepted), one row per patient:
-``patient_id`` (a patient of the index), ``baseline_date`` (YYYY-MM-DD, of the baseline MRI study)
-and / or ``baseline_study_uid``, ``followup_date`` (after the baseline), ``outcome`` yes | no |
+CSV (comma, semicolon or tab separated; UTF-8, Excel's BOM accepted), one row per patient. Rows
+are numbered as a spreadsheet shows them (header = row 1); values are stripped; yes / no /
+intermediate are case-insensitive. Label sheet (a DICOM index): ``patient_id`` (a patient of the
+index), ``baseline_date`` (YYYY-MM-DD, of the baseline MRI study) and / or
+``baseline_study_uid``, ``followup_date`` (after the baseline), ``outcome`` yes | no |
 intermediate (deformity at follow-up), optional ``baseline_deformity`` yes | no (blank = not
 recorded) and ``site`` (external-site split); any other column is clinical, copied verbatim into
-the manifest. Rows are numbered as a spreadsheet shows them (header = row 1); values are
-stripped; yes / no / intermediate are case-insensitive.
+the manifest.
+
+Image table (any registered task, no DICOM index): ``patient_id``; one column per input role of
+the task (a one-input task also takes ``image``): a NIfTI / NRRD / MHA file or a DICOM folder with
+one series, relative to the table's folder; the task's ROI file when it declares one (NegSpA-AI:
+``box``); ``outcome`` yes | no | intermediate or ``label`` 1 | 0; optional ``followup_days`` (or
+``baseline_date`` + ``followup_date``), ``baseline_deformity``, ``site``, ``split`` (train | val |
+test on every row: the table's own split). Other columns are clinical, copied verbatim; a task
+that declares clinical variables gets those only, parsed by its ``clinical_table`` entry point.
+They may also come from a CSV keyed by patient_id (``clinical_csv``).
 """
 
 from __future__ import annotations
@@ -18,18 +29,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import pandas as pd
+
 from ..errors import InputError
 from .index import ArchiveIndex
+from .split import SPLITS
 
 OUTCOMES = ("yes", "no", "intermediate")
 RESERVED = ("patient_id", "baseline_date", "baseline_study_uid", "followup_date", "outcome",
             "baseline_deformity", "site")
+IMAGE_RESERVED = ("patient_id", "image", "outcome", "label", "followup_days", "baseline_date",
+                  "followup_date", "baseline_deformity", "site", "split")
 
 
 @dataclass(frozen=True)
 class LabelRow:
-    """One valid row: of a label sheet (dates; ``baseline_date`` None when the row names
-    ``baseline_study_uid``) or of an image table (``inputs`` role -> absolute path, follow-up days, split)."""
+    """One patient: a valid row of a label sheet (dates; ``baseline_date`` None when the row names
+    ``baseline_study_uid``) or of an image table (``inputs`` role -> absolute path, follow-up days,
+    split), completed by the cohort rules (``label``; DICOM: the chosen series, its folder as the
+    input and its study date as ``baseline_date``)."""
 
     row: int
     patient_id: str
@@ -42,7 +60,16 @@ class LabelRow:
     followup_date: dt.date | None = None
     inputs: dict[str, str] = field(default_factory=dict)
     followup_days: int | None = None
-    split: str = ""
+    split: str = ""  # given by an image table ("" = drawn by the split config)
+    label: int = 0
+    study_uid: str = ""
+    series_uid: str = ""
+    series_description: str = ""
+    n_slices: int = 0
+
+    @property
+    def folder(self) -> str:
+        return next(iter(self.inputs.values()))
 
 
 @dataclass
@@ -209,3 +236,64 @@ def load_labels(path: str | Path, index: ArchiveIndex) -> LabelSheet:
     if problems:
         raise LabelSheetError(path, problems)
     return sheet
+
+
+def read_image_table(path: str | Path, task: str = "cervical_ra",
+                     clinical_csv: str | Path | None = None) -> LabelSheet:
+    """Read and validate an image table for ``task``; raises LabelSheetError listing every bad row."""
+    from ..tasks import get_task
+
+    spec, path = get_task(task), Path(path)
+    header, body = _read_csv(path)
+    roles = list(spec.roles) + ([spec.roi.kind] if spec.roi else [])
+    image = spec.roles[0] if len(spec.roles) == 1 and spec.roles[0] not in header else None  # "image" col
+    cols = {r: "image" if r == image else r for r in roles}
+    missing = [c for c in ("patient_id", *cols.values()) if c not in header]
+    if "outcome" not in header and "label" not in header:
+        missing.append("outcome or label")
+    if missing:
+        raise InputError(path, f"image table lacks the column(s) {', '.join(missing)}; it has: "
+                               f"{', '.join(header)}")
+    clinical = [h for h in header if h and h not in IMAGE_RESERVED and h not in roles]
+    has_followup = "followup_days" in header or ("baseline_date" in header and "followup_date" in header)
+
+    def parse(n: int, v: dict[str, str], errs: list[str]) -> LabelRow:
+        errs += [f"missing {c} path" for c in cols.values() if not v[c]]
+        days = None
+        if v.get("followup_days"):
+            try:
+                days = int(v["followup_days"])
+            except ValueError:
+                errs.append(f"followup_days must be a whole number of days, not '{v['followup_days']}'")
+        elif v.get("baseline_date") and v.get("followup_date"):
+            b, f = parse_date(v, "baseline_date", errs), parse_date(v, "followup_date", errs)
+            days = (f - b).days if b and f else None
+        if v.get("split", "") not in ("", *SPLITS):
+            errs.append(f"split must be one of {', '.join(SPLITS)} or blank, not '{v['split']}'")
+        inputs = {r: str((path.parent / Path(v[c]).expanduser()).resolve()) for r, c in cols.items()}
+        return LabelRow(n, v["patient_id"], parse_outcome(v, errs, label_column=True),
+                        parse_deformity(v, errs), v.get("site", ""), {c: v[c] for c in clinical},
+                        inputs=inputs, followup_days=days, split=v.get("split", ""))
+
+    rows, problems = parse_rows(path, header, body, parse, what="image table")
+    if problems:
+        raise LabelSheetError(path, problems)
+    if len({bool(r.split) for r in rows}) > 1:
+        raise InputError(path, "the split column is filled on some rows only: "
+                               "fill it on every row or on none")
+    if clinical_csv is not None:
+        extra_header, extra_body = _read_csv(Path(clinical_csv))
+        names = [c for c in extra_header if c != "patient_id"]
+        extra = {v["patient_id"]: v for v in (dict(zip(extra_header, map(str.strip, b))) for b in extra_body)}
+        clinical += [c for c in names if c not in clinical]
+        for r in rows:
+            r.clinical.update({c: extra.get(r.patient_id, {}).get(c, "") for c in names})
+    if spec.clinical:
+        clinical = [c.name for c in spec.clinical]
+        raw = pd.DataFrame([{"patient_id": r.patient_id, **r.clinical} for r in rows])
+        parsed = spec.entry("clinical_table")(raw, clinical_csv if clinical_csv is not None else path)
+        for r, (_, values) in zip(rows, parsed.iterrows()):
+            r.clinical.clear()
+            r.clinical.update({c: "" if pd.isna(values[c]) else repr(float(values[c])) for c in clinical})
+    return LabelSheet(str(path), hashlib.sha256(path.read_bytes()).hexdigest(), rows, clinical, has_followup,
+                      spec.roi.kind if spec.roi else None)

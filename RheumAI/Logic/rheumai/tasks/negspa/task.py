@@ -39,7 +39,7 @@ TASK = Task(
     outputs=("probability", "label", "threshold", "probability per joint half (right, left)",
              "Grad-CAM volume per sequence (each in its own series' geometry)", "montage PNG per sequence"),
     api={"synth": "rheumai.tasks.negspa.synth:make_cohort",
-         "build_dataset": "rheumai.dataset.images:build_image_dataset",
+         "build_dataset": "rheumai.dataset.build:build_image_dataset",
          "clinical_table": "rheumai.tasks.negspa.clinical:parse_table",
          "train": "rheumai.engine.train:train", "evaluate": "rheumai.engine.evaluate:evaluate",
          "predict": "rheumai.api:predict", "predict_batch": "rheumai.api:predict_many",
