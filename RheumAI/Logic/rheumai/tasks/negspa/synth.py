@@ -195,7 +195,6 @@ def read_cohort(path: str | Path) -> pd.DataFrame:
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise InputError(path, f"cohort CSV lacks columns {missing} (needs {need}, optional label, split)")
-    for c in ("t1", "t2", "stir", "box", "truth"):
-        if c in df.columns:
-            df[c] = [str((path.parent / str(v)).resolve()) if isinstance(v, str) and v else v for v in df[c]]
+    for c in df.columns.intersection(["t1", "t2", "stir", "box", "truth"]):
+        df[c] = [str((path.parent / str(v)).resolve()) if isinstance(v, str) and v else v for v in df[c]]
     return df
