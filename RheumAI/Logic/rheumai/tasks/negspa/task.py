@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..base import InputSpec, RoiSpec, Task
 from .clinical import CLINICAL_VARIABLES
 from .model import build_model, default_architecture
 from .preprocess import NegSpaParams, preprocess
 from . import predict as _predict
-
-
-def default_params() -> dict[str, Any]:
-    return NegSpaParams().to_dict()
 
 
 TASK = Task(
@@ -30,7 +24,7 @@ TASK = Task(
     preprocess=preprocess,
     build_model=build_model,
     default_architecture=default_architecture,
-    default_params=default_params,
+    default_params=NegSpaParams().to_dict,
     roi=RoiSpec("box", "axis-aligned box around both sacroiliac joints (LPS mm)",
                 formats=("JSON {min_lps, max_lps} or {center_lps, size_mm}", "Slicer markups ROI .mrk.json",
                          "CSV min_x..max_z or center_x..size_z")),
