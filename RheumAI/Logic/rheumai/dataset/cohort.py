@@ -183,15 +183,14 @@ def apply_cohort(index: ArchiveIndex, sheet: LabelSheet, rules: CohortRules, rol
             cands = g.loc[delta.index[delta == ok.min()]]
         have_date = cands["study_date"].notna().any()
         base = dt.date.fromisoformat(str(cands["study_date"].dropna().iloc[0])) if have_date else r.baseline_date
-        fails = {i: _series_fails(s, rules) for i, s in cands.iterrows()}
+        fails = {i: _series_fails(s, rules) for i, s in cands.sort_values("series_uid").iterrows()}
         good = cands.loc[[i for i, f in fails.items() if not f]]
         if good.empty:
-            listing = "; ".join(f"'{cands.loc[i, 'description']}' ({', '.join(f)})"
-                                for i, f in sorted(fails.items(), key=lambda kv: str(cands.loc[kv[0], "series_uid"])))
+            listing = "; ".join(f"'{cands.loc[i, 'description']}' ({', '.join(f)})" for i, f in fails.items())
             steps[1].excluded.append((r.patient_id, f"no eligible series in baseline study of {base}: {listing}"))
             continue
-        good = good.assign(_sn=good["series_number"].fillna(10**9))
-        s = good.sort_values(["n_slices", "_sn", "series_uid"], ascending=[False, True, True]).iloc[0]
+        s = good.sort_values(["n_slices", "series_number", "series_uid"], ascending=[False, True, True],
+                             na_position="last").iloc[0]  # a missing SeriesNumber ranks last
         kept.append(replace(r, inputs={role: str(s["folder"])}, baseline_date=base,
                             followup_days=(r.followup_date - base).days, study_uid=str(s["study_uid"]),
                             series_uid=str(s["series_uid"]), series_description=str(s["description"]),
