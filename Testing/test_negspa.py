@@ -155,6 +155,19 @@ def test_outside_box_and_missing_series_are_clear_errors(cohort):
         preprocess({"t1": row["t1"], "t2": row["t2"], "box": far})
 
 
+def test_bare_2d_image_is_a_clear_error_also_through_the_predict_hook(cohort):
+    from rheumai.tasks.negspa.predict import load_sample
+
+    row = read_cohort(cohort).iloc[0]
+    t1 = sitk.ReadImage(row["t1"])
+    flat = t1[:, :, t1.GetSize()[2] // 2]
+    card = {"preprocessing": NegSpaParams(size=SIZE).to_dict()}
+    with pytest.raises(InputError, match="t1 image.*2D"):
+        preprocess({"t1": flat, "t2": row["t2"], "stir": row["stir"], "box": row["box"]})
+    with pytest.raises(InputError, match="t1 image.*2D"):
+        load_sample({"t1": flat, "t2": row["t2"], "stir": row["stir"], "roi": row["box"]}, card)
+
+
 def test_synth_deterministic_with_truth(cohort, tmp_path):
     df = read_cohort(cohort)
     assert df["label"].sum() == len(df) // 2 and set(df["split"]) == {"train", "val", "test"}

@@ -193,8 +193,8 @@ class SequenceSample:
         if maps.shape != self.array.shape:
             raise ValueError(f"maps shape {maps.shape} differs from the sample's {self.array.shape}")
         ref = self.source_grid.reference_image()
-        halves = [sitk.Resample(image_from_array(np.ascontiguousarray(m), g), ref, sitk.Transform(), interpolator,
-                                0.0, sitk.sitkFloat32) for m, g in zip(maps, self.grids)]
+        halves = [sitk.Resample(image_from_array(np.ascontiguousarray(m), g), ref, sitk.Transform(),
+                                interpolator, 0.0, sitk.sitkFloat32) for m, g in zip(maps, self.grids)]
         return sitk.Maximum(*halves)
 
 
@@ -230,10 +230,10 @@ def _as_image(src: Any, role: str) -> tuple[sitk.Image, str | None]:
     """A 3D float32 volume (checked by :mod:`rheumai.io`) and its path, from a path, Study or image."""
     if isinstance(src, (str, Path)):
         src = read_study(src)
-    if isinstance(src, Study):
-        return src.image, src.path
     if isinstance(src, sitk.Image):
-        return _as_volume(src, f"{role} image"), None
+        src = Study(src, None)  # type: ignore[arg-type]
+    if isinstance(src, Study):  # also a Study made from a bare image (rheumai.io.as_study): checked here
+        return _as_volume(src.image, src.path or f"{role} image"), src.path
     raise InputError(None, f"{role}: expected a path, a Study or a SimpleITK image, got {type(src).__name__}")
 
 
