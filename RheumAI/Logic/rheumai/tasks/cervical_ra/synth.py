@@ -47,7 +47,8 @@ LESION_MIXES = (("pannus",), ("pannus", "erosion"), ("erosion",))
 ROLES = ("included", "intermediate", "baseline_deformity", "short_followup")
 # Allowed range of each scalar CohortParams field.
 RANGES = {**dict.fromkeys(("prevalence", "p_intermediate", "p_baseline_deformity", "p_short_followup",
-                           "p_followup_series", "p_axial_distractor"), (0.0, 1.0)), "lesion_scale": (0.3, 3.0)}
+                           "p_followup_series", "p_axial_distractor"), (0.0, 1.0)),
+          "lesion_scale": (0.3, 3.0)}
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,8 @@ def plan_cohort(params: CohortParams) -> list[SubjectPlan]:
         role = str(roles[i])
         # a short follow-up draws its outcome at the prevalence; the other roles fix it
         outcome = ({"included": "yes" if i in positives else "no", "intermediate": "intermediate",
-                    "baseline_deformity": "yes"}.get(role) or ("yes" if rng.random() < params.prevalence else "no"))
+                    "baseline_deformity": "yes"}.get(role)
+                   or ("yes" if rng.random() < params.prevalence else "no"))
         pos_like = outcome != "no"
         kinds = LESION_MIXES[int(rng.choice(3, p=mix))] if pos_like else ()
         baseline = start + dt.timedelta(days=int(rng.integers(0, 2500)))
@@ -371,14 +373,16 @@ def write_subject(vols: SubjectVolumes, out_dir: Path, seed: int) -> None:
         shutil.rmtree(pdir)  # a half-written earlier attempt (its mask is missing)
     birth = dt.date.fromisoformat(plan.baseline_date) - dt.timedelta(days=int(plan.age * 365.25 + 100))
     for image, st, number, description in ((vols.t1, 1, 1, "T1 SAG"), (vols.t2, 1, 2, "T2 SAG"),
-                                           (vols.t2_axial, 1, 3, "T2 AX"), (vols.t2_followup, 2, 1, "T2 SAG")):
+                                           (vols.t2_axial, 1, 3, "T2 AX"),
+                                           (vols.t2_followup, 2, 1, "T2 SAG")):
         if image is None:
             continue
         study = ("baseline", "followup")[st - 1]
         date = dt.date.fromisoformat((plan.baseline_date, plan.followup_date)[st - 1])
         header = SeriesHeader(plan.patient_id, plan.uid(seed, study), plan.uid(seed, study, number),
                               plan.uid(seed, study, "frame"), date, number, description, description[:2],
-                              accession_number=f"{plan.index + 1:04d}{st}{seed % 1000:03d}", patient_sex=plan.sex,
+                              accession_number=f"{plan.index + 1:04d}{st}{seed % 1000:03d}",
+                              patient_sex=plan.sex,
                               patient_age_years=(date - birth).days // 365, birth_date=birth,
                               institution=f"Site {plan.site}")
         write_series(image, pdir / f"ST{st}" / f"SE{number}", header)
