@@ -173,6 +173,19 @@ def test_config_errors_and_round_trip(tmp_path: Path) -> None:
     assert paper.train.loss == "bce" and paper.train.optimizer == "adam" and not paper.train.pretrained
 
 
+def test_dumps_toml_reads_back_any_text_and_refuses_null() -> None:
+    import math
+    from rheumai.config import tomllib
+
+    d = {"name": "run \U0001F600 caf\u00e9 \"q\" \\ \n", "xs": [1, [2.5, "a"]],
+         "s": {"hi": math.inf, "on": True}}
+    back = tomllib.loads(dumps_toml(d))
+    assert back == d
+    for bad in (None, [1, None], [{"k": 1}]):
+        with pytest.raises(TypeError):
+            dumps_toml({"a": bad})
+
+
 def test_bad_manifest_is_reported(tmp_path: Path) -> None:
     m = write_toy_cohort(tmp_path / "c", n_train=4, n_val=0, n_test=0, size=16)
     df = pd.read_csv(m)

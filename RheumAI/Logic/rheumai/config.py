@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -224,9 +225,13 @@ def dumps_toml(d: Mapping[str, Any]) -> str:
     standard library reads TOML but cannot write it): JSON numbers, booleans, strings and arrays are TOML."""
 
     def val(v: Any) -> str:
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
         if v is None or isinstance(v, Mapping):
             raise TypeError(f"cannot write {type(v).__name__} to TOML")
-        return json.dumps(v, allow_nan=False)
+        if isinstance(v, float) and not math.isfinite(v):
+            return repr(v)  # TOML's nan, inf, -inf
+        return json.dumps(v, ensure_ascii=False)  # raw UTF-8: TOML has no surrogate-pair escapes
 
     out = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, Mapping)] + [""]
     for section, values in d.items():
