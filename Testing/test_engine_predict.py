@@ -30,6 +30,13 @@ def studies(tmp_path_factory, t2_crop_path, t2_path) -> list[str]:
     return out
 
 
+def test_api_load_takes_the_model_keyword(ckpt):
+    from rheumai import api
+
+    pred = api.load(model=ckpt, device="cpu")
+    assert pred.task.name == "cervical_ra" and pred.model_id == "eng"
+
+
 def test_batched_and_streamed_equal_one_by_one(ckpt, studies, tmp_path, one_torch_thread):
     """batch_size 3 with two reader threads gives the probabilities and maps of one study at a
     time without threads (BatchNorm in eval mode: no batch coupling)."""

@@ -25,7 +25,11 @@ from .engine.write import merge_folders, write_study
 __all__ = ["load", "predict", "predict_many", "read_studies", "merge", "train", "evaluate"]
 
 
-load = Predictor  # load(model, device, task): the checkpoint for its task, kept to predict many studies
+def load(model: str | Path, device: str = "cpu", task: str | None = None) -> Predictor:
+    """The checkpoint loaded for its task (keep it to predict many studies without reloading)."""
+    return Predictor(model, device=device, task=task)
+
+
 merge = merge_folders  # merge(sources, out_dir): several prediction folders (shards) into one; every row
 
 
