@@ -130,15 +130,8 @@ def build_cache(jobs: Sequence[CacheJob], task: str, params: Mapping[str, Any], 
                 progress: ProgressFn | None = None) -> CacheReport:
     """Compute the missing entries of ``jobs`` (``workers`` processes), reuse the present ones."""
     todo = [j for j in jobs if not all(Path(f"{j.stem}{suffix}").is_file() for suffix in (".npy", ".json"))]
-    report = CacheReport([], sorted({j.patient_id for j in jobs} - {j.patient_id for j in todo}), {})
+    errors: dict[str, str | None] = {}  # patient_id -> error (None: computed)
     with reporting(progress, "computing task inputs", len(todo), "study") as tick:
-        def done(i: int, pid: str, err: str | None) -> None:
-            if err is None:
-                report.computed.append(pid)
-            else:
-                report.failed[pid] = err
-            tick(i)
-
         if workers > 1 and len(todo) > 1:
             # "spawn": workers are children of this process (so they can die with it) and inherit
             # no threads, locks or open files from it.
@@ -147,13 +140,16 @@ def build_cache(jobs: Sequence[CacheJob], task: str, params: Mapping[str, Any], 
             try:
                 futures = {pool.submit(compute_entry, j, task, params): j.patient_id for j in todo}
                 for i, fut in enumerate(as_completed(futures), 1):
-                    done(i, futures[fut], fut.result())
+                    errors[futures[fut]] = fut.result()
+                    tick(i)
             except BaseException:
                 stop_pool(pool)
                 raise
             pool.shutdown(wait=True)
         else:
             for i, j in enumerate(todo, 1):
-                done(i, j.patient_id, compute_entry(j, task, params))
-    report.computed.sort()
-    return report
+                errors[j.patient_id] = compute_entry(j, task, params)
+                tick(i)
+    return CacheReport(computed=sorted(p for p, e in errors.items() if e is None),
+                       reused=sorted({j.patient_id for j in jobs} - set(errors)),
+                       failed={p: e for p, e in errors.items() if e is not None})

@@ -130,18 +130,15 @@ def outcome_steps(rows: Sequence[LabelRow], rules: ImageRules, steps: list[Step]
     else:
         deform.note = "rule off: patients with deformity at baseline kept"
     deform.remaining = len(kept)
-    out, relabelled = [], 0
-    for r in kept:
-        if r.outcome == "intermediate":
-            if rules.intermediate == "exclude":
-                inter.excluded.append((r.patient_id, "intermediate outcome (policy: exclude)"))
-                continue
-            relabelled += 1
-        out.append(replace(r, label=int(r.outcome == "yes" or (r.outcome == "intermediate"
-                                                                and rules.intermediate == "positive"))))
-    inter.remaining = len(out)
+    if rules.intermediate == "exclude":
+        inter.excluded = [(r.patient_id, "intermediate outcome (policy: exclude)") for r in kept
+                          if r.outcome == "intermediate"]
+        kept = [r for r in kept if r.outcome != "intermediate"]
+    relabelled = sum(r.outcome == "intermediate" for r in kept)
+    inter.remaining = len(kept)
     inter.note = f"{relabelled} intermediate relabelled {rules.intermediate}" if relabelled else ""
-    return out
+    positive = ("yes", "intermediate") if rules.intermediate == "positive" else ("yes",)
+    return [replace(r, label=int(r.outcome in positive)) for r in kept]
 
 
 def _series_fails(s: pd.Series, rules: CohortRules) -> list[str]:

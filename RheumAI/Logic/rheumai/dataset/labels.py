@@ -132,8 +132,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
     # csv.Sniffer guesses badly on short files; the header line decides between the 3 usual separators.
     rows = list(csv.reader(lines, delimiter=max((",", ";", "\t"), key=lines[0].count)))
     header = [h.strip() for h in rows[0]]
-    if len(set(header)) != len(header):
-        dup = sorted({h for h in header if header.count(h) > 1})
+    if dup := sorted({h for h in header if header.count(h) > 1}):
         raise InputError(path, f"duplicate column(s) in the header: {', '.join(dup)}")
     return header, rows[1:]
 
