@@ -120,6 +120,16 @@ def test_incremental_reads_only_new_or_changed(archive, tmp_path, dicom_t1_dir):
     assert u["stir"] not in set(ArchiveIndex.open(idx).series["series_uid"])
 
 
+def test_each_header_is_read_once(archive, tmp_path, monkeypatch):
+    import rheumai.dataset.index as index_module
+
+    calls: list[Path] = []
+    real = index_module.read_header
+    monkeypatch.setattr(index_module, "read_header", lambda p: calls.append(p) or real(p))
+    summary = index_archive(archive[0], tmp_path / "index.sqlite", progress=lambda *a: None)
+    assert len(calls) == len(set(calls)) == summary.files_read == 43
+
+
 def test_index_errors(tmp_path):
     with pytest.raises(InputError, match="archive root is not a folder"):
         index_archive(tmp_path / "nope", tmp_path / "i.sqlite")

@@ -226,7 +226,8 @@ def index_archive(root: str | Path, index_path: str | Path, progress: ProgressFn
         sql = f"INSERT OR REPLACE INTO files ({', '.join(FILE_FIELDS)}) VALUES ({', '.join('?' * len(FILE_FIELDS))})"
         with reporting(progress, "reading DICOM headers", len(todo), "file") as tick:
             for i, p in enumerate(todo, 1):
-                con.execute(sql, tuple(read_header(p).get(c) for c in FILE_FIELDS))
+                header = read_header(p)  # once per file, not once per field
+                con.execute(sql, tuple(header.get(c) for c in FILE_FIELDS))
                 if i % COMMIT_EVERY == 0 or i == len(todo):
                     con.commit()
                 tick(i)
