@@ -173,3 +173,11 @@ def test_table_split_column_clinical_csv_and_task_params(table, tmp_path, capsys
         args = parser.parse_args(["dataset", "build", "--out", str(tmp_path / "x")]
                                  + (["--images", str(path)] if "--index" not in argv else []) + argv)
         assert args.func(args) == 2 and message in capsys.readouterr().err
+
+
+def test_clinical_csv_blank_lines_are_skipped(tmp_path):
+    """A clinical CSV with blank lines (Excel leaves some) or rows without a patient_id is read."""
+    (tmp_path / "t.csv").write_text("patient_id,image,outcome\nA,a.nii.gz,yes\nB,b.nii.gz,no\n")
+    (tmp_path / "c.csv").write_text("patient_id,crp\nA,5\n\n,9\nB,7\n\n")
+    sheet = read_image_table(tmp_path / "t.csv", clinical_csv=tmp_path / "c.csv")
+    assert [r.clinical for r in sheet.rows] == [{"crp": "5"}, {"crp": "7"}]

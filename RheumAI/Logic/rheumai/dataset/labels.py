@@ -283,7 +283,8 @@ def read_image_table(path: str | Path, task: str = "cervical_ra",
     if clinical_csv is not None:
         extra_header, extra_body = _read_csv(Path(clinical_csv))
         names = [c for c in extra_header if c != "patient_id"]
-        extra = {v["patient_id"]: v for v in (dict(zip(extra_header, map(str.strip, b))) for b in extra_body)}
+        extra = {v["patient_id"]: v for v in (dict(zip(extra_header, map(str.strip, b))) for b in extra_body)
+                 if v.get("patient_id")}  # blank lines and rows without an ID are skipped
         clinical += [c for c in names if c not in clinical]
         for r in rows:
             r.clinical.update({c: extra.get(r.patient_id, {}).get(c, "") for c in names})
